@@ -1,0 +1,1 @@
+"""The live segmentation service (imported as ``nanoseg_daemon``)."""

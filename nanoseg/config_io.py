@@ -1,0 +1,72 @@
+"""One way to read configuration: YAML validated by a pydantic model, errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config and message model: unknown keys are errors, instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """A configuration could not be read or validated; the message names the file and field."""
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Render pydantic errors as ``source: a.b.c: message`` lines."""
+    lines = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {_field_path(tuple(e['loc']))}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, model: type[M], source: str = "<config>") -> M:
+    """Validate already-parsed data (a dict) against ``model``; raise ConfigError naming fields."""
+    if data is None:
+        data = {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def parse_yaml(text: str, model: type[M], source: str = "<config>") -> M:
+    """Parse YAML text and validate it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping, got {type(data).__name__}")
+    return parse_config(data, model, source)
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file and validate it against ``model``."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror or err}") from None
+    return parse_yaml(text, model, str(p))
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """Serialise a config model back to YAML (round-trips through ``parse_yaml``)."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Offline side of nanoseg: synthetic data, training, evaluation, export (imported as ``nanoseg_training``)."""

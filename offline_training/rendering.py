@@ -1,0 +1,98 @@
+"""Render a deposited scene as an image: optical density (paper) or an SEM-like surface image.
+
+Optical density (OD) follows the paper: voxels are summed along z and scaled (by default divided
+by the domain height, so OD in [0, 1]); overlaps are brighter because they are thicker. Optional
+extras act in physical order: background is added to the OD, the measurement is simulated as
+transmitted photon counts (Poisson + read noise) and converted back to OD, the image is blurred
+(Gaussian, sigma in px) and finally mapped to 8 bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from nanoseg_training.scene import Scene, draw
+from nanoseg_training.synthetic_config import Background, Noise, SceneConfig
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    od: np.ndarray  # float32 (H, W): OD (or SEM signal), blurred and noisy, before 8-bit mapping
+    gray: np.ndarray  # uint8 (H, W): the image written to PNG
+    blur_sigma: float
+    dose: float | None  # photons per pixel when noise was simulated
+
+
+def smooth_background(shape: tuple[int, int], cfg: Background, rng: np.random.Generator) -> np.ndarray:
+    """Offset plus a smooth random field (filtered white noise) of the configured amplitude, OD."""
+    offset = draw(cfg.offset_od, rng)
+    amp = draw(cfg.amplitude_od, rng)
+    scale = draw(cfg.length_scale, rng)
+    # Filter a coarse grid then zoom: same field statistics, far cheaper than filtering full size.
+    step = max(int(scale // 8), 1)
+    coarse_shape = (shape[0] // step + 2, shape[1] // step + 2)
+    field = ndimage.gaussian_filter(rng.normal(size=coarse_shape), sigma=scale / step / 2, mode="wrap")
+    field = ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+    std = float(field.std()) or 1.0
+    return (offset + amp * field / std).astype(np.float32)
+
+
+def transmission_counts(
+    od: np.ndarray, dose: float, read_noise: float, rng: np.random.Generator, dark: float = 0.0
+) -> np.ndarray:
+    """Detector counts for a transmission measurement: Poisson(dose * exp(-OD)) + dark + N(0, read).
+
+    The shared physics of the generator's noise and the simulated microscope's camera.
+    """
+    expected = dose * np.exp(-od.astype(np.float64))
+    counts = rng.poisson(expected).astype(np.float64) + dark
+    if read_noise > 0:
+        counts += rng.normal(0.0, read_noise, size=od.shape)
+    return counts
+
+
+def noisy_od(od: np.ndarray, cfg: Noise, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Simulate counting statistics and convert back with OD = -ln(I / I0), floor at half a photon."""
+    dose = draw(cfg.dose, rng)
+    counts = transmission_counts(od, dose, draw(cfg.read_noise, rng), rng)
+    return (-np.log(np.maximum(counts, 0.5) / dose)).astype(np.float32), dose
+
+
+def sem_signal(scene: Scene, edge_gain: float) -> np.ndarray:
+    """Surface image: material brightness plus slope (edge) contrast of the top surface."""
+    surface = ndimage.gaussian_filter(scene.top.astype(np.float32), 2.0)
+    gy, gx = np.gradient(surface)
+    slope = np.hypot(gx, gy)
+    material = (scene.top > 0).astype(np.float32)
+    return 0.4 * material + edge_gain * 0.2 * np.tanh(slope)
+
+
+def to_gray(img: np.ndarray, scale_max: float | None) -> np.ndarray:
+    """Map to 0–255: ``scale_max`` -> 255 (None: the image maximum). Negative values clip to 0."""
+    top = float(img.max()) if scale_max is None else scale_max
+    if top <= 0:
+        return np.zeros(img.shape, dtype=np.uint8)
+    return np.clip(np.rint(img * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def render(scene: Scene, rng: np.random.Generator) -> RenderedImage:
+    cfg: SceneConfig = scene.config
+    r = cfg.rendering
+    dose = None
+    if r.mode == "sem":
+        img = sem_signal(scene, r.sem_edge_gain)
+        scale_max = None
+    else:
+        img = scene.thickness.astype(np.float32) * np.float32(cfg.od_per_voxel)
+        scale_max = None if r.normalisation == "image_max" else cfg.domain.height * cfg.od_per_voxel
+    if r.background.enabled:
+        img = img + smooth_background(img.shape, r.background, rng)
+    if r.noise.enabled:
+        img, dose = noisy_od(img, r.noise, rng)
+    sigma = float(rng.uniform(max(r.blur_sigma - r.blur_sigma_jitter, 0.0), r.blur_sigma + r.blur_sigma_jitter))
+    if sigma > 0:
+        img = ndimage.gaussian_filter(img, sigma)
+    img = img.astype(np.float32)
+    return RenderedImage(od=img, gray=to_gray(img, scale_max), blur_sigma=sigma, dose=dose)

@@ -1,0 +1,212 @@
+"""One synthetic scene: wires drawn, deposited one after another, projected and rendered.
+
+The voxel domain is never materialised: each wire is a set of voxel columns (``wire_geometry``)
+and the scene keeps a top map (index of the first free voxel in every column) and the summed
+thickness map, which is what the projection needs. ``voxelise`` builds the full boolean volume
+for small domains so tests can compare against brute force.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from nanoseg_training.synthetic_config import IntRange, Range, SceneConfig
+from nanoseg_training.wire_geometry import WireColumns, WireGeometry, rasterise
+
+MAX_DRAWS_PER_WIRE = 20
+
+
+@dataclass(frozen=True)
+class DepositedWire:
+    """A wire as placed in the scene, with its footprint (mask) in the full field."""
+
+    geometry: WireGeometry
+    box: tuple[int, int, int, int]  # (y0, y1, x0, x1) of ``counts``
+    counts: np.ndarray  # voxels per column inside box (int32)
+    lowest: np.ndarray  # index of the lowest voxel per column inside box (int32)
+    truncated: bool  # footprint touches the field border
+
+    @property
+    def local_mask(self) -> np.ndarray:
+        return self.counts > 0
+
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        m = np.zeros(shape, dtype=bool)
+        y0, y1, x0, x1 = self.box
+        m[y0:y1, x0:x1] = self.local_mask
+        return m
+
+    @property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.counts))
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Output of one scene: thickness map (voxels), surface and top-label maps, wires."""
+
+    config: SceneConfig
+    thickness: np.ndarray  # (H, W) summed voxels per column, int32
+    top: np.ndarray  # (H, W) index of the first free voxel per column (0 = bare substrate)
+    top_label: np.ndarray  # (H, W) index+1 of the wire owning the top voxel, 0 = substrate
+    wires: tuple[DepositedWire, ...]
+    dropped: int  # wires drawn but not placed (outside, hidden, too high)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.thickness.shape  # type: ignore[return-value]
+
+
+def draw(r: Range, rng: np.random.Generator) -> float:
+    if r.distribution == "loguniform":
+        return float(math.exp(rng.uniform(math.log(r.low), math.log(r.high))))
+    return float(rng.uniform(r.low, r.high))
+
+
+def draw_int(r: IntRange, rng: np.random.Generator) -> int:
+    return int(rng.integers(r.low, r.high + 1))
+
+
+def draw_wire(cfg: SceneConfig, rng: np.random.Generator, earlier: list[DepositedWire]) -> WireGeometry:
+    """Draw one wire's shape and in-plane placement (z is set by deposition)."""
+    w = cfg.wires
+    npm = cfg.non_prismatic
+    W, B = cfg.domain.width, cfg.domain.depth
+    length = draw(w.length, rng)
+    width = draw(w.width, rng)
+    thickness = width * draw(w.thickness_ratio, rng)
+    cs = w.cross_sections
+    cross = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
+    angle = float(rng.uniform(0.0, 180.0))
+    tilt = float(rng.uniform(0.0, w.tilt_max_deg))
+    a = math.radians(angle)
+    ux, uy = math.cos(a), -math.sin(a)
+    if earlier and rng.uniform() < npm.sintering.probability:
+        host = earlier[int(rng.integers(len(earlier)))].geometry
+        t = float(rng.uniform(0.1, 0.9)) * host.length
+        hx, hy = host.direction
+        sx, sy = host.start[0] + t * hx, host.start[1] + t * hy
+    else:
+        m = w.field_margin
+        cx = float(rng.uniform(-m * W, (1 + m) * W))
+        cy = float(rng.uniform(-m * B, (1 + m) * B))
+        sx, sy = cx - 0.5 * length * ux, cy - 0.5 * length * uy
+    taper = float(rng.uniform(0, npm.taper.max_fraction)) if rng.uniform() < npm.taper.probability else 0.0
+    sagitta = 0.0
+    if rng.uniform() < npm.bend.probability:
+        sagitta = float(rng.uniform(-1, 1)) * npm.bend.max_sagitta_fraction * length
+    coeffs: tuple[float, ...] = ()
+    phases: tuple[float, ...] = ()
+    if rng.uniform() < npm.roughness.probability:
+        amps = rng.normal(0.0, 1.0, 4) / np.arange(1, 5)
+        amps *= npm.roughness.amplitude / max(float(np.sum(np.abs(amps))), 1e-9)
+        coeffs = tuple(float(v) for v in amps)
+        phases = tuple(float(v) for v in rng.uniform(0, 2 * math.pi, 4))
+    return WireGeometry(
+        start=(sx, sy), angle_deg=angle, length=length, width=width, thickness=thickness,
+        cross_section=cross, tilt_deg=tilt, taper=taper, sagitta=sagitta,
+        rough_coeffs=coeffs, rough_phases=phases,
+    )
+
+
+def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float:
+    """Lowest z0 such that every column's bottom is at or above the current top map.
+
+    Columns are compared in voxel units: a bottom at or above the first free voxel ``top`` can
+    never share a voxel with earlier wires, and the maximum makes the wire touch at least one.
+    """
+    y0, y1, x0, x1 = cols.box
+    occupied = cols.thickness > 0
+    if not occupied.any():
+        return 0.0
+    rise = cols.s * math.tan(math.radians(tilt_deg)) + cols.bottom_offset
+    need = top[y0:y1, x0:x1][occupied] - rise[occupied]
+    return max(0.0, float(need.max()))
+
+
+def generate_scene(cfg: SceneConfig, rng: np.random.Generator) -> Scene:
+    """Draw and deposit wires one after another; each rests on the substrate or on earlier wires."""
+    H, W = cfg.domain.depth, cfg.domain.width
+    shape = (H, W)
+    top = np.zeros(shape, dtype=np.int32)
+    thickness = np.zeros(shape, dtype=np.int32)
+    top_label = np.zeros(shape, dtype=np.int32)
+    placed: list[DepositedWire] = []
+    dropped = 0
+    n = draw_int(cfg.wires.count, rng)
+    for _ in range(n):
+        for _attempt in range(MAX_DRAWS_PER_WIRE):
+            g = draw_wire(cfg, rng, placed)
+            cols = rasterise(g, shape)
+            if cols is None:
+                dropped += 1
+                continue
+            z0 = resting_height(cols, top, g.tilt_deg)
+            counts = cols.voxel_counts(z0, g.tilt_deg)
+            area = int(np.count_nonzero(counts))
+            if area < cfg.wires.min_visible_area:
+                dropped += 1
+                continue
+            lowest = cols.lowest_voxel(z0, g.tilt_deg)
+            occ = counts > 0
+            if int((lowest + counts)[occ].max()) > cfg.domain.height:
+                dropped += 1  # would stick out of the domain: draw again
+                continue
+            y0, y1, x0, x1 = cols.box
+            tv = top[y0:y1, x0:x1]
+            tv[occ] = (lowest + counts)[occ]
+            thickness[y0:y1, x0:x1] += counts
+            top_label[y0:y1, x0:x1][occ] = len(placed) + 1
+            truncated = (y0 == 0 and occ[0].any()) or (x0 == 0 and occ[:, 0].any())
+            truncated = bool(truncated or (y1 == H and occ[-1].any()) or (x1 == W and occ[:, -1].any()))
+            placed.append(DepositedWire(replace(g, z0=z0), cols.box, counts, lowest, truncated))
+            break
+    return Scene(cfg, thickness, top, top_label, tuple(placed), dropped)
+
+
+def drop_hidden(scene: Scene, min_visible: int) -> Scene:
+    """Remove wires whose visible (topmost) area is below ``min_visible`` — for surface imaging.
+
+    The removed wires' voxels are taken out of the thickness, top and label maps, so image and
+    labels stay consistent.
+    """
+    visible = np.bincount(scene.top_label.ravel(), minlength=len(scene.wires) + 1)[1:]
+    keep = [i for i, v in enumerate(visible) if v >= min_visible]
+    if len(keep) == len(scene.wires):
+        return scene
+    shape = scene.shape
+    thickness = np.zeros(shape, dtype=np.int32)
+    top = np.zeros(shape, dtype=np.int32)
+    top_label = np.zeros(shape, dtype=np.int32)
+    wires = []
+    for i in keep:
+        w = scene.wires[i]
+        y0, y1, x0, x1 = w.box
+        occ = w.counts > 0
+        thickness[y0:y1, x0:x1] += w.counts
+        t = top[y0:y1, x0:x1]
+        higher = occ & ((w.lowest + w.counts) > t)
+        t[higher] = (w.lowest + w.counts)[higher]
+        top_label[y0:y1, x0:x1][higher] = len(wires) + 1
+        wires.append(w)
+    return replace(
+        scene, thickness=thickness, top=top, top_label=top_label, wires=tuple(wires),
+        dropped=scene.dropped + len(scene.wires) - len(keep),
+    )
+
+
+def voxelise(scene: Scene) -> np.ndarray:
+    """The full boolean voxel volume (z, y, x) of label ids (0 = empty); for tests on small domains."""
+    H, W = scene.shape
+    vol = np.zeros((scene.config.domain.height, H, W), dtype=np.int32)
+    for i, w in enumerate(scene.wires, start=1):
+        y0, y1, x0, x1 = w.box
+        ks = np.arange(vol.shape[0])[:, None, None]
+        inside = (ks >= w.lowest[None]) & (ks < (w.lowest + w.counts)[None])
+        sub = vol[:, y0:y1, x0:x1]
+        if np.any(sub[inside] != 0):
+            raise AssertionError(f"wire {i} interpenetrates an earlier wire")
+        sub[inside] = i
+    return vol

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (when needed) and run every check: ruff, mypy on nanoseg/, then the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV="${NANOSEG_VENV:-.venv}"
+"$VENV/bin/ruff" check .
+"$VENV/bin/mypy"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
