@@ -1,0 +1,249 @@
+"""Detector frame -> optical density (transmission microscopes) or normalised intensity (SEM).
+
+OD = -ln((I - dark) / (I0 - dark)), dimensionless, natural log; the substrate is OD ~ 0 and
+material is positive. Arrays are (H, W), row-major, y down.
+
+Every pixel that cannot be converted as measured is counted by kind in ``InvalidPixels`` and
+replaced by a documented value; nothing non-finite leaves this module:
+
+- ``nan``, ``inf`` (frame pixel NaN or +-inf) and ``bad_reference`` (flat-field or dark pixel
+  non-finite, or I0 - dark <= 0 there): the value of the nearest pixel that was measured
+  (Euclidean distance; a local fill, so a dead pixel does not become a fake particle or hole).
+- ``non_positive`` (I - dark <= 0: no transmitted signal) and ``below_floor`` (0 < T < floor):
+  the cap -ln(floor), i.e. "at least this opaque".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage
+
+from nanoseg.errors import FrameError
+
+DEFAULT_TRANSMISSION_FLOOR = 1e-3
+"""Smallest transmission used; OD is capped at -ln(1e-3) ~ 6.9."""
+_MODE_MAX_SAMPLES = 1 << 18
+
+
+@dataclass(frozen=True)
+class InvalidPixels:
+    """Pixels not converted as measured, per kind (see the module docstring for the fills)."""
+
+    nan: int = 0
+    inf: int = 0
+    non_positive: int = 0
+    below_floor: int = 0
+    bad_reference: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.nan + self.inf + self.non_positive + self.below_floor + self.bad_reference
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class ODResult:
+    """Optical density of one frame.
+
+    - ``od``: (H, W) float32, finite everywhere.
+    - ``reference``: the scalar I0 - dark used (given or estimated), counts; None when I0 or the
+      dark level varies per pixel.
+    - ``invalid``: counts of replaced pixels per kind; ``replaced``: (H, W) bool, where.
+    """
+
+    od: np.ndarray
+    reference: float | None
+    invalid: InvalidPixels
+    replaced: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class IntensityResult:
+    """Intensity image of one frame: ``image`` (H, W) float32, in [0, 1] when normalised."""
+
+    image: np.ndarray
+    invalid: InvalidPixels
+    replaced: np.ndarray
+
+
+def as_frame(frame: ArrayLike, what: str = "frame") -> np.ndarray:
+    """Validate a 2-D integer or real-float array and return it as float64 (a copy).
+
+    Raises FrameError: ``bad_dtype`` (bool, complex, object, strings, datetimes), ``bad_shape``
+    (not 2-D), ``empty_frame`` (no pixels).
+    """
+    arr = np.asarray(frame)
+    if arr.dtype.kind not in "iuf":
+        raise FrameError("bad_dtype", f"{what} has dtype {arr.dtype}; expected integer or float")
+    if arr.ndim != 2:
+        raise FrameError("bad_shape", f"{what} must be 2-D (H, W), got shape {arr.shape}")
+    if arr.size == 0:
+        raise FrameError("empty_frame", f"{what} has no pixels (shape {arr.shape})")
+    return arr.astype(np.float64)
+
+
+def _reference_array(value: ArrayLike, shape: tuple[int, ...], what: str) -> np.ndarray:
+    arr = as_frame(value, what)
+    if arr.shape != shape:
+        raise FrameError("bad_shape", f"{what} shape {arr.shape} differs from the frame's {shape}")
+    return arr
+
+
+def fill_nearest(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """``values`` with every ``bad`` pixel set to its nearest good pixel's value (needs one good)."""
+    if not bad.any():
+        return values
+    idx = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+    return np.asarray(values[tuple(idx)])
+
+
+def densest_mode(values: np.ndarray, fraction: float = 1 / 16) -> float:
+    """Mode of a 1-D sample: the mean of its densest ``fraction``, found by repeated halving.
+
+    Half-sample-mode search (Bickel & Frühwirth 2006): keep the shortest window holding half the
+    sorted values, repeat; stopped at ``fraction`` of the sample (not at 3 values) so the result
+    averages thousands of pixels. Among equally short windows the middle one is kept, so integer
+    counts (many ties) are not biased downwards. Large samples are thinned by a fixed stride.
+    """
+    x = np.sort(values.ravel())
+    if x.size > _MODE_MAX_SAMPLES:
+        x = x[:: -(-x.size // _MODE_MAX_SAMPLES)]
+    target = max(3, math.ceil(fraction * x.size))
+    while x.size > target:
+        k = max(target, (x.size + 1) // 2)
+        widths = x[k - 1 :] - x[: x.size - k + 1]
+        ties = np.flatnonzero(widths == widths.min())
+        i = int(ties[ties.size // 2])
+        x = x[i : i + k]
+    return float(x.mean())
+
+
+def estimate_i0(signal: np.ndarray) -> float:
+    """I0 - dark estimated from a dark-subtracted transmission frame: the substrate's mode.
+
+    The empty substrate is the largest population of one brightness in a transmission frame
+    (and the brightest), so its intensity is the mode of the pixel values (``densest_mode``).
+    The mode is used rather than a high percentile, which sits z·sigma above I0 under photon
+    noise (a dose-dependent bias: the 99th percentile at 1000 photons/px is ~7 % high, OD -0.07),
+    and rather than the median, which wires pull down (-3 % at 40 % coverage). On generated
+    scenes it is within ~1 % of I0 for >= 1000 photons/px up to ~50 % coverage; at ~100
+    photons/px faint wire edges hidden in the noise pull it 3-7 % low, and when wires cover
+    most of the field (or the illumination varies strongly) it fails: give a scalar I0 or a
+    flat field then.
+    """
+    finite = signal[np.isfinite(signal)]
+    if finite.size == 0:
+        raise FrameError("non_finite", "no finite pixel to estimate I0 from")
+    return densest_mode(finite)
+
+
+def optical_density(
+    frame: ArrayLike,
+    i0: float | ArrayLike | Literal["background"] | None = None,
+    dark: float | ArrayLike | None = None,
+    *,
+    floor: float = DEFAULT_TRANSMISSION_FLOOR,
+) -> ODResult:
+    """OD = -ln((I - dark) / (I0 - dark)) of a transmission frame (counts, any real units).
+
+    ``i0``: a scalar, a flat-field array of the frame's shape, or None / "background" for the
+    estimate ``estimate_i0`` of the dark-subtracted frame. ``dark``: scalar or array, default 0.
+    ``floor``: smallest transmission used, so OD <= -ln(floor).
+    Raises FrameError (see ``as_frame``; ``non_finite``: no finite pixel; ``no_signal``: no pixel
+    above dark; ``non_positive_reference``: I0 - dark <= 0 everywhere).
+    """
+    if not 0 < floor < 1:
+        raise ValueError(f"floor must be in (0, 1), got {floor}")
+    img = as_frame(frame)
+    nan = np.isnan(img)
+    inf = np.isinf(img)
+    finite = ~(nan | inf)
+    if not finite.any():
+        raise FrameError("non_finite", "every pixel is NaN or inf")
+
+    ref_bad = np.zeros(img.shape, dtype=bool)
+    d: float | np.ndarray = 0.0
+    if dark is not None:
+        if np.ndim(dark) == 0:
+            d = float(dark)  # type: ignore[arg-type]
+        else:
+            d = _reference_array(dark, img.shape, "dark frame")
+            ref_bad |= ~np.isfinite(d)
+    with np.errstate(invalid="ignore"):
+        signal = img - d
+
+    reference: float | None
+    if i0 is None or (isinstance(i0, str) and i0 == "background"):
+        reference = estimate_i0(signal[finite & ~ref_bad])
+        ref: float | np.ndarray = reference
+    elif isinstance(i0, str):
+        raise ValueError(f"i0 must be a number, an array, None or 'background', got {i0!r}")
+    elif np.ndim(i0) == 0:
+        ref = float(i0) - d  # type: ignore[arg-type]
+        reference = ref if isinstance(ref, float) else None
+    else:
+        ref = _reference_array(i0, img.shape, "flat field") - d
+        reference = None
+    if isinstance(ref, float):
+        if not (np.isfinite(ref) and ref > 0):
+            raise FrameError("non_positive_reference", f"I0 - dark = {ref:g} is not positive")
+    else:
+        with np.errstate(invalid="ignore"):
+            ref_bad |= ~(np.isfinite(ref) & (ref > 0))
+        if ref_bad.all():
+            raise FrameError("non_positive_reference", "I0 - dark is not positive at any pixel")
+
+    measured = finite & ~ref_bad
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(measured, signal / ref, 1.0)
+    non_positive = measured & (t <= 0)
+    if not (measured & ~non_positive).any():
+        raise FrameError("no_signal", "no pixel has a signal above the dark level")
+    below = measured & ~non_positive & (t < floor)
+    od = -np.log(np.maximum(t, floor))
+    unmeasured = ~measured
+    od = fill_nearest(od, unmeasured)
+    invalid = InvalidPixels(
+        nan=int(nan.sum()),
+        inf=int(inf.sum()),
+        non_positive=int(non_positive.sum()),
+        below_floor=int(below.sum()),
+        bad_reference=int((ref_bad & finite).sum()),
+    )
+    return ODResult(od.astype(np.float32), reference, invalid, unmeasured | non_positive | below)
+
+
+def intensity_image(
+    frame: ArrayLike,
+    invert: bool = False,
+    normalise: bool = True,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> IntensityResult:
+    """An intensity frame (SEM) as float32, no physical conversion.
+
+    NaN and inf pixels take their nearest finite neighbour's value (counted). ``invert``: I ->
+    max + min - I (same range, contrast reversed). ``normalise``: the ``percentiles`` of the
+    image map to 0 and 1, values outside clip; a frame without contrast becomes all 0.
+    Raises FrameError as ``as_frame``, and ``non_finite`` when no pixel is finite.
+    """
+    img = as_frame(frame)
+    nan = np.isnan(img)
+    inf = np.isinf(img)
+    bad = nan | inf
+    if bad.all():
+        raise FrameError("non_finite", "every pixel is NaN or inf")
+    img = fill_nearest(img, bad)
+    if invert:
+        img = img.max() + img.min() - img
+    if normalise:
+        lo, hi = np.percentile(img, percentiles)
+        img = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
+    invalid = InvalidPixels(nan=int(nan.sum()), inf=int(inf.sum()))
+    return IntensityResult(img.astype(np.float32), invalid, bad)

@@ -1,0 +1,201 @@
+"""Frame -> model input tiles, and the model's instances -> instances on the original frame.
+
+``prepare_frame``: convert (OD or intensity) -> resample to the model's pixel size -> map to the
+0–255 gray the model was trained on -> cut into square tiles. ``instances_to_frame`` undoes the
+geometry: merge tiles, then scale boxes and masks back to the frame's pixels.
+
+Resampling is centre-aligned (as scikit-image's ``resize``): frame pixel centre r maps to model
+coordinate (r + 0.5) * s - 0.5, so pixel edges map as e -> e * s, with s = model px per frame px
+per axis (``PreparedFrame.scale_yx``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage
+from skimage.transform import rescale
+
+from nanoseg.errors import FrameError
+from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
+from nanoseg.input_spec import FrameMode, InputSpec
+from nanoseg.instances import Instances
+from nanoseg.optical_density import InvalidPixels, intensity_image, optical_density
+from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
+
+
+def to_model_input(image: np.ndarray, spec: InputSpec, mode: FrameMode = "optical_density") -> np.ndarray:
+    """(H, W) float32 gray in [0, 255] as the model was trained on.
+
+    Optical density follows ``spec.intensity_mapping`` (per-image maximum or ``spec.od_max`` ->
+    255). Intensity images have no physical scale, so their maximum maps to 255 (a normalised
+    intensity image, in [0, 1], is simply scaled by 255). Negative values clip to 0.
+    """
+    if mode == "optical_density" and spec.intensity_mapping == "fixed":
+        assert spec.od_max is not None  # the spec's validator guarantees it
+        top = spec.od_max
+    else:
+        top = float(image.max())
+    if top <= 0:
+        return np.zeros(image.shape, np.float32)
+    return np.clip(image * (255.0 / top), 0.0, 255.0).astype(np.float32)
+
+
+def resample_to_model_scale(
+    img: np.ndarray, frame_pixel_size_nm: float, spec: InputSpec
+) -> tuple[np.ndarray, float]:
+    """Resample so one px is ``spec.pixel_size_nm``; returns (float32 image, scale).
+
+    ``scale`` = frame_pixel_size_nm / spec.pixel_size_nm, model px per frame px (> 1: upsampled,
+    e.g. STXM at 35 nm -> 8 nm is 4.375). The output shape is round(shape * scale); bilinear
+    interpolation, Gaussian anti-aliasing when shrinking.
+    """
+    if frame_pixel_size_nm <= 0:
+        raise ValueError(f"frame pixel size must be > 0 nm, got {frame_pixel_size_nm}")
+    scale = frame_pixel_size_nm / spec.pixel_size_nm
+    if math.isclose(scale, 1.0, rel_tol=1e-6):
+        return img.astype(np.float32), 1.0
+    out = rescale(img, scale, order=1, mode="edge", anti_aliasing=scale < 1, preserve_range=True)
+    return out.astype(np.float32), scale
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedFrame:
+    """A frame ready for the engine, with what is needed to map instances back.
+
+    - ``tiles``: (T, size, size) float32 model input in [0, 255]; padding is the frame's median.
+    - ``tile_plan``: where each tile lies on the frame at model scale.
+    - ``frame_shape``: (H, W) of the original frame; ``model_shape``: at the model's scale.
+    - ``image``: (H, W) float32 OD (or intensity) at the original resolution, for statistics.
+    - ``invalid``: replaced pixels per kind; ``reference``: scalar I0 - dark used, if any.
+    """
+
+    tiles: np.ndarray
+    tile_plan: tuple[Tile, ...]
+    frame_shape: tuple[int, int]
+    model_shape: tuple[int, int]
+    image: np.ndarray
+    mode: FrameMode
+    invalid: InvalidPixels
+    reference: float | None
+    merge_iou: float
+
+    @property
+    def scale_yx(self) -> tuple[float, float]:
+        """Model px per frame px along y and x (exact for the resampled shape)."""
+        return (
+            self.model_shape[0] / self.frame_shape[0],
+            self.model_shape[1] / self.frame_shape[1],
+        )
+
+
+def prepare_frame(
+    frame: ArrayLike,
+    profile: FrameProfile,
+    spec: InputSpec,
+    *,
+    flat_field: ArrayLike | None = None,
+    dark_frame: ArrayLike | None = None,
+    pixel_size_nm: float | None = None,
+) -> PreparedFrame:
+    """Convert, resample and tile one frame following ``profile``, for a model described by ``spec``.
+
+    ``flat_field`` is required (and only allowed) when the profile's I0 policy is ``flat_field``;
+    ``dark_frame`` replaces the profile's scalar dark; ``pixel_size_nm`` overrides the profile's.
+    Raises FrameError for frames that cannot be analysed (reason codes in ``nanoseg.errors``).
+    """
+    if profile.tile_overlap_px >= spec.size:
+        raise ValueError(f"tile_overlap_px {profile.tile_overlap_px} must be < model size {spec.size}")
+    reference: float | None = None
+    if profile.mode == "optical_density":
+        i0: float | ArrayLike | None = None
+        if isinstance(profile.i0, FlatFieldI0):
+            if flat_field is None:
+                raise FrameError("missing_reference", f"profile {profile.name!r} needs a flat field")
+            i0 = flat_field
+        elif flat_field is not None:
+            raise ValueError(f"profile {profile.name!r} does not use a flat field (i0: {profile.i0.policy})")
+        elif isinstance(profile.i0, ScalarI0):
+            i0 = profile.i0.value
+        dark = dark_frame if dark_frame is not None else profile.dark
+        od = optical_density(frame, i0, dark, floor=profile.transmission_floor)
+        image, invalid, reference = od.od, od.invalid, od.reference
+    else:
+        res = intensity_image(frame, profile.invert, profile.normalise, profile.normalise_percentiles)
+        image, invalid = res.image, res.invalid
+
+    px = pixel_size_nm if pixel_size_nm is not None else profile.pixel_size_nm
+    scaled = resample_to_model_scale(image, px, spec)[0] if px is not None else image
+    gray = to_model_input(scaled, spec, profile.mode)
+    plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
+    tiles = extract_tiles(gray, plan, fill=float(np.median(gray)))
+    return PreparedFrame(
+        tiles=tiles,
+        tile_plan=tuple(plan),
+        frame_shape=(image.shape[0], image.shape[1]),
+        model_shape=(gray.shape[0], gray.shape[1]),
+        image=image,
+        mode=profile.mode,
+        invalid=invalid,
+        reference=reference,
+        merge_iou=profile.merge_iou,
+    )
+
+
+def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame) -> Instances:
+    """Per-tile instances (tile px, one ``Instances`` per tile, in ``tile_plan`` order) -> frame px.
+
+    Tiles are merged at the model's scale (``merge_tiled_instances``), then boxes are divided by
+    the scale and masks resampled to the frame's shape (area-weighted when shrinking, a pixel is
+    in the mask when at least half of it is covered). Instances too small to cover half a frame
+    pixel are dropped.
+    """
+    merged = merge_tiled_instances(per_tile, prepared.tile_plan, prepared.model_shape, prepared.merge_iou)
+    sy, sx = prepared.scale_yx
+    h, w = prepared.frame_shape
+    if (sy, sx) == (1.0, 1.0):
+        return merged
+    masks = np.zeros((len(merged), h, w), dtype=bool)
+    for i in range(len(merged)):
+        _resample_mask_into(merged.masks[i], (sy, sx), masks[i])
+    boxes = merged.boxes / np.array([sx, sy, sx, sy], np.float32)
+    boxes = np.clip(boxes, 0, [w, h, w, h])
+    keep = masks.any(axis=(1, 2))
+    return Instances(boxes[keep], merged.scores[keep], masks[keep])
+
+
+def _resample_mask_into(mask: np.ndarray, scale_yx: tuple[float, float], out: np.ndarray) -> None:
+    """Write ``mask`` (model px) resampled to frame px into ``out``; works on the mask's bbox only."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return
+    sy, sx = scale_yx
+    sigma = (max(0.0, (sy - 1) / 2), max(0.0, (sx - 1) / 2))  # anti-aliasing, as skimage.resize
+    pad = math.ceil(3 * max(sigma)) + 2
+    r0, c0 = rows[0] - pad, cols[0] - pad
+    crop = np.zeros((rows[-1] + 1 + pad - r0, cols[-1] + 1 + pad - c0), np.float32)
+    crop[pad:-pad, pad:-pad] = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if max(sigma) > 0:
+        crop = ndimage.gaussian_filter(crop, sigma)
+    # Frame pixels whose centres fall inside the crop.
+    y = _frame_range(r0, r0 + crop.shape[0], sy, out.shape[0])
+    x = _frame_range(c0, c0 + crop.shape[1], sx, out.shape[1])
+    if y.size == 0 or x.size == 0:
+        return
+    yy = (y + 0.5) * sy - 0.5 - r0
+    xx = (x + 0.5) * sx - 0.5 - c0
+    grid = np.meshgrid(yy, xx, indexing="ij")
+    vals = ndimage.map_coordinates(crop, grid, order=1, mode="constant", cval=0.0)
+    out[y[0] : y[-1] + 1, x[0] : x[-1] + 1] = vals >= 0.5
+
+
+def _frame_range(lo: int, hi: int, s: float, n: int) -> np.ndarray:
+    """Frame indices whose centres map into model coordinates [lo, hi)."""
+    first = max(0, math.ceil((lo + 0.5) / s - 0.5))
+    last = min(n - 1, math.floor((hi - 0.5) / s - 0.5))
+    return np.arange(first, last + 1)

@@ -1,0 +1,183 @@
+"""Square tiles over a frame, and instances of the tiles merged back into frame instances.
+
+All coordinates are px of the frame being tiled (the frame at the model's scale), y down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanoseg.instances import Instances
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A ``size`` x ``size`` window with its top-left at frame pixel (``x0``, ``y0``).
+
+    Only ``valid_height`` x ``valid_width`` px of it lie in the frame (a frame smaller than the
+    tile is padded at the bottom and right).
+    """
+
+    y0: int
+    x0: int
+    size: int
+    valid_height: int
+    valid_width: int
+
+    @property
+    def frame_slices(self) -> tuple[slice, slice]:
+        """The frame pixels the tile covers."""
+        return slice(self.y0, self.y0 + self.valid_height), slice(self.x0, self.x0 + self.valid_width)
+
+
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    count = math.ceil((n - overlap) / (tile - overlap))
+    # Evenly spread, the last tile flush with the frame's end: overlaps are >= ``overlap``.
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
+    """Tiles covering a frame of ``shape`` (H, W), neighbours overlapping by at least ``overlap``.
+
+    Row-major order. Along an axis shorter than ``tile`` there is one tile, padded.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+    h, w = shape
+    return [
+        Tile(y0, x0, tile, min(tile, h - y0), min(tile, w - x0))
+        for y0 in _starts(h, tile, overlap)
+        for x0 in _starts(w, tile, overlap)
+    ]
+
+
+def extract_tiles(image: np.ndarray, tiles: Sequence[Tile], fill: float) -> np.ndarray:
+    """(T, size, size) float32 stack of the tiles' pixels; padding set to ``fill``."""
+    size = tiles[0].size
+    out = np.full((len(tiles), size, size), fill, dtype=np.float32)
+    for k, t in enumerate(tiles):
+        out[k, : t.valid_height, : t.valid_width] = image[t.frame_slices]
+    return out
+
+
+def _intersect(
+    a: tuple[int, int, int, int], b: tuple[int, int, int, int]
+) -> tuple[int, int, int, int] | None:
+    """Intersection of two (y0, y1, x0, x1) rectangles, None if empty."""
+    y0, y1, x0, x1 = max(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), min(a[3], b[3])
+    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
+
+
+def _tile_rect(t: Tile) -> tuple[int, int, int, int]:
+    return t.y0, t.y0 + t.valid_height, t.x0, t.x0 + t.valid_width
+
+
+@dataclass(frozen=True, eq=False)
+class _Piece:
+    """One tile instance cut to its bounding box, placed on the frame."""
+
+    rect: tuple[int, int, int, int]  # (y0, y1, x0, x1) on the frame
+    mask: np.ndarray  # bool, rect-shaped
+    box: np.ndarray  # (4,) xyxy on the frame, the engine's box
+    score: float
+
+    def within(self, region: tuple[int, int, int, int]) -> np.ndarray:
+        """The mask over ``region`` (zeros outside the piece)."""
+        out = np.zeros((region[1] - region[0], region[3] - region[2]), bool)
+        common = _intersect(self.rect, region)
+        if common is not None:
+            y0, y1, x0, x1 = common
+            out[y0 - region[0] : y1 - region[0], x0 - region[2] : x1 - region[2]] = self.mask[
+                y0 - self.rect[0] : y1 - self.rect[0], x0 - self.rect[2] : x1 - self.rect[2]
+            ]
+        return out
+
+
+def _pieces(inst: Instances, t: Tile) -> list[_Piece]:
+    crop = inst.masks[:, : t.valid_height, : t.valid_width]
+    offset = np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
+    out = []
+    for j in np.flatnonzero(crop.any(axis=(1, 2))):
+        rows = np.flatnonzero(crop[j].any(axis=1))
+        cols = np.flatnonzero(crop[j].any(axis=0))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        rect = (t.y0 + r0, t.y0 + r1, t.x0 + c0, t.x0 + c1)
+        out.append(_Piece(rect, crop[j, r0:r1, c0:c1], inst.boxes[j] + offset, float(inst.scores[j])))
+    return out
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def merge_tiled_instances(
+    per_tile: Sequence[Instances],
+    tiles: Sequence[Tile],
+    frame_shape: tuple[int, int],
+    iou_threshold: float = 0.5,
+) -> Instances:
+    """Frame instances from per-tile instances (boxes and masks in tile px).
+
+    Masks are cut to the part of their tile inside the frame. Two instances of different tiles
+    are the same object when the IoU of their masks *restricted to the two tiles' overlap* is
+    at least ``iou_threshold`` (an object crossing a border is cut differently by each tile, so
+    only the shared region can be compared). Merging is transitive (a wire across three tiles
+    is one instance): the merged mask is the union, the score the maximum, the box the union of
+    the boxes, clipped to the frame. Output is sorted by descending score.
+    """
+    if len(per_tile) != len(tiles):
+        raise ValueError(f"{len(per_tile)} instance sets for {len(tiles)} tiles")
+    h, w = frame_shape
+    pieces: list[_Piece] = []
+    members: list[list[int]] = []  # piece indices of each tile
+    for inst, t in zip(per_tile, tiles):
+        found = _pieces(inst, t)
+        members.append(list(range(len(pieces), len(pieces) + len(found))))
+        pieces.extend(found)
+
+    parent = list(range(len(pieces)))
+    for a in range(len(tiles)):
+        for b in range(a + 1, len(tiles)):
+            region = _intersect(_tile_rect(tiles[a]), _tile_rect(tiles[b]))
+            if region is None:
+                continue
+            ia = [i for i in members[a] if _intersect(pieces[i].rect, region)]
+            ib = [i for i in members[b] if _intersect(pieces[i].rect, region)]
+            if not ia or not ib:
+                continue
+            fa = np.stack([pieces[i].within(region).ravel() for i in ia]).astype(np.float32)
+            fb = np.stack([pieces[i].within(region).ravel() for i in ib]).astype(np.float32)
+            inter = fa @ fb.T
+            union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            for i, j in zip(*np.nonzero(iou >= iou_threshold)):
+                parent[_find(parent, ib[j])] = _find(parent, ia[i])
+
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(_find(parent, i), []).append(i)
+    # Highest score first; ordered before the masks are filled so the stack is never copied.
+    ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))
+    if not ordered:
+        return Instances.empty(h, w)
+    out_masks = np.zeros((len(ordered), h, w), dtype=bool)
+    out_boxes = np.zeros((len(ordered), 4), np.float32)
+    out_scores = np.zeros(len(ordered), np.float32)
+    for g, idx in enumerate(ordered):
+        for i in idx:
+            y0, y1, x0, x1 = pieces[i].rect
+            out_masks[g, y0:y1, x0:x1] |= pieces[i].mask
+        stacked = np.stack([pieces[i].box for i in idx])
+        out_boxes[g] = (*stacked[:, :2].min(0), *stacked[:, 2:].max(0))
+        out_scores[g] = max(pieces[i].score for i in idx)
+    out_boxes = np.clip(out_boxes, 0, [w, h, w, h]).astype(np.float32)
+    return Instances(out_boxes, out_scores, out_masks)
