@@ -24,7 +24,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from nanoseg.paths import resolve_config
 
     cfg = load_yaml(resolve_config(args.preset, "synthetic"), SceneConfig)
-    summary = write_dataset(cfg, Path(args.out), args.count, args.seed, args.workers, not args.quiet)
+    summary = write_dataset(
+        cfg, Path(args.out), args.count, args.seed, args.workers, not args.quiet, write_od=not args.no_od
+    )
     print(f"wrote {summary['images']} images, {summary['annotations']} wires, "
           f"{summary['bytes'] / 1e6:.1f} MB to {args.out}")
     return 0
@@ -51,6 +53,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-od", action="store_true",
+                   help="skip the float32 optical-density files od/*.npy (1 MB per 512x512 image)")
     handlers["generate"] = _cmd_generate
 
     p = sub.add_parser("preview", help="montage of a data set with mask outlines")

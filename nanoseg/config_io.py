@@ -32,6 +32,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our validators' own words, without "Value error, "
         lines.append(f"{source}: {_field_path(tuple(e['loc']))}: {msg}")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ def encode_rle(mask: np.ndarray) -> RLE:
     """Encode a 2-D boolean mask (row-major, y down) as COCO compressed RLE."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    enc = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    enc = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))  # no copy if already so
     return {"size": [int(enc["size"][0]), int(enc["size"][1])], "counts": enc["counts"].decode("ascii")}
 
 

@@ -9,6 +9,7 @@ transmitted photon counts (Poisson + read noise) and converted back to OD, the i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,17 +27,34 @@ class RenderedImage:
 
 
 def smooth_background(shape: tuple[int, int], cfg: Background, rng: np.random.Generator) -> np.ndarray:
-    """Offset plus a smooth random field (filtered white noise) of the configured amplitude, OD."""
+    """Offset plus a smooth random field of standard deviation ``amplitude_od``, OD.
+
+    The field is white noise filtered by a Gaussian of sigma ``length_scale / 2`` px. It is
+    normalised by the standard deviation that filter gives in theory, not by the image's own:
+    on an image not much larger than the length scale the field is nearly flat, and dividing
+    by its tiny sample deviation would blow it up (thousands of OD on a 96 px image).
+    """
     offset = draw(cfg.offset_od, rng)
     amp = draw(cfg.amplitude_od, rng)
     scale = draw(cfg.length_scale, rng)
     # Filter a coarse grid then zoom: same field statistics, far cheaper than filtering full size.
     step = max(int(scale // 8), 1)
-    coarse_shape = (shape[0] // step + 2, shape[1] // step + 2)
-    field = ndimage.gaussian_filter(rng.normal(size=coarse_shape), sigma=scale / step / 2, mode="wrap")
+    sigma = scale / step / 2
+    pad = math.ceil(4 * sigma)  # the filter's reach: the kept interior sees no border effects
+    coarse_shape = (shape[0] // step + 2 + 2 * pad, shape[1] // step + 2 + 2 * pad)
+    field = ndimage.gaussian_filter(rng.normal(size=coarse_shape), sigma, mode="constant", truncate=4.0)
+    field = field[pad:-pad, pad:-pad] / filtered_noise_std(sigma)
     field = ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
-    std = float(field.std()) or 1.0
-    return (offset + amp * field / std).astype(np.float32)
+    return (offset + amp * field).astype(np.float32)
+
+
+def filtered_noise_std(sigma: float) -> float:
+    """Standard deviation of unit 2-D white noise after ``ndimage.gaussian_filter(sigma)``."""
+    radius = int(4.0 * sigma + 0.5)
+    impulse = np.zeros(2 * radius + 1)
+    impulse[radius] = 1.0
+    weights = ndimage.gaussian_filter1d(impulse, sigma, mode="constant", truncate=4.0)
+    return float(np.sum(weights**2))  # separable: the 2-D variance is the 1-D one squared
 
 
 def transmission_counts(

@@ -56,7 +56,7 @@ class Scene:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.thickness.shape  # type: ignore[return-value]
+        return self.thickness.shape
 
 
 def draw(r: Range, rng: np.random.Generator) -> float:
@@ -115,7 +115,10 @@ def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float
     """Lowest z0 such that every column's bottom is at or above the current top map.
 
     Columns are compared in voxel units: a bottom at or above the first free voxel ``top`` can
-    never share a voxel with earlier wires, and the maximum makes the wire touch at least one.
+    never share a voxel with earlier wires, and the maximum makes the wire's bottom touch the top
+    of earlier voxels in at least one column. Every column with material counts, thin rims too:
+    the wire is solid, so a rim that holds no voxel of its own (a hexagon edge thinner than half
+    a voxel) still rests on what lies below it; the feasible heights are then one interval.
     """
     y0, y1, x0, x1 = cols.box
     occupied = cols.thickness > 0
@@ -126,44 +129,69 @@ def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float
     return max(0.0, float(need.max()))
 
 
+def place_wire(
+    g: WireGeometry, cfg: SceneConfig, top: np.ndarray, thickness: np.ndarray,
+    top_label: np.ndarray, label: int,
+) -> DepositedWire | None:
+    """Deposit ``g`` on the surface ``top``, updating the maps in place; None if it cannot be placed.
+
+    A wire is not placed when it misses the field, its footprint in the field is below
+    ``min_visible_area`` or it would stick out of the top of the domain.
+    """
+    H, W = top.shape
+    cols = rasterise(g, (H, W))
+    if cols is None:
+        return None
+    z0 = resting_height(cols, top, g.tilt_deg)
+    counts = cols.voxel_counts(z0, g.tilt_deg)
+    occ = counts > 0
+    if int(np.count_nonzero(occ)) < cfg.wires.min_visible_area:
+        return None
+    lowest = cols.lowest_voxel(z0, g.tilt_deg)
+    if int((lowest + counts)[occ].max()) > cfg.domain.height:
+        return None
+    y0, y1, x0, x1 = cols.box
+    top[y0:y1, x0:x1][occ] = (lowest + counts)[occ]
+    thickness[y0:y1, x0:x1] += counts
+    top_label[y0:y1, x0:x1][occ] = label
+    truncated = (y0 == 0 and occ[0].any()) or (x0 == 0 and occ[:, 0].any())
+    truncated = bool(truncated or (y1 == H and occ[-1].any()) or (x1 == W and occ[:, -1].any()))
+    return DepositedWire(replace(g, z0=z0), cols.box, counts, lowest, truncated)
+
+
+def _empty_maps(cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top, thickness and top-label maps of an empty substrate, (depth, width) int32."""
+    shape = (cfg.domain.depth, cfg.domain.width)
+    return (np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32))
+
+
 def generate_scene(cfg: SceneConfig, rng: np.random.Generator) -> Scene:
     """Draw and deposit wires one after another; each rests on the substrate or on earlier wires."""
-    H, W = cfg.domain.depth, cfg.domain.width
-    shape = (H, W)
-    top = np.zeros(shape, dtype=np.int32)
-    thickness = np.zeros(shape, dtype=np.int32)
-    top_label = np.zeros(shape, dtype=np.int32)
+    top, thickness, top_label = _empty_maps(cfg)
     placed: list[DepositedWire] = []
     dropped = 0
     n = draw_int(cfg.wires.count, rng)
     for _ in range(n):
         for _attempt in range(MAX_DRAWS_PER_WIRE):
             g = draw_wire(cfg, rng, placed)
-            cols = rasterise(g, shape)
-            if cols is None:
-                dropped += 1
+            wire = place_wire(g, cfg, top, thickness, top_label, len(placed) + 1)
+            if wire is None:
+                dropped += 1  # outside, too small or too high: draw again
                 continue
-            z0 = resting_height(cols, top, g.tilt_deg)
-            counts = cols.voxel_counts(z0, g.tilt_deg)
-            area = int(np.count_nonzero(counts))
-            if area < cfg.wires.min_visible_area:
-                dropped += 1
-                continue
-            lowest = cols.lowest_voxel(z0, g.tilt_deg)
-            occ = counts > 0
-            if int((lowest + counts)[occ].max()) > cfg.domain.height:
-                dropped += 1  # would stick out of the domain: draw again
-                continue
-            y0, y1, x0, x1 = cols.box
-            tv = top[y0:y1, x0:x1]
-            tv[occ] = (lowest + counts)[occ]
-            thickness[y0:y1, x0:x1] += counts
-            top_label[y0:y1, x0:x1][occ] = len(placed) + 1
-            truncated = (y0 == 0 and occ[0].any()) or (x0 == 0 and occ[:, 0].any())
-            truncated = bool(truncated or (y1 == H and occ[-1].any()) or (x1 == W and occ[:, -1].any()))
-            placed.append(DepositedWire(replace(g, z0=z0), cols.box, counts, lowest, truncated))
+            placed.append(wire)
             break
     return Scene(cfg, thickness, top, top_label, tuple(placed), dropped)
+
+
+def deposit(cfg: SceneConfig, geometries: list[WireGeometry]) -> Scene:
+    """Deposit given wires in order (their ``z0`` is ignored and set by deposition)."""
+    top, thickness, top_label = _empty_maps(cfg)
+    placed: list[DepositedWire] = []
+    for g in geometries:
+        wire = place_wire(g, cfg, top, thickness, top_label, len(placed) + 1)
+        if wire is not None:
+            placed.append(wire)
+    return Scene(cfg, thickness, top, top_label, tuple(placed), len(geometries) - len(placed))
 
 
 def drop_hidden(scene: Scene, min_visible: int) -> Scene:
@@ -180,7 +208,7 @@ def drop_hidden(scene: Scene, min_visible: int) -> Scene:
     thickness = np.zeros(shape, dtype=np.int32)
     top = np.zeros(shape, dtype=np.int32)
     top_label = np.zeros(shape, dtype=np.int32)
-    wires = []
+    wires: list[DepositedWire] = []
     for i in keep:
         w = scene.wires[i]
         y0, y1, x0, x1 = w.box

@@ -7,44 +7,60 @@ that is physically. Angles in degrees, in-plane angle counter-clockwise from the
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nanoseg.config_io import StrictModel
 
 
-class Range(StrictModel):
+class SceneModel(StrictModel):
+    """Base of the scene schema: no NaN or infinity anywhere (they would pass range checks)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _not_below_low(high: float, info: ValidationInfo) -> float:
+    # A field validator (not a model validator) so that the error names ``<range>.high``.
+    low = info.data.get("low")
+    if low is not None and high < low:
+        raise ValueError(f"must be >= low ({low})")
+    return high
+
+
+class Range(SceneModel):
     """A scalar drawn uniformly (or log-uniformly) from [low, high]."""
 
     low: float
     high: float
     distribution: Literal["uniform", "loguniform"] = "uniform"
 
+    _ordered = field_validator("high")(_not_below_low)
+
     @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+    def _positive_for_log(self) -> Range:
         if self.distribution == "loguniform" and self.low <= 0:
-            raise ValueError("loguniform needs low > 0")
+            raise ValueError(f"loguniform needs low > 0, got low = {self.low}")
         return self
 
 
-class IntRange(StrictModel):
+class IntRange(SceneModel):
     """An integer drawn uniformly from [low, high] inclusive."""
 
     low: int = Field(ge=0)
     high: int = Field(ge=0)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
-        return self
+    _ordered = field_validator("high")(_not_below_low)
 
 
-class Domain(StrictModel):
+class Domain(SceneModel):
     """Voxel domain W x B x H (x, y, z)."""
 
     width: PositiveInt = 512
@@ -52,7 +68,7 @@ class Domain(StrictModel):
     height: PositiveInt = 200
 
 
-class CrossSections(StrictModel):
+class CrossSections(SceneModel):
     """Relative weights of the prism cross-sections."""
 
     rectangle: float = Field(0.5, ge=0)
@@ -65,7 +81,7 @@ class CrossSections(StrictModel):
         return self
 
 
-class WireConfig(StrictModel):
+class WireConfig(SceneModel):
     count: IntRange = IntRange(low=5, high=25)
     length: Range = Range(low=60, high=450, distribution="loguniform")
     width: Range = Range(low=12, high=50, distribution="loguniform")
@@ -80,7 +96,7 @@ class WireConfig(StrictModel):
     """Wires whose visible footprint in the field is smaller than this (px) are dropped."""
 
 
-class Probability(StrictModel):
+class Probability(SceneModel):
     probability: float = Field(0.0, ge=0, le=1)
 
 
@@ -103,14 +119,14 @@ class Sintering(Probability):
     """With this probability a new wire starts on the axis of an earlier one (a junction)."""
 
 
-class NonPrismatic(StrictModel):
+class NonPrismatic(SceneModel):
     taper: Taper = Taper()
     bend: Bend = Bend()
     roughness: Roughness = Roughness()
     sintering: Sintering = Sintering()
 
 
-class Noise(StrictModel):
+class Noise(SceneModel):
     """Photon (Poisson) and read noise of a transmission measurement."""
 
     enabled: bool = False
@@ -120,7 +136,7 @@ class Noise(StrictModel):
     """Gaussian read noise, photons rms."""
 
 
-class Background(StrictModel):
+class Background(SceneModel):
     """Smooth optical-density background and a substrate offset, added before noise."""
 
     enabled: bool = False
@@ -130,7 +146,7 @@ class Background(StrictModel):
     """Correlation length of the smooth background, px."""
 
 
-class Rendering(StrictModel):
+class Rendering(SceneModel):
     mode: Literal["optical_density", "sem"] = "optical_density"
     od_per_voxel: float | None = Field(None, gt=0)
     """Optical density of one voxel of material; None = 1/height (the paper: sum / total thickness)."""
@@ -145,7 +161,7 @@ class Rendering(StrictModel):
     """SEM mode: brightness of surface slopes (edges) relative to flat tops."""
 
 
-class SceneConfig(StrictModel):
+class SceneConfig(SceneModel):
     """A synthetic nanowire scene preset."""
 
     name: str = "custom"
@@ -163,6 +179,4 @@ class SceneConfig(StrictModel):
     def _fits(self) -> SceneConfig:
         if self.wires.width.low * self.wires.thickness_ratio.low >= self.domain.height:
             raise ValueError("domain.height must exceed the thinnest wire's thickness")
-        if math.isnan(self.wires.length.low):
-            raise ValueError("wires.length.low is NaN")
         return self
