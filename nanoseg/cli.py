@@ -41,6 +41,18 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nanoseg_training.evaluate import cmd_evaluate
+
+    return cmd_evaluate(args)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from nanoseg_training.sweep import cmd_sweep
+
+    return cmd_sweep(args)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="nanoseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +75,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--max-images", type=int, default=16)
     p.add_argument("--columns", type=int, default=4)
     handlers["preview"] = _cmd_preview
+
+    p = sub.add_parser("evaluate", help="COCO AP, foreground accuracy, particle statistics and a report")
+    p.add_argument("model", help="nanoseg checkpoint (.pt)")
+    p.add_argument("dataset", help="COCO data set directory (from nanoseg generate)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--score-threshold", type=float, default=0.05, help="score threshold of the AP predictions")
+    p.add_argument("--stats-score-threshold", type=float,
+                   help="operating point for accuracy, statistics and counts (default: post-processing's)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
+    p.add_argument("--quiet", action="store_true")
+    handlers["evaluate"] = _cmd_evaluate
+
+    p = sub.add_parser("sweep", help="train and evaluate a grid of training configs (paper Table 1)")
+    p.add_argument("sweep", help="sweep name in configs/sweeps or a YAML path")
+    p.add_argument("--out", help="output directory (default <cache>/sweeps/<name>)")
+    p.add_argument("--quiet", action="store_true")
+    handlers["sweep"] = _cmd_sweep
 
     return parser, handlers
 

@@ -1,0 +1,427 @@
+"""``nanoseg evaluate MODEL DATASET``: COCO AP, foreground accuracy and particle statistics.
+
+The measures of the paper (Lin et al. 2022, §2.3.5 and §3) on a COCO data set written by the
+generator (``nanoseg_training.coco_dataset``):
+
+* COCO AP (IoU 0.50:0.95), AP50, AP75, AP small/medium/large for boxes and masks, x100, from
+  pycocotools' ``COCOeval``; predictions at a low score threshold (0.05) so the precision-recall
+  curve is complete.
+* foreground accuracy TP / (TP + FP + FN) over the union of the instance masks, pixels summed over
+  the data set (and per image);
+* particle statistics (area, length, width, aspect ratio, orientation) of predicted and
+  ground-truth masks, both from ``nanoseg.particle_stats.particle_table``: Wasserstein distance
+  per statistic and the error of the particle count per image.
+
+Accuracy, statistics and counts are measured at the operating point (the post-processing score
+threshold the model is used with, 0.5 by default), not at the AP threshold: a foreground union of
+every 0.05-score detection says nothing about the segmentation a user gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from PIL import Image
+from scipy.stats import wasserstein_distance
+from tqdm import tqdm
+
+from nanoseg.checkpoint import CheckpointError
+from nanoseg.instances import Instances, mask_boxes
+from nanoseg.masks import decode_rle, encode_rle_batch
+from nanoseg.particle_stats import particle_table
+from nanoseg.postprocess import PostprocessConfig, filter_instances
+from nanoseg.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from nanoseg.engines.factory import EngineKind
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+"""COCOeval ``stats[0:6]``; plus ``AR`` (recall at 100 detections per image, ``stats[8]``)."""
+STAT_COLUMNS = ("area_px", "length_px", "width_px", "aspect_ratio", "orientation_deg")
+"""Particle statistics compared between predictions and ground truth (``ParticleTable`` columns)."""
+
+Predictions = list[tuple[int, Instances]]
+
+
+class EvaluationError(ValueError):
+    """The model and the data set cannot be evaluated together (the message says why)."""
+
+
+def load_coco(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A COCO dict from a dict, an ``annotations.json`` path or a data set directory."""
+    if isinstance(source, dict):
+        return source
+    p = Path(source)
+    if p.is_dir():
+        p = p / "annotations.json"
+    return dict(json.loads(p.read_text()))
+
+
+def _anns_by_image(coco: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {int(im["id"]): [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        out.setdefault(int(a["image_id"]), []).append(a)
+    return out
+
+
+def _truth(image: dict[str, Any], anns: list[dict[str, Any]]) -> Instances:
+    if not anns:
+        return Instances.empty(int(image["height"]), int(image["width"]))
+    masks = np.stack([decode_rle(a["segmentation"]) for a in anns])
+    return Instances(mask_boxes(masks), np.ones(len(masks), np.float32), masks)
+
+
+def gt_instances(coco: dict[str, Any], image_ids: Iterable[int] | None = None) -> dict[int, Instances]:
+    """Ground truth of ``image_ids`` (default all) as Instances: score 1, boxes tight around masks."""
+    anns = _anns_by_image(coco)
+    images = {int(im["id"]): im for im in coco["images"]}
+    ids = images.keys() if image_ids is None else image_ids
+    return {int(i): _truth(images[int(i)], anns[int(i)]) for i in ids}
+
+
+def iter_predictions(segmenter: Segmenter, dataset_dir: str | Path, limit: int | None = None,
+                     progress: bool = True) -> Iterator[tuple[int, Instances]]:
+    """(image id, Instances) for the first ``limit`` images of a data set, in image id order.
+
+    Images are the data set's 8-bit gray PNGs, already at the model's scale and mapping. A
+    generator, so a large data set never holds every image's masks at once.
+    """
+    root = Path(dataset_dir)
+    images = sorted(load_coco(root)["images"], key=lambda im: int(im["id"]))[:limit]
+    for im in tqdm(images, desc="evaluate", unit="img", disable=not progress):
+        yield int(im["id"]), segmenter.segment_gray(read_gray(root / im["file_name"]))
+
+
+def predict_dataset(segmenter: Segmenter, dataset_dir: str | Path, limit: int | None = None,
+                    progress: bool = True) -> Predictions:
+    """``iter_predictions`` as a list."""
+    return list(iter_predictions(segmenter, dataset_dir, limit, progress))
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """(H, W) float32 0–255 of an image file."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32)
+
+
+def at_operating_point(inst: Instances, post: PostprocessConfig) -> Instances:
+    """Instances kept by ``post``: its score threshold, then its frame-level filters."""
+    return filter_instances(inst.select(inst.scores >= post.score_threshold), post)
+
+
+# --- COCO AP ---------------------------------------------------------------------------------
+
+
+def coco_results(predictions: Iterable[tuple[int, Instances]]) -> list[dict[str, Any]]:
+    """COCO result records: RLE mask, bbox [x, y, w, h] px from the instance's xyxy box, score."""
+    out: list[dict[str, Any]] = []
+    for image_id, inst in predictions:
+        for box, score, rle in zip(inst.boxes, inst.scores, encode_rle_batch(inst.masks)):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            out.append({"image_id": int(image_id), "category_id": 1, "segmentation": dict(rle),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return out
+
+
+def _coco_api(dataset: dict[str, Any]) -> Any:
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = COCO()
+        api.dataset = dataset
+        api.createIndex()
+    return api
+
+
+def coco_metrics(gt: str | Path | dict[str, Any], predictions: Iterable[tuple[int, Instances]]
+                 ) -> dict[str, dict[str, float | None]]:
+    """COCOeval on the images in ``predictions``: ``{"bbox": {...}, "segm": {...}}``.
+
+    Keys ``AP_KEYS`` and ``AR``, x100 as the paper reports; None where the evaluated images have
+    no ground truth of that size (COCOeval's -1).
+    """
+    predictions = list(predictions)
+    return coco_metrics_of_results(gt, coco_results(predictions), [i for i, _ in predictions])
+
+
+def coco_metrics_of_results(gt: str | Path | dict[str, Any], results: list[dict[str, Any]],
+                            image_ids: Iterable[int]) -> dict[str, dict[str, float | None]]:
+    """``coco_metrics`` from COCO result records (``coco_results``) on ``image_ids``."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco = load_coco(gt)
+    ids = sorted({int(i) for i in image_ids})
+    if not ids:
+        raise EvaluationError("no images to evaluate")
+    gt_api = _coco_api(coco)
+    out: dict[str, dict[str, float | None]] = {}
+    for iou_type in ("bbox", "segm"):
+        dt_api = _coco_api({"images": coco["images"], "categories": coco["categories"],
+                            "annotations": _result_annotations(results, iou_type)})
+        ev = COCOeval(gt_api, dt_api, iou_type)
+        ev.params.imgIds = ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        stats = [float(v) for v in ev.stats]
+        values = {**dict(zip(AP_KEYS, stats[:6])), "AR": stats[8]}
+        out[iou_type] = {k: (None if v < 0 else round(100.0 * v, 4)) for k, v in values.items()}
+    return out
+
+
+def _result_annotations(records: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """What ``COCO.loadRes`` makes of result records (it cannot take an empty list).
+
+    As detectron2 does for mask AP, the mask's own box and area replace the record's box, so
+    small/medium/large bin detections by mask area; for box AP the area is the box's.
+    """
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for k, r in enumerate(records, start=1):
+        seg = {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode("ascii")}
+        if iou_type == "segm":
+            bbox, area = [float(v) for v in mask_utils.toBbox(seg)], float(mask_utils.area(seg))
+        else:
+            bbox, area = list(r["bbox"]), float(r["bbox"][2] * r["bbox"][3])
+        out.append({**r, "id": k, "segmentation": seg, "bbox": bbox, "area": area, "iscrowd": 0})
+    return out
+
+
+# --- foreground accuracy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelCounts:
+    """Foreground pixels of the union of predicted vs ground-truth masks."""
+
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def accuracy(self) -> float:
+        """TP / (TP + FP + FN); 1.0 when neither has any foreground."""
+        total = self.tp + self.fp + self.fn
+        return self.tp / total if total else 1.0
+
+    def __add__(self, other: PixelCounts) -> PixelCounts:
+        return PixelCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+
+def union(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: pixels covered by any of the (N, H, W) masks."""
+    return np.asarray(masks.any(axis=0)) if len(masks) else np.zeros(shape, bool)
+
+
+def pixel_counts(pred_masks: np.ndarray, gt_masks: np.ndarray) -> PixelCounts:
+    """TP, FP, FN pixels of the union of ``pred_masks`` vs the union of ``gt_masks`` (N, H, W)."""
+    shape = (int(gt_masks.shape[1]), int(gt_masks.shape[2]))
+    p, g = union(pred_masks, shape), union(gt_masks, shape)
+    return PixelCounts(int(np.count_nonzero(p & g)), int(np.count_nonzero(p & ~g)),
+                       int(np.count_nonzero(~p & g)))
+
+
+# --- particle statistics ---------------------------------------------------------------------
+
+
+def particle_values(instances: Iterable[Instances]) -> dict[str, np.ndarray]:
+    """``STAT_COLUMNS`` of every particle of every image, pooled (finite values only)."""
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in STAT_COLUMNS}
+    for inst in instances:
+        table = particle_table(inst.masks).columns()
+        for c in STAT_COLUMNS:
+            v = table[c].astype(np.float64)
+            cols[c].append(v[np.isfinite(v)])
+    return {c: np.concatenate(v) if v else np.zeros(0) for c, v in cols.items()}
+
+
+def circular_wasserstein(u: np.ndarray, v: np.ndarray, period: float) -> float:
+    """1-Wasserstein distance of two samples on a circle of circumference ``period``.
+
+    For axial angles (0 deg == 180 deg): W1 = min over m of the integral of |F(x) - G(x) - m|,
+    the minimum at the weighted median of F - G (Rabin, Delon & Gousseau 2011).
+    """
+    u, v = np.mod(u, period), np.mod(v, period)
+    x = np.unique(np.concatenate([u, v, [0.0, period]]))
+    lengths = np.diff(x)
+    d = (np.searchsorted(np.sort(u), x[:-1], side="right") / u.size
+         - np.searchsorted(np.sort(v), x[:-1], side="right") / v.size)
+    order = np.argsort(d)
+    cum = np.cumsum(lengths[order])
+    m = d[order][np.searchsorted(cum, cum[-1] / 2)]
+    return float(np.sum(lengths * np.abs(d - m)))
+
+
+def statistic_distances(pred: dict[str, np.ndarray], gt: dict[str, np.ndarray]
+                        ) -> dict[str, dict[str, float | int | None]]:
+    """Per statistic: Wasserstein distance (circular for orientation, in its units), means, counts."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for c in STAT_COLUMNS:
+        p, g = pred[c], gt[c]
+        dist: float | None = None
+        if p.size and g.size:
+            dist = circular_wasserstein(p, g, 180.0) if c == "orientation_deg" else float(wasserstein_distance(p, g))
+        out[c] = {"wasserstein": dist, "pred_mean": float(p.mean()) if p.size else None,
+                  "gt_mean": float(g.mean()) if g.size else None, "pred_n": int(p.size), "gt_n": int(g.size)}
+    return out
+
+
+def count_errors(n_pred: Sequence[int], n_gt: Sequence[int]) -> dict[str, float | None]:
+    """Particle count per image: mean absolute error, mean signed error (prediction - truth) and
+    mean relative absolute error |n_pred - n_gt| / n_gt over images with ground truth."""
+    p, g = np.asarray(n_pred, np.float64), np.asarray(n_gt, np.float64)
+    rel = np.abs(p - g)[g > 0] / g[g > 0]
+    return {"mean_absolute": float(np.abs(p - g).mean()), "mean_signed": float((p - g).mean()),
+            "mean_relative": float(rel.mean()) if rel.size else None,
+            "pred_total": int(p.sum()), "gt_total": int(g.sum())}
+
+
+# --- everything together ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """``metrics`` (JSON-serialisable) and the pooled particle statistics for the plots."""
+
+    metrics: dict[str, Any]
+    pred_values: dict[str, np.ndarray]
+    gt_values: dict[str, np.ndarray]
+
+
+class Accumulator:
+    """All measures, image by image: COCO records of the AP predictions; pixel counts, particle
+    statistics and counts of the operating-point instances (the ones a user gets)."""
+
+    def __init__(self, gt: str | Path | dict[str, Any]) -> None:
+        self.coco = load_coco(gt)
+        self.anns = _anns_by_image(self.coco)
+        self.images = {int(im["id"]): im for im in self.coco["images"]}
+        self.results: list[dict[str, Any]] = []
+        self.per_image: list[dict[str, Any]] = []
+        self.total = PixelCounts(0, 0, 0)
+        self.pred_values: list[dict[str, np.ndarray]] = []
+        self.gt_values: list[dict[str, np.ndarray]] = []
+
+    def add(self, image_id: int, predicted: Instances, operating: Instances | None = None) -> Instances:
+        """Add one image; returns its ground truth."""
+        operating = predicted if operating is None else operating
+        truth = _truth(self.images[image_id], self.anns[image_id])
+        if operating.image_shape != truth.image_shape:
+            raise EvaluationError(f"image {image_id}: prediction is {operating.image_shape}, "
+                                  f"ground truth {truth.image_shape}")
+        self.results.extend(coco_results([(image_id, predicted)]))
+        c = pixel_counts(operating.masks, truth.masks)
+        self.total = self.total + c
+        self.per_image.append({"image_id": image_id, "gt_count": len(truth), "pred_count": len(operating),
+                               "tp": c.tp, "fp": c.fp, "fn": c.fn, "accuracy": c.accuracy})
+        self.pred_values.append(particle_values([operating]))
+        self.gt_values.append(particle_values([truth]))
+        return truth
+
+    def result(self) -> Evaluation:
+        rows = self.per_image
+        pred = {c: np.concatenate([v[c] for v in self.pred_values]) for c in STAT_COLUMNS}
+        gt = {c: np.concatenate([v[c] for v in self.gt_values]) for c in STAT_COLUMNS}
+        metrics: dict[str, Any] = dict(coco_metrics_of_results(self.coco, self.results, [r["image_id"] for r in rows]))
+        metrics["accuracy"] = {"foreground": self.total.accuracy, "tp": self.total.tp, "fp": self.total.fp,
+                               "fn": self.total.fn, "per_image_mean": float(np.mean([r["accuracy"] for r in rows]))}
+        metrics["statistics"] = statistic_distances(pred, gt)
+        metrics["count"] = count_errors([r["pred_count"] for r in rows], [r["gt_count"] for r in rows])
+        metrics["images"] = len(rows)
+        metrics["per_image"] = rows
+        return Evaluation(metrics, pred, gt)
+
+
+def evaluate_predictions(gt: str | Path | dict[str, Any], predictions: Iterable[tuple[int, Instances]],
+                         operating: Iterable[tuple[int, Instances]] | None = None) -> Evaluation:
+    """All measures: COCO AP on ``predictions``; accuracy, statistics and counts on ``operating``
+    (default ``predictions``), which must list the same image ids in the same order."""
+    acc = Accumulator(gt)
+    predictions = list(predictions)
+    ops = predictions if operating is None else list(operating)
+    if [i for i, _ in ops] != [i for i, _ in predictions]:
+        raise EvaluationError("predictions and operating-point instances list different images")
+    for (image_id, p), (_, o) in zip(predictions, ops):
+        acc.add(image_id, p, o)
+    return acc.result()
+
+
+def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engine: str = "torch",
+                   limit: int | None = None, score_threshold: float = 0.05,
+                   post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
+                   threads: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
+    per_image.csv, figures}. ``post`` is the operating point (default ``PostprocessConfig()``);
+    ``score_threshold`` the one for AP. One inference pass serves both."""
+    from nanoseg_training.eval_report import write_report
+
+    from nanoseg.engines.factory import input_spec_of, load_engine
+
+    post = post or PostprocessConfig()
+    if score_threshold > post.score_threshold:
+        raise EvaluationError(f"AP score threshold {score_threshold} is above the operating point's {post.score_threshold}")
+    ap_post = post.model_copy(update={"score_threshold": score_threshold})
+    raw_post = ap_post.model_copy(update={"nested": post.nested.model_copy(update={"enabled": False})})
+    eng, ckpt = load_engine(model, cast("EngineKind", engine), threads=threads)
+    spec = input_spec_of(ckpt)
+    coco = load_coco(dataset)
+    images = {int(im["id"]): im for im in coco["images"]}
+    for im in images.values():
+        px = im.get("pixel_size_nm")
+        if px is not None and not math.isclose(float(px), spec.pixel_size_nm, rel_tol=1e-3):
+            raise EvaluationError(f"{dataset}: image {im['id']} has {px} nm pixels, the model {spec.pixel_size_nm} nm")
+        if max(int(im["height"]), int(im["width"])) > spec.size:
+            raise EvaluationError(f"{dataset}: image {im['id']} is {im['height']}x{im['width']}, larger than "
+                                  f"the model input {spec.size}x{spec.size}")
+    acc = Accumulator(coco)
+    shown: dict[int, tuple[Instances, Instances]] = {}  # image id -> (operating point, truth)
+    t0 = time.monotonic()
+    for image_id, raw in iter_predictions(Segmenter(eng, spec, raw_post), dataset, limit, progress):
+        operating = at_operating_point(raw, post)
+        truth = acc.add(image_id, at_operating_point(raw, ap_post), operating)
+        if plots and len(shown) < examples:
+            shown[image_id] = (operating, truth)
+    seconds = time.monotonic() - t0
+    ev = acc.result()
+    ev.metrics["run"] = {
+        "model": str(model), "dataset": str(dataset), "engine": engine, "limit": limit,
+        "ap_score_threshold": score_threshold, "operating_point": post.model_dump(mode="json"),
+        "input_spec": spec.model_dump(mode="json"),
+        "inference_seconds_per_image": seconds / max(ev.metrics["images"], 1),
+        "checkpoint_meta": {k: v for k, v in ckpt.meta.items() if k in ("name", "iterations", "seed", "train_seconds")},
+    }
+    write_report(Path(out), ev, Path(dataset), images, shown if plots else None)
+    return ev.metrics
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``nanoseg evaluate``: the CLI handler."""
+    post = PostprocessConfig()
+    if args.stats_score_threshold is not None:
+        post = post.model_copy(update={"score_threshold": args.stats_score_threshold})
+    try:
+        m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
+                           post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet)
+    except (EvaluationError, CheckpointError) as err:
+        print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"mask AP {_fmt(m['segm']['AP'])}  box AP {_fmt(m['bbox']['AP'])}  "
+          f"foreground accuracy {m['accuracy']['foreground']:.3f}  ({m['images']} images) -> {args.out}/report.md")
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"

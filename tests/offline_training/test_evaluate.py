@@ -1,0 +1,232 @@
+"""nanoseg evaluate / sweep: known numbers on ground truth, shifted and thinned copies; a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from nanoseg_training.coco_dataset import write_dataset
+from nanoseg_training.eval_report import pixel_map
+from nanoseg_training.evaluate import (
+    AP_KEYS,
+    STAT_COLUMNS,
+    circular_wasserstein,
+    evaluate_predictions,
+    gt_instances,
+    load_coco,
+    predict_dataset,
+)
+from nanoseg_training.synthetic_config import SceneConfig
+from nanoseg_training.train import train
+from nanoseg_training.train_config import TrainConfig
+from scipy.stats import wasserstein_distance
+
+from nanoseg.cli import main
+from nanoseg.config_io import ConfigError, parse_config
+from nanoseg.engines.factory import input_spec_of, load_engine
+from nanoseg.instances import Instances, mask_boxes
+from nanoseg.masks import encode_rle, mask_bbox
+from nanoseg.postprocess import PostprocessConfig
+from nanoseg.segmenter import Segmenter
+
+torch.set_num_threads(1)
+
+SIZE = 128
+# x, y, w, h: all 40 px wide, far apart, so a shift along x by s px gives every one IoU (40-s)/(40+s).
+RECTS = ((8, 6, 40, 14), (70, 8, 40, 30), (10, 50, 40, 22), (68, 70, 40, 50))
+
+
+def rectangles_coco(n_images: int = 3) -> dict[str, Any]:
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "height": SIZE, "width": SIZE, "file_name": f"images/{i:06d}.png"})
+        for x, y, w, h in RECTS:
+            m = np.zeros((SIZE, SIZE), bool)
+            m[y : y + h, x : x + w] = True
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "segmentation": encode_rle(m), "area": float(m.sum()), "bbox": list(mask_bbox(m))})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nanowire"}]}
+
+
+def shifted(inst: Instances, dx: int) -> Instances:
+    masks = np.roll(inst.masks, dx, axis=2)
+    return Instances(mask_boxes(masks), inst.scores, masks)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    scene = parse_config({
+        "name": "tiny", "domain": {"width": SIZE, "depth": SIZE, "height": 60},
+        "wires": {"count": {"low": 3, "high": 6}, "length": {"low": 20, "high": 90},
+                  "width": {"low": 5, "high": 12}, "min_visible_area": 20},
+        "rendering": {"blur_sigma": 1.0},
+    }, SceneConfig)
+    root = tmp_path_factory.mktemp("eval") / "data"
+    write_dataset(scene, root, 4, seed=3, workers=1, progress=False, write_od=False)
+    return root
+
+
+def tiny_train_config(data: Path, **solver: Any) -> dict[str, Any]:
+    return {
+        "name": "tiny", "threads": 1, "workers": 0, "log_period": 1,
+        "model": {"fpn_channels": 32, "box_head_dim": 64, "mask_head_layers": [32],
+                  "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+                  "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
+                  "box_batch_size_per_image": 64, "detections_per_img": 30},
+        "data": {"train": str(data), "generate": None, "crop_sizes": [SIZE], "crop_weights": [1]},
+        "solver": {"batch_size": 2, "max_iter": 3, "warmup_iters": 1, "base_lr": 0.01, **solver},
+        "input_spec": {"size": SIZE, "pixel_size_nm": 8.0},  # segment_gray pads images up to the model input, no tiling
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = parse_config(tiny_train_config(tiny_dataset), TrainConfig)
+    return train(cfg, tmp_path_factory.mktemp("eval") / "run", progress=False)
+
+
+def test_ground_truth_against_itself_is_perfect(tiny_dataset: Path) -> None:
+    coco = load_coco(tiny_dataset)
+    truth = gt_instances(coco)
+    m = evaluate_predictions(coco, list(truth.items())).metrics
+    for kind in ("bbox", "segm"):
+        assert m[kind]["AP"] == m[kind]["AP50"] == m[kind]["AP75"] == m[kind]["AR"] == 100.0
+    assert m["accuracy"]["foreground"] == 1.0 and m["accuracy"]["fp"] == m["accuracy"]["fn"] == 0
+    assert m["accuracy"]["tp"] == sum(int(t.masks.any(0).sum()) for t in truth.values())
+    assert all(m["statistics"][c]["wasserstein"] == 0.0 for c in STAT_COLUMNS)
+    assert m["count"]["mean_absolute"] == 0.0 and m["count"]["gt_total"] == len(coco["annotations"])
+
+
+def test_shifted_wires_score_less(tiny_dataset: Path) -> None:
+    coco = load_coco(tiny_dataset)
+    m = evaluate_predictions(coco, [(i, shifted(t, 3)) for i, t in gt_instances(coco).items()]).metrics
+    assert 0 < m["segm"]["AP"] < 100 and 0 < m["bbox"]["AP"] < 100
+    assert 0 < m["accuracy"]["foreground"] < 1
+    assert m["count"]["mean_absolute"] == 0.0
+
+
+def test_shifted_rectangles_give_known_ap_and_accuracy() -> None:
+    coco, s = rectangles_coco(), 4
+    m = evaluate_predictions(coco, [(i, shifted(t, s)) for i, t in gt_instances(coco).items()]).metrics
+    # IoU 36/44 = 0.818 for every instance: matched at IoU thresholds 0.50..0.80 (7 of 10).
+    for kind in ("bbox", "segm"):
+        assert m[kind]["AP"] == pytest.approx(70.0)
+        assert m[kind]["AP50"] == m[kind]["AP75"] == 100.0
+    # Union of disjoint rectangles: TP (w - s) h, FP = FN = s h each.
+    expected = sum((w - s) * h for _, _, w, h in RECTS) / sum((w + s) * h for _, _, w, h in RECTS)
+    assert m["accuracy"]["foreground"] == pytest.approx(expected)
+    assert m["accuracy"]["fp"] == m["accuracy"]["fn"] == 3 * s * sum(h for *_, h in RECTS)
+    # A translation changes no particle statistic.
+    assert all(m["statistics"][c]["wasserstein"] == pytest.approx(0.0, abs=1e-9) for c in STAT_COLUMNS)
+
+
+def test_dropping_half_the_instances_halves_recall() -> None:
+    coco = rectangles_coco()
+    truth = gt_instances(coco)
+    m = evaluate_predictions(coco, [(i, t.select([0, 2])) for i, t in truth.items()]).metrics
+    for kind in ("bbox", "segm"):
+        # Precision 1 up to recall 0.5, nothing beyond: 51 of COCO's 101 recall points.
+        assert m[kind]["AP"] == pytest.approx(100 * 51 / 101, abs=1e-3)
+        assert m[kind]["AR"] == pytest.approx(50.0)
+    kept = sum(RECTS[k][2] * RECTS[k][3] for k in (0, 2))
+    assert m["accuracy"]["foreground"] == pytest.approx(kept / sum(w * h for *_, w, h in RECTS))
+    assert m["accuracy"]["fp"] == 0
+    assert m["count"] == {"mean_absolute": 2.0, "mean_signed": -2.0, "mean_relative": 0.5,
+                          "pred_total": 6, "gt_total": 12}
+    assert m["statistics"]["area_px"]["pred_n"] == 6
+
+
+def test_circular_wasserstein() -> None:
+    assert circular_wasserstein(np.array([1.0]), np.array([179.0]), 180.0) == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    u, v = rng.uniform(50, 130, 40), rng.uniform(60, 120, 25)  # within half a period: no wrap
+    assert circular_wasserstein(u, v, 180.0) == pytest.approx(wasserstein_distance(u, v))
+
+
+def test_pixel_map_colours() -> None:
+    gt = np.zeros((1, 2, 2), bool)
+    gt[0, 0, :] = True
+    pred = np.zeros((1, 2, 2), bool)
+    pred[0, :, 0] = True
+    rgb = pixel_map(pred, gt)
+    assert rgb[0, 0].tolist() == [0, 0, 255]  # TP blue
+    assert rgb[0, 1].tolist() == [255, 0, 0]  # FN red
+    assert rgb[1, 0].tolist() == [0, 200, 0]  # FP green
+    assert rgb[1, 1].tolist() == [0, 0, 0]
+
+
+def test_predict_dataset(tiny_model: Path, tiny_dataset: Path) -> None:
+    engine, ckpt = load_engine(tiny_model, "torch", threads=1)
+    seg = Segmenter(engine, input_spec_of(ckpt), PostprocessConfig(score_threshold=0.05))
+    preds = predict_dataset(seg, tiny_dataset, limit=3, progress=False)
+    assert [i for i, _ in preds] == [1, 2, 3]
+    assert all(p.image_shape == (SIZE, SIZE) and (p.scores >= 0.05).all() for _, p in preds)
+
+
+def test_evaluate_cli_writes_report(tiny_model: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    rc = main(["evaluate", str(tiny_model), str(tiny_dataset), "--out", str(out), "--quiet",
+               "--threads", "1", "--stats-score-threshold", "0.05"])
+    assert rc == 0
+    for name in ("report.md", "metrics.json", "per_image.csv", "figures/statistics.png",
+                 "figures/example_000001.png"):
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    for kind in ("bbox", "segm"):
+        assert set(AP_KEYS) <= set(m[kind])
+        assert all(v is None or 0 <= v <= 100 for v in m[kind].values())
+    assert 0 <= m["accuracy"]["foreground"] <= 1
+    assert m["images"] == 4 and len(m["per_image"]) == 4
+    assert m["count"]["gt_total"] == len(load_coco(tiny_dataset)["annotations"])
+    assert set(m["statistics"]) == set(STAT_COLUMNS)
+    assert m["run"]["operating_point"]["score_threshold"] == 0.05
+    report = (out / "report.md").read_text()
+    assert "| mask |" in report and "figures/statistics.png" in report
+
+
+def test_evaluate_rejects_images_larger_than_the_model(tiny_model: Path, tmp_path: Path) -> None:
+    coco = rectangles_coco(1)
+    coco["images"][0].update(height=2 * SIZE, width=2 * SIZE)
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    assert main(["evaluate", str(tiny_model), str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_sweep_runs_a_grid_and_writes_one_table(tiny_dataset: Path, tmp_path: Path) -> None:
+    sweep = {
+        "name": "tiny-sweep",
+        "base": tiny_train_config(tiny_dataset),
+        "overrides": {"solver.max_iter": 2},
+        "grid": {"solver.base_lr": [0.01, 0.02]},
+        "validation": {"data": str(tiny_dataset), "limit": 2},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["solver.base_lr"]) for r in rows] == [0.01, 0.02]
+    assert all(0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["mask_AP"]) <= 100 for r in rows)
+    for r in rows:
+        run = out / "runs" / r["run"]
+        assert json.loads((run / "eval" / "metrics.json").read_text())["images"] == 2
+        assert yaml.safe_load((run / "config.yaml").read_text())["solver"]["max_iter"] == 2
+    assert (out / "results.md").read_text().count("\n") == 4  # header, rule, 2 runs
+
+
+def test_sweep_errors_name_the_field(tiny_dataset: Path, tmp_path: Path) -> None:
+    from nanoseg_training.sweep import SweepConfig, run_sweep
+
+    sweep = parse_config({"name": "bad", "base": tiny_train_config(tiny_dataset),
+                          "grid": {"solver.base_rate": [0.1]}, "validation": {"data": str(tiny_dataset)}},
+                         SweepConfig)
+    with pytest.raises(ConfigError, match=re.escape("solver.base_rate: unknown key")):
+        run_sweep(sweep, tmp_path, progress=False)
