@@ -53,6 +53,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return cmd_sweep(args)
 
 
+def _cmd_import_detectron2(args: argparse.Namespace) -> int:
+    from nanoseg.detectron2_import import cmd_import_detectron2
+
+    return cmd_import_detectron2(args)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="nanoseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +101,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--out", help="output directory (default <cache>/sweeps/<name>)")
     p.add_argument("--quiet", action="store_true")
     handlers["sweep"] = _cmd_sweep
+
+    p = sub.add_parser("models", help="manage model checkpoints")
+    models = p.add_subparsers(dest="models_command", required=True)
+    q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")
+    q.add_argument("config", help="the full detectron2 config YAML (cfg.dump())")
+    q.add_argument("weights", help="detectron2 checkpoint, e.g. model_final.pth")
+    q.add_argument("--out", required=True, help="output directory: model.pt and import_report.json")
+    q.add_argument("--pixel-size-nm", type=float, help="pixel size of the training images, nm (default 1)")
+    q.set_defaults(models_handler=_cmd_import_detectron2)
+    handlers["models"] = lambda args: int(args.models_handler(args))
 
     return parser, handlers
 
