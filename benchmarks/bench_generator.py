@@ -17,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanoseg_training.coco_dataset import write_dataset
-from nanoseg_training.synthetic_config import IntRange, SceneConfig
-
 from nanoseg.config_io import load_yaml
 from nanoseg.paths import resolve_config
+from nanoseg_training.coco_dataset import write_dataset
+from nanoseg_training.synthetic_config import IntRange, SceneConfig
 
 
 def disk_usage(root: Path) -> tuple[int, int]:

@@ -17,11 +17,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from nanoseg_training.coco_dataset import write_dataset
-    from nanoseg_training.synthetic_config import SceneConfig
-
     from nanoseg.config_io import load_yaml
     from nanoseg.paths import resolve_config
+    from nanoseg_training.coco_dataset import write_dataset
+    from nanoseg_training.synthetic_config import SceneConfig
 
     cfg = load_yaml(resolve_config(args.preset, "synthetic"), SceneConfig)
     summary = write_dataset(
@@ -39,6 +38,33 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     preview_dataset(Path(args.dataset), out, args.max_images, args.columns)
     print(f"wrote {out}")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nanoseg.config_io import load_yaml
+    from nanoseg.paths import resolve_config
+    from nanoseg_training.train import train
+    from nanoseg_training.train_config import TrainConfig
+
+    cfg = load_yaml(resolve_config(args.config, "training"), TrainConfig)
+    if args.max_iter is not None:
+        cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"max_iter": args.max_iter})})
+    if args.data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": args.data, "generate": None})})
+    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet)
+    print(f"{'finished' if out.name == 'model_final.pt' else 'stopped, resume with --resume'}: {out}")
+    return 0
+
+
+def _lazy(module: str, name: str) -> Handler:
+    """A handler imported only when its subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return run
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -82,6 +108,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--columns", type=int, default=4)
     handlers["preview"] = _cmd_preview
 
+    p = sub.add_parser("train", help="train Mask R-CNN on a synthetic COCO data set (resumable)")
+    p.add_argument("config", help="training config name in configs/training or a YAML path")
+    p.add_argument("--run-dir", help="run directory (default <cache>/runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--max-iter", type=int, help="override solver.max_iter")
+    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this wall time")
+    p.add_argument("--data", help="use this COCO data set directory instead of the config's")
+    p.add_argument("--quiet", action="store_true")
+    handlers["train"] = _cmd_train
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or a TensorRT FP16 plan")
+    p.add_argument("model", help="nanoseg checkpoint (.pt)")
+    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx / .plan)")
+    handlers["export"] = _lazy("nanoseg_training.export_model", "cmd_export")
+
     p = sub.add_parser("evaluate", help="COCO AP, foreground accuracy, particle statistics and a report")
     p.add_argument("model", help="nanoseg checkpoint (.pt)")
     p.add_argument("dataset", help="COCO data set directory (from nanoseg generate)")
@@ -102,6 +144,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--quiet", action="store_true")
     handlers["sweep"] = _cmd_sweep
 
+    from nanoseg_training.segment_files import add_parser as add_segment
+
+    add_segment(sub)
+    handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
+
     p = sub.add_parser("models", help="manage model checkpoints")
     models = p.add_subparsers(dest="models_command", required=True)
     q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")
@@ -120,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"nanoseg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

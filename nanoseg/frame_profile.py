@@ -31,7 +31,7 @@ class BackgroundI0(StrictModel):
 
 I0Policy = Annotated[ScalarI0 | FlatFieldI0 | BackgroundI0, Field(discriminator="policy")]
 
-_OD_ONLY = ("i0", "dark", "transmission_floor")
+_OD_ONLY = ("i0", "dark", "transmission_floor", "input")
 _INTENSITY_ONLY = ("invert", "normalise", "normalise_percentiles")
 
 
@@ -46,6 +46,9 @@ class FrameProfile(StrictModel):
     name: str = Field(min_length=1)
     description: str = ""
     mode: FrameMode
+    input: Literal["transmission", "optical_density"] = "transmission"
+    """Optical-density mode: frames arrive as transmission (converted with ``i0``/``dark``) or are
+    already optical density (reconstructions exported as OD; only validated and cleaned)."""
     i0: I0Policy = BackgroundI0(policy="background")
     dark: float = 0.0
     """Dark level (counts) subtracted from frame and I0; a dark frame supplied at run time wins."""

@@ -111,7 +111,10 @@ def prepare_frame(
     if profile.tile_overlap_px >= spec.size:
         raise ValueError(f"tile_overlap_px {profile.tile_overlap_px} must be < model size {spec.size}")
     reference: float | None = None
-    if profile.mode == "optical_density":
+    if profile.mode == "optical_density" and profile.input == "optical_density":
+        res = intensity_image(frame, invert=False, normalise=False)
+        image, invalid = res.image, res.invalid
+    elif profile.mode == "optical_density":
         i0: float | ArrayLike | None = None
         if isinstance(profile.i0, FlatFieldI0):
             if flat_field is None:

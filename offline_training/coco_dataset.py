@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nanoseg_training.rendering import RenderedImage, render
-from nanoseg_training.scene import Scene, drop_hidden, generate_scene
-from nanoseg_training.synthetic_config import SceneConfig
 from PIL import Image
 from tqdm import tqdm
 
 from nanoseg.config_io import dump_yaml
 from nanoseg.masks import encode_rle, mask_bbox
+from nanoseg_training.rendering import RenderedImage, render
+from nanoseg_training.scene import Scene, drop_hidden, generate_scene
+from nanoseg_training.synthetic_config import SceneConfig
 
 CATEGORY = {"id": 1, "name": "nanowire", "supercategory": "particle"}
 

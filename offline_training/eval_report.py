@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from nanoseg_training.evaluate import Evaluation, read_gray, union
 from scipy.stats import gaussian_kde
 
 from nanoseg.instances import Instances
+from nanoseg_training.evaluate import Evaluation, read_gray, union
 
 STAT_LABELS = {
     "area_px": "area (px)",

@@ -366,9 +366,8 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default ``PostprocessConfig()``);
     ``score_threshold`` the one for AP. One inference pass serves both."""
-    from nanoseg_training.eval_report import write_report
-
     from nanoseg.engines.factory import input_spec_of, load_engine
+    from nanoseg_training.eval_report import write_report
 
     post = post or PostprocessConfig()
     if score_threshold > post.score_threshold:

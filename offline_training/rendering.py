@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
 from nanoseg_training.scene import Scene, draw
 from nanoseg_training.synthetic_config import Background, Noise, SceneConfig
-from scipy import ndimage
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from nanoseg_training.synthetic_config import IntRange, Range, SceneConfig
 from nanoseg_training.wire_geometry import WireColumns, WireGeometry, rasterise
 

@@ -28,12 +28,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from nanoseg_training.train_config import GenerateSpec, TrainConfig
 from pydantic import Field, field_validator
 
 from nanoseg.config_io import ConfigError, StrictModel, load_yaml, parse_config
 from nanoseg.paths import cache_dir, resolve_config
 from nanoseg.postprocess import PostprocessConfig
+from nanoseg_training.train_config import GenerateSpec, TrainConfig
 
 
 class ValidationSet(StrictModel):

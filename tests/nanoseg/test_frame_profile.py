@@ -14,7 +14,9 @@ PROFILES = CONFIGS / "profiles"
 
 def test_shipped_profiles_validate() -> None:
     names = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-    assert names == ["ptychography", "sem", "stxm"]
+    assert names == ["ptychography", "ptychography_od", "sem", "stxm"]
+    od_input = load_yaml(PROFILES / "ptychography_od.yaml", FrameProfile)
+    assert od_input.mode == "optical_density" and od_input.input == "optical_density"
     ptycho = load_yaml(PROFILES / "ptychography.yaml", FrameProfile)
     stxm = load_yaml(PROFILES / "stxm.yaml", FrameProfile)
     sem = load_yaml(PROFILES / "sem.yaml", FrameProfile)

@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 import pytest
-from nanoseg_training.rendering import transmission_counts
-from nanoseg_training.scene import generate_scene
-from nanoseg_training.synthetic_config import SceneConfig
 
 from nanoseg.config_io import load_yaml
 from nanoseg.errors import FrameError
 from nanoseg.optical_density import densest_mode, intensity_image, optical_density
 from nanoseg.paths import CONFIGS
+from nanoseg_training.rendering import transmission_counts
+from nanoseg_training.scene import generate_scene
+from nanoseg_training.synthetic_config import SceneConfig
 
 
 def _paper_scene_od(seed: int, size: int = 256) -> np.ndarray:

@@ -7,9 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from nanoseg_training.scene import DepositedWire, generate_scene
-from nanoseg_training.synthetic_config import SceneConfig
-from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 from nanoseg.config_io import parse_config
 from nanoseg.particle_stats import (
@@ -19,6 +16,9 @@ from nanoseg.particle_stats import (
     orientation_from_skimage,
     particle_table,
 )
+from nanoseg_training.scene import DepositedWire, generate_scene
+from nanoseg_training.synthetic_config import SceneConfig
+from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 SHAPE = (256, 256)
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
@@ -19,6 +18,7 @@ from nanoseg.prepare import (
     to_model_input,
 )
 from nanoseg.tiling import Tile
+from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 
 def wire_footprints(shape: tuple[int, int], wires: list[tuple[float, float, float, float, float]], scale: float) -> np.ndarray:

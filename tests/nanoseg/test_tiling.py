@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 from nanoseg.instances import Instances, mask_boxes
 from nanoseg.tiling import Tile, merge_tiled_instances, plan_tiles
+from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 
 def wire(shape: tuple[int, int], centre: tuple[float, float], angle: float, length: float, width: float) -> np.ndarray:

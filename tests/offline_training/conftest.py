@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nanoseg_training.coco_dataset import write_dataset
-from nanoseg_training.synthetic_config import SceneConfig
 
 from nanoseg.config_io import parse_config
+from nanoseg_training.coco_dataset import write_dataset
+from nanoseg_training.synthetic_config import SceneConfig
 
 
 def make_small_config(**overrides: Any) -> SceneConfig:

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from nanoseg_training.coco_dataset import make_sample, write_dataset
-from nanoseg_training.scene import generate_scene
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from nanoseg.cli import main
 from nanoseg.masks import decode_rle
+from nanoseg_training.coco_dataset import make_sample, write_dataset
+from nanoseg_training.scene import generate_scene
 
 # pycocotools' RLE code under numpy 2 (the __array__ copy keyword): harmless, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")

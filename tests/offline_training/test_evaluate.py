@@ -12,6 +12,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy.stats import wasserstein_distance
+
+from nanoseg.cli import main
+from nanoseg.config_io import ConfigError, parse_config
+from nanoseg.engines.factory import input_spec_of, load_engine
+from nanoseg.instances import Instances, mask_boxes
+from nanoseg.masks import encode_rle, mask_bbox
+from nanoseg.postprocess import PostprocessConfig
+from nanoseg.segmenter import Segmenter
 from nanoseg_training.coco_dataset import write_dataset
 from nanoseg_training.eval_report import pixel_map
 from nanoseg_training.evaluate import (
@@ -26,15 +35,6 @@ from nanoseg_training.evaluate import (
 from nanoseg_training.synthetic_config import SceneConfig
 from nanoseg_training.train import train
 from nanoseg_training.train_config import TrainConfig
-from scipy.stats import wasserstein_distance
-
-from nanoseg.cli import main
-from nanoseg.config_io import ConfigError, parse_config
-from nanoseg.engines.factory import input_spec_of, load_engine
-from nanoseg.instances import Instances, mask_boxes
-from nanoseg.masks import encode_rle, mask_bbox
-from nanoseg.postprocess import PostprocessConfig
-from nanoseg.segmenter import Segmenter
 
 torch.set_num_threads(1)
 

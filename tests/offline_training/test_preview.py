@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nanoseg_training.preview import PALETTE, preview_dataset
 from PIL import Image
 
 from nanoseg.cli import main
 from nanoseg.masks import decode_rle
+from nanoseg_training.preview import PALETTE, preview_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 

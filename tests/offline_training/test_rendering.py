@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from nanoseg_training.rendering import render, smooth_background, to_gray
 from nanoseg_training.scene import Scene, deposit, generate_scene
 from nanoseg_training.synthetic_config import Background

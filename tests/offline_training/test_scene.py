@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from nanoseg_training.scene import Scene, deposit, drop_hidden, generate_scene, voxelise
 from nanoseg_training.wire_geometry import WireGeometry, rasterise
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from nanoseg_training.synthetic_config import SceneConfig
 
 from nanoseg.config_io import ConfigError, dump_yaml, load_yaml, parse_yaml
 from nanoseg.paths import CONFIGS, resolve_config
+from nanoseg_training.synthetic_config import SceneConfig
 
 PRESETS = ["paper", "ptychography", "stxm", "sem"]
 

@@ -17,12 +17,12 @@ import math
 
 import numpy as np
 import pytest
-from nanoseg_training.scene import generate_scene, voxelise
-from nanoseg_training.synthetic_config import SceneConfig
-from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 from nanoseg.config_io import load_yaml
 from nanoseg.paths import resolve_config
+from nanoseg_training.scene import generate_scene, voxelise
+from nanoseg_training.synthetic_config import SceneConfig
+from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 SHAPE = (64, 64)
 HEIGHT = 60

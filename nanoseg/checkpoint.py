@@ -1,0 +1,90 @@
+"""The nanoseg checkpoint: weights + the config that builds the model + its input spec.
+
+A checkpoint alone rebuilds the exact model. It is a plain dict of primitives and tensors, so it
+loads with ``torch.load(..., weights_only=True)`` (no pickled code)::
+
+    {"format": "nanoseg-checkpoint/1", "model_config": {...}, "input_spec": {...},
+     "state_dict": {...}, "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.models.detection import MaskRCNN
+
+from nanoseg.model import ModelConfig, build_model
+
+FORMAT = "nanoseg-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, of the wrong format or does not fit its config."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model_config: ModelConfig
+    input_spec: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> MaskRCNN:
+        """The model in eval mode with these weights loaded (strict: every key must match)."""
+        model = build_model(self.model_config)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"weights do not fit the model config: {err}") from None
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model_config": self.model_config.model_dump(mode="json"),
+            "input_spec": dict(self.input_spec),
+            "state_dict": self.state_dict,
+            "meta": dict(self.meta),
+        }
+
+
+def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not a {FORMAT} file")
+    try:
+        cfg = ModelConfig.model_validate(obj["model_config"])
+        return Checkpoint(cfg, dict(obj["input_spec"]), dict(obj["state_dict"]), dict(obj.get("meta", {})))
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: malformed checkpoint: {err}") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint with ``weights_only=True``; errors name the file."""
+    p = Path(path)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such file") from None
+    except Exception as err:  # truncated zip, bad pickle opcode, ...
+        raise CheckpointError(f"{p}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    return from_dict(obj, str(p))
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written checkpoint."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(ckpt.to_dict(), buf)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,53 @@
+"""Inference engines behind one interface: torch, ONNX Runtime, TensorRT (and Triton, remote).
+
+Every engine runs the same ``DetectionCore`` graph and returns ``RawDetections`` per image, in
+model-input pixel coordinates; ``nanoseg.postprocess`` turns them into frame ``Instances``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RawDetections:
+    """Detections of one model input: boxes (K, 4) xyxy px, scores (K,), mask_probs (K, M, M)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    mask_probs: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Engine(Protocol):
+    """Runs the network on a batch of prepared model inputs."""
+
+    name: str
+    device: str
+    input_shape: tuple[int, int, int]
+    """(C, H, W) the engine accepts."""
+    max_batch: int
+
+    def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """``batch``: (B, C, H, W) float32, 0–255 at model scale, B <= max_batch."""
+        ...
+
+
+def split_outputs(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarray,
+                  num: np.ndarray) -> list[RawDetections]:
+    """Un-pad the fixed-shape outputs (B, K, ...) into one RawDetections per image."""
+    out = []
+    for b in range(boxes.shape[0]):
+        n = int(num[b])
+        out.append(RawDetections(boxes[b, :n].astype(np.float32), scores[b, :n].astype(np.float32),
+                                 mask_probs[b, :n].astype(np.float32)))
+    return out
+
+
+class EngineError(RuntimeError):
+    """An engine could not be created or could not run (names the engine and the reason)."""

@@ -1,0 +1,29 @@
+"""Eager PyTorch engine (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.models.detection import MaskRCNN
+
+from nanoseg.engines import RawDetections, split_outputs
+from nanoseg.engines.detection_core import DetectionCore
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model: MaskRCNN, input_shape: tuple[int, int, int], device: str = "cpu",
+                 max_batch: int = 4, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.input_shape = input_shape
+        self.max_batch = max_batch
+        self.core = DetectionCore(model).to(device).eval()
+
+    @torch.inference_mode()
+    def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        boxes, scores, masks, num = self.core(x)
+        return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())

@@ -1,0 +1,94 @@
+"""Raw network detections -> instances: mask pasting, thresholds, small and nested instances.
+
+Mask pasting follows detectron2's pixel model: a box (x0, y0, x1, y1) in pixel-edge coordinates
+is covered by the M x M probability grid, cell centres at x0 + (j + 0.5) * (x1 - x0) / M; each
+pixel centre inside the box samples the grid bilinearly, with zeros beyond the grid (so the mask
+fades to the box edge, as detectron2's ``paste_masks_in_image``), and is foreground when the
+probability >= ``mask_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import Field
+from scipy import ndimage
+
+from nanoseg.config_io import StrictModel
+from nanoseg.engines import RawDetections
+from nanoseg.instances import Instances
+
+
+class NestedSuppression(StrictModel):
+    """Drop an instance lying inside a larger one (a failure the paper reports on real images)."""
+
+    enabled: bool = True
+    containment: float = Field(0.85, gt=0, le=1)
+    """Fraction of the smaller instance's area inside the larger one."""
+    max_area_ratio: float = Field(0.5, gt=0, le=1)
+    """Only when the smaller one is at most this fraction of the larger one's area."""
+
+
+class PostprocessConfig(StrictModel):
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    mask_threshold: float = Field(0.5, gt=0, lt=1)
+    min_area_px: int = Field(20, ge=0)
+    """At the frame's resolution."""
+    nested: NestedSuppression = NestedSuppression()
+
+
+def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float) -> np.ndarray:
+    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px)."""
+    h, w = shape
+    out = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+    c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
+    r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
+    if c0 >= c1 or r0 >= r1:
+        return out
+    m = probs.shape[0]
+    gy = (np.arange(r0, r1) + 0.5 - y0) / bh * m - 0.5
+    gx = (np.arange(c0, c1) + 0.5 - x0) / bw * probs.shape[1] - 0.5
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+    vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
+    out[r0:r1, c0:c1] = vals >= threshold
+    return out
+
+
+def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessConfig) -> Instances:
+    """Score threshold and mask pasting on a model-input canvas of ``shape`` (H, W)."""
+    keep = np.flatnonzero(raw.scores >= cfg.score_threshold)
+    if keep.size == 0:
+        return Instances.empty(*shape)
+    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold) for i in keep])
+    return Instances(raw.boxes[keep], raw.scores[keep], masks)
+
+
+def nested_to_drop(masks: np.ndarray, cfg: NestedSuppression) -> np.ndarray:
+    """Boolean (N,) of instances lying inside a larger instance."""
+    n = len(masks)
+    drop = np.zeros(n, dtype=bool)
+    if n < 2 or not cfg.enabled:
+        return drop
+    flat = masks.reshape(n, masks.shape[1] * masks.shape[2])
+    areas = flat.sum(1).astype(np.float64)
+    inter = (flat.astype(np.float32) @ flat.T.astype(np.float32)).astype(np.float64)
+    for i in range(n):
+        for j in range(n):
+            if i != j and areas[i] > 0 and areas[i] <= cfg.max_area_ratio * areas[j] \
+                    and inter[i, j] >= cfg.containment * areas[i]:
+                drop[i] = True
+                break
+    return drop
+
+
+def filter_instances(inst: Instances, cfg: PostprocessConfig) -> Instances:
+    """Frame-level filters: minimum area, then nested-instance suppression; sorted by score."""
+    if len(inst) == 0:
+        return inst
+    areas = inst.masks.sum(axis=(1, 2))
+    inst = inst.select(areas >= max(cfg.min_area_px, 1))
+    inst = inst.select(~nested_to_drop(inst.masks, cfg.nested))
+    return inst.select(np.argsort(-inst.scores, kind="stable"))

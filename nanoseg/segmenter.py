@@ -1,0 +1,54 @@
+"""One frame pipeline: prepare -> engine -> post-process -> instances on the original frame.
+
+The daemon drives it from sockets, ``nanoseg segment`` and ``nanoseg evaluate`` from files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanoseg.engines import Engine
+from nanoseg.input_spec import InputSpec
+from nanoseg.instances import Instances
+from nanoseg.postprocess import PostprocessConfig, filter_instances, to_instances
+from nanoseg.prepare import PreparedFrame, instances_to_frame
+
+
+@dataclass
+class Segmenter:
+    engine: Engine
+    spec: InputSpec
+    post: PostprocessConfig
+
+    def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
+        """Instances per (size x size) model-input tile, in tile coordinates."""
+        c = self.engine.input_shape[0]
+        out: list[Instances] = []
+        step = max(self.engine.max_batch, 1)
+        for i in range(0, len(tiles), step):
+            chunk = tiles[i: i + step]
+            batch = np.repeat(chunk[:, None], c, axis=1).astype(np.float32)
+            for raw, tile in zip(self.engine.infer(batch), chunk):
+                out.append(to_instances(raw, tile.shape, self.post))
+        return out
+
+    def segment_prepared(self, prepared: PreparedFrame) -> Instances:
+        per_tile = self.infer_tiles(prepared.tiles)
+        return filter_instances(instances_to_frame(per_tile, prepared), self.post)
+
+    def segment_gray(self, gray: np.ndarray) -> Instances:
+        """A 0–255 image already at the model's scale and mapping (e.g. a synthetic data set image)."""
+        h, w = gray.shape
+        size = self.spec.size
+        if (h, w) != (size, size):
+            padded = np.zeros((max(h, size), max(w, size)), np.float32)
+            padded[:h, :w] = gray
+            if padded.shape != (size, size):
+                raise ValueError(f"segment_gray takes images up to {size}x{size}; use prepare_frame to tile")
+            inst = self.infer_tiles(padded[None])[0]
+            inst = Instances(inst.boxes, inst.scores, np.ascontiguousarray(inst.masks[:, :h, :w]))
+        else:
+            inst = self.infer_tiles(gray[None].astype(np.float32))[0]
+        return filter_instances(inst, self.post)

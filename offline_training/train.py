@@ -1,0 +1,253 @@
+"""``nanoseg train CONFIG``: SGD with warm-up and steps, resumable, on CPU, one GPU or many.
+
+Run state lives in a run directory (default ``<cache>/runs/<name>``): ``last.pt`` (weights,
+optimiser, iteration; written atomically every ``checkpoint_period`` iterations), ``metrics.csv``,
+TensorBoard events, and at the end ``model_final.pt``, a nanoseg checkpoint. ``--resume``
+continues from ``last.pt`` with the same batches an uninterrupted run would have seen.
+Multi-GPU: ``torchrun --nproc-per-node N -m nanoseg.cli train CONFIG`` (DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nanoseg.checkpoint import Checkpoint, save_checkpoint
+from nanoseg.config_io import dump_yaml
+from nanoseg.model import build_model
+from nanoseg.paths import cache_dir
+from nanoseg_training.train_config import TrainConfig
+from nanoseg_training.train_data import BatchDataset, CocoSource
+
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Learning rate of iteration ``it``: linear warm-up from 0.1 %, then multi-step decay."""
+    s = cfg.solver
+    lr = s.base_lr * s.gamma ** sum(it >= int(f * s.max_iter) for f in s.steps)
+    if it < s.warmup_iters:
+        alpha = it / max(s.warmup_iters, 1)
+        lr *= 0.001 * (1 - alpha) + alpha
+    return lr
+
+
+def resolve_data_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else cache_dir() / p
+
+
+def ensure_dataset(cfg: TrainConfig, workers: int) -> Path:
+    """The training set directory, generated first (seeded) when missing and a spec is given."""
+    root = resolve_data_dir(cfg.data.train)
+    if (root / "annotations.json").exists() or cfg.data.generate is None:
+        return root
+    from nanoseg.config_io import load_yaml
+    from nanoseg.paths import resolve_config
+    from nanoseg_training.coco_dataset import write_dataset
+    from nanoseg_training.synthetic_config import SceneConfig
+
+    g = cfg.data.generate
+    scene = load_yaml(resolve_config(g.preset, "synthetic"), SceneConfig)
+    tmp = root.with_name(root.name + ".partial")
+    write_dataset(scene, tmp, g.count, g.seed, workers=workers, write_od=False)
+    tmp.rename(root)
+    return root
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    info = DistInfo(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
+          max_minutes: float | None = None, progress: bool = True) -> Path:
+    """Train; returns the path of ``model_final.pt`` (or of ``last.pt`` when stopped by time)."""
+    dist = init_distributed()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + dist.rank)
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(run_dir) if run_dir else cache_dir() / "runs" / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / "last.pt"
+    if not resume and last.exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    data_root = ensure_dataset(cfg, cfg.threads) if dist.main else resolve_data_dir(cfg.data.train)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    source = CocoSource(data_root)
+
+    model = build_model(cfg.model).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.solver.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.solver.base_lr, momentum=cfg.solver.momentum,
+    )
+    start = 0
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    batches = BatchDataset(source, cfg.data, cfg.augment, cfg.solver.batch_size, cfg.seed, dist.rank)
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, cfg.solver.max_iter),
+        num_workers=cfg.workers, persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+    )
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    model.train()
+    t_start = time.monotonic()
+    skipped = 0
+    it = start
+    stopped_by_time = False
+    with MetricsLog(run_dir, enabled=dist.main) as log, tqdm(
+        total=cfg.solver.max_iter, initial=start, desc=cfg.name, disable=not (progress and dist.main),
+        dynamic_ncols=True,
+    ) as bar:
+        for it, (images, targets, bad) in enumerate(loader, start=start):
+            skipped += bad
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, it)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                losses: dict[str, torch.Tensor] = model(images, targets)
+                loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"iteration {it}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.solver.clip_grad_norm:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.solver.clip_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            bar.update(1)
+            done = it + 1
+            if done % cfg.log_period == 0 or done == cfg.solver.max_iter:
+                vals = log.write(done, time.monotonic() - t_start, lr_at(cfg, it), losses, cfg.log_period, skipped)
+                bar.set_postfix(loss=f"{vals['loss']:.3f}", mask=f"{vals['loss_mask']:.3f}", lr=f"{lr_at(cfg, it):.4f}")
+            if dist.main and done % cfg.checkpoint_period == 0:
+                _save_state(last, model, opt, done)
+            if max_minutes is not None and (time.monotonic() - t_start) > 60 * max_minutes:
+                stopped_by_time = done < cfg.solver.max_iter
+                break
+    done = it + 1 if cfg.solver.max_iter > start else start
+    if dist.main:
+        _save_state(last, model, opt, done)
+    if stopped_by_time or done < cfg.solver.max_iter:
+        return last
+    final = run_dir / "model_final.pt"
+    if dist.main:
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        meta = {"name": cfg.name, "iterations": done, "seed": cfg.seed,
+                "train_config": cfg.model_dump(mode="json"), "data": str(data_root),
+                "train_seconds": _elapsed(run_dir)}
+        save_checkpoint(Checkpoint(cfg.model, cfg.input_spec.model_dump(mode="json"),
+                                   {k: v.detach().cpu() for k, v in net.state_dict().items()}, meta), final)
+    return final
+
+
+class MetricsLog:
+    """metrics.csv (appended across resumes) and TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
+        self.last_time = 0.0
+
+    def __enter__(self) -> MetricsLog:
+        self.file = None
+        self.tb = None
+        if self.enabled:
+            path = self.run_dir / "metrics.csv"
+            new = not path.exists()
+            self.file = open(path, "a", newline="")
+            self.csv = csv.writer(self.file)
+            if new:
+                self.csv.writerow(["iteration", "time", "lr", "loss", *LOSS_KEYS, "seconds_per_iter", "skipped"])
+            self.tb = _tensorboard(self.run_dir)
+        return self
+
+    def write(self, done: int, elapsed: float, lr: float, losses: dict[str, torch.Tensor],
+              period: int, skipped: int) -> dict[str, float]:
+        vals = {k: float(losses[k].detach()) if k in losses else 0.0 for k in LOSS_KEYS}
+        vals["loss"] = sum(vals[k] for k in LOSS_KEYS)
+        spi = (elapsed - self.last_time) / period
+        self.last_time = elapsed
+        if self.file is not None:
+            self.csv.writerow([done, f"{elapsed:.1f}", f"{lr:.6f}", f"{vals['loss']:.5f}",
+                               *[f"{vals[k]:.5f}" for k in LOSS_KEYS], f"{spi:.3f}", skipped])
+            self.file.flush()
+        if self.tb is not None:
+            for k, v in vals.items():
+                self.tb.add_scalar(f"loss/{k}" if k != "loss" else "loss/total", v, done)
+            self.tb.add_scalar("lr", lr, done)
+        return vals
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _elapsed(run_dir: Path) -> float:
+    """Wall time of the whole run across resumes: the last 'time' column summed per session."""
+    total, prev = 0.0, 0.0
+    with open(run_dir / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            t = float(row["time"])
+            if t < prev:
+                total += prev
+            prev = t
+    return total + prev
+
+
+def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, iteration: int) -> None:
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration}, tmp)
+    os.replace(tmp, path)
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+

@@ -1,0 +1,158 @@
+"""Training batches from a COCO data set: random native-scale crops and on-the-fly augmentation.
+
+Batch ``it`` is a pure function of (seed, rank, it): a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from nanoseg.masks import MaskDecodeError, decode_rle
+from nanoseg_training.train_config import AugmentConfig, DataConfig
+
+
+class BadSampleError(ValueError):
+    """A data set entry cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # float32 (H, W), 0–255
+    masks: np.ndarray  # bool (N, H, W)
+
+
+class CocoSource:
+    """Random access to the images and instance masks of a COCO data set directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        ann_file = self.root / "annotations.json"
+        try:
+            coco = json.loads(ann_file.read_text())
+        except FileNotFoundError:
+            raise BadSampleError(f"{ann_file}: no such file (is {self.root} a data set?)") from None
+        except json.JSONDecodeError as err:
+            raise BadSampleError(f"{ann_file}: not valid JSON: {err}") from None
+        self.images: list[dict[str, Any]] = coco["images"]
+        self.anns: dict[int, list[dict[str, Any]]] = {}
+        for a in coco["annotations"]:
+            self.anns.setdefault(a["image_id"], []).append(a)
+        if not self.images:
+            raise BadSampleError(f"{ann_file}: data set has no images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Sample:
+        info = self.images[index]
+        path = self.root / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("L"), dtype=np.float32)
+        except (OSError, ValueError) as err:
+            raise BadSampleError(f"{path}: cannot read image: {err}") from None
+        anns = self.anns.get(info["id"], [])
+        h, w = image.shape
+        try:
+            masks = np.stack([decode_rle(a["segmentation"]) for a in anns]) if anns else np.zeros((0, h, w), bool)
+        except (MaskDecodeError, KeyError) as err:
+            raise BadSampleError(f"{path}: corrupt mask annotation: {err}") from None
+        if masks.shape[1:] != (h, w):
+            raise BadSampleError(f"{path}: masks are {masks.shape[1:]}, image is {(h, w)}")
+        return Sample(image, masks)
+
+
+def random_crop(s: Sample, size: int, rng: np.random.Generator, min_area: int) -> Sample:
+    h, w = s.image.shape
+    if size >= h and size >= w:
+        masks = s.masks
+    else:
+        y = int(rng.integers(0, max(h - size, 0) + 1))
+        x = int(rng.integers(0, max(w - size, 0) + 1))
+        image = s.image[y: y + size, x: x + size]
+        masks = s.masks[:, y: y + size, x: x + size]
+        s = Sample(image, masks)
+    keep = masks.reshape(len(masks), -1).sum(1) >= min_area
+    return Sample(s.image, masks[keep])
+
+
+def augment(s: Sample, cfg: AugmentConfig, rng: np.random.Generator) -> Sample:
+    """Flips, 90-degree rotations, contrast and brightness (detectron2 semantics), noise, blur."""
+    img, masks = s.image, s.masks
+    if rng.uniform() < cfg.hflip:
+        img, masks = img[:, ::-1], masks[:, :, ::-1]
+    if rng.uniform() < cfg.vflip:
+        img, masks = img[::-1], masks[:, ::-1]
+    if rng.uniform() < cfg.rot90:
+        k = int(rng.integers(1, 4))
+        img, masks = np.rot90(img, k), np.rot90(masks, k, axes=(1, 2))
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    c = rng.uniform(*cfg.contrast)
+    mean = float(img.mean())
+    img = (img - mean) * c + mean
+    img = img * rng.uniform(*cfg.brightness)
+    if cfg.blur_probability > 0 and rng.uniform() < cfg.blur_probability:
+        img = ndimage.gaussian_filter(img, rng.uniform(*cfg.blur_sigma))
+    if cfg.noise_std[1] > 0:
+        img = img + rng.normal(0.0, rng.uniform(*cfg.noise_std), img.shape).astype(np.float32)
+    return Sample(np.clip(img, 0, 255).astype(np.float32), np.ascontiguousarray(masks))
+
+
+def to_target(masks: np.ndarray) -> dict[str, torch.Tensor]:
+    """torchvision detection target: xyxy boxes from masks (pixel edges), label 1, uint8 masks."""
+    n = len(masks)
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    for i, m in enumerate(masks):
+        ys = np.flatnonzero(m.any(1))
+        xs = np.flatnonzero(m.any(0))
+        boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return {
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.ones(n, dtype=torch.int64),
+        "masks": torch.from_numpy(masks.astype(np.uint8)),
+    }
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item ``it`` is the whole batch of iteration ``it`` (images and targets)."""
+
+    def __init__(self, source: CocoSource, data: DataConfig, aug: AugmentConfig,
+                 batch_size: int, seed: int, rank: int = 0) -> None:
+        self.source, self.data, self.aug = source, data, aug
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.skipped = 0
+
+    def __len__(self) -> int:  # iterations are indexed by the sampler, not bounded here
+        return 2**31 - 1
+
+    def __getitem__(self, it: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], int]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, it]))
+        images, targets = [], []
+        skipped = 0
+        w = np.asarray(self.data.crop_weights, dtype=np.float64)
+        crop = int(self.data.crop_sizes[int(rng.choice(len(w), p=w / w.sum()))])
+        while len(images) < self.batch_size:
+            idx = int(rng.integers(len(self.source)))
+            try:
+                sample = self.source.load(idx)
+            except BadSampleError:
+                if self.data.on_bad_sample == "error":
+                    raise
+                skipped += 1
+                if skipped > 100 * self.batch_size:
+                    raise
+                continue
+            sample = random_crop(sample, crop, rng, self.data.min_instance_area)
+            sample = augment(sample, self.aug, rng)
+            images.append(torch.from_numpy(sample.image)[None])
+            targets.append(to_target(sample.masks))
+        return images, targets, skipped
