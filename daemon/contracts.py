@@ -1,0 +1,97 @@
+"""The daemon's internal contracts: what ingest produces, what the pipeline hands on.
+
+Transport (sockets, framing), routing (what a bluesky document means), the pipeline (frames ->
+results), the store and the publishers meet only through these types.
+
+Flow::
+
+    ingest (bluesky router | raw frames)  --RunStarted/FrameJob/RunStopped-->  Service
+    Service: bounded queue -> pipeline worker -> FrameResult -> store (first) -> publishers
+
+Identifiers: ``run_uid`` is the raw bluesky run's start uid, or ``raw:<source>:<run>`` for the raw
+frame input. ``frame_uid`` is unique per frame: the event uid (``<event uid>/<k>`` for the k-th
+frame of a multi-frame event), or ``raw:<source>:<frame_id>``. The store refuses a frame_uid twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from nanoseg.instances import Instances
+from nanoseg.particle_stats import FrameSummary, ParticleTable
+
+
+@dataclass(frozen=True)
+class FrameMetadata:
+    """What frame preparation needs to know about a frame (from the start document or header).
+
+    ``pixel_size_nm``: None = use the profile's. ``i0``: scalar incident intensity (counts) or
+    None = the profile's policy. ``flat_field``/``dark_frame``: arrays of the frame's shape.
+    ``profile``: frame-preparation profile name (configs/profiles), None = the daemon's default.
+    ``extra``: scan id, sample name and the like, copied into results verbatim (JSON-safe).
+    """
+
+    pixel_size_nm: float | None = None
+    i0: float | None = None
+    flat_field: np.ndarray | None = None
+    dark_frame: np.ndarray | None = None
+    profile: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_uid: str
+    metadata: FrameMetadata
+    start_doc: dict[str, Any]  # the raw start document (or a synthesised one for raw input)
+    time: float
+
+
+@dataclass(frozen=True)
+class FrameJob:
+    run_uid: str
+    frame_uid: str
+    seq_num: int  # 1-based order within the run
+    frame: np.ndarray  # 2-D, as received (not yet validated for dtype/NaN: preparation does that)
+    timestamp: float  # acquisition time, s since epoch
+    metadata: FrameMetadata
+    received_monotonic: float  # time.monotonic() at ingest, for latency
+
+
+@dataclass(frozen=True)
+class RunStopped:
+    run_uid: str
+    exit_status: str  # bluesky's: success | abort | fail (raw input: success)
+    time: float
+
+
+class IngestSink(Protocol):
+    """Where ingest delivers; implemented by the Service. Must never block the caller for long."""
+
+    def run_started(self, ev: RunStarted) -> None: ...
+    def frame(self, job: FrameJob) -> None: ...
+    def run_stopped(self, ev: RunStopped) -> None: ...
+    def rejected(self, reason: str, detail: str) -> None:
+        """A malformed input: ``reason`` is a short metric label, ``detail`` a log line."""
+        ...
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """Everything computed for one frame; what the store writes and the publishers send."""
+
+    run_uid: str
+    frame_uid: str
+    seq_num: int
+    timestamp: float
+    instances: Instances  # in original frame pixels
+    scores: np.ndarray  # (N,) = instances.scores, kept for readers of stored results
+    table: ParticleTable
+    summary: FrameSummary
+    model_version: str
+    invalid_pixels: dict[str, int]
+    timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
+    metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
