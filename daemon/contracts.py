@@ -88,7 +88,6 @@ class FrameResult:
     seq_num: int
     timestamp: float
     instances: Instances  # in original frame pixels
-    scores: np.ndarray  # (N,) = instances.scores, kept for readers of stored results
     table: ParticleTable
     summary: FrameSummary
     model_version: str
