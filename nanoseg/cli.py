@@ -149,6 +149,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_segment(sub)
     handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
 
+    from nanoseg_daemon.results_cli import add_parser as add_results
+
+    add_results(sub)
+    handlers["results"] = _lazy("nanoseg_daemon.results_cli", "cmd_results")
+
     p = sub.add_parser("models", help="manage model checkpoints")
     models = p.add_subparsers(dest="models_command", required=True)
     q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")

@@ -1,0 +1,344 @@
+"""Publication: analysis runs back to bluesky, and a plain JSON summary topic.
+
+Routing and transport are apart. ``AnalysisRun`` (pure) turns FrameResults into event-model
+documents made by ``event_model.compose_run``; ``DocumentPublisher`` and ``SummaryPublisher``
+only frame and send bytes.
+
+The analysis run of a raw run: start (``raw_run_uid``, ``model_version``, ``processing``), one
+descriptor (stream ``primary``, object ``nanoseg``), one event per frame in frame order, stop when
+the raw run stops or the service gives up waiting (``stop(exit_status, reason)``). Event fields
+(``ANALYSIS_DATA_KEYS``): scalar statistics are numbers (NaN where a frame has no particles or no
+pixel size, as bluesky does for missing readings); the per-particle table and the masks are JSON
+strings, because their length varies per frame and their columns per pixel size. Each field's
+timestamp is the frame's acquisition time; the event's ``time`` is when it was composed.
+
+Wire formats. bluesky: one ZeroMQ frame ``prefix + b" " + name + b" " + serializer(doc)``, exactly
+what ``bluesky.callbacks.zmq.Publisher`` sends and ``RemoteDispatcher`` splits, so connect to a
+``bluesky.callbacks.zmq.Proxy``'s *input* address (its SUB binds there) or bind for direct
+subscribers. Serializer msgpack with ``msgpack_numpy`` hooks (default; readers use
+``msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
+reads). Summary topic: a two-frame message ``[b"nanoseg.summary", JSON body]`` (strict JSON).
+
+Never blocking: the sockets are XPUB with a send high-water mark, and sends are ``NOBLOCK``: with
+``XPUB_NODROP`` (default, ``count_drops=True``) a message that a full subscriber queue cannot take
+is dropped and counted in ``dropped`` (a metric) instead of stalling the pipeline. A publisher is
+used from one thread. ``wait_for_subscriber`` tells when a peer has subscribed (XPUB sees it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, cast
+
+import msgpack
+import msgpack_numpy
+import zmq
+from event_model import compose_run
+
+from nanoseg.masks import RLE, encode_rle_batch
+from nanoseg.particle_stats import FrameSummary
+from nanoseg_daemon.contracts import FrameResult
+from nanoseg_daemon.store import json_safe
+
+STREAM = "primary"
+OBJECT = "nanoseg"
+SUMMARY_TOPIC = b"nanoseg.summary"
+EXIT_STATUSES = ("success", "abort", "fail")
+
+# event field -> (ParticleTable column, statistic, units)
+_STAT_FIELDS = {
+    f"{col}_{stat}": (col, stat, unit)
+    for col, unit in (("length_px", "px"), ("width_px", "px"), ("length_nm", "nm"), ("width_nm", "nm"))
+    for stat in ("mean", "median")
+} | {"aspect_ratio_mean": ("aspect_ratio", "mean", "")}
+
+
+def _key(dtype: str, units: str | None = None, dtype_numpy: str | None = None) -> dict[str, Any]:
+    key: dict[str, Any] = {"dtype": dtype, "shape": [], "source": "nanoseg", "object_name": OBJECT}
+    if units is not None:
+        key["units"] = units
+    if dtype_numpy is not None:
+        key["dtype_numpy"] = dtype_numpy
+    return key
+
+
+ANALYSIS_DATA_KEYS: dict[str, dict[str, Any]] = {
+    "count": _key("integer", "", "<i8"),
+    **{name: _key("number", unit, "<f8") for name, (_, _, unit) in _STAT_FIELDS.items()},
+    "coverage_fraction": _key("number", "", "<f8"),
+    "orientation_order": _key("number", "", "<f8"),  # |<exp(2i theta)>|: 0 isotropic, 1 aligned
+    "particles": _key("string"),  # JSON: ParticleTable.to_dict(), "columns" also has "score"
+    "masks": _key("string"),  # JSON: a list of COCO RLE {"size": [h, w], "counts": str}, one per particle
+    "frame_uid": _key("string"),
+    "raw_seq_num": _key("integer", None, "<i8"),
+}
+"""The descriptor's data_keys: one scalar (shape []) per field."""
+
+HINTED_FIELDS = ["count", "length_nm_mean", "width_nm_mean", "coverage_fraction"]
+
+
+def _stat(summary: FrameSummary, column: str, stat: str) -> float:
+    s = summary.stats.get(column)
+    v = None if s is None else getattr(s, stat)
+    return math.nan if v is None else float(v)
+
+
+def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[str, Any]:
+    """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
+    if rles is None:
+        rles = encode_rle_batch(result.instances.masks)
+    table = result.table.to_dict()
+    cols = cast(dict[str, Any], table["columns"])
+    cols["score"] = [float(s) for s in result.instances.scores]
+    order = result.summary.orientation_order
+    return {
+        "count": len(result.table),
+        **{name: _stat(result.summary, col, stat) for name, (col, stat, _) in _STAT_FIELDS.items()},
+        "coverage_fraction": float(result.summary.coverage_fraction),
+        "orientation_order": math.nan if order is None else float(order),
+        "particles": json.dumps(table, separators=(",", ":")),
+        "masks": json.dumps(list(rles), separators=(",", ":")),
+        "frame_uid": result.frame_uid,
+        "raw_seq_num": int(result.seq_num),
+    }
+
+
+def _start_safe(obj: Any) -> Any:
+    """JSON-safe, with '.' and '/' replaced in mapping keys (the start schema forbids them)."""
+    if isinstance(obj, dict):
+        return {str(k).replace(".", "_").replace("/", "_"): _start_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_start_safe(v) for v in obj]
+    return obj
+
+
+Document = tuple[str, dict[str, Any]]
+
+
+class AnalysisRun:
+    """The analysis run of one raw run, as (name, doc) pairs; validated by event-model as composed."""
+
+    def __init__(
+        self,
+        raw_run_uid: str,
+        model_version: str,
+        processing: Mapping[str, Any],
+        *,
+        raw_metadata: Mapping[str, Any] | None = None,
+        stream_name: str = STREAM,
+        time: float | None = None,
+    ) -> None:
+        self.raw_run_uid = raw_run_uid
+        metadata = {
+            "plan_name": "nanoseg_analysis",
+            "raw_run_uid": raw_run_uid,
+            "model_version": model_version,
+            "processing": _start_safe(json_safe(dict(processing))),
+            "raw_metadata": _start_safe(json_safe(dict(raw_metadata or {}))),
+            "hints": {"dimensions": [[["time"], stream_name]]},
+        }
+        bundle = compose_run(metadata=metadata, time=time)
+        self.start_doc: dict[str, Any] = cast(dict[str, Any], bundle.start_doc)
+        desc = bundle.compose_descriptor(
+            name=stream_name,
+            data_keys=copy.deepcopy(ANALYSIS_DATA_KEYS),  # each run's documents are its own
+            object_keys={OBJECT: list(ANALYSIS_DATA_KEYS)},
+            hints={OBJECT: {"fields": HINTED_FIELDS}},
+            time=self.start_doc["time"],
+        )
+        self.descriptor_doc: dict[str, Any] = cast(dict[str, Any], desc.descriptor_doc)
+        self._compose_event = desc.compose_event
+        self._compose_stop = bundle.compose_stop
+        self._last_seq_num = -math.inf
+        self.stop_doc: dict[str, Any] | None = None
+
+    def opening(self) -> list[Document]:
+        """The start and descriptor documents, to be sent first."""
+        return [("start", self.start_doc), ("descriptor", self.descriptor_doc)]
+
+    def event(self, result: FrameResult, rles: Sequence[RLE] | None = None) -> Document:
+        """The event of the next frame; frames must come in increasing raw seq_num."""
+        if result.run_uid != self.raw_run_uid:
+            raise ValueError(f"frame of run {result.run_uid} given to the analysis of {self.raw_run_uid}")
+        if result.seq_num <= self._last_seq_num:
+            raise ValueError(f"frame seq_num {result.seq_num} after {self._last_seq_num}: out of order")
+        if self.stop_doc is not None:
+            raise ValueError(f"analysis of {self.raw_run_uid} is already stopped")
+        self._last_seq_num = result.seq_num
+        data = event_data(result, rles)
+        doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp))
+        return "event", cast(dict[str, Any], doc)
+
+    def stop(self, exit_status: str = "success", reason: str = "", time: float | None = None) -> Document | None:
+        """The stop document (None if already stopped: a raw stop racing the service's timeout).
+
+        An exit status bluesky does not know becomes ``fail`` with the original in ``reason``.
+        """
+        if self.stop_doc is not None:
+            return None
+        if exit_status not in EXIT_STATUSES:
+            reason = f"raw exit status {exit_status!r}" + (f": {reason}" if reason else "")
+            exit_status = "fail"
+        status = cast(Literal["success", "abort", "fail"], exit_status)
+        self.stop_doc = cast(dict[str, Any], self._compose_stop(exit_status=status, reason=reason, time=time))
+        return "stop", self.stop_doc
+
+
+def msgpack_dumps(doc: Any) -> bytes:
+    return cast(bytes, msgpack.packb(doc, default=msgpack_numpy.encode))
+
+
+def msgpack_loads(payload: bytes) -> Any:
+    return msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)
+
+
+def json_dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), default=json_safe).encode()
+
+
+SERIALIZERS: dict[str, Callable[[Any], bytes]] = {"msgpack": msgpack_dumps, "json": json_dumps}
+DESERIALIZERS: dict[str, Callable[[bytes], Any]] = {"msgpack": msgpack_loads, "json": json.loads}
+
+
+class _PubSocket:
+    """An XPUB socket that never blocks.
+
+    ``count_drops=True`` (XPUB_NODROP): when any subscriber's queue is full the message is
+    dropped for all and counted; right for the usual single peer, the bluesky proxy.
+    ``count_drops=False``: plain PUB behaviour, a full subscriber silently misses messages
+    while the others still get them; for several direct subscribers of unequal speed.
+    """
+
+    def __init__(
+        self, address: str, *, bind: bool, hwm: int, context: zmq.Context | None, count_drops: bool
+    ) -> None:
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._socket = self._context.socket(zmq.XPUB)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.XPUB_NODROP, int(count_drops))
+        self._socket.setsockopt(zmq.LINGER, 1000)  # close waits at most 1 s for queued messages
+        if bind:
+            self._socket.bind(address)
+            self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port '*'
+        else:
+            self._socket.connect(address)
+            self.address = address
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, frames: list[bytes]) -> bool:
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def wait_for_subscriber(self, timeout: float) -> bool:
+        """True once a peer has subscribed (a proxy's SUB subscribes on connect), within timeout s."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self._socket.poll(int(left * 1000) + 1, zmq.POLLIN) and self._socket.recv()[:1] == b"\x01":
+                return True
+        return False
+
+    def close(self) -> None:
+        self._socket.close()
+        if self._own_context:
+            self._context.term()
+
+
+class DocumentPublisher:
+    """Sends (name, doc) in bluesky's 0MQ wire format; a callable ``f(name, doc) -> sent``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        bind: bool = False,
+        prefix: bytes = b"",
+        serializer: str | Callable[[Any], bytes] = "msgpack",
+        hwm: int = 1000,
+        context: zmq.Context | None = None,
+        count_drops: bool = True,
+    ) -> None:
+        if b" " in prefix:
+            raise ValueError(f"prefix {prefix!r} may not contain b' '")
+        self._prefix = prefix
+        self._serializer = SERIALIZERS[serializer] if isinstance(serializer, str) else serializer
+        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops)
+        self.address = self._sock.address
+
+    def __call__(self, name: str, doc: Mapping[str, Any]) -> bool:
+        return self._sock.send([b" ".join([self._prefix, name.encode(), self._serializer(doc)])])
+
+    @property
+    def sent(self) -> int:
+        return self._sock.sent
+
+    @property
+    def dropped(self) -> int:
+        return self._sock.dropped
+
+    def wait_for_subscriber(self, timeout: float) -> bool:
+        return self._sock.wait_for_subscriber(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def summary_message(result: FrameResult, published_at: float | None = None) -> dict[str, Any]:
+    """The JSON summary of one frame (strict JSON: missing values are null)."""
+    msg: dict[str, Any] = json_safe({
+        "run_uid": result.run_uid,
+        "frame_uid": result.frame_uid,
+        "seq_num": result.seq_num,
+        "count": len(result.table),
+        "model_version": result.model_version,
+        "timestamp": result.timestamp,
+        "published_at": time.time() if published_at is None else published_at,
+        "summary": result.summary.to_dict(),
+        "invalid_pixels": result.invalid_pixels,
+        "timings": result.timings,
+    })
+    return msg
+
+
+class SummaryPublisher:
+    """Per-frame summaries as ``[SUMMARY_TOPIC, JSON]`` for clients that don't speak bluesky."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        bind: bool = True,
+        hwm: int = 1000,
+        context: zmq.Context | None = None,
+        count_drops: bool = True,
+    ) -> None:
+        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops)
+        self.address = self._sock.address
+
+    def publish(self, result: FrameResult) -> bool:
+        body = json.dumps(summary_message(result), allow_nan=False, separators=(",", ":"))
+        return self._sock.send([SUMMARY_TOPIC, body.encode()])
+
+    @property
+    def sent(self) -> int:
+        return self._sock.sent
+
+    @property
+    def dropped(self) -> int:
+        return self._sock.dropped
+
+    def wait_for_subscriber(self, timeout: float) -> bool:
+        return self._sock.wait_for_subscriber(timeout)
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,0 +1,383 @@
+"""Durable results: runs, frames and particles in one SQLite file, written before any publication.
+
+Durability: WAL journal with ``synchronous=NORMAL`` (the default here). A commit has been written
+to the WAL file, though not fsynced, when ``add_frame`` returns, so it survives the daemon crashing,
+being killed or restarted by systemd: the guarantee the service promises ("a restart never loses or
+duplicates a stored frame"). A power cut or kernel crash can roll back the last commits since the
+WAL was last synced, never corrupt the file. ``synchronous="FULL"`` fsyncs every commit and closes
+that gap, at one fsync per frame (from well under a millisecond on a local SSD to tens of ms on
+network storage); choose it where the state directory's disk and the frame rate allow.
+
+Errors: every failed write raises ``StoreError`` with a short ``reason`` (``disk_full``,
+``read_only``, ``io_error``, ``locked``, ...; a metric label) after rolling its transaction back,
+so nothing of that frame is stored and earlier rows are intact. The caller keeps the result and
+retries ``add_frame`` later; because a stored frame_uid is refused (``add_frame`` returns False),
+a retry or a replay after restart never duplicates.
+
+Threads: one writer connection per ``ResultStore``, to be used from one writer thread (a lock
+guards it all the same). Every read opens its own short read-only connection, so reads may come
+from any thread or process (``nanoseg results``) while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+import numpy as np
+
+from nanoseg.masks import RLE, encode_rle_batch
+from nanoseg.particle_stats import COLUMNS_NM, COLUMNS_PX
+from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "results.sqlite3"
+PARTICLE_COLUMNS = (*COLUMNS_PX, "mean_od", *COLUMNS_NM)
+"""ParticleTable columns stored as real columns (NULL where absent or NaN)."""
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")  # px, pixel-edge coordinates, y down
+
+_SCHEMA = (
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    """CREATE TABLE runs (
+        run_uid TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        stopped_at REAL,
+        exit_status TEXT,
+        metadata TEXT NOT NULL,
+        model_version TEXT)""",
+    """CREATE TABLE frames (
+        frame_uid TEXT PRIMARY KEY,
+        run_uid TEXT NOT NULL REFERENCES runs(run_uid),
+        seq_num INTEGER NOT NULL,
+        timestamp REAL NOT NULL,
+        stored_at REAL NOT NULL,
+        model_version TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        invalid_pixels TEXT NOT NULL,
+        timings TEXT NOT NULL,
+        metadata TEXT NOT NULL)""",
+    "CREATE INDEX frames_by_run ON frames(run_uid, seq_num)",
+    f"""CREATE TABLE particles (
+        frame_uid TEXT NOT NULL REFERENCES frames(frame_uid),
+        idx INTEGER NOT NULL,
+        score REAL NOT NULL,
+        {", ".join(f"{c} REAL" for c in BOX_COLUMNS)},
+        {", ".join(f"{c} {'INTEGER' if c == 'area_px' else 'REAL'}" for c in PARTICLE_COLUMNS)},
+        mask_rle TEXT NOT NULL,
+        PRIMARY KEY (frame_uid, idx)) WITHOUT ROWID""",
+)
+
+_REASONS = {
+    "SQLITE_FULL": "disk_full",
+    "SQLITE_READONLY": "read_only",
+    "SQLITE_IOERR": "io_error",
+    "SQLITE_BUSY": "locked",
+    "SQLITE_LOCKED": "locked",
+    "SQLITE_CANTOPEN": "cant_open",
+    "SQLITE_CORRUPT": "corrupt",
+    "SQLITE_NOTADB": "corrupt",
+    "SQLITE_PERM": "read_only",
+}
+
+
+class StoreError(Exception):
+    """A write (or open) failed; nothing of the operation was stored. ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _store_error(err: sqlite3.Error, what: str) -> StoreError:
+    name = getattr(err, "sqlite_errorname", "") or ""
+    reason = next((r for k, r in _REASONS.items() if name.startswith(k)), "sqlite_error")
+    return StoreError(reason, f"{what}: {err} ({name or type(err).__name__})")
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy: numpy -> Python, non-finite floats -> None, tuples -> lists."""
+    if isinstance(obj, np.ndarray | np.generic):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"), default=str)
+
+
+def _run_metadata(ev: RunStarted) -> dict[str, Any]:
+    m = ev.metadata
+    return {
+        "pixel_size_nm": m.pixel_size_nm,
+        "i0": m.i0,
+        "profile": m.profile,
+        "flat_field_shape": None if m.flat_field is None else list(m.flat_field.shape),
+        "dark_frame_shape": None if m.dark_frame is None else list(m.dark_frame.shape),
+        "extra": m.extra,
+        "start_doc": ev.start_doc,
+    }
+
+
+def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> list[tuple[Any, ...]]:
+    """The particles table's rows of one frame (column order of the table)."""
+    inst, table = result.instances, result.table
+    if len(table) != len(inst):
+        raise ValueError(f"table has {len(table)} particles, instances {len(inst)}")
+    if rles is None:
+        rles = encode_rle_batch(inst.masks)
+    present = table.columns()
+    cols = [present.get(c) for c in PARTICLE_COLUMNS]
+    rows = []
+    for i in range(len(inst)):
+        values = [None if c is None else json_safe(c[i].item()) for c in cols]
+        box = [float(v) for v in inst.boxes[i]]
+        rows.append((result.frame_uid, i, float(inst.scores[i]), *box, *values, _json(rles[i])))
+    return rows
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_uid: str
+    started_at: float
+    stopped_at: float | None
+    exit_status: str | None
+    metadata: dict[str, Any]
+    model_version: str | None
+    frame_count: int
+    particle_count: int
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    frame_uid: str
+    run_uid: str
+    seq_num: int
+    timestamp: float
+    stored_at: float
+    model_version: str
+    count: int
+    summary: dict[str, Any]
+    invalid_pixels: dict[str, int]
+    timings: dict[str, float]
+    metadata: dict[str, Any]
+
+
+class ResultReader:
+    """Read access to an existing store; every call opens its own read-only connection."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no result store at {self.path}")
+        with self._read() as conn:
+            _check_version(conn, self.path)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+        except sqlite3.Error as err:
+            raise _store_error(err, f"open {self.path}") from err
+        with closing(conn):
+            yield conn
+
+    def has_frame(self, frame_uid: str) -> bool:
+        with self._read() as conn:
+            q = conn.execute("SELECT 1 FROM frames WHERE frame_uid = ?", (frame_uid,))
+            return q.fetchone() is not None
+
+    def frame_count(self, run_uid: str) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM frames WHERE run_uid = ?", (run_uid,)).fetchone()[0])
+
+    def runs(self) -> list[RunRecord]:
+        """All runs, oldest first, with their numbers of frames and particles."""
+        sql = """SELECT r.run_uid, r.started_at, r.stopped_at, r.exit_status, r.metadata,
+                        r.model_version, COUNT(f.frame_uid), COALESCE(SUM(f.count), 0)
+                 FROM runs r LEFT JOIN frames f ON f.run_uid = r.run_uid
+                 GROUP BY r.run_uid ORDER BY r.started_at, r.run_uid"""
+        with self._read() as conn:
+            return [
+                RunRecord(u, s, e, x, json.loads(m), v, int(nf), int(npart))
+                for u, s, e, x, m, v, nf, npart in conn.execute(sql)
+            ]
+
+    def frames(self, run_uid: str) -> list[FrameRecord]:
+        """The run's frames in frame order (seq_num)."""
+        sql = """SELECT frame_uid, run_uid, seq_num, timestamp, stored_at, model_version, count,
+                        summary, invalid_pixels, timings, metadata
+                 FROM frames WHERE run_uid = ? ORDER BY seq_num, frame_uid"""
+        with self._read() as conn:
+            return [
+                FrameRecord(*row[:7], *(json.loads(v) for v in row[7:]))
+                for row in conn.execute(sql, (run_uid,))
+            ]
+
+    def particles(self, run_uid: str) -> list[dict[str, Any]]:
+        """One dict per particle of the run, in frame then index order; ``mask_rle`` is an RLE."""
+        sql = """SELECT f.seq_num, p.* FROM particles p JOIN frames f ON f.frame_uid = p.frame_uid
+                 WHERE f.run_uid = ? ORDER BY f.seq_num, f.frame_uid, p.idx"""
+        with self._read() as conn:
+            cur = conn.execute(sql, (run_uid,))
+            names = [d[0] for d in cur.description]
+            out = []
+            for row in cur:
+                rec = dict(zip(names, row))
+                rec["mask_rle"] = json.loads(rec["mask_rle"])
+                out.append(rec)
+            return out
+
+
+def _check_version(conn: sqlite3.Connection, path: Path) -> int | None:
+    """The store's schema version (None for an empty file); a different version is refused."""
+    try:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if not exists:
+            return None
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+    except sqlite3.Error as err:
+        raise _store_error(err, f"read schema of {path}") from err
+    version = None if row is None else int(row[0])
+    if version != SCHEMA_VERSION:
+        raise StoreError("schema_version", f"{path} has schema version {version}, expected {SCHEMA_VERSION}")
+    return version
+
+
+class ResultStore(ResultReader):
+    """The daemon's writer: creates the file (and its directory) if needed, WAL mode.
+
+    ``max_bytes`` caps the database size (SQLite ``max_page_count``): writes beyond it fail with
+    ``StoreError("disk_full")`` like a full disk, which keeps the state directory from filling up.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        max_bytes: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        except OSError as err:
+            raise StoreError("cant_open", f"open {self.path}: {err}") from err
+        except sqlite3.Error as err:
+            raise _store_error(err, f"open {self.path}") from err
+        self._conn = conn
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError("no_wal", f"{self.path}: journal_mode is {mode}, WAL is required")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if max_bytes is not None:
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
+            with self._write("create schema"):
+                if _check_version(conn, self.path) is None:
+                    for stmt in _SCHEMA:
+                        conn.execute(stmt)
+                    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        except BaseException:
+            conn.close()
+            raise
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction; rolled back on any error, sqlite errors become StoreError."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as err:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):  # SQLite may have rolled back already
+                        conn.execute("ROLLBACK")
+                if isinstance(err, sqlite3.Error):
+                    raise _store_error(err, what) from err
+                raise
+
+    def add_run(self, ev: RunStarted, model_version: str) -> None:
+        """Record a run start. Idempotent: a repeated start (replay, restart) keeps the earliest
+        ``started_at`` and replaces metadata and model version; it also fills in a run that
+        frames created before its start was seen."""
+        with self._write(f"add_run {ev.run_uid}") as conn:
+            conn.execute(
+                """INSERT INTO runs (run_uid, started_at, metadata, model_version) VALUES (?, ?, ?, ?)
+                   ON CONFLICT(run_uid) DO UPDATE SET started_at = MIN(started_at, excluded.started_at),
+                   metadata = excluded.metadata, model_version = excluded.model_version""",
+                (ev.run_uid, ev.time, _json(_run_metadata(ev)), model_version),
+            )
+
+    def add_frame(self, result: FrameResult, rles: Sequence[RLE] | None = None) -> bool:
+        """Store one frame and its particles in one transaction.
+
+        Returns False, changing nothing, if ``frame_uid`` is already stored. ``rles``: the masks'
+        COCO RLE when the caller already has them (else encoded here). A frame of a run never
+        announced creates a placeholder run (started_at = frame timestamp, no metadata).
+        Raises StoreError (nothing stored; retry later with the same result).
+        """
+        rows = particle_rows(result, rles)
+        frame = (
+            result.frame_uid, result.run_uid, result.seq_num, result.timestamp, time.time(),
+            result.model_version, len(result.table), _json(result.summary.to_dict()),
+            _json(result.invalid_pixels), _json(result.timings), _json(result.metadata),
+        )  # fmt: skip
+        with self._write(f"add_frame {result.frame_uid}") as conn:
+            conn.execute(
+                "INSERT INTO runs (run_uid, started_at, metadata) VALUES (?, ?, '{}') ON CONFLICT DO NOTHING",
+                (result.run_uid, result.timestamp),
+            )
+            cur = conn.execute(
+                f"INSERT INTO frames VALUES ({', '.join('?' * len(frame))}) ON CONFLICT DO NOTHING", frame
+            )
+            if cur.rowcount == 0:
+                return False
+            if rows:
+                conn.executemany(f"INSERT INTO particles VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        return True
+
+    def stop_run(self, ev: RunStopped) -> None:
+        """Record a run's end (a run never announced gets a placeholder row)."""
+        with self._write(f"stop_run {ev.run_uid}") as conn:
+            conn.execute(
+                """INSERT INTO runs (run_uid, started_at, stopped_at, exit_status, metadata)
+                   VALUES (?, ?, ?, ?, '{}') ON CONFLICT(run_uid) DO UPDATE SET
+                   stopped_at = excluded.stopped_at, exit_status = excluded.exit_status""",
+                (ev.run_uid, ev.time, ev.time, ev.exit_status),
+            )
+
+    def close(self) -> None:
+        """Close the writer connection (SQLite checkpoints the WAL into the main file)."""
+        with self._lock:
+            self._conn.close()
+
+
+def default_path(state_dir: str | Path) -> Path:
+    """Where the daemon keeps its store under ``state_dir``."""
+    return Path(state_dir) / DB_FILENAME

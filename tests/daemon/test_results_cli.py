@@ -1,0 +1,86 @@
+"""``nanoseg results list|export`` on a real result store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+from results_fixtures import WIRES, frame_result
+
+from nanoseg.cli import main
+from nanoseg.masks import decode_rle
+from nanoseg_daemon.contracts import FrameMetadata, RunStarted, RunStopped
+from nanoseg_daemon.store import ResultStore, default_path
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    store = ResultStore(default_path(tmp_path))
+    for uid, t in (("aaaa-1111", 1_700_000_000.0), ("bbbb-2222", 1_700_000_500.0)):
+        store.add_run(RunStarted(uid, FrameMetadata(pixel_size_nm=5.0), {"uid": uid}, t), "test-model-1")
+    for k in (1, 2, 3):
+        store.add_frame(frame_result("aaaa-1111", k, n_wires=0 if k == 2 else 3))
+    store.add_frame(frame_result("bbbb-2222", 1, n_wires=1, pixel_size_nm=None))
+    store.stop_run(RunStopped("aaaa-1111", "success", 1_700_000_100.0))
+    store.close()
+    return tmp_path
+
+
+def test_list_shows_runs_with_counts(state_dir, capsys):
+    assert main(["results", "list", "--state-dir", str(state_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["RUN_UID", "STARTED"]
+    a, b = (line.split() for line in lines[1:])
+    assert a[0] == "aaaa-1111" and a[5:] == ["success", "3", "6", "test-model-1"]
+    assert b[0] == "bbbb-2222" and b[4:] == ["running", "1", "1", "test-model-1"]
+
+    assert main(["results", "list", "--db", str(default_path(state_dir)), "--json"]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["run_uid"], r["frames"], r["particles"]) for r in runs] == [("aaaa-1111", 3, 6), ("bbbb-2222", 1, 1)]
+
+
+def test_export_csv(state_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["results", "export", "aaaa", "--state-dir", str(state_dir), "--out", str(out)]) == 0
+    assert "wrote 6 particles of run aaaa-1111" in capsys.readouterr().out
+    with (out / "particles.csv").open() as f:
+        parts = list(csv.DictReader(f))
+    with (out / "frames.csv").open() as f:
+        frames = list(csv.DictReader(f))
+    assert [(p["seq_num"], p["idx"]) for p in parts] == [(s, i) for s in ("1", "3") for i in "012"]
+    ref = frame_result("aaaa-1111", 1).instances.masks
+    for p, wire, mask in zip(parts[:3], WIRES, ref):
+        assert float(p["length_px"]) == pytest.approx(wire[2], abs=1.0)
+        assert float(p["width_nm"]) == pytest.approx(5.0 * wire[3], abs=5.0)
+        rle = {"size": [int(p["mask_height"]), int(p["mask_width"])], "counts": p["mask_counts"]}
+        np.testing.assert_array_equal(decode_rle(rle), mask)
+    assert [(f["seq_num"], f["count"]) for f in frames] == [("1", "3"), ("2", "0"), ("3", "3")]
+    assert float(frames[0]["length_px_mean"]) == pytest.approx(np.mean([w[2] for w in WIRES]), abs=0.5)
+    assert frames[1]["length_px_mean"] == "" and frames[2]["invalid_saturated"] == "3"
+    assert json.loads(frames[0]["metadata"])["sample"] == "V2O5"
+
+
+def test_export_parquet_matches_csv(state_dir, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main(["results", "export", "bbbb-2222", "--db", str(default_path(state_dir)),
+                 "--format", "parquet", "--out", str(tmp_path / "pq")]) == 0  # fmt: skip
+    parts = pq.read_table(tmp_path / "pq" / "particles.parquet")
+    frames = pq.read_table(tmp_path / "pq" / "frames.parquet").to_pylist()
+    assert parts.num_rows == 1 and str(parts.schema.field("area_px").type) == "int64"
+    (p,) = parts.to_pylist()
+    assert p["length_px"] == pytest.approx(WIRES[0][2], abs=1.0) and p["length_nm"] is None
+    assert [f["frame_uid"] for f in frames] == ["bbbb-2222-ev1"] and frames[0]["count"] == 1
+
+
+def test_export_errors(state_dir, tmp_path, capsys, monkeypatch):
+    base = ["results", "export", "--state-dir", str(state_dir), "--out", str(tmp_path / "x")]
+    assert main([*base[:2], "nope", *base[2:]]) == 2
+    assert "no run" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    assert main([*base[:2], "aaaa-1111", *base[2:], "--format", "parquet"]) == 2
+    assert "'pyarrow'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["results", "list", "--state-dir", str(tmp_path / "empty")]) == 2
+    assert "no result store" in capsys.readouterr().err

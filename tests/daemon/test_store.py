@@ -1,0 +1,157 @@
+"""The SQLite result store on real files: contents, idempotence, restart, write failures."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+from results_fixtures import WIRES, frame_result
+
+from nanoseg.masks import decode_rle
+from nanoseg_daemon.contracts import FrameMetadata, RunStarted, RunStopped
+from nanoseg_daemon.store import ResultReader, ResultStore, StoreError, default_path
+
+
+def _started(run_uid: str, t: float = 1_699_999_999.0) -> RunStarted:
+    meta = FrameMetadata(pixel_size_nm=5.0, flat_field=np.ones((4, 4)), extra={"scan_id": 7})
+    return RunStarted(run_uid, meta, {"uid": run_uid, "time": t, "scan_id": 7}, t)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ResultStore(default_path(tmp_path / "state"))
+    yield s
+    s.close()
+
+
+def test_frames_and_particles_round_trip(store):
+    store.add_run(_started("run-a"), "test-model-1")
+    results = [frame_result("run-a", k) for k in (2, 1, 3)]  # stored out of order
+    assert all(store.add_frame(r) for r in results)
+    store.stop_run(RunStopped("run-a", "success", 1_700_000_010.0))
+
+    (run,) = store.runs()
+    assert (run.run_uid, run.frame_count, run.particle_count) == ("run-a", 3, 9)
+    assert (run.exit_status, run.stopped_at, run.model_version) == ("success", 1_700_000_010.0, "test-model-1")
+    assert run.metadata["extra"] == {"scan_id": 7} and run.metadata["flat_field_shape"] == [4, 4]
+
+    frames = store.frames("run-a")
+    assert [f.seq_num for f in frames] == [1, 2, 3]
+    assert frames[0].summary["count"] == 3 and frames[2].invalid_pixels == {"nan": 0, "saturated": 3}
+    assert frames[0].summary["stats"]["length_px"]["mean"] == pytest.approx(
+        results[1].summary.stats["length_px"].mean
+    )
+
+    parts = store.particles("run-a")
+    assert [(p["seq_num"], p["idx"]) for p in parts] == [(s, i) for s in (1, 2, 3) for i in range(3)]
+    first = results[1]
+    for p in parts[:3]:
+        i = p["idx"]
+        assert p["length_px"] == pytest.approx(WIRES[i][2], abs=1.0)
+        assert p["width_px"] == pytest.approx(WIRES[i][3], abs=1.0)
+        assert p["length_nm"] == pytest.approx(5.0 * p["length_px"])
+        assert p["score"] == pytest.approx(float(first.instances.scores[i]))
+        assert isinstance(p["area_px"], int) and p["area_px"] == first.instances.masks[i].sum()
+        assert (p["box_x1"] - p["box_x0"]) == pytest.approx(first.instances.boxes[i][2] - first.instances.boxes[i][0])
+        np.testing.assert_array_equal(decode_rle(p["mask_rle"]), first.instances.masks[i])
+
+
+def test_duplicate_frame_is_refused_and_changes_nothing(store):
+    r = frame_result("run-a", 1)
+    assert store.add_frame(r) is True
+    assert store.add_frame(r) is False
+    assert store.frame_count("run-a") == 1 and len(store.particles("run-a")) == 3
+    assert store.has_frame(r.frame_uid) and not store.has_frame("nope")
+
+
+def test_restart_keeps_frames_and_never_duplicates(tmp_path):
+    path = default_path(tmp_path)
+    s = ResultStore(path)
+    s.add_run(_started("run-a"), "m1")
+    for k in (1, 2):
+        s.add_frame(frame_result("run-a", k))
+    s.close()
+
+    s = ResultStore(path)  # the daemon restarts and the source replays frames 1..3
+    added = [s.add_frame(frame_result("run-a", k)) for k in (1, 2, 3)]
+    s.add_run(_started("run-a", t=1_700_000_100.0), "m2")  # a replayed start keeps the first time
+    s.close()
+    assert added == [False, False, True]
+
+    reader = ResultReader(path)
+    (run,) = reader.runs()
+    assert run.frame_count == 3 and run.particle_count == 9
+    assert run.started_at == 1_699_999_999.0 and run.model_version == "m2"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_disk_full_raises_store_error_and_keeps_earlier_rows(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    s = ResultStore(path, max_bytes=16 * 4096)  # a tiny disk
+    stored, err = [], None
+    for k in range(1, 200):
+        r = frame_result("run-a", k)
+        try:
+            s.add_frame(r)
+        except StoreError as e:
+            err, failed = e, r
+            break
+        stored.append(r.frame_uid)
+    assert err is not None and err.reason == "disk_full", err
+    assert len(stored) >= 1
+    assert not s.has_frame(failed.frame_uid)  # the transaction was rolled back whole
+    assert s.frame_count("run-a") == len(stored)
+    assert len(s.particles("run-a")) == 3 * len(stored)
+    s.close()
+
+    s = ResultStore(path)  # space freed: the caller's retry of the same result succeeds once
+    assert s.add_frame(failed) is True and s.add_frame(failed) is False
+    assert [f.frame_uid for f in s.frames("run-a")] == [*stored, failed.frame_uid]
+    s.close()
+
+
+def test_frames_before_start_and_stop_of_unknown_run(store):
+    store.add_frame(frame_result("run-b", 1, n_wires=0, pixel_size_nm=None))
+    (run,) = store.runs()
+    assert run.metadata == {} and run.started_at == 1_700_000_001.0 and run.frame_count == 1
+    assert run.particle_count == 0 and store.particles("run-b") == []
+    stats = store.frames("run-b")[0].summary["stats"]
+    assert stats["length_px"] == {"mean": None, "median": None, "std": None} and "length_nm" not in stats
+    store.add_run(_started("run-b"), "m1")
+    store.stop_run(RunStopped("run-c", "abort", 5.0))
+    runs = {r.run_uid: r for r in store.runs()}
+    assert runs["run-b"].metadata["pixel_size_nm"] == 5.0 and runs["run-b"].started_at == 1_699_999_999.0
+    assert (runs["run-c"].exit_status, runs["run-c"].frame_count) == ("abort", 0)
+
+
+def test_nm_columns_are_null_without_pixel_size(store):
+    store.add_frame(frame_result("run-a", 1, n_wires=2, pixel_size_nm=None))
+    (p, _) = store.particles("run-a")
+    assert p["length_nm"] is None and p["area_nm2"] is None and p["length_px"] == pytest.approx(40.0, abs=1)
+
+
+def test_reads_from_another_thread_while_writing(store):
+    store.add_frame(frame_result("run-a", 1))
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(ResultReader(store.path).frame_count("run-a")))
+    t.start()
+    t.join()
+    assert seen == [1]
+
+
+def test_schema_version_mismatch_is_refused(tmp_path):
+    path = tmp_path / "r.sqlite3"
+    ResultStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError) as info:
+        ResultStore(path)
+    assert info.value.reason == "schema_version"
+
+
+def test_reader_of_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ResultReader(tmp_path / "absent.sqlite3")
