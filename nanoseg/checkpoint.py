@@ -58,7 +58,9 @@ def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
         raise CheckpointError(f"{source}: not a {FORMAT} file")
     try:
         cfg = ModelConfig.model_validate(obj["model_config"])
-        return Checkpoint(cfg, dict(obj["input_spec"]), dict(obj["state_dict"]), dict(obj.get("meta", {})))
+        # Weights may be stored as float16 to halve the file; the model always runs in float32.
+        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in dict(obj["state_dict"]).items()}
+        return Checkpoint(cfg, dict(obj["input_spec"]), state, dict(obj.get("meta", {})))
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source}: malformed checkpoint: {err}") from None
 
@@ -75,12 +77,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return from_dict(obj, str(p))
 
 
-def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written checkpoint."""
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str], half: bool = False) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written checkpoint.
+
+    ``half`` stores float32 weights as float16 (half the size; loading casts back to float32).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    obj = ckpt.to_dict()
+    if half:
+        obj["state_dict"] = {k: v.half() if v.dtype == torch.float32 else v for k, v in obj["state_dict"].items()}
     buf = io.BytesIO()
-    torch.save(ckpt.to_dict(), buf)
+    torch.save(obj, buf)
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())

@@ -144,9 +144,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--quiet", action="store_true")
     handlers["sweep"] = _cmd_sweep
 
-    from nanoseg_training.segment_files import add_parser as add_segment
-
-    add_segment(sub)
+    p = sub.add_parser("segment", help="segment image files: overlays, particle tables, distribution plots")
+    p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files")
+    p.add_argument("--model", help="nanoseg checkpoint (default models/default/model.pt)")
+    p.add_argument("--profile", default="ptychography", help="frame profile in configs/profiles or a YAML path")
+    p.add_argument("--out", required=True)
+    p.add_argument("--engine", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    p.add_argument("--pixel-size", type=float, help="frame pixel size, nm (default: the profile's)")
+    p.add_argument("--flat-field", help="flat-field (I0) image for profiles with i0 policy flat_field")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
     handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
 
     from nanoseg_daemon.results_cli import add_parser as add_results

@@ -54,11 +54,26 @@ def export_onnx_bytes(model: MaskRCNN, input_shape: tuple[int, int, int], metada
             input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), do_constant_folding=True,
         )
     proto = onnx.load_from_string(buf.getvalue())
+    _set_static_output_shapes(proto, core.k, core.m)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     return bytes(proto.SerializeToString())
+
+
+def _set_static_output_shapes(proto: object, k: int, m: int) -> None:
+    """Declare the outputs' shapes: batch 1 and exactly K detections (DetectionCore pads to K).
+
+    The tracer cannot prove the padded length is K, so it leaves a symbolic dimension; TensorRT
+    and Triton need the static shape that the graph guarantees.
+    """
+    shapes = {"boxes": (1, k, 4), "scores": (1, k), "mask_probs": (1, k, m, m), "num_detections": (1,)}
+    for out in proto.graph.output:  # type: ignore[attr-defined]
+        dims = out.type.tensor_type.shape.dim
+        for dim, value in zip(dims, shapes[out.name]):
+            dim.Clear()
+            dim.dim_value = value
 
 
 def checkpoint_metadata(model_config: dict, input_spec: dict, version: str = "") -> dict[str, str]:

@@ -114,17 +114,3 @@ def cmd_segment(args: argparse.Namespace) -> int:
     n = len(args.images)
     print(f"segmented {n - failed}/{n} images into {out}")
     return 1 if failed else 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment image files and write overlays, particle tables, plots")
-    p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files")
-    p.add_argument("--model", help=f"nanoseg checkpoint (default {DEFAULT_MODEL})")
-    p.add_argument("--profile", default="ptychography", help="frame profile in configs/profiles or a YAML path")
-    p.add_argument("--out", required=True)
-    p.add_argument("--engine", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
-    p.add_argument("--pixel-size", type=float, help="frame pixel size, nm (default: the profile's)")
-    p.add_argument("--flat-field", help="flat-field (I0) image for profiles with i0 policy flat_field")
-    p.add_argument("--score-threshold", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quiet", action="store_true")

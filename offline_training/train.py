@@ -172,13 +172,19 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
         return last
     final = run_dir / "model_final.pt"
     if dist.main:
-        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        meta = {"name": cfg.name, "iterations": done, "seed": cfg.seed,
-                "train_config": cfg.model_dump(mode="json"), "data": str(data_root),
-                "train_seconds": _elapsed(run_dir)}
-        save_checkpoint(Checkpoint(cfg.model, cfg.input_spec.model_dump(mode="json"),
-                                   {k: v.detach().cpu() for k, v in net.state_dict().items()}, meta), final)
+        save_checkpoint(checkpoint_from_run(run_dir), final)
     return final
+
+
+def checkpoint_from_run(run_dir: Path) -> Checkpoint:
+    """A nanoseg checkpoint from a run directory's ``config.yaml`` and ``last.pt`` (any iteration)."""
+    from nanoseg.config_io import load_yaml
+
+    cfg = load_yaml(run_dir / "config.yaml", TrainConfig)
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    meta = {"name": cfg.name, "iterations": int(state["iteration"]), "seed": cfg.seed,
+            "train_config": cfg.model_dump(mode="json"), "train_seconds": _elapsed(run_dir)}
+    return Checkpoint(cfg.model, cfg.input_spec.model_dump(mode="json"), state["model"], meta)
 
 
 class MetricsLog:

@@ -16,7 +16,6 @@ Inputs and outputs (B = batch, C = channels, K = detections, M = mask resolution
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
 
@@ -42,11 +41,11 @@ class DetectionCore(nn.Module):
         boxes, scores, masks, counts = [], [], [], []
         for det in detections:
             n = det["boxes"].shape[0]
-            pad = self.k - n
-            boxes.append(F.pad(det["boxes"], (0, 0, 0, pad)))
-            scores.append(F.pad(det["scores"], (0, pad)))
             probs = det["masks"][:, 0] if "masks" in det else det["boxes"].new_zeros((n, self.m, self.m))
-            masks.append(F.pad(probs, (0, 0, 0, 0, 0, pad)))
+            # Append K zero rows, keep the first K: always exactly K rows (n <= K), static in ONNX.
+            boxes.append(torch.cat([det["boxes"], det["boxes"].new_zeros((self.k, 4))])[: self.k])
+            scores.append(torch.cat([det["scores"], det["scores"].new_zeros((self.k,))])[: self.k])
+            masks.append(torch.cat([probs, probs.new_zeros((self.k, self.m, self.m))])[: self.k])
             # Counted from a tensor (not the Python int n) so a traced graph keeps it dynamic.
             counts.append(torch.ones_like(det["scores"], dtype=torch.int64).sum().reshape(1))
         return torch.stack(boxes), torch.stack(scores), torch.stack(masks), torch.cat(counts)

@@ -1,0 +1,159 @@
+"""The control socket: REQ/REP, one JSON request -> one JSON reply, validated by pydantic.
+
+Requests (``command`` selects the kind)::
+
+    {"command": "status"}
+    {"command": "pause"} / {"command": "resume"}
+    {"command": "reload_model", "path": "...", "sha256": "..." (optional)}
+    {"command": "set", "score_threshold": 0.6, "mask_threshold": 0.5, "min_area_px": 30,
+     "nested": {"enabled": true, ...}}   (any subset)
+
+Replies: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. With CurveZMQ
+configured, only clients whose public key is in the authorised directory get through at all.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import zmq
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from nanoseg.config_io import StrictModel, format_validation_error
+from nanoseg.postprocess import NestedSuppression
+
+
+class StatusRequest(StrictModel):
+    command: Literal["status"]
+
+
+class PauseRequest(StrictModel):
+    command: Literal["pause"]
+
+
+class ResumeRequest(StrictModel):
+    command: Literal["resume"]
+
+
+class ReloadRequest(StrictModel):
+    command: Literal["reload_model"]
+    path: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class SetRequest(StrictModel):
+    command: Literal["set"]
+    score_threshold: float | None = Field(None, ge=0, le=1)
+    mask_threshold: float | None = Field(None, gt=0, lt=1)
+    min_area_px: int | None = Field(None, ge=0)
+    nested: NestedSuppression | None = None
+
+
+ControlRequest = Annotated[
+    StatusRequest | PauseRequest | ResumeRequest | ReloadRequest | SetRequest, Field(discriminator="command")
+]
+REQUEST = TypeAdapter(ControlRequest)
+
+
+class CurveConfig(StrictModel):
+    """CurveZMQ: this server's secret key file and a directory of authorised client public keys."""
+
+    server_secret_key: Path
+    authorized_clients_dir: Path
+
+
+def parse_request(raw: bytes) -> BaseModel:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"request is not UTF-8 JSON: {err}") from None
+    try:
+        return REQUEST.validate_python(data)  # type: ignore[no-any-return]
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, "request")) from None
+
+
+def apply_curve_server(sock: zmq.Socket, ctx: zmq.Context, curve: CurveConfig) -> Any:
+    """Make ``sock`` a CURVE server; returns the authenticator thread (stop it on shutdown)."""
+    from zmq.auth import load_certificate
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
+    public, secret = load_certificate(str(curve.server_secret_key))
+    if secret is None:
+        raise ValueError(f"{curve.server_secret_key}: not a secret key file")
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    return auth
+
+
+class ControlServer:
+    """Serves requests on a REP socket in its own thread; ``handler`` returns the result dict."""
+
+    def __init__(self, ctx: zmq.Context, address: str, handler: Callable[[BaseModel], dict[str, Any]],
+                 curve: CurveConfig | None = None, on_reject: Callable[[str], None] | None = None) -> None:
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.linger = 0
+        self.auth = apply_curve_server(self.sock, ctx, curve) if curve else None
+        self.sock.bind(address)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.handler, self.on_reject = handler, on_reject
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="control", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not dict(poller.poll(100)):
+                continue
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue
+            try:
+                req = parse_request(raw)
+                reply: dict[str, Any] = {"ok": True, "result": self.handler(req)}
+            except ValueError as err:
+                if self.on_reject:
+                    self.on_reject("bad_control_request")
+                reply = {"ok": False, "error": str(err)}
+            except Exception as err:  # a failing command must not kill the control thread
+                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            self.sock.send(json.dumps(reply, default=str).encode())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(2)
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+
+
+def control_request(address: str, request: dict[str, Any], timeout_s: float = 10.0,
+                    curve_client: tuple[bytes, bytes, bytes] | None = None) -> dict[str, Any]:
+    """Client side: send one request, return the reply (``curve_client`` = (public, secret, server public))."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.linger = 0
+    s.rcvtimeo = s.sndtimeo = int(timeout_s * 1000)
+    if curve_client:
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = curve_client
+    try:
+        s.connect(address)
+        s.send(json.dumps(request).encode())
+        return dict(json.loads(s.recv()))
+    except zmq.Again:
+        raise TimeoutError(f"no reply from {address} within {timeout_s} s") from None
+    finally:
+        s.close(0)

@@ -1,0 +1,89 @@
+"""The serving model and its hot reload: load and warm up beside the old one, then swap.
+
+The swap is one attribute assignment between frames, so a frame is analysed wholly by one model.
+A reload that fails to load, to verify or to warm up leaves the old model serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nanoseg.checkpoint import load_checkpoint
+from nanoseg.engines import Engine
+from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, input_shape, input_spec_of
+from nanoseg.input_spec import InputSpec
+from nanoseg.postprocess import PostprocessConfig
+from nanoseg.segmenter import Segmenter
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    segmenter: Segmenter
+    version: str  # name + short sha256 of the checkpoint file
+    path: str
+    engine: str
+    device: str
+    warmup_seconds: float
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.segmenter.spec
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,
+               onnx_path: str | Path | None = None, expected_sha256: str | None = None,
+               cache_dir: Path | None = None) -> LoadedModel:
+    """Load, verify (optional sha256) and warm up a model; raises on any failure."""
+    p = Path(path)
+    digest = file_sha256(p)
+    if expected_sha256 and digest != expected_sha256:
+        raise ValueError(f"{p}: sha256 {digest[:12]}... does not match the expected {expected_sha256[:12]}...")
+    ckpt = load_checkpoint(p)
+    eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir)
+    seg = Segmenter(eng, input_spec_of(ckpt), post)
+    t0 = time.perf_counter()
+    _, h, w = input_shape(ckpt)
+    seg.infer_tiles(np.zeros((1, h, w), np.float32))  # first run allocates; an empty frame must work
+    name = str(ckpt.meta.get("name", p.stem))
+    return LoadedModel(seg, f"{name}@{digest[:12]}", str(p), eng.name, eng.device, time.perf_counter() - t0)
+
+
+class ModelSlot:
+    """Holds the current model; ``reload`` builds a new one off the hot path and swaps it in."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._model = model
+        self._lock = threading.Lock()  # one reload at a time
+
+    @property
+    def current(self) -> LoadedModel:
+        return self._model
+
+    def set_postprocess(self, post: PostprocessConfig) -> None:
+        m = self._model
+        self._model = LoadedModel(Segmenter(m.segmenter.engine, m.segmenter.spec, post), m.version, m.path,
+                                  m.engine, m.device, m.warmup_seconds)
+
+    def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
+               onnx_path: str | Path | None = None, expected_sha256: str | None = None,
+               cache_dir: Path | None = None) -> LoadedModel:
+        """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
+        with self._lock:
+            new = load_model(path, engine, device, threads, self._model.segmenter.post, onnx_path,
+                             expected_sha256, cache_dir)
+            self._model = new
+            return new

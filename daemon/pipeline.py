@@ -1,0 +1,203 @@
+"""Frames -> results: the analysis of one frame, and the three overlapping stages that run it.
+
+``analyse_frame`` is the whole per-frame pipeline in one function, one module per stage:
+decode/validate + optical density + scale/tile (``nanoseg.prepare``) -> engine and mask pasting
+(``Segmenter``) -> merge and filters (``nanoseg.postprocess``) -> statistics
+(``nanoseg.particle_stats``). The service then stores and publishes the result.
+
+``Stages`` runs prepare, infer(+statistics) and output (store + publish) in three threads joined
+by small bounded queues, so the model never waits on preparation or I/O. Run start/stop items
+travel through the same queues, so every consumer sees start -> frames in order -> stop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseg.config_io import ConfigError, load_yaml
+from nanoseg.errors import FrameError
+from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
+from nanoseg.instances import Instances
+from nanoseg.particle_stats import frame_summary, particle_table
+from nanoseg.paths import resolve_config
+from nanoseg.postprocess import filter_instances
+from nanoseg.prepare import PreparedFrame, instances_to_frame, prepare_frame
+from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.model_slot import LoadedModel
+
+Item = RunStarted | FrameJob | RunStopped
+
+
+class ProfileBook:
+    """Frame profiles by name (configs/profiles or paths), validated once and cached."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self._cache: dict[str, FrameProfile] = {}
+        self.get(default)  # fail at start, not at the first frame
+
+    def get(self, name: str | None) -> FrameProfile:
+        key = name or self.default
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_yaml(resolve_config(key, "profiles"), FrameProfile)
+            except (FileNotFoundError, ConfigError) as err:
+                raise FrameError("unknown_profile", str(err)) from None
+        return self._cache[key]
+
+
+def profile_for(job: FrameJob, profiles: ProfileBook) -> FrameProfile:
+    """The job's profile, with I0 taken from the run's metadata when it supplies one."""
+    prof = profiles.get(job.metadata.profile)
+    if prof.mode != "optical_density" or prof.input != "transmission":
+        return prof
+    if job.metadata.flat_field is not None:
+        return prof.model_copy(update={"i0": FlatFieldI0(policy="flat_field")})
+    if job.metadata.i0 is not None:
+        return prof.model_copy(update={"i0": ScalarI0(policy="scalar", value=job.metadata.i0)})
+    return prof
+
+
+@dataclass(frozen=True)
+class Prepared:
+    job: FrameJob
+    frame: PreparedFrame
+    profile: FrameProfile
+    seconds: float
+
+
+def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepared:
+    t0 = time.perf_counter()
+    prof = profile_for(job, profiles)
+    md = job.metadata
+    frame = prepare_frame(job.frame, prof, model.spec, flat_field=md.flat_field,
+                          dark_frame=md.dark_frame, pixel_size_nm=md.pixel_size_nm)
+    return Prepared(job, frame, prof, time.perf_counter() - t0)
+
+
+def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
+    t0 = time.perf_counter()
+    per_tile = model.segmenter.infer_tiles(p.frame.tiles)
+    t1 = time.perf_counter()
+    inst: Instances = filter_instances(instances_to_frame(per_tile, p.frame), model.segmenter.post)
+    t2 = time.perf_counter()
+    px = p.job.metadata.pixel_size_nm or p.profile.pixel_size_nm
+    od = p.frame.image if p.frame.mode == "optical_density" else None
+    table = particle_table(inst.masks, od, px)
+    summary = frame_summary(table)
+    t3 = time.perf_counter()
+    return FrameResult(
+        run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
+        timestamp=p.job.timestamp, instances=inst, table=table, summary=summary,
+        model_version=model.version, invalid_pixels=p.frame.invalid.to_dict(),
+        timings={"prepare": p.seconds, "infer": t1 - t0, "postprocess": t2 - t1, "stats": t3 - t2},
+        metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
+    )
+
+
+def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
+    """The whole pipeline for one frame (what the three stages do, in one call)."""
+    return infer_and_measure(prepare(job, model, profiles), model)
+
+
+@dataclass
+class StageCallbacks:
+    """What the stages report to the service."""
+
+    output: Callable[[Item | FrameResult], None]  # run events and results, in order
+    failed: Callable[[FrameJob, str, str], None]  # job, reason, detail
+    model: Callable[[], LoadedModel]
+    paused: Callable[[], bool]
+
+
+STOP = object()
+
+
+class Stages:
+    """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle."""
+
+    def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
+                 cb: StageCallbacks, inner_queue: int = 2) -> None:
+        self.source, self.profiles, self.cb = source, profiles, cb
+        self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
+        self.q_out: queue.Queue[object] = queue.Queue(inner_queue)
+        self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
+                        threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
+                        threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
+        self.heartbeat = time.monotonic()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+    def _prepare_loop(self) -> None:
+        from nanoseg_daemon.queueing import Closed
+
+        while True:
+            self.heartbeat = time.monotonic()
+            if self.cb.paused():
+                time.sleep(0.05)
+                continue
+            try:
+                item = self.source(0.2)
+            except Closed:
+                break
+            if item is None:
+                continue
+            if isinstance(item, FrameJob):
+                try:
+                    self.q_infer.put(prepare(item, self.cb.model(), self.profiles))
+                except FrameError as err:
+                    self.cb.failed(item, err.reason, str(err))
+                except Exception as err:  # a bug must not kill the service: count and log it
+                    self.cb.failed(item, "internal_error", f"{type(err).__name__}: {err}")
+            else:
+                self.q_infer.put(item)
+        self.q_infer.put(STOP)
+
+    def _infer_loop(self) -> None:
+        while True:
+            item = self.q_infer.get()
+            if item is STOP:
+                break
+            if isinstance(item, Prepared):
+                try:
+                    self.q_out.put(infer_and_measure(item, self.cb.model()))
+                except FrameError as err:
+                    self.cb.failed(item.job, err.reason, str(err))
+                except Exception as err:
+                    self.cb.failed(item.job, "internal_error", f"{type(err).__name__}: {err}")
+            else:
+                self.q_out.put(item)
+        self.q_out.put(STOP)
+
+    def _output_loop(self) -> None:
+        while True:
+            item = self.q_out.get()
+            if item is STOP:
+                break
+            self.cb.output(item)  # type: ignore[arg-type]
+
+    def join(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(deadline - time.monotonic(), 0))
+        return not any(t.is_alive() for t in self.threads)
+
+
+def repo_relative(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    from nanoseg.paths import REPO_ROOT
+
+    return REPO_ROOT / p
