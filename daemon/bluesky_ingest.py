@@ -1,0 +1,491 @@
+"""What bluesky documents mean to the daemon: a DocumentRouter that calls an IngestSink.
+
+``start`` -> RunStarted (metadata from the start document), ``descriptor`` -> which data key is
+the image, ``event``/``event_page`` -> one FrameJob per image (N x H x W images give N frames),
+``resource``/``datum`` -> kept in a per-run event-model Filler that loads file-backed images
+(AD_HDF5 built in), ``stop`` -> RunStopped and the run is forgotten.
+
+Start-document metadata (names are canonical; ``metadata_keys`` renames the document keys, see
+ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
+
+- ``pixel_size_nm`` (positive number) -> FrameMetadata.pixel_size_nm
+- ``i0`` (positive number, counts) -> FrameMetadata.i0
+- ``dark`` (2-D numeric array) -> FrameMetadata.dark_frame
+- ``profile`` (document key ``nanoseg_profile``, a string) -> FrameMetadata.profile
+- ``scan_id``, ``sample`` and any other configured name -> FrameMetadata.extra (JSON-safe)
+- ``flat_field_key`` (default ``flat_field``; 2-D numeric) -> FrameMetadata.flat_field; a
+  descriptor's configuration data or an event's data with that key replaces it for the frames
+  that follow (and for the frames of that same event).
+
+A wrong-typed value is reported as ``bad_metadata`` and left out. Documents out of order (event
+before descriptor, descriptor or stop for an unknown run, duplicate uids) are reported through
+``sink.rejected`` and never raise. Memory is bounded: a stopped run is forgotten, at most
+``max_open_runs`` runs are open (a further start evicts the least active one with a
+``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
+are capped per run. Not thread-safe: one ingest thread calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from event_model import (
+    Datum,
+    DatumPage,
+    DocumentRouter,
+    Event,
+    EventDescriptor,
+    EventPage,
+    Filler,
+    Resource,
+    RunStart,
+    RunStop,
+    UndefinedAssetSpecification,
+    UnresolvableForeignKeyError,
+    unpack_datum_page,
+    unpack_event_page,
+)
+
+from nanoseg_daemon.contracts import FrameJob, FrameMetadata, IngestSink, RunStarted, RunStopped
+from nanoseg_daemon.ingest_config import BlueskyIngestConfig
+from nanoseg_daemon.wire import RejectReason
+
+logger = logging.getLogger(__name__)
+
+_RECENT_EVENT_UIDS = 4096  # per run: duplicates are resends, so a window suffices
+_MAX_DESCRIPTORS_PER_RUN = 64
+_RECENT_CLOSED_RUNS = 1024
+
+
+class _Reject(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason: RejectReason = reason
+        self.detail = detail
+
+
+class BoundedDict(OrderedDict[Any, Any]):
+    """A dict that forgets its oldest entries beyond ``maxsize`` (calls ``on_evict(key, value)``)."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Any, Any], None] | None = None) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+        self.on_evict = on_evict
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.maxsize:
+            old_key, old_value = self.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(old_key, old_value)
+
+
+def _close_handler(_key: Any, handler: Any) -> None:
+    close = getattr(handler, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # a handler that fails to close must not stop ingest
+            logger.exception("closing asset handler %r failed", handler)
+
+
+def _lookup(doc: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = doc
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _positive_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _image_array(value: Any) -> np.ndarray | None:
+    """A 2-D numeric array from an array-like (squeezing one leading axis of length 1)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or arr.dtype.kind not in "biuf" or arr.size == 0:
+        return None
+    return arr
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 1024 else f"<array {value.shape} {value.dtype}>"
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def metadata_from_start(
+    doc: Mapping[str, Any], keys: dict[str, str], flat_field_key: str
+) -> tuple[FrameMetadata, list[str]]:
+    """FrameMetadata from a start document, and the problems found (one line each).
+
+    ``keys``: canonical name -> document key (dotted for nested), e.g. the resolved
+    ``BlueskyIngestConfig.metadata_keys``.
+    """
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, key in keys.items():
+        raw = _lookup(doc, key)
+        if raw is None:
+            continue
+        if name in ("pixel_size_nm", "i0"):
+            num = _positive_number(raw)
+            if num is None:
+                problems.append(f"start[{key!r}] for {name}: not a positive number: {raw!r:.80}")
+            else:
+                values[name] = num
+        elif name == "dark":
+            arr = _image_array(raw)
+            if arr is None:
+                problems.append(f"start[{key!r}] for dark: not a 2-D numeric array")
+            else:
+                values["dark_frame"] = arr
+        elif name == "profile":
+            if isinstance(raw, str) and raw:
+                values["profile"] = raw
+            else:
+                problems.append(f"start[{key!r}] for profile: not a string: {raw!r:.80}")
+        else:
+            extra[name] = _json_safe(raw)
+    flat = doc.get(flat_field_key)
+    if flat is not None:
+        arr = _image_array(flat)
+        if arr is None:
+            problems.append(f"start[{flat_field_key!r}]: not a 2-D numeric array")
+        else:
+            values["flat_field"] = arr
+    return FrameMetadata(extra=extra, **values), problems
+
+
+def is_image_data_key(data_key: Mapping[str, Any]) -> bool:
+    """A descriptor data key holding one 2-D image: shape [H, W] or [1, H, W]."""
+    shape = data_key.get("shape")
+    if not isinstance(shape, list | tuple):
+        return False
+    return len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
+
+
+def load_handlers(paths: dict[str, str]) -> dict[str, Any]:
+    """The handler registry: AD_HDF5 plus configured ``spec -> 'module:Class'`` entries."""
+    from area_detector_handlers.handlers import AreaDetectorHDF5Handler
+
+    registry: dict[str, Any] = {"AD_HDF5": AreaDetectorHDF5Handler}
+    for spec, path in paths.items():
+        module_name, _, attr = path.partition(":")
+        registry[spec] = getattr(importlib.import_module(module_name), attr)
+    return registry
+
+
+@dataclass
+class _Stream:
+    """What a descriptor says: which key is the image, and whether it lives in files."""
+
+    image_key: str | None
+    external_keys: frozenset[str]
+
+
+@dataclass
+class _Run:
+    uid: str
+    metadata: FrameMetadata
+    filler: Filler
+    handler_cache: BoundedDict
+    flat_field: np.ndarray | None
+    streams: dict[str, _Stream] = field(default_factory=dict)  # descriptor uid -> stream
+    resources: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    recent_events: BoundedDict = field(default_factory=lambda: BoundedDict(_RECENT_EVENT_UIDS))
+    frames: int = 0
+
+
+class BlueskyRouter(DocumentRouter):
+    """Bluesky documents -> RunStarted / FrameJob / RunStopped on ``sink``; never raises.
+
+    ``clock``: monotonic time source for ``FrameJob.received_monotonic``.
+    """
+
+    def __init__(
+        self,
+        sink: IngestSink,
+        config: BlueskyIngestConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._sink = sink
+        self._config = config or BlueskyIngestConfig()
+        self._metadata_keys = self._config.resolved_metadata_keys()
+        self._handlers = load_handlers(self._config.handlers)
+        self._clock = clock
+        self._runs: OrderedDict[str, _Run] = OrderedDict()  # least recently active first
+        self._descriptor_run: dict[str, str] = {}
+        self._resource_run: dict[str, str] = {}
+        self._closed_runs = BoundedDict(_RECENT_CLOSED_RUNS)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        try:
+            method = getattr(self, name, None) if not name.startswith("_") else None
+            if name not in _HANDLED or method is None:
+                raise _Reject("unsupported_document", f"{name} documents are not handled")
+            method(doc)
+        except _Reject as rej:
+            self._sink.rejected(rej.reason, rej.detail)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            self._sink.rejected("bad_document", f"{name}: malformed document: {err!r:.200}")
+        except Exception as err:  # a bug here must not stop ingest; it is logged in full
+            logger.exception("bluesky router failed on a %s document", name)
+            self._sink.rejected("internal_error", f"{name}: {err!r:.200}")
+        return name, doc
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Uids of the runs currently open, least recently active first."""
+        return list(self._runs)
+
+    def _run(self, uid: Any, what: str) -> _Run:
+        run = self._runs.get(uid)
+        if run is None:
+            if uid in self._closed_runs:
+                raise _Reject("run_closed", f"{what} for run {uid} which has stopped")
+            raise _Reject("unknown_run", f"{what} for unknown run {uid}")
+        self._runs.move_to_end(uid)
+        return run
+
+    def _forget(self, run: _Run) -> None:
+        del self._runs[run.uid]
+        for d in run.streams:
+            self._descriptor_run.pop(d, None)
+        for r in run.resources:
+            self._resource_run.pop(r, None)
+        for key, handler in list(run.handler_cache.items()):
+            _close_handler(key, handler)
+        run.handler_cache.clear()
+        run.filler.close()
+        self._closed_runs[run.uid] = None
+
+    # -- documents ---------------------------------------------------------------------------
+
+    def start(self, doc: RunStart) -> None:
+        uid, start_time = doc["uid"], float(doc["time"])
+        if not isinstance(uid, str):
+            raise _Reject("bad_document", "start: uid is not a string")
+        if uid in self._runs or uid in self._closed_runs:
+            raise _Reject("duplicate_uid", f"start {uid} seen before")
+        metadata, problems = metadata_from_start(
+            doc, self._metadata_keys, self._config.flat_field_key
+        )
+        for p in problems:
+            self._sink.rejected("bad_metadata", f"run {uid}: {p}")
+        while len(self._runs) >= self._config.max_open_runs:
+            oldest = next(iter(self._runs.values()))
+            self._forget(oldest)
+            self._sink.rejected(
+                "too_many_runs", f"run {oldest.uid} evicted without stop to open run {uid}"
+            )
+            self._sink.run_stopped(RunStopped(oldest.uid, "fail", time.time()))
+        handler_cache = BoundedDict(self._config.max_resources_per_run, on_evict=_close_handler)
+        filler = Filler(
+            self._handlers,
+            inplace=False,
+            coerce="force_numpy",
+            retry_intervals=list(self._config.fill_retry_intervals),
+            handler_cache=handler_cache,
+            resource_cache=BoundedDict(self._config.max_resources_per_run),
+            datum_cache=BoundedDict(self._config.max_datums_per_run),
+        )
+        self._runs[uid] = _Run(uid, metadata, filler, handler_cache, flat_field=metadata.flat_field)
+        self._sink.run_started(RunStarted(uid, metadata, dict(doc), start_time))
+
+    def descriptor(self, doc: EventDescriptor) -> None:
+        uid = doc["uid"]
+        run = self._run(doc["run_start"], f"descriptor {uid}")
+        if uid in self._descriptor_run:
+            raise _Reject("duplicate_uid", f"descriptor {uid} seen before")
+        if len(run.streams) >= _MAX_DESCRIPTORS_PER_RUN:
+            raise _Reject(
+                "bad_document", f"run {run.uid}: more than {_MAX_DESCRIPTORS_PER_RUN} descriptors"
+            )
+        data_keys: Mapping[str, Mapping[str, Any]] = doc["data_keys"]
+        image_key = self._config.image_key
+        if image_key is None:
+            image_key = next((k for k, v in data_keys.items() if is_image_data_key(v)), None)
+        elif image_key not in data_keys:
+            image_key = None
+        external = frozenset(k for k, v in data_keys.items() if v.get("external"))
+        run.streams[uid] = _Stream(image_key, external)
+        self._descriptor_run[uid] = run.uid
+        run.filler.descriptor(doc)
+        for obj in (doc.get("configuration") or {}).values():
+            flat = (obj.get("data") or {}).get(self._config.flat_field_key)
+            if flat is not None:
+                self._set_flat(run, flat, f"descriptor {uid} configuration")
+
+    def resource(self, doc: Resource) -> None:
+        uid = doc["uid"]
+        run_uid = doc.get("run_start")
+        if run_uid is None and len(self._runs) == 1:
+            run_uid = next(iter(self._runs))
+        run = self._run(run_uid, f"resource {uid}")
+        if uid in self._resource_run:
+            raise _Reject("duplicate_uid", f"resource {uid} seen before")
+        run.resources[uid] = None
+        if len(run.resources) > self._config.max_resources_per_run:
+            oldest = next(iter(run.resources))
+            del run.resources[oldest]
+            self._resource_run.pop(oldest, None)
+        self._resource_run[uid] = run.uid
+        run.filler.resource(doc)
+
+    def datum(self, doc: Datum) -> Datum:
+        resource = doc["resource"]
+        run_uid = self._resource_run.get(resource)
+        if run_uid is None:
+            raise _Reject(
+                "unknown_resource", f"datum {doc['datum_id']} for unknown resource {resource}"
+            )
+        self._run(run_uid, f"datum {doc['datum_id']}").filler.datum(doc)
+        return doc
+
+    def datum_page(self, doc: DatumPage) -> None:
+        for datum in unpack_datum_page(doc):
+            self.datum(datum)
+
+    def event_page(self, doc: EventPage) -> EventPage:
+        for event in unpack_event_page(doc):
+            try:
+                self.event(event)
+            except _Reject as rej:  # one bad event does not lose the rest of the page
+                self._sink.rejected(rej.reason, rej.detail)
+        return doc
+
+    def event(self, doc: Event) -> Event:
+        self._frames_from_event(doc)
+        return doc
+
+    def _frames_from_event(self, doc: Event) -> None:
+        uid, descriptor = doc["uid"], doc["descriptor"]
+        run_uid = self._descriptor_run.get(descriptor)
+        if run_uid is None:
+            raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor}")
+        run = self._run(run_uid, f"event {uid}")
+        if uid in run.recent_events:
+            raise _Reject("duplicate_uid", f"event {uid} seen before")
+        run.recent_events[uid] = None
+        stream = run.streams[descriptor]
+        flat_key = self._config.flat_field_key
+        wanted = {k for k in (stream.image_key, flat_key) if k is not None and k in doc["data"]}
+        if stream.image_key is not None and stream.image_key not in wanted:
+            raise _Reject("missing_image", f"event {uid} lacks image field {stream.image_key!r}")
+        if not wanted:
+            return
+        doc = self._fill(run, doc, wanted, stream.external_keys)
+        if flat_key in wanted:
+            self._set_flat(run, doc["data"][flat_key], f"event {uid}")
+        if stream.image_key is None:
+            return
+        timestamps = doc.get("timestamps") or {}
+        ts = float(timestamps[stream.image_key] if stream.image_key in timestamps else doc["time"])
+        for k, image in self._images(doc["data"][stream.image_key], uid):
+            run.frames += 1
+            self._sink.frame(
+                FrameJob(
+                    run_uid=run.uid,
+                    frame_uid=uid if k is None else f"{uid}/{k}",
+                    seq_num=run.frames,
+                    frame=image,
+                    timestamp=ts,
+                    metadata=dataclasses.replace(run.metadata, flat_field=run.flat_field),
+                    received_monotonic=self._clock(),
+                )
+            )
+
+    def stop(self, doc: RunStop) -> None:
+        run = self._run(doc["run_start"], f"stop {doc['uid']}")
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]))
+        self._forget(run)
+        self._sink.run_stopped(stopped)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _fill(run: _Run, doc: Event, keys: set[str], external: frozenset[str]) -> Event:
+        """The event with file-backed values of ``keys`` loaded (a copy when anything is filled).
+
+        A key needs filling when the event says ``filled: False`` for it, or says nothing and the
+        descriptor marks it ``external``.
+        """
+        filled = doc.get("filled") or {}
+        todo = {k for k in keys if filled.get(k) is False or (k not in filled and k in external)}
+        if not todo:
+            return doc
+        uid = doc["uid"]
+        try:
+            filled_doc: Event = run.filler.fill_event(doc, include=todo, inplace=False)
+            return filled_doc
+        except UnresolvableForeignKeyError as err:
+            raise _Reject("fill_failed", f"event {uid}: unknown datum or resource: {err}") from None
+        except UndefinedAssetSpecification as err:
+            raise _Reject("fill_failed", f"event {uid}: no handler: {err}") from None
+        except Exception as err:  # handlers read arbitrary files: any failure is the data's
+            cause = err.__cause__ or err  # event-model wraps the handler's error
+            raise _Reject("fill_failed", f"event {uid}: {cause!r:.300}") from None
+
+    def _set_flat(self, run: _Run, value: Any, where: str) -> None:
+        arr = _image_array(value)
+        if arr is None:
+            self._sink.rejected(
+                "bad_metadata", f"run {run.uid}: {where}: flat field is not a 2-D numeric array"
+            )
+        else:
+            run.flat_field = arr
+
+    @staticmethod
+    def _images(value: Any, uid: str) -> list[tuple[int | None, np.ndarray]]:
+        """(k, image): k None for a single image, else the index within an N x H x W stack."""
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):
+            raise _Reject("bad_shape", f"event {uid}: image is not an array") from None
+        if arr.dtype.kind not in "biuf":
+            raise _Reject("bad_dtype", f"event {uid}: image dtype {arr.dtype} is not numeric")
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim == 2:
+            return [(None, arr)]
+        if arr.ndim == 3:
+            return [(k, arr[k]) for k in range(arr.shape[0])]
+        raise _Reject("bad_shape", f"event {uid}: image shape {arr.shape} is not 2-D or N x H x W")
+
+
+_HANDLED = frozenset(
+    {"start", "descriptor", "event", "event_page", "resource", "datum", "datum_page", "stop"}
+)
