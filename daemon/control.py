@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import zmq
@@ -25,6 +24,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from nanoseg.config_io import StrictModel, format_validation_error
 from nanoseg.postprocess import NestedSuppression
+from nanoseg_daemon.ingest_config import CurveConfig
 
 
 class StatusRequest(StrictModel):
@@ -59,13 +59,6 @@ ControlRequest = Annotated[
 REQUEST = TypeAdapter(ControlRequest)
 
 
-class CurveConfig(StrictModel):
-    """CurveZMQ: this server's secret key file and a directory of authorised client public keys."""
-
-    server_secret_key: Path
-    authorized_clients_dir: Path
-
-
 def parse_request(raw: bytes) -> BaseModel:
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -82,9 +75,14 @@ def apply_curve_server(sock: zmq.Socket, ctx: zmq.Context, curve: CurveConfig) -
     from zmq.auth import load_certificate
     from zmq.auth.thread import ThreadAuthenticator
 
+    if curve.server_secret_key is None:
+        raise ValueError("control.curve.server_secret_key is required for a CURVE control socket")
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
+    if curve.authorized_clients_dir is not None:
+        auth.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
+    else:
+        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
     public, secret = load_certificate(str(curve.server_secret_key))
     if secret is None:
         raise ValueError(f"{curve.server_secret_key}: not a secret key file")

@@ -145,7 +145,7 @@ class RawIngestConfig(StrictModel):
         min_length=1,
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Name of this input in identifiers: run 'raw:<source>:<run>', "
-        "frame 'raw:<source>:<frame_id>'.",
+        "frame 'raw:<source>:<run>:<frame_id>'.",
     )
     max_frame_bytes: int = Field(
         256 * MiB, ge=1, description="Largest frame buffer (prod(shape) * itemsize) accepted."

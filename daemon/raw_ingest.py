@@ -9,7 +9,7 @@ For detectors that don't speak bluesky. The header is UTF-8 JSON matching ``RawF
 The buffer holds ``prod(shape) * itemsize`` bytes, C order (row-major, y down), little-endian.
 ``{"run": "scan-42", "timestamp": ..., "end_of_run": true}`` with an empty buffer closes a run.
 The first frame of a run id produces a RunStarted before its FrameJob. Identifiers follow
-contracts.py: run ``raw:<source>:<run>``, frame ``raw:<source>:<frame_id>``.
+contracts.py: run ``raw:<source>:<run>``, frame ``raw:<source>:<run>:<frame_id>``.
 
 Every malformed message raises ``WireError`` with a reason: bad_framing (not exactly 2 parts, or
 a buffer with end_of_run), bad_header (not UTF-8, not JSON, not the schema), bad_dtype, bad_shape,
@@ -166,7 +166,7 @@ class RawFrameDecoder:
         self._runs[run_uid] += 1
         return FrameJob(
             run_uid=run_uid,
-            frame_uid=f"raw:{self._config.source}:{header.frame_id}",
+            frame_uid=f"{run_uid}:{header.frame_id}",
             seq_num=self._runs[run_uid],
             frame=frame,
             timestamp=header.timestamp,

@@ -144,6 +144,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--quiet", action="store_true")
     handlers["sweep"] = _cmd_sweep
 
+    p = sub.add_parser("serve", help="run the live segmentation daemon")
+    p.add_argument("--config", help="daemon YAML (configs/daemon/*.yaml); defaults apply without one")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value, e.g. model.engine=torch")
+    handlers["serve"] = _lazy("nanoseg_daemon.serve_cli", "cmd_serve")
+
     p = sub.add_parser("segment", help="segment image files: overlays, particle tables, distribution plots")
     p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files")
     p.add_argument("--model", help="nanoseg checkpoint (default models/default/model.pt)")

@@ -59,7 +59,7 @@ def test_a_good_frame_becomes_a_frame_job_after_its_run_started():
     np.testing.assert_array_equal(first.frame, image)
     np.testing.assert_array_equal(second.frame, image + 1)
     assert first.frame.dtype == np.uint16
-    assert (first.frame_uid, second.frame_uid) == ("raw:stxm1:7", "raw:stxm1:8b")
+    assert (first.frame_uid, second.frame_uid) == ("raw:stxm1:scan-1:7", "raw:stxm1:scan-1:8b")
     assert (first.seq_num, second.seq_num) == (1, 2)
     assert first.metadata.i0 == 4000.0
     assert first.metadata.extra == {"s": "V2O5", "frame_id": 7, "raw_run": "scan-1"}

@@ -237,7 +237,7 @@ def test_raw_frames_good_and_bad_over_a_pull_socket():
     ]
     for k, job in enumerate(sink.frames):
         np.testing.assert_array_equal(job.frame, frames[k])
-        assert job.frame_uid == f"raw:cam:{k}"
+        assert job.frame_uid == f"raw:cam:r1:{k}"
     assert sink.reasons == [reason for _, reason in bad]
     # stop() closed the socket: the same port can be bound again
     again = zmq.Context.instance().socket(zmq.PULL)
@@ -268,7 +268,7 @@ def test_a_failing_sink_does_not_kill_the_loop():
         sink.wait_for(lambda s: s.frames)
         push.close()
     assert sink.reasons == ["internal_error"]
-    assert [j.frame_uid for j in sink.frames] == ["raw:detector:1"]
+    assert [j.frame_uid for j in sink.frames] == ["raw:detector:r1:1"]
 
 
 @pytest.fixture
@@ -325,7 +325,7 @@ def test_curve_raw_input_accepts_only_authorised_detectors(curve_keys):
                 sock.close()
     finally:
         ctx.term()
-    assert [j.frame_uid for j in sink.frames] == ["raw:detector:d"]
+    assert [j.frame_uid for j in sink.frames] == ["raw:detector:r1:d"]
     np.testing.assert_array_equal(sink.frames[0].frame, image)
 
 

@@ -1,0 +1,155 @@
+"""The daemon's configuration: one YAML file (``configs/daemon/*.yaml``) validated by pydantic.
+
+Every field is documented where declared; unknown keys are errors naming the field. Environment
+variables override single values: ``NANOSEG__MODEL__ENGINE=torch`` sets ``model.engine``
+(double underscore between levels; the value is parsed as a YAML scalar).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from nanoseg.config_io import ConfigError, StrictModel, parse_config
+from nanoseg.postprocess import PostprocessConfig
+from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
+from nanoseg_daemon.queueing import Policy
+
+ENV_PREFIX = "NANOSEG__"
+
+
+class ModelSection(StrictModel):
+    path: str = Field("models/default/model.pt", description="nanoseg checkpoint; relative paths from the repository root.")
+    engine: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Inference engine.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    threads: int = Field(2, ge=1, description="CPU threads for inference.")
+    onnx_path: str | None = Field(None, description="Exported ONNX to use; None = export from the checkpoint at start.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Refuse a checkpoint with another digest.")
+    engine_cache_dir: str | None = Field(None, description="TensorRT plan cache; None = <state_dir>/engines.")
+
+
+class QueueSection(StrictModel):
+    size: int = Field(16, ge=1, description="Frames waiting for analysis at most.")
+    policy: Policy = Field("block", description="block, drop_oldest or latest_only (live view).")
+    block_timeout_s: float = Field(5.0, gt=0, description="block: how long ingest waits for space before dropping.")
+
+
+class BlueskyPublishSection(StrictModel):
+    enabled: bool = Field(True, description="Publish analysis runs as bluesky documents.")
+    address: str = Field("tcp://127.0.0.1:5567", description="The 0MQ proxy's input port (connect), or an address to bind.")
+    bind: bool = Field(False, description="Bind instead of connecting (direct subscribers, no proxy).")
+    prefix: str = Field("", description="bluesky Publisher prefix.")
+    serializer: Literal["msgpack", "json"] = Field("msgpack", description="Document encoding.")
+
+
+class SummaryPublishSection(StrictModel):
+    enabled: bool = Field(True, description="Plain JSON per-frame summaries on a PUB socket.")
+    address: str = Field("tcp://127.0.0.1:5590", description="Address the PUB socket binds.")
+
+
+class PublishSection(StrictModel):
+    bluesky: BlueskyPublishSection = Field(default_factory=BlueskyPublishSection)
+    summary: SummaryPublishSection = Field(default_factory=SummaryPublishSection)
+    run_stop_timeout_s: float = Field(3600.0, gt=0, description="Close an analysis run whose raw run sent no stop for this long after its last frame.")
+
+
+class StoreSection(StrictModel):
+    state_dir: str = Field("~/.local/state/nanoseg", description="Results database and engine caches live here.")
+    synchronous: Literal["NORMAL", "FULL"] = Field("NORMAL", description="SQLite durability: NORMAL survives process crashes, FULL also power loss.")
+    max_bytes: int | None = Field(None, ge=1 << 20, description="Cap on the database size; writes beyond fail with reason disk_full.")
+    max_pending: int = Field(1000, ge=1, description="Results kept in memory while the store fails; beyond, the oldest is lost (counted).")
+
+
+class ControlSection(StrictModel):
+    address: str = Field("tcp://127.0.0.1:5580", description="REP socket for status/pause/resume/reload_model/set.")
+    curve: CurveConfig | None = Field(None, description="CurveZMQ: only authorised clients may control the daemon.")
+
+
+class MetricsSection(StrictModel):
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz over HTTP.")
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(9109, ge=0, le=65535, description="HTTP port (0 = any free port).")
+
+
+class ShutdownSection(StrictModel):
+    drain_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, finish queued frames within this time.")
+
+
+class LogSection(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_lines: bool = Field(True, description="One JSON object per line (false: plain text).")
+
+
+class DaemonConfig(StrictModel):
+    """``nanoseg serve --config FILE``."""
+
+    name: str = Field("nanoseg", description="Instance name, in logs and status.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    profile: str = Field("ptychography", description="Default frame profile (configs/profiles or a path).")
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    queue: QueueSection = Field(default_factory=QueueSection)
+    publish: PublishSection = Field(default_factory=PublishSection)
+    store: StoreSection = Field(default_factory=StoreSection)
+    control: ControlSection = Field(default_factory=ControlSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    shutdown: ShutdownSection = Field(default_factory=ShutdownSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(os.path.expanduser(self.store.state_dir))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
+    """Set dotted keys (``model.engine``) to YAML-parsed values in a nested dict (copied)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, raw in overrides.items():
+        keys = [k for k in dotted.split(".") if k]
+        if not keys:
+            raise ConfigError(f"{source}: empty key in override {dotted!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
+            node = nxt
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """``NANOSEG__A__B=v`` -> ``{"a.b": "v"}``."""
+    return {k[len(ENV_PREFIX):].lower().replace("__", "."): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+
+
+def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | None = None,
+                       environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """File (optional) < environment < explicit overrides; validated once."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config: {err.strerror or err}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: <root>: expected a mapping")
+        data = loaded or {}
+    data = apply_overrides(data, env_overrides(os.environ if environ is None else environ), f"{source} (environment)")
+    data = apply_overrides(data, overrides or {}, f"{source} (--set)")
+    return parse_config(data, DaemonConfig, source)
