@@ -17,6 +17,7 @@ from pydantic import Field
 
 from nanoseg.config_io import ConfigError, StrictModel, parse_config
 from nanoseg.postprocess import PostprocessConfig
+from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
 from nanoseg_daemon.queueing import Policy
 
@@ -100,6 +101,7 @@ class DaemonConfig(StrictModel):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     shutdown: ShutdownSection = Field(default_factory=ShutdownSection)
     log: LogSection = Field(default_factory=LogSection)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig, description="Per-run growth series, EWMA, rates and alarm rules.")
 
     @property
     def state_dir(self) -> Path:

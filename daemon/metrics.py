@@ -38,6 +38,12 @@ class DaemonMetrics:
         self.publish_dropped = Counter("nanoseg_publish_dropped_total", "Messages not published", ["channel"], registry=r)
         self.paused = Gauge("nanoseg_paused", "1 while analysis is paused", registry=r)
         self.ready = Gauge("nanoseg_ready", "1 when serving", registry=r)
+        # growth monitoring (daemon/growth.py); the quantity label carries the unit (length_nm, count, ...)
+        self.growth_ewma = Gauge("nanoseg_growth_ewma", "EWMA of a per-frame quantity, latest frame's run", ["quantity"], registry=r)
+        self.growth_rate_per_frame = Gauge("nanoseg_growth_rate_per_frame", "Change of the EWMA per frame", ["quantity"], registry=r)
+        self.growth_rate_per_second = Gauge("nanoseg_growth_rate_per_second", "Change of the EWMA per second of acquisition time", ["quantity"], registry=r)
+        self.growth_alarm_active = Gauge("nanoseg_growth_alarm_active", "1 while a growth alarm rule holds", ["rule"], registry=r)
+        self.growth_alarms = Counter("nanoseg_growth_alarms_total", "Growth alarms raised", ["rule"], registry=r)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

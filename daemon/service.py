@@ -22,6 +22,7 @@ from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg_daemon import control as ctl
 from nanoseg_daemon.config import DaemonConfig
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.growth import GrowthMonitor
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics, MetricsServer
 from nanoseg_daemon.model_slot import ModelSlot, load_model
@@ -37,6 +38,7 @@ class Service:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.metrics = DaemonMetrics()
+        self.growth = GrowthMonitor(cfg.growth, self.metrics)
         self.started = time.time()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.profiles = ProfileBook(cfg.profile)
@@ -207,6 +209,8 @@ class Service:
             self._publish_doc(name, doc)
         except ValueError as err:  # out of order within a run: stored, not published as an event
             log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
+        for name, doc in self.growth.observe(result, run.start_doc):  # alarms stream of the analysis run
+            self._publish_doc(name, doc)
         if self.summary_pub is not None and not self.summary_pub.publish(result):
             self.metrics.publish_dropped.labels("summary").inc()
         self._last_activity[result.run_uid] = time.monotonic()

@@ -167,6 +167,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_results(sub)
     handlers["results"] = _lazy("nanoseg_daemon.results_cli", "cmd_results")
 
+    from nanoseg_sim.cli import add_parsers as add_simulator
+
+    handlers.update(add_simulator(sub))
+
     p = sub.add_parser("models", help="manage model checkpoints")
     models = p.add_subparsers(dest="models_command", required=True)
     q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")

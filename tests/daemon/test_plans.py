@@ -1,0 +1,45 @@
+"""daemon/plans.py: the pure decisions of the plans (the plans themselves run in
+tests/simulator/test_beamline_loop.py against a real daemon)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nanoseg_daemon.plans import GrowthStop, next_exposure
+
+
+def test_growth_stop_on_target_uses_the_smoothed_length() -> None:
+    stop = GrowthStop(target_nm=500, stall_rate_nm_per_frame=5, stall_frames=3, smoothing=0.5)
+    verdicts = [stop.update(x) for x in (300, 400, 700, 600)]
+    # smoothed: 300, 350, 525 -> the single 700 nm frame lifts the average over 500 only at frame 3
+    assert verdicts == [None, None, "target_reached", "target_reached"]
+    assert stop.smoothed[:3] == [300, 350, 525]
+
+
+def test_growth_stop_on_stall_after_consecutive_slow_frames() -> None:
+    stop = GrowthStop(target_nm=10_000, stall_rate_nm_per_frame=5, stall_frames=3, smoothing=1.0)
+    lengths = [100, 200, 202, 300, 302, 303, 304]
+    verdicts = [stop.update(x) for x in lengths]
+    # rates: -, 100, 2 (1), 98 (reset), 2 (1), 1 (2), 1 (3) -> stalled at the 7th frame
+    assert verdicts == [None] * 6 + ["stalled"]
+
+
+def test_growth_stop_ignores_frames_without_particles() -> None:
+    stop = GrowthStop(target_nm=1000, stall_rate_nm_per_frame=5, stall_frames=2, smoothing=1.0)
+    assert [stop.update(x) for x in (100, math.nan, math.nan, 200, 201)] == [None] * 5
+    assert stop.stalled == 1
+
+
+@pytest.mark.parametrize(("counts", "exposure", "expected"), [
+    ([0], 0.1, 0.2),  # too few particles: more signal
+    ([5, 1], 0.8, 1.0),  # capped at the upper limit
+    ([5, 6], 0.1, 0.05),  # stable within 1: save dose
+    ([5, 6], 0.006, 0.005),  # floored at the lower limit
+    ([3, 9], 0.1, 0.1),  # changing: keep
+    ([7], 0.1, 0.1),  # one frame cannot be stable
+])
+def test_next_exposure(counts: list[int], exposure: float, expected: float) -> None:
+    got = next_exposure(counts, exposure, min_count=3, stable_frames=2, tolerance=1, limits=(0.005, 1.0))
+    assert got == pytest.approx(expected)
