@@ -173,6 +173,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 
     p = sub.add_parser("models", help="manage model checkpoints")
     models = p.add_subparsers(dest="models_command", required=True)
+    q = models.add_parser("release", help="ship a training run: fp16 checkpoint, evaluation, model card")
+    q.add_argument("run_dir", help="training run directory (config.yaml + last.pt)")
+    q.add_argument("--out", default="models/default")
+    q.add_argument("--test-set", required=True, help="held-out COCO data set (nanoseg generate ... --seed 2)")
+    q.add_argument("--real-image", help="a real image to segment for the card's overlay")
+    q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(models_handler=_lazy("nanoseg_training.release_model", "cmd_release"))
+
     q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")
     q.add_argument("config", help="the full detectron2 config YAML (cfg.dump())")
     q.add_argument("weights", help="detectron2 checkpoint, e.g. model_final.pth")
