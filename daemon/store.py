@@ -131,8 +131,24 @@ def _run_metadata(ev: RunStarted) -> dict[str, Any]:
         "flat_field_shape": None if m.flat_field is None else list(m.flat_field.shape),
         "dark_frame_shape": None if m.dark_frame is None else list(m.dark_frame.shape),
         "extra": m.extra,
-        "start_doc": ev.start_doc,
+        "start_doc": _without_images(ev.start_doc),
     }
+
+
+def _without_images(obj: Any, max_elements: int = 64) -> Any:
+    """The start document with large arrays (dark frames, flat fields) replaced by their shape.
+
+    Images belong to the raw data, not to the results database (a 512 x 512 dark frame is ~1 MB
+    of JSON per run).
+    """
+    if isinstance(obj, np.ndarray) and obj.size > max_elements:
+        return {"array_shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if isinstance(obj, list) and len(obj) > max_elements:
+        arr = np.asarray(obj, dtype=object)
+        return {"array_shape": list(arr.shape) if arr.ndim else [len(obj)], "dtype": "list"}
+    if isinstance(obj, dict):
+        return {k: _without_images(v, max_elements) for k, v in obj.items()}
+    return obj
 
 
 def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> list[tuple[Any, ...]]:

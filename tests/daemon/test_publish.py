@@ -16,7 +16,6 @@ import pytest
 import zmq
 from bluesky.callbacks.zmq import RemoteDispatcher
 from event_model import DocumentNames, compose_run, schema_validators
-from results_fixtures import WIRES, frame_result
 
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.publish import (
@@ -26,6 +25,7 @@ from nanoseg_daemon.publish import (
     DocumentPublisher,
     SummaryPublisher,
 )
+from tests.daemon.results_fixtures import WIRES, frame_result
 
 PROCESSING = {"profile": "ptychography", "score_threshold": 0.7, "nms.iou": 0.5}
 

@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from results_fixtures import WIRES, frame_result
 
 from nanoseg.cli import main
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.contracts import FrameMetadata, RunStarted, RunStopped
 from nanoseg_daemon.store import ResultStore, default_path
+from tests.daemon.results_fixtures import WIRES, frame_result
 
 
 @pytest.fixture

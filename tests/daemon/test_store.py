@@ -7,11 +7,11 @@ import threading
 
 import numpy as np
 import pytest
-from results_fixtures import WIRES, frame_result
 
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.contracts import FrameMetadata, RunStarted, RunStopped
 from nanoseg_daemon.store import ResultReader, ResultStore, StoreError, default_path
+from tests.daemon.results_fixtures import WIRES, frame_result
 
 
 def _started(run_uid: str, t: float = 1_699_999_999.0) -> RunStarted:
@@ -155,3 +155,16 @@ def test_schema_version_mismatch_is_refused(tmp_path):
 def test_reader_of_missing_store(tmp_path):
     with pytest.raises(FileNotFoundError):
         ResultReader(tmp_path / "absent.sqlite3")
+
+
+def test_images_in_the_start_document_are_not_copied_into_the_store(tmp_path):
+    dark = np.full((512, 512), 100, np.uint16)
+    s = ResultStore(default_path(tmp_path))
+    start = {"uid": "big", "time": 1.0, "dark": dark, "nested": {"flat": dark.tolist()}, "scan_id": 3}
+    s.add_run(RunStarted("big", FrameMetadata(dark_frame=dark), start, 1.0), "m@1")
+    s.close()
+    con = sqlite3.connect(default_path(tmp_path))
+    (meta,) = con.execute("select metadata from runs where run_uid = 'big'").fetchone()
+    con.close()
+    assert len(meta) < 2000
+    assert '"array_shape":[512,512]' in meta and '"scan_id":3' in meta
