@@ -94,3 +94,4 @@ class FrameResult:
     invalid_pixels: dict[str, int]
     timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
+    received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency

@@ -97,6 +97,7 @@ def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
         model_version=model.version, invalid_pixels=p.frame.invalid.to_dict(),
         timings={"prepare": p.seconds, "infer": t1 - t0, "postprocess": t2 - t1, "stats": t3 - t2},
         metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
+        received_monotonic=p.job.received_monotonic,
     )
 
 

@@ -220,6 +220,8 @@ class Service:
         self.metrics.last_frame.set(time.time())
         for stage, seconds in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
+        if result.received_monotonic > 0:  # 0.0: a result built without an ingest time
+            self.metrics.latency_seconds.observe(time.monotonic() - result.received_monotonic)
 
     def _publish_doc(self, name: str, doc: dict[str, Any]) -> None:
         if self.doc_pub is not None and not self.doc_pub(name, doc):
