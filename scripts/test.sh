@@ -7,4 +7,5 @@ VENV="${NANOSEG_VENV:-.venv}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before anything loads torch's OpenMP: workers sleep instead of spinning, so parallel test
+# processes (and a training job) on 2 cores do not starve each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 
