@@ -51,7 +51,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"max_iter": args.max_iter})})
     if args.data is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": args.data, "generate": None})})
-    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet)
+    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet,
+                args.stop_after)
     print(f"{'finished' if out.name == 'model_final.pt' else 'stopped, resume with --resume'}: {out}")
     return 0
 
@@ -114,6 +115,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--max-iter", type=int, help="override solver.max_iter")
     p.add_argument("--max-minutes", type=float, help="stop (resumably) after this wall time")
+    p.add_argument("--stop-after", type=int, help="stop (resumably) after this many iterations in total")
     p.add_argument("--data", help="use this COCO data set directory instead of the config's")
     p.add_argument("--quiet", action="store_true")
     handlers["train"] = _cmd_train
@@ -189,6 +191,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     q.add_argument("--out", required=True, help="output directory: model.pt and import_report.json")
     q.add_argument("--pixel-size-nm", type=float, help="pixel size of the training images, nm (default 1)")
     q.set_defaults(models_handler=_cmd_import_detectron2)
+    from nanoseg_training.registry_cli import add_parsers as add_registry
+
+    add_registry(models)  # list, register, show, promote, rollback, export-triton
     handlers["models"] = lambda args: int(args.models_handler(args))
 
     return parser, handlers

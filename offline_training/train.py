@@ -87,8 +87,12 @@ def init_distributed() -> DistInfo:
 
 
 def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
-          max_minutes: float | None = None, progress: bool = True) -> Path:
-    """Train; returns the path of ``model_final.pt`` (or of ``last.pt`` when stopped by time)."""
+          max_minutes: float | None = None, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train; returns the path of ``model_final.pt`` (or of ``last.pt`` when stopped early).
+
+    ``max_minutes`` / ``stop_after`` (an iteration count) stop a run early and resumably, with
+    the schedule of the full ``max_iter``: a sitting-limited run continues with ``--resume``.
+    """
     dist = init_distributed()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + dist.rank)
@@ -117,6 +121,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
+        if "rng" in state:  # ROI/anchor sampling draws from torch's RNG: continue its stream
+            torch.set_rng_state(state["rng"])
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -125,6 +131,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=range(start, cfg.solver.max_iter),
         num_workers=cfg.workers, persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG stream for the model
     )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -162,7 +169,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
                 bar.set_postfix(loss=f"{vals['loss']:.3f}", mask=f"{vals['loss_mask']:.3f}", lr=f"{lr_at(cfg, it):.4f}")
             if dist.main and done % cfg.checkpoint_period == 0:
                 _save_state(last, model, opt, done)
-            if max_minutes is not None and (time.monotonic() - t_start) > 60 * max_minutes:
+            if (max_minutes is not None and (time.monotonic() - t_start) > 60 * max_minutes) or \
+                    (stop_after is not None and done >= stop_after):
                 stopped_by_time = done < cfg.solver.max_iter
                 break
     done = it + 1 if cfg.solver.max_iter > start else start
@@ -245,7 +253,8 @@ def _elapsed(run_dir: Path) -> float:
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, iteration: int) -> None:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration}, tmp)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
+                "rng": torch.get_rng_state()}, tmp)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,107 @@
+"""nanoseg train on a tiny data set: loss decreases, resume is exact, bad data is named."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanoseg.checkpoint import load_checkpoint
+from nanoseg.config_io import ConfigError, parse_config
+from nanoseg_training.train import lr_at, train
+from nanoseg_training.train_config import TrainConfig
+from nanoseg_training.train_data import BadSampleError, BatchDataset, CocoSource
+from tests.offline_training.conftest import WrittenDataset
+
+
+def tiny_config(data: Path, max_iter: int, **solver: float) -> TrainConfig:
+    return parse_config({
+        "name": "tiny", "seed": 3, "threads": 1, "workers": 0, "checkpoint_period": 5, "log_period": 1,
+        "model": {"backbone": "resnet18", "fpn_channels": 32, "box_head_dim": 64, "mask_head_layers": [32],
+                  "anchor_sizes": [8, 16, 32, 64, 128], "box_batch_size_per_image": 32,
+                  "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100},
+        "data": {"train": str(data), "generate": None, "crop_sizes": [96], "crop_weights": [1.0]},
+        "augment": {"rot90": 0.0, "hflip": 0.0, "vflip": 0.0, "brightness": [1.0, 1.0], "contrast": [1.0, 1.0]},
+        "solver": {"batch_size": 2, "base_lr": 0.01, "warmup_iters": 2, "max_iter": max_iter, **solver},
+        "input_spec": {"pixel_size_nm": 8.0, "size": 96},
+    }, TrainConfig)
+
+
+def losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_loss_decreases_and_final_checkpoint_rebuilds(dataset: WrittenDataset, tmp_path: Path) -> None:
+    out = train(tiny_config(dataset.root, 40), tmp_path / "run", progress=False)
+    assert out.name == "model_final.pt"
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 40
+    assert np.mean(curve[-8:]) < 0.7 * np.mean(curve[:4]), curve
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["iterations"] == 40 and ckpt.input_spec["size"] == 96
+    model = ckpt.build()
+    with torch.no_grad():
+        model([torch.zeros(1, 96, 96)])  # rebuilds and runs from the checkpoint alone
+
+
+def test_resume_continues_exactly(dataset: WrittenDataset, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(tiny_config(dataset.root, 10), straight, progress=False)
+    split = tmp_path / "split"
+    assert train(tiny_config(dataset.root, 10), split, progress=False, stop_after=5).name == "last.pt"
+    with pytest.raises(FileExistsError):
+        train(tiny_config(dataset.root, 10), split, progress=False)  # refuses to overwrite a run
+    train(tiny_config(dataset.root, 10), split, resume=True, progress=False)
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(split / "last.pt", weights_only=True)["model"]
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+    assert losses(split)[5:] == pytest.approx(losses(straight)[5:], rel=1e-3)
+
+
+def test_lr_schedule_warmup_and_steps(dataset: WrittenDataset) -> None:
+    cfg = tiny_config(dataset.root, 100)
+    assert lr_at(cfg, 0) == pytest.approx(0.01 * 0.001)
+    assert lr_at(cfg, 50) == pytest.approx(0.01)
+    assert lr_at(cfg, 80) == pytest.approx(0.001)
+    assert lr_at(cfg, 95) == pytest.approx(0.0001)
+
+
+def test_bad_data_is_named_or_skipped_and_counted(dataset: WrittenDataset, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset.root, broken)
+    coco = json.loads((broken / "annotations.json").read_text())
+    (broken / coco["images"][0]["file_name"]).unlink()
+    first = coco["images"][1]["id"]
+    for a in coco["annotations"]:
+        if a["image_id"] == first:
+            a["segmentation"]["counts"] = "garbage!!"
+    (broken / "annotations.json").write_text(json.dumps(coco))
+    src = CocoSource(broken)
+    with pytest.raises(BadSampleError, match=coco["images"][0]["file_name"]):
+        src.load(0)
+    with pytest.raises(BadSampleError, match="corrupt mask"):
+        src.load(1)
+    cfg = tiny_config(broken, 5)
+    skipping = BatchDataset(src, cfg.data.model_copy(update={"on_bad_sample": "skip"}), cfg.augment, 4, 0)
+    images, _targets, skipped = skipping[0]
+    assert len(images) == 4 and skipped >= 0
+    total = sum(skipping[i][2] for i in range(20))
+    assert total > 0  # 2 of 6 images are bad: some of 80 draws hit them
+    strict = BatchDataset(src, cfg.data, cfg.augment, 4, 0)
+    with pytest.raises(BadSampleError):
+        for i in range(20):
+            strict[i]
+
+
+def test_unknown_training_key_names_the_field(dataset: WrittenDataset) -> None:
+    with pytest.raises(ConfigError, match=r"solver\.learning_rate: unknown key"):
+        parse_config({"name": "x", "solver": {"learning_rate": 0.1}}, TrainConfig)
+    with pytest.raises(ConfigError, match=r"data: crop_sizes and crop_weights"):
+        parse_config({"name": "x", "data": {"crop_sizes": [64], "crop_weights": [1, 2]}}, TrainConfig)
