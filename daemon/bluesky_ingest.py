@@ -55,7 +55,14 @@ from event_model import (
     unpack_event_page,
 )
 
-from nanoseg_daemon.contracts import FrameJob, FrameMetadata, IngestSink, RunStarted, RunStopped
+from nanoseg_daemon.contracts import (
+    ANALYSIS_PLAN_NAME,
+    FrameJob,
+    FrameMetadata,
+    IngestSink,
+    RunStarted,
+    RunStopped,
+)
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig
 from nanoseg_daemon.wire import RejectReason
 
@@ -248,6 +255,9 @@ class BlueskyRouter(DocumentRouter):
         self._descriptor_run: dict[str, str] = {}
         self._resource_run: dict[str, str] = {}
         self._closed_runs = BoundedDict(_RECENT_CLOSED_RUNS)
+        # Analysis runs (ours or another nanoseg's) travel through the same proxy: not raw data.
+        self._analysis_runs = BoundedDict(_RECENT_CLOSED_RUNS)
+        self._analysis_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -298,6 +308,9 @@ class BlueskyRouter(DocumentRouter):
         uid, start_time = doc["uid"], float(doc["time"])
         if not isinstance(uid, str):
             raise _Reject("bad_document", "start: uid is not a string")
+        if doc.get("plan_name") == ANALYSIS_PLAN_NAME or "raw_run_uid" in doc:
+            self._analysis_runs[uid] = None  # never analyse an analysis run (a feedback loop)
+            return
         if uid in self._runs or uid in self._closed_runs:
             raise _Reject("duplicate_uid", f"start {uid} seen before")
         metadata, problems = metadata_from_start(
@@ -327,6 +340,9 @@ class BlueskyRouter(DocumentRouter):
 
     def descriptor(self, doc: EventDescriptor) -> None:
         uid = doc["uid"]
+        if doc["run_start"] in self._analysis_runs:
+            self._analysis_descriptors[uid] = None
+            return
         run = self._run(doc["run_start"], f"descriptor {uid}")
         if uid in self._descriptor_run:
             raise _Reject("duplicate_uid", f"descriptor {uid} seen before")
@@ -393,6 +409,8 @@ class BlueskyRouter(DocumentRouter):
 
     def _frames_from_event(self, doc: Event) -> None:
         uid, descriptor = doc["uid"], doc["descriptor"]
+        if descriptor in self._analysis_descriptors:
+            return
         run_uid = self._descriptor_run.get(descriptor)
         if run_uid is None:
             raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor}")
@@ -429,6 +447,8 @@ class BlueskyRouter(DocumentRouter):
             )
 
     def stop(self, doc: RunStop) -> None:
+        if doc["run_start"] in self._analysis_runs:
+            return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
         stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]))
         self._forget(run)

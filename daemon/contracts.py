@@ -95,3 +95,7 @@ class FrameResult:
     timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
     received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency
+
+
+ANALYSIS_PLAN_NAME = "nanoseg_analysis"
+"""``plan_name`` of the analysis runs the daemon publishes; ingest never analyses such a run."""

@@ -19,6 +19,10 @@ subscribers. Serializer msgpack with ``msgpack_numpy`` hooks (default; readers u
 ``msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
 reads). Summary topic: a two-frame message ``[b"nanoseg.summary", JSON body]`` (strict JSON).
 
+CurveZMQ (optional, ``curve``): a bound socket is a CURVE server (ZAP domain ``publish``, clients
+from ``authorized_clients_dir``), a connecting one a CURVE client of the proxy
+(``client_secret_key``, ``proxy_public_key``).
+
 Never blocking: the sockets are XPUB with a send high-water mark, and sends are ``NOBLOCK``: with
 ``XPUB_NODROP`` (default, ``count_drops=True``) a message that a full subscriber queue cannot take
 is dropped and counted in ``dropped`` (a metric) instead of stalling the pipeline. A publisher is
@@ -41,7 +45,9 @@ from event_model import compose_run
 
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import FrameSummary
-from nanoseg_daemon.contracts import FrameResult
+from nanoseg_daemon.contracts import ANALYSIS_PLAN_NAME, FrameResult
+from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
+from nanoseg_daemon.ingest_config import CurveConfig
 from nanoseg_daemon.store import json_safe
 
 STREAM = "primary"
@@ -134,7 +140,7 @@ class AnalysisRun:
     ) -> None:
         self.raw_run_uid = raw_run_uid
         metadata = {
-            "plan_name": "nanoseg_analysis",
+            "plan_name": ANALYSIS_PLAN_NAME,
             "raw_run_uid": raw_run_uid,
             "model_version": model_version,
             "processing": _start_safe(json_safe(dict(processing))),
@@ -214,7 +220,8 @@ class _PubSocket:
     """
 
     def __init__(
-        self, address: str, *, bind: bool, hwm: int, context: zmq.Context | None, count_drops: bool
+        self, address: str, *, bind: bool, hwm: int, context: zmq.Context | None, count_drops: bool,
+        curve: CurveConfig | None = None,
     ) -> None:
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
@@ -222,6 +229,11 @@ class _PubSocket:
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.XPUB_NODROP, int(count_drops))
         self._socket.setsockopt(zmq.LINGER, 1000)  # close waits at most 1 s for queued messages
+        self._auth: CurveServer | None = None
+        if curve is not None and bind:
+            self._auth = curve_server(self._socket, self._context, curve, domain="publish")
+        elif curve is not None:
+            curve_client(self._socket, curve)
         if bind:
             self._socket.bind(address)
             self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves port '*'
@@ -250,6 +262,8 @@ class _PubSocket:
 
     def close(self) -> None:
         self._socket.close()
+        if self._auth is not None:
+            self._auth.stop()
         if self._own_context:
             self._context.term()
 
@@ -267,12 +281,14 @@ class DocumentPublisher:
         hwm: int = 1000,
         context: zmq.Context | None = None,
         count_drops: bool = True,
+        curve: CurveConfig | None = None,
     ) -> None:
         if b" " in prefix:
             raise ValueError(f"prefix {prefix!r} may not contain b' '")
         self._prefix = prefix
         self._serializer = SERIALIZERS[serializer] if isinstance(serializer, str) else serializer
-        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops)
+        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops,
+                                curve=curve)
         self.address = self._sock.address
 
     def __call__(self, name: str, doc: Mapping[str, Any]) -> bool:
@@ -321,8 +337,10 @@ class SummaryPublisher:
         hwm: int = 1000,
         context: zmq.Context | None = None,
         count_drops: bool = True,
+        curve: CurveConfig | None = None,
     ) -> None:
-        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops)
+        self._sock = _PubSocket(address, bind=bind, hwm=hwm, context=context, count_drops=count_drops,
+                                curve=curve)
         self.address = self._sock.address
 
     def publish(self, result: FrameResult) -> bool:

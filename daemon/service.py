@@ -55,10 +55,11 @@ class Service:
                                                   lambda i: isinstance(i, FrameJob), self._dropped)
         self.stages = Stages(self._next_item, self.profiles,
                              StageCallbacks(self._output, self._failed, lambda: self.slot.current, self._is_paused))
-        pb = cfg.publish.bluesky
+        pb, hwm, curve = cfg.publish.bluesky, cfg.publish.send_hwm, cfg.publish.curve
         self.doc_pub = (DocumentPublisher(pb.address, bind=pb.bind, prefix=pb.prefix.encode(), serializer=pb.serializer,
-                                          context=self.ctx) if pb.enabled else None)
-        self.summary_pub = SummaryPublisher(cfg.publish.summary.address, context=self.ctx) if cfg.publish.summary.enabled else None
+                                          hwm=hwm, context=self.ctx, curve=curve) if pb.enabled else None)
+        self.summary_pub = (SummaryPublisher(cfg.publish.summary.address, hwm=hwm, context=self.ctx, curve=curve)
+                            if cfg.publish.summary.enabled else None)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.ingest = ZmqIngest(cfg.ingest, self, context=self.ctx)
@@ -203,6 +204,14 @@ class Service:
             self._publish_result(result, rles)
 
     def _publish_result(self, result: FrameResult, rles: list[RLE]) -> None:
+        """Count the stored result, then publish it (so counters never lag what subscribers see)."""
+        self._last_activity[result.run_uid] = time.monotonic()
+        self._processed += 1
+        self.metrics.frames_processed.inc()
+        self.metrics.particles.observe(result.summary.count)
+        self.metrics.last_frame.set(time.time())
+        for stage, seconds in result.timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
         run = self._analysis_run(result.run_uid)
         try:
             name, doc = run.event(result, rles)
@@ -213,13 +222,6 @@ class Service:
             self._publish_doc(name, doc)
         if self.summary_pub is not None and not self.summary_pub.publish(result):
             self.metrics.publish_dropped.labels("summary").inc()
-        self._last_activity[result.run_uid] = time.monotonic()
-        self._processed += 1
-        self.metrics.frames_processed.inc()
-        self.metrics.particles.observe(result.summary.count)
-        self.metrics.last_frame.set(time.time())
-        for stage, seconds in result.timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
         if result.received_monotonic > 0:  # 0.0: a result built without an ingest time
             self.metrics.latency_seconds.observe(time.monotonic() - result.received_monotonic)
 

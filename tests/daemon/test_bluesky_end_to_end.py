@@ -227,10 +227,6 @@ def test_area_detector_hdf5_files_through_resource_and_datum(beamline: Beamline,
     check_analysis(beamline, uid, raw_docs, frames, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: with one prefix for raw and analysis documents (configs/daemon/local.yaml and "
-    "beamline.yaml leave both empty) the daemon ingests its own analysis runs and answers each "
-    "stop with a new empty analysis run, an endless loop through the proxy"))
 def test_daemon_ignores_its_own_analysis_runs_without_prefixes(tmp_path: Path, trained_model_path: Path) -> None:
     in_addr, out_addr = start_proxy()
     svc = start_service(tmp_path, trained_model_path, **{
