@@ -48,25 +48,35 @@ def parse_config(data: Any, model: type[M], source: str = "<config>") -> M:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def parse_yaml(text: str, model: type[M], source: str = "<config>") -> M:
-    """Parse YAML text and validate it."""
+def yaml_mapping(text: str, source: str = "<config>") -> dict[str, Any]:
+    """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{source}: <root>: expected a mapping, got {type(data).__name__}")
-    return parse_config(data, model, source)
+    return data or {}
 
 
-def load_yaml(path: str | Path, model: type[M]) -> M:
-    """Read a YAML file and validate it against ``model``."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file holding a mapping; errors name the file."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as err:
         raise ConfigError(f"{p}: cannot read config: {err.strerror or err}") from None
-    return parse_yaml(text, model, str(p))
+    return yaml_mapping(text, str(p))
+
+
+def parse_yaml(text: str, model: type[M], source: str = "<config>") -> M:
+    """Parse YAML text and validate it."""
+    return parse_config(yaml_mapping(text, source), model, source)
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file and validate it against ``model``."""
+    return parse_config(read_yaml_mapping(path), model, str(path))
 
 
 def dump_yaml(model: BaseModel) -> str:
