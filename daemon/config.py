@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nanoseg.config_io import ConfigError, StrictModel, parse_config
 from nanoseg.postprocess import PostprocessConfig
@@ -57,6 +57,17 @@ class PublishSection(StrictModel):
     bluesky: BlueskyPublishSection = Field(default_factory=BlueskyPublishSection)
     summary: SummaryPublishSection = Field(default_factory=SummaryPublishSection)
     run_stop_timeout_s: float = Field(3600.0, gt=0, description="Close an analysis run whose raw run sent no stop for this long after its last frame.")
+    send_hwm: int = Field(1000, ge=1, description="Messages queued per subscriber; beyond, publication drops (publish_dropped_total) rather than block analysis.")
+    curve: CurveConfig | None = Field(None, description="CurveZMQ: bound sockets (summary; bluesky with bind) are CURVE servers "
+                                      "(server_secret_key, authorized_clients_dir); bluesky connecting to a proxy is its CURVE client "
+                                      "(client_secret_key, proxy_public_key).")
+
+    @model_validator(mode="after")
+    def _curve_covers_bound_sockets(self) -> PublishSection:
+        binds = self.summary.enabled or (self.bluesky.enabled and self.bluesky.bind)
+        if self.curve is not None and binds and self.curve.server_secret_key is None:
+            raise ValueError("curve.server_secret_key is needed to secure the bound publication sockets")
+        return self
 
 
 class StoreSection(StrictModel):
@@ -106,6 +117,37 @@ class DaemonConfig(StrictModel):
     @property
     def state_dir(self) -> Path:
         return Path(os.path.expanduser(self.store.state_dir))
+
+
+def check_files(cfg: DaemonConfig, source: str) -> None:
+    """Raise ConfigError naming every field whose file or directory does not exist.
+
+    Run by ``nanoseg serve`` before anything starts, so a wrong path fails with its field named
+    (``model.path: no such file``) instead of deep inside model loading or socket setup.
+    """
+    from nanoseg.paths import REPO_ROOT, resolve_config
+
+    wanted: list[tuple[str, str | Path | None, bool]] = [  # field, path, is a directory
+        ("model.path", cfg.model.path, False), ("model.onnx_path", cfg.model.onnx_path, False)]
+    for section, curve in (("control", cfg.control.curve), ("ingest", cfg.ingest.curve), ("publish", cfg.publish.curve)):
+        if curve is not None:
+            wanted += [(f"{section}.curve.{name}", getattr(curve, name), name.endswith("_dir"))
+                       for name in ("server_secret_key", "authorized_clients_dir", "client_secret_key", "proxy_public_key")]
+    problems = []
+    for name, path, is_dir in wanted:
+        if path is None:
+            continue
+        p = Path(path).expanduser()
+        if name.startswith("model.") and not p.is_absolute() and not p.exists():
+            p = REPO_ROOT / p  # as the service resolves model paths (pipeline.repo_relative)
+        if not (p.is_dir() if is_dir else p.is_file()):
+            problems.append(f"{source}: {name}: no such {'directory' if is_dir else 'file'}: {p}")
+    try:
+        resolve_config(cfg.profile, "profiles").stat()
+    except (FileNotFoundError, OSError) as err:
+        problems.append(f"{source}: profile: {err}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from nanoseg.config_io import StrictModel, format_validation_error
 from nanoseg.postprocess import NestedSuppression
+from nanoseg_daemon.curve_auth import curve_server
 from nanoseg_daemon.ingest_config import CurveConfig
 
 
@@ -71,25 +72,13 @@ def parse_request(raw: bytes) -> BaseModel:
 
 
 def apply_curve_server(sock: zmq.Socket, ctx: zmq.Context, curve: CurveConfig) -> Any:
-    """Make ``sock`` a CURVE server; returns the authenticator thread (stop it on shutdown)."""
-    from zmq.auth import load_certificate
-    from zmq.auth.thread import ThreadAuthenticator
+    """Make ``sock`` a CURVE server; returns its handle (``stop()`` it on shutdown).
 
+    The ZAP authenticator is shared with the context's other CURVE sockets (curve_auth.py).
+    """
     if curve.server_secret_key is None:
         raise ValueError("control.curve.server_secret_key is required for a CURVE control socket")
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    if curve.authorized_clients_dir is not None:
-        auth.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
-    else:
-        auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-    public, secret = load_certificate(str(curve.server_secret_key))
-    if secret is None:
-        raise ValueError(f"{curve.server_secret_key}: not a secret key file")
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
-    return auth
+    return curve_server(sock, ctx, curve, domain="control")
 
 
 class ControlServer:

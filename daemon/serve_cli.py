@@ -8,7 +8,7 @@ import sys
 import threading
 
 from nanoseg.config_io import ConfigError
-from nanoseg_daemon.config import load_daemon_config
+from nanoseg_daemon.config import check_files, load_daemon_config
 from nanoseg_daemon.logs import log, setup_logging
 
 
@@ -24,6 +24,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_daemon_config(args.config, parse_sets(args.set or []))
+    check_files(cfg, str(args.config or "<defaults>"))
     setup_logging(cfg.log.level, cfg.log.json_lines)
     from nanoseg_daemon.service import Service
 

@@ -5,9 +5,9 @@
   wire.parse_bluesky_message and a BlueskyRouter.
 - raw frames: a PULL socket bound for detectors to PUSH to (see RawIngestConfig for why PULL);
   messages go through a RawFrameDecoder.
-- CurveZMQ (optional): the raw socket is a CURVE server whose clients are checked by a
-  zmq.auth ThreadAuthenticator against ``authorized_clients_dir``; the bluesky socket is a CURVE
-  client of the proxy when ``client_secret_key`` and ``proxy_public_key`` are set.
+- CurveZMQ (optional): the raw socket is a CURVE server whose clients are checked against
+  ``authorized_clients_dir`` by the context's shared authenticator (curve_auth.py, ZAP domain
+  ``ingest``); the bluesky socket is a CURVE client of the proxy when ``client_secret_key`` and ``proxy_public_key`` are set.
 
 A bad message never stops the loop: it is counted through ``sink.rejected(reason, detail)``; an
 unexpected exception is logged with its traceback and counted as ``internal_error``. The sockets
@@ -22,25 +22,17 @@ from types import TracebackType
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from nanoseg_daemon.bluesky_ingest import BlueskyRouter
 from nanoseg_daemon.contracts import IngestSink
-from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
+from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
+from nanoseg_daemon.ingest_config import IngestConfig
 from nanoseg_daemon.raw_ingest import MAX_HEADER_BYTES, RawFrameDecoder
 from nanoseg_daemon.wire import WireError, make_deserializer, parse_bluesky_message
 
 logger = logging.getLogger(__name__)
 
 _BATCH = 64  # messages taken from one socket before looking at the other
-
-
-def _load_keypair(path: Any, what: str) -> tuple[bytes, bytes]:
-    public, secret = zmq.auth.load_certificate(str(path))
-    if secret is None:
-        raise ValueError(f"{what} {path} holds no secret key")
-    return public, secret
 
 
 class ZmqIngest:
@@ -69,7 +61,7 @@ class ZmqIngest:
         self._decoder = RawFrameDecoder(config.raw) if config.raw.enabled else None
         self._bluesky: zmq.Socket[Any] | None = None
         self._raw: zmq.Socket[Any] | None = None
-        self._auth: ThreadAuthenticator | None = None
+        self._auth: CurveServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.raw_address: str | None = None  # the bound endpoint, port resolved
@@ -132,13 +124,8 @@ class ZmqIngest:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, bc.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, bc.rcvhwm)
-        curve = self._config.curve
-        if curve is not None and curve.client_secret_key is not None:
-            public, secret = _load_keypair(curve.client_secret_key, "client_secret_key")
-            server_public, _ = zmq.auth.load_certificate(str(curve.proxy_public_key))
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            sock.curve_serverkey = server_public
+        if self._config.curve is not None:
+            curve_client(sock, self._config.curve)
         topic = b"" if bc.subscribe_all or not self._prefix else self._prefix + b" "
         sock.setsockopt(zmq.SUBSCRIBE, topic)
         sock.connect(bc.address)
@@ -154,24 +141,10 @@ class ZmqIngest:
         sock.setsockopt(zmq.MAXMSGSIZE, limit)
         sock.setsockopt(zmq.RCVHWM, rc.rcvhwm)
         if self._config.curve is not None:
-            self._curve_server(sock, self._config.curve)
+            self._auth = curve_server(sock, self._context, self._config.curve, domain="ingest")
         sock.bind(rc.bind)
         self.raw_address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
-
-    def _curve_server(self, sock: zmq.Socket[Any], curve: CurveConfig) -> None:
-        if self._auth is None:
-            self._auth = ThreadAuthenticator(self._context)
-            self._auth.start()
-            if curve.authorized_clients_dir is None:
-                self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
-            else:
-                self._auth.configure_curve(domain="*", location=str(curve.authorized_clients_dir))
-        assert curve.server_secret_key is not None  # IngestConfig validates it
-        public, secret = _load_keypair(curve.server_secret_key, "server_secret_key")
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        sock.curve_server = True
 
     def _close_sockets(self) -> None:
         for sock in (self._bluesky, self._raw):
