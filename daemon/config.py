@@ -26,12 +26,24 @@ ENV_PREFIX = "NANOSEG__"
 
 class ModelSection(StrictModel):
     path: str = Field("models/default/model.pt", description="nanoseg checkpoint; relative paths from the repository root.")
-    engine: Literal["torch", "onnxruntime", "tensorrt"] = Field("onnxruntime", description="Inference engine.")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    engine: Literal["torch", "onnxruntime", "tensorrt", "triton"] = Field("onnxruntime", description="Inference engine.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N; engine triton: set to TRITON_URL/TRITON_MODEL.")
     threads: int = Field(2, ge=1, description="CPU threads for inference.")
     onnx_path: str | None = Field(None, description="Exported ONNX to use; None = export from the checkpoint at start.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Refuse a checkpoint with another digest.")
     engine_cache_dir: str | None = Field(None, description="TensorRT plan cache; None = <state_dir>/engines.")
+    triton_url: str | None = Field(None, description="engine triton: the server's gRPC address HOST:PORT.")
+    triton_model: str | None = Field(None, description="engine triton: the model name in the server's repository.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _triton_target(cls, data: Any) -> Any:
+        """Engine triton runs on a server: the engine factory takes it as device HOST:PORT/MODEL."""
+        if not isinstance(data, dict) or data.get("engine") != "triton":
+            return data
+        if not data.get("triton_url") or not data.get("triton_model"):
+            raise ValueError("engine triton needs model.triton_url (HOST:PORT) and model.triton_model")
+        return {**data, "device": f"{data['triton_url']}/{data['triton_model']}"}
 
 
 class QueueSection(StrictModel):

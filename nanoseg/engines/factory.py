@@ -1,4 +1,8 @@
-"""Create an engine from a model file: a nanoseg checkpoint (.pt), an ONNX file or a TensorRT plan."""
+"""Create an engine from a model file: a nanoseg checkpoint (.pt), an ONNX file or a TensorRT plan.
+
+Engine ``triton`` runs remotely: ``device`` names the server and model as ``HOST:PORT/MODEL``
+(the daemon sets it from ``model.triton_url`` and ``model.triton_model``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from nanoseg.checkpoint import Checkpoint, load_checkpoint
 from nanoseg.engines import Engine, EngineError
 from nanoseg.input_spec import InputSpec
 
-EngineKind = Literal["torch", "onnxruntime", "tensorrt"]
+EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton"]
 
 
 def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
@@ -24,6 +28,13 @@ def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cp
         from nanoseg.engines.torch_engine import TorchEngine
 
         return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads)
+    if kind == "triton":
+        from nanoseg.engines.triton_engine import TritonEngine, parse_target
+
+        remote = TritonEngine(*parse_target(device))
+        if remote.input_shape != input_shape(ckpt):
+            raise EngineError(f"triton: {device} takes {remote.input_shape}, the checkpoint's model {input_shape(ckpt)}")
+        return remote
     onnx_bytes = Path(onnx_path).read_bytes() if onnx_path else None
     if onnx_bytes is None:
         from nanoseg.export import checkpoint_metadata, export_onnx_bytes
@@ -40,7 +51,7 @@ def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cp
         from nanoseg.engines.tensorrt_engine import TensorRTEngine
 
         return TensorRTEngine.from_onnx(onnx_bytes, cache_dir=cache_dir)
-    raise EngineError(f"unknown engine {kind!r}: choose torch, onnxruntime or tensorrt")
+    raise EngineError(f"unknown engine {kind!r}: choose torch, onnxruntime, tensorrt or triton")
 
 
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,

@@ -1,0 +1,166 @@
+"""``nanoseg models list|register|show|promote|rollback|export-triton`` (``--registry DIR``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_REGISTRY_HELP = "registry directory (default $NANOSEG_REGISTRY or <cache>/registry)"
+
+
+def registry_of(args: argparse.Namespace) -> Any:
+    from nanoseg_training.registry import Registry, default_registry
+
+    return Registry(Path(args.registry) if args.registry else default_registry())
+
+
+def _refused(command: str, err: Exception) -> int:
+    print(f"nanoseg models {command}: refused: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    reg = registry_of(args)
+    cur = reg.current()
+    print(f"{'':2}{'version':8} {'created':21} {'mask AP':>8} {'box AP':>7}  source")
+    for v in reg.versions():
+        m = reg.manifest(v)
+        ev = m.evaluations[-1] if m.evaluations else None
+        ap = f"{ev.mask_ap:8.2f}" if ev and ev.mask_ap is not None else f"{'—':>8}"
+        box = f"{ev.box_ap:7.2f}" if ev and ev.box_ap is not None else f"{'—':>7}"
+        print(f"{'*' if v == cur else ' ':2}{v:8} {m.created:21} {ap} {box}  {m.source}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from nanoseg.checkpoint import CheckpointError
+    from nanoseg_training.registry import RegistryError
+
+    reg = registry_of(args)
+    try:
+        man = reg.register(args.checkpoint, args.plan)
+    except (CheckpointError, RegistryError) as err:
+        return _refused("register", err)
+    if args.val:
+        from nanoseg_training.promotion import ValidationSet, evaluate_version
+
+        ev = evaluate_version(reg, man.version, ValidationSet(Path(args.val), args.limit, args.engine, args.threads))
+        print(f"{man.version}: mask AP {ev.mask_ap} on {ev.images} validation images")
+    print(json.dumps({"version": man.version, "path": str(reg.path(man.version)),
+                      "artifacts": {k: v.sha256 for k, v in man.artifacts.items()}}))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from nanoseg_training.registry import RegistryError
+
+    reg = registry_of(args)
+    try:
+        man = reg.manifest(args.version)
+        print(man.model_dump_json(by_alias=True, indent=2))
+        reg.verify(man.version)
+    except RegistryError as err:
+        return _refused("show", err)
+    print(f"{man.version}: checksums ok{' (current)' if reg.current() == man.version else ''}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from nanoseg.checkpoint import CheckpointError
+    from nanoseg_training.evaluate import EvaluationError
+    from nanoseg_training.promotion import ValidationSet, promote, summary
+    from nanoseg_training.registry import RegistryError
+
+    reg = registry_of(args)
+    val = ValidationSet(Path(args.val), args.limit, args.engine, args.threads)
+    try:
+        s = promote(reg, args.version, val, args.margin, args.force, args.notify or [], args.timeout)
+    except (RegistryError, EvaluationError, CheckpointError) as err:
+        return _refused("promote", err)
+    if s.forced:
+        print(f"nanoseg models promote: FORCED past the AP gate (logged in {reg.root / 'history.jsonl'})",
+              file=sys.stderr)
+    print(json.dumps(summary(s)))
+    return 0 if s.all_notified else 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from nanoseg_training.promotion import rollback, summary
+    from nanoseg_training.registry import RegistryError
+
+    reg = registry_of(args)
+    try:
+        s = rollback(reg, args.notify or [], args.timeout)
+    except RegistryError as err:
+        return _refused("rollback", err)
+    print(json.dumps(summary(s)))
+    return 0 if s.all_notified else 1
+
+
+def _lazy(name: str, module: str = "nanoseg_training.registry_cli") -> Any:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return run
+
+
+def add_parsers(models: Any) -> None:
+    """Add the registry subcommands to ``nanoseg models``' subparsers."""
+    p = models.add_parser("list", help="registry versions (* = current) with their latest mask AP")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    p.set_defaults(models_handler=_lazy("cmd_list"))
+
+    p = models.add_parser("register", help="add a checkpoint as a new version (exports ONNX, writes the manifest)")
+    p.add_argument("checkpoint", help="nanoseg checkpoint (.pt)")
+    p.add_argument("--plan", help="a TensorRT plan built from this checkpoint (nanoseg export --format tensorrt)")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    _evaluation_args(p, required=False)
+    p.set_defaults(models_handler=_lazy("cmd_register"))
+
+    p = models.add_parser("show", help="a version's manifest, and whether its checksums hold")
+    p.add_argument("version", help="v0003, 3 or current")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    p.set_defaults(models_handler=_lazy("cmd_show"))
+
+    p = models.add_parser("promote", help="evaluate, gate on mask AP, make current, hot-reload daemons")
+    p.add_argument("version")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    _evaluation_args(p, required=True)
+    p.add_argument("--margin", type=float, default=2.0, help="refuse if mask AP is more than this below current's")
+    p.add_argument("--force", action="store_true", help="promote even if the AP gate refuses (logged)")
+    _notify_args(p)
+    p.set_defaults(models_handler=_lazy("cmd_promote"))
+
+    p = models.add_parser("rollback", help="make the previously current version current again")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    _notify_args(p)
+    p.set_defaults(models_handler=_lazy("cmd_rollback"))
+
+    p = models.add_parser("export-triton", help="write a Triton model repository for a version")
+    p.add_argument("version", help="v0003, 3 or current")
+    p.add_argument("--repo", required=True, help="Triton model repository directory")
+    p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
+    p.add_argument("--name", default="nanoseg", help="Triton model name (TensorRT variant: NAME_trt)")
+    p.add_argument("--gpus", default="0", help="GPU ids, one instance_group each (default 0)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per GPU (or on the CPU)")
+    p.add_argument("--cpu", action="store_true", help="KIND_CPU instances instead (no TensorRT variant)")
+    p.add_argument("--cpu-threads", type=int, default=2, help="--cpu: ONNX Runtime threads per instance")
+    p.set_defaults(models_handler=_lazy("cmd_export_triton", "nanoseg_training.triton_repo"))
+
+
+def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--val", required=required, help="validation COCO data set directory (fixed across promotions)")
+    p.add_argument("--limit", type=int, default=20, help="evaluate the first N validation images")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def _notify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notify", action="append", metavar="ADDRESS",
+                   help="a daemon's control socket to hot-reload, e.g. tcp://host:5580 (repeatable)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each daemon's reload")
