@@ -3,7 +3,8 @@
 ``Service`` implements the ingest sink (it only enqueues, so ingest never waits on analysis),
 owns the model slot, the result store and the publishers, answers the control socket, exports
 metrics and talks to systemd. Results are stored before they are published; while the store
-fails, results wait in memory (bounded) and are retried in order.
+fails, results wait in memory (bounded) and are retried in order, together with the starts and
+stops of their runs (a run's stop is published only once it and the run's results are stored).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import zmq
 from pydantic import BaseModel
@@ -32,6 +33,12 @@ from nanoseg_daemon.queueing import FrameQueue
 from nanoseg_daemon.store import ResultStore, StoreError, default_path
 from nanoseg_daemon.systemd_notify import SystemdNotifier
 from nanoseg_daemon.zmq_ingest import ZmqIngest
+
+Pending: TypeAlias = tuple[FrameResult, list[RLE]] | RunStarted | RunStopped  # what waits for the store
+
+
+def _describe(item: Pending) -> str:
+    return item[0].frame_uid if isinstance(item, tuple) else f"{type(item).__name__} {item.run_uid}"
 
 
 class Service:
@@ -70,7 +77,7 @@ class Service:
         self._runs: dict[str, AnalysisRun] = {}
         self._run_meta: dict[str, RunStarted] = {}
         self._last_activity: dict[str, float] = {}
-        self._pending: deque[tuple[FrameResult, list[RLE]]] = deque()
+        self._pending: deque[Pending] = deque()  # waiting for the store, in output order
         self._lock = threading.Lock()
         self._processed = 0
 
@@ -156,18 +163,14 @@ class Service:
                 self._pending.append((item, encode_rle_batch(item.instances.masks)))
                 self._flush_pending()
             else:
-                self._flush_pending()
                 self._close_run(item.run_uid, item.exit_status)
 
     def _open_run(self, ev: RunStarted) -> None:
-        try:
-            self.store.add_run(ev, self.slot.current.version)
-        except StoreError as err:
-            self.metrics.store_errors.labels(err.reason).inc()
-            log("store_error", logging.ERROR, reason=err.reason, detail=str(err), run=ev.run_uid)
         self._run_meta[ev.run_uid] = ev
         self._last_activity[ev.run_uid] = time.monotonic()
         self.metrics.open_runs.set(len(self._run_meta))
+        self._pending.append(ev)  # stored in order with the run's results, retried like them
+        self._flush_pending()
 
     def _analysis_run(self, run_uid: str) -> AnalysisRun:
         run = self._runs.get(run_uid)
@@ -183,25 +186,44 @@ class Service:
                 self._publish_doc(name, doc)
         return run
 
+    def _store(self, item: Pending) -> bool:
+        """Write one pending item; False for a frame already stored. Raises StoreError."""
+        if isinstance(item, RunStarted):
+            self.store.add_run(item, self.slot.current.version)
+            return True
+        if isinstance(item, RunStopped):
+            self.store.stop_run(item)
+            return True
+        return self.store.add_frame(*item)
+
     def _flush_pending(self) -> None:
+        """Store what waits, oldest first, publishing each item once stored; stop at a store error."""
         while self._pending:
-            result, rles = self._pending[0]
+            item = self._pending[0]
             try:
-                stored = self.store.add_frame(result, rles)
+                stored = self._store(item)
             except StoreError as err:
                 self.metrics.store_errors.labels(err.reason).inc()
-                log("store_error", logging.ERROR, reason=err.reason, detail=str(err), frame=result.frame_uid,
+                log("store_error", logging.ERROR, reason=err.reason, detail=str(err), item=_describe(item),
                     pending=len(self._pending))
                 while len(self._pending) > self.cfg.store.max_pending:
-                    lost, _ = self._pending.popleft()
-                    self.metrics.frames_failed.labels("store_overflow").inc()
-                    log("result_lost", logging.ERROR, frame=lost.frame_uid, reason="store_overflow")
+                    self._lose(self._pending.popleft())
                 return
             self._pending.popleft()
-            if not stored:
-                self.metrics.frames_dropped.labels("duplicate").inc()
-                continue
-            self._publish_result(result, rles)
+            if isinstance(item, RunStopped):
+                self._finish_run(item)
+            elif isinstance(item, tuple):
+                if stored:
+                    self._publish_result(*item)
+                else:
+                    self.metrics.frames_dropped.labels("duplicate").inc()
+
+    def _lose(self, item: Pending) -> None:
+        log("result_lost", logging.ERROR, item=_describe(item), reason="store_overflow")
+        if isinstance(item, tuple):
+            self.metrics.frames_failed.labels("store_overflow").inc()
+        elif isinstance(item, RunStopped):
+            self._finish_run(item)  # unstored, but its analysis run still ends
 
     def _publish_result(self, result: FrameResult, rles: list[RLE]) -> None:
         """Count the stored result, then publish it (so counters never lag what subscribers see)."""
@@ -229,20 +251,22 @@ class Service:
         if self.doc_pub is not None and not self.doc_pub(name, doc):
             self.metrics.publish_dropped.labels("bluesky").inc()
 
-    def _close_run(self, run_uid: str, exit_status: str, reason: str = "") -> None:
-        try:
-            self.store.stop_run(RunStopped(run_uid, exit_status, time.time()))
-        except StoreError as err:
-            self.metrics.store_errors.labels(err.reason).inc()
-        run = self._analysis_run(run_uid)
-        stop = run.stop(exit_status, reason)
+    def _close_run(self, run_uid: str, exit_status: str) -> None:
+        """Store the stop after the run's pending results; _finish_run publishes it once stored."""
+        self._last_activity.pop(run_uid, None)  # closing: the housekeeping must not time it out too
+        self._pending.append(RunStopped(run_uid, exit_status, time.time()))
+        self._flush_pending()
+
+    def _finish_run(self, ev: RunStopped) -> None:
+        run = self._analysis_run(ev.run_uid)
+        stop = run.stop(ev.exit_status)
         if stop is not None:
             self._publish_doc(*stop)
-        self._runs.pop(run_uid, None)
-        self._run_meta.pop(run_uid, None)
-        self._last_activity.pop(run_uid, None)
+        self._runs.pop(ev.run_uid, None)
+        self._run_meta.pop(ev.run_uid, None)
+        self._last_activity.pop(ev.run_uid, None)
         self.metrics.open_runs.set(len(self._run_meta))
-        log("run_closed", run=run_uid, exit_status=exit_status, reason=reason)
+        log("run_closed", run=ev.run_uid, exit_status=ev.exit_status)
 
     def _housekeeping(self) -> None:
         """Watchdog pings while the stages live; time out runs whose stop never came; retry the store."""
