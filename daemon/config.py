@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from nanoseg.config_io import ConfigError, StrictModel, parse_config
+from nanoseg.config_io import ConfigError, StrictModel, parse_config, read_yaml_mapping
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
@@ -192,20 +192,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
 def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | None = None,
                        environ: Mapping[str, str] | None = None) -> DaemonConfig:
     """File (optional) < environment < explicit overrides; validated once."""
-    data: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config: {err.strerror or err}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: <root>: expected a mapping")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     data = apply_overrides(data, env_overrides(os.environ if environ is None else environ), f"{source} (environment)")
     data = apply_overrides(data, overrides or {}, f"{source} (--set)")
     return parse_config(data, DaemonConfig, source)
