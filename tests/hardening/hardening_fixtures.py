@@ -234,9 +234,15 @@ class Pusher:
             time.sleep(0.3)  # slow joiner
 
     def send(self, parts: list[bytes], timeout_s: float = 30.0) -> None:
-        if not self.push.poll(int(timeout_s * 1000), zmq.POLLOUT):
+        if not self.try_send(parts, timeout_s):
             raise AssertionError("raw input accepts no more messages")
+
+    def try_send(self, parts: list[bytes], timeout_s: float) -> bool:
+        """Send unless no peer takes the message within ``timeout_s`` (e.g. a refused CURVE handshake)."""
+        if not self.push.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            return False
         self.push.send_multipart(parts)
+        return True
 
     def summaries(self, n: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         assert self.sub is not None
