@@ -6,7 +6,6 @@ A reload that fails to load, to verify or to warm up leaves the old model servin
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoseg.checkpoint import load_checkpoint
+from nanoseg.checkpoint import file_sha256, load_checkpoint
 from nanoseg.engines import Engine
 from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, input_shape, input_spec_of
 from nanoseg.input_spec import InputSpec
@@ -34,14 +33,6 @@ class LoadedModel:
     @property
     def spec(self) -> InputSpec:
         return self.segmenter.spec
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,

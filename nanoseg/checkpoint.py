@@ -9,6 +9,7 @@ loads with ``torch.load(..., weights_only=True)`` (no pickled code)::
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass, field
@@ -75,6 +76,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     except Exception as err:  # truncated zip, bad pickle opcode, ...
         raise CheckpointError(f"{p}: cannot read checkpoint ({type(err).__name__}: {err})") from None
     return from_dict(obj, str(p))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model artifacts are tens of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str], half: bool = False) -> Path:

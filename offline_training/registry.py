@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from nanoseg.checkpoint import load_checkpoint
+from nanoseg.checkpoint import file_sha256, load_checkpoint
 from nanoseg.config_io import StrictModel
 from nanoseg.paths import cache_dir
 
@@ -86,14 +85,6 @@ class Manifest(StrictModel):
         """The latest evaluation on the same validation set as ``key``."""
         same = [e for e in self.evaluations if e.same_set(key)]
         return same[-1] if same else None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def utc_now() -> str:
