@@ -87,7 +87,7 @@ class GrowthPoint:
 class GrowthSeries:
     """A run's time series (the last ``max_points`` frames are kept; the EWMA covers them all)."""
 
-    def __init__(self, alpha: float, max_points: int = 100_000) -> None:
+    def __init__(self, alpha: float, max_points: int = 1_000) -> None:
         self._ewma = {q: Ewma(alpha) for q in QUANTITIES}
         self.points: deque[GrowthPoint] = deque(maxlen=max_points)
         self.frames = 0
@@ -147,7 +147,7 @@ class GrowthConfig(StrictModel):
 
     enabled: bool = Field(True, description="Track growth series and evaluate the rules.")
     ewma_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest frame.")
-    max_points: int = Field(100_000, ge=1, description="Frames of a run's series kept in memory.")
+    max_points: int = Field(1_000, ge=1, description="Frames of a run's series kept in memory (~2 kB each, for every one of max_runs runs).")
     max_runs: int = Field(16, ge=1, description="Runs tracked at once; the least recent is forgotten.")
     rules: list[AlarmRule] = Field(default_factory=list, description="Alarm rules; none by default.")
 
