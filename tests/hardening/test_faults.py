@@ -7,6 +7,7 @@ In-process daemons for the socket and store faults; `nanoseg serve` subprocesses
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -366,6 +367,7 @@ def serve_process(state_dir: Path, model: Path, **extra: Any) -> Iterator[tuple[
         yield proc, sockets
     finally:
         proc.close()
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def test_sigterm_mid_frame_drains_and_exits_0(tmp_path: Path, trained_model_path: Path) -> None:
