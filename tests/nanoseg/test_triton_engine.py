@@ -70,7 +70,13 @@ def test_triton_engine_matches_local_onnxruntime(server: TritonServer, version: 
     local = OnnxEngine(str(reg.path(v) / "model.onnx"), threads=1)
     assert remote.input_shape == local.input_shape == (1, 512, 512)
     got = remote.infer(inputs())
-    assert len(got[0]) > 0 and len(got[1]) == 0
+    # A scene with wires gives confident detections; the empty frame no instance (its raw outputs
+    # may hold degenerate sub-pixel boxes on the border, which post-processing removes).
+    from nanoseg.postprocess import PostprocessConfig, filter_instances, to_instances
+
+    post = PostprocessConfig()
+    assert len(got[0]) > 0 and (got[0].scores > 0.5).any()
+    assert len(filter_instances(to_instances(got[1], (512, 512), post), post)) == 0
     assert_same(got, local.infer(inputs()))
     remote.close()
 
