@@ -268,7 +268,27 @@ class _PubSocket:
             self._context.term()
 
 
-class DocumentPublisher:
+class _SocketPublisher:
+    """Counters, subscriber wait and close shared by the document and summary publishers."""
+
+    _sock: _PubSocket
+
+    @property
+    def sent(self) -> int:
+        return self._sock.sent
+
+    @property
+    def dropped(self) -> int:
+        return self._sock.dropped
+
+    def wait_for_subscriber(self, timeout: float) -> bool:
+        return self._sock.wait_for_subscriber(timeout)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class DocumentPublisher(_SocketPublisher):
     """Sends (name, doc) in bluesky's 0MQ wire format; a callable ``f(name, doc) -> sent``."""
 
     def __init__(
@@ -294,20 +314,6 @@ class DocumentPublisher:
     def __call__(self, name: str, doc: Mapping[str, Any]) -> bool:
         return self._sock.send([b" ".join([self._prefix, name.encode(), self._serializer(doc)])])
 
-    @property
-    def sent(self) -> int:
-        return self._sock.sent
-
-    @property
-    def dropped(self) -> int:
-        return self._sock.dropped
-
-    def wait_for_subscriber(self, timeout: float) -> bool:
-        return self._sock.wait_for_subscriber(timeout)
-
-    def close(self) -> None:
-        self._sock.close()
-
 
 def summary_message(result: FrameResult, published_at: float | None = None) -> dict[str, Any]:
     """The JSON summary of one frame (strict JSON: missing values are null)."""
@@ -326,7 +332,7 @@ def summary_message(result: FrameResult, published_at: float | None = None) -> d
     return msg
 
 
-class SummaryPublisher:
+class SummaryPublisher(_SocketPublisher):
     """Per-frame summaries as ``[SUMMARY_TOPIC, JSON]`` for clients that don't speak bluesky."""
 
     def __init__(
@@ -347,16 +353,3 @@ class SummaryPublisher:
         body = json.dumps(summary_message(result), allow_nan=False, separators=(",", ":"))
         return self._sock.send([SUMMARY_TOPIC, body.encode()])
 
-    @property
-    def sent(self) -> int:
-        return self._sock.sent
-
-    @property
-    def dropped(self) -> int:
-        return self._sock.dropped
-
-    def wait_for_subscriber(self, timeout: float) -> bool:
-        return self._sock.wait_for_subscriber(timeout)
-
-    def close(self) -> None:
-        self._sock.close()
