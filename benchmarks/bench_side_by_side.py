@@ -69,7 +69,7 @@ def peer_frame(model: torch.nn.Module, gray: np.ndarray) -> int:
     n = 0
     for m in masks:
         for region in regionprops(m.astype(np.uint8)):
-            _ = (region.area, region.orientation, region.major_axis_length, region.minor_axis_length)
+            _ = (region.area, region.orientation, region.axis_major_length, region.axis_minor_length)
             n += 1
     return n
 
