@@ -86,6 +86,7 @@ def test_promote_gate_force_and_rollback(registry: tuple[Registry, Path], capsys
 
 
 def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Path) -> None:
+    pytest.importorskip("tritonclient.grpc", reason="the optional triton extra is not installed (pip install -e .[triton])")
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
