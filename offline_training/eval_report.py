@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from scipy.stats import gaussian_kde
 
 from nanoseg.instances import Instances
 from nanoseg_training.evaluate import Evaluation, read_gray, union
+from nanoseg_training.report_plots import hist_kde
 
 STAT_LABELS = {
     "area_px": "area (px)",
@@ -78,13 +78,8 @@ def plot_statistics(pred: dict[str, np.ndarray], gt: dict[str, np.ndarray], path
             lo, hi = 0.0, 1.0
         hi = hi if hi > lo else lo + 1.0
         bins = np.linspace(lo, hi, 25)
-        grid = np.linspace(lo, hi, 200)
         for values, colour, label in ((g, GT_COLOR, "ground truth"), (p, PRED_COLOR, "prediction")):
-            if values.size == 0:
-                continue
-            ax.hist(values, bins=bins, density=True, alpha=0.35, color=colour, label=f"{label} (n={values.size})")
-            if values.size >= 2 and np.ptp(values) > 0:
-                ax.plot(grid, gaussian_kde(values)(grid), color=colour, lw=2)
+            hist_kde(ax, values, f"{label} (n={values.size})", colour, bins=bins, span=(lo, hi))
         title = name
         if distances and distances.get(name, {}).get("wasserstein") is not None:
             title += f"  W={distances[name]['wasserstein']:.3g}"

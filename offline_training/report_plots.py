@@ -16,15 +16,20 @@ from nanoseg.particle_stats import ParticleTable
 PANELS = (("area_px", "area (px)"), ("aspect_ratio", "aspect ratio"), ("orientation_deg", "orientation (deg from x)"))
 
 
-def hist_kde(ax: plt.Axes, values: np.ndarray, label: str, color: str) -> None:
-    """Histogram (density) with a Gaussian KDE on top, as the paper's Fig. 8."""
+def hist_kde(ax: plt.Axes, values: np.ndarray, label: str, color: str,
+             bins: int | np.ndarray = 20, span: tuple[float, float] | None = None) -> None:
+    """Histogram (density) with a Gaussian KDE on top, as the paper's Fig. 8.
+
+    ``span``: the KDE's x range (default: the values' own range).
+    """
     values = values[np.isfinite(values)]
     if values.size == 0:
         return
-    ax.hist(values, bins=20, density=True, alpha=0.35, color=color, label=label)
-    if values.size > 2 and np.ptp(values) > 0:
-        xs = np.linspace(values.min(), values.max(), 200)
-        ax.plot(xs, gaussian_kde(values)(xs), color=color)
+    ax.hist(values, bins=bins, density=True, alpha=0.35, color=color, label=label)
+    if values.size >= 2 and np.ptp(values) > 0:
+        lo, hi = span if span is not None else (float(values.min()), float(values.max()))
+        xs = np.linspace(lo, hi, 200)
+        ax.plot(xs, gaussian_kde(values)(xs), color=color, lw=2)
 
 
 def distribution_figure(table: ParticleTable, path: Path, title: str = "",
