@@ -93,6 +93,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
     from nanoseg.checkpoint import load_checkpoint
     from nanoseg.engines.factory import engine_from_checkpoint, input_spec_of
+    from nanoseg.model import mask_grid_offset_px
     from nanoseg.particle_stats import frame_summary, particle_table
     from nanoseg.postprocess import PostprocessConfig, filter_instances, to_instances
     from nanoseg.prepare import instances_to_frame, prepare_frame
@@ -104,6 +105,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(args.model)
     engine = engine_from_checkpoint(ckpt, args.child, "cpu", args.threads, args.onnx)
     spec, post = input_spec_of(ckpt), PostprocessConfig()
+    offset = mask_grid_offset_px(ckpt.model_config)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_bytes()
     c, step = engine.input_shape[0], max(engine.max_batch, 1)
@@ -115,7 +117,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         batch = np.repeat(prepared.tiles[:, None], c, axis=1).astype(np.float32)
         raws = [r for i in range(0, len(batch), step) for r in engine.infer(batch[i: i + step])]
         t.append(time.perf_counter())
-        per_tile = [to_instances(raw, tile.shape, post) for raw, tile in zip(raws, prepared.tiles)]
+        per_tile = [to_instances(raw, tile.shape, post, offset) for raw, tile in zip(raws, prepared.tiles)]
         inst = filter_instances(instances_to_frame(per_tile, prepared), post)
         t.append(time.perf_counter())
         table = particle_table(inst.masks, prepared.image, PIXEL_SIZE_NM)

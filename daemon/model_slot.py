@@ -15,7 +15,7 @@ import numpy as np
 
 from nanoseg.checkpoint import file_sha256, load_checkpoint
 from nanoseg.engines import Engine
-from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, input_shape, input_spec_of
+from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, input_shape
 from nanoseg.input_spec import InputSpec
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter
@@ -45,7 +45,7 @@ def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, 
         raise ValueError(f"{p}: sha256 {digest[:12]}... does not match the expected {expected_sha256[:12]}...")
     ckpt = load_checkpoint(p)
     eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir)
-    seg = Segmenter(eng, input_spec_of(ckpt), post)
+    seg = Segmenter.for_checkpoint(eng, ckpt, post)
     t0 = time.perf_counter()
     _, h, w = input_shape(ckpt)
     seg.infer_tiles(np.zeros((1, h, w), np.float32))  # first run allocates; an empty frame must work
@@ -66,7 +66,7 @@ class ModelSlot:
 
     def set_postprocess(self, post: PostprocessConfig) -> None:
         m = self._model
-        self._model = LoadedModel(Segmenter(m.segmenter.engine, m.segmenter.spec, post), m.version, m.path,
+        self._model = LoadedModel(m.segmenter.with_post(post), m.version, m.path,
                                   m.engine, m.device, m.warmup_seconds)
 
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,

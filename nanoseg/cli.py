@@ -137,6 +137,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                    help="operating point for accuracy, statistics and counts (default: post-processing's)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
+    p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true")
     handlers["evaluate"] = _cmd_evaluate
 

@@ -98,6 +98,17 @@ class ModelConfig(StrictModel):
         return self
 
 
+def mask_grid_offset_px(cfg: ModelConfig) -> float:
+    """Where a model's M x M mask grid sits relative to its box, px, as training taught it.
+
+    torchvision's mask targets (``project_masks_on_boxes``: ROIAlign with ``aligned=False``)
+    sample the ground truth half a pixel right of and below the box's pixel-edge grid, so a
+    network trained by nanoseg predicts masks shifted by +0.5 px in x and y; detectron2 trains with
+    ROIAlignV2 (``aligned=True``), whose grid is the box's own. Mask pasting adds this offset.
+    """
+    return 0.0 if cfg.semantics == "detectron2" else 0.5
+
+
 class FixedScaleTransform(GeneralizedRCNNTransform):
     """Normalise and batch, never resize: the frame preparation owns the pixel scale."""
 

@@ -1,10 +1,11 @@
 """Raw network detections -> instances: mask pasting, thresholds, small and nested instances.
 
 Mask pasting follows detectron2's pixel model: a box (x0, y0, x1, y1) in pixel-edge coordinates
-is covered by the M x M probability grid, cell centres at x0 + (j + 0.5) * (x1 - x0) / M; each
-pixel centre inside the box samples the grid bilinearly, with zeros beyond the grid (so the mask
-fades to the box edge, as detectron2's ``paste_masks_in_image``), and is foreground when the
-probability >= ``mask_threshold``.
+is covered by the M x M probability grid, cell centres at x0 + (j + 0.5) * (x1 - x0) / M + offset;
+each pixel centre inside the (offset) box samples the grid bilinearly, with zeros beyond the grid
+(so the mask fades to the box edge, as detectron2's ``paste_masks_in_image``), and is foreground
+when the probability >= ``mask_threshold``. The offset is the model's training convention
+(``nanoseg.model.mask_grid_offset_px``: 0.5 px for torchvision-trained models, 0 for detectron2).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class PostprocessConfig(StrictModel):
     nested: NestedSuppression = NestedSuppression()
 
 
-def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float) -> np.ndarray:
-    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px)."""
+def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
+               offset_px: float = 0.0) -> np.ndarray:
+    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px), the
+    grid shifted by ``offset_px`` in x and y."""
     h, w = shape
     out = np.zeros(shape, dtype=bool)
-    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0, x1, y1 = (float(v) + offset_px for v in box)
     bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
     c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
     r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
@@ -57,12 +60,14 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
     return out
 
 
-def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessConfig) -> Instances:
+def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessConfig,
+                 mask_offset_px: float = 0.0) -> Instances:
     """Score threshold and mask pasting on a model-input canvas of ``shape`` (H, W)."""
     keep = np.flatnonzero(raw.scores >= cfg.score_threshold)
     if keep.size == 0:
         return Instances.empty(*shape)
-    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold) for i in keep])
+    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px)
+                      for i in keep])
     return Instances(raw.boxes[keep], raw.scores[keep], masks)
 
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanoseg.checkpoint import Checkpoint
 from nanoseg.engines import Engine
 from nanoseg.input_spec import InputSpec
 from nanoseg.instances import Instances
+from nanoseg.model import mask_grid_offset_px
 from nanoseg.postprocess import PostprocessConfig, filter_instances, to_instances
 from nanoseg.prepare import PreparedFrame, instances_to_frame
 
@@ -21,6 +23,17 @@ class Segmenter:
     engine: Engine
     spec: InputSpec
     post: PostprocessConfig
+    mask_offset_px: float = 0.0
+    """Where the model's mask grid sits relative to its boxes (``mask_grid_offset_px``)."""
+
+    @classmethod
+    def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
+        """A segmenter with the input spec and mask convention of the checkpoint ``engine`` runs."""
+        return cls(engine, InputSpec.model_validate(ckpt.input_spec), post, mask_grid_offset_px(ckpt.model_config))
+
+    def with_post(self, post: PostprocessConfig) -> Segmenter:
+        """The same model with another post-processing."""
+        return Segmenter(self.engine, self.spec, post, self.mask_offset_px)
 
     def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates."""
@@ -31,7 +44,7 @@ class Segmenter:
             chunk = tiles[i: i + step]
             batch = np.repeat(chunk[:, None], c, axis=1).astype(np.float32)
             for raw, tile in zip(self.engine.infer(batch), chunk):
-                out.append(to_instances(raw, tile.shape, self.post))
+                out.append(to_instances(raw, tile.shape, self.post, self.mask_offset_px))
         return out
 
     def segment_prepared(self, prepared: PreparedFrame) -> Instances:

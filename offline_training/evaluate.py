@@ -362,7 +362,7 @@ def evaluate_predictions(gt: str | Path | dict[str, Any], predictions: Iterable[
 def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engine: str = "torch",
                    limit: int | None = None, score_threshold: float = 0.05,
                    post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
-                   threads: int = 2, progress: bool = True) -> dict[str, Any]:
+                   threads: int = 2, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default ``PostprocessConfig()``);
     ``score_threshold`` the one for AP. One inference pass serves both."""
@@ -374,7 +374,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
         raise EvaluationError(f"AP score threshold {score_threshold} is above the operating point's {post.score_threshold}")
     ap_post = post.model_copy(update={"score_threshold": score_threshold})
     raw_post = ap_post.model_copy(update={"nested": post.nested.model_copy(update={"enabled": False})})
-    eng, ckpt = load_engine(model, cast("EngineKind", engine), threads=threads)
+    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads)
     spec = input_spec_of(ckpt)
     coco = load_coco(dataset)
     images = {int(im["id"]): im for im in coco["images"]}
@@ -388,7 +388,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     acc = Accumulator(coco)
     shown: dict[int, tuple[Instances, Instances]] = {}  # image id -> (operating point, truth)
     t0 = time.monotonic()
-    for image_id, raw in iter_predictions(Segmenter(eng, spec, raw_post), dataset, limit, progress):
+    for image_id, raw in iter_predictions(Segmenter.for_checkpoint(eng, ckpt, raw_post), dataset, limit, progress):
         operating = at_operating_point(raw, post)
         truth = acc.add(image_id, at_operating_point(raw, ap_post), operating)
         if plots and len(shown) < examples:
@@ -396,7 +396,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     seconds = time.monotonic() - t0
     ev = acc.result()
     ev.metrics["run"] = {
-        "model": str(model), "dataset": str(dataset), "engine": engine, "limit": limit,
+        "model": str(model), "dataset": str(dataset), "engine": engine, "device": device, "limit": limit,
         "ap_score_threshold": score_threshold, "operating_point": post.model_dump(mode="json"),
         "input_spec": spec.model_dump(mode="json"),
         "inference_seconds_per_image": seconds / max(ev.metrics["images"], 1),
@@ -413,7 +413,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         post = post.model_copy(update={"score_threshold": args.stats_score_threshold})
     try:
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
-                           post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet)
+                           post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device)
     except (EvaluationError, CheckpointError) as err:
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from nanoseg.checkpoint import load_checkpoint, save_checkpoint
 from nanoseg.model import ModelConfig, count_parameters, describe
@@ -50,9 +47,10 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
         f"| {k} | {v['gt_mean']:.2f} | {v['pred_mean']:.2f} | {v['wasserstein']:.3f} |" for k, v in stats.items()
     )
     hours = ckpt_meta.get("train_seconds", 0) / 3600
+    device = ckpt_meta.get("train_device", "unknown")
     return f"""# Model card: nanoseg default model
 
-Mask R-CNN trained **from scratch on synthetic images only**, on 2 CPU cores, by this
+Mask R-CNN trained **from scratch on synthetic images only**, on {device}, by this
 repository's own code (after Lin et al., npj Comput. Mater. 2022). Released from
 `{args.run_dir}` at commit `{_git_commit()}`.
 
@@ -78,8 +76,7 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
   `{json.dumps(tc['augment'])}`.
 - Solver: `{json.dumps(tc['solver'])}`; seed {tc['seed']}.
 - {ckpt_meta.get('iterations')} iterations ({ckpt_meta.get('iterations', 0) * tc['solver']['batch_size']} images),
-  wall time {hours:.2f} h on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,
-  while other work shared the two cores.
+  wall time {hours:.2f} h (training loop, across resumes) on {device}.
 
 ## Evaluation: held-out synthetic test set
 `{args.test_set}` ({metrics['images']} images, generated with a different seed:

@@ -95,7 +95,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
     post = PostprocessConfig(score_threshold=args.score_threshold)
-    seg = Segmenter(engine, spec, post)
+    seg = Segmenter.for_checkpoint(engine, ckpt, post)
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)
     failed = 0

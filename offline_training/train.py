@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from nanoseg_training.train_config import TrainConfig
 from nanoseg_training.train_data import BatchDataset, CocoSource
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+MAX_NONFINITE_STREAK = 10
+"""Consecutive iterations with a NaN/inf loss that are skipped before the run stops."""
 
 
 def lr_at(cfg: TrainConfig, it: int) -> float:
@@ -46,7 +49,9 @@ def resolve_data_dir(path: str) -> Path:
 
 
 def ensure_dataset(cfg: TrainConfig, workers: int) -> Path:
-    """The training set directory, generated first (seeded) when missing and a spec is given."""
+    """The training set directory, generated first (seeded) when missing and a spec is given.
+
+    Generation runs before training, so it may use every core (``workers`` processes)."""
     root = resolve_data_dir(cfg.data.train)
     if (root / "annotations.json").exists() or cfg.data.generate is None:
         return root
@@ -61,6 +66,38 @@ def ensure_dataset(cfg: TrainConfig, workers: int) -> Path:
     write_dataset(scene, tmp, g.count, g.seed, workers=workers, write_od=False)
     tmp.rename(root)
     return root
+
+
+def init_weights(model: nn.Module, path: Path, verbose: bool = True) -> list[str]:
+    """Load the tensors of checkpoint ``path`` that fit ``model`` (same name and shape).
+
+    Returns the names of this model's tensors left as initialised."""
+    from nanoseg.checkpoint import load_checkpoint
+
+    source = load_checkpoint(path).state_dict
+    own = model.state_dict()
+    fits = {k: v.to(own[k].dtype) for k, v in source.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fits, strict=False)
+    missing = sorted(set(own) - set(fits))
+    if verbose:
+        print(f"init_from {path}: {len(fits)} tensors loaded, {len(missing)} left as initialised"
+              + (f" ({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''})" if missing else ""))
+    return missing
+
+
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[nn.Module]:
+    """Stop training the parameters under ``prefixes``; returns their BatchNorm modules (to keep
+    in eval mode). An unknown prefix is an error naming it."""
+    if not prefixes:
+        return []
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n, _ in model.named_parameters()):
+            raise ValueError(f"freeze: no parameter of the model starts with {prefix!r}")
+    for name, p in model.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)
+    return [m for name, m in model.named_modules()
+            if name.startswith(prefixes) and isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 @dataclass
@@ -102,12 +139,16 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     last = run_dir / "last.pt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
-    data_root = ensure_dataset(cfg, cfg.threads) if dist.main else resolve_data_dir(cfg.data.train)
+    data_root = ensure_dataset(cfg, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(cfg.data.train)
     if dist.world > 1:
         torch.distributed.barrier()
     source = CocoSource(data_root)
 
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.init_from and not (resume and last.exists()):
+        init_weights(model, Path(cfg.init_from).expanduser(), verbose=dist.main)
+    frozen = freeze(model, cfg.freeze)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -126,6 +167,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     if dist.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    trained_on = describe_device(device, dist.world)
 
     batches = BatchDataset(source, cfg.data, cfg.augment, cfg.solver.batch_size, cfg.seed, dist.rank)
     loader = torch.utils.data.DataLoader(
@@ -136,8 +178,11 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     model.train()
+    for m in frozen:
+        m.eval()  # frozen BatchNorm keeps its statistics
     t_start = time.monotonic()
     skipped = 0
+    nonfinite = 0
     it = start
     stopped_by_time = False
     with MetricsLog(run_dir, enabled=dist.main) as log, tqdm(
@@ -153,9 +198,17 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
             with torch.autocast(device.type, enabled=use_amp):
                 losses: dict[str, torch.Tensor] = model(images, targets)
                 loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"iteration {it}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
             opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                # An fp16 overflow under AMP, or a degenerate batch: skip the step; stop if it persists.
+                nonfinite += 1
+                if nonfinite >= MAX_NONFINITE_STREAK:
+                    raise FloatingPointError(f"iteration {it}: loss is {loss.item()} for {nonfinite} iterations "
+                                             f"in a row ({ {k: float(v.detach()) for k, v in losses.items()} })")
+                skipped += 1
+                bar.update(1)
+                continue
+            nonfinite = 0
             scaler.scale(loss).backward()
             if cfg.solver.clip_grad_norm:
                 scaler.unscale_(opt)
@@ -168,14 +221,14 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
                 vals = log.write(done, time.monotonic() - t_start, lr_at(cfg, it), losses, cfg.log_period, skipped)
                 bar.set_postfix(loss=f"{vals['loss']:.3f}", mask=f"{vals['loss_mask']:.3f}", lr=f"{lr_at(cfg, it):.4f}")
             if dist.main and done % cfg.checkpoint_period == 0:
-                _save_state(last, model, opt, done)
+                _save_state(last, model, opt, done, trained_on)
             if (max_minutes is not None and (time.monotonic() - t_start) > 60 * max_minutes) or \
                     (stop_after is not None and done >= stop_after):
                 stopped_by_time = done < cfg.solver.max_iter
                 break
     done = it + 1 if cfg.solver.max_iter > start else start
     if dist.main:
-        _save_state(last, model, opt, done)
+        _save_state(last, model, opt, done, trained_on)
     if stopped_by_time or done < cfg.solver.max_iter:
         return last
     final = run_dir / "model_final.pt"
@@ -191,7 +244,8 @@ def checkpoint_from_run(run_dir: Path) -> Checkpoint:
     cfg = load_yaml(run_dir / "config.yaml", TrainConfig)
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     meta = {"name": cfg.name, "iterations": int(state["iteration"]), "seed": cfg.seed,
-            "train_config": cfg.model_dump(mode="json"), "train_seconds": _elapsed(run_dir)}
+            "train_config": cfg.model_dump(mode="json"), "train_seconds": _elapsed(run_dir),
+            "train_device": str(state.get("device", "unknown"))}
     return Checkpoint(cfg.model, cfg.input_spec.model_dump(mode="json"), state["model"], meta)
 
 
@@ -250,11 +304,18 @@ def _elapsed(run_dir: Path) -> float:
     return total + prev
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, iteration: int) -> None:
+def describe_device(device: torch.device, world: int = 1) -> str:
+    """What a run trains on, for the model card: GPU name and count, or CPU and threads."""
+    if device.type == "cuda":
+        return f"{world} x {torch.cuda.get_device_name(device)} (CUDA, mixed precision)"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, iteration: int, device: str) -> None:
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "iteration": iteration,
-                "rng": torch.get_rng_state()}, tmp)
+                "rng": torch.get_rng_state(), "device": device}, tmp)
     os.replace(tmp, path)
 
 

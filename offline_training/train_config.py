@@ -89,3 +89,9 @@ class TrainConfig(StrictModel):
     solver: SolverConfig = SolverConfig()
     input_spec: InputSpec = InputSpec(pixel_size_nm=8.0)
     """Stored in the checkpoint: what a frame must look like for this model."""
+    init_from: str | None = None
+    """A nanoseg checkpoint whose weights start the run (fine-tuning, e.g. the deployed model on new
+    data); tensors whose name or shape differ from this model's are left as initialised and listed."""
+    freeze: tuple[str, ...] = ()
+    """Parameter-name prefixes that are not trained (e.g. ``backbone``, ``rpn``, ``roi_heads.box``);
+    BatchNorm layers under them keep their running statistics."""

@@ -105,3 +105,59 @@ def test_unknown_training_key_names_the_field(dataset: WrittenDataset) -> None:
         parse_config({"name": "x", "solver": {"learning_rate": 0.1}}, TrainConfig)
     with pytest.raises(ConfigError, match=r"data: crop_sizes and crop_weights"):
         parse_config({"name": "x", "data": {"crop_sizes": [64], "crop_weights": [1, 2]}}, TrainConfig)
+
+
+def _nan_losses_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
+    """Make the model's training loss NaN on the given forward calls (0-based)."""
+    import nanoseg_training.train as train_mod
+
+    real_build = train_mod.build_model
+
+    def build(cfg):  # type: ignore[no-untyped-def]
+        model = real_build(cfg)
+        forward = model.forward
+        calls = iter(range(10**6))
+
+        def poisoned(images, targets=None):  # type: ignore[no-untyped-def]
+            out = forward(images, targets)
+            if next(calls) in bad_calls:
+                out = {k: v * float("nan") for k, v in out.items()}
+            return out
+
+        model.forward = poisoned  # type: ignore[method-assign]
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+
+
+def test_nonfinite_loss_skips_the_step_then_stops_if_it_persists(
+        dataset: WrittenDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoseg_training.train import MAX_NONFINITE_STREAK
+
+    _nan_losses_at(monkeypatch, {2, 3})
+    out = train(tiny_config(dataset.root, 6), tmp_path / "ok", progress=False)
+    weights = load_checkpoint(out).state_dict
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())  # NaN never reached the weights
+    with open(tmp_path / "ok" / "metrics.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["skipped"]) == 2
+
+    monkeypatch.undo()
+    _nan_losses_at(monkeypatch, set(range(1, 1 + MAX_NONFINITE_STREAK)))
+    with pytest.raises(FloatingPointError, match="in a row"):
+        train(tiny_config(dataset.root, 20), tmp_path / "bad", progress=False)
+
+
+def test_init_from_a_checkpoint_and_freeze_the_backbone(dataset: WrittenDataset, tmp_path: Path) -> None:
+    first = train(tiny_config(dataset.root, 3), tmp_path / "first", progress=False)
+    cfg = tiny_config(dataset.root, 4).model_copy(update={"init_from": str(first), "freeze": ("backbone",)})
+    second = train(cfg, tmp_path / "second", progress=False)
+    a, b = load_checkpoint(first).state_dict, load_checkpoint(second).state_dict
+    backbone = [k for k in a if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone)  # BatchNorm statistics are frozen too
+    assert all(torch.equal(a[k], b[k]) for k in backbone)
+    head = [k for k in a if k.startswith("roi_heads.mask_head.")]
+    assert head and any(not torch.equal(a[k], b[k]) for k in head)
+
+    bad = cfg.model_copy(update={"freeze": ("backbone", "no_such_module")})
+    with pytest.raises(ValueError, match="no_such_module"):
+        train(bad, tmp_path / "bad", progress=False)

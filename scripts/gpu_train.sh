@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Train configs/training/gpu_default.yaml on one GPU within a wall-time budget, evaluate it on the
+# held-out synthetic test set (seed 2) on the GPU, and run the CUDA checks of the torch engine.
+#
+#   bash scripts/gpu_train.sh OUT_DIR [TRAIN_SECONDS]
+#
+# The schedule must end inside the budget (the learning-rate steps are fractions of max_iter), so
+# a 40-iteration calibration run measures the seconds per iteration first and max_iter is set to
+# fit. Works in an environment that has torch/torchvision but not nanoseg installed (a lent GPU
+# machine): wheels in .whl/ are installed to /tmp/site and the packages are put on PYTHONPATH.
+# OUT_DIR gets: model.pt (float16 nanoseg checkpoint, split in <16 MB parts when SPLIT=1),
+# config.yaml and metrics.csv of the run, eval.json, gpu_check.json, log.txt.
+set -uo pipefail
+out=${1:?usage: gpu_train.sh OUT_DIR [TRAIN_SECONDS]}
+budget=${2:-420}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+export NANOSEG_CACHE=${NANOSEG_CACHE:-/tmp/nanoseg-cache} PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+# ROI heads see a different number of boxes every iteration: let the allocator grow segments.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+py=${PYTHON:-python3}
+t0=$(date +%s)
+stamp() { echo "[gpu_train +$(( $(date +%s) - t0 ))s] $*"; }
+
+config=${CONFIG:-$repo/configs/training/gpu_default.yaml}
+if [ -n "${FORCE_PATHS:-}" ] || ! $py -c "import nanoseg_training" 2>/dev/null; then
+    if [ -d "$repo/.whl" ] && [ -z "${NO_WHEELS:-}" ]; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$repo"/.whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    fi
+    mkdir -p /tmp/pkgs
+    ln -sfn "$repo/nanoseg" /tmp/pkgs/nanoseg
+    ln -sfn "$repo/offline_training" /tmp/pkgs/nanoseg_training
+    ln -sfn "$repo/daemon" /tmp/pkgs/nanoseg_daemon
+    ln -sfn "$repo/simulator" /tmp/pkgs/nanoseg_sim
+    export PYTHONPATH=/tmp/pkgs:$repo:${PYTHONPATH:-}
+fi
+nanoseg() { $py -m nanoseg.cli "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+test_set=$NANOSEG_CACHE/data/paper-test-s2-n${TEST_COUNT:=200}
+stamp "generate the test set"
+[ -f "$test_set/annotations.json" ] || nanoseg generate paper --count "$TEST_COUNT" --seed 2 --no-od --quiet --out "$test_set" || exit 1
+
+stamp "calibrate (the training set is generated first)"
+runs=$NANOSEG_CACHE/runs
+rm -rf "$runs/calibrate" "$runs/gpu_default"
+cfg=$NANOSEG_CACHE/gpu_default.yaml
+rm -f "$cfg"
+nanoseg train "$config" --run-dir "$runs/calibrate" --stop-after "${CALIB_ITERS:-60}" --quiet &&
+$py - "$runs/calibrate/metrics.csv" "$config" "$cfg" "$budget" <<'PY' 
+import csv, sys, yaml
+metrics, src, dst, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+rows = list(csv.DictReader(open(metrics)))
+spi = sum(float(r["seconds_per_iter"]) for r in rows[1:]) / max(len(rows) - 1, 1)  # first: warm-up
+cfg = yaml.safe_load(open(src))
+cfg["solver"]["max_iter"] = max(int(0.93 * budget / spi), 100)
+yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
+print(f"calibration: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']} for {budget:.0f} s")
+PY
+rm -rf "$runs/calibrate"
+
+if [ -f "$cfg" ]; then
+    stamp "train"
+    nanoseg train "$cfg" --run-dir "$runs/gpu_default" --max-minutes "$($py -c "print($budget * 1.08 / 60)")" --quiet
+    stamp "train ended (exit $?)"
+else
+    stamp "calibration failed: no training"
+fi
+cp "$runs/gpu_default/config.yaml" "$runs/gpu_default/metrics.csv" "$out/" 2>/dev/null
+$py - "$runs/gpu_default" "$out/model.pt" <<'PY' 
+import sys
+from pathlib import Path
+from nanoseg.checkpoint import save_checkpoint
+from nanoseg_training.train import checkpoint_from_run
+ckpt = checkpoint_from_run(Path(sys.argv[1]))
+save_checkpoint(ckpt, sys.argv[2], half=True)
+print("checkpoint:", ckpt.meta["iterations"], "iterations,", round(ckpt.meta["train_seconds"]), "s")
+PY
+model=$out/model.pt
+[ -f "$model" ] || { echo "no trained checkpoint: the checks run on the shipped model"; model=$repo/models/default/model.pt; }
+
+stamp "evaluate"
+nanoseg evaluate "$model" "$test_set" --out "$NANOSEG_CACHE/eval" --device cuda --no-plots --quiet
+cp "$NANOSEG_CACHE/eval/metrics.json" "$out/eval.json" 2>/dev/null
+stamp "gpu check"
+$py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --out "$out/gpu_check.json"
+if [ "${SPLIT:-0}" = 1 ] && [ -f "$out/model.pt" ]; then
+    split -b 15M "$out/model.pt" "$out/model.pt.part-" && rm "$out/model.pt"
+fi
+stamp "done"
+ls -la "$out"
