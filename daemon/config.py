@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from nanoseg.config_io import ConfigError, StrictModel, parse_config, read_yaml_mapping
+from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
@@ -27,7 +28,7 @@ ENV_PREFIX = "NANOSEG__"
 class ModelSection(StrictModel):
     path: str = Field("models/default/model.pt", description="nanoseg checkpoint; relative paths from the repository root.")
     engine: Literal["torch", "onnxruntime", "tensorrt", "triton"] = Field("onnxruntime", description="Inference engine.")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N; engine triton: set to TRITON_URL/TRITON_MODEL.")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (not used by engine triton).")
     threads: int = Field(2, ge=1, description="CPU threads for inference.")
     onnx_path: str | None = Field(None, description="Exported ONNX to use; None = export from the checkpoint at start.")
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Refuse a checkpoint with another digest.")
@@ -35,15 +36,17 @@ class ModelSection(StrictModel):
     triton_url: str | None = Field(None, description="engine triton: the server's gRPC address HOST:PORT.")
     triton_model: str | None = Field(None, description="engine triton: the model name in the server's repository.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _triton_target(cls, data: Any) -> Any:
-        """Engine triton runs on a server: the engine factory takes it as device HOST:PORT/MODEL."""
-        if not isinstance(data, dict) or data.get("engine") != "triton":
-            return data
-        if not data.get("triton_url") or not data.get("triton_model"):
+    @model_validator(mode="after")
+    def _triton_needs_a_target(self) -> ModelSection:
+        if self.engine == "triton" and not (self.triton_url and self.triton_model):
             raise ValueError("engine triton needs model.triton_url (HOST:PORT) and model.triton_model")
-        return {**data, "device": f"{data['triton_url']}/{data['triton_model']}"}
+        return self
+
+    def triton_target(self) -> TritonTarget | None:
+        """The server and model of engine triton; None for the local engines."""
+        if self.engine != "triton" or not self.triton_url or not self.triton_model:
+            return None
+        return TritonTarget(self.triton_url, self.triton_model)
 
 
 class QueueSection(StrictModel):

@@ -16,6 +16,7 @@ import numpy as np
 from nanoseg.checkpoint import file_sha256, load_checkpoint
 from nanoseg.engines import Engine
 from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, input_shape
+from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.input_spec import InputSpec
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter
@@ -37,14 +38,14 @@ class LoadedModel:
 
 def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
-               cache_dir: Path | None = None) -> LoadedModel:
+               cache_dir: Path | None = None, triton: TritonTarget | None = None) -> LoadedModel:
     """Load, verify (optional sha256) and warm up a model; raises on any failure."""
     p = Path(path)
     digest = file_sha256(p)
     if expected_sha256 and digest != expected_sha256:
         raise ValueError(f"{p}: sha256 {digest[:12]}... does not match the expected {expected_sha256[:12]}...")
     ckpt = load_checkpoint(p)
-    eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir)
+    eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir, triton)
     seg = Segmenter.for_checkpoint(eng, ckpt, post)
     t0 = time.perf_counter()
     _, h, w = input_shape(ckpt)
@@ -71,10 +72,10 @@ class ModelSlot:
 
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
-               cache_dir: Path | None = None) -> LoadedModel:
+               cache_dir: Path | None = None, triton: TritonTarget | None = None) -> LoadedModel:
         """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
         with self._lock:
             new = load_model(path, engine, device, threads, self._model.segmenter.post, onnx_path,
-                             expected_sha256, cache_dir)
+                             expected_sha256, cache_dir, triton)
             self._model = new
             return new

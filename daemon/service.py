@@ -54,7 +54,8 @@ class Service:
         m = cfg.model
         self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
-                           repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache)
+                           repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
+                           m.triton_target())
         self.slot = ModelSlot(model)
         self._model_info()
         self.store = ResultStore(default_path(state), synchronous=cfg.store.synchronous, max_bytes=cfg.store.max_bytes)
@@ -309,7 +310,7 @@ class Service:
             old = self.slot.current.version
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
-                                       req.sha256, self._engine_cache)
+                                       req.sha256, self._engine_cache, m.triton_target())
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

@@ -1,7 +1,6 @@
 """Create an engine from a model file: a nanoseg checkpoint (.pt), an ONNX file or a TensorRT plan.
 
-Engine ``triton`` runs remotely: ``device`` names the server and model as ``HOST:PORT/MODEL``
-(the daemon sets it from ``model.triton_url`` and ``model.triton_model``).
+Engine ``triton`` runs remotely, on the server and model a ``TritonTarget`` names.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from typing import Literal
 
 from nanoseg.checkpoint import Checkpoint, load_checkpoint
 from nanoseg.engines import Engine, EngineError
+from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.input_spec import InputSpec
 
 EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton"]
@@ -22,18 +22,23 @@ def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
 
 
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
-                           onnx_path: str | Path | None = None, cache_dir: Path | None = None) -> Engine:
-    """An engine of ``kind`` for ``ckpt``. ONNX is exported on the fly when no file is given."""
+                           onnx_path: str | Path | None = None, cache_dir: Path | None = None,
+                           triton: TritonTarget | None = None) -> Engine:
+    """An engine of ``kind`` for ``ckpt``. ONNX is exported on the fly when no file is given;
+    engine ``triton`` needs ``triton`` (the server must serve this checkpoint's model)."""
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
 
         return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads)
     if kind == "triton":
-        from nanoseg.engines.triton_engine import TritonEngine, parse_target
+        from nanoseg.engines.triton_engine import TritonEngine
 
-        remote = TritonEngine(*parse_target(device))
+        if triton is None:
+            raise EngineError("engine triton needs a server and model name (TritonTarget)")
+        remote = TritonEngine(triton.url, triton.model)
         if remote.input_shape != input_shape(ckpt):
-            raise EngineError(f"triton: {device} takes {remote.input_shape}, the checkpoint's model {input_shape(ckpt)}")
+            raise EngineError(f"triton: {remote.device} takes {remote.input_shape}, "
+                              f"the checkpoint's model {input_shape(ckpt)}")
         return remote
     onnx_bytes = Path(onnx_path).read_bytes() if onnx_path else None
     if onnx_bytes is None:
@@ -55,9 +60,10 @@ def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cp
 
 
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,
-                onnx_path: str | Path | None = None, cache_dir: Path | None = None) -> tuple[Engine, Checkpoint]:
+                onnx_path: str | Path | None = None, cache_dir: Path | None = None,
+                triton: TritonTarget | None = None) -> tuple[Engine, Checkpoint]:
     ckpt = load_checkpoint(model_path)
-    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir), ckpt
+    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton), ckpt
 
 
 def input_spec_of(ckpt: Checkpoint) -> InputSpec:

@@ -15,7 +15,7 @@ caller gets an ``EngineError`` naming the server, the model and the reason.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,13 +27,12 @@ RETRYABLE = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
 """gRPC codes worth another try: the server restarts, is busy or the network dropped a call."""
 
 
-def parse_target(target: str) -> tuple[str, str]:
-    """``"host:port/model"`` -> (``"host:port"``, ``"model"``): how a daemon's ``model.device``
-    names the Triton server and model for engine ``triton``."""
-    url, sep, model = target.rpartition("/")
-    if not sep or not url or not model:
-        raise EngineError(f"triton: target {target!r} is not HOST:PORT/MODEL")
-    return url, model
+class TritonTarget(NamedTuple):
+    """Where engine ``triton`` runs a model: the server's gRPC address and the model's name."""
+
+    url: str
+    """HOST:PORT"""
+    model: str
 
 
 class TritonEngine:

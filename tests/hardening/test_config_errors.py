@@ -35,6 +35,8 @@ CASES: dict[str, tuple[dict, str]] = {
     "publish_curve_without_server_key": ({"publish": {"curve": {"authorized_clients_dir": "/tmp"}}},
                                          "publish: curve.server_secret_key is needed"),
     "profile_unknown": ({"profile": "no_such_profile"}, "profile: no profiles config 'no_such_profile'"),
+    "triton_without_server": ({"model": {"engine": "triton", "triton_model": "nanoseg"}},
+                              "engine triton needs model.triton_url (HOST:PORT) and model.triton_model"),
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanoseg.checkpoint import load_checkpoint
-from nanoseg.engines.factory import engine_from_checkpoint, input_shape, input_spec_of
+from nanoseg.engines.factory import engine_from_checkpoint, input_shape
 from nanoseg.instances import Instances
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter
@@ -19,9 +19,8 @@ POST = PostprocessConfig(score_threshold=0.3, min_area_px=0)
 @pytest.fixture(scope="module")
 def engines(trained_model_path: Path) -> tuple[Segmenter, Segmenter]:
     ckpt = load_checkpoint(trained_model_path)
-    spec = input_spec_of(ckpt)
-    torch_seg = Segmenter(engine_from_checkpoint(ckpt, "torch", threads=2), spec, POST)
-    ort_seg = Segmenter(engine_from_checkpoint(ckpt, "onnxruntime", threads=2), spec, POST)
+    torch_seg = Segmenter.for_checkpoint(engine_from_checkpoint(ckpt, "torch", threads=2), ckpt, POST)
+    ort_seg = Segmenter.for_checkpoint(engine_from_checkpoint(ckpt, "onnxruntime", threads=2), ckpt, POST)
     return torch_seg, ort_seg
 
 
@@ -105,8 +104,8 @@ def test_tensorrt_engine(trained_model_path: Path) -> None:
         pytest.skip("TensorRT needs a CUDA GPU; none on this machine")
     ckpt = load_checkpoint(trained_model_path)
     trt_engine = engine_from_checkpoint(ckpt, "tensorrt", device="cuda")
-    seg = Segmenter(trt_engine, input_spec_of(ckpt), POST)
-    ref = Segmenter(engine_from_checkpoint(ckpt, "torch"), input_spec_of(ckpt), POST)
+    seg = Segmenter.for_checkpoint(trt_engine, ckpt, POST)
+    ref = Segmenter.for_checkpoint(engine_from_checkpoint(ckpt, "torch"), ckpt, POST)
     from nanoseg.export import trace_image
 
     img = trace_image((1, 512, 512), 3).numpy()[0, 0]
@@ -115,3 +114,25 @@ def test_tensorrt_engine(trained_model_path: Path) -> None:
     assert len(pairs) >= 0.9 * max(len(a), 1)  # FP16: allow borderline detections to differ
     for i, j in pairs:
         assert mask_iou(a.masks[i], b.masks[j]) >= 0.9
+
+
+def test_torch_engine_on_cuda_matches_cpu(trained_model_path: Path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine (benchmarks/gpu_check.py ran this on a lent H200)")
+    from nanoseg.export import trace_image
+
+    ckpt = load_checkpoint(trained_model_path)
+    cpu = Segmenter.for_checkpoint(engine_from_checkpoint(ckpt, "torch"), ckpt, POST)
+    gpu = Segmenter.for_checkpoint(engine_from_checkpoint(ckpt, "torch", device="cuda"), ckpt, POST)
+    img = trace_image((1, 512, 512), 3).numpy()[0, 0]
+    a, b = cpu.segment_gray(img), gpu.segment_gray(img)
+    assert len(a) == len(b) and len(match(a, b)) == len(a)
+
+
+def test_triton_engine_needs_a_server_and_model(trained_model_path: Path) -> None:
+    from nanoseg.engines import EngineError
+
+    with pytest.raises(EngineError, match="engine triton needs a server and model"):
+        engine_from_checkpoint(load_checkpoint(trained_model_path), "triton")
