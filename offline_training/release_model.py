@@ -41,6 +41,8 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     cfg = model_cfg.model_dump(mode="json")
     arch = describe(model_cfg)
     gen = tc["data"].get("generate") or {}
+    mix = "".join(f"; mixed with `{m['train']}` (weight {m['weight']} against {tc['data'].get('weight', 1.0)})"
+                  for m in tc["data"].get("mix") or [])
     acc = metrics["accuracy"]
     stats = metrics["statistics"]
     stat_rows = "\n".join(
@@ -71,7 +73,7 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
 ## Training
 - Command: `nanoseg train configs/training/{tc['name']}.yaml` (resumable with `--resume`;
   the training set is generated first if missing).
-- Data: `nanoseg generate {gen.get('preset', '?')} --count {gen.get('count', '?')} --seed {gen.get('seed', '?')}`;
+- Data: `nanoseg generate {gen.get('preset', '?')} --count {gen.get('count', '?')} --seed {gen.get('seed', '?')}`{mix};
   crops {tc['data']['crop_sizes']} with weights {tc['data']['crop_weights']}; augmentation
   `{json.dumps(tc['augment'])}`.
 - Solver: `{json.dumps(tc['solver'])}`; seed {tc['seed']}.

@@ -25,8 +25,8 @@ from nanoseg.checkpoint import Checkpoint, save_checkpoint
 from nanoseg.config_io import dump_yaml
 from nanoseg.model import build_model
 from nanoseg.paths import cache_dir
-from nanoseg_training.train_config import TrainConfig
-from nanoseg_training.train_data import BatchDataset, CocoSource
+from nanoseg_training.train_config import GenerateSpec, TrainConfig
+from nanoseg_training.train_data import BatchDataset, CocoSource, MixedSource
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 MAX_NONFINITE_STREAK = 10
@@ -48,19 +48,19 @@ def resolve_data_dir(path: str) -> Path:
     return p if p.is_absolute() else cache_dir() / p
 
 
-def ensure_dataset(cfg: TrainConfig, workers: int) -> Path:
-    """The training set directory, generated first (seeded) when missing and a spec is given.
+def ensure_dataset(train: str, generate: GenerateSpec | None, workers: int) -> Path:
+    """A training set directory, generated first (seeded) when missing and a spec is given.
 
     Generation runs before training, so it may use every core (``workers`` processes)."""
-    root = resolve_data_dir(cfg.data.train)
-    if (root / "annotations.json").exists() or cfg.data.generate is None:
+    root = resolve_data_dir(train)
+    if (root / "annotations.json").exists() or generate is None:
         return root
     from nanoseg.config_io import load_yaml
     from nanoseg.paths import resolve_config
     from nanoseg_training.coco_dataset import write_dataset
     from nanoseg_training.synthetic_config import SceneConfig
 
-    g = cfg.data.generate
+    g = generate
     scene = load_yaml(resolve_config(g.preset, "synthetic"), SceneConfig)
     tmp = root.with_name(root.name + ".partial")
     write_dataset(scene, tmp, g.count, g.seed, workers=workers, write_od=False)
@@ -139,10 +139,13 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     last = run_dir / "last.pt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
-    data_root = ensure_dataset(cfg, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(cfg.data.train)
+    sets = [(cfg.data.train, cfg.data.generate, cfg.data.weight)] + [(m.train, m.generate, m.weight) for m in cfg.data.mix]
+    roots = [ensure_dataset(t, g, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(t) for t, g, _ in sets]
     if dist.world > 1:
         torch.distributed.barrier()
-    source = CocoSource(data_root)
+    source: CocoSource | MixedSource = CocoSource(roots[0])
+    if cfg.data.mix:
+        source = MixedSource([CocoSource(r) for r in roots], [w for _, _, w in sets])
 
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):

@@ -19,11 +19,24 @@ class GenerateSpec(StrictModel):
     seed: int = 1
 
 
+class MixSource(StrictModel):
+    """A further training set, drawn from with probability proportional to ``weight``."""
+
+    train: str
+    generate: GenerateSpec | None = None
+    weight: float = Field(1.0, gt=0)
+
+
 class DataConfig(StrictModel):
     train: str = "data/paper-train"
     """COCO data set directory; relative paths are resolved under the nanoseg cache directory."""
     generate: GenerateSpec | None = GenerateSpec()
     """If set and ``train`` is missing, generate it first (seeded, so reproducible)."""
+    weight: float = Field(1.0, gt=0)
+    """Share of ``train`` among the sets of ``mix`` (relative weights)."""
+    mix: tuple[MixSource, ...] = ()
+    """More training sets (e.g. another generator preset), each image drawn from set k with
+    probability weight_k / sum of weights."""
     crop_sizes: tuple[int, ...] = (320, 512)
     """Random square crops at native scale (wires keep their pixel size); >= image size = whole image.
     One size is drawn per iteration with ``crop_weights``: small crops are cheap, whole frames show

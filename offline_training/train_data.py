@@ -52,6 +52,10 @@ class CocoSource:
     def __len__(self) -> int:
         return len(self.images)
 
+    def draw(self, rng: np.random.Generator) -> int:
+        """A uniformly random image index."""
+        return int(rng.integers(len(self.images)))
+
     def load(self, index: int) -> Sample:
         info = self.images[index]
         path = self.root / info["file_name"]
@@ -69,6 +73,30 @@ class CocoSource:
         if masks.shape[1:] != (h, w):
             raise BadSampleError(f"{path}: masks are {masks.shape[1:]}, image is {(h, w)}")
         return Sample(image, masks)
+
+
+class MixedSource:
+    """Several data sets as one: ``draw`` picks a set by weight, then an image of it uniformly.
+
+    Indices are global (set k's images follow those of sets 0..k-1)."""
+
+    def __init__(self, sources: list[CocoSource], weights: list[float]) -> None:
+        if not sources or len(sources) != len(weights) or min(weights) <= 0:
+            raise ValueError("a mix needs one positive weight per data set")
+        self.sources = sources
+        self.p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def draw(self, rng: np.random.Generator) -> int:
+        k = int(rng.choice(len(self.sources), p=self.p))
+        return int(self.offsets[k]) + self.sources[k].draw(rng)
+
+    def load(self, index: int) -> Sample:
+        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.sources[k].load(index - int(self.offsets[k]))
 
 
 def random_crop(s: Sample, size: int, rng: np.random.Generator, min_area: int) -> Sample:
@@ -125,7 +153,7 @@ def to_target(masks: np.ndarray) -> dict[str, torch.Tensor]:
 class BatchDataset(torch.utils.data.Dataset):
     """Item ``it`` is the whole batch of iteration ``it`` (images and targets)."""
 
-    def __init__(self, source: CocoSource, data: DataConfig, aug: AugmentConfig,
+    def __init__(self, source: CocoSource | MixedSource, data: DataConfig, aug: AugmentConfig,
                  batch_size: int, seed: int, rank: int = 0) -> None:
         self.source, self.data, self.aug = source, data, aug
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
@@ -141,7 +169,7 @@ class BatchDataset(torch.utils.data.Dataset):
         w = np.asarray(self.data.crop_weights, dtype=np.float64)
         crop = int(self.data.crop_sizes[int(rng.choice(len(w), p=w / w.sum()))])
         while len(images) < self.batch_size:
-            idx = int(rng.integers(len(self.source)))
+            idx = self.source.draw(rng)
             try:
                 sample = self.source.load(idx)
             except BadSampleError:

@@ -13,7 +13,7 @@ import torch
 from nanoseg.checkpoint import load_checkpoint
 from nanoseg.config_io import ConfigError, parse_config
 from nanoseg_training.train import lr_at, train
-from nanoseg_training.train_config import TrainConfig
+from nanoseg_training.train_config import MixSource, TrainConfig
 from nanoseg_training.train_data import BadSampleError, BatchDataset, CocoSource
 from tests.offline_training.conftest import WrittenDataset
 
@@ -161,3 +161,25 @@ def test_init_from_a_checkpoint_and_freeze_the_backbone(dataset: WrittenDataset,
     bad = cfg.model_copy(update={"freeze": ("backbone", "no_such_module")})
     with pytest.raises(ValueError, match="no_such_module"):
         train(bad, tmp_path / "bad", progress=False)
+
+
+def test_a_mix_of_data_sets_is_drawn_by_weight(dataset: WrittenDataset, tmp_path: Path) -> None:
+    import shutil
+
+    from nanoseg_training.train_data import MixedSource
+
+    other = tmp_path / "other"
+    shutil.copytree(dataset.root, other)
+    a, b = CocoSource(dataset.root), CocoSource(other)
+    mixed = MixedSource([a, b], [1.0, 3.0])
+    rng = np.random.default_rng(0)
+    draws = [mixed.draw(rng) for _ in range(2000)]
+    from_b = np.mean([d >= len(a) for d in draws])
+    assert 0.71 < from_b < 0.79  # 3 / (1 + 3)
+    i = len(a) + 1
+    assert np.array_equal(mixed.load(i).image, b.load(1).image)
+
+    cfg = tiny_config(dataset.root, 2)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+        "mix": (parse_config({"train": str(other), "generate": None, "weight": 3.0}, MixSource),)})})
+    assert train(cfg, tmp_path / "run", progress=False).name == "model_final.pt"
