@@ -3,9 +3,10 @@
 # held-out synthetic test set (seed 2) on the GPU, and run the CUDA checks of the torch engine.
 #
 #   bash scripts/gpu_train.sh OUT_DIR [TRAIN_SECONDS]
+#   CONTINUE=1 bash scripts/gpu_train.sh OUT_DIR SECONDS   # same (warm) machine: SECONDS more
 #
 # The schedule must end inside the budget (the learning-rate steps are fractions of max_iter), so
-# a 40-iteration calibration run measures the seconds per iteration first and max_iter is set to
+# a 60-iteration calibration run measures the seconds per iteration first and max_iter is set to
 # fit. Works in an environment that has torch/torchvision but not nanoseg installed (a lent GPU
 # machine): wheels in .whl/ are installed to /tmp/site and the packages are put on PYTHONPATH.
 # OUT_DIR gets: model.pt (float16 nanoseg checkpoint, split in <16 MB parts when SPLIT=1),
@@ -44,13 +45,32 @@ test_set=$NANOSEG_CACHE/data/paper-test-s2-n${TEST_COUNT:=200}
 stamp "generate the test set"
 [ -f "$test_set/annotations.json" ] || nanoseg generate paper --count "$TEST_COUNT" --seed 2 --no-od --quiet --out "$test_set" || exit 1
 
-stamp "calibrate (the training set is generated first)"
 runs=$NANOSEG_CACHE/runs
-rm -rf "$runs/calibrate" "$runs/gpu_default"
 cfg=$NANOSEG_CACHE/gpu_default.yaml
-rm -f "$cfg"
-nanoseg train "$config" --run-dir "$runs/calibrate" --stop-after "${CALIB_ITERS:-60}" --quiet &&
-$py - "$runs/calibrate/metrics.csv" "$config" "$cfg" "$budget" <<'PY' 
+minutes=$($py -c "print($budget * 1.08 / 60)")
+if [ -n "${CONTINUE:-}" ]; then
+    # A second call on a still-warm machine: the run continues for TRAIN_SECONDS more, its
+    # max_iter raised to fit (the learning rate goes back up until the moved steps).
+    [ -f "$runs/gpu_default/last.pt" ] && [ -f "$cfg" ] || { echo "CONTINUE: no run to continue in $runs"; exit 1; }
+    $py - "$runs/gpu_default/metrics.csv" "$cfg" "$budget" <<'PY' || exit 1
+import csv, sys, yaml
+metrics, path, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
+rows = list(csv.DictReader(open(metrics)))
+spi = sum(float(r["seconds_per_iter"]) for r in rows[-20:]) / len(rows[-20:])
+cfg = yaml.safe_load(open(path))
+done = int(rows[-1]["iteration"])
+cfg["solver"]["max_iter"] = done + int(0.93 * budget / spi)
+yaml.safe_dump(cfg, open(path, "w"), sort_keys=False)
+print(f"continue from {done}: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']}")
+PY
+    stamp "train (continued)"
+    nanoseg train "$cfg" --run-dir "$runs/gpu_default" --resume --max-minutes "$minutes" --quiet
+    stamp "train ended (exit $?)"
+else
+    stamp "calibrate (the training set is generated first)"
+    rm -rf "$runs/calibrate" "$runs/gpu_default" "$cfg"
+    nanoseg train "$config" --run-dir "$runs/calibrate" --stop-after "${CALIB_ITERS:-60}" --quiet &&
+    $py - "$runs/calibrate/metrics.csv" "$config" "$cfg" "$budget" <<'PY'
 import csv, sys, yaml
 metrics, src, dst, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 rows = list(csv.DictReader(open(metrics)))
@@ -60,14 +80,14 @@ cfg["solver"]["max_iter"] = max(int(0.93 * budget / spi), 100)
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
 print(f"calibration: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']} for {budget:.0f} s")
 PY
-rm -rf "$runs/calibrate"
-
-if [ -f "$cfg" ]; then
-    stamp "train"
-    nanoseg train "$cfg" --run-dir "$runs/gpu_default" --max-minutes "$($py -c "print($budget * 1.08 / 60)")" --quiet
-    stamp "train ended (exit $?)"
-else
-    stamp "calibration failed: no training"
+    rm -rf "$runs/calibrate"
+    if [ -f "$cfg" ]; then
+        stamp "train"
+        nanoseg train "$cfg" --run-dir "$runs/gpu_default" --max-minutes "$minutes" --quiet
+        stamp "train ended (exit $?)"
+    else
+        stamp "calibration failed: no training"
+    fi
 fi
 cp "$runs/gpu_default/config.yaml" "$runs/gpu_default/metrics.csv" "$out/" 2>/dev/null
 $py - "$runs/gpu_default" "$out/model.pt" <<'PY' 
