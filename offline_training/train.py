@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nanoseg.checkpoint import Checkpoint, save_checkpoint
 from nanoseg.config_io import dump_yaml
 from nanoseg.model import build_model
-from nanoseg.paths import cache_dir
+from nanoseg.paths import REPO_ROOT, cache_dir
 from nanoseg_training.train_config import GenerateSpec, TrainConfig
 from nanoseg_training.train_data import BatchDataset, CocoSource, MixedSource
 
@@ -66,6 +66,12 @@ def ensure_dataset(train: str, generate: GenerateSpec | None, workers: int) -> P
     write_dataset(scene, tmp, g.count, g.seed, workers=workers, write_od=False)
     tmp.rename(root)
     return root
+
+
+def resolve_init(path: str) -> Path:
+    """``init_from`` as given, or relative to the repository (``models/default/model.pt``)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
 def init_weights(model: nn.Module, path: Path, verbose: bool = True) -> list[str]:
@@ -149,7 +155,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
 
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):
-        init_weights(model, Path(cfg.init_from).expanduser(), verbose=dist.main)
+        init_weights(model, resolve_init(cfg.init_from), verbose=dist.main)
     frozen = freeze(model, cfg.freeze)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

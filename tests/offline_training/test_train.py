@@ -183,3 +183,13 @@ def test_a_mix_of_data_sets_is_drawn_by_weight(dataset: WrittenDataset, tmp_path
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
         "mix": (parse_config({"train": str(other), "generate": None, "weight": 3.0}, MixSource),)})})
     assert train(cfg, tmp_path / "run", progress=False).name == "model_final.pt"
+
+
+def test_init_from_a_relative_path_is_found_in_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoseg.paths import REPO_ROOT
+    from nanoseg_training.train import resolve_init
+
+    monkeypatch.chdir(tmp_path)  # not the repository
+    assert resolve_init("models/default/model.pt") == REPO_ROOT / "models/default/model.pt"
+    (tmp_path / "mine.pt").write_bytes(b"")
+    assert resolve_init("mine.pt") == Path("mine.pt")
