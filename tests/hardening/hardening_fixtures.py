@@ -241,7 +241,10 @@ class Pusher:
         """Send unless no peer takes the message within ``timeout_s`` (e.g. a refused CURVE handshake)."""
         if not self.push.poll(int(timeout_s * 1000), zmq.POLLOUT):
             return False
-        self.push.send_multipart(parts)
+        try:  # the pipe can go between poll and send (a handshake refused meanwhile): never block
+            self.push.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
         return True
 
     def summaries(self, n: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
