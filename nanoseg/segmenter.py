@@ -11,6 +11,7 @@ import numpy as np
 
 from nanoseg.checkpoint import Checkpoint
 from nanoseg.engines import Engine
+from nanoseg.engines.factory import input_spec_of
 from nanoseg.input_spec import InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
@@ -29,7 +30,7 @@ class Segmenter:
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
         """A segmenter with the input spec and mask convention of the checkpoint ``engine`` runs."""
-        return cls(engine, InputSpec.model_validate(ckpt.input_spec), post, mask_grid_offset_px(ckpt.model_config))
+        return cls(engine, input_spec_of(ckpt), post, mask_grid_offset_px(ckpt.model_config))
 
     def with_post(self, post: PostprocessConfig) -> Segmenter:
         """The same model with another post-processing."""

@@ -50,9 +50,11 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     )
     hours = ckpt_meta.get("train_seconds", 0) / 3600
     device = ckpt_meta.get("train_device", "unknown")
-    return f"""# Model card: nanoseg default model
+    start = (f"fine-tuned from `{tc['init_from']}` (itself trained from scratch) **on synthetic images only**"
+             if tc.get("init_from") else "trained **from scratch on synthetic images only**")
+    return f"""# Model card: nanoseg {Path(args.out).name} model
 
-Mask R-CNN trained **from scratch on synthetic images only**, on {device}, by this
+Mask R-CNN {start}, on {device}, by this
 repository's own code (after Lin et al., npj Comput. Mater. 2022). Released from
 `{args.run_dir}` at commit `{_git_commit()}`.
 

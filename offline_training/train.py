@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nanoseg.checkpoint import Checkpoint, save_checkpoint
+from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nanoseg.config_io import dump_yaml
 from nanoseg.model import build_model
 from nanoseg.paths import REPO_ROOT, cache_dir
@@ -60,10 +60,9 @@ def ensure_dataset(train: str, generate: GenerateSpec | None, workers: int) -> P
     from nanoseg_training.coco_dataset import write_dataset
     from nanoseg_training.synthetic_config import SceneConfig
 
-    g = generate
-    scene = load_yaml(resolve_config(g.preset, "synthetic"), SceneConfig)
+    scene = load_yaml(resolve_config(generate.preset, "synthetic"), SceneConfig)
     tmp = root.with_name(root.name + ".partial")
-    write_dataset(scene, tmp, g.count, g.seed, workers=workers, write_od=False)
+    write_dataset(scene, tmp, generate.count, generate.seed, workers=workers, write_od=False)
     tmp.rename(root)
     return root
 
@@ -78,8 +77,6 @@ def init_weights(model: nn.Module, path: Path, verbose: bool = True) -> list[str
     """Load the tensors of checkpoint ``path`` that fit ``model`` (same name and shape).
 
     Returns the names of this model's tensors left as initialised."""
-    from nanoseg.checkpoint import load_checkpoint
-
     source = load_checkpoint(path).state_dict
     own = model.state_dict()
     fits = {k: v.to(own[k].dtype) for k, v in source.items() if k in own and own[k].shape == v.shape}

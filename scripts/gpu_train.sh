@@ -48,21 +48,29 @@ stamp "generate the test set"
 runs=$NANOSEG_CACHE/runs
 cfg=$NANOSEG_CACHE/gpu_default.yaml
 minutes=$($py -c "print($budget * 1.08 / 60)")
+# fit_max_iter METRICS SRC DST MODE: write SRC with solver.max_iter set so that the TRAIN_SECONDS
+# budget is spent at the seconds per iteration METRICS shows. MODE calibrate: a fresh schedule
+# (the first logged row, warm-up, is left out; at least 100 iterations); MODE continue: that many
+# iterations more than the run has done (the last 20 rows timed).
+fit_max_iter() {
+    $py - "$1" "$2" "$3" "$budget" "$4" <<'PY'
+import csv, sys, yaml
+metrics, src, dst, budget, mode = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+rows = list(csv.DictReader(open(metrics)))
+timed = rows[-20:] if mode == "continue" else rows[1:]
+spi = sum(float(r["seconds_per_iter"]) for r in timed) / max(len(timed), 1)
+done = int(rows[-1]["iteration"]) if mode == "continue" else 0
+cfg = yaml.safe_load(open(src))
+cfg["solver"]["max_iter"] = done + max(int(0.93 * budget / spi), 0 if mode == "continue" else 100)
+yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
+print(f"{mode} from iteration {done}: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']} for {budget:.0f} s")
+PY
+}
 if [ -n "${CONTINUE:-}" ]; then
     # A second call on a still-warm machine: the run continues for TRAIN_SECONDS more, its
     # max_iter raised to fit (the learning rate goes back up until the moved steps).
     [ -f "$runs/gpu_default/last.pt" ] && [ -f "$cfg" ] || { echo "CONTINUE: no run to continue in $runs"; exit 1; }
-    $py - "$runs/gpu_default/metrics.csv" "$cfg" "$budget" <<'PY' || exit 1
-import csv, sys, yaml
-metrics, path, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
-rows = list(csv.DictReader(open(metrics)))
-spi = sum(float(r["seconds_per_iter"]) for r in rows[-20:]) / len(rows[-20:])
-cfg = yaml.safe_load(open(path))
-done = int(rows[-1]["iteration"])
-cfg["solver"]["max_iter"] = done + int(0.93 * budget / spi)
-yaml.safe_dump(cfg, open(path, "w"), sort_keys=False)
-print(f"continue from {done}: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']}")
-PY
+    fit_max_iter "$runs/gpu_default/metrics.csv" "$cfg" "$cfg" continue || exit 1
     stamp "train (continued)"
     nanoseg train "$cfg" --run-dir "$runs/gpu_default" --resume --max-minutes "$minutes" --quiet
     stamp "train ended (exit $?)"
@@ -70,16 +78,7 @@ else
     stamp "calibrate (the training set is generated first)"
     rm -rf "$runs/calibrate" "$runs/gpu_default" "$cfg"
     nanoseg train "$config" --run-dir "$runs/calibrate" --stop-after "${CALIB_ITERS:-60}" --quiet &&
-    $py - "$runs/calibrate/metrics.csv" "$config" "$cfg" "$budget" <<'PY'
-import csv, sys, yaml
-metrics, src, dst, budget = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-rows = list(csv.DictReader(open(metrics)))
-spi = sum(float(r["seconds_per_iter"]) for r in rows[1:]) / max(len(rows) - 1, 1)  # first: warm-up
-cfg = yaml.safe_load(open(src))
-cfg["solver"]["max_iter"] = max(int(0.93 * budget / spi), 100)
-yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
-print(f"calibration: {spi:.3f} s/iteration -> max_iter {cfg['solver']['max_iter']} for {budget:.0f} s")
-PY
+        fit_max_iter "$runs/calibrate/metrics.csv" "$config" "$cfg" calibrate
     rm -rf "$runs/calibrate"
     if [ -f "$cfg" ]; then
         stamp "train"
