@@ -118,7 +118,9 @@ class DaemonConfig(StrictModel):
     name: str = Field("nanoseg", description="Instance name, in logs and status.")
     model: ModelSection = Field(default_factory=ModelSection)
     profile: str = Field("ptychography", description="Default frame profile (configs/profiles or a path).")
-    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    postprocess: PostprocessConfig = Field(
+        default_factory=PostprocessConfig,
+        description="Fields set here override the model's own operating point (its checkpoint's thresholds).")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     queue: QueueSection = Field(default_factory=QueueSection)
     publish: PublishSection = Field(default_factory=PublishSection)

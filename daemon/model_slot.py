@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,27 +56,43 @@ def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, 
 
 
 class ModelSlot:
-    """Holds the current model; ``reload`` builds a new one off the hot path and swaps it in."""
+    """Holds the current model; ``reload`` builds a new one off the hot path and swaps it in.
 
-    def __init__(self, model: LoadedModel) -> None:
+    The slot remembers the post-processing the operator configured (config file, control ``set``)
+    apart from the one in effect: a reloaded model brings its own operating point, and only the
+    configured fields override it."""
+
+    def __init__(self, model: LoadedModel, configured: PostprocessConfig | None = None) -> None:
         self._model = model
+        self._configured = configured if configured is not None else PostprocessConfig()
         self._lock = threading.Lock()  # one reload at a time
 
     @property
     def current(self) -> LoadedModel:
         return self._model
 
-    def set_postprocess(self, post: PostprocessConfig) -> None:
+    @property
+    def configured(self) -> PostprocessConfig:
+        """The explicitly configured post-processing fields (``model_fields_set``) over defaults."""
+        return self._configured
+
+    def set_postprocess(self, updates: dict[str, Any]) -> PostprocessConfig:
+        """Set post-processing fields on the serving model (and on later reloads); returns the
+        post-processing now in effect. Raises ``ValueError`` naming a bad field."""
+        configured = PostprocessConfig.model_validate({**self._configured.model_dump(exclude_unset=True), **updates})
         m = self._model
+        post = PostprocessConfig.model_validate({**m.segmenter.post.model_dump(), **updates})
+        self._configured = configured
         self._model = LoadedModel(m.segmenter.with_post(post), m.version, m.path,
                                   m.engine, m.device, m.warmup_seconds)
+        return post
 
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None) -> LoadedModel:
         """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
         with self._lock:
-            new = load_model(path, engine, device, threads, self._model.segmenter.post, onnx_path,
+            new = load_model(path, engine, device, threads, self._configured, onnx_path,
                              expected_sha256, cache_dir, triton)
             self._model = new
             return new

@@ -56,7 +56,7 @@ class Service:
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
                            repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
                            m.triton_target())
-        self.slot = ModelSlot(model)
+        self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
         self.store = ResultStore(default_path(state), synchronous=cfg.store.synchronous, max_bytes=cfg.store.max_bytes)
         self.queue: FrameQueue[Item] = FrameQueue(cfg.queue.size, cfg.queue.policy,
@@ -294,7 +294,9 @@ class Service:
         return {"name": self.cfg.name, "uptime_s": round(time.time() - self.started, 1),
                 "paused": self._paused.is_set(), "model": {"version": m.version, "engine": m.engine,
                                                            "device": m.device, "path": m.path},
-                "postprocess": m.segmenter.post.model_dump(mode="json"), "queue_depth": len(self.queue),
+                "postprocess": m.segmenter.post.model_dump(mode="json"),
+                "postprocess_configured": self.slot.configured.model_dump(mode="json", exclude_unset=True),
+                "queue_depth": len(self.queue),
                 "open_runs": sorted(self._run_meta), "processed": self._processed,
                 "pending_store": len(self._pending), "stages_alive": self.stages.alive()}
 
@@ -321,7 +323,6 @@ class Service:
             log("model_reloaded", old=old, new=new.version, warmup_s=round(new.warmup_seconds, 3))
         elif isinstance(req, ctl.SetRequest):
             updates = {k: v for k, v in req.model_dump(exclude={"command"}).items() if v is not None}
-            post = self.slot.current.segmenter.post.model_copy(update=updates)
-            self.slot.set_postprocess(type(post).model_validate(post.model_dump()))
+            self.slot.set_postprocess(updates)
             log("postprocess_set", **updates)
         return self.status()

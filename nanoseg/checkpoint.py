@@ -20,6 +20,7 @@ import torch
 from torchvision.models.detection import MaskRCNN
 
 from nanoseg.model import ModelConfig, build_model
+from nanoseg.postprocess import OperatingPoint
 
 FORMAT = "nanoseg-checkpoint/1"
 
@@ -34,6 +35,19 @@ class Checkpoint:
     input_spec: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    stored_half: bool = False
+    """The file held float16 weights (``save_checkpoint(..., half=ckpt.stored_half)`` keeps it so)."""
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        """The thresholds chosen for this model on a validation set, if any (``nanoseg calibrate``)."""
+        point = self.meta.get("operating_point")
+        if point is None:
+            return None
+        try:
+            return OperatingPoint.model_validate(point)
+        except ValueError as err:
+            raise CheckpointError(f"malformed operating point in checkpoint meta: {err}") from None
 
     def build(self) -> MaskRCNN:
         """The model in eval mode with these weights loaded (strict: every key must match)."""
@@ -60,8 +74,10 @@ def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
     try:
         cfg = ModelConfig.model_validate(obj["model_config"])
         # Weights may be stored as float16 to halve the file; the model always runs in float32.
-        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in dict(obj["state_dict"]).items()}
-        return Checkpoint(cfg, dict(obj["input_spec"]), state, dict(obj.get("meta", {})))
+        stored = dict(obj["state_dict"])
+        half = any(v.dtype == torch.float16 for v in stored.values())
+        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in stored.items()}
+        return Checkpoint(cfg, dict(obj["input_spec"]), state, dict(obj.get("meta", {})), half)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source}: malformed checkpoint: {err}") from None
 

@@ -39,6 +39,28 @@ class PostprocessConfig(StrictModel):
     nested: NestedSuppression = NestedSuppression()
 
 
+class OperatingPoint(StrictModel):
+    """A model's own thresholds, chosen on a validation set (``nanoseg calibrate``) and stored in
+    its checkpoint (``meta["operating_point"]``)."""
+
+    score_threshold: float = Field(ge=0, le=1)
+    mask_threshold: float = Field(gt=0, lt=1)
+    objective: str = "foreground_accuracy"
+    value: float | None = None
+    """The objective's value at this point on ``chosen_on``."""
+    chosen_on: str = ""
+    """The validation data set (not the test set)."""
+
+
+def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | None) -> PostprocessConfig:
+    """The post-processing a model runs with: defaults, then the model's operating point, then every
+    field ``configured`` sets explicitly (a YAML key, a control ``set``, a CLI flag) on top."""
+    if point is None:
+        return configured
+    base = {"score_threshold": point.score_threshold, "mask_threshold": point.mask_threshold}
+    return PostprocessConfig.model_validate({**base, **configured.model_dump(exclude_unset=True)})
+
+
 def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
                offset_px: float = 0.0) -> np.ndarray:
     """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px), the

@@ -10,12 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoseg.checkpoint import Checkpoint
-from nanoseg.engines import Engine
+from nanoseg.engines import Engine, RawDetections
 from nanoseg.engines.factory import input_spec_of
 from nanoseg.input_spec import InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
-from nanoseg.postprocess import PostprocessConfig, filter_instances, to_instances
+from nanoseg.postprocess import (
+    PostprocessConfig,
+    filter_instances,
+    resolve_postprocess,
+    to_instances,
+)
 from nanoseg.prepare import PreparedFrame, instances_to_frame
 
 
@@ -29,24 +34,29 @@ class Segmenter:
 
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
-        """A segmenter with the input spec and mask convention of the checkpoint ``engine`` runs."""
-        return cls(engine, input_spec_of(ckpt), post, mask_grid_offset_px(ckpt.model_config))
+        """A segmenter with the input spec, mask convention and operating point of the checkpoint
+        ``engine`` runs; fields ``post`` sets explicitly override the model's operating point."""
+        return cls(engine, input_spec_of(ckpt), resolve_postprocess(post, ckpt.operating_point),
+                   mask_grid_offset_px(ckpt.model_config))
 
     def with_post(self, post: PostprocessConfig) -> Segmenter:
         """The same model with another post-processing."""
         return Segmenter(self.engine, self.spec, post, self.mask_offset_px)
 
-    def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
-        """Instances per (size x size) model-input tile, in tile coordinates."""
+    def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
+        """The network's raw detections per (size x size) model-input tile, before any threshold."""
         c = self.engine.input_shape[0]
-        out: list[Instances] = []
+        out: list[RawDetections] = []
         step = max(self.engine.max_batch, 1)
         for i in range(0, len(tiles), step):
-            chunk = tiles[i: i + step]
-            batch = np.repeat(chunk[:, None], c, axis=1).astype(np.float32)
-            for raw, tile in zip(self.engine.infer(batch), chunk):
-                out.append(to_instances(raw, tile.shape, self.post, self.mask_offset_px))
+            batch = np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
+            out.extend(self.engine.infer(batch))
         return out
+
+    def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
+        """Instances per (size x size) model-input tile, in tile coordinates."""
+        return [to_instances(raw, tile.shape, self.post, self.mask_offset_px)
+                for raw, tile in zip(self.detect_tiles(tiles), tiles)]
 
     def segment_prepared(self, prepared: PreparedFrame) -> Instances:
         per_tile = self.infer_tiles(prepared.tiles)

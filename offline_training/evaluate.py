@@ -40,7 +40,7 @@ from nanoseg.checkpoint import CheckpointError
 from nanoseg.instances import Instances, mask_boxes
 from nanoseg.masks import decode_rle, encode_rle_batch
 from nanoseg.particle_stats import particle_table
-from nanoseg.postprocess import PostprocessConfig, filter_instances
+from nanoseg.postprocess import PostprocessConfig, filter_instances, resolve_postprocess
 from nanoseg.segmenter import Segmenter
 
 if TYPE_CHECKING:
@@ -364,17 +364,18 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
                    post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
                    threads: int = 2, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
-    per_image.csv, figures}. ``post`` is the operating point (default ``PostprocessConfig()``);
+    per_image.csv, figures}. ``post`` is the operating point (default: the model's own, see
+    ``resolve_postprocess``; fields it sets explicitly win);
     ``score_threshold`` the one for AP. One inference pass serves both."""
     from nanoseg.engines.factory import input_spec_of, load_engine
     from nanoseg_training.eval_report import write_report
 
-    post = post or PostprocessConfig()
+    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads)
+    post = resolve_postprocess(post or PostprocessConfig(), ckpt.operating_point)
     if score_threshold > post.score_threshold:
         raise EvaluationError(f"AP score threshold {score_threshold} is above the operating point's {post.score_threshold}")
     ap_post = post.model_copy(update={"score_threshold": score_threshold})
     raw_post = ap_post.model_copy(update={"nested": post.nested.model_copy(update={"enabled": False})})
-    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads)
     spec = input_spec_of(ckpt)
     coco = load_coco(dataset)
     images = {int(im["id"]): im for im in coco["images"]}

@@ -35,6 +35,17 @@ def _table(m: dict[str, Any], key: str) -> str:
     return " | ".join("—" if row.get(c) is None else f"{row[c]:.1f}" for c in cols)
 
 
+def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
+    """The card's sentence on the thresholds that accuracy, counts and statistics are measured at."""
+    op = ckpt_meta.get("operating_point")
+    if not op:
+        return "Accuracy, counts and statistics at the default operating point (score >= 0.5, mask >= 0.5)."
+    return (f"Accuracy, counts and statistics at the model's operating point (score >= {op['score_threshold']}, "
+            f"mask >= {op['mask_threshold']}), chosen by `nanoseg calibrate` on `{op['chosen_on']}` "
+            f"({op['objective']} {op['value']}; see `calibration/calibration.md`). The daemon uses it unless "
+            "its config sets the thresholds.")
+
+
 def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any], args: argparse.Namespace,
               size_mb: float, params: int, real: bool) -> str:
     tc = ckpt_meta["train_config"]
@@ -92,6 +103,8 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
 | box | {_table(metrics, 'bbox')} |
 | mask | {_table(metrics, 'segm')} |
 
+{operating_point_text(ckpt_meta)}
+
 Foreground accuracy TP/(TP+FP+FN): **{acc['foreground']:.3f}** (mean per image {acc['per_image_mean']:.3f}).
 Count error per image: mean absolute {metrics['count']['mean_absolute']:.2f}, relative
 {metrics['count']['mean_relative']:.3f}. Particle statistics, ground truth vs prediction:
@@ -117,6 +130,13 @@ def release(args: argparse.Namespace) -> Path:
     size_mb = model_path.stat().st_size / 1e6
     reloaded = load_checkpoint(model_path)
     params = count_parameters(reloaded.build())
+    if getattr(args, "validation_set", None):
+        from nanoseg_training.calibrate import MASK_GRID, SCORE_GRID, calibrate, threshold_list
+
+        calibrate(model_path, Path(args.validation_set), out / "calibration", threads=args.threads, write=True,
+                  progress=not args.quiet, scores=threshold_list(args.scores, SCORE_GRID),
+                  masks=threshold_list(args.masks, MASK_GRID))
+        reloaded = load_checkpoint(model_path)
     metrics = evaluate_model(model_path, args.test_set, out / "evaluation", engine="torch", threads=args.threads,
                              progress=not args.quiet)
     real = False

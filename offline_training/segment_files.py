@@ -94,7 +94,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     engine, ckpt = load_engine(model, args.engine, threads=args.threads)
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
-    post = PostprocessConfig(score_threshold=args.score_threshold)
+    post = PostprocessConfig.model_validate({k: v for k, v in (("score_threshold", args.score_threshold),
+                                                                 ("mask_threshold", args.mask_threshold)) if v is not None})
     seg = Segmenter.for_checkpoint(engine, ckpt, post)
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)

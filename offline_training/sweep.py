@@ -17,6 +17,15 @@ hold one row per run. A run whose ``model_final.pt`` exists is not retrained, on
 ``last.pt`` resumes, so an interrupted sweep continues where it stopped. When the grid varies
 ``data.generate.*`` but not ``data.train``, each run's training set directory is named after
 preset, seed and count (``data/paper-train-s1-n250``), so different sizes never share one.
+
+An ablation names its runs instead (``arms``: name -> dotted overrides; with a grid too, every
+arm runs every grid point), and may be judged on several validation sets at once, e.g. the
+training domain and a shifted one (``validation: {paper: {...}, ptychography: {...}}``: columns
+``paper.mask_AP``, ..., evaluations in ``eval-<name>``)::
+
+    arms:
+      flips_only: {augment.rot90: 0.0}
+      with_rot90: {augment.rot90: 0.5}
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import argparse
 import csv
 import itertools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from nanoseg.config_io import ConfigError, StrictModel, load_yaml, parse_config
 from nanoseg.paths import cache_dir, resolve_config
@@ -59,17 +69,41 @@ class SweepConfig(StrictModel):
     base: str | dict[str, Any]
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Dotted keys (``solver.warmup_iters``) applied to the base before the grid."""
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
     """Dotted key -> values; every combination is one run."""
-    validation: ValidationSet
+    arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Named runs (an ablation): arm name -> dotted overrides; crossed with the grid if both."""
+    validation: dict[str, ValidationSet]
+    """Named validation sets; a single set (a mapping with ``data``) is accepted as the unnamed one."""
     evaluation: SweepEvaluation = SweepEvaluation()
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _single_set(cls, v: Any) -> Any:
+        return {"": v} if isinstance(v, dict) and "data" in v else v
 
     @field_validator("grid")
     @classmethod
-    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if not grid or any(not v for v in grid.values()):
-            raise ValueError("grid needs at least one key, each with at least one value")
+    def _grid_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if any(not v for v in grid.values()):
+            raise ValueError("every grid key needs at least one value")
         return grid
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [a for a in arms if not re.fullmatch(r"[A-Za-z0-9_.-]+", a)]
+        if bad:
+            raise ValueError(f"arm names may use letters, digits, '_', '.', '-' only: {bad}")
+        return arms
+
+    @model_validator(mode="after")
+    def _some_runs(self) -> SweepConfig:
+        if not self.grid and not self.arms:
+            raise ValueError("a sweep needs a grid, arms, or both")
+        if not self.validation:
+            raise ValueError("validation needs at least one data set")
+        return self
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -109,17 +143,36 @@ def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(sweep.grid[k] for k in keys))]
 
 
-def run_config(sweep: SweepConfig, index: int, point: dict[str, Any]) -> TrainConfig:
-    """The training config of one grid point; errors name the point and the field."""
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its arm (``""`` without arms) and grid point."""
+
+    arm: str
+    point: dict[str, Any]
+
+    @property
+    def slug(self) -> str:
+        return "_".join(p for p in (self.arm, _slug(self.point)) if p)[:80]
+
+
+def sweep_runs(sweep: SweepConfig) -> list[SweepRun]:
+    """Every arm crossed with every grid point, arms outermost."""
+    return [SweepRun(arm, point) for arm in (list(sweep.arms) or [""]) for point in grid_points(sweep)]
+
+
+def run_config(sweep: SweepConfig, index: int, run: SweepRun) -> TrainConfig:
+    """The training config of one run; errors name the arm, the point and the field."""
     data = base_config(sweep)
-    for k, v in point.items():
+    point = run.point
+    for k, v in {**sweep.arms.get(run.arm, {}), **point}.items():
         set_dotted(data, k, v)
     gen = data["data"].get("generate")
     if gen and any(k.startswith("data.generate.") for k in point) and "data.train" not in point:
         parent = Path(data["data"]["train"]).parent
         data["data"]["train"] = str(parent / f"{gen['preset']}-train-s{gen['seed']}-n{gen['count']}")
     data["name"] = f"{sweep.name}-{index:02d}"
-    return parse_config(data, TrainConfig, f"sweep {sweep.name} point {point}")
+    where = f"arm {run.arm} " if run.arm else ""
+    return parse_config(data, TrainConfig, f"sweep {sweep.name} {where}point {point}")
 
 
 def validation_dir(v: ValidationSet) -> Path:
@@ -147,29 +200,33 @@ RESULT_KEYS = (
 
 
 def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict[str, Any]]:
-    """Train and evaluate every grid point; write ``out``/results.{csv,md}; return the rows."""
+    """Train and evaluate every run; write ``out``/results.{csv,md}; return the rows."""
     from nanoseg_training.evaluate import evaluate_model
     from nanoseg_training.train import train
 
     out.mkdir(parents=True, exist_ok=True)
-    configs = [run_config(sweep, i, p) for i, p in enumerate(grid_points(sweep))]  # fail before training
-    val = validation_dir(sweep.validation)
+    runs = sweep_runs(sweep)
+    configs = [run_config(sweep, i, r) for i, r in enumerate(runs)]  # fail before training
+    vals = {name: validation_dir(v) for name, v in sweep.validation.items()}
     ev = sweep.evaluation
     rows: list[dict[str, Any]] = []
-    for i, (point, cfg) in enumerate(zip(grid_points(sweep), configs)):
-        run_dir = out / "runs" / f"{i:02d}-{_slug(point)}"
+    for i, (run, cfg) in enumerate(zip(runs, configs)):
+        run_dir = out / "runs" / f"{i:02d}-{run.slug}"
         model = run_dir / "model_final.pt"
         if not model.exists():
             model = train(cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
         if model.name != "model_final.pt":
             raise RuntimeError(f"{run_dir}: training stopped before max_iter")
-        m = evaluate_model(model, val, run_dir / "eval", ev.engine, sweep.validation.limit,
-                           ev.score_threshold, ev.post, plots=ev.plots, threads=cfg.threads, progress=progress)
-        row: dict[str, Any] = {"run": run_dir.name, **point,
-                               "train_seconds": m["run"]["checkpoint_meta"].get("train_seconds")}
-        for name, (section, key) in RESULT_KEYS:
-            row[name] = m[section][key]
-        row["w_area_px"] = m["statistics"]["area_px"]["wasserstein"]
+        row: dict[str, Any] = {"run": run_dir.name, **({"arm": run.arm} if sweep.arms else {}), **run.point}
+        for name, val in vals.items():
+            m = evaluate_model(model, val, run_dir / (f"eval-{name}" if name else "eval"), ev.engine,
+                               sweep.validation[name].limit, ev.score_threshold, ev.post, plots=ev.plots,
+                               threads=cfg.threads, progress=progress)
+            row.setdefault("train_seconds", m["run"]["checkpoint_meta"].get("train_seconds"))
+            prefix = f"{name}." if name else ""
+            for key, (section, field) in RESULT_KEYS:
+                row[prefix + key] = m[section][field]
+            row[prefix + "w_area_px"] = m["statistics"]["area_px"]["wasserstein"]
         rows.append(row)
         write_results(out, rows)
     return rows

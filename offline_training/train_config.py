@@ -68,6 +68,17 @@ class AugmentConfig(StrictModel):
     blur_sigma: tuple[float, float] = (0.0, 0.0)
     """Extra Gaussian blur sigma range, px (0, 0 = off)."""
     blur_probability: float = Field(0.0, ge=0, le=1)
+    scale: tuple[float, float] = Field((1.0, 1.0))
+    """Scale jitter: each crop is resampled by a factor drawn log-uniformly from this range
+    (wires get thinner/shorter below 1, larger above), covering wire sizes and pixel sizes the
+    generator did not draw; (1, 1) = off."""
+
+    @model_validator(mode="after")
+    def _scale(self) -> AugmentConfig:
+        lo, hi = self.scale
+        if not 0.25 <= lo <= hi <= 4.0:
+            raise ValueError("scale must be a range (low, high) with 0.25 <= low <= high <= 4")
+        return self
 
 
 class SolverConfig(StrictModel):

@@ -109,8 +109,33 @@ def random_crop(s: Sample, size: int, rng: np.random.Generator, min_area: int) -
         image = s.image[y: y + size, x: x + size]
         masks = s.masks[:, y: y + size, x: x + size]
         s = Sample(image, masks)
-    keep = masks.reshape(len(masks), -1).sum(1) >= min_area
+    keep = masks.sum(axis=(1, 2)) >= min_area
     return Sample(s.image, masks[keep])
+
+
+def draw_scale(cfg: AugmentConfig, rng: np.random.Generator) -> float:
+    """The scale-jitter factor of one sample, log-uniform in ``cfg.scale`` (1.0 when off)."""
+    lo, hi = cfg.scale
+    return 1.0 if lo == hi == 1.0 else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def rescale(s: Sample, factor: float, min_area: int) -> Sample:
+    """Resample image (bilinear) and masks (bilinear, then > 0.5) by ``factor``; instances left with
+    fewer than ``min_area`` pixels are dropped."""
+    if factor == 1.0:
+        return s
+    h, w = s.image.shape
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    resize = torch.nn.functional.interpolate
+    image = resize(torch.from_numpy(np.ascontiguousarray(s.image))[None, None], size=size,
+                   mode="bilinear", align_corners=False)[0, 0].numpy()
+    if len(s.masks):
+        masks = resize(torch.from_numpy(s.masks.astype(np.float32))[None], size=size,
+                       mode="bilinear", align_corners=False)[0].numpy() > 0.5
+    else:
+        masks = np.zeros((0, *size), bool)
+    keep = masks.sum(axis=(1, 2)) >= min_area
+    return Sample(image, masks[keep])
 
 
 def augment(s: Sample, cfg: AugmentConfig, rng: np.random.Generator) -> Sample:
@@ -179,7 +204,9 @@ class BatchDataset(torch.utils.data.Dataset):
                 if skipped > 100 * self.batch_size:
                     raise
                 continue
-            sample = random_crop(sample, crop, rng, self.data.min_instance_area)
+            factor = draw_scale(self.aug, rng)
+            sample = random_crop(sample, round(crop / factor), rng, self.data.min_instance_area)
+            sample = rescale(sample, factor, self.data.min_instance_area)
             sample = augment(sample, self.aug, rng)
             images.append(torch.from_numpy(sample.image)[None])
             targets.append(to_target(sample.masks))

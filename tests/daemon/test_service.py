@@ -96,6 +96,8 @@ def test_reload_to_broken_model_keeps_serving(tmp_path: Path, trained_model_path
         assert ok["ok"] and ok["result"]["postprocess"]["score_threshold"] == 0.7
         good = control_request(svc.control.address, {"command": "reload_model", "path": str(trained_model_path)})
         assert good["ok"]
+        assert good["result"]["postprocess"]["score_threshold"] == 0.7  # what the operator set survives a reload
+        assert good["result"]["postprocess_configured"]["score_threshold"] == 0.7
         assert metric(svc, 'nanoseg_model_reloads_total{result="ok"}') == 1
         ready = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_server.port}/readyz", timeout=5)  # type: ignore[union-attr]
         assert ready.status == 200

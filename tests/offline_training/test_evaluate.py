@@ -199,6 +199,16 @@ def test_evaluate_rejects_images_larger_than_the_model(tiny_model: Path, tmp_pat
     assert main(["evaluate", str(tiny_model), str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
 
 
+def run_sweep_file(sweep: dict[str, Any], tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
+    """``nanoseg sweep`` on ``sweep`` written as YAML: the output directory and results.csv rows."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 0
+    with open(out / "results.csv") as f:
+        return out, list(csv.DictReader(f))
+
+
 def test_sweep_runs_a_grid_and_writes_one_table(tiny_dataset: Path, tmp_path: Path) -> None:
     sweep = {
         "name": "tiny-sweep",
@@ -207,12 +217,7 @@ def test_sweep_runs_a_grid_and_writes_one_table(tiny_dataset: Path, tmp_path: Pa
         "grid": {"solver.base_lr": [0.01, 0.02]},
         "validation": {"data": str(tiny_dataset), "limit": 2},
     }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    out = tmp_path / "sweep"
-    assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 0
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    out, rows = run_sweep_file(sweep, tmp_path)
     assert [float(r["solver.base_lr"]) for r in rows] == [0.01, 0.02]
     assert all(0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["mask_AP"]) <= 100 for r in rows)
     for r in rows:
@@ -230,3 +235,50 @@ def test_sweep_errors_name_the_field(tiny_dataset: Path, tmp_path: Path) -> None
                          SweepConfig)
     with pytest.raises(ConfigError, match=re.escape("solver.base_rate: unknown key")):
         run_sweep(sweep, tmp_path, progress=False)
+
+
+def test_sweep_arms_are_judged_on_several_validation_sets(tiny_dataset: Path, tmp_path: Path) -> None:
+    sweep = {
+        "name": "tiny-ablation",
+        "base": tiny_train_config(tiny_dataset),
+        "overrides": {"solver.max_iter": 2},
+        "arms": {"flips": {"augment.hflip": 0.5}, "noise": {"augment.noise_std": [0.0, 4.0]}},
+        "validation": {"indomain": {"data": str(tiny_dataset), "limit": 2},
+                       "shifted": {"data": str(tiny_dataset), "limit": 1}},
+    }
+    out, rows = run_sweep_file(sweep, tmp_path)
+    assert [(r["run"], r["arm"]) for r in rows] == [("00-flips", "flips"), ("01-noise", "noise")]
+    for r in rows:
+        run = out / "runs" / r["run"]
+        assert json.loads((run / "eval-indomain" / "metrics.json").read_text())["images"] == 2
+        assert json.loads((run / "eval-shifted" / "metrics.json").read_text())["images"] == 1
+        assert 0 <= float(r["shifted.mask_AP"]) <= 100 and 0 <= float(r["indomain.accuracy"]) <= 1
+    cfgs = [yaml.safe_load((out / "runs" / r["run"] / "config.yaml").read_text()) for r in rows]
+    assert cfgs[0]["augment"]["hflip"] == 0.5 and cfgs[1]["augment"]["noise_std"] == [0.0, 4.0]
+
+
+def test_sweep_needs_runs_and_names_a_bad_arm(tiny_dataset: Path) -> None:
+    from nanoseg_training.sweep import SweepConfig
+
+    base = {"name": "x", "base": tiny_train_config(tiny_dataset), "validation": {"data": str(tiny_dataset)}}
+    with pytest.raises(ConfigError, match="grid, arms, or both"):
+        parse_config(base, SweepConfig)
+    with pytest.raises(ConfigError, match="arm names"):
+        parse_config({**base, "arms": {"no spaces": {}}}, SweepConfig)
+
+
+def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: Path, tiny_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "released"
+    assert main(["models", "release", str(tiny_model.parent), "--out", str(out), "--test-set", str(tiny_dataset),
+                 "--validation-set", str(tiny_dataset), "--scores", "0.05,0.2", "--masks", "0.4,0.5",
+                 "--threads", "1", "--quiet"]) == 0
+    from nanoseg.checkpoint import load_checkpoint
+
+    point = load_checkpoint(out / "model.pt").operating_point
+    assert point is not None and point.score_threshold in (0.05, 0.2) and point.mask_threshold in (0.4, 0.5)
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["run"]["operating_point"]["mask_threshold"] == point.mask_threshold
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"model's operating point (score >= {point.score_threshold}, mask >= {point.mask_threshold})" in card
+    assert (out / "calibration" / "calibration.md").exists()

@@ -193,3 +193,41 @@ def test_init_from_a_relative_path_is_found_in_the_repository(tmp_path: Path, mo
     assert resolve_init("models/default/model.pt") == REPO_ROOT / "models/default/model.pt"
     (tmp_path / "mine.pt").write_bytes(b"")
     assert resolve_init("mine.pt") == Path("mine.pt")
+
+
+def test_scale_jitter_resamples_image_and_masks_together() -> None:
+    from nanoseg_training.train_config import AugmentConfig
+    from nanoseg_training.train_data import Sample, draw_scale, rescale, to_target
+
+    image = np.zeros((100, 100), np.float32)
+    masks = np.zeros((2, 100, 100), bool)
+    masks[0, 20:30, 10:90] = True  # an 80 x 10 px wire
+    masks[1, 60:62, 60:63] = True  # 6 px: gone at half scale with min_area 4
+    image[masks.any(0)] = 200.0
+    big = rescale(Sample(image, masks), 1.5, min_area=4)
+    assert big.image.shape == (150, 150) and big.masks.shape == (2, 150, 150)
+    np.testing.assert_allclose(to_target(big.masks)["boxes"][0].numpy(), [15, 30, 135, 45], atol=1)
+    assert abs(big.masks[0].sum() - 1.5**2 * 800) < 0.05 * 1.5**2 * 800
+    assert big.image[37, 75] > 190 and big.image[5, 5] == 0  # the wire's pixels moved with its mask
+    small = rescale(Sample(image, masks), 0.5, min_area=4)
+    assert small.image.shape == (50, 50) and len(small.masks) == 1
+    assert rescale(Sample(image, masks), 1.0, min_area=4).masks is masks
+
+    rng = np.random.default_rng(0)
+    cfg = parse_config({"scale": [0.8, 1.25]}, AugmentConfig)
+    draws = np.array([draw_scale(cfg, rng) for _ in range(2000)])
+    assert draws.min() >= 0.8 and draws.max() <= 1.25 and abs(np.median(draws) - 1.0) < 0.03  # log-uniform
+    assert draw_scale(AugmentConfig(), rng) == 1.0
+    with pytest.raises(ConfigError, match="scale"):
+        parse_config({"scale": [1.5, 1.2]}, AugmentConfig)
+
+
+def test_training_with_scale_jitter_runs(dataset: WrittenDataset, tmp_path: Path) -> None:
+    cfg = tiny_config(dataset.root, 3)
+    cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(update={"scale": (0.7, 1.4)})})
+    batch_images, targets, _ = BatchDataset(CocoSource(dataset.root), cfg.data, cfg.augment, 4, 0)[0]
+    assert any(im.shape[1:] != (96, 96) for im in batch_images)  # factors < 1 shrink the whole frame
+    for im, t in zip(batch_images, targets):
+        assert t["masks"].shape[1:] == im.shape[1:]
+        assert (t["boxes"][:, 2:] <= torch.tensor([im.shape[2], im.shape[1]])).all()
+    assert train(cfg, tmp_path / "run", progress=False).name == "model_final.pt"

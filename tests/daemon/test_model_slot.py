@@ -1,0 +1,43 @@
+"""The serving model's post-processing: the model's operating point under the configured fields."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from daemon.model_slot import ModelSlot, load_model
+from nanoseg.checkpoint import load_checkpoint, save_checkpoint
+from nanoseg.postprocess import PostprocessConfig
+
+
+def thresholds(slot: ModelSlot) -> tuple[float, float]:
+    post = slot.current.segmenter.post
+    return post.score_threshold, post.mask_threshold
+
+
+def test_reload_brings_the_new_models_point_and_keeps_what_was_configured(trained_model_path: Path,
+                                                                          tmp_path: Path) -> None:
+    ckpt = load_checkpoint(trained_model_path)
+    with_point = tmp_path / "with_point.pt"
+    without = tmp_path / "without.pt"
+    save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": {"score_threshold": 0.3, "mask_threshold": 0.4}}),
+                    with_point, half=True)
+    save_checkpoint(replace(ckpt, meta={k: v for k, v in ckpt.meta.items() if k != "operating_point"}), without, half=True)
+
+    configured = PostprocessConfig.model_validate({"min_area_px": 30})
+    slot = ModelSlot(load_model(with_point, "torch", "cpu", 1, configured), configured)
+    assert thresholds(slot) == (0.3, 0.4) and slot.current.segmenter.post.min_area_px == 30
+    slot.reload(without, "torch", "cpu", 1)
+    assert thresholds(slot) == (0.5, 0.5)  # no point: the defaults
+    slot.reload(with_point, "torch", "cpu", 1)
+    assert thresholds(slot) == (0.3, 0.4)
+
+    assert slot.set_postprocess({"score_threshold": 0.7}).score_threshold == 0.7  # the operator's control "set"
+    assert thresholds(slot) == (0.7, 0.4)
+    slot.reload(without, "torch", "cpu", 1)
+    assert thresholds(slot) == (0.7, 0.5)  # what the operator set survives the reload
+    assert slot.configured.model_dump(exclude_unset=True) == {"min_area_px": 30, "score_threshold": 0.7}
+
+    explicit = PostprocessConfig.model_validate({"mask_threshold": 0.6})
+    slot = ModelSlot(load_model(with_point, "torch", "cpu", 1, explicit), explicit)
+    assert thresholds(slot) == (0.3, 0.6)
