@@ -134,7 +134,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--score-threshold", type=float, default=0.05, help="score threshold of the AP predictions")
     p.add_argument("--stats-score-threshold", type=float,
-                   help="operating point for accuracy, statistics and counts (default: post-processing's)")
+                   help="operating point for accuracy, statistics and counts (default: the model's, else 0.5)")
+    p.add_argument("--mask-threshold", type=float,
+                   help="mask probability threshold for AP and statistics (default: the model's, else 0.5)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")

@@ -412,6 +412,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     post = PostprocessConfig()
     if args.stats_score_threshold is not None:
         post = post.model_copy(update={"score_threshold": args.stats_score_threshold})
+    if args.mask_threshold is not None:
+        if not 0 < args.mask_threshold < 1:
+            print(f"nanoseg evaluate: error: --mask-threshold {args.mask_threshold} is not in (0, 1)", file=sys.stderr)
+            return 2
+        post = post.model_copy(update={"mask_threshold": args.mask_threshold})
     try:
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
                            post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device)

@@ -174,7 +174,7 @@ def test_predict_dataset(tiny_model: Path, tiny_dataset: Path) -> None:
 def test_evaluate_cli_writes_report(tiny_model: Path, tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     rc = main(["evaluate", str(tiny_model), str(tiny_dataset), "--out", str(out), "--quiet",
-               "--threads", "1", "--stats-score-threshold", "0.05"])
+               "--threads", "1", "--stats-score-threshold", "0.05", "--mask-threshold", "0.4"])
     assert rc == 0
     for name in ("report.md", "metrics.json", "per_image.csv", "figures/statistics.png",
                  "figures/example_000001.png"):
@@ -188,6 +188,9 @@ def test_evaluate_cli_writes_report(tiny_model: Path, tiny_dataset: Path, tmp_pa
     assert m["count"]["gt_total"] == len(load_coco(tiny_dataset)["annotations"])
     assert set(m["statistics"]) == set(STAT_COLUMNS)
     assert m["run"]["operating_point"]["score_threshold"] == 0.05
+    assert m["run"]["operating_point"]["mask_threshold"] == 0.4
+    assert main(["evaluate", str(tiny_model), str(tiny_dataset), "--out", str(out), "--quiet",
+                 "--mask-threshold", "1.5"]) == 2
     report = (out / "report.md").read_text()
     assert "| mask |" in report and "figures/statistics.png" in report
 
