@@ -14,7 +14,8 @@ A sweep file names a base training config, overrides for every run and a grid of
 Each combination (in grid order, the last key varying fastest) trains in ``OUT/runs/NN-<slug>``
 and is evaluated into ``OUT/runs/NN-<slug>/eval``; ``OUT/results.csv`` and ``OUT/results.md``
 hold one row per run. A run whose ``model_final.pt`` exists is not retrained, one with a
-``last.pt`` resumes, so an interrupted sweep continues where it stopped. When the grid varies
+``last.pt`` resumes and one whose evaluation is newer than its model is not re-evaluated, so an
+interrupted (or extended) sweep continues where it stopped. When the grid varies
 ``data.generate.*`` but not ``data.train``, each run's training set directory is named after
 preset, seed and count (``data/paper-train-s1-n250``), so different sizes never share one.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,9 +221,13 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
             raise RuntimeError(f"{run_dir}: training stopped before max_iter")
         row: dict[str, Any] = {"run": run_dir.name, **({"arm": run.arm} if sweep.arms else {}), **run.point}
         for name, val in vals.items():
-            m = evaluate_model(model, val, run_dir / (f"eval-{name}" if name else "eval"), ev.engine,
-                               sweep.validation[name].limit, ev.score_threshold, ev.post, plots=ev.plots,
-                               threads=cfg.threads, progress=progress)
+            eval_dir = run_dir / (f"eval-{name}" if name else "eval")
+            done = eval_dir / "metrics.json"
+            if done.exists() and done.stat().st_mtime >= model.stat().st_mtime:  # resumed sweep: keep it
+                m = json.loads(done.read_text())
+            else:
+                m = evaluate_model(model, val, eval_dir, ev.engine, sweep.validation[name].limit,
+                                   ev.score_threshold, ev.post, plots=ev.plots, threads=cfg.threads, progress=progress)
             row.setdefault("train_seconds", m["run"]["checkpoint_meta"].get("train_seconds"))
             prefix = f"{name}." if name else ""
             for key, (section, field) in RESULT_KEYS:

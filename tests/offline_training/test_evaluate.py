@@ -205,7 +205,7 @@ def test_evaluate_rejects_images_larger_than_the_model(tiny_model: Path, tmp_pat
 def run_sweep_file(sweep: dict[str, Any], tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
     """``nanoseg sweep`` on ``sweep`` written as YAML: the output directory and results.csv rows."""
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))  # arms run in file order
     out = tmp_path / "sweep"
     assert main(["sweep", str(path), "--out", str(out), "--quiet"]) == 0
     with open(out / "results.csv") as f:
@@ -258,6 +258,13 @@ def test_sweep_arms_are_judged_on_several_validation_sets(tiny_dataset: Path, tm
         assert 0 <= float(r["shifted.mask_AP"]) <= 100 and 0 <= float(r["indomain.accuracy"]) <= 1
     cfgs = [yaml.safe_load((out / "runs" / r["run"] / "config.yaml").read_text()) for r in rows]
     assert cfgs[0]["augment"]["hflip"] == 0.5 and cfgs[1]["augment"]["noise_std"] == [0.0, 4.0]
+
+    # extended by one arm: the finished runs are neither retrained nor re-evaluated
+    evaluated = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval-*/metrics.json")}
+    sweep["arms"]["blur"] = {"augment.blur_probability": 0.5, "augment.blur_sigma": [0.5, 1.0]}
+    _, again = run_sweep_file(sweep, tmp_path)
+    assert again[:2] == rows and again[2]["arm"] == "blur"
+    assert all(p.stat().st_mtime_ns == t for p, t in evaluated.items())
 
 
 def test_sweep_needs_runs_and_names_a_bad_arm(tiny_dataset: Path) -> None:
