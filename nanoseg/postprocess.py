@@ -61,6 +61,12 @@ def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | N
     return PostprocessConfig.model_validate({**base, **configured.model_dump(exclude_unset=True)})
 
 
+def explicit_postprocess(**fields: float | None) -> PostprocessConfig:
+    """Post-processing with only the given non-None fields set explicitly (CLI flags), so the
+    model's operating point fills the rest; raises ``ValueError`` naming a field out of range."""
+    return PostprocessConfig.model_validate({k: v for k, v in fields.items() if v is not None})
+
+
 def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
                offset_px: float = 0.0) -> np.ndarray:
     """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px), the

@@ -20,10 +20,9 @@ import csv
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from nanoseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanoseg.engines import RawDetections
@@ -36,9 +35,9 @@ from nanoseg_training.evaluate import (
     PixelCounts,
     at_operating_point,
     gt_instances,
+    iter_images,
     load_coco,
     pixel_counts,
-    read_gray,
 )
 
 Objective = Literal["foreground_accuracy", "count_mae"]
@@ -61,19 +60,16 @@ class GridPoint:
     """Mean (predicted - true) instances per image: < 0 misses wires, > 0 invents them."""
 
 
-def detect_dataset(segmenter: Segmenter, dataset: Path, limit: int | None = None,
+def detect_dataset(segmenter: Segmenter, dataset: Path, coco: dict[str, Any], limit: int | None = None,
                    progress: bool = True) -> list[tuple[int, RawDetections]]:
     """Raw detections of every image (id order); images must be the model's input size."""
-    coco = load_coco(dataset)
     size = segmenter.spec.size
     out = []
-    for im in tqdm(sorted(coco["images"], key=lambda i: int(i["id"]))[:limit], desc="detect", unit="img",
-                   disable=not progress):
-        gray = read_gray(dataset / im["file_name"])
+    for image_id, gray in iter_images(dataset, coco, limit, progress, desc="detect"):
         if gray.shape != (size, size):
-            raise EvaluationError(f"{dataset}: image {im['id']} is {gray.shape[0]}x{gray.shape[1]}; "
+            raise EvaluationError(f"{dataset}: image {image_id} is {gray.shape[0]}x{gray.shape[1]}; "
                                   f"calibration needs the model's input size {size}x{size}")
-        out.append((int(im["id"]), segmenter.detect_tiles(gray[None])[0]))
+        out.append((image_id, segmenter.detect_tiles(gray[None])[0]))
     return out
 
 
@@ -147,8 +143,9 @@ def calibrate(model: Path, dataset: Path, out: Path, objective: Objective = "for
     eng = engine_from_checkpoint(ckpt, engine, "cpu", threads)
     base = PostprocessConfig()  # the filters (min area, nested) at their defaults, as the daemon's
     seg = Segmenter.for_checkpoint(eng, ckpt, base)
-    raws = detect_dataset(seg, dataset, limit, progress)
-    truths = gt_instances(load_coco(dataset), [i for i, _ in raws])
+    coco = load_coco(dataset)
+    raws = detect_dataset(seg, dataset, coco, limit, progress)
+    truths = gt_instances(coco, [i for i, _ in raws])
     points = measure_grid(raws, truths, seg.mask_offset_px, base, scores, masks)
     best = best_point(points, objective)
     value = best.foreground_accuracy if objective == "foreground_accuracy" else best.count_mae

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
@@ -40,7 +41,12 @@ from nanoseg.checkpoint import CheckpointError
 from nanoseg.instances import Instances, mask_boxes
 from nanoseg.masks import decode_rle, encode_rle_batch
 from nanoseg.particle_stats import particle_table
-from nanoseg.postprocess import PostprocessConfig, filter_instances, resolve_postprocess
+from nanoseg.postprocess import (
+    PostprocessConfig,
+    explicit_postprocess,
+    filter_instances,
+    resolve_postprocess,
+)
 from nanoseg.segmenter import Segmenter
 
 if TYPE_CHECKING:
@@ -90,17 +96,26 @@ def gt_instances(coco: dict[str, Any], image_ids: Iterable[int] | None = None) -
     return {int(i): _truth(images[int(i)], anns[int(i)]) for i in ids}
 
 
+def iter_images(root: Path, coco: dict[str, Any], limit: int | None = None, progress: bool = True,
+                desc: str = "evaluate") -> Iterator[tuple[int, np.ndarray]]:
+    """(image id, gray image) for the first ``limit`` images of the data set at ``root`` (its
+    loaded ``coco`` annotations), in image id order."""
+    images = sorted(coco["images"], key=lambda im: int(im["id"]))[:limit]
+    for im in tqdm(images, desc=desc, unit="img", disable=not progress):
+        yield int(im["id"]), read_gray(root / im["file_name"])
+
+
 def iter_predictions(segmenter: Segmenter, dataset_dir: str | Path, limit: int | None = None,
-                     progress: bool = True) -> Iterator[tuple[int, Instances]]:
+                     progress: bool = True, coco: dict[str, Any] | None = None) -> Iterator[tuple[int, Instances]]:
     """(image id, Instances) for the first ``limit`` images of a data set, in image id order.
 
     Images are the data set's 8-bit gray PNGs, already at the model's scale and mapping. A
-    generator, so a large data set never holds every image's masks at once.
+    generator, so a large data set never holds every image's masks at once. ``coco``: the data
+    set's annotations when the caller has loaded them already.
     """
     root = Path(dataset_dir)
-    images = sorted(load_coco(root)["images"], key=lambda im: int(im["id"]))[:limit]
-    for im in tqdm(images, desc="evaluate", unit="img", disable=not progress):
-        yield int(im["id"]), segmenter.segment_gray(read_gray(root / im["file_name"]))
+    for image_id, gray in iter_images(root, coco if coco is not None else load_coco(root), limit, progress):
+        yield image_id, segmenter.segment_gray(gray)
 
 
 def predict_dataset(segmenter: Segmenter, dataset_dir: str | Path, limit: int | None = None,
@@ -389,7 +404,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     acc = Accumulator(coco)
     shown: dict[int, tuple[Instances, Instances]] = {}  # image id -> (operating point, truth)
     t0 = time.monotonic()
-    for image_id, raw in iter_predictions(Segmenter.for_checkpoint(eng, ckpt, raw_post), dataset, limit, progress):
+    for image_id, raw in iter_predictions(Segmenter.for_checkpoint(eng, ckpt, raw_post), dataset, limit, progress, coco):
         operating = at_operating_point(raw, post)
         truth = acc.add(image_id, at_operating_point(raw, ap_post), operating)
         if plots and len(shown) < examples:
@@ -409,18 +424,11 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``nanoseg evaluate``: the CLI handler."""
-    post = PostprocessConfig()
-    if args.stats_score_threshold is not None:
-        post = post.model_copy(update={"score_threshold": args.stats_score_threshold})
-    if args.mask_threshold is not None:
-        if not 0 < args.mask_threshold < 1:
-            print(f"nanoseg evaluate: error: --mask-threshold {args.mask_threshold} is not in (0, 1)", file=sys.stderr)
-            return 2
-        post = post.model_copy(update={"mask_threshold": args.mask_threshold})
     try:
+        post = explicit_postprocess(score_threshold=args.stats_score_threshold, mask_threshold=args.mask_threshold)
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
                            post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device)
-    except (EvaluationError, CheckpointError) as err:
+    except (EvaluationError, CheckpointError, ValidationError) as err:
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2
     print(f"mask AP {_fmt(m['segm']['AP'])}  box AP {_fmt(m['bbox']['AP'])}  "

@@ -25,7 +25,7 @@ from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
 from nanoseg.particle_stats import ParticleTable, frame_summary, particle_table
 from nanoseg.paths import MODELS, resolve_config
-from nanoseg.postprocess import PostprocessConfig
+from nanoseg.postprocess import explicit_postprocess
 from nanoseg.prepare import prepare_frame
 from nanoseg.segmenter import Segmenter
 
@@ -94,8 +94,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     engine, ckpt = load_engine(model, args.engine, threads=args.threads)
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
-    post = PostprocessConfig.model_validate({k: v for k, v in (("score_threshold", args.score_threshold),
-                                                                 ("mask_threshold", args.mask_threshold)) if v is not None})
+    post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
     seg = Segmenter.for_checkpoint(engine, ckpt, post)
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)

@@ -101,16 +101,16 @@ class MixedSource:
 
 def random_crop(s: Sample, size: int, rng: np.random.Generator, min_area: int) -> Sample:
     h, w = s.image.shape
-    if size >= h and size >= w:
-        masks = s.masks
-    else:
+    if size < h or size < w:
         y = int(rng.integers(0, max(h - size, 0) + 1))
         x = int(rng.integers(0, max(w - size, 0) + 1))
-        image = s.image[y: y + size, x: x + size]
-        masks = s.masks[:, y: y + size, x: x + size]
-        s = Sample(image, masks)
-    keep = masks.sum(axis=(1, 2)) >= min_area
-    return Sample(s.image, masks[keep])
+        s = Sample(s.image[y: y + size, x: x + size], s.masks[:, y: y + size, x: x + size])
+    return drop_small(s, min_area)
+
+
+def drop_small(s: Sample, min_area: int) -> Sample:
+    """``s`` without the instances of fewer than ``min_area`` pixels (cut by a crop, shrunk by a rescale)."""
+    return Sample(s.image, s.masks[s.masks.sum(axis=(1, 2)) >= min_area])
 
 
 def draw_scale(cfg: AugmentConfig, rng: np.random.Generator) -> float:
@@ -134,8 +134,7 @@ def rescale(s: Sample, factor: float, min_area: int) -> Sample:
                        mode="bilinear", align_corners=False)[0].numpy() > 0.5
     else:
         masks = np.zeros((0, *size), bool)
-    keep = masks.sum(axis=(1, 2)) >= min_area
-    return Sample(image, masks[keep])
+    return drop_small(Sample(image, masks), min_area)
 
 
 def augment(s: Sample, cfg: AugmentConfig, rng: np.random.Generator) -> Sample:
