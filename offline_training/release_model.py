@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,5 +156,12 @@ def release(args: argparse.Namespace) -> Path:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    print(f"released to {release(args)}")
+    from nanoseg.checkpoint import CheckpointError
+    from nanoseg_training.evaluate import EvaluationError
+
+    try:
+        print(f"released to {release(args)}")
+    except (EvaluationError, CheckpointError) as err:
+        print(f"nanoseg models release: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -94,7 +94,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     engine, ckpt = load_engine(model, args.engine, threads=args.threads)
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
-    post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
+    try:
+        post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
+    except ValueError as err:
+        print(f"nanoseg segment: error: {err}", file=sys.stderr)
+        return 2
     seg = Segmenter.for_checkpoint(engine, ckpt, post)
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)

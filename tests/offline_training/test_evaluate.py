@@ -292,3 +292,14 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     card = (out / "MODEL_CARD.md").read_text()
     assert f"model's operating point (score >= {point.score_threshold}, mask >= {point.mask_threshold})" in card
     assert (out / "calibration" / "calibration.md").exists()
+
+
+def test_bad_threshold_flags_are_named_not_raised(tiny_model: Path, tiny_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "release", str(tiny_model.parent), "--out", str(tmp_path / "r"), "--test-set",
+                 str(tiny_dataset), "--validation-set", str(tiny_dataset), "--masks", "0.4,1.5", "--quiet"]) == 2
+    assert "thresholds must lie in (0, 1)" in capsys.readouterr().err
+    image = next(tiny_dataset.glob("images/*.png"))
+    assert main(["segment", str(image), "--model", str(tiny_model), "--out", str(tmp_path / "s"),
+                 "--mask-threshold", "1.5", "--quiet"]) == 2
+    assert "mask_threshold" in capsys.readouterr().err
