@@ -69,6 +69,10 @@ class ModelConfig(StrictModel):
     mask_head_layers: tuple[int, ...] = (128, 128)
     """Channels of the mask head's 3x3 convs; the mask is predicted at 2x the ROI size."""
     mask_roi_size: int = Field(14, ge=7, le=56)
+    mask_pool_levels: int = Field(4, ge=1, le=4)
+    """How many FPN levels, finest first, the mask head pools from: 4 assigns each ROI a level by
+    its box size (torchvision, detectron2); 1 pools every ROI from P2 (stride 4). A long thin wire
+    has a large box, so level assignment sends it to a coarse level although it is a few px wide."""
     roi_sampling_ratio: int = Field(2, ge=0)
     roi_aligned: bool = False
     """ROIAlign with the half-pixel correction (detectron2's aligned=True)."""
@@ -93,6 +97,8 @@ class ModelConfig(StrictModel):
             raise ValueError("stride_in_1x1 applies to bottleneck ResNets (resnet50, resnet101) only")
         if self.semantics == "detectron2" and not (self.roi_aligned and self.backbone != "mobilenet_v3_large"):
             raise ValueError("detectron2 semantics need a ResNet backbone and roi_aligned")
+        if self.mask_pool_levels != 4 and self.semantics == "detectron2":
+            raise ValueError("mask_pool_levels applies to torchvision semantics only")
         if self.anchor_offset and self.semantics != "detectron2":
             raise ValueError("anchor_offset needs detectron2 semantics")
         return self
@@ -198,13 +204,13 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         return result
 
 
-def _pooler(cfg: ModelConfig, size: int) -> MultiScaleRoIAlign:
+def _pooler(cfg: ModelConfig, size: int, levels: int = 4) -> MultiScaleRoIAlign:
     if cfg.semantics == "detectron2":
         from nanoseg.detectron2_compat import Detectron2RoIAlign
 
         return Detectron2RoIAlign(size, cfg.roi_sampling_ratio)
     cls = AlignedMultiScaleRoIAlign if cfg.roi_aligned else MultiScaleRoIAlign
-    return cls(featmap_names=["0", "1", "2", "3"], output_size=size, sampling_ratio=cfg.roi_sampling_ratio)
+    return cls(featmap_names=["0", "1", "2", "3"][:levels], output_size=size, sampling_ratio=cfg.roi_sampling_ratio)
 
 
 class ConvFCBoxHead(nn.Module):
@@ -262,7 +268,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_positive_fraction=cfg.box_positive_fraction,
         bbox_reg_weights=cfg.box_reg_weights,
-        mask_roi_pool=_pooler(cfg, cfg.mask_roi_size),
+        mask_roi_pool=_pooler(cfg, cfg.mask_roi_size, cfg.mask_pool_levels),
         mask_head=mask_head,
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_layers[-1], cfg.mask_head_layers[-1], 2),
     )

@@ -176,8 +176,30 @@ def report_markdown(m: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         f"{_num(count['mean_relative'], 3)}; {count['pred_total']} predicted vs {count['gt_total']} true particles.",
         "", "Per image: `per_image.csv`; everything: `metrics.json`.", "",
     ]
+    if "diagnostics" in m:
+        lines += diagnostics_markdown(m["diagnostics"], m["segm"]["AP"])
     if figures:
         lines += ["## Figures", "", "Pixel maps: blue true positive, red false negative, green false positive.", ""]
         for caption, path in figures:
             lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
     return "\n".join(lines)
+
+
+def diagnostics_markdown(d: dict[str, Any], mask_ap: float | None) -> list[str]:
+    """The "where mask AP is lost" section (``nanoseg_training.mask_diagnostics``)."""
+    err = d["error_px_per_100_true"]
+    frac = d["fraction_iou_at_least"]
+    lines = [
+        "## Where mask AP is lost", "",
+        f"Oracle mask AP (these detections, each mask replaced by the ground truth it overlaps most): "
+        f"**{_num(d['oracle_mask_AP'])}** against the model's {_num(mask_ap)}: better masks could win "
+        f"the difference, the rest to 100 is detection.", "",
+        f"At the operating point {d['matched']} of {d['ground_truth']} wires are matched (mask IoU >= 0.5): "
+        f"mean IoU {_num(d['mean_iou'], 3)}; IoU >= 0.75 for {_num(frac['0.75'], 3)}, >= 0.9 for "
+        f"{_num(frac['0.90'], 3)} of them. Pixel errors per 100 true pixels: false positive on background "
+        f"{_num(err['fp_background'], 2)}, on other wires {_num(err['fp_other_wires'], 2)}; false negative "
+        f"under other wires {_num(err['fn_under_other_wires'], 2)}, elsewhere {_num(err['fn_elsewhere'], 2)}.", "",
+        "| box fill (mask / box area) | wires | mean mask IoU |", "|---|---|---|",
+    ]
+    lines += [f"| {b['fill']} | {b['n']} | {_num(b['mean_iou'], 3)} |" for b in d["by_box_fill"]]
+    return [*lines, ""]

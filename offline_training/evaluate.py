@@ -12,6 +12,10 @@ generator (``nanoseg_training.coco_dataset``):
   ground-truth masks, both from ``nanoseg.particle_stats.particle_table``: Wasserstein distance
   per statistic and the error of the particle count per image.
 
+Beside them, ``diagnostics`` (``nanoseg_training.mask_diagnostics``) says whether mask AP is lost
+to the detections or to the masks: the oracle mask AP of the same detections with ground-truth
+masks, and the IoU and pixel errors of matched masks.
+
 Accuracy, statistics and counts are measured at the operating point (the post-processing score
 threshold the model is used with, 0.5 by default), not at the AP threshold: a foreground union of
 every 0.05-score detection says nothing about the segmentation a user gets.
@@ -48,6 +52,7 @@ from nanoseg.postprocess import (
     resolve_postprocess,
 )
 from nanoseg.segmenter import Segmenter
+from nanoseg_training.mask_diagnostics import MatchedMasks, oracle_masks
 
 if TYPE_CHECKING:
     from nanoseg.engines.factory import EngineKind
@@ -171,7 +176,8 @@ def coco_metrics(gt: str | Path | dict[str, Any], predictions: Iterable[tuple[in
 
 
 def coco_metrics_of_results(gt: str | Path | dict[str, Any], results: list[dict[str, Any]],
-                            image_ids: Iterable[int]) -> dict[str, dict[str, float | None]]:
+                            image_ids: Iterable[int], iou_types: Sequence[str] = ("bbox", "segm")
+                            ) -> dict[str, dict[str, float | None]]:
     """``coco_metrics`` from COCO result records (``coco_results``) on ``image_ids``."""
     from pycocotools.cocoeval import COCOeval
 
@@ -181,7 +187,7 @@ def coco_metrics_of_results(gt: str | Path | dict[str, Any], results: list[dict[
         raise EvaluationError("no images to evaluate")
     gt_api = _coco_api(coco)
     out: dict[str, dict[str, float | None]] = {}
-    for iou_type in ("bbox", "segm"):
+    for iou_type in iou_types:
         dt_api = _coco_api({"images": coco["images"], "categories": coco["categories"],
                             "annotations": _result_annotations(results, iou_type)})
         ev = COCOeval(gt_api, dt_api, iou_type)
@@ -329,6 +335,8 @@ class Accumulator:
         self.total = PixelCounts(0, 0, 0)
         self.pred_values: list[dict[str, np.ndarray]] = []
         self.gt_values: list[dict[str, np.ndarray]] = []
+        self.oracle_results: list[dict[str, Any]] = []
+        self.matched = MatchedMasks()
 
     def add(self, image_id: int, predicted: Instances, operating: Instances | None = None) -> Instances:
         """Add one image; returns its ground truth."""
@@ -338,6 +346,8 @@ class Accumulator:
             raise EvaluationError(f"image {image_id}: prediction is {operating.image_shape}, "
                                   f"ground truth {truth.image_shape}")
         self.results.extend(coco_results([(image_id, predicted)]))
+        self.oracle_results.extend(coco_results([(image_id, oracle_masks(predicted, truth))]))
+        self.matched.add(operating, truth)
         c = pixel_counts(operating.masks, truth.masks)
         self.total = self.total + c
         self.per_image.append({"image_id": image_id, "gt_count": len(truth), "pred_count": len(operating),
@@ -350,11 +360,15 @@ class Accumulator:
         rows = self.per_image
         pred = {c: np.concatenate([v[c] for v in self.pred_values]) for c in STAT_COLUMNS}
         gt = {c: np.concatenate([v[c] for v in self.gt_values]) for c in STAT_COLUMNS}
-        metrics: dict[str, Any] = dict(coco_metrics_of_results(self.coco, self.results, [r["image_id"] for r in rows]))
+        ids = [r["image_id"] for r in rows]
+        metrics: dict[str, Any] = dict(coco_metrics_of_results(self.coco, self.results, ids))
         metrics["accuracy"] = {"foreground": self.total.accuracy, "tp": self.total.tp, "fp": self.total.fp,
                                "fn": self.total.fn, "per_image_mean": float(np.mean([r["accuracy"] for r in rows]))}
         metrics["statistics"] = statistic_distances(pred, gt)
         metrics["count"] = count_errors([r["pred_count"] for r in rows], [r["gt_count"] for r in rows])
+        oracle = coco_metrics_of_results(self.coco, self.oracle_results, ids, ("segm",))["segm"]
+        metrics["diagnostics"] = {"oracle_mask_AP": oracle["AP"], "oracle_mask_AP75": oracle["AP75"],
+                                  **self.matched.summary()}
         metrics["images"] = len(rows)
         metrics["per_image"] = rows
         return Evaluation(metrics, pred, gt)

@@ -136,3 +136,33 @@ def test_triton_engine_needs_a_server_and_model(trained_model_path: Path) -> Non
 
     with pytest.raises(EngineError, match="engine triton needs a server and model"):
         engine_from_checkpoint(load_checkpoint(trained_model_path), "triton")
+
+
+def test_mask_head_pooling_from_p2_only_exports_and_matches_torch(trained_model_path: Path,
+                                                                  paper_samples: list) -> None:
+    """``mask_pool_levels: 1`` (every mask ROI pooled from P2) is one plain RoiAlign in the ONNX
+    graph and ONNX Runtime reproduces torch's mask probabilities on it."""
+    import dataclasses
+
+    import onnx
+
+    from nanoseg.export import export_onnx_bytes
+    from nanoseg.model import ModelConfig
+
+    ckpt = load_checkpoint(trained_model_path)
+    p2 = dataclasses.replace(ckpt, model_config=ckpt.model_config.model_copy(update={"mask_pool_levels": 1}))
+    model = p2.build()
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["0"]
+    assert ckpt.build().roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    proto = onnx.load_from_string(export_onnx_bytes(model, input_shape(p2)))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    t, o = (engine_from_checkpoint(p2, kind, threads=2) for kind in ("torch", "onnxruntime"))
+    gray = paper_samples[0][0]
+    a, b = t.infer(gray[None, None].astype(np.float32))[0], o.infer(gray[None, None].astype(np.float32))[0]
+    keep = a.scores >= 0.3
+    assert keep.sum() >= 3
+    np.testing.assert_allclose(a.boxes[keep], b.boxes[keep], atol=0.05)
+    np.testing.assert_allclose(a.mask_probs[keep], b.mask_probs[keep], atol=2e-3)
+    with pytest.raises(ValueError, match="mask_pool_levels"):
+        ModelConfig(semantics="detectron2", roi_aligned=True, in_channels=3, image_mean=(0, 0, 0),
+                    image_std=(1, 1, 1), mask_pool_levels=1)

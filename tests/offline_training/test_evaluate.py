@@ -32,6 +32,7 @@ from nanoseg_training.evaluate import (
     load_coco,
     predict_dataset,
 )
+from nanoseg_training.mask_diagnostics import box_fill
 from nanoseg_training.synthetic_config import SceneConfig
 from nanoseg_training.train import train
 from nanoseg_training.train_config import TrainConfig
@@ -128,6 +129,50 @@ def test_shifted_rectangles_give_known_ap_and_accuracy() -> None:
     assert all(m["statistics"][c]["wasserstein"] == pytest.approx(0.0, abs=1e-9) for c in STAT_COLUMNS)
 
 
+def test_diagnostics_of_shifted_rectangles() -> None:
+    coco, s = rectangles_coco(), 4
+    d = evaluate_predictions(coco, [(i, shifted(t, s)) for i, t in gt_instances(coco).items()]).metrics["diagnostics"]
+    # Every shifted mask overlaps its own rectangle (IoU 36/44): with ground-truth masks AP is 100.
+    assert d["oracle_mask_AP"] == d["oracle_mask_AP75"] == 100.0
+    assert d["matched"] == d["ground_truth"] == 12
+    assert d["mean_iou"] == pytest.approx(36 / 44)
+    assert d["fraction_iou_at_least"] == {"0.75": 1.0, "0.85": 0.0, "0.90": 0.0, "0.95": 0.0}
+    assert [b["n"] for b in d["by_box_fill"]] == [0, 0, 0, 0, 12]  # rectangles fill their boxes
+    per100 = 100 * s / 40  # s px of every 40 px wide row, on each side
+    assert d["error_px_per_100_true"] == pytest.approx({"fp_background": per100, "fp_other_wires": 0.0,
+                                                        "fn_under_other_wires": 0.0, "fn_elsewhere": per100})
+
+
+def test_diagnostics_tell_crossing_errors_from_edge_errors() -> None:
+    size = 64
+    a = np.zeros((size, size), bool)
+    a[20:30, :] = True  # horizontal wire, 640 px
+    b = np.zeros((size, size), bool)
+    b[:, 30:40] = True  # vertical wire crossing it, 640 px
+    pa = a.copy()
+    pa[30:34, 30:40] = True  # spills 40 px onto the vertical wire
+    pb = b.copy()
+    pb[20:30, 30:40] = False  # loses the 100 px crossing
+    pred = Instances(mask_boxes(np.stack([pa, pb])), np.array([0.9, 0.8], np.float32), np.stack([pa, pb]))
+    coco = {"images": [{"id": 1, "height": size, "width": size, "file_name": "x.png"}],
+            "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": encode_rle(m),
+                             "area": float(m.sum()), "bbox": list(mask_bbox(m))} for k, m in enumerate((a, b))],
+            "categories": [{"id": 1, "name": "nanowire"}]}
+    d = evaluate_predictions(coco, [(1, pred)]).metrics["diagnostics"]
+    assert d["mean_iou"] == pytest.approx((640 / 680 + 540 / 640) / 2)
+    assert d["error_px_per_100_true"] == pytest.approx({"fp_background": 0.0, "fp_other_wires": 100 * 40 / 1280,
+                                                        "fn_under_other_wires": 100 * 100 / 1280, "fn_elsewhere": 0.0})
+    assert {b["fill"]: b["n"] for b in d["by_box_fill"]}["0.8-1.0"] == 2  # axis-aligned bars fill their boxes
+
+
+def test_box_fill_of_a_diagonal_wire() -> None:
+    m = np.zeros((40, 40), bool)
+    for k in range(40):
+        m[k, max(k - 1, 0): k + 2] = True  # a 3 px wide diagonal band
+    assert box_fill(m, mask_boxes(m[None])[0]) == pytest.approx(m.sum() / 1600)
+    assert box_fill(m, np.zeros(4, np.float32)) == 0.0
+
+
 def test_dropping_half_the_instances_halves_recall() -> None:
     coco = rectangles_coco()
     truth = gt_instances(coco)
@@ -142,6 +187,9 @@ def test_dropping_half_the_instances_halves_recall() -> None:
     assert m["count"] == {"mean_absolute": 2.0, "mean_signed": -2.0, "mean_relative": 0.5,
                           "pred_total": 6, "gt_total": 12}
     assert m["statistics"]["area_px"]["pred_n"] == 6
+    # Only detection is wrong here: ground-truth masks cannot raise the AP.
+    assert m["diagnostics"]["oracle_mask_AP"] == pytest.approx(m["segm"]["AP"])
+    assert m["diagnostics"]["matched"] == 6 and m["diagnostics"]["ground_truth"] == 12
 
 
 def test_circular_wasserstein() -> None:
@@ -193,6 +241,10 @@ def test_evaluate_cli_writes_report(tiny_model: Path, tiny_dataset: Path, tmp_pa
                  "--mask-threshold", "1.5"]) == 2
     report = (out / "report.md").read_text()
     assert "| mask |" in report and "figures/statistics.png" in report
+    d = m["diagnostics"]
+    assert d["oracle_mask_AP"] is None or m["segm"]["AP"] <= d["oracle_mask_AP"] <= 100
+    assert d["ground_truth"] == m["count"]["gt_total"] and 0 <= d["matched"] <= d["ground_truth"]
+    assert "## Where mask AP is lost" in report
 
 
 def test_evaluate_rejects_images_larger_than_the_model(tiny_model: Path, tmp_path: Path) -> None:
