@@ -137,6 +137,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                    help="operating point for accuracy, statistics and counts (default: the model's, else 0.5)")
     p.add_argument("--mask-threshold", type=float,
                    help="mask probability threshold for AP and statistics (default: the model's, else 0.5)")
+    p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
+                   help="score = class score x maskness (default: the model's operating point, else off)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
@@ -153,6 +155,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scores", help="score thresholds to try, comma-separated (default 0.1,...,0.9; one value fixes it)")
     p.add_argument("--masks", help="mask thresholds to try, comma-separated (default 0.3,0.35,...,0.65)")
+    p.add_argument("--mask-rescoring", action="store_true",
+                   help="thresholds apply to class score x maskness; stored with the point")
     p.add_argument("--write", action="store_true", help="store the operating point in the checkpoint")
     p.add_argument("--quiet", action="store_true")
     handlers["calibrate"] = _lazy("nanoseg_training.calibrate", "cmd_calibrate")
@@ -178,6 +182,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--flat-field", help="flat-field (I0) image for profiles with i0 policy flat_field")
     p.add_argument("--score-threshold", type=float, help="default: the model's operating point")
     p.add_argument("--mask-threshold", type=float, help="default: the model's operating point")
+    p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
+                   help="score = class score x maskness (default: the model's operating point, else off)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
@@ -200,6 +206,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     q.add_argument("--validation-set", help="choose the model's operating point on this COCO set first (nanoseg calibrate)")
     q.add_argument("--scores", help="calibration score thresholds, comma-separated (one value fixes it)")
     q.add_argument("--masks", help="calibration mask thresholds, comma-separated")
+    q.add_argument("--mask-rescoring", action="store_true", help="calibrate with class score x maskness")
     q.add_argument("--real-image", help="a real image to segment for the card's overlay")
     q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
     q.add_argument("--threads", type=int, default=2)

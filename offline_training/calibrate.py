@@ -135,13 +135,15 @@ def write_table(points: list[GridPoint], best: GridPoint, out: Path, objective: 
 def calibrate(model: Path, dataset: Path, out: Path, objective: Objective = "foreground_accuracy",
               engine: EngineKind = "torch", limit: int | None = None, threads: int = 2, write: bool = False,
               progress: bool = True, scores: tuple[float, ...] = SCORE_GRID,
-              masks: tuple[float, ...] = MASK_GRID) -> OperatingPoint:
+              masks: tuple[float, ...] = MASK_GRID, mask_rescoring: bool = False) -> OperatingPoint:
     """Measure the grid on ``dataset``, write the tables to ``out``; with ``write`` store the best
     pair in the checkpoint at ``model`` (atomically, weights untouched). A one-value ``scores``
-    keeps the score threshold fixed (e.g. chosen for real data) and tunes the mask threshold."""
+    keeps the score threshold fixed (e.g. chosen for real data) and tunes the mask threshold.
+    ``mask_rescoring``: the thresholds apply to class score x maskness, and the point says so."""
     ckpt = load_checkpoint(model)
     eng = engine_from_checkpoint(ckpt, engine, "cpu", threads)
-    base = PostprocessConfig()  # the filters (min area, nested) at their defaults, as the daemon's
+    # The filters (min area, nested) at their defaults, as the daemon's.
+    base = PostprocessConfig(mask_rescoring=mask_rescoring)
     seg = Segmenter.for_checkpoint(eng, ckpt, base)
     coco = load_coco(dataset)
     raws = detect_dataset(seg, dataset, coco, limit, progress)
@@ -151,7 +153,7 @@ def calibrate(model: Path, dataset: Path, out: Path, objective: Objective = "for
     value = best.foreground_accuracy if objective == "foreground_accuracy" else best.count_mae
     point = OperatingPoint(score_threshold=best.score_threshold, mask_threshold=best.mask_threshold,
                            objective=objective, value=round(value, 4),
-                           chosen_on=f"{dataset.name} ({len(raws)} images)")
+                           chosen_on=f"{dataset.name} ({len(raws)} images)", mask_rescoring=mask_rescoring)
     write_table(points, best, out, objective, dataset.name)
     if write:
         save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": point.model_dump(mode="json")}),
@@ -177,11 +179,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         point = calibrate(Path(args.model), Path(args.dataset), Path(args.out), args.objective, args.engine,
                           args.limit, args.threads, args.write, not args.quiet,
-                          threshold_list(args.scores, SCORE_GRID), threshold_list(args.masks, MASK_GRID))
+                          threshold_list(args.scores, SCORE_GRID), threshold_list(args.masks, MASK_GRID),
+                          args.mask_rescoring)
     except (EvaluationError, CheckpointError) as err:
         print(f"nanoseg calibrate: error: {err}", file=sys.stderr)
         return 2
     where = f"written to {args.model}" if args.write else "not written (--write stores it in the checkpoint)"
-    print(f"operating point: score {point.score_threshold}, mask {point.mask_threshold} "
+    rescored = " (score x maskness)" if point.mask_rescoring else ""
+    print(f"operating point: score {point.score_threshold}{rescored}, mask {point.mask_threshold} "
           f"({point.objective} {point.value} on {point.chosen_on}); {where}; tables in {args.out}/calibration.md")
     return 0

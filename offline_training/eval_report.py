@@ -148,7 +148,8 @@ def report_markdown(m: dict[str, Any], figures: list[tuple[str, str]]) -> str:
             + (f" (first {run['limit']})" if run.get("limit") else ""),
             f"- engine: {run['engine']} on {run.get('device', 'cpu')}, {run['inference_seconds_per_image']:.2f} s per image",
             f"- AP at score >= {run['ap_score_threshold']}; accuracy, statistics and counts at the "
-            f"operating point score >= {op['score_threshold']}, min area {op['min_area_px']} px, nested "
+            f"operating point {'class score x maskness' if op.get('mask_rescoring') else 'score'} "
+            f">= {op['score_threshold']}, min area {op['min_area_px']} px, nested "
             f"suppression {'on' if op['nested']['enabled'] else 'off'}",
             f"- checkpoint: {json.dumps(run.get('checkpoint_meta', {}))}",
             "",

@@ -439,7 +439,8 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``nanoseg evaluate``: the CLI handler."""
     try:
-        post = explicit_postprocess(score_threshold=args.stats_score_threshold, mask_threshold=args.mask_threshold)
+        post = explicit_postprocess(score_threshold=args.stats_score_threshold, mask_threshold=args.mask_threshold,
+                                    mask_rescoring=args.mask_rescoring)
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
                            post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device)
     except (EvaluationError, CheckpointError, ValidationError) as err:

@@ -41,7 +41,8 @@ def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
     op = ckpt_meta.get("operating_point")
     if not op:
         return "Accuracy, counts and statistics at the default operating point (score >= 0.5, mask >= 0.5)."
-    return (f"Accuracy, counts and statistics at the model's operating point (score >= {op['score_threshold']}, "
+    score = "class score x maskness" if op.get("mask_rescoring") else "score"
+    return (f"Accuracy, counts and statistics at the model's operating point ({score} >= {op['score_threshold']}, "
             f"mask >= {op['mask_threshold']}), chosen by `nanoseg calibrate` on `{op['chosen_on']}` "
             f"({op['objective']} {op['value']}; see `calibration/calibration.md`). The daemon uses it unless "
             "its config sets the thresholds.")
@@ -136,7 +137,7 @@ def release(args: argparse.Namespace) -> Path:
 
         calibrate(model_path, Path(args.validation_set), out / "calibration", threads=args.threads, write=True,
                   progress=not args.quiet, scores=threshold_list(args.scores, SCORE_GRID),
-                  masks=threshold_list(args.masks, MASK_GRID))
+                  masks=threshold_list(args.masks, MASK_GRID), mask_rescoring=getattr(args, "mask_rescoring", False))
         reloaded = load_checkpoint(model_path)
     metrics = evaluate_model(model_path, args.test_set, out / "evaluation", engine="torch", threads=args.threads,
                              progress=not args.quiet)

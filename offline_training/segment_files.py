@@ -95,7 +95,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
     try:
-        post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold)
+        post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,
+                                    mask_rescoring=args.mask_rescoring)
     except ValueError as err:
         print(f"nanoseg segment: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from nanoseg.postprocess import (
     NestedSuppression,
     PostprocessConfig,
     filter_instances,
+    maskness,
     paste_mask,
     to_instances,
 )
@@ -80,6 +81,27 @@ def test_to_instances_thresholds_scores_and_pastes_with_the_offset() -> None:
     ys, xs = np.nonzero(inst.masks[0])
     # cells 10..17 of a 1 px grid starting at 10.5 px: pixel centres 20.5..28.5 sample >= 0.5
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 28, 20, 28)
+
+
+def test_mask_rescoring_multiplies_scores_by_maskness() -> None:
+    crisp = np.zeros((28, 28), np.float32)
+    crisp[8:20, 8:20] = 1.0
+    blurry = np.zeros((28, 28), np.float32)
+    blurry[8:20, 8:20] = 0.6
+    blurry[12:16, 12:16] = 0.9  # 16 cells at 0.9, 128 at 0.6
+    empty = np.full((28, 28), 0.2, np.float32)
+    probs = np.stack([blurry, crisp, empty])
+    assert maskness(probs, 0.5) == pytest.approx([(16 * 0.9 + 128 * 0.6) / 144, 1.0, 0.0])
+    raw = RawDetections(np.array([[0, 0, 28, 28]] * 3, np.float32), np.array([0.7, 0.8, 0.95], np.float32), probs)
+    plain = to_instances(raw, (32, 32), PostprocessConfig(score_threshold=0.5))
+    assert plain.scores.tolist() == pytest.approx([0.7, 0.8, 0.95])
+    re = to_instances(raw, (32, 32), PostprocessConfig(score_threshold=0.5, mask_rescoring=True))
+    # the blurry mask falls below the threshold (0.7 x 0.633), the crisp one keeps 0.8, no mask -> 0
+    assert re.scores.tolist() == pytest.approx([0.8]) and re.scores.dtype == np.float32
+    assert (re.masks[0] == plain.masks[1]).all()
+    assert len(to_instances(RawDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                                          np.zeros((0, 28, 28), np.float32)), (8, 8),
+                            PostprocessConfig(mask_rescoring=True))) == 0
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -37,6 +37,9 @@ def test_resolve_postprocess_precedence() -> None:
     got = resolve_postprocess(explicit, point)
     assert (got.score_threshold, got.mask_threshold, got.nested.enabled) == (0.7, 0.4, False)
     assert resolve_postprocess(got, OperatingPoint(score_threshold=0.1, mask_threshold=0.6)) == got  # resolved = explicit
+    rescored = OperatingPoint(score_threshold=0.4, mask_threshold=0.5, mask_rescoring=True)
+    assert resolve_postprocess(PostprocessConfig(), rescored).mask_rescoring is True
+    assert resolve_postprocess(PostprocessConfig(mask_rescoring=False), rescored).mask_rescoring is False
 
 
 def test_best_point_by_objective_and_ties() -> None:
@@ -100,3 +103,26 @@ def test_calibrate_without_write_leaves_the_checkpoint_and_bad_meta_is_named(
     with pytest.raises(CheckpointError, match="operating point"):
         _ = load_checkpoint(model).operating_point
     assert main(["calibrate", str(model), str(paper_set), "--out", str(tmp_path / "c2"), "--quiet"]) == 2
+
+
+def test_a_rescored_operating_point_is_stored_and_evaluated_on_rescored_scores(
+        trained_model_path: Path, paper_set: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.pt"
+    shutil.copy(trained_model_path, model)
+    assert main(["calibrate", str(model), str(paper_set), "--out", str(tmp_path / "cal"), "--limit", "2", "--quiet",
+                 "--scores", "0.3,0.45", "--masks", "0.5", "--mask-rescoring", "--write"]) == 0
+    point = load_checkpoint(model).operating_point
+    assert point is not None and point.mask_rescoring
+    with open(tmp_path / "cal" / "calibration.csv") as f:
+        row = next(r for r in csv.DictReader(f) if float(r["score_threshold"]) == point.score_threshold)
+    m = evaluate_model(model, paper_set, tmp_path / "ev", limit=2, plots=False, progress=False)
+    assert m["run"]["operating_point"]["mask_rescoring"] is True
+    assert m["accuracy"]["foreground"] == pytest.approx(float(row["foreground_accuracy"]), abs=1e-12)
+    plain = evaluate_model(model, paper_set, tmp_path / "ev2", limit=2, plots=False, progress=False,
+                           post=PostprocessConfig(mask_rescoring=False))
+    assert plain["run"]["operating_point"]["mask_rescoring"] is False
+    # rescored scores are class scores x maskness (<= 1): never more instances above the same threshold
+    assert m["count"]["pred_total"] <= evaluate_model(
+        model, paper_set, tmp_path / "ev3", limit=2, plots=False, progress=False,
+        post=PostprocessConfig(mask_rescoring=False, score_threshold=point.score_threshold))["count"]["pred_total"]
+    assert "class score x maskness" in (tmp_path / "ev" / "report.md").read_text()
