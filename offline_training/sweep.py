@@ -233,6 +233,9 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
             for key, (section, field) in RESULT_KEYS:
                 row[prefix + key] = m[section][field]
             row[prefix + "w_area_px"] = m["statistics"]["area_px"]["wasserstein"]
+            # mask AP with ground-truth masks on the same detections: detection vs mask quality
+            # (absent from evaluations written before it existed)
+            row[prefix + "oracle_mask_AP"] = m.get("diagnostics", {}).get("oracle_mask_AP")
         rows.append(row)
         write_results(out, rows)
     return rows
