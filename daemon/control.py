@@ -6,7 +6,7 @@ Requests (``command`` selects the kind)::
     {"command": "pause"} / {"command": "resume"}
     {"command": "reload_model", "path": "...", "sha256": "..." (optional)}
     {"command": "set", "score_threshold": 0.6, "mask_threshold": 0.5, "min_area_px": 30,
-     "nested": {"enabled": true, ...}}   (any subset)
+     "mask_rescoring": true, "nested": {"enabled": true, ...}}   (any subset)
 
 Replies: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. With CurveZMQ
 configured, only clients whose public key is in the authorised directory get through at all.
@@ -52,6 +52,7 @@ class SetRequest(StrictModel):
     mask_threshold: float | None = Field(None, gt=0, lt=1)
     min_area_px: int | None = Field(None, ge=0)
     nested: NestedSuppression | None = None
+    mask_rescoring: bool | None = None
 
 
 ControlRequest = Annotated[

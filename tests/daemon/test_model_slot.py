@@ -41,3 +41,20 @@ def test_reload_brings_the_new_models_point_and_keeps_what_was_configured(traine
     explicit = PostprocessConfig.model_validate({"mask_threshold": 0.6})
     slot = ModelSlot(load_model(with_point, "torch", "cpu", 1, explicit), explicit)
     assert thresholds(slot) == (0.3, 0.6)
+
+
+def test_mask_rescoring_follows_the_models_point_unless_the_operator_sets_it(trained_model_path: Path,
+                                                                             tmp_path: Path) -> None:
+    ckpt = load_checkpoint(trained_model_path)
+    rescored, plain = tmp_path / "rescored.pt", tmp_path / "plain.pt"
+    point = {"score_threshold": 0.4, "mask_threshold": 0.5, "mask_rescoring": True}
+    save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": point}), rescored, half=True)
+    save_checkpoint(replace(ckpt, meta={k: v for k, v in ckpt.meta.items() if k != "operating_point"}), plain, half=True)
+
+    slot = ModelSlot(load_model(plain, "torch", "cpu", 1, PostprocessConfig()), PostprocessConfig())
+    assert slot.current.segmenter.post.mask_rescoring is False
+    slot.reload(rescored, "torch", "cpu", 1)
+    assert slot.current.segmenter.post.mask_rescoring is True and thresholds(slot) == (0.4, 0.5)
+    assert slot.set_postprocess({"mask_rescoring": False}).mask_rescoring is False  # control "set"
+    slot.reload(rescored, "torch", "cpu", 1)
+    assert slot.current.segmenter.post.mask_rescoring is False  # the operator's choice survives

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanoseg.checkpoint import load_checkpoint
 from nanoseg_daemon.control import control_request
 from nanoseg_daemon.store import ResultReader, default_path
 from tests.daemon.service_fixtures import (
@@ -94,6 +95,12 @@ def test_reload_to_broken_model_keeps_serving(tmp_path: Path, trained_model_path
         assert not bad["ok"] and "command" in bad["error"]
         ok = control_request(svc.control.address, {"command": "set", "score_threshold": 0.7})
         assert ok["ok"] and ok["result"]["postprocess"]["score_threshold"] == 0.7
+        point = load_checkpoint(trained_model_path).operating_point  # the model's own, unless set
+        assert ok["result"]["postprocess"]["mask_rescoring"] is (point is not None and point.mask_rescoring)
+        off = control_request(svc.control.address, {"command": "set", "mask_rescoring": False})
+        assert off["ok"] and off["result"]["postprocess"]["mask_rescoring"] is False
+        bad_set = control_request(svc.control.address, {"command": "set", "mask_rescoring": "sometimes"})
+        assert not bad_set["ok"] and "mask_rescoring" in bad_set["error"]
         good = control_request(svc.control.address, {"command": "reload_model", "path": str(trained_model_path)})
         assert good["ok"]
         assert good["result"]["postprocess"]["score_threshold"] == 0.7  # what the operator set survives a reload
