@@ -345,6 +345,14 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     card = (out / "MODEL_CARD.md").read_text()
     assert f"model's operating point (score >= {point.score_threshold}, mask >= {point.mask_threshold})" in card
     assert (out / "calibration" / "calibration.md").exists()
+    rescored = tmp_path / "rescored"
+    assert main(["models", "release", str(tiny_model.parent), "--out", str(rescored), "--test-set", str(tiny_dataset),
+                 "--validation-set", str(tiny_dataset), "--scores", "0.05", "--masks", "0.5", "--mask-rescoring",
+                 "--threads", "1", "--quiet"]) == 0
+    assert load_checkpoint(rescored / "model.pt").operating_point.mask_rescoring  # type: ignore[union-attr]
+    metrics = json.loads((rescored / "evaluation" / "metrics.json").read_text())
+    assert metrics["run"]["operating_point"]["mask_rescoring"] is True
+    assert "operating point (class score x maskness >= 0.05, mask >= 0.5)" in (rescored / "MODEL_CARD.md").read_text()
 
 
 def test_bad_threshold_flags_are_named_not_raised(tiny_model: Path, tiny_dataset: Path, tmp_path: Path,
