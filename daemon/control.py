@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import zmq
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from nanoseg.config_io import StrictModel, format_validation_error
-from nanoseg.postprocess import NestedSuppression
+from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.curve_auth import curve_server
 from nanoseg_daemon.ingest_config import CurveConfig
 
@@ -46,13 +46,27 @@ class ReloadRequest(StrictModel):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
-class SetRequest(StrictModel):
+class SetRequest(BaseModel):
+    """Any subset of ``PostprocessConfig``'s fields, validated by that one schema (errors name the
+    field); ``updates`` holds them."""
+
+    model_config = ConfigDict(extra="allow")
     command: Literal["set"]
-    score_threshold: float | None = Field(None, ge=0, le=1)
-    mask_threshold: float | None = Field(None, gt=0, lt=1)
-    min_area_px: int | None = Field(None, ge=0)
-    nested: NestedSuppression | None = None
-    mask_rescoring: bool | None = None
+
+    @property
+    def updates(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _postprocess_fields(self) -> SetRequest:
+        unknown = sorted(set(self.updates) - set(PostprocessConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown post-processing field(s): {', '.join(unknown)}")
+        try:
+            PostprocessConfig.model_validate(self.updates)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, "postprocess")) from None
+        return self
 
 
 ControlRequest = Annotated[

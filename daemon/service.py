@@ -322,7 +322,7 @@ class Service:
             self._model_info()
             log("model_reloaded", old=old, new=new.version, warmup_s=round(new.warmup_seconds, 3))
         elif isinstance(req, ctl.SetRequest):
-            updates = {k: v for k, v in req.model_dump(exclude={"command"}).items() if v is not None}
+            updates = req.updates
             self.slot.set_postprocess(updates)
             log("postprocess_set", **updates)
         return self.status()
