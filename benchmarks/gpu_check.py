@@ -22,7 +22,7 @@ import torch
 
 from nanoseg.checkpoint import load_checkpoint
 from nanoseg.engines.factory import engine_from_checkpoint
-from nanoseg.instances import Instances
+from nanoseg.instances import Instances, mask_iou
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter
 from nanoseg_training.evaluate import load_coco, read_gray
@@ -30,14 +30,8 @@ from nanoseg_training.evaluate import load_coco, read_gray
 
 def mask_iou_matches(a: Instances, b: Instances) -> list[float]:
     """Best mask IoU in ``b`` of each instance of ``a`` (0 where ``b`` is empty)."""
-    out = []
-    for m in a.masks:
-        best = 0.0
-        for n in b.masks:
-            union = np.count_nonzero(m | n)
-            best = max(best, np.count_nonzero(m & n) / union if union else 0.0)
-        out.append(best)
-    return out
+    iou = mask_iou(a.masks, b.masks)
+    return [float(v) for v in iou.max(axis=1)] if len(b) else [0.0] * len(a)
 
 
 def tensorrt_status() -> str:

@@ -62,6 +62,18 @@ class Instances:
         )
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) float64 IoU of N and M boolean masks of one shape ((N, H, W), (M, H, W)); 0 where
+    both masks of a pair are empty. Pixel counts go through a float32 product, exact below 2^24 px."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    fa = a.reshape(len(a), -1).astype(np.float32)
+    fb = b.reshape(len(b), -1).astype(np.float32)
+    inter = (fa @ fb.T).astype(np.float64)
+    union = fa.sum(1, dtype=np.float64)[:, None] + fb.sum(1, dtype=np.float64)[None] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
     """Tight (N, 4) float32 xyxy boxes of (N, H, W) boolean masks, pixel-edge coordinates.
 

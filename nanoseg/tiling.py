@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanoseg.instances import Instances
+from nanoseg.instances import Instances, mask_iou
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,8 @@ def merge_tiled_instances(
             ib = [i for i in members[b] if _intersect(pieces[i].rect, region)]
             if not ia or not ib:
                 continue
-            fa = np.stack([pieces[i].within(region).ravel() for i in ia]).astype(np.float32)
-            fb = np.stack([pieces[i].within(region).ravel() for i in ib]).astype(np.float32)
-            inter = fa @ fb.T
-            union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            iou = mask_iou(np.stack([pieces[i].within(region) for i in ia]),
+                           np.stack([pieces[i].within(region) for i in ib]))
             for i, j in zip(*np.nonzero(iou >= iou_threshold)):
                 parent[_find(parent, ib[j])] = _find(parent, ia[i])
 

@@ -24,24 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from nanoseg.instances import Instances
+from nanoseg.instances import Instances, mask_iou
 
 MIN_IOU = 0.5
 """A prediction and a ground-truth mask match at this mask IoU or above (COCO's loosest)."""
 FILL_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 """Bins of box fill: ground-truth mask area / its tight box's area."""
 ERROR_KINDS = ("fp_background", "fp_other_wires", "fn_under_other_wires", "fn_elsewhere")
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of (N, H, W) and (M, H, W) boolean masks (0 where both are empty)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    fa = a.reshape(len(a), -1).astype(np.float32)
-    fb = b.reshape(len(b), -1).astype(np.float32)
-    inter = (fa @ fb.T).astype(np.float64)
-    union = fa.sum(1, dtype=np.float64)[:, None] + fb.sum(1, dtype=np.float64)[None] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def oracle_masks(pred: Instances, truth: Instances, min_iou: float = MIN_IOU) -> Instances:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nanoseg.instances import Instances, mask_boxes
+from nanoseg.instances import Instances, mask_boxes, mask_iou
 
 
 def _three() -> Instances:
@@ -44,3 +44,14 @@ def test_inconsistent_instances_are_rejected() -> None:
         Instances(np.zeros((2, 4)), np.zeros(3), m)
     with pytest.raises(ValueError, match="bool"):
         Instances(np.zeros((2, 4)), np.zeros(2), m.astype(np.uint8))
+
+
+def test_mask_iou_pairs_and_empty_masks() -> None:
+    a = np.zeros((2, 8, 8), bool)
+    a[0, :4] = True  # rows 0-3: 32 px; a[1] empty
+    b = np.zeros((2, 8, 8), bool)
+    b[0, 2:6] = True  # rows 2-5: overlaps a[0] in 16 px of 48
+    iou = mask_iou(a, b)
+    assert iou.shape == (2, 2) and iou.dtype == np.float64
+    assert iou[0, 0] == pytest.approx(16 / 48) and iou[0, 1] == 0.0 and iou[1, 1] == 0.0
+    assert mask_iou(a[:0], b).shape == (0, 2) and mask_iou(a, b[:0]).shape == (2, 0)
