@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu_train.sh OUT_DIR [TRAIN_SECONDS]
 #   CONTINUE=1 bash scripts/gpu_train.sh OUT_DIR SECONDS   # same (warm) machine: SECONDS more
+#   CONFIG=configs/training/gpu_continue.yaml ...          # another training config
+#   EVAL=0 ...   # train only (evaluate the returned model on CPU: all device time goes to training)
 #
 # The schedule must end inside the budget (the learning-rate steps are fractions of max_iter), so
 # a 60-iteration calibration run measures the seconds per iteration first and max_iter is set to
@@ -42,8 +44,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 
 test_set=$NANOSEG_CACHE/data/paper-test-s2-n${TEST_COUNT:=200}
-stamp "generate the test set"
-[ -f "$test_set/annotations.json" ] || nanoseg generate paper --count "$TEST_COUNT" --seed 2 --no-od --quiet --out "$test_set" || exit 1
+if [ "${EVAL:-1}" != 0 ]; then
+    stamp "generate the test set"
+    [ -f "$test_set/annotations.json" ] || nanoseg generate paper --count "$TEST_COUNT" --seed 2 --no-od --quiet --out "$test_set" || exit 1
+fi
 
 runs=$NANOSEG_CACHE/runs
 cfg=$NANOSEG_CACHE/gpu_default.yaml
@@ -101,11 +105,13 @@ PY
 model=$out/model.pt
 [ -f "$model" ] || { echo "no trained checkpoint: the checks run on the shipped model"; model=$repo/models/default/model.pt; }
 
-stamp "evaluate"
-nanoseg evaluate "$model" "$test_set" --out "$NANOSEG_CACHE/eval" --device cuda --no-plots --quiet
-cp "$NANOSEG_CACHE/eval/metrics.json" "$out/eval.json" 2>/dev/null
-stamp "gpu check"
-$py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --out "$out/gpu_check.json"
+if [ "${EVAL:-1}" != 0 ]; then
+    stamp "evaluate"
+    nanoseg evaluate "$model" "$test_set" --out "$NANOSEG_CACHE/eval" --device cuda --no-plots --quiet
+    cp "$NANOSEG_CACHE/eval/metrics.json" "$out/eval.json" 2>/dev/null
+    stamp "gpu check"
+    $py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --out "$out/gpu_check.json"
+fi
 if [ "${SPLIT:-0}" = 1 ] && [ -f "$out/model.pt" ]; then
     split -b 15M "$out/model.pt" "$out/model.pt.part-" && rm "$out/model.pt"
 fi
