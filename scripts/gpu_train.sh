@@ -5,6 +5,7 @@
 #   bash scripts/gpu_train.sh OUT_DIR [TRAIN_SECONDS]
 #   CONTINUE=1 bash scripts/gpu_train.sh OUT_DIR SECONDS   # same (warm) machine: SECONDS more
 #   CONFIG=configs/training/gpu_continue.yaml ...          # another training config
+#   ITERS=N ...  # max_iter N, no calibration run (the seconds per iteration known for this GPU)
 #   EVAL=0 ...   # train only (evaluate the returned model on CPU: all device time goes to training)
 #
 # The schedule must end inside the budget (the learning-rate steps are fractions of max_iter), so
@@ -77,6 +78,14 @@ if [ -n "${CONTINUE:-}" ]; then
     fit_max_iter "$runs/gpu_default/metrics.csv" "$cfg" "$cfg" continue || exit 1
     stamp "train (continued)"
     nanoseg train "$cfg" --run-dir "$runs/gpu_default" --resume --max-minutes "$minutes" --quiet
+    stamp "train ended (exit $?)"
+elif [ -n "${ITERS:-}" ]; then
+    # The seconds per iteration are known (a run on this kind of GPU): no calibration run.
+    rm -rf "$runs/gpu_default" "$cfg"
+    mkdir -p "$NANOSEG_CACHE"
+    $py -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['solver']['max_iter'] = int(sys.argv[3]); yaml.safe_dump(c, open(sys.argv[2], 'w'), sort_keys=False)" "$config" "$cfg" "$ITERS" || exit 1
+    stamp "train $ITERS iterations (the training set is generated first)"
+    nanoseg train "$cfg" --run-dir "$runs/gpu_default" --max-minutes "$minutes" --quiet
     stamp "train ended (exit $?)"
 else
     stamp "calibrate (the training set is generated first)"
