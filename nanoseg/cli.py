@@ -200,7 +200,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p = sub.add_parser("models", help="manage model checkpoints")
     models = p.add_subparsers(dest="models_command", required=True)
     q = models.add_parser("release", help="ship a training run: fp16 checkpoint, evaluation, model card")
-    q.add_argument("run_dir", help="training run directory (config.yaml + last.pt)")
+    q.add_argument("run_dir", help="training run directory (config.yaml + last.pt), or a nanoseg checkpoint "
+                                   "(one trained elsewhere, e.g. copied back from a GPU machine)")
     q.add_argument("--out", default="models/default")
     q.add_argument("--test-set", required=True, help="held-out COCO data set (nanoseg generate ... --seed 2)")
     q.add_argument("--validation-set", help="choose the model's operating point on this COCO set first (nanoseg calibrate)")

@@ -19,7 +19,7 @@ from typing import Any
 
 from nanoseg.checkpoint import load_checkpoint, save_checkpoint
 from nanoseg.model import ModelConfig, count_parameters, describe
-from nanoseg_training.train import checkpoint_from_run
+from nanoseg_training.train import checkpoint_from_run, lineage
 
 
 def _git_commit() -> str:
@@ -46,6 +46,33 @@ def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
             f"mask >= {op['mask_threshold']}), chosen by `nanoseg calibrate` on `{op['chosen_on']}` "
             f"({op['objective']} {op['value']}; see `calibration/calibration.md`). The daemon uses it unless "
             "its config sets the thresholds.")
+
+
+def lineage_text(ckpt_meta: dict[str, Any]) -> str:
+    """The card's table of every training run behind the weights, oldest first (empty for one run)."""
+    runs = lineage(ckpt_meta)
+    if len(runs) < 2:
+        return ""
+
+    def data(d: dict[str, Any] | None) -> str:
+        return f"`{d['preset']}` {d['count']}, seed {d['seed']}" if d else "given"
+
+    rows = "\n".join(
+        f"| {i} | `{r['name']}` | {'from scratch' if not r.get('init_from') else f'run {i - 1}'} | {r['iterations']} | "
+        f"{(r['iterations'] or 0) * (r['batch_size'] or 0)} | {data(r.get('data'))} | {(r.get('train_seconds') or 0):.0f} s | "
+        f"{r.get('train_device') or 'unknown'} | {('`' + r['sha256'][:12] + '`') if r.get('sha256') else 'this model'} |"
+        for i, r in enumerate(runs, 1))
+    its = sum(r["iterations"] or 0 for r in runs)
+    images = sum((r["iterations"] or 0) * (r["batch_size"] or 0) for r in runs)
+    seconds = sum(r.get("train_seconds") or 0 for r in runs)
+    return f"""- Lineage: {len(runs)} runs, each starting from the weights the one before it ended with
+  (`meta.lineage` in the checkpoint; sha256 of each run's weights): {its} iterations, {images} images,
+  {seconds / 3600:.2f} h of training in all.
+
+| run | config | start | iterations | images | data | training time | device | weights |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+"""
 
 
 def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any], args: argparse.Namespace,
@@ -94,7 +121,7 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
 - Solver: `{json.dumps(tc['solver'])}`; seed {tc['seed']}.
 - {ckpt_meta.get('iterations')} iterations ({ckpt_meta.get('iterations', 0) * tc['solver']['batch_size']} images),
   wall time {hours:.2f} h (training loop, across resumes) on {device}.
-
+{lineage_text(ckpt_meta)}
 ## Evaluation: held-out synthetic test set
 `{args.test_set}` ({metrics['images']} images, generated with a different seed:
 `nanoseg generate paper --count 200 --seed 2`). Reproduce with
@@ -127,7 +154,8 @@ def release(args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint_from_run(Path(args.run_dir).expanduser())
+    source = Path(args.run_dir).expanduser()
+    ckpt = load_checkpoint(source) if source.is_file() else checkpoint_from_run(source)
     model_path = save_checkpoint(ckpt, out / "model.pt", half=True)
     size_mb = model_path.stat().st_size / 1e6
     reloaded = load_checkpoint(model_path)

@@ -3,13 +3,16 @@
 Run state lives in a run directory (default ``<cache>/runs/<name>``): ``last.pt`` (weights,
 optimiser, iteration; written atomically every ``checkpoint_period`` iterations), ``metrics.csv``,
 TensorBoard events, and at the end ``model_final.pt``, a nanoseg checkpoint. ``--resume``
-continues from ``last.pt`` with the same batches an uninterrupted run would have seen.
+continues from ``last.pt`` with the same batches an uninterrupted run would have seen. A run
+that starts from ``init_from`` writes ``lineage.json`` (the runs behind those weights and their
+sha256), so its checkpoints carry their whole training history (``meta["lineage"]``).
 Multi-GPU: ``torchrun --nproc-per-node N -m nanoseg.cli train CONFIG`` (DistributedDataParallel).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import time
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from nanoseg.config_io import dump_yaml
 from nanoseg.model import build_model
 from nanoseg.paths import REPO_ROOT, cache_dir
@@ -152,7 +155,10 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
 
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):
-        init_weights(model, resolve_init(cfg.init_from), verbose=dist.main)
+        init_path = resolve_init(cfg.init_from)
+        init_weights(model, init_path, verbose=dist.main)
+        if dist.main:
+            (run_dir / "lineage.json").write_text(json.dumps(lineage_before(init_path), indent=1))
     frozen = freeze(model, cfg.freeze)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,10 +255,35 @@ def checkpoint_from_run(run_dir: Path) -> Checkpoint:
 
     cfg = load_yaml(run_dir / "config.yaml", TrainConfig)
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    meta = {"name": cfg.name, "iterations": int(state["iteration"]), "seed": cfg.seed,
-            "train_config": cfg.model_dump(mode="json"), "train_seconds": _elapsed(run_dir),
-            "train_device": str(state.get("device", "unknown"))}
+    meta: dict[str, Any] = {"name": cfg.name, "iterations": int(state["iteration"]), "seed": cfg.seed,
+                            "train_config": cfg.model_dump(mode="json"), "train_seconds": _elapsed(run_dir),
+                            "train_device": str(state.get("device", "unknown"))}
+    before = run_dir / "lineage.json"
+    if before.exists():
+        meta["lineage"] = [*json.loads(before.read_text()), training_stage(meta)]
     return Checkpoint(cfg.model, cfg.input_spec.model_dump(mode="json"), state["model"], meta)
+
+
+def training_stage(meta: dict[str, Any]) -> dict[str, Any]:
+    """What one training run did, from its checkpoint's meta: a row of a lineage."""
+    tc = meta.get("train_config") or {}
+    return {"name": meta.get("name"), "iterations": meta.get("iterations"),
+            "batch_size": (tc.get("solver") or {}).get("batch_size"), "seed": meta.get("seed"),
+            "data": (tc.get("data") or {}).get("generate"), "init_from": tc.get("init_from"),
+            "train_seconds": meta.get("train_seconds"), "train_device": meta.get("train_device")}
+
+
+def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every training run behind a checkpoint, oldest first (the last is the checkpoint's own)."""
+    return list(meta.get("lineage") or [training_stage(meta)])
+
+
+def lineage_before(init_path: Path) -> list[dict[str, Any]]:
+    """The runs behind the ``init_from`` checkpoint, the last one with that file's sha256
+    (``init_from`` is a path, and a path can get new weights)."""
+    runs = lineage(load_checkpoint(init_path).meta)
+    runs[-1] = {**runs[-1], "sha256": file_sha256(init_path)}
+    return runs
 
 
 class MetricsLog:

@@ -353,6 +353,11 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     metrics = json.loads((rescored / "evaluation" / "metrics.json").read_text())
     assert metrics["run"]["operating_point"]["mask_rescoring"] is True
     assert "operating point (class score x maskness >= 0.05, mask >= 0.5)" in (rescored / "MODEL_CARD.md").read_text()
+    again = tmp_path / "from_checkpoint"  # a checkpoint (e.g. copied back from a GPU machine) releases too
+    assert main(["models", "release", str(rescored / "model.pt"), "--out", str(again), "--test-set", str(tiny_dataset),
+                 "--threads", "1", "--quiet"]) == 0
+    assert load_checkpoint(again / "model.pt").operating_point == load_checkpoint(rescored / "model.pt").operating_point
+    assert f"Released from\n`{rescored / 'model.pt'}`" in (again / "MODEL_CARD.md").read_text()
 
 
 def test_bad_threshold_flags_are_named_not_raised(tiny_model: Path, tiny_dataset: Path, tmp_path: Path,

@@ -163,6 +163,30 @@ def test_init_from_a_checkpoint_and_freeze_the_backbone(dataset: WrittenDataset,
         train(bad, tmp_path / "bad", progress=False)
 
 
+def test_a_run_from_init_from_carries_the_lineage_of_its_weights(dataset: WrittenDataset, tmp_path: Path) -> None:
+    from nanoseg.checkpoint import file_sha256
+    from nanoseg_training.release_model import lineage_text
+    from nanoseg_training.train import lineage
+
+    first = train(tiny_config(dataset.root, 3), tmp_path / "first", progress=False)
+    meta = load_checkpoint(first).meta
+    assert lineage(meta) == [
+        {"name": "tiny", "iterations": 3, "batch_size": 2, "seed": 3, "data": None, "init_from": None,
+         "train_seconds": meta["train_seconds"], "train_device": meta["train_device"]}]
+    assert lineage_text(load_checkpoint(first).meta) == ""  # one run: nothing to add to the card
+    second = train(tiny_config(dataset.root, 2).model_copy(update={"init_from": str(first)}), tmp_path / "second",
+                   progress=False)
+    third = train(tiny_config(dataset.root, 4).model_copy(update={"init_from": str(second)}), tmp_path / "third",
+                  progress=False)
+    runs = load_checkpoint(third).meta["lineage"]
+    assert [r["iterations"] for r in runs] == [3, 2, 4]
+    assert [r.get("sha256") for r in runs] == [file_sha256(first), file_sha256(second), None]
+    assert runs[2]["init_from"] == str(second) and runs[0]["init_from"] is None
+    card = lineage_text(load_checkpoint(third).meta)
+    assert "3 runs" in card and "9 iterations, 18 images" in card
+    assert f"`{file_sha256(first)[:12]}`" in card and "| 3 | `tiny` | run 2 | 4 | 8 |" in card
+
+
 def test_a_mix_of_data_sets_is_drawn_by_weight(dataset: WrittenDataset, tmp_path: Path) -> None:
     import shutil
 
