@@ -90,8 +90,13 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     )
     hours = ckpt_meta.get("train_seconds", 0) / 3600
     device = ckpt_meta.get("train_device", "unknown")
-    start = (f"fine-tuned from `{tc['init_from']}` (itself trained from scratch) **on synthetic images only**"
-             if tc.get("init_from") else "trained **from scratch on synthetic images only**")
+    runs = lineage(ckpt_meta)
+    if len(runs) > 1 and not runs[0].get("init_from"):
+        start = f"trained **from scratch on synthetic images only** in {len(runs)} runs (the lineage below), the last"
+    elif tc.get("init_from"):
+        start = f"fine-tuned from `{tc['init_from']}` **on synthetic images only**"
+    else:
+        start = "trained **from scratch on synthetic images only**"
     return f"""# Model card: nanoseg {Path(args.out).name} model
 
 Mask R-CNN {start}, on {device}, by this
