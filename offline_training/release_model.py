@@ -54,12 +54,16 @@ def lineage_text(ckpt_meta: dict[str, Any]) -> str:
     if len(runs) < 2:
         return ""
 
-    def data(d: dict[str, Any] | None) -> str:
-        return f"`{d['preset']}` {d['count']}, seed {d['seed']}" if d else "given"
+    def data(r: dict[str, Any]) -> str:
+        return " + ".join(f"`{d['preset']}` {d['count']}, seed {d['seed']}" if d else "given"
+                          for d in [r.get("data"), *(r.get("mix") or [])])
+
+    def start(i: int, r: dict[str, Any]) -> str:
+        return "from scratch" if not r.get("init_from") else f"run {i - 1}" if i > 1 else f"`{r['init_from']}`"
 
     rows = "\n".join(
-        f"| {i} | `{r['name']}` | {'from scratch' if not r.get('init_from') else f'run {i - 1}'} | {r['iterations']} | "
-        f"{(r['iterations'] or 0) * (r['batch_size'] or 0)} | {data(r.get('data'))} | {(r.get('train_seconds') or 0):.0f} s | "
+        f"| {i} | `{r['name']}` | {start(i, r)} | {r['iterations']} | "
+        f"{(r['iterations'] or 0) * (r['batch_size'] or 0)} | {data(r)} | {(r.get('train_seconds') or 0):.0f} s | "
         f"{r.get('train_device') or 'unknown'} | {('`' + r['sha256'][:12] + '`') if r.get('sha256') else 'this model'} |"
         for i, r in enumerate(runs, 1))
     its = sum(r["iterations"] or 0 for r in runs)

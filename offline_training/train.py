@@ -267,10 +267,14 @@ def checkpoint_from_run(run_dir: Path) -> Checkpoint:
 def training_stage(meta: dict[str, Any]) -> dict[str, Any]:
     """What one training run did, from its checkpoint's meta: a row of a lineage."""
     tc = meta.get("train_config") or {}
-    return {"name": meta.get("name"), "iterations": meta.get("iterations"),
-            "batch_size": (tc.get("solver") or {}).get("batch_size"), "seed": meta.get("seed"),
-            "data": (tc.get("data") or {}).get("generate"), "init_from": tc.get("init_from"),
-            "train_seconds": meta.get("train_seconds"), "train_device": meta.get("train_device")}
+    data = tc.get("data") or {}
+    stage = {"name": meta.get("name"), "iterations": meta.get("iterations"),
+             "batch_size": (tc.get("solver") or {}).get("batch_size"), "seed": meta.get("seed"),
+             "data": data.get("generate"), "init_from": tc.get("init_from"),
+             "train_seconds": meta.get("train_seconds"), "train_device": meta.get("train_device")}
+    if data.get("mix"):
+        stage["mix"] = [m.get("generate") for m in data["mix"]]
+    return stage
 
 
 def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:

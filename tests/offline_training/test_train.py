@@ -184,7 +184,15 @@ def test_a_run_from_init_from_carries_the_lineage_of_its_weights(dataset: Writte
     assert runs[2]["init_from"] == str(second) and runs[0]["init_from"] is None
     card = lineage_text(load_checkpoint(third).meta)
     assert "3 runs" in card and "9 iterations, 18 images" in card
-    assert f"`{file_sha256(first)[:12]}`" in card and "| 3 | `tiny` | run 2 | 4 | 8 |" in card
+    assert f"`{file_sha256(first)[:12]}`" in card and "| 3 | `tiny` | run 2 | 4 | 8 | given |" in card
+    alone = {**runs[1], "init_from": "imported.pt"}  # a lineage whose first run started from outside
+    mixed = {**runs[2], "data": {"preset": "paper", "count": 9, "seed": 1},
+             "mix": [{"preset": "ptychography", "count": 5, "seed": 2}]}
+    table = lineage_text({"lineage": [alone, mixed]})
+    from nanoseg_training.train import training_stage
+    assert training_stage({"train_config": {"data": {"generate": mixed["data"], "mix": [
+        {"train": "x", "generate": mixed["mix"][0], "weight": 1.0}]}}})["mix"] == mixed["mix"]
+    assert "| 1 | `tiny` | `imported.pt` |" in table and "`paper` 9, seed 1 + `ptychography` 5, seed 2" in table
 
 
 def test_a_mix_of_data_sets_is_drawn_by_weight(dataset: WrittenDataset, tmp_path: Path) -> None:
