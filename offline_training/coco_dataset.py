@@ -155,8 +155,8 @@ def write_dataset(
         bar.update(1)
     bar.close()
     coco = {
-        "info": {"description": f"nanoseg synthetic nanowires, preset {cfg.name}", "seed": seed,
-                 "count": count, "generator": "nanoseg_training.coco_dataset"},
+        "info": {"description": f"nanoseg synthetic nanowires, preset {cfg.name}", "preset": cfg.name,
+                 "seed": seed, "count": count, "generator": "nanoseg_training.coco_dataset"},
         "licenses": [],
         "categories": [CATEGORY],
         "images": images,

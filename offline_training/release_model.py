@@ -48,6 +48,18 @@ def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
             "its config sets the thresholds.")
 
 
+def made_by(dataset: Path) -> str:
+    """How a COCO data set was made, from its ``info`` (``nanoseg generate`` writes preset, count, seed)."""
+    try:
+        info = json.loads((dataset / "annotations.json").read_text()).get("info", {})
+    except (OSError, ValueError):
+        info = {}
+    preset = info.get("preset") or str(info.get("description", "")).rpartition("preset ")[2]
+    if info.get("generator") != "nanoseg_training.coco_dataset" or not preset:
+        return "not made by `nanoseg generate`"
+    return f"`nanoseg generate {preset} --count {info.get('count')} --seed {info.get('seed')}`"
+
+
 def lineage_text(ckpt_meta: dict[str, Any]) -> str:
     """The card's table of every training run behind the weights, oldest first (empty for one run)."""
     runs = lineage(ckpt_meta)
@@ -132,9 +144,8 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
   wall time {hours:.2f} h (training loop, across resumes) on {device}.
 {lineage_text(ckpt_meta)}
 ## Evaluation: held-out synthetic test set
-`{args.test_set}` ({metrics['images']} images, generated with a different seed:
-`nanoseg generate paper --count 200 --seed 2`). Reproduce with
-`nanoseg evaluate models/default/model.pt <test set> --out <dir>`.
+`{args.test_set}` ({metrics['images']} images, {made_by(Path(args.test_set))}). Reproduce with
+`nanoseg evaluate {Path(args.out).as_posix()}/model.pt <test set> --out <dir>`.
 
 | | AP | AP50 | AP75 | APs | APm | APl |
 |---|---|---|---|---|---|---|

@@ -345,6 +345,8 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     card = (out / "MODEL_CARD.md").read_text()
     assert f"model's operating point (score >= {point.score_threshold}, mask >= {point.mask_threshold})" in card
     assert (out / "calibration" / "calibration.md").exists()
+    assert "(4 images, `nanoseg generate tiny --count 4 --seed 3`)" in card  # read from the set's info
+    assert f"`nanoseg evaluate {out.as_posix()}/model.pt <test set>" in card
     rescored = tmp_path / "rescored"
     assert main(["models", "release", str(tiny_model.parent), "--out", str(rescored), "--test-set", str(tiny_dataset),
                  "--validation-set", str(tiny_dataset), "--scores", "0.05", "--masks", "0.5", "--mask-rescoring",
