@@ -76,13 +76,12 @@ def resolve_init(path: str) -> Path:
     return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
-def init_weights(model: nn.Module, path: Path, verbose: bool = True) -> list[str]:
-    """Load the tensors of checkpoint ``path`` that fit ``model`` (same name and shape).
+def init_weights(model: nn.Module, checkpoint: Checkpoint, path: Path, verbose: bool = True) -> list[str]:
+    """Load the tensors of ``checkpoint`` (read from ``path``) that fit ``model`` (same name and shape).
 
     Returns the names of this model's tensors left as initialised."""
-    source = load_checkpoint(path).state_dict
     own = model.state_dict()
-    fits = {k: v.to(own[k].dtype) for k, v in source.items() if k in own and own[k].shape == v.shape}
+    fits = {k: v.to(own[k].dtype) for k, v in checkpoint.state_dict.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fits, strict=False)
     missing = sorted(set(own) - set(fits))
     if verbose:
@@ -156,9 +155,12 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):
         init_path = resolve_init(cfg.init_from)
-        init_weights(model, init_path, verbose=dist.main)
+        init_ckpt = load_checkpoint(init_path)
+        init_weights(model, init_ckpt, init_path, verbose=dist.main)
         if dist.main:
-            (run_dir / "lineage.json").write_text(json.dumps(lineage_before(init_path), indent=1))
+            runs = lineage_before(init_ckpt.meta, file_sha256(init_path))
+            (run_dir / "lineage.json").write_text(json.dumps(runs, indent=1))
+        del init_ckpt  # not held (its tensors) for the whole run
     frozen = freeze(model, cfg.freeze)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -282,11 +284,11 @@ def lineage(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return list(meta.get("lineage") or [training_stage(meta)])
 
 
-def lineage_before(init_path: Path) -> list[dict[str, Any]]:
-    """The runs behind the ``init_from`` checkpoint, the last one with that file's sha256
-    (``init_from`` is a path, and a path can get new weights)."""
-    runs = lineage(load_checkpoint(init_path).meta)
-    runs[-1] = {**runs[-1], "sha256": file_sha256(init_path)}
+def lineage_before(meta: dict[str, Any], sha256: str) -> list[dict[str, Any]]:
+    """The runs behind an ``init_from`` checkpoint (its ``meta``), the last one with the sha256 of
+    that checkpoint's file (``init_from`` is a path, and a path can get new weights)."""
+    runs = lineage(meta)
+    runs[-1] = {**runs[-1], "sha256": sha256}
     return runs
 
 
