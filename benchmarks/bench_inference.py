@@ -117,7 +117,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         batch = np.repeat(prepared.tiles[:, None], c, axis=1).astype(np.float32)
         raws = [r for i in range(0, len(batch), step) for r in engine.infer(batch[i: i + step])]
         t.append(time.perf_counter())
-        per_tile = [to_instances(raw, tile.shape, post, offset) for raw, tile in zip(raws, prepared.tiles)]
+        per_tile = [to_instances(raw, tile.shape, post, offset, engine.mask_decoding.margin_px) for raw, tile in zip(raws, prepared.tiles)]
         inst = filter_instances(instances_to_frame(per_tile, prepared), post)
         t.append(time.perf_counter())
         table = particle_table(inst.masks, prepared.image, PIXEL_SIZE_NM)
@@ -160,13 +160,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def export_onnx(model: Path, out: Path) -> float:
     from nanoseg.checkpoint import load_checkpoint
-    from nanoseg.engines.factory import input_shape
-    from nanoseg.export import checkpoint_metadata, export_onnx_bytes
+    from nanoseg.export import export_checkpoint_onnx
 
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(model)
-    meta = checkpoint_metadata(ckpt.model_config.model_dump(mode="json"), ckpt.input_spec)
-    out.write_bytes(export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta))
+    out.write_bytes(export_checkpoint_onnx(load_checkpoint(model)))
     return time.perf_counter() - t0
 
 

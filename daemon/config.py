@@ -35,6 +35,9 @@ class ModelSection(StrictModel):
     engine_cache_dir: str | None = Field(None, description="TensorRT plan cache; None = <state_dir>/engines.")
     triton_url: str | None = Field(None, description="engine triton: the server's gRPC address HOST:PORT.")
     triton_model: str | None = Field(None, description="engine triton: the model name in the server's repository.")
+    mask_tta: Literal[1, 2, 4, 8] | None = Field(
+        None, description="Average masks over this many flipped/transposed views (None = the model's own; "
+                          "costs about N x the backbone; not with engine triton).")
 
     @model_validator(mode="after")
     def _triton_needs_a_target(self) -> ModelSection:

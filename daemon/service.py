@@ -55,7 +55,7 @@ class Service:
         self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
                            repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
-                           m.triton_target())
+                           m.triton_target(), m.mask_tta)
         self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
         self.store = ResultStore(default_path(state), synchronous=cfg.store.synchronous, max_bytes=cfg.store.max_bytes)
@@ -293,7 +293,8 @@ class Service:
         m = self.slot.current
         return {"name": self.cfg.name, "uptime_s": round(time.time() - self.started, 1),
                 "paused": self._paused.is_set(), "model": {"version": m.version, "engine": m.engine,
-                                                           "device": m.device, "path": m.path},
+                                                           "device": m.device, "path": m.path,
+                                                           "mask_decoding": m.segmenter.engine.mask_decoding.model_dump()},
                 "postprocess": m.segmenter.post.model_dump(mode="json"),
                 "postprocess_configured": self.slot.configured.model_dump(mode="json", exclude_unset=True),
                 "queue_depth": len(self.queue),
@@ -312,7 +313,7 @@ class Service:
             old = self.slot.current.version
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
-                                       req.sha256, self._engine_cache, m.triton_target())
+                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

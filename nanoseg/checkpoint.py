@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.models.detection import MaskRCNN
 
+from nanoseg.mask_decoding import MaskDecoding
 from nanoseg.model import ModelConfig, build_model
 from nanoseg.postprocess import OperatingPoint
 
@@ -48,6 +49,12 @@ class Checkpoint:
             return OperatingPoint.model_validate(point)
         except ValueError as err:
             raise CheckpointError(f"malformed operating point in checkpoint meta: {err}") from None
+
+    @property
+    def mask_decoding(self) -> MaskDecoding:
+        """How this model's masks are predicted (margin, mask TTA): its operating point's, else plain."""
+        point = self.operating_point
+        return point.mask_decoding if point is not None else MaskDecoding()
 
     def build(self) -> MaskRCNN:
         """The model in eval mode with these weights loaded (strict: every key must match)."""

@@ -86,6 +86,19 @@ def _cmd_import_detectron2(args: argparse.Namespace) -> int:
     return cmd_import_detectron2(args)
 
 
+def _decoding_args(p: argparse.ArgumentParser, margin: bool = True) -> None:
+    """--mask-tta (and --mask-margin, --refine-boxes): replace those of the model's mask decoding."""
+    if margin:
+        p.add_argument("--mask-margin", type=float,
+                       help="grow each box by this many px before predicting its mask (default: the model's)")
+        p.add_argument("--refine-boxes", action=argparse.BooleanOptionalAction,
+                       help="re-run the box head on the detections in every view, average scores and boxes "
+                            "(default: the model's)")
+    p.add_argument("--mask-tta", type=int, choices=[1, 2, 4, 8],
+                   help="average masks over this many flipped/transposed views (default: the model's; "
+                        "costs about N x the backbone)")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="nanoseg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +137,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("model", help="nanoseg checkpoint (.pt)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     p.add_argument("--out", help="output file (default: MODEL with .onnx / .plan)")
+    _decoding_args(p, margin=False)
     handlers["export"] = _lazy("nanoseg_training.export_model", "cmd_export")
 
     p = sub.add_parser("evaluate", help="COCO AP, foreground accuracy, particle statistics and a report")
@@ -142,6 +156,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
+    _decoding_args(p)
     p.add_argument("--quiet", action="store_true")
     handlers["evaluate"] = _cmd_evaluate
 
@@ -158,6 +173,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--mask-rescoring", action="store_true",
                    help="thresholds apply to class score x maskness; stored with the point")
     p.add_argument("--write", action="store_true", help="store the operating point in the checkpoint")
+    _decoding_args(p)
     p.add_argument("--quiet", action="store_true")
     handlers["calibrate"] = _lazy("nanoseg_training.calibrate", "cmd_calibrate")
 
@@ -185,6 +201,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
                    help="score = class score x maskness (default: the model's operating point, else off)")
     p.add_argument("--threads", type=int, default=2)
+    _decoding_args(p, margin=False)
     p.add_argument("--quiet", action="store_true")
     handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
 
@@ -208,6 +225,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     q.add_argument("--scores", help="calibration score thresholds, comma-separated (one value fixes it)")
     q.add_argument("--masks", help="calibration mask thresholds, comma-separated")
     q.add_argument("--mask-rescoring", action="store_true", help="calibrate with class score x maskness")
+    _decoding_args(q)
     q.add_argument("--real-image", help="a real image to segment for the card's overlay")
     q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
     q.add_argument("--threads", type=int, default=2)

@@ -3,7 +3,9 @@
 TorchScript-based exporter (``dynamo=False``: the dynamo exporter still fails on torchvision
 detection models), opset 17, batch 1 and a fixed H x W so no scale factor is frozen at trace
 size; the graph ends at the M x M mask probabilities (``DetectionCore``), padded to K outputs.
-The model's metadata (model config, input spec) is written into the ONNX file's metadata_props.
+The model's metadata (model config, input spec, mask decoding) is written into the ONNX file's
+metadata_props; the mask decoding (margin, mask TTA) is part of the graph, and mask pasting must
+use the same one (``onnx_mask_decoding``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import numpy as np
 import torch
 from torchvision.models.detection import MaskRCNN
 
+from nanoseg.checkpoint import Checkpoint
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES, DetectionCore
+from nanoseg.engines.factory import input_shape
+from nanoseg.mask_decoding import METADATA_KEY, MaskDecoding
+from nanoseg.model import ModelConfig
 
 OPSET = 17
 
@@ -40,11 +46,14 @@ def trace_image(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.repeat(img[None], c, axis=0))[None]
 
 
-def export_onnx_bytes(model: MaskRCNN, input_shape: tuple[int, int, int], metadata: dict[str, str] | None = None) -> bytes:
-    """ONNX model bytes for ``model`` at input (1, C, H, W) = (1, *input_shape)."""
+def export_onnx_bytes(model: MaskRCNN, input_shape: tuple[int, int, int], metadata: dict[str, str] | None = None,
+                      decoding: MaskDecoding | None = None, model_config: ModelConfig | None = None) -> bytes:
+    """ONNX model bytes for ``model`` at input (1, C, H, W) = (1, *input_shape), its masks
+    predicted with ``decoding`` (``model_config``: the model's pixel convention, see
+    ``DetectionCore``)."""
     import onnx
 
-    core = DetectionCore(model.eval())
+    core = DetectionCore(model.eval(), decoding, model_config)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +85,20 @@ def _set_static_output_shapes(proto: object, k: int, m: int) -> None:
             dim.dim_value = value
 
 
-def checkpoint_metadata(model_config: dict, input_spec: dict, version: str = "") -> dict[str, str]:
-    return {"nanoseg.model_config": json.dumps(model_config, sort_keys=True),
-            "nanoseg.input_spec": json.dumps(input_spec, sort_keys=True),
+def export_checkpoint_onnx(ckpt: Checkpoint, decoding: MaskDecoding | None = None, version: str = "") -> bytes:
+    """ONNX bytes of a checkpoint's network, with its metadata; masks predicted with ``decoding``
+    (default: the checkpoint's own, ``Checkpoint.mask_decoding``)."""
+    decoding = decoding or ckpt.mask_decoding
+    meta = {"nanoseg.model_config": json.dumps(ckpt.model_config.model_dump(mode="json"), sort_keys=True),
+            "nanoseg.input_spec": json.dumps(dict(ckpt.input_spec), sort_keys=True),
+            METADATA_KEY: decoding.model_dump_json(),
             "nanoseg.version": version}
+    return export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta, decoding, ckpt.model_config)
+
+
+def read_onnx_metadata(onnx_bytes: bytes) -> dict[str, str]:
+    """An ONNX file's metadata_props as a dict."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load_from_string(onnx_bytes).metadata_props}
+

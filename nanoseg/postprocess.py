@@ -6,6 +6,8 @@ each pixel centre inside the (offset) box samples the grid bilinearly, with zero
 (so the mask fades to the box edge, as detectron2's ``paste_masks_in_image``), and is foreground
 when the probability >= ``mask_threshold``. The offset is the model's training convention
 (``nanoseg.model.mask_grid_offset_px``: 0.5 px for torchvision-trained models, 0 for detectron2).
+A mask decoding with a margin (``nanoseg.mask_decoding``) predicted the grid over the box grown by
+``margin_px`` on every side, and it is pasted over that grown box.
 
 With ``mask_rescoring`` an instance's score is its class score times its *maskness*, the mean mask
 probability over the cells of its grid at or above ``mask_threshold`` (SOLOv2's rescoring): a
@@ -24,6 +26,7 @@ from scipy import ndimage
 from nanoseg.config_io import StrictModel
 from nanoseg.engines import RawDetections
 from nanoseg.instances import Instances
+from nanoseg.mask_decoding import MaskDecoding
 
 
 class NestedSuppression(StrictModel):
@@ -59,6 +62,8 @@ class OperatingPoint(StrictModel):
     """The validation data set (not the test set)."""
     mask_rescoring: bool = False
     """The score threshold is on class score x maskness (``PostprocessConfig.mask_rescoring``)."""
+    mask_decoding: MaskDecoding = MaskDecoding()
+    """How the graph predicts masks (margin, mask TTA), chosen with the thresholds."""
 
 
 def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | None) -> PostprocessConfig:
@@ -78,12 +83,13 @@ def explicit_postprocess(**fields: float | bool | None) -> PostprocessConfig:
 
 
 def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
-               offset_px: float = 0.0) -> np.ndarray:
-    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px), the
-    grid shifted by ``offset_px`` in x and y."""
+               offset_px: float = 0.0, margin_px: float = 0.0) -> np.ndarray:
+    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px) grown
+    by ``margin_px`` on every side, the grid shifted by ``offset_px`` in x and y."""
     h, w = shape
     out = np.zeros(shape, dtype=bool)
-    x0, y0, x1, y1 = (float(v) + offset_px for v in box)
+    x0, y0 = (float(v) + offset_px - margin_px for v in box[:2])
+    x1, y1 = (float(v) + offset_px + margin_px for v in box[2:])
     bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
     c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
     r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
@@ -115,13 +121,15 @@ def instance_scores(raw: RawDetections, cfg: PostprocessConfig) -> np.ndarray:
 
 
 def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessConfig,
-                 mask_offset_px: float = 0.0) -> Instances:
-    """Score threshold and mask pasting on a model-input canvas of ``shape`` (H, W)."""
+                 mask_offset_px: float = 0.0, mask_margin_px: float = 0.0) -> Instances:
+    """Score threshold and mask pasting on a model-input canvas of ``shape`` (H, W); the offset
+    and margin of the model's mask grid as in ``paste_mask``."""
     scores = instance_scores(raw, cfg)
     keep = np.flatnonzero(scores >= cfg.score_threshold)
     if keep.size == 0:
         return Instances.empty(*shape)
-    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px)
+    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px,
+                                  mask_margin_px)
                       for i in keep])
     return Instances(raw.boxes[keep], scores[keep], masks)
 

@@ -31,17 +31,20 @@ class Segmenter:
     post: PostprocessConfig
     mask_offset_px: float = 0.0
     """Where the model's mask grid sits relative to its boxes (``mask_grid_offset_px``)."""
+    mask_margin_px: float = 0.0
+    """How far the engine's mask grid reaches beyond each box (``MaskDecoding.margin_px``)."""
 
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
         """A segmenter with the input spec, mask convention and operating point of the checkpoint
-        ``engine`` runs; fields ``post`` sets explicitly override the model's operating point."""
+        ``engine`` runs (and the engine's mask decoding); fields ``post`` sets explicitly override
+        the model's operating point."""
         return cls(engine, input_spec_of(ckpt), resolve_postprocess(post, ckpt.operating_point),
-                   mask_grid_offset_px(ckpt.model_config))
+                   mask_grid_offset_px(ckpt.model_config), engine.mask_decoding.margin_px)
 
     def with_post(self, post: PostprocessConfig) -> Segmenter:
         """The same model with another post-processing."""
-        return Segmenter(self.engine, self.spec, post, self.mask_offset_px)
+        return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px)
 
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
@@ -55,7 +58,7 @@ class Segmenter:
 
     def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates."""
-        return [to_instances(raw, tile.shape, self.post, self.mask_offset_px)
+        return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for raw, tile in zip(self.detect_tiles(tiles), tiles)]
 
     def segment_prepared(self, prepared: PreparedFrame) -> Instances:

@@ -28,6 +28,7 @@ from nanoseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanoseg.engines import RawDetections
 from nanoseg.engines.factory import EngineKind, engine_from_checkpoint
 from nanoseg.instances import Instances
+from nanoseg.mask_decoding import with_decoding
 from nanoseg.postprocess import OperatingPoint, PostprocessConfig, to_instances
 from nanoseg.segmenter import Segmenter
 from nanoseg_training.evaluate import (
@@ -75,8 +76,9 @@ def detect_dataset(segmenter: Segmenter, dataset: Path, coco: dict[str, Any], li
 
 def measure_grid(raws: list[tuple[int, RawDetections]], truths: dict[int, Instances], mask_offset_px: float,
                  base: PostprocessConfig, scores: tuple[float, ...] = SCORE_GRID,
-                 masks: tuple[float, ...] = MASK_GRID) -> list[GridPoint]:
-    """Every (score, mask) pair applied to the same raw detections and scored against ``truths``.
+                 masks: tuple[float, ...] = MASK_GRID, mask_margin_px: float = 0.0) -> list[GridPoint]:
+    """Every (score, mask) pair applied to the same raw detections and scored against ``truths``
+    (masks pasted with the engine's offset and margin, ``nanoseg.postprocess.paste_mask``).
 
     Masks are pasted once per mask threshold (at the lowest score threshold); each score threshold
     then selects from them, so the grid costs ``len(masks)`` pastes of the detections."""
@@ -85,7 +87,7 @@ def measure_grid(raws: list[tuple[int, RawDetections]], truths: dict[int, Instan
     points = []
     for m in masks:
         low = base.model_copy(update={"score_threshold": min(scores), "mask_threshold": m})
-        pasted = [(i, to_instances(raw, truths[i].image_shape, low, mask_offset_px)) for i, raw in raws]
+        pasted = [(i, to_instances(raw, truths[i].image_shape, low, mask_offset_px, mask_margin_px)) for i, raw in raws]
         for s in scores:
             post = low.model_copy(update={"score_threshold": s})
             total = PixelCounts(0, 0, 0)
@@ -135,25 +137,31 @@ def write_table(points: list[GridPoint], best: GridPoint, out: Path, objective: 
 def calibrate(model: Path, dataset: Path, out: Path, objective: Objective = "foreground_accuracy",
               engine: EngineKind = "torch", limit: int | None = None, threads: int = 2, write: bool = False,
               progress: bool = True, scores: tuple[float, ...] = SCORE_GRID,
-              masks: tuple[float, ...] = MASK_GRID, mask_rescoring: bool = False) -> OperatingPoint:
+              masks: tuple[float, ...] = MASK_GRID, mask_rescoring: bool = False,
+              mask_margin_px: float | None = None, mask_tta: int | None = None,
+              refine_boxes: bool | None = None) -> OperatingPoint:
     """Measure the grid on ``dataset``, write the tables to ``out``; with ``write`` store the best
     pair in the checkpoint at ``model`` (atomically, weights untouched). A one-value ``scores``
     keeps the score threshold fixed (e.g. chosen for real data) and tunes the mask threshold.
-    ``mask_rescoring``: the thresholds apply to class score x maskness, and the point says so."""
+    ``mask_rescoring``: the thresholds apply to class score x maskness, and the point says so.
+    ``mask_margin_px``, ``mask_tta``, ``refine_boxes``: how masks are predicted (None: the model's
+    own), stored with the point."""
     ckpt = load_checkpoint(model)
-    eng = engine_from_checkpoint(ckpt, engine, "cpu", threads)
+    decoding = with_decoding(ckpt.mask_decoding, mask_margin_px, mask_tta, refine_boxes)
+    eng = engine_from_checkpoint(ckpt, engine, "cpu", threads, decoding=decoding)
     # The filters (min area, nested) at their defaults, as the daemon's.
     base = PostprocessConfig(mask_rescoring=mask_rescoring)
     seg = Segmenter.for_checkpoint(eng, ckpt, base)
     coco = load_coco(dataset)
     raws = detect_dataset(seg, dataset, coco, limit, progress)
     truths = gt_instances(coco, [i for i, _ in raws])
-    points = measure_grid(raws, truths, seg.mask_offset_px, base, scores, masks)
+    points = measure_grid(raws, truths, seg.mask_offset_px, base, scores, masks, seg.mask_margin_px)
     best = best_point(points, objective)
     value = best.foreground_accuracy if objective == "foreground_accuracy" else best.count_mae
     point = OperatingPoint(score_threshold=best.score_threshold, mask_threshold=best.mask_threshold,
                            objective=objective, value=round(value, 4),
-                           chosen_on=f"{dataset.name} ({len(raws)} images)", mask_rescoring=mask_rescoring)
+                           chosen_on=f"{dataset.name} ({len(raws)} images)", mask_rescoring=mask_rescoring,
+                           mask_decoding=eng.mask_decoding)
     write_table(points, best, out, objective, dataset.name)
     if write:
         save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": point.model_dump(mode="json")}),
@@ -180,8 +188,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         point = calibrate(Path(args.model), Path(args.dataset), Path(args.out), args.objective, args.engine,
                           args.limit, args.threads, args.write, not args.quiet,
                           threshold_list(args.scores, SCORE_GRID), threshold_list(args.masks, MASK_GRID),
-                          args.mask_rescoring)
-    except (EvaluationError, CheckpointError) as err:
+                          args.mask_rescoring, args.mask_margin, args.mask_tta, args.refine_boxes)
+    except (EvaluationError, CheckpointError, ValueError) as err:
         print(f"nanoseg calibrate: error: {err}", file=sys.stderr)
         return 2
     where = f"written to {args.model}" if args.write else "not written (--write stores it in the checkpoint)"

@@ -391,15 +391,20 @@ def evaluate_predictions(gt: str | Path | dict[str, Any], predictions: Iterable[
 def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engine: str = "torch",
                    limit: int | None = None, score_threshold: float = 0.05,
                    post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
-                   threads: int = 2, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+                   threads: int = 2, progress: bool = True, device: str = "cpu",
+                   mask_margin_px: float | None = None, mask_tta: int | None = None,
+                   refine_boxes: bool | None = None) -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default: the model's own, see
     ``resolve_postprocess``; fields it sets explicitly win);
-    ``score_threshold`` the one for AP. One inference pass serves both."""
+    ``score_threshold`` the one for AP. One inference pass serves both. ``mask_margin_px``,
+    ``mask_tta`` and ``refine_boxes`` replace those of the model's mask decoding
+    (``nanoseg.mask_decoding``)."""
     from nanoseg.engines.factory import input_spec_of, load_engine
     from nanoseg_training.eval_report import write_report
 
-    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads)
+    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads,
+                            mask_margin_px=mask_margin_px, mask_tta=mask_tta, refine_boxes=refine_boxes)
     post = resolve_postprocess(post or PostprocessConfig(), ckpt.operating_point)
     if score_threshold > post.score_threshold:
         raise EvaluationError(f"AP score threshold {score_threshold} is above the operating point's {post.score_threshold}")
@@ -429,6 +434,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
         "model": str(model), "dataset": str(dataset), "engine": engine, "device": device, "limit": limit,
         "ap_score_threshold": score_threshold, "operating_point": post.model_dump(mode="json"),
         "input_spec": spec.model_dump(mode="json"),
+        "mask_decoding": eng.mask_decoding.model_dump(mode="json"),
         "inference_seconds_per_image": seconds / max(ev.metrics["images"], 1),
         "checkpoint_meta": {k: v for k, v in ckpt.meta.items() if k in ("name", "iterations", "seed", "train_seconds")},
     }
@@ -442,7 +448,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         post = explicit_postprocess(score_threshold=args.stats_score_threshold, mask_threshold=args.mask_threshold,
                                     mask_rescoring=args.mask_rescoring)
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
-                           post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device)
+                           post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device,
+                           mask_margin_px=args.mask_margin, mask_tta=args.mask_tta, refine_boxes=args.refine_boxes)
     except (EvaluationError, CheckpointError, ValidationError) as err:
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2

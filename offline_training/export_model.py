@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 from nanoseg.checkpoint import load_checkpoint
-from nanoseg.engines.factory import input_shape
-from nanoseg.export import checkpoint_metadata, export_onnx_bytes
+from nanoseg.export import export_checkpoint_onnx
+from nanoseg.mask_decoding import with_decoding
 
 
-def export(model_path: Path, fmt: str, out: Path, cache_dir: Path | None = None) -> Path:
+def export(model_path: Path, fmt: str, out: Path, cache_dir: Path | None = None, mask_tta: int | None = None) -> Path:
+    """Write ``out``; the graph predicts masks with the model's mask decoding (``mask_tta``
+    replaces its view count)."""
     ckpt = load_checkpoint(model_path)
-    meta = checkpoint_metadata(ckpt.model_config.model_dump(mode="json"), ckpt.input_spec,
-                               str(ckpt.meta.get("name", "")))
-    onnx_bytes = export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta)
+    onnx_bytes = export_checkpoint_onnx(ckpt, with_decoding(ckpt.mask_decoding, tta=mask_tta), str(ckpt.meta.get("name", "")))
     if fmt == "onnx":
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(onnx_bytes)
@@ -32,6 +32,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = Path(args.model)
     suffix = ".onnx" if args.format == "onnx" else ".plan"
     out = Path(args.out) if args.out else model.with_suffix(suffix)
-    path = export(model, args.format, out)
+    path = export(model, args.format, out, mask_tta=args.mask_tta)
     print(json.dumps({"format": args.format, "path": str(path), "bytes": path.stat().st_size}))
     return 0

@@ -239,8 +239,7 @@ class Registry:
     def register(self, checkpoint: str | Path, plan: str | Path | None = None) -> Manifest:
         """Copy ``checkpoint`` (and a TensorRT ``plan``) into a new version, export its ONNX, write
         the manifest. The version directory appears complete or not at all (rename of a temp dir)."""
-        from nanoseg.engines.factory import input_shape
-        from nanoseg.export import checkpoint_metadata, export_onnx_bytes
+        from nanoseg.export import export_checkpoint_onnx
         from nanoseg.model import describe
 
         src = Path(checkpoint)
@@ -252,9 +251,7 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             shutil.copyfile(src, tmp / "model.pt")
-            meta = checkpoint_metadata(ckpt.model_config.model_dump(mode="json"), ckpt.input_spec,
-                                       f"{ckpt.meta.get('name', src.stem)}@{version}")
-            onnx_bytes = export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta)
+            onnx_bytes = export_checkpoint_onnx(ckpt, version=f"{ckpt.meta.get('name', src.stem)}@{version}")
             write_atomic(tmp / "model.onnx", onnx_bytes)
             if plan is not None:
                 shutil.copyfile(plan, tmp / "model.plan")

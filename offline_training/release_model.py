@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseg.checkpoint import load_checkpoint, save_checkpoint
+from nanoseg.mask_decoding import MaskDecoding
 from nanoseg.model import ModelConfig, count_parameters, describe
 from nanoseg_training.train import checkpoint_from_run, lineage
 
@@ -42,8 +43,10 @@ def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
     if not op:
         return "Accuracy, counts and statistics at the default operating point (score >= 0.5, mask >= 0.5)."
     score = "class score x maskness" if op.get("mask_rescoring") else "score"
+    dec = MaskDecoding.model_validate(op.get("mask_decoding") or {})
+    how = "" if dec.is_plain else f"; {dec.describe()}"
     return (f"Accuracy, counts and statistics at the model's operating point ({score} >= {op['score_threshold']}, "
-            f"mask >= {op['mask_threshold']}), chosen by `nanoseg calibrate` on `{op['chosen_on']}` "
+            f"mask >= {op['mask_threshold']}{how}), chosen by `nanoseg calibrate` on `{op['chosen_on']}` "
             f"({op['objective']} {op['value']}; see `calibration/calibration.md`). The daemon uses it unless "
             "its config sets the thresholds.")
 
@@ -185,7 +188,9 @@ def release(args: argparse.Namespace) -> Path:
 
         calibrate(model_path, Path(args.validation_set), out / "calibration", threads=args.threads, write=True,
                   progress=not args.quiet, scores=threshold_list(args.scores, SCORE_GRID),
-                  masks=threshold_list(args.masks, MASK_GRID), mask_rescoring=getattr(args, "mask_rescoring", False))
+                  masks=threshold_list(args.masks, MASK_GRID), mask_rescoring=getattr(args, "mask_rescoring", False),
+                  mask_margin_px=getattr(args, "mask_margin", None), mask_tta=getattr(args, "mask_tta", None),
+                  refine_boxes=getattr(args, "refine_boxes", None))
         reloaded = load_checkpoint(model_path)
     metrics = evaluate_model(model_path, args.test_set, out / "evaluation", engine="torch", threads=args.threads,
                              progress=not args.quiet)

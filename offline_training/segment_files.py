@@ -91,7 +91,7 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray)
 
 def cmd_segment(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    engine, ckpt = load_engine(model, args.engine, threads=args.threads)
+    engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta)
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
     try:

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from nanoseg.mask_decoding import MaskDecoding
+
 
 @dataclass(frozen=True)
 class RawDetections:
@@ -32,6 +34,8 @@ class Engine(Protocol):
     input_shape: tuple[int, int, int]
     """(C, H, W) the engine accepts."""
     max_batch: int
+    mask_decoding: MaskDecoding
+    """How the graph predicts masks (``nanoseg.mask_decoding``); mask pasting follows it."""
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
         """``batch``: (B, C, H, W) float32, 0–255 at model scale, B <= max_batch."""

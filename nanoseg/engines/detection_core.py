@@ -11,22 +11,51 @@ Inputs and outputs (B = batch, C = channels, K = detections, M = mask resolution
 * ``image``: (B, C, H, W) float32, 0–255 at the model's pixel scale;
 * ``boxes``: (B, K, 4) float32 xyxy px in input coordinates; ``scores``: (B, K) float32;
 * ``mask_probs``: (B, K, M, M) float32 in [0, 1]; ``num_detections``: (B,) int64.
+
+A ``MaskDecoding`` other than the plain one (margin, mask TTA, box refinement:
+``nanoseg.mask_decoding``) recomputes the masks of the detections: the backbone runs once on the
+image and its views, detection uses the image's features, the box head (with ``refine_boxes``)
+and the mask head run on every view.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.ops import boxes as box_ops
+
+from nanoseg.mask_decoding import (
+    VIEWS,
+    MaskDecoding,
+    grow_boxes,
+    unview_boxes,
+    unview_grids,
+    view_boxes,
+    view_image,
+    view_size,
+)
+from nanoseg.model import ModelConfig, mask_grid_offset_px
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "mask_probs", "num_detections")
 
 
 class DetectionCore(nn.Module):
-    def __init__(self, model: MaskRCNN) -> None:
+    def __init__(self, model: MaskRCNN, decoding: MaskDecoding | None = None,
+                 model_config: ModelConfig | None = None) -> None:
+        """``model_config`` gives the pixel convention mask TTA mirrors boxes in (default:
+        torchvision's)."""
         super().__init__()
         self.model = model.eval()
+        self.decoding = decoding or MaskDecoding()
+        cfg = model_config or ModelConfig()
+        if self.decoding.refine_boxes and cfg.semantics != "torchvision":
+            raise ValueError("refine_boxes needs a torchvision-semantics model (detectron2's box head "
+                             "orders its classes differently)")
+        self.offset_px = mask_grid_offset_px(cfg)
         self.k = int(model.roi_heads.detections_per_img)
         pool = model.roi_heads.mask_roi_pool
         assert pool is not None
@@ -35,9 +64,21 @@ class DetectionCore(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
         images, _ = m.transform([im for im in image])
-        features = m.backbone(images.tensors)
-        proposals, _ = m.rpn(images, features)
-        detections, _ = m.roi_heads(features, proposals, images.image_sizes)
+        x = images.tensors
+        views = VIEWS[: self.decoding.tta]
+        features = m.backbone(torch.cat([view_image(x, v) for v in views]) if len(views) > 1 else x)
+        b = x.shape[0]
+        own = features if len(views) == 1 else OrderedDict((k, f[:b]) for k, f in features.items())
+        proposals, _ = m.rpn(images, own)
+        detections, _ = m.roi_heads(own, proposals, images.image_sizes)
+        if not self.decoding.is_plain:
+            hw = (int(x.shape[-2]), int(x.shape[-1]))
+            if self.decoding.refine_boxes:
+                refined = self._refine(features, [d["boxes"] for d in detections], hw)
+                for det, (bx, sc) in zip(detections, refined):
+                    det["boxes"], det["scores"] = bx, sc
+            for det, probs in zip(detections, self._mask_probs(features, [d["boxes"] for d in detections], hw)):
+                det["masks"] = probs[:, None]
         boxes, scores, masks, counts = [], [], [], []
         for det in detections:
             n = det["boxes"].shape[0]
@@ -49,3 +90,39 @@ class DetectionCore(nn.Module):
             # Counted from a tensor (not the Python int n) so a traced graph keeps it dynamic.
             counts.append(torch.ones_like(det["scores"], dtype=torch.int64).sum().reshape(1))
         return torch.stack(boxes), torch.stack(scores), torch.stack(masks), torch.cat(counts)
+
+    def _refine(self, features: dict[str, Tensor], boxes: list[Tensor], hw: tuple[int, int]
+                ) -> list[tuple[Tensor, Tensor]]:
+        """Per image, the (N, 4) boxes and (N,) class scores of the box head run on ``boxes`` in
+        every view, mapped back and averaged (boxes clipped to the image)."""
+        heads = self.model.roi_heads
+        views = VIEWS[: self.decoding.tta]
+        rois = [view_boxes(bx, hw, v, self.offset_px) for v in views for bx in boxes]
+        sizes = [view_size(hw, v) for v in views for _ in boxes]
+        logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
+        scores = torch.softmax(logits, -1)[:, -1].reshape(len(views), -1)  # [background, wire]
+        decoded = heads.box_coder.decode(deltas, rois)[:, -1].reshape(len(views), -1, 4)
+        mean = torch.stack([unview_boxes(decoded[i], hw, v, self.offset_px) for i, v in enumerate(views)]).mean(0)
+        mean = box_ops.clip_boxes_to_image(mean, hw)
+        score = scores.mean(0)
+        if len(boxes) == 1:
+            return [(mean, score)]
+        counts = [len(bx) for bx in boxes]
+        return list(zip(mean.split(counts), score.split(counts)))
+
+    def _mask_probs(self, features: dict[str, Tensor], boxes: list[Tensor], hw: tuple[int, int]) -> list[Tensor]:
+        """Per image, (N, M, M) mask probabilities of ``boxes`` (grown by the margin), averaged
+        over the views; ``features`` hold the views' batches one after another."""
+        heads = self.model.roi_heads
+        assert heads.mask_roi_pool is not None and heads.mask_head is not None and heads.mask_predictor is not None
+        views = VIEWS[: self.decoding.tta]
+        grown = [grow_boxes(bx, self.decoding.margin_px) for bx in boxes]
+        rois = [view_boxes(g, hw, v, self.offset_px) for v in views for g in grown]
+        sizes = [view_size(hw, v) for v in views for _ in grown]
+        logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
+        fg = torch.sigmoid(logits[:, -1])  # one foreground class: the last channel (class-agnostic: the only one)
+        per_view = fg.reshape(len(views), -1, self.m, self.m)
+        mean = torch.stack([unview_grids(per_view[i], v) for i, v in enumerate(views)]).mean(0)
+        if len(boxes) == 1:  # no split (ONNX export runs batch 1; a traced split would freeze N)
+            return [mean]
+        return list(mean.split([len(bx) for bx in boxes]))

@@ -12,6 +12,7 @@ from nanoseg.checkpoint import Checkpoint, load_checkpoint
 from nanoseg.engines import Engine, EngineError
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.input_spec import InputSpec
+from nanoseg.mask_decoding import MaskDecoding, decoding_from_metadata, with_decoding
 
 EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton"]
 
@@ -23,31 +24,47 @@ def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
 
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
                            onnx_path: str | Path | None = None, cache_dir: Path | None = None,
-                           triton: TritonTarget | None = None) -> Engine:
-    """An engine of ``kind`` for ``ckpt``. ONNX is exported on the fly when no file is given;
-    engine ``triton`` needs ``triton`` (the server must serve this checkpoint's model)."""
+                           triton: TritonTarget | None = None, decoding: MaskDecoding | None = None) -> Engine:
+    """An engine of ``kind`` for ``ckpt``, predicting masks with ``decoding`` (default: the
+    checkpoint's own) and saying so in its ``mask_decoding``. ONNX is exported on the fly when no
+    file is given; a given file must have been exported with that decoding. Engine ``triton``
+    needs ``triton`` (the server must serve this checkpoint's model, exported with its decoding)."""
+    decoding = decoding or ckpt.mask_decoding
+    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding)
+    eng.mask_decoding = decoding
+    return eng
+
+
+def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_path: str | Path | None,
+            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding) -> Engine:
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
 
-        return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads)
+        return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads, decoding=decoding,
+                           model_config=ckpt.model_config)
     if kind == "triton":
         from nanoseg.engines.triton_engine import TritonEngine
 
         if triton is None:
             raise EngineError("engine triton needs a server and model name (TritonTarget)")
+        if decoding != ckpt.mask_decoding:
+            raise EngineError("triton: the server runs the graph the registry exported with the checkpoint's "
+                              f"mask decoding {ckpt.mask_decoding.model_dump()}; another cannot be asked for")
         remote = TritonEngine(triton.url, triton.model)
         if remote.input_shape != input_shape(ckpt):
             raise EngineError(f"triton: {remote.device} takes {remote.input_shape}, "
                               f"the checkpoint's model {input_shape(ckpt)}")
         return remote
-    onnx_bytes = Path(onnx_path).read_bytes() if onnx_path else None
-    if onnx_bytes is None:
-        from nanoseg.export import checkpoint_metadata, export_onnx_bytes
+    from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
 
-        onnx_bytes = export_onnx_bytes(
-            ckpt.build(), input_shape(ckpt),
-            checkpoint_metadata(ckpt.model_config.model_dump(mode="json"), ckpt.input_spec),
-        )
+    if onnx_path:
+        onnx_bytes = Path(onnx_path).read_bytes()
+        exported = decoding_from_metadata(read_onnx_metadata(onnx_bytes))
+        if exported != decoding:
+            raise EngineError(f"{onnx_path}: exported with mask decoding {exported.model_dump()}, the model "
+                              f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
+    else:
+        onnx_bytes = export_checkpoint_onnx(ckpt, decoding)
     if kind == "onnxruntime":
         from nanoseg.engines.onnx_engine import OnnxEngine
 
@@ -61,9 +78,13 @@ def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cp
 
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,
                 onnx_path: str | Path | None = None, cache_dir: Path | None = None,
-                triton: TritonTarget | None = None) -> tuple[Engine, Checkpoint]:
+                triton: TritonTarget | None = None, mask_margin_px: float | None = None,
+                mask_tta: int | None = None, refine_boxes: bool | None = None) -> tuple[Engine, Checkpoint]:
+    """The checkpoint at ``model_path`` and an engine for it; ``mask_margin_px``, ``mask_tta`` and
+    ``refine_boxes`` replace those of its mask decoding (None keeps the model's)."""
     ckpt = load_checkpoint(model_path)
-    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton), ckpt
+    decoding = with_decoding(ckpt.mask_decoding, mask_margin_px, mask_tta, refine_boxes)
+    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding), ckpt
 
 
 def input_spec_of(ckpt: Checkpoint) -> InputSpec:

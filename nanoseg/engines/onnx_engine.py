@@ -6,6 +6,7 @@ import numpy as np
 
 from nanoseg.engines import EngineError, RawDetections, split_outputs
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES
+from nanoseg.mask_decoding import decoding_from_metadata
 
 
 class OnnxEngine:
@@ -37,6 +38,7 @@ class OnnxEngine:
         self.input_shape = (int(inp.shape[1]), int(inp.shape[2]), int(inp.shape[3]))
         self.device = device
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.mask_decoding = decoding_from_metadata(self.metadata)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
         out: list[RawDetections] = []

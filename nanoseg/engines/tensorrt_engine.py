@@ -20,6 +20,7 @@ import numpy as np
 
 from nanoseg.engines import EngineError, RawDetections, split_outputs
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES
+from nanoseg.mask_decoding import MaskDecoding
 
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 
@@ -80,6 +81,8 @@ def build_plan(onnx_bytes: bytes, fp16: bool = True, workspace_bytes: int = DEFA
 
 class TensorRTEngine:
     name = "tensorrt"
+    mask_decoding = MaskDecoding()
+    """Set by ``engine_from_checkpoint`` to the decoding of the graph it built or verified."""
     max_batch = 1
 
     def __init__(self, plan: bytes) -> None:

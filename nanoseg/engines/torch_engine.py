@@ -8,19 +8,23 @@ from torchvision.models.detection import MaskRCNN
 
 from nanoseg.engines import RawDetections, split_outputs
 from nanoseg.engines.detection_core import DetectionCore
+from nanoseg.mask_decoding import MaskDecoding
+from nanoseg.model import ModelConfig
 
 
 class TorchEngine:
     name = "torch"
 
     def __init__(self, model: MaskRCNN, input_shape: tuple[int, int, int], device: str = "cpu",
-                 max_batch: int = 4, threads: int | None = None) -> None:
+                 max_batch: int = 4, threads: int | None = None, decoding: MaskDecoding | None = None,
+                 model_config: ModelConfig | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
         self.input_shape = input_shape
         self.max_batch = max_batch
-        self.core = DetectionCore(model).to(device).eval()
+        self.core = DetectionCore(model, decoding, model_config).to(device).eval()
+        self.mask_decoding = self.core.decoding
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from nanoseg.engines import EngineError, RawDetections, split_outputs
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES
+from nanoseg.mask_decoding import MaskDecoding
 
 RETRYABLE = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
                        "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED"})
@@ -37,6 +38,8 @@ class TritonTarget(NamedTuple):
 
 class TritonEngine:
     name = "triton"
+    mask_decoding = MaskDecoding()
+    """Set by ``engine_from_checkpoint`` to the decoding of the graph it built or verified."""
     max_batch = 1  # one image per request: the served graph is batch-1 static
 
     def __init__(self, url: str, model: str, model_version: str = "", timeout_s: float = 30.0,

@@ -79,13 +79,18 @@ def test_empty_frame_gives_no_instances(engines: tuple[Segmenter, Segmenter]) ->
         assert inst.masks.shape == (0, 512, 512)
 
 
-def test_onnx_graph_is_static_and_standard(trained_model_path: Path) -> None:
+@pytest.mark.parametrize("tta", [1, 8])
+def test_onnx_graph_is_static_and_standard(trained_model_path: Path, tta: int) -> None:
+    """Also with mask TTA, margin and box refinement in the graph (flips and transposes are
+    Slice and Transpose; the views' mean a ReduceMean): what TensorRT parses."""
     import onnx
 
-    from nanoseg.export import export_onnx_bytes
+    from nanoseg.export import export_checkpoint_onnx
+    from nanoseg.mask_decoding import MaskDecoding
 
     ckpt = load_checkpoint(trained_model_path)
-    proto = onnx.load_from_string(export_onnx_bytes(ckpt.build(), input_shape(ckpt)))
+    decoding = MaskDecoding(margin_px=1.0, tta=tta, refine_boxes=True)
+    proto = onnx.load_from_string(export_checkpoint_onnx(ckpt, decoding))
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, *input_shape(ckpt)]
     out_dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
@@ -94,6 +99,8 @@ def test_onnx_graph_is_static_and_standard(trained_model_path: Path) -> None:
     assert out_dims["boxes"] == [1, k, 4] and out_dims["mask_probs"] == [1, k, m, m]
     domains = {n.domain for n in proto.graph.node}
     assert domains <= {"", "ai.onnx"}, f"custom op domains {domains}"
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"Loop", "Scan", "SequenceConstruct", "SplitToSequence"}, ops
 
 
 def test_tensorrt_engine(trained_model_path: Path) -> None:

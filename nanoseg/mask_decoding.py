@@ -1,0 +1,155 @@
+"""How each detection's M x M mask grid is predicted, and where it sits: margin and mask TTA.
+
+Three inference-time choices, made on a validation set (``nanoseg calibrate``) and stored with the
+model (``OperatingPoint.mask_decoding``); the graph (``DetectionCore``) and the mask pasting
+(``nanoseg.postprocess.paste_mask``) must use the same ones:
+
+* ``margin_px``: the mask head runs on the detected box grown by this many px on every side, and
+  its grid is pasted over that grown box. The head under-predicts at the border of its window
+  (it learned on proposals that mostly enclose their wire), so the edges and ends of a wire that
+  touch its own box come out cut; a margin of about a pixel moves them inside the window.
+* ``tta``: the mask head also runs on flipped and transposed copies of the image (the first 2, 4
+  or 8 of ``VIEWS``, the symmetries of the square); each prediction is mapped back to the image's
+  orientation and the probabilities are averaged. Detections (boxes, class scores) come from the
+  image as it is, unless
+* ``refine_boxes``: the box head runs again on each detection in every view, and its class scores
+  and refined boxes, mapped back, are averaged (one more box-head pass per view; with one view an
+  iterative refinement of each box). Masks are then predicted on the refined boxes.
+
+The backbone runs ``tta`` times.
+
+Coordinates: boxes xyxy in px at model scale, in the model's pixel convention: a
+torchvision-trained model addresses pixel centres at integers (its mask grid offset is 0.5 px,
+``nanoseg.model.mask_grid_offset_px``), so mirroring a W px wide image maps x to W - 1 - x; a
+detectron2 model addresses pixel edges (offset 0), x to W - x.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from nanoseg.config_io import StrictModel
+
+View = tuple[bool, bool, bool]
+"""(transpose, flip left-right, flip up-down), applied in that order."""
+
+VIEWS: tuple[View, ...] = (
+    (False, False, False), (False, True, False), (False, False, True), (False, True, True),
+    (True, False, False), (True, True, False), (True, False, True), (True, True, True),
+)
+
+
+class MaskDecoding(StrictModel):
+    margin_px: float = Field(0.0, ge=0, le=16)
+    """Grow each detected box by this much on every side before predicting its mask, px."""
+    tta: Literal[1, 2, 4, 8] = 1
+    """Views averaged: 1 the image alone; 2 and its left-right mirror; 4 and the up-down mirrors;
+    8 and the transposes."""
+    refine_boxes: bool = False
+    """Re-run the box head on the detections in every view; average scores and boxes."""
+
+    @property
+    def is_plain(self) -> bool:
+        """The network's own detections and masks, nothing recomputed."""
+        return self.margin_px == 0 and self.tta == 1 and not self.refine_boxes
+
+    def describe(self) -> str:
+        """One phrase for cards and reports."""
+        if self.is_plain:
+            return "the network's own boxes and masks"
+        parts = [f"boxes refined by the box head{' in every view' if self.tta > 1 else ''}"] if self.refine_boxes else []
+        if self.margin_px:
+            parts.append(f"masks predicted on boxes grown by {self.margin_px:g} px")
+        if self.tta > 1:
+            parts.append(f"masks averaged over {self.tta} flipped/transposed views")
+        return ", ".join(parts)
+
+
+METADATA_KEY = "nanoseg.mask_decoding"
+"""The ONNX metadata_props key of the decoding an exported graph runs."""
+
+
+def decoding_from_metadata(metadata: dict[str, str]) -> MaskDecoding:
+    """The mask decoding of an exported graph from its metadata (plain when it names none, as in
+    files exported before decodings existed)."""
+    raw = metadata.get(METADATA_KEY)
+    return MaskDecoding() if raw is None else MaskDecoding.model_validate_json(raw)
+
+
+def with_decoding(decoding: MaskDecoding, margin_px: float | None = None, tta: int | None = None,
+                  refine_boxes: bool | None = None) -> MaskDecoding:
+    """``decoding`` with the fields given (not None) replaced; ``ValueError`` names a bad one."""
+    updates = {k: v for k, v in (("margin_px", margin_px), ("tta", tta), ("refine_boxes", refine_boxes))
+               if v is not None}
+    return MaskDecoding.model_validate({**decoding.model_dump(), **updates}) if updates else decoding
+
+
+def grow_boxes(boxes: Tensor, margin_px: float) -> Tensor:
+    """(N, 4) xyxy boxes grown by ``margin_px`` on every side."""
+    if margin_px == 0:
+        return boxes
+    return boxes + boxes.new_tensor([-margin_px, -margin_px, margin_px, margin_px])
+
+
+def view_image(x: Tensor, view: View) -> Tensor:
+    """(..., H, W) images seen in ``view``."""
+    t, h, v = view
+    if t:
+        x = x.transpose(-1, -2)
+    if h:
+        x = x.flip(-1)
+    if v:
+        x = x.flip(-2)
+    return x
+
+
+def view_size(hw: tuple[int, int], view: View) -> tuple[int, int]:
+    """(H, W) of an image of size ``hw`` seen in ``view``."""
+    return (hw[1], hw[0]) if view[0] else hw
+
+
+def view_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: float) -> Tensor:
+    """(N, 4) xyxy boxes of an image of size ``hw`` (H, W), in the coordinates of ``view``;
+    ``offset_px`` is the model's pixel convention (module docstring)."""
+    t, h, v = view
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    height, width = view_size(hw, view)
+    if t:
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    if h:
+        x0, x1 = (width - 2 * offset_px) - x1, (width - 2 * offset_px) - x0
+    if v:
+        y0, y1 = (height - 2 * offset_px) - y1, (height - 2 * offset_px) - y0
+    return torch.stack([x0, y0, x1, y1], -1)
+
+
+def unview_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: float) -> Tensor:
+    """(N, 4) xyxy boxes in the coordinates of ``view`` of an image of size ``hw`` (H, W), mapped
+    back to the image (the inverse of ``view_boxes``)."""
+    t, h, v = view
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    height, width = view_size(hw, view)
+    if v:
+        y0, y1 = (height - 2 * offset_px) - y1, (height - 2 * offset_px) - y0
+    if h:
+        x0, x1 = (width - 2 * offset_px) - x1, (width - 2 * offset_px) - x0
+    if t:
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    return torch.stack([x0, y0, x1, y1], -1)
+
+
+def unview_grids(grids: Tensor, view: View) -> Tensor:
+    """(N, M, M) mask grids predicted in ``view`` (rows along y) mapped back to the image."""
+    t, h, v = view
+    if v:
+        grids = grids.flip(-2)
+    if h:
+        grids = grids.flip(-1)
+    if t:
+        grids = grids.transpose(-1, -2)
+    return grids
+
