@@ -226,6 +226,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     q.add_argument("--masks", help="calibration mask thresholds, comma-separated")
     q.add_argument("--mask-rescoring", action="store_true", help="calibrate with class score x maskness")
     _decoding_args(q)
+    q.add_argument("--also-mask-tta", type=int, choices=[2, 4, 8],
+                   help="evaluate the test set a second time with this many views; the card reports both")
     q.add_argument("--real-image", help="a real image to segment for the card's overlay")
     q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
     q.add_argument("--threads", type=int, default=2)

@@ -58,3 +58,21 @@ def test_mask_rescoring_follows_the_models_point_unless_the_operator_sets_it(tra
     assert slot.set_postprocess({"mask_rescoring": False}).mask_rescoring is False  # control "set"
     slot.reload(rescored, "torch", "cpu", 1)
     assert slot.current.segmenter.post.mask_rescoring is False  # the operator's choice survives
+
+
+def test_the_models_mask_decoding_serves_unless_the_config_sets_the_view_count(trained_model_path: Path,
+                                                                               tmp_path: Path) -> None:
+    """A model's decoding (margin, TTA) comes with it; ``model.mask_tta`` trades it for speed,
+    and a reload keeps what the config asked for."""
+    from nanoseg.mask_decoding import MaskDecoding
+
+    ckpt = load_checkpoint(trained_model_path)
+    point = {"score_threshold": 0.4, "mask_threshold": 0.5, "mask_decoding": {"margin_px": 1.0, "tta": 2}}
+    path = save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": point}), tmp_path / "m.pt", half=True)
+    own = load_model(path, "onnxruntime", "cpu", 1, PostprocessConfig())
+    assert own.segmenter.engine.mask_decoding == MaskDecoding(margin_px=1.0, tta=2)
+    assert own.segmenter.mask_margin_px == 1.0
+    slot = ModelSlot(load_model(path, "torch", "cpu", 1, PostprocessConfig(), mask_tta=1))
+    assert slot.current.segmenter.engine.mask_decoding == MaskDecoding(margin_px=1.0, tta=1)
+    slot.reload(path, "torch", "cpu", 1, mask_tta=1)
+    assert slot.current.segmenter.engine.mask_decoding.tta == 1
