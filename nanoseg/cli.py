@@ -91,9 +91,9 @@ def _decoding_args(p: argparse.ArgumentParser, margin: bool = True) -> None:
     if margin:
         p.add_argument("--mask-margin", type=float,
                        help="grow each box by this many px before predicting its mask (default: the model's)")
-        p.add_argument("--refine-boxes", action=argparse.BooleanOptionalAction,
-                       help="re-run the box head on the detections in every view, average scores and boxes "
-                            "(default: the model's)")
+        p.add_argument("--refine-boxes", type=int, choices=[0, 1, 2, 3], metavar="PASSES",
+                       help="box-head passes over the detections in every view, boxes averaged "
+                            "(0: none; default: the model's)")
     p.add_argument("--mask-tta", type=int, choices=[1, 2, 4, 8],
                    help="average masks over this many flipped/transposed views (default: the model's; "
                         "costs about N x the backbone)")

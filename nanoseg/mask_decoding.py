@@ -12,9 +12,11 @@ model (``OperatingPoint.mask_decoding``); the graph (``DetectionCore``) and the 
   or 8 of ``VIEWS``, the symmetries of the square); each prediction is mapped back to the image's
   orientation and the probabilities are averaged. Detections (boxes, class scores) come from the
   image as it is, unless
-* ``refine_boxes``: the box head runs again on each detection in every view, and its class scores
-  and refined boxes, mapped back, are averaged (one more box-head pass per view; with one view an
-  iterative refinement of each box). Masks are then predicted on the refined boxes.
+* ``refine_boxes``: the box head runs again on each detection in every view, and its refined
+  boxes, mapped back, are averaged; passes after the first start from the boxes the one before
+  gave (iterative box refinement). The class scores are those of the first pass (the box head on
+  the detector's own boxes), averaged over the views. Masks are then predicted on the refined
+  boxes. Each pass costs one box-head run per view.
 
 The backbone runs ``tta`` times.
 
@@ -49,8 +51,8 @@ class MaskDecoding(StrictModel):
     tta: Literal[1, 2, 4, 8] = 1
     """Views averaged: 1 the image alone; 2 and its left-right mirror; 4 and the up-down mirrors;
     8 and the transposes."""
-    refine_boxes: bool = False
-    """Re-run the box head on the detections in every view; average scores and boxes."""
+    refine_boxes: int = Field(0, ge=0, le=3)
+    """Box-head passes over the detections in every view (0: the detector's boxes and scores)."""
 
     @property
     def is_plain(self) -> bool:
@@ -61,7 +63,9 @@ class MaskDecoding(StrictModel):
         """One phrase for cards and reports."""
         if self.is_plain:
             return "the network's own boxes and masks"
-        parts = [f"boxes refined by the box head{' in every view' if self.tta > 1 else ''}"] if self.refine_boxes else []
+        passes = f"{self.refine_boxes} passes of " if self.refine_boxes > 1 else ""
+        views = " in every view" if self.tta > 1 else ""
+        parts = [f"boxes refined by {passes}the box head{views}"] if self.refine_boxes else []
         if self.margin_px:
             parts.append(f"masks predicted on boxes grown by {self.margin_px:g} px")
         if self.tta > 1:
@@ -81,7 +85,7 @@ def decoding_from_metadata(metadata: dict[str, str]) -> MaskDecoding:
 
 
 def with_decoding(decoding: MaskDecoding, margin_px: float | None = None, tta: int | None = None,
-                  refine_boxes: bool | None = None) -> MaskDecoding:
+                  refine_boxes: int | None = None) -> MaskDecoding:
     """``decoding`` with the fields given (not None) replaced; ``ValueError`` names a bad one."""
     updates = {k: v for k, v in (("margin_px", margin_px), ("tta", tta), ("refine_boxes", refine_boxes))
                if v is not None}

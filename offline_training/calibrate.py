@@ -139,7 +139,7 @@ def calibrate(model: Path, dataset: Path, out: Path, objective: Objective = "for
               progress: bool = True, scores: tuple[float, ...] = SCORE_GRID,
               masks: tuple[float, ...] = MASK_GRID, mask_rescoring: bool = False,
               mask_margin_px: float | None = None, mask_tta: int | None = None,
-              refine_boxes: bool | None = None) -> OperatingPoint:
+              refine_boxes: int | None = None) -> OperatingPoint:
     """Measure the grid on ``dataset``, write the tables to ``out``; with ``write`` store the best
     pair in the checkpoint at ``model`` (atomically, weights untouched). A one-value ``scores``
     keeps the score threshold fixed (e.g. chosen for real data) and tunes the mask threshold.

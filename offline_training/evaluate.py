@@ -393,7 +393,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
                    post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
                    threads: int = 2, progress: bool = True, device: str = "cpu",
                    mask_margin_px: float | None = None, mask_tta: int | None = None,
-                   refine_boxes: bool | None = None) -> dict[str, Any]:
+                   refine_boxes: int | None = None) -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default: the model's own, see
     ``resolve_postprocess``; fields it sets explicitly win);

@@ -73,10 +73,12 @@ class DetectionCore(nn.Module):
         detections, _ = m.roi_heads(own, proposals, images.image_sizes)
         if not self.decoding.is_plain:
             hw = (int(x.shape[-2]), int(x.shape[-1]))
-            if self.decoding.refine_boxes:
+            for i in range(self.decoding.refine_boxes):
                 refined = self._refine(features, [d["boxes"] for d in detections], hw)
                 for det, (bx, sc) in zip(detections, refined):
-                    det["boxes"], det["scores"] = bx, sc
+                    det["boxes"] = bx
+                    if i == 0:  # the class scores of the box head on the detector's own boxes
+                        det["scores"] = sc
             for det, probs in zip(detections, self._mask_probs(features, [d["boxes"] for d in detections], hw)):
                 det["masks"] = probs[:, None]
         boxes, scores, masks, counts = [], [], [], []

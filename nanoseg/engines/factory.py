@@ -79,7 +79,7 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,
                 onnx_path: str | Path | None = None, cache_dir: Path | None = None,
                 triton: TritonTarget | None = None, mask_margin_px: float | None = None,
-                mask_tta: int | None = None, refine_boxes: bool | None = None) -> tuple[Engine, Checkpoint]:
+                mask_tta: int | None = None, refine_boxes: int | None = None) -> tuple[Engine, Checkpoint]:
     """The checkpoint at ``model_path`` and an engine for it; ``mask_margin_px``, ``mask_tta`` and
     ``refine_boxes`` replace those of its mask decoding (None keeps the model's)."""
     ckpt = load_checkpoint(model_path)

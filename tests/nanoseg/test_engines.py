@@ -89,7 +89,7 @@ def test_onnx_graph_is_static_and_standard(trained_model_path: Path, tta: int) -
     from nanoseg.mask_decoding import MaskDecoding
 
     ckpt = load_checkpoint(trained_model_path)
-    decoding = MaskDecoding(margin_px=1.0, tta=tta, refine_boxes=True)
+    decoding = MaskDecoding(margin_px=1.0, tta=tta, refine_boxes=2)
     proto = onnx.load_from_string(export_checkpoint_onnx(ckpt, decoding))
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, *input_shape(ckpt)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from nanoseg.checkpoint import load_checkpoint, save_checkpoint
+from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from nanoseg.engines import EngineError
 from nanoseg.engines.detection_core import DetectionCore
 from nanoseg.engines.factory import engine_from_checkpoint, load_engine
@@ -84,7 +84,7 @@ def test_decoding_fields_and_overrides() -> None:
     assert with_decoding(dec) is dec
     assert with_decoding(dec, tta=8) == MaskDecoding(margin_px=1.0, tta=8)
     assert with_decoding(dec, margin_px=0.0, tta=1).is_plain
-    assert not with_decoding(dec, margin_px=0.0, tta=1, refine_boxes=True).is_plain
+    assert not with_decoding(dec, margin_px=0.0, tta=1, refine_boxes=1).is_plain
     assert "8 flipped/transposed views" in with_decoding(dec, tta=8).describe()
     with pytest.raises(ValueError, match="tta"):
         with_decoding(dec, tta=3)
@@ -105,14 +105,14 @@ def test_paste_with_a_margin_is_paste_over_the_grown_box() -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(trained_model_path: Path):  # noqa: ANN201
+def checkpoint(trained_model_path: Path) -> Checkpoint:
     ckpt = load_checkpoint(trained_model_path)
     plain = {**ckpt.meta.get("operating_point", {"score_threshold": 0.5, "mask_threshold": 0.5}),
              "mask_decoding": MaskDecoding().model_dump()}
     return replace(ckpt, meta={**ckpt.meta, "operating_point": plain})
 
 
-def test_plain_recompute_reproduces_the_networks_masks(checkpoint, paper_samples: list) -> None:  # noqa: ANN001
+def test_plain_recompute_reproduces_the_networks_masks(checkpoint: Checkpoint, paper_samples: list) -> None:
     """The recomputing path with no margin and one view gives torchvision's own mask output."""
     gray = paper_samples[0][0]
     x = torch.from_numpy(gray.astype(np.float32))[None, None]
@@ -127,8 +127,8 @@ def test_plain_recompute_reproduces_the_networks_masks(checkpoint, paper_samples
     torch.testing.assert_close(again, masks[0, : int(num[0])], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("refine", [False, True])
-def test_tta_and_margin_in_onnx_match_torch(checkpoint, paper_samples: list, refine: bool) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("refine", [0, 2])
+def test_tta_and_margin_in_onnx_match_torch(checkpoint: Checkpoint, paper_samples: list, refine: int) -> None:
     """The exported graph carries the decoding (ops, metadata) and reproduces torch."""
     dec = MaskDecoding(margin_px=1.0, tta=8, refine_boxes=refine)
     gray = paper_samples[0][0]
@@ -152,13 +152,13 @@ def test_tta_and_margin_in_onnx_match_torch(checkpoint, paper_samples: list, ref
         assert np.abs(a.scores - plain.scores).max() > 1e-4
 
 
-def test_refinement_needs_torchvision_semantics(checkpoint) -> None:  # noqa: ANN001
+def test_refinement_needs_torchvision_semantics(checkpoint: Checkpoint) -> None:
     d2 = checkpoint.model_config.model_copy(update={"semantics": "detectron2", "roi_aligned": True})
     with pytest.raises(ValueError, match="refine_boxes needs a torchvision"):
-        DetectionCore(checkpoint.build(), MaskDecoding(refine_boxes=True), d2)
+        DetectionCore(checkpoint.build(), MaskDecoding(refine_boxes=1), d2)
 
 
-def test_segmenter_pastes_with_the_engines_margin(checkpoint, paper_samples: list) -> None:  # noqa: ANN001
+def test_segmenter_pastes_with_the_engines_margin(checkpoint: Checkpoint, paper_samples: list) -> None:
     post = PostprocessConfig(score_threshold=0.5, min_area_px=0)
     eng = engine_from_checkpoint(checkpoint, "torch", threads=2, decoding=MaskDecoding(margin_px=2.0))
     seg = Segmenter.for_checkpoint(eng, checkpoint, post)
@@ -175,7 +175,7 @@ def test_segmenter_pastes_with_the_engines_margin(checkpoint, paper_samples: lis
     assert any(beyond(m, b) for m, b in zip(inst.masks, inst.boxes) if m.any())
 
 
-def test_stored_decoding_is_used_and_an_onnx_file_must_match_it(checkpoint, tmp_path: Path) -> None:  # noqa: ANN001
+def test_stored_decoding_is_used_and_an_onnx_file_must_match_it(checkpoint: Checkpoint, tmp_path: Path) -> None:
     point = {**checkpoint.meta["operating_point"], "mask_decoding": {"margin_px": 1.0, "tta": 2}}
     stored = save_checkpoint(replace(checkpoint, meta={**checkpoint.meta, "operating_point": point}),
                              tmp_path / "m.pt", half=True)
@@ -192,3 +192,17 @@ def test_stored_decoding_is_used_and_an_onnx_file_must_match_it(checkpoint, tmp_
         engine_from_checkpoint(ckpt, "onnxruntime", onnx_path=plain_onnx)
     ok = engine_from_checkpoint(ckpt, "onnxruntime", onnx_path=plain_onnx, decoding=MaskDecoding())
     assert ok.mask_decoding == MaskDecoding()
+
+
+def test_a_batch_decodes_as_its_images_alone(checkpoint: Checkpoint, paper_samples: list) -> None:
+    """Views are batched view-major; each image's detections get its own views' masks."""
+    eng = engine_from_checkpoint(checkpoint, "torch", threads=2,
+                                 decoding=MaskDecoding(margin_px=1.0, tta=2, refine_boxes=2))
+    batch = np.stack([paper_samples[0][0], paper_samples[1][0]])[:, None].astype(np.float32)
+    together = eng.infer(batch)
+    for image, joint in zip(batch, together):
+        alone = eng.infer(image[None])[0]
+        assert len(alone) == len(joint) > 0
+        np.testing.assert_allclose(joint.boxes, alone.boxes, atol=1e-3)
+        np.testing.assert_allclose(joint.scores, alone.scores, atol=1e-5)
+        np.testing.assert_allclose(joint.mask_probs, alone.mask_probs, atol=1e-4)

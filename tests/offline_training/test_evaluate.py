@@ -351,17 +351,17 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     rescored = tmp_path / "rescored"
     assert main(["models", "release", str(tiny_model.parent), "--out", str(rescored), "--test-set", str(tiny_dataset),
                  "--validation-set", str(tiny_dataset), "--scores", "0.05", "--masks", "0.5", "--mask-rescoring",
-                 "--mask-margin", "1", "--refine-boxes", "--also-mask-tta", "2", "--threads", "1", "--quiet"]) == 0
+                 "--mask-margin", "1", "--refine-boxes", "2", "--also-mask-tta", "2", "--threads", "1", "--quiet"]) == 0
     point = load_checkpoint(rescored / "model.pt").operating_point
     assert point is not None and point.mask_rescoring
-    assert point.mask_decoding == MaskDecoding(margin_px=1.0, tta=1, refine_boxes=True)  # chosen with the point
+    assert point.mask_decoding == MaskDecoding(margin_px=1.0, tta=1, refine_boxes=2)  # chosen with the point
     metrics = json.loads((rescored / "evaluation" / "metrics.json").read_text())
     assert metrics["run"]["operating_point"]["mask_rescoring"] is True
     assert metrics["run"]["mask_decoding"] == point.mask_decoding.model_dump()
     tta = json.loads((rescored / "evaluation_tta2" / "metrics.json").read_text())
-    assert tta["run"]["mask_decoding"] == {"margin_px": 1.0, "tta": 2, "refine_boxes": True}
+    assert tta["run"]["mask_decoding"] == {"margin_px": 1.0, "tta": 2, "refine_boxes": 2}
     card = (rescored / "MODEL_CARD.md").read_text()
-    assert ("operating point (class score x maskness >= 0.05, mask >= 0.5; boxes refined by the box head, "
+    assert ("operating point (class score x maskness >= 0.05, mask >= 0.5; boxes refined by 2 passes of the box head, "
             "masks predicted on boxes grown by 1 px)") in card
     assert f"With mask TTA over 2 views (`nanoseg evaluate {rescored.as_posix()}/model.pt <test set>" in card
     assert f"mask AP **{tta['segm']['AP']:.1f}**" in card
