@@ -103,7 +103,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     baseline = rss_bytes()
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.model)
-    engine = engine_from_checkpoint(ckpt, args.child, "cpu", args.threads, args.onnx)
+    engine = engine_from_checkpoint(ckpt, args.child, "cpu", args.threads, args.onnx, decoding=decoding_of(ckpt, args))
     spec, post = input_spec_of(ckpt), PostprocessConfig()
     offset = mask_grid_offset_px(ckpt.model_config)
     load_s = time.perf_counter() - t0
@@ -158,16 +158,24 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def export_onnx(model: Path, out: Path) -> float:
+def decoding_of(ckpt: Any, args: argparse.Namespace) -> Any:
+    """The model's mask decoding, its view count replaced by ``--mask-tta``."""
+    from nanoseg.mask_decoding import with_decoding
+
+    return with_decoding(ckpt.mask_decoding, tta=args.mask_tta)
+
+
+def export_onnx(args: argparse.Namespace, out: Path) -> float:
     from nanoseg.checkpoint import load_checkpoint
     from nanoseg.export import export_checkpoint_onnx
 
     t0 = time.perf_counter()
-    out.write_bytes(export_checkpoint_onnx(load_checkpoint(model)))
+    ckpt = load_checkpoint(args.model)
+    out.write_bytes(export_checkpoint_onnx(ckpt, decoding_of(ckpt, args)))
     return time.perf_counter() - t0
 
 
-def flops_per_frame(model: Path, threads: int) -> dict[str, Any]:
+def flops_per_frame(args: argparse.Namespace) -> dict[str, Any]:
     """FlopCounterMode over the torch engine's network on the prepared frame."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -177,8 +185,9 @@ def flops_per_frame(model: Path, threads: int) -> dict[str, Any]:
     from nanoseg.engines.torch_engine import TorchEngine
     from nanoseg.prepare import prepare_frame
 
-    ckpt = load_checkpoint(model)
-    engine = TorchEngine(ckpt.build(), input_shape(ckpt), threads=threads)
+    ckpt = load_checkpoint(args.model)
+    engine = TorchEngine(ckpt.build(), input_shape(ckpt), threads=args.threads, decoding=decoding_of(ckpt, args),
+                         model_config=ckpt.model_config)
     tiles = prepare_frame(synthetic_frame().counts, profile_with_i0(), input_spec_of(ckpt),
                           pixel_size_nm=PIXEL_SIZE_NM).tiles
     x = torch.from_numpy(np.repeat(tiles[:, None], engine.input_shape[0], axis=1).astype(np.float32))
@@ -217,6 +226,8 @@ def main() -> None:
     ap.add_argument("--main-thread", action="store_true",
                     help="time the stages in the main thread (default: a worker thread, as the daemon runs them)")
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--mask-tta", type=int, choices=[1, 2, 4, 8],
+                    help="views the masks are averaged over (default: the model's mask decoding)")
     ap.add_argument("--child", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,17 +239,19 @@ def main() -> None:
 
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(),
                                "frame": {"shape": [512, 512], "pixel_size_nm": PIXEL_SIZE_NM, "i0": DOSE},
-                               "repeats": args.repeats, "engines": {}}
+                               "repeats": args.repeats, "mask_tta": args.mask_tta, "engines": {}}
     print(f"model {args.model} ({results['model']['name']}, {results['model']['iterations']} iterations, "
           f"sha256 {results['model']['sha256'][:12]}); {results['machine']['cpu']}, "
           f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}")
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         onnx = Path(tmp) / "model.onnx"
         if "onnxruntime" in args.engines:
-            results["onnx_export_seconds"] = export_onnx(args.model, onnx)
+            results["onnx_export_seconds"] = export_onnx(args, onnx)
         for engine in args.engines:
             cmd = [sys.executable, __file__, "--child", engine, "--model", str(args.model),
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            if args.mask_tta:
+                cmd += ["--mask-tta", str(args.mask_tta)]
             if args.main_thread:
                 cmd.append("--main-thread")
             if engine == "onnxruntime":
@@ -249,7 +262,7 @@ def main() -> None:
                 sys.exit(f"bench_inference: {engine} failed:\n{proc.stderr[-3000:]}")
             results["engines"][engine] = json.loads(lines[-1][len(RESULT_MARK):])
 
-    flops = flops_per_frame(args.model, args.threads)
+    flops = flops_per_frame(args)
     peak = sgemm_peak(args.threads)
     results["flops"] = flops
     results["sgemm_peak"] = peak
