@@ -103,7 +103,9 @@ class DetectionCore(nn.Module):
         sizes = [view_size(hw, v) for v in views for _ in boxes]
         logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
         scores = torch.softmax(logits, -1)[:, -1].reshape(len(views), -1)  # [background, wire]
-        decoded = heads.box_coder.decode(deltas, rois)[:, -1].reshape(len(views), -1, 4)
+        # decode_single on the wire class's deltas: BoxCoder.decode reshapes (N, 8) to (N, -1), which
+        # ONNX Runtime cannot do for N = 0 (a frame without detections).
+        decoded = heads.box_coder.decode_single(deltas[:, -4:], torch.cat(rois)).reshape(len(views), -1, 4)
         mean = torch.stack([unview_boxes(decoded[i], hw, v, self.offset_px) for i, v in enumerate(views)]).mean(0)
         mean = box_ops.clip_boxes_to_image(mean, hw)
         score = scores.mean(0)

@@ -206,3 +206,12 @@ def test_a_batch_decodes_as_its_images_alone(checkpoint: Checkpoint, paper_sampl
         np.testing.assert_allclose(joint.boxes, alone.boxes, atol=1e-3)
         np.testing.assert_allclose(joint.scores, alone.scores, atol=1e-5)
         np.testing.assert_allclose(joint.mask_probs, alone.mask_probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime"])
+def test_a_frame_without_detections_decodes_to_nothing(checkpoint: Checkpoint, kind: str) -> None:
+    """Every decoding step copes with zero detections (an empty frame warms the daemon up)."""
+    eng = engine_from_checkpoint(checkpoint, kind, threads=2,  # type: ignore[arg-type]
+                                 decoding=MaskDecoding(margin_px=1.0, tta=8, refine_boxes=2))
+    (raw,) = eng.infer(np.zeros((1, 1, 512, 512), np.float32))
+    assert len(raw) == 0 and raw.mask_probs.shape[1:] == (M, M)
