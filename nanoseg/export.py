@@ -5,7 +5,7 @@ detection models), opset 17, batch 1 and a fixed H x W so no scale factor is fro
 size; the graph ends at the M x M mask probabilities (``DetectionCore``), padded to K outputs.
 The model's metadata (model config, input spec, mask decoding) is written into the ONNX file's
 metadata_props; the mask decoding (margin, mask TTA) is part of the graph, and mask pasting must
-use the same one (``onnx_mask_decoding``).
+use the same one (``nanoseg.mask_decoding.decoding_from_metadata`` reads it back).
 """
 
 from __future__ import annotations

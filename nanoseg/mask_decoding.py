@@ -1,4 +1,4 @@
-"""How each detection's M x M mask grid is predicted, and where it sits: margin and mask TTA.
+"""How detections and their M x M mask grids are decoded: box margin, mask TTA, box refinement.
 
 Three inference-time choices, made on a validation set (``nanoseg calibrate``) and stored with the
 model (``OperatingPoint.mask_decoding``); the graph (``DetectionCore``) and the mask pasting
@@ -46,6 +46,8 @@ VIEWS: tuple[View, ...] = (
 
 
 class MaskDecoding(StrictModel):
+    """The decoding a graph runs (module docstring); the plain one is the network's own output."""
+
     margin_px: float = Field(0.0, ge=0, le=16)
     """Grow each detected box by this much on every side before predicting its mask, px."""
     tta: Literal[1, 2, 4, 8] = 1

@@ -63,7 +63,8 @@ class OperatingPoint(StrictModel):
     mask_rescoring: bool = False
     """The score threshold is on class score x maskness (``PostprocessConfig.mask_rescoring``)."""
     mask_decoding: MaskDecoding = MaskDecoding()
-    """How the graph predicts masks (margin, mask TTA), chosen with the thresholds."""
+    """How the graph decodes detections and masks (margin, mask TTA, box refinement), chosen with
+    the thresholds."""
 
 
 def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | None) -> PostprocessConfig:
