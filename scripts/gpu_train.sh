@@ -83,10 +83,10 @@ elif [ -n "${ITERS:-}" ]; then
     # The seconds per iteration are known (a run on this kind of GPU): no calibration run.
     rm -rf "$runs/gpu_default" "$cfg"
     mkdir -p "$NANOSEG_CACHE"
-    $py -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); c['solver']['max_iter'] = int(sys.argv[3]); yaml.safe_dump(c, open(sys.argv[2], 'w'), sort_keys=False)" "$config" "$cfg" "$ITERS" || exit 1
     stamp "train $ITERS iterations (the training set is generated first)"
-    nanoseg train "$cfg" --run-dir "$runs/gpu_default" --max-minutes "$minutes" --quiet
+    nanoseg train "$config" --run-dir "$runs/gpu_default" --max-iter "$ITERS" --max-minutes "$minutes" --quiet
     stamp "train ended (exit $?)"
+    cp "$runs/gpu_default/config.yaml" "$cfg"  # the run's config (max_iter ITERS): what CONTINUE=1 resumes
 else
     stamp "calibrate (the training set is generated first)"
     rm -rf "$runs/calibrate" "$runs/gpu_default" "$cfg"
