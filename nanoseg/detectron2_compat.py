@@ -178,10 +178,19 @@ def detectron2_rpn(rpn: RegionProposalNetwork, min_size: float) -> Detectron2RPN
 
 def detectron2_roi_heads(heads: RoIHeads) -> Detectron2RoIHeads:
     """``heads``' modules and settings with detectron2's detection filtering."""
-    return Detectron2RoIHeads(
+    return rebuilt_roi_heads(heads, Detectron2RoIHeads)
+
+
+def rebuilt_roi_heads(heads: RoIHeads, cls: type[RoIHeads] | None = None, masks: bool = True) -> RoIHeads:
+    """A ``cls`` (default: ``heads``' own class) with ``heads``' modules (shared, not copied),
+    settings and train/eval mode; ``masks=False`` leaves the mask branch out (detection only)."""
+    branch = ({"mask_roi_pool": heads.mask_roi_pool, "mask_head": heads.mask_head,
+               "mask_predictor": heads.mask_predictor} if masks else {})
+    out = (cls or type(heads))(
         heads.box_roi_pool, heads.box_head, heads.box_predictor,
         heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
         heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
         heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
-        mask_roi_pool=heads.mask_roi_pool, mask_head=heads.mask_head, mask_predictor=heads.mask_predictor,
+        **branch,
     )
+    return out.train(heads.training)

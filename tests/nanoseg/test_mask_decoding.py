@@ -215,3 +215,15 @@ def test_a_frame_without_detections_decodes_to_nothing(checkpoint: Checkpoint, k
                                  decoding=MaskDecoding(margin_px=1.0, tta=8, refine_boxes=2))
     (raw,) = eng.infer(np.zeros((1, 1, 512, 512), np.float32))
     assert len(raw) == 0 and raw.mask_probs.shape[1:] == (M, M)
+
+
+def test_a_decoding_detects_without_the_mask_branch(checkpoint: Checkpoint) -> None:
+    """The decoding predicts masks itself, so detection skips torchvision's mask branch; the box
+    stage is the model's own (shared modules, eval mode), not a copy."""
+    model = checkpoint.build()
+    assert DetectionCore(model).detector is model.roi_heads
+    core = DetectionCore(model, MaskDecoding(margin_px=1.0), checkpoint.model_config)
+    assert not core.detector.has_mask() and not core.detector.training
+    assert core.detector.box_head is model.roi_heads.box_head
+    assert core.detector.box_predictor is model.roi_heads.box_predictor
+    assert core.detector.nms_thresh == model.roi_heads.nms_thresh
