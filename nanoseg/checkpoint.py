@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,15 @@ def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
         return Checkpoint(cfg, dict(obj["input_spec"]), state, dict(obj.get("meta", {})), half)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{source}: malformed checkpoint: {err}") from None
+
+
+def without_refiner(ckpt: Checkpoint) -> Checkpoint:
+    """The same model without its mask refiner (masks straight from the mask head), meta kept."""
+    if ckpt.model_config.mask_refiner is None:
+        return ckpt
+    cfg = ckpt.model_config.model_copy(update={"mask_refiner": None})
+    state = {k: v for k, v in ckpt.state_dict.items() if not k.startswith("mask_refiner.")}
+    return replace(ckpt, model_config=cfg, state_dict=state)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

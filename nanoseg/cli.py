@@ -133,6 +133,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--quiet", action="store_true")
     handlers["train"] = _cmd_train
 
+    p = sub.add_parser("train-refiner", help="train a mask refiner on a model's own detections (minutes on a CPU)")
+    p.add_argument("config", help="refiner config name in configs/training (refiner_default) or a YAML path")
+    p.add_argument("--model", required=True, help="the trained model (nanoseg checkpoint)")
+    p.add_argument("--out", required=True, help="the model with the refiner (nanoseg checkpoint)")
+    p.add_argument("--quiet", action="store_true")
+    handlers["train-refiner"] = _lazy("nanoseg_training.train_refiner", "cmd_train_refiner")
+
     p = sub.add_parser("export", help="export a checkpoint to ONNX or a TensorRT FP16 plan")
     p.add_argument("model", help="nanoseg checkpoint (.pt)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")

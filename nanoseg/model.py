@@ -31,6 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from nanoseg.config_io import StrictModel
+from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
 Norm = Literal["frozen_bn", "bn", "gn"]
@@ -86,6 +87,9 @@ class ModelConfig(StrictModel):
     """Centre of the first anchor, in strides (detectron2 semantics only)."""
     rpn_min_box_size: float = Field(1e-3, ge=0)
     """Proposals with a side below this are dropped, px (detectron2 semantics: not above it)."""
+    mask_refiner: MaskRefinerConfig | None = None
+    """Refine each coarse mask from the image at a finer grid (``nanoseg.mask_refiner``); trained
+    after the network, on its own detections (``nanoseg train-refiner``)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -279,6 +283,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     model.transform = FixedScaleTransform(
         min_size=512, max_size=4096, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std)
     )
+    if cfg.mask_refiner is not None:
+        model.mask_refiner = MaskRefiner(cfg.mask_refiner)
     return model
 
 
@@ -289,4 +295,9 @@ def count_parameters(model: nn.Module) -> int:
 def describe(cfg: ModelConfig) -> dict[str, Any]:
     """A short human-readable summary for model cards and manifests."""
     return {"architecture": f"Mask R-CNN, {cfg.backbone}-FPN({cfg.fpn_channels}), norm={cfg.norm}",
-            "in_channels": cfg.in_channels, "mask_resolution": 2 * cfg.mask_roi_size}
+            "in_channels": cfg.in_channels, "mask_resolution": mask_resolution(cfg)}
+
+
+def mask_resolution(cfg: ModelConfig) -> int:
+    """M of the M x M mask grids the model outputs: the refiner's grid, else 2x the mask ROI."""
+    return cfg.mask_refiner.size if cfg.mask_refiner is not None else 2 * cfg.mask_roi_size

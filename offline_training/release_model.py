@@ -109,6 +109,27 @@ def tta_text(tta: tuple[int, dict[str, Any]] | None, model: str, seconds_per_ima
             f"{m['count']['mean_absolute']:.2f} per image (`evaluation_tta{n}/`).\n")
 
 
+def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
+    """The card's lines on the mask refiner (empty without one)."""
+    ref = model_cfg.mask_refiner
+    info = ckpt_meta.get("mask_refiner")
+    if ref is None or not info:
+        return ""
+    tc = info["config"]
+    gen = tc.get("generate") or {}
+    data = (f"`nanoseg generate {gen['preset']} --count {gen['count']} --seed {gen['seed']}`" if gen
+            else f"`{tc['data']}`")
+    last = info["history"][-1]
+    return f"""- Mask refiner (`nanoseg.mask_refiner`, {ref.channels} channels, dilations {list(ref.dilations)}):
+  trained after the network, which it leaves unchanged, by `nanoseg train-refiner
+  configs/training/{tc['name']}.yaml --model <the network>` on the network's own detections on
+  {data} (not its training images; the last {tc['holdout_images']} images held out):
+  {info['samples']} detections, {tc['epochs']} epochs, {last.get('seconds', 0):.0f} s on the CPU. Held-out mean
+  mask IoU of matched detections {info['holdout_iou_coarse']:.4f} (the mask head's masks) ->
+  {info['holdout_iou']:.4f} (refined).
+"""
+
+
 def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any], args: argparse.Namespace,
               size_mb: float, params: int, real: bool, tta: tuple[int, dict[str, Any]] | None = None) -> str:
     tc = ckpt_meta["train_config"]
@@ -122,6 +143,9 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     stat_rows = "\n".join(
         f"| {k} | {v['gt_mean']:.2f} | {v['pred_mean']:.2f} | {v['wasserstein']:.3f} |" for k, v in stats.items()
     )
+    head = 2 * model_cfg.mask_roi_size
+    refined = "" if model_cfg.mask_refiner is None else (
+        f", refined from the image to {arch['mask_resolution']}x{arch['mask_resolution']} (below)")
     hours = ckpt_meta.get("train_seconds", 0) / 3600
     device = ckpt_meta.get("train_device", "unknown")
     runs = lineage(ckpt_meta)
@@ -139,7 +163,7 @@ repository's own code (after Lin et al., npj Comput. Mater. 2022). Released from
 
 ## Architecture
 - {arch['architecture']}; {params / 1e6:.1f} M parameters; single-channel input;
-  {arch['mask_resolution']}x{arch['mask_resolution']} mask head.
+  {head}x{head} mask head{refined}.
 - Anchors {cfg['anchor_sizes']} px, aspect ratios {cfg['aspect_ratios']}; RPN
   {cfg['rpn_pre_nms_top_n_test']} -> {cfg['rpn_post_nms_top_n_test']} proposals at test; up to
   {cfg['detections_per_img']} detections.
@@ -160,7 +184,7 @@ pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Fram
 - Solver: `{json.dumps(tc['solver'])}`; seed {tc['seed']}.
 - {ckpt_meta.get('iterations')} iterations ({ckpt_meta.get('iterations', 0) * tc['solver']['batch_size']} images),
   wall time {hours:.2f} h (training loop, across resumes) on {device}.
-{lineage_text(ckpt_meta)}
+{lineage_text(ckpt_meta)}{refiner_text(ckpt_meta, model_cfg)}
 ## Evaluation: held-out synthetic test set
 `{args.test_set}` ({metrics['images']} images, {made_by(Path(args.test_set))}). Reproduce with
 `nanoseg evaluate {Path(args.out).as_posix()}/model.pt <test set> --out <dir>`.

@@ -15,7 +15,8 @@ Inputs and outputs (B = batch, C = channels, K = detections, M = mask resolution
 A ``MaskDecoding`` other than the plain one (margin, mask TTA, box refinement:
 ``nanoseg.mask_decoding``) recomputes the masks of the detections: the backbone runs once on the
 image and its views, detection uses the image's features, the box head (with ``refine_boxes``)
-and the mask head run on every view.
+and the mask head run on every view. A model with a ``mask_refiner`` (``nanoseg.mask_refiner``)
+then refines the (view-averaged) masks from the image: M is the refiner's grid.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from nanoseg.mask_decoding import (
     view_image,
     view_size,
 )
+from nanoseg.mask_refiner import MaskRefiner, image_crops
 from nanoseg.model import ModelConfig, mask_grid_offset_px
 
 INPUT_NAME = "image"
@@ -57,13 +59,15 @@ class DetectionCore(nn.Module):
             raise ValueError("refine_boxes needs a torchvision-semantics model (detectron2's box head "
                              "orders its classes differently)")
         self.offset_px = mask_grid_offset_px(cfg)
-        # A decoding predicts the masks itself: detect without torchvision's mask branch (it would
-        # run the mask head a second time on every detection, ~1.3 ms each on 2 CPU cores).
-        self.detector = model.roi_heads if self.decoding.is_plain else rebuilt_roi_heads(model.roi_heads, masks=False)
+        self.refiner: MaskRefiner | None = getattr(model, "mask_refiner", None)
+        # A decoding or a refiner predicts the masks itself: detect without torchvision's mask branch
+        # (it would run the mask head a second time on every detection, ~1.3 ms each on 2 CPU cores).
+        self.recompute = not self.decoding.is_plain or self.refiner is not None
+        self.detector = rebuilt_roi_heads(model.roi_heads, masks=False) if self.recompute else model.roi_heads
         self.k = int(model.roi_heads.detections_per_img)
         pool = model.roi_heads.mask_roi_pool
         assert pool is not None
-        self.m = 2 * int(pool.output_size[0])
+        self.m = self.refiner.size if self.refiner is not None else 2 * int(pool.output_size[0])
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m = self.model
@@ -75,7 +79,7 @@ class DetectionCore(nn.Module):
         own = features if len(views) == 1 else OrderedDict((k, f[:b]) for k, f in features.items())
         proposals, _ = m.rpn(images, own)
         detections, _ = self.detector(own, proposals, images.image_sizes)
-        if not self.decoding.is_plain:
+        if self.recompute:
             hw = (int(x.shape[-2]), int(x.shape[-1]))
             for i in range(self.decoding.refine_boxes):
                 refined = self._refine(features, [d["boxes"] for d in detections], hw)
@@ -83,8 +87,14 @@ class DetectionCore(nn.Module):
                     det["boxes"] = bx
                     if i == 0:  # the class scores of the box head on the detector's own boxes
                         det["scores"] = sc
-            for det, probs in zip(detections, self._mask_probs(features, [d["boxes"] for d in detections], hw)):
-                det["masks"] = probs[:, None]
+            boxes = [d["boxes"] for d in detections]
+            probs = self._mask_probs(features, boxes, hw)
+            if self.refiner is not None:
+                grown = [grow_boxes(bx, self.decoding.margin_px) for bx in boxes]
+                crops = image_crops(x, grown, self.refiner.size)
+                probs = _split(torch.sigmoid(self.refiner(crops, torch.cat(probs), torch.cat(grown))), boxes)
+            for det, p in zip(detections, probs):
+                det["masks"] = p[:, None]
         boxes, scores, masks, counts = [], [], [], []
         for det in detections:
             n = det["boxes"].shape[0]
@@ -119,7 +129,7 @@ class DetectionCore(nn.Module):
         return list(zip(mean.split(counts), score.split(counts)))
 
     def _mask_probs(self, features: dict[str, Tensor], boxes: list[Tensor], hw: tuple[int, int]) -> list[Tensor]:
-        """Per image, (N, M, M) mask probabilities of ``boxes`` (grown by the margin), averaged
+        """Per image, (N, m, m) mask-head probabilities of ``boxes`` (grown by the margin), averaged
         over the views; ``features`` hold the views' batches one after another."""
         heads = self.model.roi_heads
         assert heads.mask_roi_pool is not None and heads.mask_head is not None and heads.mask_predictor is not None
@@ -129,8 +139,14 @@ class DetectionCore(nn.Module):
         sizes = [view_size(hw, v) for v in views for _ in grown]
         logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
         fg = torch.sigmoid(logits[:, -1])  # one foreground class: the last channel (class-agnostic: the only one)
-        per_view = fg.reshape(len(views), -1, self.m, self.m)
+        m = int(fg.shape[-1])  # the mask head's grid (a refiner's M is finer)
+        per_view = fg.reshape(len(views), -1, m, m)
         mean = torch.stack([unview_grids(per_view[i], v) for i, v in enumerate(views)]).mean(0)
-        if len(boxes) == 1:  # no split (ONNX export runs batch 1; a traced split would freeze N)
-            return [mean]
-        return list(mean.split([len(bx) for bx in boxes]))
+        return _split(mean, boxes)
+
+
+def _split(rows: Tensor, boxes: list[Tensor]) -> list[Tensor]:
+    """``rows`` (one per box, images one after another) split per image."""
+    if len(boxes) == 1:  # no split (ONNX export runs batch 1; a traced split would freeze N)
+        return [rows]
+    return list(rows.split([len(bx) for bx in boxes]))

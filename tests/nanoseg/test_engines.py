@@ -82,11 +82,13 @@ def test_empty_frame_gives_no_instances(engines: tuple[Segmenter, Segmenter]) ->
 @pytest.mark.parametrize("tta", [1, 8])
 def test_onnx_graph_is_static_and_standard(trained_model_path: Path, tta: int) -> None:
     """Also with mask TTA, margin and box refinement in the graph (flips and transposes are
-    Slice and Transpose; the views' mean a ReduceMean): what TensorRT parses."""
+    Slice and Transpose; the views' mean a ReduceMean) and the shipped model's mask refiner
+    (RoiAlign, Resize, dilated Conv): what TensorRT parses."""
     import onnx
 
     from nanoseg.export import export_checkpoint_onnx
     from nanoseg.mask_decoding import MaskDecoding
+    from nanoseg.model import mask_resolution
 
     ckpt = load_checkpoint(trained_model_path)
     decoding = MaskDecoding(margin_px=1.0, tta=tta, refine_boxes=2)
@@ -95,7 +97,7 @@ def test_onnx_graph_is_static_and_standard(trained_model_path: Path, tta: int) -
     assert dims == [1, *input_shape(ckpt)]
     out_dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
     k = ckpt.model_config.detections_per_img
-    m = 2 * ckpt.model_config.mask_roi_size
+    m = mask_resolution(ckpt.model_config)  # the refiner's grid if the model has one
     assert out_dims["boxes"] == [1, k, 4] and out_dims["mask_probs"] == [1, k, m, m]
     domains = {n.domain for n in proto.graph.node}
     assert domains <= {"", "ai.onnx"}, f"custom op domains {domains}"

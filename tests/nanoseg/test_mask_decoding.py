@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, without_refiner
 from nanoseg.engines import EngineError
 from nanoseg.engines.detection_core import DetectionCore
 from nanoseg.engines.factory import engine_from_checkpoint, load_engine
@@ -106,7 +106,9 @@ def test_paste_with_a_margin_is_paste_over_the_grown_box() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(trained_model_path: Path) -> Checkpoint:
-    ckpt = load_checkpoint(trained_model_path)
+    """The shipped network with the plain decoding and without its mask refiner (the mask head's
+    own M x M grids: ``test_mask_refiner.py`` covers the refiner)."""
+    ckpt = without_refiner(load_checkpoint(trained_model_path))
     plain = {**ckpt.meta.get("operating_point", {"score_threshold": 0.5, "mask_threshold": 0.5}),
              "mask_decoding": MaskDecoding().model_dump()}
     return replace(ckpt, meta={**ckpt.meta, "operating_point": plain})
