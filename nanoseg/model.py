@@ -105,6 +105,8 @@ class ModelConfig(StrictModel):
             raise ValueError("mask_pool_levels applies to torchvision semantics only")
         if self.anchor_offset and self.semantics != "detectron2":
             raise ValueError("anchor_offset needs detectron2 semantics")
+        if self.mask_refiner is not None and self.semantics != "torchvision":
+            raise ValueError("mask_refiner needs torchvision semantics (its crops use torchvision's mask-target grid)")
         return self
 
 

@@ -120,7 +120,8 @@ def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
     data = (f"`nanoseg generate {gen['preset']} --count {gen['count']} --seed {gen['seed']}`" if gen
             else f"`{tc['data']}`")
     last = info["history"][-1]
-    return f"""- Mask refiner (`nanoseg.mask_refiner`, {ref.channels} channels, dilations {list(ref.dilations)}):
+    return f"""
+- Mask refiner (`nanoseg.mask_refiner`, {ref.channels} channels, dilations {list(ref.dilations)}):
   trained after the network, which it leaves unchanged, by `nanoseg train-refiner
   configs/training/{tc['name']}.yaml --model <the network>` on the network's own detections on
   {data} (not its training images; the last {tc['holdout_images']} images held out):

@@ -124,3 +124,10 @@ def test_the_refiner_reads_how_stretched_the_grid_is() -> None:
         assert not torch.allclose(net(crops, coarse, thin), net(crops, coarse, square), atol=1e-3)
         torch.nn.init.zeros_(net.body[0].weight[:, 2:])
         torch.testing.assert_close(net(crops, coarse, thin), net(crops, coarse, square))
+
+
+def test_a_refiner_needs_the_torchvision_grid(plain: Checkpoint) -> None:
+    """Its crops are sampled on torchvision's mask-target grid; detectron2's is half a pixel off."""
+    with pytest.raises(ValueError, match="mask_refiner needs torchvision semantics"):
+        plain.model_config.model_validate(plain.model_config.model_dump() | {
+            "semantics": "detectron2", "roi_aligned": True, "mask_refiner": MaskRefinerConfig().model_dump()})

@@ -12,8 +12,10 @@ from pathlib import Path
 import onnx
 import pytest
 
+from nanoseg.checkpoint import load_checkpoint
 from nanoseg.cli import main
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES
+from nanoseg.model import mask_resolution
 from nanoseg_training.registry import Registry
 from tests.offline_training.registry_fixtures import degraded_checkpoint, tamper, validation_set
 
@@ -85,7 +87,7 @@ def test_promote_gate_force_and_rollback(registry: tuple[Registry, Path], capsys
     assert "* v0001" in listing and "  v0002" in listing
 
 
-def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Path) -> None:
+def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Path, trained_model_path: Path) -> None:
     pytest.importorskip("tritonclient.grpc", reason="the optional triton extra is not installed (pip install -e .[triton])")
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
@@ -99,8 +101,9 @@ def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Pat
     assert not onnx_cfg.HasField("dynamic_batching")
     assert [(t.name, list(t.dims), t.data_type) for t in onnx_cfg.input] == [("image", [1, 1, 512, 512], mc.TYPE_FP32)]
     outs = {t.name: (list(t.dims), t.data_type) for t in onnx_cfg.output}
+    m = mask_resolution(load_checkpoint(trained_model_path).model_config)  # 56: the shipped model's refiner
     assert outs == {"boxes": ([1, 50, 4], mc.TYPE_FP32), "scores": ([1, 50], mc.TYPE_FP32),
-                    "mask_probs": ([1, 50, 28, 28], mc.TYPE_FP32), "num_detections": ([1], mc.TYPE_INT64)}
+                    "mask_probs": ([1, 50, m, m], mc.TYPE_FP32), "num_detections": ([1], mc.TYPE_INT64)}
     assert [(g.kind, list(g.gpus), g.count) for g in onnx_cfg.instance_group] == \
         [(mc.ModelInstanceGroup.KIND_GPU, [0], 2), (mc.ModelInstanceGroup.KIND_GPU, [1], 2)]
     assert list(onnx_cfg.version_policy.specific.versions) == [2]
