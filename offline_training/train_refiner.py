@@ -235,6 +235,9 @@ def train_refiner(cfg: RefinerTrainConfig, model_path: Path, progress: bool = Fa
     samples = cached_samples(ckpt, model_path, data, source, cfg.refiner.size, progress)
     first_held = len(source) - cfg.holdout_images
     held = samples.image_index >= first_held
+    if not held.any() or held.all():
+        raise ConfigError(f"holdout_images: the last {cfg.holdout_images} of {len(source)} images in {data} give "
+                          f"{int(held.sum())} of {len(held)} matched detections; both parts need some")
     mean, std = float(ckpt.model_config.image_mean[0]), float(ckpt.model_config.image_std[0])
     state, history = fit_refiner(samples.subset(~held), samples.subset(held), cfg, mean, std, progress)
     info = {"config": cfg.model_dump(mode="json"), "samples": int((~held).sum()), "holdout_samples": int(held.sum()),
