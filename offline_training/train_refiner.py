@@ -118,6 +118,8 @@ def extract_samples(ckpt: Checkpoint, source: CocoSource, indices: range, size: 
             grown = grow_boxes(boxes[0, :n][keep], margin)
             rois = torch.cat([torch.arange(len(grown), dtype=torch.float32)[:, None], grown], 1)
             targets = roi_align(gt[match[keep]].float()[:, None], rois, size, 1.0, 2, aligned=False)[:, 0] >= 0.5
+            # Crops of the 0-255 image; fit_refiner normalises them as the model does before its own
+            # crops (ROIAlign is linear, and the grown boxes end within 1 px of the image, where it clamps).
             parts["crops"].append(image_crops(x, [grown], size)[:, 0].half().numpy())
             parts["coarse"].append(probs[0, :n][keep].half().numpy())
             parts["boxes"].append(grown.numpy())
