@@ -57,15 +57,21 @@ class MaskRefiner(nn.Module):
 
     def forward(self, crops: Tensor, coarse: Tensor, boxes: Tensor) -> Tensor:
         s = self.size
-        up = F.interpolate(coarse[:, None], size=(s, s), mode="bilinear", align_corners=False)
-        up = up.clamp(_EPS, 1 - _EPS)
-        prior = torch.log(up) - torch.log(1 - up)  # logit, written with ops every exporter has
-        inputs = [crops, up * 2 - 1]
+        up, prior = upsampled(coarse, s)
+        inputs = [crops, up[:, None] * 2 - 1]
         if self.box_size_input:
             cell = torch.log((boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0) / s)  # (N, 2): log px per cell
             inputs.append(cell[:, :, None, None].expand(-1, -1, s, s))
         delta = self.out(self.body(torch.cat(inputs, 1)))
-        return (prior + delta)[:, 0]
+        return prior + delta[:, 0]
+
+
+def upsampled(coarse: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The (N, M, M) coarse probabilities on the (N, S, S) grid (bilinear, cell centres kept),
+    clamped away from 0 and 1, and their logits: what an untrained refiner returns."""
+    up = F.interpolate(coarse[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    up = up.clamp(_EPS, 1 - _EPS)
+    return up, torch.log(up) - torch.log(1 - up)  # logit, written with ops every exporter has
 
 
 def image_crops(image: Tensor, boxes: list[Tensor], size: int) -> Tensor:

@@ -33,7 +33,7 @@ from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, without
 from nanoseg.config_io import ConfigError, StrictModel
 from nanoseg.engines.detection_core import DetectionCore
 from nanoseg.mask_decoding import grow_boxes
-from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig, image_crops
+from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig, image_crops, upsampled
 from nanoseg.paths import cache_dir
 from nanoseg_training.train import ensure_dataset
 from nanoseg_training.train_config import GenerateSpec
@@ -134,10 +134,11 @@ def extract_samples(ckpt: Checkpoint, source: CocoSource, indices: range, size: 
     return RefinerSamples(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
-def cached_samples(ckpt: Checkpoint, model_path: Path, data: Path, source: CocoSource, size: int,
+def cached_samples(ckpt: Checkpoint, model_sha256: str, data: Path, source: CocoSource, size: int,
                    progress: bool = False) -> RefinerSamples:
-    """``extract_samples`` over the whole data set, cached by model, data set and grid size."""
-    key = hashlib.sha256(f"{file_sha256(model_path)}|{data.resolve()}|{len(source)}|{size}".encode()).hexdigest()[:16]
+    """``extract_samples`` over the whole data set, cached by model (its file's sha256), data set
+    and grid size."""
+    key = hashlib.sha256(f"{model_sha256}|{data.resolve()}|{len(source)}|{size}".encode()).hexdigest()[:16]
     path = cache_dir() / "refiner_samples" / f"{key}.npz"
     if path.exists():
         with np.load(path) as z:
@@ -163,13 +164,6 @@ def mean_iou(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((inter / union).mean())
 
 
-def coarse_logits(coarse: torch.Tensor, size: int) -> torch.Tensor:
-    """What an untrained refiner returns: the coarse grid upsampled, as logits."""
-    with torch.no_grad():
-        return MaskRefiner(MaskRefinerConfig(size=size, channels=4, dilations=(), box_size_input=False))(
-            torch.zeros(len(coarse), 1, size, size), coarse, torch.zeros(len(coarse), 4))
-
-
 def _view(k: int, x: torch.Tensor, c: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Symmetry ``k`` (0–7) of the box grid: transpose (boxes' x and y swap), then flips."""
     if k & 1:
@@ -193,7 +187,7 @@ def fit_refiner(train: RefinerSamples, hold: RefinerSamples, cfg: RefinerTrainCo
     steps_per_epoch = max(len(x) // cfg.batch_size, 1)
     opt = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1)
-    prior, held_prior = coarse_logits(c, net.size), coarse_logits(hc, net.size)
+    prior, held_prior = upsampled(c, net.size)[1], upsampled(hc, net.size)[1]
     history = [{"epoch": 0, "train_loss": float(F.binary_cross_entropy_with_logits(prior, t)),
                 "holdout_iou": mean_iou(held_prior, ht),
                 "holdout_loss": float(F.binary_cross_entropy_with_logits(held_prior, ht))}]
@@ -230,11 +224,12 @@ def train_refiner(cfg: RefinerTrainConfig, model_path: Path, progress: bool = Fa
     data, held-out IoU before and after, epochs)."""
     torch.set_num_threads(cfg.threads)
     ckpt = load_checkpoint(model_path)
+    model_sha256 = file_sha256(model_path)
     data = ensure_dataset(cfg.data, cfg.generate, workers=cfg.threads)
     source = CocoSource(data)
     if cfg.holdout_images >= len(source):
         raise ConfigError(f"holdout_images: {cfg.holdout_images} leaves no training image of {len(source)} in {data}")
-    samples = cached_samples(ckpt, model_path, data, source, cfg.refiner.size, progress)
+    samples = cached_samples(ckpt, model_sha256, data, source, cfg.refiner.size, progress)
     first_held = len(source) - cfg.holdout_images
     held = samples.image_index >= first_held
     if not held.any() or held.all():
@@ -244,7 +239,7 @@ def train_refiner(cfg: RefinerTrainConfig, model_path: Path, progress: bool = Fa
     state, history = fit_refiner(samples.subset(~held), samples.subset(held), cfg, mean, std, progress)
     info = {"config": cfg.model_dump(mode="json"), "samples": int((~held).sum()), "holdout_samples": int(held.sum()),
             "holdout_iou_coarse": history[0]["holdout_iou"], "holdout_iou": history[-1]["holdout_iou"],
-            "history": history, "base_model_sha256": file_sha256(model_path)}
+            "history": history, "base_model_sha256": model_sha256}
     return with_refiner(ckpt, cfg.refiner, state, info)
 
 

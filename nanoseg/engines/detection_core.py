@@ -87,12 +87,11 @@ class DetectionCore(nn.Module):
                     det["boxes"] = bx
                     if i == 0:  # the class scores of the box head on the detector's own boxes
                         det["scores"] = sc
-            boxes = [d["boxes"] for d in detections]
-            probs = self._mask_probs(features, boxes, hw)
+            grown = [grow_boxes(d["boxes"], self.decoding.margin_px) for d in detections]
+            probs = self._mask_probs(features, grown, hw)
             if self.refiner is not None:
-                grown = [grow_boxes(bx, self.decoding.margin_px) for bx in boxes]
                 crops = image_crops(x, grown, self.refiner.size)
-                probs = _split(torch.sigmoid(self.refiner(crops, torch.cat(probs), torch.cat(grown))), boxes)
+                probs = _split(torch.sigmoid(self.refiner(crops, torch.cat(probs), torch.cat(grown))), grown)
             for det, p in zip(detections, probs):
                 det["masks"] = p[:, None]
         boxes, scores, masks, counts = [], [], [], []
@@ -128,13 +127,13 @@ class DetectionCore(nn.Module):
         counts = [len(bx) for bx in boxes]
         return list(zip(mean.split(counts), score.split(counts)))
 
-    def _mask_probs(self, features: dict[str, Tensor], boxes: list[Tensor], hw: tuple[int, int]) -> list[Tensor]:
-        """Per image, (N, m, m) mask-head probabilities of ``boxes`` (grown by the margin), averaged
-        over the views; ``features`` hold the views' batches one after another."""
+    def _mask_probs(self, features: dict[str, Tensor], grown: list[Tensor], hw: tuple[int, int]) -> list[Tensor]:
+        """Per image, (N, m, m) mask-head probabilities of the ``grown`` boxes (the detections grown
+        by the margin), averaged over the views; ``features`` hold the views' batches one after
+        another."""
         heads = self.model.roi_heads
         assert heads.mask_roi_pool is not None and heads.mask_head is not None and heads.mask_predictor is not None
         views = VIEWS[: self.decoding.tta]
-        grown = [grow_boxes(bx, self.decoding.margin_px) for bx in boxes]
         rois = [view_boxes(g, hw, v, self.offset_px) for v in views for g in grown]
         sizes = [view_size(hw, v) for v in views for _ in grown]
         logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, rois, sizes)))
@@ -142,7 +141,7 @@ class DetectionCore(nn.Module):
         m = int(fg.shape[-1])  # the mask head's grid (a refiner's M is finer)
         per_view = fg.reshape(len(views), -1, m, m)
         mean = torch.stack([unview_grids(per_view[i], v) for i, v in enumerate(views)]).mean(0)
-        return _split(mean, boxes)
+        return _split(mean, grown)
 
 
 def _split(rows: Tensor, boxes: list[Tensor]) -> list[Tensor]:

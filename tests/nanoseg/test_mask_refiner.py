@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from nanoseg.mask_decoding import MaskDecoding
 from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig, image_crops
 from nanoseg.model import describe, mask_resolution
 from nanoseg.postprocess import paste_mask
+from nanoseg_training.train_refiner import with_refiner
 
 S = 56
 
@@ -30,9 +30,7 @@ def with_fresh_refiner(ckpt: Checkpoint, zero_output: bool = True, seed: int = 0
     net = MaskRefiner(cfg)
     if not zero_output:
         torch.nn.init.normal_(net.out.weight, std=2.0)
-    base = without_refiner(ckpt)
-    state = dict(base.state_dict) | {f"mask_refiner.{k}": v for k, v in net.state_dict().items()}
-    return replace(base, model_config=base.model_config.model_copy(update={"mask_refiner": cfg}), state_dict=state)
+    return with_refiner(ckpt, cfg, net.state_dict(), {"test": "fresh"})
 
 
 @pytest.fixture(scope="module")
