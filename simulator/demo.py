@@ -12,7 +12,7 @@
    ``summary.json``, ``growth.png`` (statistics over time against the truth), ``last_frame.png``
    (the last frame with its masks), the children's logs and the daemon's result store.
 
-Every port is chosen free at start. Every child is stopped on exit, also on failure, Ctrl-C or
+Every port is chosen free (and distinct) at start. Every child is stopped on exit, also on failure, Ctrl-C or
 SIGTERM. Exit status 0 when the run finished and every frame was analysed; otherwise non-zero
 with one line saying what failed.
 """
@@ -41,10 +41,45 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; a default elsewhere)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that are free now, for servers started next.
+
+    Chosen below the kernel's ephemeral range, so the local port of some process's outgoing
+    connection (a ZMQ socket connecting to one of them, say) cannot take one before its server
+    binds it, and each is held until all are chosen, so no two are the same port. Falls back to
+    the kernel's choice (port 0) where no port below the range is free.
+    """
+    import random
+
+    below = range(max(1024, _ephemeral_range()[0] - 12000), _ephemeral_range()[0])
+    candidates = random.sample(below, k=min(4 * count + 64, len(below)))
+    held: list[socket.socket] = []
+    try:
+        for port in [*candidates, *([0] * count)]:
+            if len(held) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        if len(held) < count:
+            raise OSError(f"could not find {count} free TCP ports on 127.0.0.1")
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def say(msg: str) -> None:
@@ -134,7 +169,8 @@ def run_demo(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ports = {k: free_port() for k in ("proxy_in", "proxy_out", "summary", "control", "metrics")}
+    names = ("proxy_in", "proxy_out", "summary", "control", "metrics")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     addr = {k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}
     daemon_sets = {
         "ingest.bluesky.address": addr["proxy_out"], "ingest.raw.enabled": "false",

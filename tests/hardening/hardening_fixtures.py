@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -108,12 +107,6 @@ def raw_frame_message(frame_id: Any, arr: np.ndarray, run: str = "r1", **metadat
     header = {"frame_id": frame_id, "run": run, "dtype": str(arr.dtype), "shape": list(arr.shape),
               "timestamp": time.time(), "metadata": {"pixel_size_nm": 8.0, **metadata}}
     return [json.dumps(header).encode(), arr.tobytes()]
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_certificates(directory: Path, *names: str) -> dict[str, tuple[Path, Path]]:

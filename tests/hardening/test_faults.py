@@ -28,11 +28,11 @@ from nanoseg_daemon.contracts import FrameMetadata, RunStarted
 from nanoseg_daemon.control import control_request
 from nanoseg_daemon.publish import msgpack_dumps, msgpack_loads
 from nanoseg_daemon.store import ResultReader, ResultStore, StoreError, default_path
+from nanoseg_sim.demo import free_ports
 from tests.hardening.hardening_fixtures import (
     Pusher,
     ServeProcess,
     by_reason,
-    free_tcp_port,
     raw_frame_message,
     serve_overrides,
     small_frame,
@@ -72,7 +72,7 @@ def proxy_process(in_port: int, out_port: int) -> Iterator[subprocess.Popen[byte
 
 
 def test_proxy_restart_mid_run_bluesky_input_reconnects(tmp_path: Path, trained_model_path: Path) -> None:
-    in_port, out_port = free_tcp_port(), free_tcp_port()
+    in_port, out_port = free_ports(2)
     svc = start_lean_service(tmp_path, trained_model_path, **{
         "ingest.raw.enabled": "false", "ingest.bluesky.enabled": "true",
         "ingest.bluesky.address": f"tcp://127.0.0.1:{out_port}"})
@@ -122,7 +122,7 @@ def test_proxy_restart_mid_run_bluesky_input_reconnects(tmp_path: Path, trained_
 
 def test_no_subscriber_for_results(tmp_path: Path, trained_model_path: Path) -> None:
     """Results are stored and the pipeline runs while nobody subscribes, or the proxy is absent."""
-    dead = f"tcp://127.0.0.1:{free_tcp_port()}"  # no proxy listens there
+    dead = f"tcp://127.0.0.1:{free_ports(1)[0]}"  # no proxy listens there
     svc = start_lean_service(tmp_path, trained_model_path, **{
         "publish.bluesky.bind": "false", "publish.bluesky.address": dead})
     assert svc.ingest.raw_address and svc.summary_pub

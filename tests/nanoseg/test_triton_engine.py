@@ -21,7 +21,7 @@ from nanoseg.export import trace_image
 from nanoseg_training.registry import Registry
 from tests.nanoseg.triton_fixtures import (
     TritonServer,
-    free_port,
+    free_ports,
     python_backend_variant,
     pytriton_python,
 )
@@ -123,7 +123,7 @@ def test_unavailable_server_or_model_is_a_clear_engine_error(server: TritonServe
                                                               tmp_path: Path) -> None:
     from nanoseg.engines.triton_engine import TritonEngine
 
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = f"127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(EngineError, match=r"triton: model 'nanoseg' at 127.0.0.1:\d+: server unavailable"):
         TritonEngine(nobody, "nanoseg", connect_timeout_s=1.0)
     with pytest.raises(EngineError, match=r"model 'nope' .*: model not ready"):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from nanoseg.paths import REPO_ROOT, cache_dir
+from nanoseg_sim.demo import free_ports
 
 SERVER_SCRIPT = Path(__file__).with_name("pytriton_server.py")
 
@@ -33,18 +33,12 @@ def pytriton_python() -> tuple[Path | None, str]:
     return py, ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class TritonServer:
     """``pytriton_server.py`` in its own session (so stopping it ends tritonserver too)."""
 
     def __init__(self, python: Path, log_path: Path, *, onnx: Path | None = None, repo: Path | None = None,
                  model: str = "nanoseg", threads: int = 1) -> None:
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.model = model
         self.log_path = log_path

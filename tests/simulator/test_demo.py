@@ -5,11 +5,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from nanoseg_sim.demo import _listening, _ready
+from nanoseg_sim.demo import _ephemeral_range, _listening, _ready, free_ports
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    # CI once drew the same port twice (one choice per bind to port 0, each released before the
+    # next): the daemon could not bind its control socket on the proxy's port.
+    for _ in range(20):
+        ports = free_ports(5)
+        assert len(set(ports)) == 5
+        assert all(1024 <= p < _ephemeral_range()[0] for p in ports)
+    socks = []
+    try:
+        for p in free_ports(3):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", p))
+    finally:
+        for s in socks:
+            s.close()
 
 
 def demo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
