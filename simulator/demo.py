@@ -60,7 +60,8 @@ def free_ports(count: int) -> list[int]:
     """
     import random
 
-    below = range(max(1024, _ephemeral_range()[0] - 12000), _ephemeral_range()[0])
+    first_ephemeral = _ephemeral_range()[0]
+    below = range(max(1024, first_ephemeral - 12000), first_ephemeral)
     candidates = random.sample(below, k=min(4 * count + 64, len(below)))
     held: list[socket.socket] = []
     try:
