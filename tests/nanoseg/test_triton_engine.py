@@ -18,10 +18,10 @@ import pytest
 from nanoseg.engines import EngineError, RawDetections
 from nanoseg.engines.onnx_engine import OnnxEngine
 from nanoseg.export import trace_image
+from nanoseg_sim.demo import free_ports
 from nanoseg_training.registry import Registry
 from tests.nanoseg.triton_fixtures import (
     TritonServer,
-    free_ports,
     python_backend_variant,
     pytriton_python,
 )
