@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -41,13 +42,13 @@ class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range for the local ports of outgoing connections (Linux; a default elsewhere)."""
+def first_ephemeral_port() -> int:
+    """The first port of the kernel's range for the local ports of outgoing connections (Linux; a
+    default elsewhere)."""
     try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(lo), int(hi)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(count: int) -> list[int]:
@@ -58,9 +59,7 @@ def free_ports(count: int) -> list[int]:
     binds it, and each is held until all are chosen, so no two are the same port. Falls back to
     the kernel's choice (port 0) where no port below the range is free.
     """
-    import random
-
-    first_ephemeral = _ephemeral_range()[0]
+    first_ephemeral = first_ephemeral_port()
     below = range(max(1024, first_ephemeral - 12000), first_ephemeral)
     candidates = random.sample(below, k=min(4 * count + 64, len(below)))
     held: list[socket.socket] = []

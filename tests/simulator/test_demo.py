@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanoseg_sim.demo import _ephemeral_range, _listening, _ready, free_ports
+from nanoseg_sim.demo import _listening, _ready, first_ephemeral_port, free_ports
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
@@ -19,7 +19,7 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
     for _ in range(20):
         ports = free_ports(5)
         assert len(set(ports)) == 5
-        assert all(1024 <= p < _ephemeral_range()[0] for p in ports)
+        assert all(1024 <= p < first_ephemeral_port() for p in ports)
     socks = []
     try:
         for p in free_ports(3):
