@@ -78,6 +78,10 @@ class IngestSink(Protocol):
         """A malformed input: ``reason`` is a short metric label, ``detail`` a log line."""
         ...
 
+    def converted(self, reason: str, detail: str) -> None:
+        """A frame accepted after a conversion (``reason``: e.g. ``rgb_to_gray``, a metric label)."""
+        ...
+
 
 @dataclass(frozen=True)
 class FrameResult:

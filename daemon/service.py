@@ -137,6 +137,10 @@ class Service:
         self.metrics.messages_rejected.labels(reason).inc()
         log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
 
+    def converted(self, reason: str, detail: str) -> None:
+        self.metrics.frames_converted.labels(reason).inc()
+        log("frame_converted", logging.INFO, reason=reason, detail=detail[:500])
+
     # -- stage callbacks -------------------------------------------------------------------
     def _next_item(self, timeout: float) -> Item | None:
         item = self.queue.get(timeout)

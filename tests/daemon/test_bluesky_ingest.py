@@ -309,7 +309,7 @@ def test_out_of_order_and_duplicate_documents_are_rejected_never_raised(sink):
         },
     )
     router("event", {"uid": "y"})  # no descriptor key
-    router("stream_resource", {"uid": "sr"})
+    router("bulk_events", {})  # a document type the daemon does not handle
     router("start", {"time": 1.0})  # no uid
     router("stop", stop)
     router("event", desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
