@@ -256,6 +256,7 @@ class _Run:
     stream_resources: BoundedDict = field(default_factory=lambda: BoundedDict(1))
     recent_events: BoundedDict = field(default_factory=lambda: BoundedDict(_RECENT_EVENT_UIDS))
     frames: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, for the run's stop
 
 
 class BlueskyRouter(DocumentRouter):
@@ -279,6 +280,7 @@ class BlueskyRouter(DocumentRouter):
         self._stream_readers = load_stream_readers(self._config.stream_readers)
         self._clock = clock
         self._runs: OrderedDict[str, _Run] = OrderedDict()  # least recently active first
+        self._current_run: str | None = None  # the run of the document being handled
         self._descriptor_run: dict[str, str] = {}
         self._resource_run: dict[str, str] = {}  # (stream) resource uid -> run uid
         self._closed_runs = BoundedDict(_RECENT_CLOSED_RUNS)
@@ -289,19 +291,27 @@ class BlueskyRouter(DocumentRouter):
     # -- plumbing ----------------------------------------------------------------------------
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        self._current_run = None
         try:
             method = getattr(self, name, None) if not name.startswith("_") else None
             if name not in _HANDLED or method is None:
                 raise _Reject("unsupported_document", f"{name} documents are not handled")
             method(doc)
         except _Reject as rej:
-            self._sink.rejected(rej.reason, rej.detail)
+            self._reject(rej.reason, rej.detail)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            self._sink.rejected("bad_document", f"{name}: malformed document: {err!r:.200}")
+            self._reject("bad_document", f"{name}: malformed document: {err!r:.200}")
         except Exception as err:  # a bug here must not stop ingest; it is logged in full
             logger.exception("bluesky router failed on a %s document", name)
-            self._sink.rejected("internal_error", f"{name}: {err!r:.200}")
+            self._reject("internal_error", f"{name}: {err!r:.200}")
         return name, doc
+
+    def _reject(self, reason: str, detail: str) -> None:
+        """Report a rejection, counted against the run the current document belongs to."""
+        run = self._runs.get(self._current_run) if self._current_run is not None else None
+        if run is not None:
+            run.rejected[reason] = run.rejected.get(reason, 0) + 1
+        self._sink.rejected(reason, detail)
 
     @property
     def open_runs(self) -> list[str]:
@@ -315,6 +325,7 @@ class BlueskyRouter(DocumentRouter):
                 raise _Reject("run_closed", f"{what} for run {uid} which has stopped")
             raise _Reject("unknown_run", f"{what} for unknown run {uid}")
         self._runs.move_to_end(uid)
+        self._current_run = uid
         return run
 
     def _forget(self, run: _Run) -> None:
@@ -347,14 +358,14 @@ class BlueskyRouter(DocumentRouter):
             doc, self._metadata_keys, self._config.flat_field_key
         )
         for p in problems:
-            self._sink.rejected("bad_metadata", f"run {uid}: {p}")
+            self._reject("bad_metadata", f"run {uid}: {p}")
         while len(self._runs) >= self._config.max_open_runs:
             oldest = next(iter(self._runs.values()))
             self._forget(oldest)
-            self._sink.rejected(
+            self._reject(
                 "too_many_runs", f"run {oldest.uid} evicted without stop to open run {uid}"
             )
-            self._sink.run_stopped(RunStopped(oldest.uid, "fail", time.time()))
+            self._sink.run_stopped(RunStopped(oldest.uid, "fail", time.time(), dict(oldest.rejected)))
         handler_cache = BoundedDict(self._config.max_resources_per_run, on_evict=_close_handler)
         filler = Filler(
             self._handlers,
@@ -474,7 +485,7 @@ class BlueskyRouter(DocumentRouter):
             try:
                 frames = self._frames(row, frame_shape, where)
             except _Reject as rej:  # one bad frame does not lose the rest of the datum
-                self._sink.rejected(rej.reason, rej.detail)
+                self._reject(rej.reason, rej.detail)
                 continue
             name = f"{descriptor}/{seq}" if last > first else f"{uid}/{k // per_event}"
             for frame in frames:
@@ -494,10 +505,10 @@ class BlueskyRouter(DocumentRouter):
             rows = resource.reader.read(start, stop)
         except StreamReadError as err:
             for _ in range(want):
-                self._sink.rejected("fill_failed", f"{where}: {err}")
+                self._reject("fill_failed", f"{where}: {err}")
             return np.empty((0,))
         for k in range(len(rows), want):
-            self._sink.rejected("frames_not_written", f"{where}: row {start + k} of {resource.doc['uri']} "
+            self._reject("frames_not_written", f"{where}: row {start + k} of {resource.doc['uri']} "
                                 f"not written within {self._config.stream_wait_s:g} s")
         return rows
 
@@ -506,7 +517,7 @@ class BlueskyRouter(DocumentRouter):
             try:
                 self.event(event)
             except _Reject as rej:  # one bad event does not lose the rest of the page
-                self._sink.rejected(rej.reason, rej.detail)
+                self._reject(rej.reason, rej.detail)
         return doc
 
     def event(self, doc: Event) -> Event:
@@ -570,7 +581,8 @@ class BlueskyRouter(DocumentRouter):
         if doc["run_start"] in self._analysis_runs:
             return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
-        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]))
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]),
+                             dict(run.rejected))
         self._forget(run)
         self._sink.run_stopped(stopped)
 
@@ -602,7 +614,7 @@ class BlueskyRouter(DocumentRouter):
     def _set_flat(self, run: _Run, value: Any, where: str) -> None:
         arr = _image_array(value)
         if arr is None:
-            self._sink.rejected(
+            self._reject(
                 "bad_metadata", f"run {run.uid}: {where}: flat field is not a 2-D numeric array"
             )
         else:

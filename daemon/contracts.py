@@ -66,6 +66,7 @@ class RunStopped:
     run_uid: str
     exit_status: str  # bluesky's: success | abort | fail (raw input: success)
     time: float
+    rejected: dict[str, int] = field(default_factory=dict)  # the run's inputs refused at ingest, by reason
 
 
 class IngestSink(Protocol):

@@ -251,6 +251,28 @@ def test_ophyd_async_detector_writing_hdf5_through_stream_resource_and_stream_da
     assert ResultReader(default_path(beamline.state_dir)).frame_count(uid) == 3
 
 
+class MisdescribedCamera(ImageCamera):
+    """Says its frames are 32 x 32; they are not."""
+
+    def describe(self) -> dict[str, Any]:
+        desc = super().describe()
+        desc[self.image.name]["shape"] = [32, 32]
+        return cast(dict[str, Any], desc)
+
+
+def test_a_run_whose_every_frame_is_refused_ends_fail_with_the_reasons(beamline: Beamline) -> None:
+    cam = MisdescribedCamera(name="cam", frames=np.full((1, 64, 64), 3000, np.uint16))
+    before = beamline.sample("nanoseg_messages_rejected_total", reason="shape_mismatch")
+    uid, _ = beamline.run(bp.count([cam], num=2), pixel_size_nm=PIXEL_NM, i0=DOSE)
+    docs = beamline.collector.analysis_of(uid)
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    stop = docs[-1][1]
+    assert (stop["exit_status"], stop["reason"]) == ("fail", "no frame analysed (shape_mismatch 2)")
+    assert stop["num_events"].get("primary", 0) == 0
+    assert beamline.sample("nanoseg_messages_rejected_total", reason="shape_mismatch") == before + 2
+
+
 def test_daemon_ignores_its_own_analysis_runs_without_prefixes(tmp_path: Path, trained_model_path: Path) -> None:
     in_addr, out_addr = start_proxy()
     svc = start_service(tmp_path, trained_model_path, **{
