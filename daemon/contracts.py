@@ -100,6 +100,7 @@ class FrameResult:
     timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
     received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency
+    instances_capped: int = 0  # instances beyond PostprocessConfig.max_instances, dropped
 
 
 ANALYSIS_PLAN_NAME = "nanoseg_analysis"

@@ -96,7 +96,7 @@ def _stat(summary: FrameSummary, column: str, stat: str) -> float:
 def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[str, Any]:
     """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
     if rles is None:
-        rles = encode_rle_batch(result.instances.masks)
+        rles = encode_rle_batch(result.instances.box_masks)
     table = result.table.to_dict()
     cols = cast(dict[str, Any], table["columns"])
     cols["score"] = [float(s) for s in result.instances.scores]

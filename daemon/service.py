@@ -173,7 +173,7 @@ class Service:
             if isinstance(item, RunStarted):
                 self._open_run(item)
             elif isinstance(item, FrameResult):
-                self._pending.append((item, encode_rle_batch(item.instances.masks)))
+                self._pending.append((item, encode_rle_batch(item.instances.box_masks)))
                 self._flush_pending()
             else:
                 self._close_run(item.run_uid, item.exit_status, item.rejected)
@@ -244,6 +244,10 @@ class Service:
         self._processed += 1
         self.metrics.frames_processed.inc()
         self.metrics.particles.observe(result.summary.count)
+        if result.instances_capped:
+            self.metrics.instances_dropped.labels("max_instances").inc(result.instances_capped)
+            log("instances_capped", logging.WARNING, run=result.run_uid, frame=result.frame_uid,
+                dropped=result.instances_capped)
         self.metrics.last_frame.set(time.time())
         for stage, seconds in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
