@@ -10,7 +10,9 @@ built in), one FrameJob each, ``stop`` -> RunStopped and the run is forgotten.
 
 Frames read from a stream datum have the frame uid ``<descriptor uid>/<seq_num>`` (the raw event
 with that descriptor and seq_num is the frame's event; ``/<j>`` is added for the j-th of several
-frames per event) and the time they were read as timestamp (a stream datum carries none).
+frames per event; ``<stream_datum uid>/<k>`` when the datum's seq_nums are unset) and the time
+they were read as timestamp (a stream datum carries none). Rejections are also counted per run
+and travel in ``RunStopped.rejected``, so an analysis run that lost every frame can say why.
 
 Start-document metadata (names are canonical; ``metadata_keys`` renames the document keys, see
 ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
