@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import DEFAULT_MODEL, DOSE, machine_facts, synthetic_frame  # noqa: E402
+from bench_common import DEFAULT_MODEL, DOSE, machine_facts, synthetic_frame
 
 
 def rss_bytes(field: str) -> int:
