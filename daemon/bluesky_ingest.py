@@ -412,14 +412,21 @@ class BlueskyRouter(DocumentRouter):
             if flat is not None:
                 self._set_flat(run, flat, f"descriptor {uid} configuration")
 
-    def resource(self, doc: Resource) -> None:
+    def _resource_owner(self, doc: Resource | StreamResource, what: str) -> _Run:
+        """The open run a (stream) resource belongs to: its run_start, or the only open run (a
+        resource document may omit it); a uid seen before is a duplicate."""
         uid = doc["uid"]
         run_uid = doc.get("run_start")
         if run_uid is None and len(self._runs) == 1:
             run_uid = next(iter(self._runs))
-        run = self._run(run_uid, f"resource {uid}")
+        run = self._run(run_uid, f"{what} {uid}")
         if uid in self._resource_run:
-            raise _Reject("duplicate_uid", f"resource {uid} seen before")
+            raise _Reject("duplicate_uid", f"{what} {uid} seen before")
+        return run
+
+    def resource(self, doc: Resource) -> None:
+        uid = doc["uid"]
+        run = self._resource_owner(doc, "resource")
         run.resources[uid] = None
         if len(run.resources) > self._config.max_resources_per_run:
             oldest = next(iter(run.resources))
@@ -444,12 +451,7 @@ class BlueskyRouter(DocumentRouter):
 
     def stream_resource(self, doc: StreamResource) -> None:
         uid = doc["uid"]
-        run_uid = doc.get("run_start")
-        if run_uid is None and len(self._runs) == 1:
-            run_uid = next(iter(self._runs))
-        run = self._run(run_uid, f"stream_resource {uid}")
-        if uid in self._resource_run:
-            raise _Reject("duplicate_uid", f"stream_resource {uid} seen before")
+        run = self._resource_owner(doc, "stream_resource")
         for name in ("data_key", "mimetype", "uri"):
             if not isinstance(doc[name], str):
                 raise _Reject("bad_document", f"stream_resource {uid}: {name} is not a string")
