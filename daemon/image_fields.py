@@ -51,12 +51,15 @@ class Frame:
 
 
 def declared_shape(data_key: Mapping[str, Any]) -> Shape | None:
-    """The data key's shape, None when it declares none (no list, or not 2 to 4 axes)."""
+    """The data key's shape, None when it declares none (no list, or not 2 to 4 axes). Trailing
+    unknown axes beyond two are dropped (ophyd's area detectors may say [H, W, 0])."""
     shape = data_key.get("shape")
     if not isinstance(shape, list | tuple) or not 2 <= len(shape) <= 4:
         return None
-    return tuple(int(d) if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
-                 for d in shape)
+    out = [int(d) if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in shape]
+    while len(out) > 2 and out[-1] is None:
+        out.pop()
+    return tuple(out)
 
 
 def _is_color(shape: Sequence[int | None]) -> bool:
