@@ -108,18 +108,26 @@ def _arc(points: np.ndarray) -> np.ndarray:
 
 
 def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, step: float = 0.25) -> float:
-    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px."""
+    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px.
+
+    The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
+    on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
+    """
     h, w = mask.shape
     n = int(2 * (h + w) / step) + 2
-    t = np.arange(1, n) * step
+    t = np.arange(0, n) * step
     xs = start[0] + t * direction[0]
     ys = start[1] + t * direction[1]
-    c, r = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
-    inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
-    inside[inside] = mask[r[inside], c[inside]]
-    out = np.nonzero(~inside)[0]
-    k = int(out[0]) if out.size else n - 1
-    return float(k * step + 0.5 * step) if k > 0 else 0.5 * step
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    last = int(np.argmin(inside)) if not inside.all() else n
+    v = ndimage.map_coordinates(mask.astype(np.float32), [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
+    below = np.nonzero(v < 0.5)[0]
+    k = int(below[0]) if below.size else last - 1
+    if k == 0:
+        return 0.0
+    v0, v1 = float(v[k - 1]), float(v[k]) if below.size else 0.0
+    frac = (v0 - 0.5) / (v0 - v1) if v0 != v1 else 0.5
+    return float((k - 1 + frac) * step)
 
 
 def centreline(mask: np.ndarray) -> Centreline | None:
