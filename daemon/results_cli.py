@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -166,10 +166,10 @@ def run_rows(
     for uid in shapes:
         idx = [i for i, p in enumerate(particles) if p["frame_uid"] == uid]
         if idx:
-            col = {k: np.array([particles[i][k] for i in idx], dtype=np.float64)
+            col = {k: np.array([np.nan if particles[i][k] is None else particles[i][k] for i in idx], dtype=np.float64)
                    for k in ("touches_edge", "bbox_width_px", "bbox_height_px")}  # fmt: skip
             weights[idx] = edge_weights(edge_rule, col["touches_edge"] > 0, col["bbox_width_px"],
-                                        col["bbox_height_px"], shapes[uid])  # type: ignore[arg-type]
+                                        col["bbox_height_px"], shapes[uid])
     rows = []
     names = [*INTERVAL_COLUMNS, *(c.replace("_px", "_nm").replace("area_nm", "area_nm2") for c in INTERVAL_COLUMNS if c.endswith("_px"))]
     for name in names:
@@ -223,6 +223,8 @@ def export_run(
     stored = reader.particles(run_uid)
     frames = reader.frames(run_uid)
     rule = edge_rule or next((f.summary.get("edge_rule") for f in frames if f.summary.get("edge_rule")), "include")
+    if rule not in EDGE_RULES:
+        raise ResultsError(f"edge rule must be one of {', '.join(EDGE_RULES)}, got {rule!r}")
     particles = particle_rows(stored, run_uid)
     if names == "imagej":
         pixel = next((f.summary.get("pixel_size_nm") for f in frames if f.summary.get("pixel_size_nm")), None)
@@ -231,7 +233,7 @@ def export_run(
     tables = {
         "particles": (particles, particle_cols),
         "frames": (frame_rows(frames), ["run_uid", "frame_uid", "seq_num"]),
-        "run": (run_rows(stored, frames, rule), ["run_uid", "column", "edge_rule"]),
+        "run": (run_rows(stored, frames, cast(EdgeRule, rule)), ["run_uid", "column", "edge_rule"]),
     }
     write = _write_parquet if fmt == "parquet" else _write_csv
     if fmt == "parquet":

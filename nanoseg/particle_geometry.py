@@ -180,7 +180,7 @@ def centreline(mask: np.ndarray) -> Centreline | None:
 def _index_at(points: np.ndarray, distance: float) -> int:
     """Index of the first point at least ``distance`` along ``points`` from the first."""
     arc = _arc(points)
-    return int(min(np.searchsorted(arc, distance), len(points) - 1))
+    return min(int(np.searchsorted(arc, distance)), len(points) - 1)
 
 
 def _degenerate_axis(mask: np.ndarray, centre: np.ndarray) -> np.ndarray:

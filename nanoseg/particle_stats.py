@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 from scipy.spatial import ConvexHull, QhullError
@@ -248,7 +249,9 @@ def particle_table(
             mean_od[i] = float(od[y0:y1, x0:x1][crop].mean())
     area = np.nan_to_num(cols["area_px"], nan=0.0).astype(np.int64)
     nm = pixel_size_nm
-    scaled = {c: (cols[c.removesuffix("_nm") + "_px"] * nm if nm else None) for c in COLUMNS_NM if c != "area_nm2"}
+    scaled: dict[str, Any] = {
+        c: (cols[c.removesuffix("_nm") + "_px"] * nm if nm else None) for c in COLUMNS_NM if c != "area_nm2"
+    }
     return ParticleTable(
         area_px=area,
         **{k: v for k, v in cols.items() if k != "area_px"},

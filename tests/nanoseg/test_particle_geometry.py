@@ -58,7 +58,7 @@ def test_centreline_length_and_mean_width_match_truth(kind: str) -> None:
 
 
 def test_tapered_width_profile_runs_from_full_to_narrow() -> None:
-    m, g = _mask(200, 24, 30.0, taper=0.5)
+    m, _g = _mask(200, 24, 30.0, taper=0.5)
     cl = centreline(m)
     assert cl is not None
     assert cl.width_px.max() == pytest.approx(24, abs=2.0) and cl.width_px.min() == pytest.approx(12, abs=2.0)
@@ -69,7 +69,7 @@ def test_tapered_width_profile_runs_from_full_to_narrow() -> None:
 
 @pytest.mark.parametrize("angle", [0.0, 17.0, 45.0, 90.0, 123.4, 160.0])
 def test_min_feret_of_a_straight_prism_is_its_width(angle: float) -> None:
-    m, g = _mask(150, 14.6, angle)
+    m, _g = _mask(150, 14.6, angle)
     f = feret(m)
     assert f.min_px == pytest.approx(14.6, abs=0.5)
     assert f.max_px == pytest.approx(math.hypot(150, 14.6), abs=1.5)
