@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import ConvexHull, QhullError
 from skimage.morphology import skeletonize
 
+SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
 FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
 _NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))  # half of the 8-neighbourhood: each edge once
@@ -139,9 +140,20 @@ def centreline(mask: np.ndarray) -> Centreline | None:
         return None
     padded = np.pad(mask, 1)
     edt = ndimage.distance_transform_edt(padded)
-    path = _longest_path(skeletonize(padded)).astype(np.float64)
-    xy = path[:, ::-1] + 0.5  # (x, y) pixel centres in the padded frame
-    half = edt[path[:, 0].astype(int), path[:, 1].astype(int)]
+    # a wide wire's skeleton is found on a coarser grid (blocks of s x s px, majority vote): the
+    # centreline is sampled every ~half width anyway, and thinning costs ~ area x half width
+    s = max(1, int(float(edt.max()) // SKELETON_PX_PER_BLOCK))
+    if s > 1:
+        h, w = padded.shape
+        grid = np.pad(padded, ((0, -h % s), (0, -w % s)))
+        coarse = grid.reshape(grid.shape[0] // s, s, grid.shape[1] // s, s).mean(axis=(1, 3)) >= 0.5
+        coarse = coarse if coarse.any() else grid.reshape(grid.shape[0] // s, s, grid.shape[1] // s, s).any(axis=(1, 3))
+    else:
+        coarse = padded
+    path = _longest_path(skeletonize(coarse)).astype(np.float64)
+    xy = path[:, ::-1] * s + 0.5 * s  # (x, y) block centres in the padded frame, px
+    rc = np.clip(np.floor(xy[:, ::-1]).astype(int), 0, np.array(padded.shape) - 1)
+    half = edt[rc[:, 0], rc[:, 1]]
     arc = _arc(xy)
     total = arc[-1]
     # cut the corner spurs: the last ~half width at each end is the skeleton's fork into corners
@@ -151,7 +163,7 @@ def centreline(mask: np.ndarray) -> Centreline | None:
         keep = np.ones_like(keep)
         keep[1:-1] = False if len(keep) > 2 else keep[1:-1]
     core, core_arc = xy[keep], arc[keep]
-    step = max(2.0, min(float(np.median(half)), 0.1 * (core_arc[-1] - core_arc[0]) + 1.0))
+    step = max(2.0 * s, min(float(np.median(half)), 0.1 * (core_arc[-1] - core_arc[0]) + 1.0))
     targets = np.arange(core_arc[0], core_arc[-1], step)
     idx = np.unique(np.concatenate([np.searchsorted(core_arc, targets), [len(core) - 1]]))
     idx = idx[idx < len(core)]
@@ -201,12 +213,15 @@ class Feret:
     angle_deg: float
 
 
-def boundary_pixels(mask: np.ndarray) -> np.ndarray:
-    """(M, 2) x, y pixel centres (px) of the mask's pixels with a 4-neighbour outside it."""
-    p = np.pad(mask, 1)
-    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    rr, cc = np.nonzero(mask & ~inner)
-    return np.stack([cc, rr], axis=1).astype(np.float64) + 0.5
+def hull_candidates(mask: np.ndarray) -> np.ndarray:
+    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices: each row's first and last
+    pixel (every other pixel of a row lies between them, so the hull is theirs)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    xs = np.concatenate([first, last]).astype(np.float64)
+    ys = np.concatenate([rows, rows]).astype(np.float64)
+    return np.stack([xs, ys], axis=1) + 0.5
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray | None:
@@ -224,7 +239,7 @@ def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:
 
     ``hull``: the convex hull of the mask's pixel centres when the caller has it.
     """
-    pts = boundary_pixels(mask)
+    pts = hull_candidates(mask)
     if hull is None:
         hull = convex_hull(pts)
     if hull is None:  # at most two pixels, or one straight line of pixels

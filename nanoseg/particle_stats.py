@@ -30,7 +30,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import perimeter
 
 from nanoseg.instances import mask_boxes
-from nanoseg.particle_geometry import Centreline, boundary_pixels, centreline, convex_hull, feret
+from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
 from nanoseg.summary_stats import EdgeRule, Stat, edge_weights, stat_with_interval
 
 COLUMNS_PX = (
@@ -175,7 +175,7 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
     major, minor = 4 * math.sqrt(l1 + 1 / 12), 4 * math.sqrt(l2 + 1 / 12)
     per = float(perimeter(crop))
-    hull = convex_hull(boundary_pixels(crop))
+    hull = convex_hull(hull_candidates(crop))
     # the hull of the pixels' corners (ImageJ's convex hull) is that of the centre hull's corners
     corners = (np.vstack([np.argwhere(crop)[:, ::-1] + 0.5] if hull is None else [hull])[:, None, :]
                + np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])).reshape(-1, 2)
