@@ -42,7 +42,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import DEFAULT_MODEL, machine_facts, print_table, write_json  # a script beside its helper
+from bench_common import (  # a script beside its helper
+    DEFAULT_MODEL,
+    machine_facts,
+    print_table,
+    write_json,
+)
 
 from nanoseg.particle_stats import frame_summary, particle_table
 from nanoseg.summary_stats import EDGE_RULES, edge_weights, weighted_stats
@@ -68,7 +73,7 @@ def geometries(kind: str, rng: np.random.Generator) -> list[Any]:
     """The wires of one field of ``kind`` (see the module)."""
     from nanoseg_training.wire_geometry import WireGeometry
 
-    out = []
+    out: list[Any] = []
     n = 12 if kind == "field" else 10
     while len(out) < n:
         length, width = _loguniform(rng, 80, 400), _loguniform(rng, 12, 40)
@@ -155,8 +160,8 @@ def ground_truth_masks(fields: dict[str, list[Any]]) -> dict[str, Any]:
             for k, v in errors(table, truth_of(scene, kind), kind).items():
                 acc.setdefault(k, []).append(v)
         e = {k: np.concatenate(v) for k, v in acc.items()}
-        res = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "n": int(v.size)}
-               for k, v in e.items()}  # fmt: skip
+        res: dict[str, Any] = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
+                                   "n": int(v.size)} for k, v in e.items()}  # fmt: skip
         res["stats_ms_per_frame"] = 1000 * float(np.median(t_stats))
         result[kind] = res
         mf = res.get("min_feret_abs")
@@ -171,8 +176,9 @@ def ground_truth_masks(fields: dict[str, list[Any]]) -> dict[str, Any]:
 
 def counting_rules(scenes: list[Any]) -> dict[str, Any]:
     """Pooled mean length of the field set under each rule, against whole wires' true mean."""
-    lengths, weights = {r: [] for r in EDGE_RULES}, {r: [] for r in EDGE_RULES}
-    drawn = []
+    lengths: dict[str, list[np.ndarray]] = {r: [] for r in EDGE_RULES}
+    weights: dict[str, list[np.ndarray]] = {r: [] for r in EDGE_RULES}
+    drawn: list[float] = []
     for scene in scenes:
         masks = np.stack([w.full_mask(SHAPE) for w in scene.wires])
         t = particle_table(masks)
@@ -206,7 +212,7 @@ def match(pred: np.ndarray, gt: np.ndarray, min_iou: float = 0.5) -> list[tuple[
     inter = p @ g.T
     union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
     iou = inter / np.maximum(union, 1)
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     while True:
         i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
         if iou[i, j] < min_iou:
@@ -227,7 +233,8 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
     engine = engine_from_checkpoint(ckpt, args.engine, "cpu", args.threads)
     seg = Segmenter.for_checkpoint(engine, ckpt, PostprocessConfig())
     per_kind = max(1, args.model_images // 3)
-    rows, result = [], {}
+    rows: list[list[Any]] = []
+    result: dict[str, Any] = {}
     seg_s, stats_s, wires_per_frame = [], [], []
     seg.segment_gray(render(fields["straight"][0], np.random.default_rng(0)).gray)  # warm-up
     for kind in ("straight", "bent", "tapered"):
@@ -257,8 +264,8 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
             acc.setdefault("width_abs", []).append(np.abs(table.width_px[pi] - truth["width"][gi]))
             acc.setdefault("length_rel_alone", []).append(np.abs(table.length_px[pi] / truth["length"][gi] - 1)[alone])
         e = {k: np.concatenate(v) for k, v in acc.items()}
-        res = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "n": int(v.size)}
-               for k, v in e.items() if v.size}  # fmt: skip
+        res: dict[str, Any] = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
+                                   "n": int(v.size)} for k, v in e.items() if v.size}  # fmt: skip
         res["detected"], res["wires"] = detected, total
         result[kind] = res
         la = res.get("length_rel_alone", {"median": math.nan})
