@@ -59,6 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--edge-rule", choices=list(EDGE_RULES), default=None,
                    help="counting rule of the run summary (default: the one the frames were summarised with)")
     q.add_argument("--out", required=True, help="output directory (created if needed)")
+    q = rs.add_parser("report", help="one run's distributions and growth with 95 %% intervals (PNG and HTML)")
+    q.add_argument("run_uid", help="the run's uid, or a prefix that names one run")
+    store_args(q)
+    q.add_argument("--edge-rule", choices=list(EDGE_RULES), default=None,
+                   help="counting rule (default: the one the frames were summarised with)")
+    q.add_argument("--out", required=True, help="output directory (created if needed)")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -69,6 +75,12 @@ def cmd_results(args: argparse.Namespace) -> int:
         reader = ResultReader(path)
         if args.results_command == "list":
             _list(reader, args.json)
+        elif args.results_command == "report":
+            from nanoseg_daemon.results_report import write_report
+
+            uid = _resolve_run(reader, args.run_uid)
+            for line in write_report(reader, uid, _edge_rule(reader.frames(uid), args.edge_rule), Path(args.out)):
+                print(line)
         else:
             for line in export_run(reader, args.run_uid, args.format, Path(args.out), args.names, args.edge_rule):
                 print(line)
@@ -210,6 +222,14 @@ def imagej_rows(rows: list[dict[str, Any]], pixel_size_nm: float | None) -> list
     return out
 
 
+def _edge_rule(frames: list[FrameRecord], asked: str | None) -> EdgeRule:
+    """The rule asked for, else the one the run's frames were summarised with (else include)."""
+    rule = asked or next((f.summary.get("edge_rule") for f in frames if f.summary.get("edge_rule")), "include")
+    if rule not in EDGE_RULES:
+        raise ResultsError(f"edge rule must be one of {', '.join(EDGE_RULES)}, got {rule!r}")
+    return cast(EdgeRule, rule)
+
+
 def export_run(
     reader: ResultReader, run_uid: str, fmt: str, out: Path, names: str = "native", edge_rule: str | None = None
 ) -> list[str]:
@@ -222,9 +242,7 @@ def export_run(
                      "mask_height", "mask_width", "mask_counts"]  # fmt: skip
     stored = reader.particles(run_uid)
     frames = reader.frames(run_uid)
-    rule = edge_rule or next((f.summary.get("edge_rule") for f in frames if f.summary.get("edge_rule")), "include")
-    if rule not in EDGE_RULES:
-        raise ResultsError(f"edge rule must be one of {', '.join(EDGE_RULES)}, got {rule!r}")
+    rule = _edge_rule(frames, edge_rule)
     particles = particle_rows(stored, run_uid)
     if names == "imagej":
         pixel = next((f.summary.get("pixel_size_nm") for f in frames if f.summary.get("pixel_size_nm")), None)
@@ -233,7 +251,7 @@ def export_run(
     tables = {
         "particles": (particles, particle_cols),
         "frames": (frame_rows(frames), ["run_uid", "frame_uid", "seq_num"]),
-        "run": (run_rows(stored, frames, cast(EdgeRule, rule)), ["run_uid", "column", "edge_rule"]),
+        "run": (run_rows(stored, frames, rule), ["run_uid", "column", "edge_rule"]),
     }
     write = _write_parquet if fmt == "parquet" else _write_csv
     if fmt == "parquet":

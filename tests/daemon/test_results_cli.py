@@ -135,3 +135,15 @@ def test_export_imagej_names_rounding_and_run_summary(state_dir, tmp_path):
     touching = sum(int(p["touches_edge"]) for p in parts)
     assert int(length["counted"]) == 6 - touching
     assert float(run["length_nm"]["median"]) == pytest.approx(5.0 * float(length["median"]), abs=0.1)
+
+
+def test_report_writes_figure_and_page_with_the_run_summary(state_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["results", "report", "aaaa", "--state-dir", str(state_dir), "--out", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    page = (out / "report.html").read_text()
+    assert "counting rule" in page.lower() and "<b>include</b>" in page and "data:image/png;base64," in page
+    assert page.count("<tr>") == 1 + 11  # header + the interval columns in px and nm
+    assert "<td>length_nm</td>" in page
