@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from nanoseg.particle_stats import COLUMNS_FLAG, INTERVAL_COLUMNS
+from nanoseg.particle_stats import COLUMNS_FLAG, INTERVAL_COLUMNS, round_value
 from nanoseg.summary_stats import EDGE_RULES, EdgeRule, edge_weights, stat_with_interval
 
 if TYPE_CHECKING:
@@ -266,29 +266,13 @@ def export_run(
     return lines
 
 
-def round_value(column: str, value: Any) -> Any:
-    """``value`` rounded for a CSV cell by what ``column`` measures (units in the name)."""
-    if not isinstance(value, float):
-        return value
-    if column.endswith("_nm2"):
-        return round(value)
-    for suffix, digits in (("_px", 2), ("_nm", 1), ("_deg", 2), ("_s", 4)):
-        if column.endswith(suffix) or f"{suffix}_" in column:
-            return round(value, digits)
-    if column in ("timestamp", "stored_at"):
-        return round(value, 3)
-    if column in ("centroid_x", "centroid_y", "box_x0", "box_y0", "box_x1", "box_y1", "X", "Y"):
-        return round(value, 2)
-    return float(f"{value:.4g}") if abs(value) >= 1e4 else round(value, 4)
-
-
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
     """A CSV row, rounded; ImageJ's columns as the column they were taken from."""
     alias: dict[str, str] = {}
     if "Unit" in row:
         nm = row["Unit"] == "nm"
         alias = {name: c_nm if nm else c_px for name, c_nm, c_px in IMAGEJ_COLUMNS}
-        alias |= {"X": "x_nm", "Y": "y_nm"} if nm else {}
+        alias |= {"X": "x_nm", "Y": "y_nm"} if nm else {"X": "centroid_x", "Y": "centroid_y"}
     return {k: round_value(alias.get(k, k), v) for k, v in row.items()}
 
 

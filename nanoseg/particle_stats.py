@@ -139,9 +139,11 @@ class ParticleTable:
                 out[f.name] = v
         return out
 
-    def to_records(self) -> list[dict[str, float | int | bool | None]]:
-        """One JSON-serialisable dict per particle (NaN -> None)."""
+    def to_records(self, rounded: bool = False) -> list[dict[str, float | int | bool | None]]:
+        """One JSON-serialisable dict per particle (NaN -> None); ``rounded``: by ``round_value``."""
         cols = {k: [_json_number(x) for x in v.tolist()] for k, v in self.columns().items()}
+        if rounded:
+            cols = {k: [round_value(k, x) for x in v] for k, v in cols.items()}
         return [{k: cols[k][i] for k in cols} for i in range(len(self))]
 
     def to_dict(self) -> dict[str, object]:
@@ -152,6 +154,26 @@ class ParticleTable:
             "covered_px": self.covered_px,
             "columns": {k: [_json_number(x) for x in v.tolist()] for k, v in self.columns().items()},
         }
+
+
+def round_value(column: str, value: Any) -> Any:
+    """``value`` rounded for a CSV cell by what ``column`` measures (units in the name).
+
+    0.01 px, 0.1 nm, 1 nm^2, 0.01 deg, 0.1 ms (``*_s``: 4 decimals), 1 ms for epoch times,
+    4 decimals (4 significant digits from 10^4) for ratios and fractions. Other types unchanged.
+    """
+    if not isinstance(value, float):
+        return value
+    if column.endswith("_nm2") or "_nm2_" in column:
+        return float(round(value))
+    for suffix, digits in (("_px", 2), ("_nm", 1), ("_deg", 2), ("_s", 4)):
+        if column.endswith(suffix) or f"{suffix}_" in column:
+            return round(value, digits)
+    if column in ("timestamp", "stored_at"):
+        return round(value, 3)
+    if column in ("centroid_x", "centroid_y", "box_x0", "box_y0", "box_x1", "box_y1"):
+        return round(value, 2)
+    return float(f"{value:.4g}") if abs(value) >= 1e4 else round(value, 4)
 
 
 def _json_number(x: float | int | bool) -> float | int | bool | None:
