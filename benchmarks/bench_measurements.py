@@ -11,8 +11,9 @@ log-uniform in 80..400 px, widths log-uniform in 12..40 px, random angles:
 - straight, bent (parabolic bow, sagitta 5-15 % of the length), tapered (end width 50-80 % of
   the start): 10 wires per field, each wholly inside it (wires may overlap: every wire's own
   footprint, the amodal mask, is what is measured);
-- field: 12 straight wires whose centres are uniform over the field and a margin as long as the
-  longest wire, so the frame cuts wires as a microscope's field of view does (truth: the visible
+- field: 30 straight wires drawn with centres uniform over the field and a margin of half the
+  longest wire (those that miss the field are not deposited), so the frame cuts wires as a
+  microscope's field of view does (truth: the visible
   part of the axis; the counting rules are scored against the mean length of whole wires).
 
 Truth: ``centreline_length`` (arc length of the bent axis) and ``mean_width`` (footprint area /
@@ -54,6 +55,7 @@ from nanoseg.summary_stats import EDGE_RULES, edge_weights, weighted_stats
 
 SHAPE = (512, 512)
 KINDS = ("straight", "bent", "tapered", "field")
+MAX_LENGTH = 400.0
 
 
 def scene_config() -> Any:
@@ -74,16 +76,16 @@ def geometries(kind: str, rng: np.random.Generator) -> list[Any]:
     from nanoseg_training.wire_geometry import WireGeometry
 
     out: list[Any] = []
-    n = 12 if kind == "field" else 10
+    n = 30 if kind == "field" else 10  # most field draws miss the frame
     while len(out) < n:
-        length, width = _loguniform(rng, 80, 400), _loguniform(rng, 12, 40)
+        length, width = _loguniform(rng, 80, MAX_LENGTH), _loguniform(rng, 12, 40)
         angle = float(rng.uniform(0, 180))
         sag = float(rng.uniform(0.05, 0.15) * length * rng.choice([-1, 1])) if kind == "bent" else 0.0
         taper = float(rng.uniform(0.2, 0.5)) if kind == "tapered" else 0.0
         ux, uy = math.cos(math.radians(angle)), -math.sin(math.radians(angle))
         half = 0.5 * length * max(abs(ux), abs(uy)) + width + abs(sag)
-        if kind == "field":
-            cx, cy = rng.uniform(-0.5 * length, SHAPE[1] + 0.5 * length, 2)
+        if kind == "field":  # the same region for every length: a stationary deposit
+            cx, cy = rng.uniform(-MAX_LENGTH / 2, SHAPE[1] + MAX_LENGTH / 2, 2)
         else:
             if 2 * half >= min(SHAPE) - 4:
                 continue
@@ -135,10 +137,14 @@ def truth_of(scene: Any, kind: str) -> dict[str, np.ndarray]:
 def errors(table: Any, truth: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     true_len = truth["visible_length"]
     ok = true_len > 3 * truth["width"]  # a sliver of a cut wire has no length to speak of
+    ok &= table.area_px > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.abs(table.length_px / true_len - 1)
+        major_rel = np.abs(np.sqrt(3) / 2 * table.major_px / true_len - 1)
     out = {
-        "length_rel": np.abs(table.length_px / true_len - 1)[ok],
+        "length_rel": rel[ok],
         "width_abs": np.abs(table.width_px - truth["width"])[ok & ~truth["cut"]],
-        "major_length_rel": np.abs(np.sqrt(3) / 2 * table.major_px / true_len - 1)[ok],
+        "major_length_rel": major_rel[ok],
     }
     if kind in ("straight", "field"):
         inside = ok & ~truth["cut"]
@@ -189,7 +195,7 @@ def counting_rules(scenes: list[Any]) -> dict[str, Any]:
             weights[rule].append(w)
     # the deposited wires are seen in proportion to how likely a field is to catch them; the
     # population of whole wires is the drawn one: log-uniform 80..400 px
-    true_mean = (400 - 80) / math.log(400 / 80)
+    true_mean = (MAX_LENGTH - 80) / math.log(MAX_LENGTH / 80)
     out: dict[str, Any] = {"true_mean_length_px": true_mean}
     rows = []
     for rule in EDGE_RULES:

@@ -10,8 +10,8 @@ the epoch. A particle's mask is its COCO RLE: ``mask_height``, ``mask_width``, `
 CSV values are rounded to what a measurement can carry (``round_value``: 0.01 px, 0.1 nm,
 1 nm^2, 0.01 deg, 4 decimals for ratios); Parquet keeps the stored float64 values.
 ``--names imagej`` puts ImageJ/Fiji "Analyze Particles" columns first (Area, Perim., Major,
-Minor, Angle, Circ., Feret, FeretAngle, MinFeret, AR, Round, Solidity, X, Y) in nm where the run
-has a pixel size, else px (column ``Unit``), followed by every native column.
+Minor, Angle, Circ., Feret, FeretAngle, MinFeret, Solidity, AR, Round, X, Y, Width, Height, Mean)
+in nm where the run has a pixel size, else px (column ``Unit``), followed by every native column.
 """
 
 from __future__ import annotations
@@ -203,6 +203,8 @@ IMAGEJ_COLUMNS = (
     ("Solidity", "solidity", "solidity"),
 )  # fmt: skip
 """ImageJ "Analyze Particles" name, our calibrated column, our px column (same definitions)."""
+IMAGEJ_DERIVED = ("AR", "Round", "X", "Y", "Width", "Height", "Mean")
+"""ImageJ's columns computed from ours: major / minor, minor / major, centroid, box, mean OD."""
 
 
 def imagej_rows(rows: list[dict[str, Any]], pixel_size_nm: float | None) -> list[dict[str, Any]]:
@@ -215,8 +217,10 @@ def imagej_rows(rows: list[dict[str, Any]], pixel_size_nm: float | None) -> list
         ij["AR"] = major / minor if major and minor else None
         ij["Round"] = minor / major if major and minor else None
         scale = pixel_size_nm if calibrated and pixel_size_nm else 1.0
-        ij["X"] = None if r.get("centroid_x") is None else r["centroid_x"] * scale
-        ij["Y"] = None if r.get("centroid_y") is None else r["centroid_y"] * scale
+        for name, col in (("X", "centroid_x"), ("Y", "centroid_y"), ("Width", "bbox_width_px"),
+                          ("Height", "bbox_height_px")):
+            ij[name] = None if r.get(col) is None else r[col] * scale
+        ij["Mean"] = r.get("mean_od")
         ij["Unit"] = "nm" if calibrated else "px"
         out.append({**ij, **r})
     return out
@@ -247,7 +251,7 @@ def export_run(
     if names == "imagej":
         pixel = next((f.summary.get("pixel_size_nm") for f in frames if f.summary.get("pixel_size_nm")), None)
         particles = imagej_rows(particles, pixel)
-        particle_cols = [*(n for n, _, _ in IMAGEJ_COLUMNS), "AR", "Round", "X", "Y", "Unit", *particle_cols]
+        particle_cols = [*(n for n, _, _ in IMAGEJ_COLUMNS), *IMAGEJ_DERIVED, "Unit", *particle_cols]
     tables = {
         "particles": (particles, particle_cols),
         "frames": (frame_rows(frames), ["run_uid", "frame_uid", "seq_num"]),
@@ -272,7 +276,7 @@ def _rounded(row: dict[str, Any]) -> dict[str, Any]:
     if "Unit" in row:
         nm = row["Unit"] == "nm"
         alias = {name: c_nm if nm else c_px for name, c_nm, c_px in IMAGEJ_COLUMNS}
-        alias |= {"X": "x_nm", "Y": "y_nm"} if nm else {"X": "centroid_x", "Y": "centroid_y"}
+        alias |= {k: f"{k}_nm" if nm else f"{k}_px" for k in ("X", "Y", "Width", "Height")}
     return {k: round_value(alias.get(k, k), v) for k, v in row.items()}
 
 

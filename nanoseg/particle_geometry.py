@@ -108,20 +108,22 @@ def _arc(points: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(steps)])
 
 
-def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, step: float = 0.25) -> float:
-    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px.
+def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, reach: float,
+                   step: float = 0.25) -> float:
+    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px (at most
+    ``reach``); ``mask`` as float32.
 
     The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
     on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
     """
     h, w = mask.shape
-    n = int(2 * (h + w) / step) + 2
+    n = int(min(2 * (h + w), reach) / step) + 2
     t = np.arange(0, n) * step
     xs = start[0] + t * direction[0]
     ys = start[1] + t * direction[1]
     inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
     last = int(np.argmin(inside)) if not inside.all() else n
-    v = ndimage.map_coordinates(mask.astype(np.float32), [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
+    v = ndimage.map_coordinates(mask, [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
     below = np.nonzero(v < 0.5)[0]
     k = int(below[0]) if below.size else last - 1
     if k == 0:
@@ -172,12 +174,13 @@ def centreline(mask: np.ndarray) -> Centreline | None:
         samples = _degenerate_axis(padded, samples[0])
     ends = []
     span = max(2.0 * step, 1.0)
+    fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0
     for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
                            (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
         d = end - inner_dir
         norm = float(np.hypot(*d))
         d = d / norm if norm > 0 else np.array([1.0, 0.0])
-        ends.append(end + d * _exit_distance(padded, end, d))
+        ends.append(end + d * _exit_distance(fmask, end, d, reach))
     pts = np.vstack([ends[0], samples, ends[1]])
     length = float(_arc(pts)[-1])
     rc = np.clip(np.floor(samples[:, ::-1]).astype(int), 0, np.array(padded.shape) - 1)

@@ -16,7 +16,10 @@ centres) plus 1/12 (the pixel's own inertia) give ``major_px`` = 4 sqrt(l1 + 1/1
 ``minor_px`` = 4 sqrt(l2 + 1/12), the axes of the ellipse with the mask's moments; the rectangle
 with those moments (the length and width of earlier versions) is sqrt(3) / 2 of them.
 ``orientation_deg`` is the major axis's direction. For a stubby particle (major < 2.5 minor) the
-skeleton is mostly corner spurs, so its length is that rectangle's, sqrt(12 l1 + 1).
+skeleton is mostly corner spurs, so its length is that rectangle's, sqrt(12 l1 + 1). A mask in
+several pieces (a wire seen in parts, e.g. under a crossing wire) has the sum of its pieces'
+centreline lengths (the hidden gaps are not counted); its profile, tortuosity and bow are its
+longest piece's.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
-from scipy.spatial import ConvexHull, QhullError
+from scipy import ndimage
 from skimage.measure import perimeter
 
 from nanoseg.instances import mask_boxes
@@ -45,6 +48,8 @@ COLUMNS_NM = (
     "bow_nm", "major_nm", "minor_nm", "perimeter_nm",
 )  # fmt: skip
 """The particle table's columns, in order: px geometry, flags (bool), then nm (with a pixel size)."""
+MIN_PIECE_SHARE = 0.1
+"""A mask in pieces: pieces below this share of its area are left out of the centreline length."""
 STUBBY_ASPECT = 2.5
 """Below this moment aspect ratio (major / minor) length is the moment rectangle's, not the skeleton's."""
 
@@ -180,11 +185,16 @@ def _json_number(x: float | int | bool) -> float | int | bool | None:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def _hull_area(points: np.ndarray) -> float:
-    try:
-        return float(ConvexHull(points).volume)
-    except QhullError:  # all on one line: no area
-        return 0.0
+def _corner_hull_area(hull: np.ndarray) -> float:
+    """Area (px^2) of the convex hull of the pixels' corners, from the hull of their centres.
+
+    That hull is the centres' hull grown by a unit square (a Minkowski sum): its area is the
+    polygon's plus, for each edge, its length times the square's half extent across it, plus 1.
+    """
+    x, y = hull[:, 0], hull[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    e = np.roll(hull, -1, axis=0) - hull
+    return area + 0.5 * float(np.sum(np.abs(e[:, 0]) + np.abs(e[:, 1]))) + 1.0
 
 
 def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
@@ -198,17 +208,22 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     major, minor = 4 * math.sqrt(l1 + 1 / 12), 4 * math.sqrt(l2 + 1 / 12)
     per = float(perimeter(crop))
     hull = convex_hull(hull_candidates(crop))
-    # the hull of the pixels' corners (ImageJ's convex hull) is that of the centre hull's corners
-    corners = (np.vstack([np.argwhere(crop)[:, ::-1] + 0.5] if hull is None else [hull])[:, None, :]
-               + np.array([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])).reshape(-1, 2)
-    hull_area = _hull_area(corners)
-    cl = centreline(crop)
+    hull_area = _corner_hull_area(hull) if hull is not None else float(area)
     f = feret(crop, hull)
-    if cl is not None and major < STUBBY_ASPECT * minor:
-        # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is exact
-        # for a straight prism and has no spurs to cut
-        cl = _rescaled(cl, math.sqrt(12 * l1 + 1))
-    length = cl.length_px if cl else math.nan
+    pieces, n = ndimage.label(crop)
+    if n > 1:  # a wire seen in pieces (e.g. under a crossing one): its pieces' centrelines add up
+        sizes = np.bincount(pieces.ravel())[1:]
+        lines = [centreline(pieces == k + 1) for k in np.flatnonzero(sizes >= MIN_PIECE_SHARE * area)]
+        found = [c for c in lines if c is not None]
+        cl = max(found, key=lambda c: c.length_px) if found else None
+        length = sum(c.length_px for c in found) if found else math.nan
+    else:
+        cl = centreline(crop)
+        if cl is not None and major < STUBBY_ASPECT * minor:
+            # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is
+            # exact for a straight prism and has no spurs to cut
+            cl = _rescaled(cl, math.sqrt(12 * l1 + 1))
+        length = cl.length_px if cl else math.nan
     width = float(area) / length if cl and length > 0 else math.nan
     row = {
         "area_px": float(area),

@@ -120,12 +120,13 @@ def test_export_imagej_names_rounding_and_run_summary(state_dir, tmp_path):
         reader = csv.DictReader(f)
         parts = list(reader)
         header = reader.fieldnames or []
-    assert header[:15] == ["Area", "Perim.", "Major", "Minor", "Angle", "Circ.", "Feret", "FeretAngle",
-                           "MinFeret", "Solidity", "AR", "Round", "X", "Y", "Unit"]  # fmt: skip
+    assert header[:18] == ["Area", "Perim.", "Major", "Minor", "Angle", "Circ.", "Feret", "FeretAngle", "MinFeret",
+                           "Solidity", "AR", "Round", "X", "Y", "Width", "Height", "Mean", "Unit"]  # fmt: skip
     for p, wire in zip(parts, WIRES):
         assert p["Unit"] == "nm" and p["MinFeret"] == p["min_feret_nm"] and p["Area"] == p["area_nm2"]
         assert float(p["MinFeret"]) == pytest.approx(5.0 * wire[3], abs=5.0)
         assert len(p["length_px"].partition(".")[2]) <= 2 and len(p["length_nm"].partition(".")[2]) <= 1
+        assert float(p["Width"]) == pytest.approx(5.0 * float(p["bbox_width_px"])) and p["Mean"] == ""
         assert float(p["AR"]) == pytest.approx(float(p["Major"]) / float(p["Minor"]), rel=5e-3)  # of rounded axes
     with (out / "run.csv").open() as f:
         run = {r["column"]: r for r in csv.DictReader(f)}

@@ -85,3 +85,12 @@ def test_edge_touching_and_overlap_flags() -> None:
     assert t.overlapped.tolist() == [True, False, True]
     assert t.length_px[1] == pytest.approx(70, abs=1.5)  # only the visible part is measured
     assert t.bbox_width_px.tolist()[1] == 70 and t.bbox_height_px[0] == 10
+
+
+def test_a_wire_seen_in_two_pieces_adds_their_lengths() -> None:
+    m, _ = _mask(120, 12, 0.0)
+    cols = np.flatnonzero(m.any(axis=0))
+    m[:, cols[0] + 55 : cols[0] + 65] = False  # a crossing wire hides 10 px of it
+    t = particle_table(m[None])
+    assert t.length_px[0] == pytest.approx(110, abs=2.0) and t.width_px[0] == pytest.approx(12, abs=0.5)
+    assert t.tortuosity[0] == pytest.approx(1.0, abs=0.02)
