@@ -1,8 +1,8 @@
 """Particle measurements against the generator's truth: ground-truth masks, then the whole chain.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_measurements.py [--images 24]
-        [--model-images 20] [--model models/default/model.pt] [--engine torch|onnx]
-        [--threads 1] [--seed 0] [--out results.json]
+        [--model-images 21] [--model models/default/model.pt] [--engine torch|onnx]
+        [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py] [--out results.json]
 
 Scenes: 512 x 512 fields at the paper preset's scale (8 nm per pixel), ``--images`` per kind,
 wires deposited through the generator's ``deposit()`` with rectangular cross-sections, lengths
@@ -24,7 +24,8 @@ Whole chain: the fields rendered as the paper preset renders (optical density, b
 segmented by the shipped model on the CPU (``Segmenter.segment_gray``), predicted masks matched to
 the ground-truth footprints at mask IoU >= 0.5 and measured. Statistics time: particle table and
 frame summary (1 000 bootstrap resamples) of the model's masks, per frame, against that frame's
-segmentation time in the same process.
+segmentation time in the same process; and of a 20-wire frame, interleaved with ``--baseline``
+(an earlier ``particle_stats.py``) so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -291,22 +292,39 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
     return result
 
 
-def stats_timing(seed: int, repeats: int = 10) -> dict[str, Any]:
-    """Statistics of a realistic frame: 20 wires (straight, bent, tapered), ground-truth masks."""
-    fields = {k: make_fields(k, 1, seed + 100)[0] for k in ("straight", "bent")}
-    masks = np.concatenate([np.stack([w.full_mask(SHAPE) for w in s.wires]) for s in fields.values()])
-    times_table, times_summary = [], []
+def load_baseline(path: Path) -> Any:
+    """A module file with ``particle_table`` and ``frame_summary`` (e.g. an earlier version's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_particle_stats", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def stats_timing(seed: int, repeats: int, baseline: Path | None) -> dict[str, Any]:
+    """Statistics of a realistic frame, 20 wires (10 straight, 10 bent), ground-truth masks; with
+    ``baseline``, that module's statistics of the same frame, interleaved (the same machine load)."""
+    fields = [make_fields(k, 1, seed + 100)[0] for k in ("straight", "bent")]
+    masks = np.concatenate([np.stack([w.full_mask(SHAPE) for w in s.wires]) for s in fields])
+    impls = {"this": (particle_table, frame_summary)}
+    if baseline is not None:
+        mod = load_baseline(baseline)
+        impls["baseline"] = (mod.particle_table, mod.frame_summary)
+    times: dict[str, list[float]] = {k: [] for k in impls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        table = particle_table(masks, None, 8.0)
-        t1 = time.perf_counter()
-        frame_summary(table)
-        times_table.append(t1 - t0)
-        times_summary.append(time.perf_counter() - t1)
-    out = {"particles": len(masks), "table_ms_median": 1000 * float(np.median(times_table)),
-           "summary_ms_median": 1000 * float(np.median(times_summary))}  # fmt: skip
-    print(f"\nstatistics of a {len(masks)}-wire 512 x 512 frame: table {out['table_ms_median']:.1f} ms, "
-          f"summary with intervals {out['summary_ms_median']:.1f} ms (median of {repeats})")
+        for name, (table_of, summary_of) in impls.items():
+            t0 = time.perf_counter()
+            summary_of(table_of(masks, None, 8.0))
+            times[name].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"particles": len(masks), **{f"{k}_ms_median": 1000 * float(np.median(v)) for k, v in times.items()}}
+    line = f"\nstatistics (table and summary) of a {len(masks)}-wire 512 x 512 frame: {out['this_ms_median']:.1f} ms"
+    if baseline is not None:
+        out["this_over_baseline"] = float(np.median(np.array(times["this"]) / np.array(times["baseline"])))
+        line += f", baseline {out['baseline_ms_median']:.1f} ms, ratio {out['this_over_baseline']:.2f} (median of {repeats} pairs)"
+    print(line)
     return out
 
 
@@ -318,13 +336,16 @@ def main() -> None:
     ap.add_argument("--engine", choices=["torch", "onnx"], default="torch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-repeats", type=int, default=10)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a particle_stats.py to time against (git show REV:nanoseg/particle_stats.py > FILE)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     fields = {kind: make_fields(kind, args.images, args.seed) for kind in KINDS}
     out: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()}}
     out["ground_truth_masks"] = ground_truth_masks(fields)
     out["counting_rules"] = counting_rules(fields["field"])
-    out["statistics_timing"] = stats_timing(args.seed)
+    out["statistics_timing"] = stats_timing(args.seed, args.timing_repeats, args.baseline)
     if args.model_images > 0:
         out["model_chain"] = model_chain(fields, args)
     write_json(args.out, out)

@@ -10,8 +10,8 @@ width, sampled every few px (a chord polyline, so the 8-connected staircase does
 extended along its end tangents to the mask's boundary. Its length follows bends; for a straight
 prism it is the axis length within about 1 px.
 
-Width: twice the Euclidean distance transform (to the nearest background pixel centre) at each
-centreline sample gives the width profile's shape; it is offset by one constant so that its mean
+Width: twice the distance from each centreline sample to the nearest background pixel centre
+gives the width profile's shape; it is offset by one constant so that its mean
 equals area / centreline length, the mean width of any strip (bent or tapered) and unbiased on a
 digitised mask, whereas the distance transform is quantised to the pixel grid.
 
@@ -29,15 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.morphology import skeletonize
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
 FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
-_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))  # half of the 8-neighbourhood: each edge once
+_OFFSETS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc])  # 8-neighbourhood
+_STEPS = np.hypot(_OFFSETS[:, 0], _OFFSETS[:, 1])
 _LATTICE = ((1, 0), (1, 1), (2, 1), (1, 2))  # lattice directions (p, q) whose rows of centres matter
 
 
@@ -77,24 +78,15 @@ def _longest_path(skel: np.ndarray) -> np.ndarray:
     n = rr.size
     if n <= 1:
         return np.stack([rr, cc], axis=1)
-    index = np.full(skel.shape, -1, dtype=np.int64)
-    index[rr, cc] = np.arange(n)
-    h, w = skel.shape
-    src, dst, wt = [], [], []
-    for dr, dc in _NEIGHBOURS:
-        r2, c2 = rr + dr, cc + dc
-        ok = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
-        j = np.full(n, -1, dtype=np.int64)
-        j[ok] = index[r2[ok], c2[ok]]
-        has = j >= 0
-        src.append(np.nonzero(has)[0])
-        dst.append(j[has])
-        wt.append(np.full(int(has.sum()), math.hypot(dr, dc)))
-    s, d, v = np.concatenate(src), np.concatenate(dst), np.concatenate(wt)
-    graph = coo_matrix((v, (s, d)), shape=(n, n)).tocsr()
-    dist0 = dijkstra(graph, directed=False, indices=0)
+    index = np.full((skel.shape[0] + 2, skel.shape[1] + 2), -1, dtype=np.int32)
+    index[rr + 1, cc + 1] = np.arange(n)
+    nbr = index[rr[:, None] + 1 + _OFFSETS[:, 0], cc[:, None] + 1 + _OFFSETS[:, 1]]  # (n, 8)
+    linked = nbr >= 0
+    indptr = np.concatenate([[0], np.cumsum(linked.sum(axis=1))])
+    graph = csr_matrix((np.broadcast_to(_STEPS, nbr.shape)[linked], nbr[linked], indptr), shape=(n, n))
+    dist0 = dijkstra(graph, indices=0)  # the graph holds both directions of every edge
     a = int(np.argmax(np.where(np.isfinite(dist0), dist0, -1)))
-    dist_a, pred = dijkstra(graph, directed=False, indices=a, return_predecessors=True)
+    dist_a, pred = dijkstra(graph, indices=a, return_predecessors=True)
     b = int(np.argmax(np.where(np.isfinite(dist_a), dist_a, -1)))
     path = [b]
     while path[-1] != a:
@@ -133,29 +125,34 @@ def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, r
     return float((k - 1 + frac) * step)
 
 
-def centreline(mask: np.ndarray) -> Centreline | None:
+def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreline | None:
     """Centreline and width profile of one particle ``mask`` (H, W) bool, ideally its box crop.
 
-    Returns None for an empty mask. Lengths in px, points in the crop's pixel-edge coordinates.
+    ``width_hint_px``: a rough width (e.g. from the second moments) that sets the skeleton's grid;
+    estimated from the moments when not given. Returns None for an empty mask. Lengths in px,
+    points in the crop's pixel-edge coordinates.
     """
     if not mask.any():
         return None
     padded = np.pad(mask, 1)
-    edt = ndimage.distance_transform_edt(padded)
+    if width_hint_px is None:
+        width_hint_px = moment_width_hint(padded)
     # a wide wire's skeleton is found on a coarser grid (blocks of s x s px, majority vote): the
-    # centreline is sampled every ~half width anyway, and thinning costs ~ area x half width
-    s = max(1, int(float(edt.max()) // SKELETON_PX_PER_BLOCK))
+    # centreline is sampled every ~half width anyway, and thinning and the distance transform
+    # cost ~ area (x half width)
+    s = max(1, int(0.5 * width_hint_px // SKELETON_PX_PER_BLOCK))
     if s > 1:
         h, w = padded.shape
-        grid = np.pad(padded, ((0, -h % s), (0, -w % s)))
-        coarse = grid.reshape(grid.shape[0] // s, s, grid.shape[1] // s, s).mean(axis=(1, 3)) >= 0.5
-        coarse = coarse if coarse.any() else grid.reshape(grid.shape[0] // s, s, grid.shape[1] // s, s).any(axis=(1, 3))
+        blocks = np.pad(padded, ((0, -h % s), (0, -w % s)))
+        blocks = blocks.reshape(blocks.shape[0] // s, s, blocks.shape[1] // s, s)
+        coarse = blocks.mean(axis=(1, 3)) >= 0.5
+        coarse = coarse if coarse.any() else blocks.any(axis=(1, 3))
     else:
         coarse = padded
-    path = _longest_path(skeletonize(coarse)).astype(np.float64)
-    xy = path[:, ::-1] * s + 0.5 * s  # (x, y) block centres in the padded frame, px
-    rc = np.clip(np.floor(xy[:, ::-1]).astype(int), 0, np.array(padded.shape) - 1)
-    half = edt[rc[:, 0], rc[:, 1]]
+    edt = ndimage.distance_transform_edt(coarse) * s  # px, on the skeleton's grid
+    path = _longest_path(skeletonize(coarse))
+    half = edt[path[:, 0], path[:, 1]]
+    xy = path[:, ::-1].astype(np.float64) * s + 0.5 * s  # (x, y) block centres in the padded frame, px
     arc = _arc(xy)
     total = arc[-1]
     # cut the corner spurs: the last ~half width at each end is the skeleton's fork into corners
@@ -174,7 +171,7 @@ def centreline(mask: np.ndarray) -> Centreline | None:
         samples = _degenerate_axis(padded, samples[0])
     ends = []
     span = max(2.0 * step, 1.0)
-    fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0
+    fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0 + 2 * s
     for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
                            (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
         d = end - inner_dir
@@ -183,13 +180,34 @@ def centreline(mask: np.ndarray) -> Centreline | None:
         ends.append(end + d * _exit_distance(fmask, end, d, reach))
     pts = np.vstack([ends[0], samples, ends[1]])
     length = float(_arc(pts)[-1])
-    rc = np.clip(np.floor(samples[:, ::-1]).astype(int), 0, np.array(padded.shape) - 1)
-    profile = 2.0 * edt[rc[:, 0], rc[:, 1]]
+    profile = 2.0 * _distance_to_outside(padded, samples)
     profile = np.concatenate([profile[:1], profile, profile[-1:]])  # the end points keep their neighbour's
     mean_width = float(mask.sum()) / length if length > 0 else math.nan
     profile = profile + (mean_width - float(profile.mean()))
     chord = float(np.hypot(*(pts[-1] - pts[0])))
     return Centreline(points=pts - 1.0, width_px=profile, length_px=length, chord_px=chord)
+
+
+def moment_width_hint(mask: np.ndarray) -> float:
+    """A wire's width from its second moments, px: the smaller of the moment rectangle's width and
+    area / its length (both overestimate a bent wire's width, neither underestimates it much)."""
+    rr, cc = np.nonzero(mask)
+    if rr.size < 2:
+        return 1.0
+    evals = np.linalg.eigvalsh(np.cov(np.stack([cc, rr]).astype(np.float64), bias=True))
+    return float(min(math.sqrt(12 * max(evals[0], 0.0) + 1), rr.size / math.sqrt(12 * max(evals[1], 0.0) + 1)))
+
+
+def _distance_to_outside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Distance (px) from ``points`` (x, y) to the nearest pixel centre outside ``mask``: the
+    distance transform at those points, from the background pixels along the mask's border."""
+    p = np.pad(mask, 1)
+    grown = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    rr, cc = np.nonzero(grown & ~mask)
+    if rr.size == 0:
+        return np.zeros(len(points))
+    d, _ = cKDTree(np.stack([cc, rr], axis=1) + 0.5).query(points)
+    return np.asarray(d, dtype=np.float64)
 
 
 def _index_at(points: np.ndarray, distance: float) -> int:
@@ -242,10 +260,10 @@ def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:
 
     ``hull``: the convex hull of the mask's pixel centres when the caller has it.
     """
-    pts = hull_candidates(mask)
     if hull is None:
-        hull = convex_hull(pts)
+        hull = convex_hull(hull_candidates(mask))
     if hull is None:  # at most two pixels, or one straight line of pixels
+        pts = hull_candidates(mask)
         if len(pts) == 0:
             return Feret(math.nan, math.nan, math.nan)
         d = pts - pts[0]

@@ -218,7 +218,7 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
         cl = max(found, key=lambda c: c.length_px) if found else None
         length = sum(c.length_px for c in found) if found else math.nan
     else:
-        cl = centreline(crop)
+        cl = centreline(crop, min(math.sqrt(12 * l2 + 1), area / math.sqrt(12 * l1 + 1)))
         if cl is not None and major < STUBBY_ASPECT * minor:
             # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is
             # exact for a straight prism and has no spurs to cut
