@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
-from scipy.spatial import ConvexHull, QhullError, cKDTree
+from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
@@ -246,13 +246,48 @@ def hull_candidates(mask: np.ndarray) -> np.ndarray:
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray | None:
-    """Vertices (K, 2) of the convex hull of ``points``, in order; None when they are collinear."""
+    """Vertices (K, 2) of the convex hull of ``points``, in order around it; None when they are
+    collinear (or fewer than 3).
+
+    Points inside the octagon of the extreme points in 8 directions cannot be vertices and are
+    dropped first (most of an elongated particle's); the rest go through Andrew's monotone chain.
+    """
     if len(points) < 3:
         return None
-    try:
-        return points[ConvexHull(points).vertices]
-    except QhullError:
+    x, y = points[:, 0], points[:, 1]
+    sums = (x, x + y, y, y - x)
+    octagon = points[[int(np.argmin(v)) for v in sums] + [int(np.argmax(v)) for v in sums]]
+    octagon = np.unique(octagon, axis=0)
+    if len(octagon) >= 3:
+        inner = _monotone_chain(octagon)
+        if inner is not None and len(inner) >= 3:
+            e = np.roll(inner, -1, axis=0) - inner
+            rel = points[:, None, :] - inner[None, :, :]
+            cross = e[None, :, 0] * rel[..., 1] - e[None, :, 1] * rel[..., 0]
+            points = points[~np.all(cross > 0, axis=1)]  # strictly inside every edge: not a vertex
+    return _monotone_chain(np.unique(points, axis=0))
+
+
+def _monotone_chain(points: np.ndarray) -> np.ndarray | None:
+    """Convex hull of ``points`` sorted by x then y (Andrew's algorithm), collinear points dropped."""
+    pts = points[np.lexsort((points[:, 1], points[:, 0]))]
+    if len(pts) < 3:
         return None
+
+    def half(seq: np.ndarray) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for px, py in seq.tolist():
+            while len(out) >= 2:
+                (ax, ay), (bx, by) = out[-2], out[-1]
+                if (bx - ax) * (py - ay) - (by - ay) * (px - ax) > 0:
+                    break
+                out.pop()
+            out.append((px, py))
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    hull = np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+    return hull if len(hull) >= 3 else None
 
 
 def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:

@@ -72,7 +72,9 @@ def weighted_stats(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = (w * x).sum(axis=-1) / total
         var = (w * (x - mean[..., None]) ** 2).sum(axis=-1) / total
-    return mean, _weighted_median(x, w), np.sqrt(np.maximum(var, 0.0))
+    equal = bool(np.all(w == w.flat[0])) if w.size else True  # include, exclude: a plain median
+    median = np.median(x, axis=-1) if equal and x.shape[-1] else _weighted_median(x, w)
+    return mean, median, np.sqrt(np.maximum(var, 0.0))
 
 
 @dataclass(frozen=True)
