@@ -4,22 +4,24 @@ Conventions: lengths in px; positions in continuous pixel-edge coordinates, y do
 covers [c, c+1) x [r, r+1), its centre is (c + 0.5, r + 0.5)); angles in degrees [0, 180),
 counter-clockwise from the image x axis as seen on screen (y down).
 
-Centreline: the longest geodesic path through the mask's skeleton (scikit-image ``skeletonize``
-of the mask's box crop), with the spurs that run into the end corners cut back by the local half
-width, sampled every few px (a chord polyline, so the 8-connected staircase does not count) and
-extended along its end tangents to the mask's boundary. Its length follows bends; for a straight
-prism it is the axis length within about 1 px.
+Centreline: the longest geodesic path through the skeleton (scikit-image ``skeletonize``) of the
+mask's box crop, found on a grid of blocks of about a sixth of the half width for wires wider
+than 12 px; the spurs that run into the end corners are cut back by 1.5 local half widths, the
+rest is sampled every few px (a chord polyline, so the 8-connected staircase does not count) and
+extended along its end tangents to where the mask, interpolated between pixel centres, falls to
+one half. Its length follows bends; for a straight prism it is the axis length within about 1 px.
 
 Width: twice the distance from each centreline sample to the nearest background pixel centre
-gives the width profile's shape; it is offset by one constant so that its mean
-equals area / centreline length, the mean width of any strip (bent or tapered) and unbiased on a
-digitised mask, whereas the distance transform is quantised to the pixel grid.
+gives the width profile's shape; it is offset by one constant so that its mean equals area /
+centreline length, the mean width of any strip (bent or tapered) and unbiased on a digitised
+mask, whereas distances to pixel centres are quantised to the grid.
 
-Feret: calipers of the convex hull of the pixel centres, plus the pixel's own extent across the
-caliper direction for a hull edge parallel to a pixel row or column (the staircase of an oblique
-edge already reaches the true boundary with its centres). ``feret_px`` is the largest caliper,
-``min_feret_px`` the smallest (for a wire: its width; ImageJ's MinFeret), ``feret_angle_deg`` the
-direction of the largest.
+Feret: calipers of the convex hull of the pixel centres. The smallest adds the expected gap
+between the outermost centres and the true edge (half a lattice-row spacing on each side for an
+edge along a lattice direction, less as the edge crosses rows, ``_pixel_extent``); the largest adds
+half a pixel for its two corners. ``feret_px`` is the largest caliper, ``min_feret_px`` the
+smallest (for a wire: its width; ImageJ's MinFeret), ``feret_angle_deg`` the direction of the
+largest.
 """
 
 from __future__ import annotations

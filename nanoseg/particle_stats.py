@@ -34,7 +34,15 @@ from skimage.measure import perimeter
 
 from nanoseg.instances import mask_boxes
 from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
-from nanoseg.summary_stats import EdgeRule, Stat, edge_weights, stat_with_interval
+from nanoseg.summary_stats import (
+    HISTOGRAM_EDGES,
+    EdgeRule,
+    Histogram,
+    Stat,
+    axial_stat,
+    edge_weights,
+    stat_with_interval,
+)
 
 COLUMNS_PX = (
     "area_px", "length_px", "width_px", "width_min_px", "width_max_px", "aspect_ratio",
@@ -318,76 +326,6 @@ def _shifted(cl: Centreline, x0: int, y0: int) -> Centreline:
     return Centreline(cl.points + np.array([x0, y0], dtype=np.float64), cl.width_px, cl.length_px, cl.chord_px)
 
 
-def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
-    n = (hi_exp - lo_exp) * per_decade
-    return tuple(float(10 ** (lo_exp + k / per_decade)) for k in range(n + 1))
-
-
-HISTOGRAM_EDGES: dict[str, tuple[float, ...]] = {
-    "area_px": _log_edges(1, 6, 4),  # 10 px .. 1e6 px, 4 bins per decade
-    "area_nm2": _log_edges(2, 8, 4),  # 100 nm^2 .. 1e8 nm^2 (100 µm^2)
-    "length_px": _log_edges(0, 4, 5),  # 1 px .. 10^4 px, 5 bins per decade
-    "length_nm": _log_edges(1, 5, 5),  # 10 nm .. 100 µm
-    "width_px": _log_edges(0, 3, 5),  # 1 px .. 1000 px
-    "width_nm": _log_edges(0, 4, 5),  # 1 nm .. 10 µm
-    "aspect_ratio": _log_edges(0, 2, 10),  # 1 .. 100, 10 bins per decade
-    "orientation_deg": tuple(float(a) for a in range(0, 181, 10)),  # 0 .. 180 deg, 10 deg bins
-}
-"""Fixed bin edges (bins [e_k, e_k+1), the last closed), so histograms of frames and runs add up."""
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """Counts in fixed bins; values outside the edges go to ``underflow`` / ``overflow``."""
-
-    edges: tuple[float, ...]
-    counts: tuple[int, ...]
-    underflow: int
-    overflow: int
-
-    @classmethod
-    def of(cls, values: np.ndarray, edges: tuple[float, ...]) -> Histogram:
-        v = values[np.isfinite(values)]
-        counts, _ = np.histogram(v, bins=np.asarray(edges))
-        return cls(
-            edges, tuple(int(c) for c in counts), int((v < edges[0]).sum()), int((v > edges[-1]).sum())
-        )
-
-    def merge(self, other: Histogram) -> Histogram:
-        """Sum of two histograms with the same edges (e.g. frames of one run)."""
-        if self.edges != other.edges:
-            raise ValueError("histograms with different edges cannot be merged")
-        counts = tuple(a + b for a, b in zip(self.counts, other.counts))
-        return Histogram(self.edges, counts, self.underflow + other.underflow, self.overflow + other.overflow)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "edges": list(self.edges),
-            "counts": list(self.counts),
-            "underflow": self.underflow,
-            "overflow": self.overflow,
-        }
-
-
-def _axial_stat(deg: np.ndarray) -> tuple[Stat, float | None]:
-    """Statistics of axial angles (0 == 180 deg) and the order parameter |<exp(2i theta)>|.
-
-    Mean: the axial circular mean, [0, 180). Median: of the angles unwrapped to within 90 deg of
-    the mean. Std: circular, sqrt(-2 ln R) / 2 in degrees. Order parameter R: 0 for isotropic
-    orientations, 1 when all particles are parallel.
-    """
-    v = deg[np.isfinite(deg)]
-    if v.size == 0:
-        return Stat(None, None, None), None
-    z = np.exp(2j * np.radians(v)).mean()
-    r = float(abs(z))
-    mean = math.degrees(math.atan2(z.imag, z.real)) / 2 % 180.0
-    unwrapped = (v - mean + 90.0) % 180.0 - 90.0
-    median = (mean + float(np.median(unwrapped))) % 180.0
-    std = math.degrees(math.sqrt(-2 * math.log(max(r, 1e-300))) / 2)
-    return Stat(mean, median, std), r
-
-
 INTERVAL_COLUMNS = ("area_px", "length_px", "width_px", "min_feret_px", "feret_px", "aspect_ratio")
 """Columns whose summaries carry bootstrap intervals (their ``*_nm`` versions too, scaled)."""
 
@@ -470,7 +408,7 @@ def frame_summary(
         if name in COLUMNS_FLAG:
             continue
         if name == "orientation_deg":
-            stats[name], order = _axial_stat(values[counted])
+            stats[name], order = axial_stat(values[counted])
         elif name in COLUMNS_NM and nm:  # the px statistics scaled: same draws, same intervals
             px = "area_px" if name == "area_nm2" else name.removesuffix("_nm") + "_px"
             stats[name] = stats[px].scaled(nm**2 if name == "area_nm2" else nm)
