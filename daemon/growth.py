@@ -6,8 +6,12 @@ service calls (``GrowthMonitor.observe``): it updates the run's series, sets the
 and returns the alarm documents to publish on the analysis run's ``alarms`` stream.
 
 Quantities (``QUANTITIES``), one value per frame: ``length_nm`` and ``width_nm`` (mean over the
-frame's particles, nm; NaN without particles or pixel size), ``length_px``, ``width_px`` (px),
-``count`` (particles) and ``coverage_fraction`` (share of the frame covered, 0..1).
+frame's particles under the summary's counting rule, nm; NaN without particles or pixel size),
+``length_px``, ``width_px`` (px), ``count`` (particles) and ``coverage_fraction`` (share of the
+frame covered, 0..1); ``length_nm_lo``/``length_nm_hi`` and ``width_nm_lo``/``width_nm_hi``: the
+95 % bootstrap interval of the frame's mean (NaN below two particles). A rule on ``length_nm_lo``
+``above`` a target fires only when the mean is significantly above it, not on noise;
+``GrowthPoint.changed_significantly`` compares two frames' intervals.
 Statistics a rule can watch: ``value`` (the frame's), ``ewma`` (exponentially weighted moving
 average, ``e_k = alpha * x_k + (1 - alpha) * e_(k-1)``, started at the first finite value; a NaN
 frame leaves it unchanged), ``rate_per_frame`` (``e_k - e_(k-1)`` of the EWMA, units per frame) and
@@ -35,24 +39,29 @@ if TYPE_CHECKING:
     from nanoseg_daemon.contracts import FrameResult
     from nanoseg_daemon.metrics import DaemonMetrics
 
-Quantity = Literal["length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction"]
+Quantity = Literal["length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction",
+                   "length_nm_lo", "length_nm_hi", "width_nm_lo", "width_nm_hi"]
 Statistic = Literal["value", "ewma", "rate_per_frame", "rate_per_s"]
-QUANTITIES: tuple[Quantity, ...] = ("length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction")
+QUANTITIES: tuple[Quantity, ...] = ("length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction",
+                                    "length_nm_lo", "length_nm_hi", "width_nm_lo", "width_nm_hi")
 ALARM_STREAM = "alarms"
 
 
 def frame_values(summary: FrameSummary) -> dict[str, float]:
     """The watched quantities of one frame (NaN where the frame cannot say)."""
 
-    def mean(column: str) -> float:
+    def mean(column: str, which: str = "mean") -> float:
         s = summary.stats.get(column)
-        return math.nan if s is None or s.mean is None else float(s.mean)
+        v = None if s is None else getattr(s, which)
+        return math.nan if v is None else float(v)
 
     return {
         "length_nm": mean("length_nm"), "width_nm": mean("width_nm"),
         "length_px": mean("length_px"), "width_px": mean("width_px"),
         "count": float(summary.count), "coverage_fraction": float(summary.coverage_fraction),
-    }
+        "length_nm_lo": mean("length_nm", "mean_lo"), "length_nm_hi": mean("length_nm", "mean_hi"),
+        "width_nm_lo": mean("width_nm", "mean_lo"), "width_nm_hi": mean("width_nm", "mean_hi"),
+    }  # fmt: skip
 
 
 class Ewma:
@@ -83,6 +92,15 @@ class GrowthPoint:
 
     def get(self, statistic: Statistic, quantity: str) -> float:
         return float(getattr(self, statistic)[quantity])
+
+    def changed_significantly(self, earlier: GrowthPoint, quantity: Literal["length_nm", "width_nm"]) -> bool | None:
+        """Whether the 95 % intervals of ``quantity``'s mean in the two frames are disjoint (a
+        change beyond the particle-sampling noise); None when either frame has no interval."""
+        lo, hi = self.value.get(f"{quantity}_lo", math.nan), self.value.get(f"{quantity}_hi", math.nan)
+        lo0, hi0 = earlier.value.get(f"{quantity}_lo", math.nan), earlier.value.get(f"{quantity}_hi", math.nan)
+        if not all(math.isfinite(v) for v in (lo, hi, lo0, hi0)):
+            return None
+        return lo > hi0 or hi < lo0
 
 
 class GrowthSeries:

@@ -60,7 +60,12 @@ _STAT_FIELDS = {
     f"{col}_{stat}": (col, stat, unit)
     for col, unit in (("length_px", "px"), ("width_px", "px"), ("length_nm", "nm"), ("width_nm", "nm"))
     for stat in ("mean", "median")
-} | {"aspect_ratio_mean": ("aspect_ratio", "mean", "")}
+} | {
+    "aspect_ratio_mean": ("aspect_ratio", "mean", ""),
+    "min_feret_nm_median": ("min_feret_nm", "median", "nm"),
+    # the 95 % bootstrap interval of the mean length (counting rule and seed: the frame summary's)
+    "length_nm_mean_lo": ("length_nm", "mean_lo", "nm"), "length_nm_mean_hi": ("length_nm", "mean_hi", "nm"),
+}
 
 
 def _key(dtype: str, units: str | None = None, dtype_numpy: str | None = None) -> dict[str, Any]:

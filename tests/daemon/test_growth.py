@@ -152,3 +152,30 @@ def test_monitor_forgets_the_least_recent_run() -> None:
         mon.observe(_result(run, 1, [(0, 0, 8, 8)], 0.0), compose)
     assert mon.run("b") is None and mon.run("a") is not None and mon.run("c") is not None
     assert GrowthMonitor(GrowthConfig(enabled=False)).observe(_result("x", 1, [], 0.0), compose) == []
+
+
+def _wires(lengths: list[int]) -> list[tuple[int, int, int, int]]:
+    """Horizontal 3 px wide rectangles of the given lengths, stacked 5 px apart."""
+    return [(2, 2 + 5 * k, 2 + n, 5 + 5 * k) for k, n in enumerate(lengths)]
+
+
+def test_growth_series_carries_the_interval_and_tells_change_from_noise() -> None:
+    rng = np.random.default_rng(0)
+    short = [int(x) for x in rng.integers(20, 30, 11)]
+    again = [int(x) for x in rng.integers(20, 30, 11)]
+    longer = [int(x) for x in rng.integers(34, 44, 11)]
+    s = GrowthSeries(alpha=1.0)
+    points = [s.observe(k, float(k), frame_values(_result("r", k, _wires(w), float(k)).summary))
+              for k, w in enumerate((short, again, longer), start=1)]  # fmt: skip
+    p1, p2, p3 = points
+    assert p1.value["length_nm_lo"] < p1.value["length_nm"] < p1.value["length_nm_hi"]
+    assert p1.value["length_nm_hi"] - p1.value["length_nm_lo"] < 0.3 * p1.value["length_nm"]
+    assert p2.changed_significantly(p1, "length_nm") is False  # same distribution: noise
+    assert p3.changed_significantly(p2, "length_nm") is True  # ~ +13 px of mean length
+    one = s.observe(4, 4.0, frame_values(_result("r", 4, _wires([30]), 4.0).summary))
+    assert math.isnan(one.value["length_nm_lo"]) and one.changed_significantly(p3, "length_nm") is None
+    # a rule on the interval's lower bound fires only when the mean is significantly above the target
+    rule = AlarmRule(name="long", quantity="length_nm_lo", statistic="value", above=300.0)
+    state = RuleState(rule)
+    fired = [state.evaluate(p, k) for k, p in enumerate(points, start=1)]
+    assert [a.state if a else None for a in fired] == [None, None, "raised"]
