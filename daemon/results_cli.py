@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoseg.cli import lazy
+
 if TYPE_CHECKING:
     from nanoseg_daemon.store import FrameRecord, ResultReader
 
@@ -25,8 +27,10 @@ class ResultsError(Exception):
     """A request the store cannot answer (unknown run, missing package)."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Any) -> None:
+    """Add ``results list|export`` to the ``nanoseg`` subparsers."""
     p = sub.add_parser("results", help="list stored runs; export a run's particles and frames (CSV, Parquet)")
+    p.set_defaults(handler=lazy("nanoseg_daemon.results_cli:cmd_results"))
     rs = p.add_subparsers(dest="results_command", required=True)
 
     def store_args(q: argparse.ArgumentParser) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,3 +84,45 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
 def dump_yaml(model: BaseModel) -> str:
     """Serialise a config model back to YAML (round-trips through ``parse_yaml``)."""
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
+    """Set dotted keys (``model.engine``) to YAML-parsed values in a nested dict (copied)."""
+    out = copy.deepcopy(data)
+    for dotted, raw in overrides.items():
+        keys = [k for k in dotted.split(".") if k]
+        if not keys:
+            raise ConfigError(f"{source}: empty key in override {dotted!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
+            node = nxt
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
+    return out
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values over it, nested mappings merged key by key (both copied)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` options -> ``{KEY: VALUE}`` (values parsed later, by ``apply_overrides``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. model.engine=torch)")
+        out[key.strip()] = value
+    return out
