@@ -87,7 +87,23 @@ def dump_yaml(model: BaseModel) -> str:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
-    """Set dotted keys (``model.engine``) to YAML-parsed values in a nested dict (copied)."""
+    """Set dotted keys to YAML-parsed values in a copy of a nested dict.
+
+    Parameters
+    ----------
+    data
+        The config as read (nested dicts), not changed.
+    overrides
+        Dotted key -> value text, e.g. ``{"model.engine": "torch", "queue.size": "8"}``; each value
+        is parsed as a YAML scalar (``null``, ``false``, ``8``).
+    source
+        Where the overrides come from, for error messages (e.g. ``"daemon.yaml (--set)"``).
+
+    Returns
+    -------
+    dict
+        The copy with the overrides set; validation is left to ``parse_config``.
+    """
     out = copy.deepcopy(data)
     for dotted, raw in overrides.items():
         keys = [k for k in dotted.split(".") if k]
@@ -107,7 +123,18 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: 
 
 
 def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``top``'s values over it, nested mappings merged key by key (both copied)."""
+    """``base`` with ``top``'s values over it, nested mappings merged key by key.
+
+    Parameters
+    ----------
+    base, top
+        Nested config mappings; neither is changed.
+
+    Returns
+    -------
+    dict
+        A new mapping: ``top``'s value wins wherever both have a key that is not a mapping in both.
+    """
     out = copy.deepcopy(dict(base))
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
@@ -118,7 +145,18 @@ def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
-    """``--set KEY=VALUE`` options -> ``{KEY: VALUE}`` (values parsed later, by ``apply_overrides``)."""
+    """Split ``--set KEY=VALUE`` options.
+
+    Parameters
+    ----------
+    items
+        The options' values, e.g. ``["model.engine=torch"]``.
+
+    Returns
+    -------
+    dict
+        ``{KEY: VALUE}`` with VALUE as text (``apply_overrides`` parses it).
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
