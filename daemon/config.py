@@ -184,11 +184,14 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     pydantic-settings reads the variables (prefix and nesting as ``DaemonConfig`` declares them);
     a variable that names no field is an error naming it, as an unknown key in the file is.
     """
+    ours = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    # DaemonConfig is a plain model, not a BaseSettings: the source only reads its fields, it
+    # never validates (parse_config does, once, with the file and --set merged).
     source = EnvSettingsSource(DaemonConfig, case_sensitive=False, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
                                env_nested_delimiter="__")
-    source.env_vars = {k.lower(): v for k, v in environ.items()}
+    source.env_vars = {k.lower(): v for k, v in ours.items()}
     found = source()
-    for name in sorted(k for k in environ if k.upper().startswith(ENV_PREFIX)):
+    for name in sorted(ours):
         node: Any = found
         for key in name[len(ENV_PREFIX):].lower().split("__"):
             node = node.get(key) if isinstance(node, dict) else None

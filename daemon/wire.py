@@ -5,8 +5,8 @@
 starts with a space). Parsing is a pure function of the bytes so it can be tested without 0MQ.
 
 Deserialisers: ``msgpack`` (NumPy arrays as ``msgpack_numpy.encode`` writes them, decoded by
-``nanoseg.codec`` without ever unpickling) and ``json``; ``pickle`` only when the configuration allows it, because
-unpickling untrusted bytes executes code.
+``nanoseg.codec`` without ever unpickling) and ``json``; ``pickle`` only when the configuration
+allows it, because unpickling untrusted bytes executes code.
 """
 
 from __future__ import annotations
