@@ -102,6 +102,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if s.all_notified else 1
 
 
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from nanoseg_training.registry import RegistryError
+    from nanoseg_training.triton_repo import export_triton
+
+    reg = registry_of(args)
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0]
+    try:
+        paths = export_triton(reg, args.version, Path(args.repo), args.name, gpus, args.instances, args.cpu,
+                              args.cpu_threads)
+    except RegistryError as err:
+        return _refused("export-triton", err)
+    man = reg.manifest(args.version)
+    skipped = "model.plan" in man.artifacts and args.cpu
+    print(json.dumps({"version": man.version, "configs": [str(p) for p in paths],
+                      "tensorrt": "skipped (--cpu)" if skipped else ("written" if "model.plan" in man.artifacts
+                                                                     else "no plan in this version")}))
+    return 0
+
+
 def add_parsers(models: Any) -> None:
     """Add the registry subcommands to ``nanoseg models``' subparsers."""
     p = models.add_parser("list", help="registry versions (* = current) with their latest mask AP")
@@ -143,7 +162,7 @@ def add_parsers(models: Any) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances per GPU (or on the CPU)")
     p.add_argument("--cpu", action="store_true", help="KIND_CPU instances instead (no TensorRT variant)")
     p.add_argument("--cpu-threads", type=int, default=2, help="--cpu: ONNX Runtime threads per instance")
-    p.set_defaults(handler=lazy("nanoseg_training.triton_repo:cmd_export_triton"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_export_triton"))
 
 
 def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:

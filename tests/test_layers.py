@@ -5,7 +5,8 @@ Every import counts, also those inside functions, and so does a module named in 
 
 The rules:
 
-- ``nanoseg`` (the core) imports no other package of the project, and has no import cycle.
+- ``nanoseg`` (the core) imports no other package of the project.
+- No package has an import cycle (one known in the trainer, listed below).
 - ``nanoseg_training`` and ``nanoseg_daemon`` never import each other (nor the simulator).
 - ``nanoseg_sim`` uses of the daemon only its public client API: the ophyd device
   (``nanoseg_daemon.ophyd_stats``) and the plans (``nanoseg_daemon.plans``). The control-socket
@@ -133,10 +134,16 @@ def _cycles(package: str) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", ["nanoseg"])
+# evaluate.py writes its report with eval_report.py, which reads evaluate's records: to untangle
+# with the evaluation's own restructure (evaluate.py is being changed elsewhere).
+KNOWN_CYCLES = {"nanoseg_training": [["nanoseg_training.evaluate", "nanoseg_training.eval_report",
+                                      "nanoseg_training.evaluate"]]}
+
+
+@pytest.mark.parametrize("package", list(PACKAGES))
 def test_no_import_cycle(package: str) -> None:
     # imports inside functions count: they hide a cycle, they do not remove it
-    assert _cycles(package) == []
+    assert _cycles(package) == KNOWN_CYCLES.get(package, [])
 
 
 def test_subcommands_come_from_entry_points_of_the_layers() -> None:
