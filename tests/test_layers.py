@@ -159,7 +159,7 @@ def test_python_dash_m_nanoseg_runs_and_help_imports_no_handler() -> None:
              "    assert e.code == 0, e.code\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'bluesky', 'zmq', 'ophyd'))\n"
              "print('HEAVY', heavy)")
-    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr
     for command in ("serve", "results", "simulate", "demo", "generate", "train", "evaluate", "models"):
         assert command in p.stdout
