@@ -66,6 +66,7 @@ from event_model import (
     unpack_event_page,
 )
 
+from nanoseg.codec import json_safe
 from nanoseg_daemon.contracts import (
     ANALYSIS_PLAN_NAME,
     FrameJob,
@@ -155,20 +156,6 @@ def _image_array(value: Any) -> np.ndarray | None:
     return arr
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 1024 else f"<array {value.shape} {value.dtype}>"
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
 def metadata_from_start(
     doc: Mapping[str, Any], keys: dict[str, str], flat_field_key: str
 ) -> tuple[FrameMetadata, list[str]]:
@@ -202,7 +189,7 @@ def metadata_from_start(
             else:
                 problems.append(f"start[{key!r}] for profile: not a string: {raw!r:.80}")
         else:
-            extra[name] = _json_safe(raw)
+            extra[name] = json_safe(raw, max_array_size=1024)
     flat = doc.get(flat_field_key)
     if flat is not None:
         arr = _image_array(flat)

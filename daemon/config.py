@@ -14,8 +14,16 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
+from pydantic_settings import EnvSettingsSource
 
-from nanoseg.config_io import ConfigError, StrictModel, parse_config, read_yaml_mapping
+from nanoseg.config_io import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    merge,
+    parse_config,
+    read_yaml_mapping,
+)
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.growth import GrowthConfig
@@ -170,31 +178,38 @@ def check_files(cfg: DaemonConfig, source: str) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
-    """Set dotted keys (``model.engine``) to YAML-parsed values in a nested dict (copied)."""
-    import copy
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``NANOSEG__A__B=v`` -> ``{"a": {"b": v}}``, ``v`` parsed as a YAML scalar.
 
-    out = copy.deepcopy(data)
-    for dotted, raw in overrides.items():
-        keys = [k for k in dotted.split(".") if k]
-        if not keys:
-            raise ConfigError(f"{source}: empty key in override {dotted!r}")
-        node = out
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
-            node = nxt
-        try:
-            node[keys[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
-    return out
+    pydantic-settings reads the variables (prefix and nesting as ``DaemonConfig`` declares them);
+    a variable that names no field is an error naming it, as an unknown key in the file is.
+    """
+    ours = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    # DaemonConfig is a plain model, not a BaseSettings: the source only reads its fields, it
+    # never validates (parse_config does, once, with the file and --set merged).
+    source = EnvSettingsSource(DaemonConfig, case_sensitive=False, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
+                               env_nested_delimiter="__")
+    source.env_vars = {k.lower(): v for k, v in ours.items()}
+    found = source()
+    for name in sorted(ours):
+        node: Any = found
+        for key in name[len(ENV_PREFIX):].lower().split("__"):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            raise ConfigError(f"environment: {name}: {dotted}: unknown key")
+    return _yaml_scalars(found, ())
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
-    """``NANOSEG__A__B=v`` -> ``{"a.b": "v"}``."""
-    return {k[len(ENV_PREFIX):].lower().replace("__", "."): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+def _yaml_scalars(node: Any, where: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        return {k: _yaml_scalars(v, (*where, k)) for k, v in node.items()}
+    if not isinstance(node, str):
+        return node
+    try:
+        return yaml.safe_load(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"environment: {'.'.join(where)}: value is not valid YAML: {err}") from None
 
 
 def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | None = None,
@@ -202,6 +217,6 @@ def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | N
     """File (optional) < environment < explicit overrides; validated once."""
     source = str(path) if path else "<defaults>"
     data = read_yaml_mapping(path) if path is not None else {}
-    data = apply_overrides(data, env_overrides(os.environ if environ is None else environ), f"{source} (environment)")
+    data = merge(data, env_overrides(os.environ if environ is None else environ))
     data = apply_overrides(data, overrides or {}, f"{source} (--set)")
     return parse_config(data, DaemonConfig, source)

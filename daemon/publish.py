@@ -16,7 +16,7 @@ Wire formats. bluesky: one ZeroMQ frame ``prefix + b" " + name + b" " + serializ
 what ``bluesky.callbacks.zmq.Publisher`` sends and ``RemoteDispatcher`` splits, so connect to a
 ``bluesky.callbacks.zmq.Proxy``'s *input* address (its SUB binds there) or bind for direct
 subscribers. Serializer msgpack with ``msgpack_numpy`` hooks (default; readers use
-``msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
+``nanoseg.codec.msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
 reads). Summary topic: a two-frame message ``[b"nanoseg.summary", JSON body]`` (strict JSON).
 
 CurveZMQ (optional, ``curve``): a bound socket is a CURVE server (ZAP domain ``publish``, clients
@@ -38,17 +38,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
-import msgpack
-import msgpack_numpy
 import zmq
 from event_model import compose_run
 
+from nanoseg.codec import json_safe, msgpack_dumps
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.contracts import ANALYSIS_PLAN_NAME, FrameResult
 from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
 from nanoseg_daemon.ingest_config import CurveConfig
-from nanoseg_daemon.store import json_safe
 
 STREAM = "primary"
 OBJECT = "nanoseg"
@@ -210,20 +208,11 @@ class AnalysisRun:
         return "stop", self.stop_doc
 
 
-def msgpack_dumps(doc: Any) -> bytes:
-    return cast(bytes, msgpack.packb(doc, default=msgpack_numpy.encode))
-
-
-def msgpack_loads(payload: bytes) -> Any:
-    return msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)
-
-
 def json_dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), default=json_safe).encode()
 
 
 SERIALIZERS: dict[str, Callable[[Any], bytes]] = {"msgpack": msgpack_dumps, "json": json_dumps}
-DESERIALIZERS: dict[str, Callable[[bytes], Any]] = {"msgpack": msgpack_loads, "json": json.loads}
 
 
 class _PubSocket:

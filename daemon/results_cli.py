@@ -30,6 +30,8 @@ import numpy as np
 from nanoseg.particle_stats import COLUMNS_FLAG, INTERVAL_COLUMNS, round_value
 from nanoseg.summary_stats import EDGE_RULES, EdgeRule, edge_weights, stat_with_interval
 
+from nanoseg.cli import lazy
+
 if TYPE_CHECKING:
     from nanoseg_daemon.store import FrameRecord, ResultReader
 
@@ -38,8 +40,10 @@ class ResultsError(Exception):
     """A request the store cannot answer (unknown run, missing package)."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Any) -> None:
+    """Add ``results list|export`` to the ``nanoseg`` subparsers."""
     p = sub.add_parser("results", help="list stored runs; export a run's particles and frames (CSV, Parquet)")
+    p.set_defaults(handler=lazy("nanoseg_daemon.results_cli:cmd_results"))
     rs = p.add_subparsers(dest="results_command", required=True)
 
     def store_args(q: argparse.ArgumentParser) -> None:

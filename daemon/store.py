@@ -22,7 +22,6 @@ from any thread or process (``nanoseg results``) while the daemon writes.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -35,6 +34,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from nanoseg.codec import json_safe
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import COLUMNS_FLAG, COLUMNS_NM, COLUMNS_PX
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
@@ -104,19 +104,6 @@ def _store_error(err: sqlite3.Error, what: str) -> StoreError:
     name = getattr(err, "sqlite_errorname", "") or ""
     reason = next((r for k, r in _REASONS.items() if name.startswith(k)), "sqlite_error")
     return StoreError(reason, f"{what}: {err} ({name or type(err).__name__})")
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe copy: numpy -> Python, non-finite floats -> None, tuples -> lists."""
-    if isinstance(obj, np.ndarray | np.generic):
-        obj = obj.tolist()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def _json(obj: Any) -> str:

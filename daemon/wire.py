@@ -4,9 +4,9 @@
 ``prefix + b" " + name + b" " + serializer(doc)``; the prefix may be empty (the message then
 starts with a space). Parsing is a pure function of the bytes so it can be tested without 0MQ.
 
-Deserialisers: ``msgpack`` (NumPy arrays as ``msgpack_numpy.encode`` writes them, decoded here
-without ever unpickling) and ``json``; ``pickle`` only when the configuration allows it, because
-unpickling untrusted bytes executes code.
+Deserialisers: ``msgpack`` (NumPy arrays as ``msgpack_numpy.encode`` writes them, decoded by
+``nanoseg.codec`` without ever unpickling) and ``json``; ``pickle`` only when the configuration
+allows it, because unpickling untrusted bytes executes code.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Literal
 
-import msgpack
-import msgpack_numpy
-import numpy as np
 from event_model import DocumentNames
+
+from nanoseg.codec import CodecError, msgpack_loads
 
 logger = logging.getLogger(__name__)
 
@@ -73,30 +72,6 @@ Deserializer = Callable[[bytes], Any]
 DOCUMENT_NAMES: frozenset[str] = frozenset(d.value for d in DocumentNames)
 
 
-def _numpy_object_hook(obj: dict[Any, Any]) -> Any:
-    """msgpack_numpy's decode, minus its one unsafe branch.
-
-    msgpack_numpy encodes object arrays (``kind == b"O"``) with ``ndarray.dumps()`` and decodes
-    them with ``pickle.loads``; such a map is refused before msgpack_numpy sees it.
-    """
-    if b"nd" not in obj:
-        return msgpack_numpy.decode(obj)  # complex numbers, or the map unchanged
-    if obj.get(b"kind") == b"O":
-        raise WireError("bad_payload", "msgpack object array (would need unpickling)")
-    try:
-        value = msgpack_numpy.decode(obj)
-    except (TypeError, ValueError) as err:
-        raise WireError("bad_payload", f"bad msgpack_numpy array: {err}") from None
-    if isinstance(value, np.ndarray | np.generic) and value.dtype.hasobject:
-        raise WireError("bad_payload", "msgpack array with an object dtype")
-    return value
-
-
-def msgpack_loads(payload: bytes) -> Any:
-    """Decode msgpack with NumPy arrays as msgpack_numpy encodes them; never unpickles."""
-    return msgpack.unpackb(payload, raw=False, object_hook=_numpy_object_hook)
-
-
 def json_loads(payload: bytes) -> Any:
     """Decode UTF-8 JSON (arrays arrive as nested lists)."""
     return json.loads(payload.decode("utf-8"))
@@ -146,6 +121,8 @@ def parse_bluesky_message(
         doc = deserializer(payload)
     except WireError:
         raise
+    except CodecError as err:
+        raise WireError("bad_payload", str(err)) from None
     except Exception as err:  # any decoder failure is the sender's problem, not ours
         raise WireError(
             "bad_payload", f"{name}: cannot deserialise {len(payload)} bytes: {err!r:.200}"

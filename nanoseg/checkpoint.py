@@ -75,6 +75,12 @@ class Checkpoint:
         }
 
 
+def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """The model's input (channels, height px, width px): one square tile of ``input_spec.size``."""
+    size = int(ckpt.input_spec.get("size", 512))
+    return (ckpt.model_config.in_channels, size, size)
+
+
 def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not a {FORMAT} file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,3 +84,83 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
 def dump_yaml(model: BaseModel) -> str:
     """Serialise a config model back to YAML (round-trips through ``parse_yaml``)."""
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
+    """Set dotted keys to YAML-parsed values in a copy of a nested dict.
+
+    Parameters
+    ----------
+    data
+        The config as read (nested dicts), not changed.
+    overrides
+        Dotted key -> value text, e.g. ``{"model.engine": "torch", "queue.size": "8"}``; each value
+        is parsed as a YAML scalar (``null``, ``false``, ``8``).
+    source
+        Where the overrides come from, for error messages (e.g. ``"daemon.yaml (--set)"``).
+
+    Returns
+    -------
+    dict
+        The copy with the overrides set; validation is left to ``parse_config``.
+    """
+    out = copy.deepcopy(data)
+    for dotted, raw in overrides.items():
+        keys = [k for k in dotted.split(".") if k]
+        if not keys:
+            raise ConfigError(f"{source}: empty key in override {dotted!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
+            node = nxt
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
+    return out
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values over it, nested mappings merged key by key.
+
+    Parameters
+    ----------
+    base, top
+        Nested config mappings; neither is changed.
+
+    Returns
+    -------
+    dict
+        A new mapping: ``top``'s value wins wherever both have a key that is not a mapping in both.
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """Split ``--set KEY=VALUE`` options.
+
+    Parameters
+    ----------
+    items
+        The options' values, e.g. ``["model.engine=torch"]``.
+
+    Returns
+    -------
+    dict
+        ``{KEY: VALUE}`` with VALUE as text (``apply_overrides`` parses it).
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. model.engine=torch)")
+        out[key.strip()] = value
+    return out

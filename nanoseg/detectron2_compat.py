@@ -29,13 +29,39 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign, poolers
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import LevelMapper
 
-from nanoseg.model import AlignedMultiScaleRoIAlign
-
 FPN_STRIDES = (4, 8, 16, 32, 64)
 """Strides of P2..P6, px."""
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign with ``aligned=True`` (pixel model of detectron2's ROIAlignV2)."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        x_filtered = poolers._filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:  # type: ignore[has-type]
+            self.scales, self.map_levels = poolers._setup_scales(
+                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = poolers._convert_to_roi_format(boxes)
+        if len(x_filtered) == 1:
+            return torch.ops.torchvision.roi_align(
+                x_filtered[0], rois, self.scales[0], self.output_size[0], self.output_size[1],
+                self.sampling_ratio, True,
+            )
+        levels = self.map_levels(boxes)
+        num_rois = len(rois)
+        c = x_filtered[0].shape[1]
+        result = torch.zeros((num_rois, c, *self.output_size), dtype=x_filtered[0].dtype, device=rois.device)
+        for level, (feat, scale) in enumerate(zip(x_filtered, self.scales)):
+            idx = torch.where(levels == level)[0]
+            result[idx] = torch.ops.torchvision.roi_align(
+                feat, rois[idx], scale, self.output_size[0], self.output_size[1], self.sampling_ratio, True
+            ).to(result.dtype)
+        return result
 
 
 class Detectron2AnchorGenerator(AnchorGenerator):

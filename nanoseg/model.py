@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
@@ -30,6 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from nanoseg import detectron2_compat as d2
 from nanoseg.config_io import StrictModel
 from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig
 
@@ -181,41 +181,10 @@ def _out_channels(block: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign with ``aligned=True`` (pixel model of detectron2's ROIAlignV2)."""
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        from torchvision.ops import poolers
-
-        x_filtered = poolers._filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:  # type: ignore[has-type]
-            self.scales, self.map_levels = poolers._setup_scales(
-                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        rois = poolers._convert_to_roi_format(boxes)
-        if len(x_filtered) == 1:
-            return torch.ops.torchvision.roi_align(
-                x_filtered[0], rois, self.scales[0], self.output_size[0], self.output_size[1],
-                self.sampling_ratio, True,
-            )
-        levels = self.map_levels(boxes)
-        num_rois = len(rois)
-        c = x_filtered[0].shape[1]
-        result = torch.zeros((num_rois, c, *self.output_size), dtype=x_filtered[0].dtype, device=rois.device)
-        for level, (feat, scale) in enumerate(zip(x_filtered, self.scales)):
-            idx = torch.where(levels == level)[0]
-            result[idx] = torch.ops.torchvision.roi_align(
-                feat, rois[idx], scale, self.output_size[0], self.output_size[1], self.sampling_ratio, True
-            ).to(result.dtype)
-        return result
-
-
 def _pooler(cfg: ModelConfig, size: int, levels: int = 4) -> MultiScaleRoIAlign:
     if cfg.semantics == "detectron2":
-        from nanoseg.detectron2_compat import Detectron2RoIAlign
-
-        return Detectron2RoIAlign(size, cfg.roi_sampling_ratio)
-    cls = AlignedMultiScaleRoIAlign if cfg.roi_aligned else MultiScaleRoIAlign
+        return d2.Detectron2RoIAlign(size, cfg.roi_sampling_ratio)
+    cls = d2.AlignedMultiScaleRoIAlign if cfg.roi_aligned else MultiScaleRoIAlign
     return cls(featmap_names=["0", "1", "2", "3"][:levels], output_size=size, sampling_ratio=cfg.roi_sampling_ratio)
 
 
@@ -238,8 +207,6 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
     """Build the (untrained) one-class Mask R-CNN that ``cfg`` describes."""
     backbone = _mobilenet_fpn(cfg) if cfg.backbone == "mobilenet_v3_large" else _resnet_fpn(cfg)
     if cfg.semantics == "detectron2":
-        from nanoseg import detectron2_compat as d2
-
         anchors: AnchorGenerator = d2.Detectron2AnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios, cfg.anchor_offset)
     else:
         anchors = AnchorGenerator(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from nanoseg_training.synthetic_config import IntRange, Range, SceneConfig
-from nanoseg_training.wire_geometry import WireColumns, WireGeometry, rasterise
+from nanoseg_training.wire_geometry import CrossSection, WireColumns, WireGeometry, rasterise
 
 MAX_DRAWS_PER_WIRE = 20
 
@@ -79,7 +79,7 @@ def draw_wire(cfg: SceneConfig, rng: np.random.Generator, earlier: list[Deposite
     width = draw(w.width, rng)
     thickness = width * draw(w.thickness_ratio, rng)
     cs = w.cross_sections
-    cross = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
+    cross: CrossSection = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
     angle = float(rng.uniform(0.0, 180.0))
     tilt = float(rng.uniform(0.0, w.tilt_max_deg))
     a = math.radians(angle)

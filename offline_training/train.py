@@ -11,6 +11,7 @@ Multi-GPU: ``torchrun --nproc-per-node N -m nanoseg.cli train CONFIG`` (Distribu
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -18,16 +19,16 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from nanoseg.config_io import dump_yaml
+from nanoseg.config_io import dump_yaml, load_yaml
 from nanoseg.model import build_model
-from nanoseg.paths import REPO_ROOT, cache_dir
+from nanoseg.paths import REPO_ROOT, cache_dir, resolve_config
 from nanoseg_training.train_config import GenerateSpec, TrainConfig
 from nanoseg_training.train_data import BatchDataset, CocoSource, MixedSource
 
@@ -211,7 +212,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=use_amp):
                 losses: dict[str, torch.Tensor] = model(images, targets)
-                loss = sum(losses.values())
+                loss = cast(torch.Tensor, sum(losses.values()))  # training mode: never empty
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 # An fp16 overflow under AMP, or a degenerate batch: skip the step; stop if it persists.
@@ -370,3 +371,14 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``nanoseg train CONFIG``: train (or resume) a run; prints the checkpoint written."""
+    cfg = load_yaml(resolve_config(args.config, "training"), TrainConfig)
+    if args.max_iter is not None:
+        cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"max_iter": args.max_iter})})
+    if args.data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": args.data, "generate": None})})
+    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet,
+                args.stop_after)
+    print(f"{'finished' if out.name == 'model_final.pt' else 'stopped, resume with --resume'}: {out}")
+    return 0

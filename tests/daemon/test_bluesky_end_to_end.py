@@ -29,7 +29,7 @@ from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 from event_model import DocumentNames, compose_run, schema_validators
 
-from nanoseg_daemon.publish import msgpack_dumps, msgpack_loads
+from nanoseg.codec import msgpack_dumps, msgpack_loads
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.store import ResultReader, default_path
 from tests.daemon.ingest_fixtures import HDF5Camera, ImageCamera, blob_detector, start_proxy

@@ -17,9 +17,9 @@ import zmq
 from bluesky.callbacks.zmq import RemoteDispatcher
 from event_model import DocumentNames, compose_run, schema_validators
 
+from nanoseg.codec import msgpack_loads
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.publish import (
-    DESERIALIZERS,
     SUMMARY_TOPIC,
     AnalysisRun,
     DocumentPublisher,
@@ -27,6 +27,7 @@ from nanoseg_daemon.publish import (
 )
 from tests.daemon.results_fixtures import WIRES, frame_result
 
+DESERIALIZERS = {"msgpack": msgpack_loads, "json": json.loads}  # what subscribers of each serializer use
 PROCESSING = {"profile": "ptychography", "score_threshold": 0.7, "nms.iou": 0.5}
 
 
