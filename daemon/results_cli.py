@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from nanoseg.cli import lazy
 from nanoseg.particle_stats import COLUMNS_FLAG, INTERVAL_COLUMNS, round_value
 from nanoseg.summary_stats import EDGE_RULES, EdgeRule, edge_weights, stat_with_interval
-
-from nanoseg.cli import lazy
 
 if TYPE_CHECKING:
     from nanoseg_daemon.store import FrameRecord, ResultReader
