@@ -82,7 +82,9 @@ def cmd_results(args: argparse.Namespace) -> int:
             from nanoseg_daemon.results_report import write_report
 
             uid = _resolve_run(reader, args.run_uid)
-            for line in write_report(reader, uid, _edge_rule(reader.frames(uid), args.edge_rule), Path(args.out)):
+            rule = _edge_rule(reader.frames(uid), args.edge_rule)
+            rows = run_rows(reader.particles(uid), reader.frames(uid), rule)
+            for line in write_report(reader, uid, rule, Path(args.out), rows):
                 print(line)
         else:
             for line in export_run(reader, args.run_uid, args.format, Path(args.out), args.names, args.edge_rule):

@@ -95,12 +95,13 @@ def report_html(run_uid: str, png: Path, rows: list[dict[str, Any]], rule: str, 
     return path
 
 
-def write_report(reader: ResultReader, run_uid: str, rule: EdgeRule, out: Path) -> list[str]:
-    """``report.png`` and ``report.html`` of one (resolved) run in ``out``; report lines."""
-    from nanoseg_daemon.results_cli import run_rows
+def write_report(reader: ResultReader, run_uid: str, rule: EdgeRule, out: Path,
+                 rows: list[dict[str, Any]]) -> list[str]:
+    """``report.png`` and ``report.html`` of one (resolved) run in ``out``; report lines.
 
+    ``rows`` is the run's summary table (``results_cli.run_rows``) under ``rule``.
+    """
     particles, frames = reader.particles(run_uid), reader.frames(run_uid)
-    rows = run_rows(particles, frames, rule)
     out.mkdir(parents=True, exist_ok=True)
     png = report_figure(particles, frames, {r["column"]: r for r in rows}, rule, out / "report.png")
     page = report_html(run_uid, png, rows, rule, out / "report.html")
