@@ -20,7 +20,23 @@ class MaskDecodeError(ValueError):
 
 
 def encode_rle(mask: np.ndarray) -> RLE:
-    """Encode a 2-D boolean mask (row-major, y down) as COCO compressed RLE."""
+    """Encode one binary mask as COCO compressed RLE.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W)
+        Boolean (or 0/1) mask, row-major, y down.
+
+    Returns
+    -------
+    RLE
+        ``size`` [H, W] and the compressed ``counts`` string (column-major, as COCO).
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` is not 2-D.
+    """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     enc = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))  # no copy if already so
@@ -28,7 +44,23 @@ def encode_rle(mask: np.ndarray) -> RLE:
 
 
 def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
-    """Encode (N, H, W) boolean masks; one pycocotools call for the whole stack."""
+    """Encode a stack of binary masks as COCO compressed RLE, in one pycocotools call.
+
+    Parameters
+    ----------
+    masks : ndarray, shape (N, H, W)
+        Boolean (or 0/1) masks.
+
+    Returns
+    -------
+    list of RLE
+        One per mask, in order; empty for N = 0.
+
+    Raises
+    ------
+    ValueError
+        If ``masks`` is not 3-D.
+    """
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     if masks.shape[0] == 0:
@@ -41,7 +73,24 @@ def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
 
 
 def decode_rle(rle: RLE | dict) -> np.ndarray:
-    """Decode COCO RLE (compressed string or uncompressed list counts) to a boolean (H, W) mask."""
+    """Decode a COCO RLE to a binary mask.
+
+    Parameters
+    ----------
+    rle : RLE or dict
+        ``size`` [H, W] and ``counts``: a compressed string (or bytes) or an uncompressed list of
+        run lengths (which must sum to H x W).
+
+    Returns
+    -------
+    ndarray, shape (H, W), bool
+        The mask, row-major, y down.
+
+    Raises
+    ------
+    MaskDecodeError
+        If the counts or the size are corrupt or disagree.
+    """
     try:
         size = [int(v) for v in rle["size"]]
         counts = rle["counts"]
@@ -62,12 +111,34 @@ def decode_rle(rle: RLE | dict) -> np.ndarray:
 
 
 def rle_area(rle: RLE) -> int:
-    """Foreground pixel count of an RLE, px."""
+    """Foreground pixel count of a compressed RLE.
+
+    Parameters
+    ----------
+    rle : RLE
+        ``size`` and compressed string ``counts``.
+
+    Returns
+    -------
+    int
+        Area in px.
+    """
     return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """COCO bbox [x, y, width, height] in px of a boolean mask (zeros for an empty mask)."""
+    """COCO bounding box of a binary mask.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W), bool
+
+    Returns
+    -------
+    tuple of 4 float
+        (x, y, width, height) in px: the top-left pixel's column and row and the extent in whole
+        pixels; (0, 0, 0, 0) for an empty mask.
+    """
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return (0.0, 0.0, 0.0, 0.0)

@@ -118,6 +118,23 @@ class TritonEngine:
         return (dims[1], dims[2], dims[3])
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """Send each image to the Triton server (gRPC), retrying unavailable or timed-out calls.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (B, C, H, W), float32
+            Model inputs, 0–255 at the model's pixel scale.
+
+        Returns
+        -------
+        list of RawDetections
+            One per image, boxes in input px.
+
+        Raises
+        ------
+        EngineError
+            If the server stays unreachable after the retries or its reply lacks an output.
+        """
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):
             inp = self._grpc.InferInput(INPUT_NAME, [1, *image.shape], "FP32")
@@ -131,4 +148,5 @@ class TritonEngine:
         return out
 
     def close(self) -> None:
+        """Close the gRPC client."""
         self.client.close()
