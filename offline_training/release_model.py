@@ -255,6 +255,7 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
   {tc['solver']['batch_size']} on {device}; {its} iterations in all{f" over {len(runs)} runs" if len(runs) > 1 else ""}.
 {refiner_text(ckpt_meta, model_cfg)}{lineage_text(ckpt_meta)}
 ## Evaluation
+
 {evaluation_text(metrics, Path(args.test_set), model, tta)}
 {real_line}
 
