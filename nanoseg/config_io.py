@@ -133,29 +133,18 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def parse_yaml(text: str, model: type[M], source: str = "<config>") -> M:
-    """Parse YAML text and validate it against a config model.
-
-    Parameters
-    ----------
-    text : str
-    model : type of pydantic.BaseModel
-    source : str, optional
-        Where the text came from, for the message.
+    """:func:`yaml_mapping` then :func:`parse_config` (same parameters, result and errors).
 
     Returns
     -------
     model
         The validated instance.
-
-    Raises
-    ------
-    ConfigError
     """
     return parse_config(yaml_mapping(text, source), model, source)
 
 
 def load_yaml(path: str | Path, model: type[M]) -> M:
-    """Read a YAML file and validate it against a config model.
+    """:func:`read_yaml_mapping` then :func:`parse_config`, errors naming the file.
 
     Parameters
     ----------
@@ -166,11 +155,6 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
     -------
     model
         The validated instance.
-
-    Raises
-    ------
-    ConfigError
-        Naming the file and each bad field.
     """
     return parse_config(read_yaml_mapping(path), model, str(path))
 

@@ -41,18 +41,7 @@ class OnnxEngine:
         self.mask_decoding = decoding_from_metadata(self.metadata)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Run the ONNX graph once per image (the graph is batch-1 static).
-
-        Parameters
-        ----------
-        batch : ndarray, shape (B, C, H, W), float32
-            Model inputs, 0–255 at the model's pixel scale.
-
-        Returns
-        -------
-        list of RawDetections
-            One per image, boxes in input px.
-        """
+        """Run the ONNX graph once per image (it is batch-1 static). See ``Engine.infer``."""
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):
             boxes, scores, masks, num = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image[None]})

@@ -157,14 +157,10 @@ class TensorRTEngine:
 
         Parameters
         ----------
-        onnx_bytes : bytes
-            The exported ONNX graph.
+        onnx_bytes, fp16, workspace_bytes
+            As :func:`build_plan`.
         cache_dir : Path, optional
             Directory of cached plans (:func:`plan_cache_key` names them); None builds without caching.
-        fp16 : bool, optional
-            Allow float16 kernels.
-        workspace_bytes : int, optional
-            Builder workspace memory limit in bytes.
 
         Returns
         -------
@@ -183,22 +179,9 @@ class TensorRTEngine:
         return cls(plan)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Run the plan once per image on the engine's CUDA stream.
+        """Run the plan once per image on the engine's CUDA stream. See ``Engine.infer``.
 
-        Parameters
-        ----------
-        batch : ndarray, shape (B, C, H, W), float32
-            Model inputs, 0–255 at the model's pixel scale.
-
-        Returns
-        -------
-        list of RawDetections
-            One per image, boxes in input px, arrays on the host.
-
-        Raises
-        ------
-        EngineError
-            If execution fails.
+        ``EngineError`` if TensorRT's execution fails.
         """
         torch = self._torch
         out: list[RawDetections] = []

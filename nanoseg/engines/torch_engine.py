@@ -28,18 +28,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Run ``DetectionCore`` on the batch, on the engine's device.
-
-        Parameters
-        ----------
-        batch : ndarray, shape (B, C, H, W), float32
-            Model inputs, 0–255 at the model's pixel scale.
-
-        Returns
-        -------
-        list of RawDetections
-            One per image, boxes in input px, arrays back on the CPU.
-        """
+        """Run ``DetectionCore`` on the whole batch on the engine's device. See ``Engine.infer``."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         boxes, scores, masks, num = self.core(x)
         return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())

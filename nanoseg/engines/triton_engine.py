@@ -118,22 +118,9 @@ class TritonEngine:
         return (dims[1], dims[2], dims[3])
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Send each image to the Triton server (gRPC), retrying unavailable or timed-out calls.
+        """Send each image to the server over gRPC, retrying unavailable or timed-out calls. See ``Engine.infer``.
 
-        Parameters
-        ----------
-        batch : ndarray, shape (B, C, H, W), float32
-            Model inputs, 0–255 at the model's pixel scale.
-
-        Returns
-        -------
-        list of RawDetections
-            One per image, boxes in input px.
-
-        Raises
-        ------
-        EngineError
-            If the server stays unreachable after the retries or its reply lacks an output.
+        ``EngineError`` when the server stays unreachable after the retries or a reply lacks an output.
         """
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):
