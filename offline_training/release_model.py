@@ -107,7 +107,13 @@ def lineage_text(ckpt_meta: dict[str, Any]) -> str:
         f"{(r['iterations'] or 0) * (r['batch_size'] or 0)} | {data(r)} | {(r.get('train_seconds') or 0):.0f} s | "
         f"{r.get('train_device') or 'unknown'} | {('`' + r['sha256'][:12] + '`') if r.get('sha256') else 'this model'} |"
         for i, r in enumerate(runs, 1))
+    its = sum(r["iterations"] or 0 for r in runs)
+    images = sum((r["iterations"] or 0) * (r["batch_size"] or 0) for r in runs)
+    hours = sum(r.get("train_seconds") or 0 for r in runs) / 3600
     return f"""
+{len(runs)} runs, each from the weights the one before ended with (`meta.lineage`): {its} iterations, {images} images,
+{hours:.2f} h of training in all.
+
 | run | config | start | iterations | images | data | training time | device | weights (sha256) |
 |---|---|---|---|---|---|---|---|---|
 {rows}
@@ -229,11 +235,9 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     refined = "" if model_cfg.mask_refiner is None else (
         f", refined from the image to {arch['mask_resolution']}x{arch['mask_resolution']}")
     device = ckpt_meta.get("train_device", "unknown")
-    runs = lineage(ckpt_meta)
     name = Path(args.out).name
     model = f"{Path(args.out).as_posix()}/model.pt"
     spec = tc["input_spec"]
-    its = sum(r["iterations"] or 0 for r in runs) if len(runs) > 1 else ckpt_meta.get("iterations", 0)
     real_line = ("`real_overlay.png`: the model on `shared/real/ptychography_v2o5.png` (profile `ptychography_od`; "
                  "no annotation, read by eye)." if real else "No real image was run.")
     return f"""# Model card: nanoseg `{name}`
@@ -252,7 +256,7 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
 - `nanoseg generate {gen.get('preset', '?')} --count {gen.get('count', '?')} --seed {gen.get('seed', '?')}`{mix};
   crops {tc['data']['crop_sizes']} px; augmentation: {", ".join(tc['augment'])}.
 - `nanoseg train configs/training/{tc['name']}.yaml`: {ckpt_meta.get('iterations')} iterations of batch
-  {tc['solver']['batch_size']} on {device}; {its} iterations in all{f" over {len(runs)} runs" if len(runs) > 1 else ""}.
+  {tc['solver']['batch_size']} on {device}.
 {refiner_text(ckpt_meta, model_cfg)}{lineage_text(ckpt_meta)}
 ## Evaluation
 
