@@ -22,10 +22,9 @@ from pathlib import Path
 from nanoseg.config_io import ConfigError, load_yaml
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
-from nanoseg.instances import Instances
 from nanoseg.particle_stats import frame_summary, particle_table
 from nanoseg.paths import resolve_config
-from nanoseg.postprocess import filter_instances
+from nanoseg.postprocess import cap_instances, filter_instances
 from nanoseg.prepare import PreparedFrame, instances_to_frame, prepare_frame
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
 from nanoseg_daemon.model_slot import LoadedModel
@@ -84,11 +83,13 @@ def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
     t0 = time.perf_counter()
     per_tile = model.segmenter.infer_tiles(p.frame.tiles)
     t1 = time.perf_counter()
-    inst: Instances = filter_instances(instances_to_frame(per_tile, p.frame), model.segmenter.post)
+    post = model.segmenter.post
+    inst, capped = cap_instances(instances_to_frame(per_tile, p.frame), post.max_instances)
+    inst = filter_instances(inst, post)
     t2 = time.perf_counter()
     px = p.job.metadata.pixel_size_nm or p.profile.pixel_size_nm
     od = p.frame.image if p.frame.mode == "optical_density" else None
-    table = particle_table(inst.masks, od, px)
+    table = particle_table(inst.box_masks, od, px)  # type: ignore[arg-type]  # box-local: never N x H x W
     summary = frame_summary(table)
     t3 = time.perf_counter()
     return FrameResult(
@@ -97,7 +98,7 @@ def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
         model_version=model.version, invalid_pixels=p.frame.invalid.to_dict(),
         timings={"prepare": p.seconds, "infer": t1 - t0, "postprocess": t2 - t1, "stats": t3 - t2},
         metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
-        received_monotonic=p.job.received_monotonic,
+        received_monotonic=p.job.received_monotonic, instances_capped=capped,
     )
 
 

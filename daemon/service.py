@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -76,6 +76,8 @@ class Service:
         self._paused = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, AnalysisRun] = {}
+        self._losses: dict[str, Counter[str]] = {}  # run uid -> frames dropped/failed by reason, for its stop
+        self._losses_lock = threading.Lock()
         self._run_meta: dict[str, RunStarted] = {}
         self._last_activity: dict[str, float] = {}
         self._pending: deque[Pending] = deque()  # waiting for the store, in output order
@@ -137,6 +139,10 @@ class Service:
         self.metrics.messages_rejected.labels(reason).inc()
         log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
 
+    def converted(self, reason: str, detail: str) -> None:
+        self.metrics.frames_converted.labels(reason).inc()
+        log("frame_converted", logging.INFO, reason=reason, detail=detail[:500])
+
     # -- stage callbacks -------------------------------------------------------------------
     def _next_item(self, timeout: float) -> Item | None:
         item = self.queue.get(timeout)
@@ -146,13 +152,19 @@ class Service:
     def _is_paused(self) -> bool:
         return self._paused.is_set() and not self._stopping.is_set()
 
+    def _count_loss(self, run_uid: str, reason: str) -> None:
+        with self._losses_lock:
+            self._losses.setdefault(run_uid, Counter())[reason] += 1
+
     def _dropped(self, item: Item, reason: str) -> None:
         self.metrics.frames_dropped.labels(reason).inc()
         if isinstance(item, FrameJob):
+            self._count_loss(item.run_uid, reason)
             log("frame_dropped", logging.WARNING, reason=reason, run=item.run_uid, frame=item.frame_uid)
 
     def _failed(self, job: FrameJob, reason: str, detail: str) -> None:
         self.metrics.frames_failed.labels(reason).inc()
+        self._count_loss(job.run_uid, reason)
         log("frame_failed", logging.WARNING, reason=reason, run=job.run_uid, frame=job.frame_uid, detail=detail[:500])
 
     def _output(self, item: Item | FrameResult) -> None:
@@ -161,10 +173,10 @@ class Service:
             if isinstance(item, RunStarted):
                 self._open_run(item)
             elif isinstance(item, FrameResult):
-                self._pending.append((item, encode_rle_batch(item.instances.masks)))
+                self._pending.append((item, encode_rle_batch(item.instances.box_masks)))
                 self._flush_pending()
             else:
-                self._close_run(item.run_uid, item.exit_status)
+                self._close_run(item.run_uid, item.exit_status, item.rejected)
 
     def _open_run(self, ev: RunStarted) -> None:
         self._run_meta[ev.run_uid] = ev
@@ -232,6 +244,10 @@ class Service:
         self._processed += 1
         self.metrics.frames_processed.inc()
         self.metrics.particles.observe(result.summary.count)
+        if result.instances_capped:
+            self.metrics.instances_dropped.labels("max_instances").inc(result.instances_capped)
+            log("instances_capped", logging.WARNING, run=result.run_uid, frame=result.frame_uid,
+                dropped=result.instances_capped)
         self.metrics.last_frame.set(time.time())
         for stage, seconds in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
@@ -241,7 +257,7 @@ class Service:
             self._publish_doc(name, doc)
         except ValueError as err:  # out of order within a run: stored, not published as an event
             log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
-        for name, doc in self.growth.observe(result, run.start_doc):  # alarms stream of the analysis run
+        for name, doc in self.growth.observe(result, run.compose_descriptor):  # alarms stream of the analysis run
             self._publish_doc(name, doc)
         if self.summary_pub is not None and not self.summary_pub.publish(result):
             self.metrics.publish_dropped.labels("summary").inc()
@@ -252,15 +268,17 @@ class Service:
         if self.doc_pub is not None and not self.doc_pub(name, doc):
             self.metrics.publish_dropped.labels("bluesky").inc()
 
-    def _close_run(self, run_uid: str, exit_status: str) -> None:
+    def _close_run(self, run_uid: str, exit_status: str, rejected: dict[str, int] | None = None) -> None:
         """Store the stop after the run's pending results; _finish_run publishes it once stored."""
         self._last_activity.pop(run_uid, None)  # closing: the housekeeping must not time it out too
-        self._pending.append(RunStopped(run_uid, exit_status, time.time()))
+        self._pending.append(RunStopped(run_uid, exit_status, time.time(), dict(rejected or {})))
         self._flush_pending()
 
     def _finish_run(self, ev: RunStopped) -> None:
         run = self._analysis_run(ev.run_uid)
-        stop = run.stop(ev.exit_status)
+        with self._losses_lock:
+            losses = Counter(ev.rejected) + self._losses.pop(ev.run_uid, Counter())
+        stop = run.stop(ev.exit_status, losses=losses)
         if stop is not None:
             self._publish_doc(*stop)
         self._runs.pop(ev.run_uid, None)

@@ -7,6 +7,8 @@ from typing import TypedDict
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from nanoseg.instances import BoxMasks
+
 
 class RLE(TypedDict):
     """COCO compressed RLE: ``size`` is [height, width]; ``counts`` the compressed string."""
@@ -43,13 +45,61 @@ def encode_rle(mask: np.ndarray) -> RLE:
     return {"size": [int(enc["size"][0]), int(enc["size"][1])], "counts": enc["counts"].decode("ascii")}
 
 
-def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
-    """Encode a stack of binary masks as COCO compressed RLE, in one pycocotools call.
+def encode_box_mask(crop: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> RLE:
+    """COCO compressed RLE of an image-sized mask that is zero outside a crop, made without the image.
+
+    The runs of the column-major image are those of the crop's columns with the rows outside the
+    crop in between.
 
     Parameters
     ----------
-    masks : ndarray, shape (N, H, W)
-        Boolean (or 0/1) masks.
+    crop : ndarray, shape (h, w), bool
+        The mask inside its box.
+    offset : (int, int)
+        (row, column) of the crop's top-left pixel on the image, px.
+    image_shape : (int, int)
+        Image (H, W) in px.
+
+    Returns
+    -------
+    RLE
+        ``size`` [H, W] and the compressed ``counts``.
+    """
+    h, w = image_shape
+    hc, wc = crop.shape
+    if crop.size == 0:
+        counts = [h * w]
+    else:
+        y, x = offset
+        values = np.zeros((hc + 1, wc), bool)
+        values[:hc] = crop
+        weights = np.ones((hc + 1, wc), np.int64)
+        weights[hc] = h - hc  # below this column's crop, then above the next one's
+        v = np.concatenate([[False], values.ravel(order="F")[:-1]])  # no gap after the last column
+        wt = np.concatenate([[x * h + y], weights.ravel(order="F")[:-1]])
+        v, wt = v[wt > 0], wt[wt > 0]
+        starts = np.concatenate([[0], np.flatnonzero(v[1:] != v[:-1]) + 1])
+        runs = np.add.reduceat(wt, starts).tolist()
+        if v[0]:
+            runs.insert(0, 0)  # counts start with a run of zeros
+        tail = h * w - int(wt.sum())
+        if not v[-1]:
+            runs[-1] += tail
+        elif tail:
+            runs.append(tail)
+        counts = [int(r) for r in runs]
+    enc = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}
+
+
+def encode_rle_batch(masks: np.ndarray | BoxMasks) -> list[RLE]:
+    """Encode a stack of binary masks as COCO compressed RLE.
+
+    Parameters
+    ----------
+    masks : ndarray, shape (N, H, W), or BoxMasks
+        Dense masks are encoded in one pycocotools call; box-local masks mask by mask, without an
+        (H, W) image.
 
     Returns
     -------
@@ -59,8 +109,11 @@ def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
     Raises
     ------
     ValueError
-        If ``masks`` is not 3-D.
+        If dense ``masks`` are not 3-D.
     """
+    if isinstance(masks, BoxMasks):
+        return [encode_box_mask(c, (int(o[0]), int(o[1])), masks.image_shape)
+                for o, c in zip(masks.offsets, masks.crops)]
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     if masks.shape[0] == 0:

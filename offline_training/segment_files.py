@@ -77,7 +77,7 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray)
     lo, hi = np.percentile(gray, [0.5, 99.5]) if gray.size else (0.0, 1.0)
     g8 = np.clip((gray - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     Image.fromarray(outline_overlay(g8, list(result.instances.masks), thickness=2)).save(out / f"{stem}_overlay.png")
-    records = result.table.to_records()
+    records = result.table.to_records(rounded=True)
     with open(out / f"{stem}_particles.csv", "w", newline="") as f:
         if records:
             w = csv.DictWriter(f, fieldnames=["particle", "score", *records[0].keys()])
