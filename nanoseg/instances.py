@@ -187,7 +187,18 @@ class Instances:
         return int(self._masks.shape[1]), int(self._masks.shape[2])
 
     def select(self, idx: np.ndarray | Sequence[int] | slice) -> Instances:
-        """The instances at ``idx`` (integer indices, a boolean vector or a slice), in that order."""
+        """The instances at ``idx``, in that order.
+
+        Parameters
+        ----------
+        idx : ndarray, sequence of int or slice
+            Integer indices, a boolean vector of length N, or a slice.
+
+        Returns
+        -------
+        Instances
+            A new set on the same image (arrays indexed, not shared views for integer/boolean ``idx``).
+        """
         if not isinstance(idx, slice):
             idx = np.asarray(idx)
             if idx.dtype != np.bool_:
@@ -197,13 +208,35 @@ class Instances:
 
     @classmethod
     def empty(cls, height: int, width: int) -> Instances:
-        """No instances on an image of ``height`` x ``width`` px."""
+        """No instances on an image of the given size.
+
+        Parameters
+        ----------
+        height, width : int
+            Image size in px.
+
+        Returns
+        -------
+        Instances
+            N = 0, box-local masks on a (height, width) image.
+        """
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), BoxMasks((height, width), [], []))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) float64 IoU of N and M boolean masks of one shape ((N, H, W), (M, H, W)); 0 where
-    both masks of a pair are empty. Pixel counts go through a float32 product, exact below 2^24 px."""
+    """Pairwise intersection over union of two sets of masks on one image.
+
+    Parameters
+    ----------
+    a : ndarray, shape (N, H, W), bool
+    b : ndarray, shape (M, H, W), bool
+
+    Returns
+    -------
+    ndarray, shape (N, M), float64
+        IoU in [0, 1]; 0 where both masks of a pair are empty. Pixel counts go through a float32
+        product, exact below 2^24 px per mask.
+    """
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
     fa = a.reshape(len(a), -1).astype(np.float32)
@@ -214,9 +247,17 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mask_boxes(masks: np.ndarray | BoxMasks) -> np.ndarray:
-    """Tight (N, 4) float32 xyxy boxes of (N, H, W) boolean masks, pixel-edge coordinates.
+    """Tight boxes of masks, in pixel-edge coordinates.
 
-    An empty mask gets the box (0, 0, 0, 0).
+    Parameters
+    ----------
+    masks : ndarray, shape (N, H, W), bool, or BoxMasks
+
+    Returns
+    -------
+    ndarray, shape (N, 4), float32
+        (x0, y0, x1, y1) in px, y down; a mask covering only pixel (c, r) gets (c, r, c + 1, r + 1);
+        an empty mask gets (0, 0, 0, 0).
     """
     if isinstance(masks, BoxMasks):
         return masks.boxes()

@@ -111,12 +111,21 @@ class ModelConfig(StrictModel):
 
 
 def mask_grid_offset_px(cfg: ModelConfig) -> float:
-    """Where a model's M x M mask grid sits relative to its box, px, as training taught it.
+    """Where a model's M x M mask grid sits relative to its box, as training taught it.
 
     torchvision's mask targets (``project_masks_on_boxes``: ROIAlign with ``aligned=False``)
     sample the ground truth half a pixel right of and below the box's pixel-edge grid, so a
     network trained by nanoseg predicts masks shifted by +0.5 px in x and y; detectron2 trains with
     ROIAlignV2 (``aligned=True``), whose grid is the box's own. Mask pasting adds this offset.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    float
+        Offset in px along x and y: 0.5 for torchvision semantics, 0.0 for detectron2.
     """
     return 0.0 if cfg.semantics == "detectron2" else 0.5
 
@@ -127,6 +136,19 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Leave the image at its size (frame preparation already set the pixel scale).
+
+        Parameters
+        ----------
+        image : Tensor, shape (C, H, W)
+        target : dict, optional
+            Training targets (boxes in px), unchanged.
+
+        Returns
+        -------
+        (Tensor, dict or None)
+            ``image`` and ``target`` as given.
+        """
         return image, target
 
 
@@ -200,11 +222,34 @@ class ConvFCBoxHead(nn.Module):
         self.mlp = TwoMLPHead(in_channels * resolution * resolution, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Box features of pooled regions.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, R, R)
+            Pooled FPN features of N boxes.
+
+        Returns
+        -------
+        Tensor, shape (N, dim)
+        """
         return self.mlp(self.convs(x))
 
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
-    """Build the (untrained) one-class Mask R-CNN that ``cfg`` describes."""
+    """The untrained one-class Mask R-CNN that a config describes.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Backbone, FPN, anchors (px), heads, mask refiner, and the pixel semantics (torchvision or
+        detectron2).
+
+    Returns
+    -------
+    torchvision.models.detection.MaskRCNN
+        In training mode, float32, on the CPU; it never resizes its input (``FixedScaleTransform``).
+    """
     backbone = _mobilenet_fpn(cfg) if cfg.backbone == "mobilenet_v3_large" else _resnet_fpn(cfg)
     if cfg.semantics == "detectron2":
         anchors: AnchorGenerator = d2.Detectron2AnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios, cfg.anchor_offset)
@@ -258,15 +303,47 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of a network.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    int
+        Trainable and frozen parameters together.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
 def describe(cfg: ModelConfig) -> dict[str, Any]:
-    """A short human-readable summary for model cards and manifests."""
+    """A short human-readable summary for model cards and manifests.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    dict
+        ``architecture`` (e.g. "Mask R-CNN, resnet18-FPN(128), norm=bn"), ``in_channels`` and
+        ``mask_resolution`` (M of the output mask grids).
+    """
     return {"architecture": f"Mask R-CNN, {cfg.backbone}-FPN({cfg.fpn_channels}), norm={cfg.norm}",
             "in_channels": cfg.in_channels, "mask_resolution": mask_resolution(cfg)}
 
 
 def mask_resolution(cfg: ModelConfig) -> int:
-    """M of the M x M mask grids the model outputs: the refiner's grid, else 2x the mask ROI."""
+    """Side of the mask grids a model outputs.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    int
+        M of the M x M grids, in cells: the refiner's grid, else twice the mask ROI size.
+    """
     return cfg.mask_refiner.size if cfg.mask_refiner is not None else 2 * cfg.mask_roi_size

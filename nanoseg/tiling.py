@@ -43,9 +43,27 @@ def _starts(n: int, tile: int, overlap: int) -> list[int]:
 
 
 def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
-    """Tiles covering a frame of ``shape`` (H, W), neighbours overlapping by at least ``overlap``.
+    """Square tiles covering a frame, neighbours overlapping by at least ``overlap``.
 
-    Row-major order. Along an axis shorter than ``tile`` there is one tile, padded.
+    Parameters
+    ----------
+    shape : (int, int)
+        Frame (H, W) in px.
+    tile : int
+        Tile side in px.
+    overlap : int
+        Minimum overlap of neighbouring tiles in px, in [0, tile).
+
+    Returns
+    -------
+    list of Tile
+        Row-major. Tiles are spread evenly, the last one flush with the frame's end; along an axis
+        shorter than ``tile`` there is one tile, padded at the bottom or right.
+
+    Raises
+    ------
+    ValueError
+        If ``overlap`` is outside [0, tile).
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
@@ -58,7 +76,21 @@ def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
 
 
 def extract_tiles(image: np.ndarray, tiles: Sequence[Tile], fill: float) -> np.ndarray:
-    """(T, size, size) float32 stack of the tiles' pixels; padding set to ``fill``."""
+    """The tiles' pixels, stacked.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        The frame the tiles were planned on.
+    tiles : sequence of Tile
+        From :func:`plan_tiles` (one size).
+    fill : float
+        Value of the padding outside the frame.
+
+    Returns
+    -------
+    ndarray, shape (T, size, size), float32
+    """
     size = tiles[0].size
     out = np.full((len(tiles), size, size), fill, dtype=np.float32)
     for k, t in enumerate(tiles):
@@ -128,14 +160,35 @@ def merge_tiled_instances(
     frame_shape: tuple[int, int],
     iou_threshold: float = 0.5,
 ) -> Instances:
-    """Frame instances from per-tile instances (boxes and masks in tile px).
+    """Frame instances from per-tile instances.
 
     Masks are cut to the part of their tile inside the frame. Two instances of different tiles
     are the same object when the IoU of their masks *restricted to the two tiles' overlap* is
     at least ``iou_threshold`` (an object crossing a border is cut differently by each tile, so
     only the shared region can be compared). Merging is transitive (a wire across three tiles
     is one instance): the merged mask is the union, the score the maximum, the box the union of
-    the boxes, clipped to the frame. Output is sorted by descending score.
+    the boxes, clipped to the frame.
+
+    Parameters
+    ----------
+    per_tile : sequence of Instances
+        One per tile, boxes and masks in that tile's px (tile size).
+    tiles : sequence of Tile
+        The tiles, in the same order.
+    frame_shape : (int, int)
+        Frame (H, W) in px.
+    iou_threshold : float, optional
+        Overlap-restricted mask IoU at or above which two pieces are merged.
+
+    Returns
+    -------
+    Instances
+        On the frame, in frame px (pixel-edge coordinates, y down), sorted by descending score.
+
+    Raises
+    ------
+    ValueError
+        If ``per_tile`` and ``tiles`` differ in length.
     """
     if len(per_tile) != len(tiles):
         raise ValueError(f"{len(per_tile)} instance sets for {len(tiles)} tiles")
