@@ -94,7 +94,18 @@ class Checkpoint:
 
 
 def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
-    """The model's input (channels, height px, width px): one square tile of ``input_spec.size``."""
+    """The model's input shape: one square tile of ``input_spec.size``.
+
+    Parameters
+    ----------
+    ckpt : Checkpoint
+        The model.
+
+    Returns
+    -------
+    tuple of int
+        (channels, height px, width px).
+    """
     size = int(ckpt.input_spec.get("size", 512))
     return (ckpt.model_config.in_channels, size, size)
 

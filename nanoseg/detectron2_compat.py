@@ -41,6 +41,22 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign with ``aligned=True`` (pixel model of detectron2's ROIAlignV2)."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Pool each box from its FPN level with ``aligned=True`` (detectron2's ROIAlignV2 pixel model).
+
+        Parameters
+        ----------
+        x : dict of str to Tensor
+            FPN feature maps, (B, C, H_l, W_l) each.
+        boxes : list of Tensor, shape (N_b, 4)
+            Per image, xyxy px in input coordinates.
+        image_shapes : list of (int, int)
+            Per image, (H, W) of the input in px.
+
+        Returns
+        -------
+        Tensor, shape (sum N_b, C, R, R)
+            R = ``output_size``.
+        """
         x_filtered = poolers._filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:  # type: ignore[has-type]
             self.scales, self.map_levels = poolers._setup_scales(
