@@ -66,6 +66,7 @@ class RunStopped:
     run_uid: str
     exit_status: str  # bluesky's: success | abort | fail (raw input: success)
     time: float
+    rejected: dict[str, int] = field(default_factory=dict)  # the run's inputs refused at ingest, by reason
 
 
 class IngestSink(Protocol):
@@ -76,6 +77,10 @@ class IngestSink(Protocol):
     def run_stopped(self, ev: RunStopped) -> None: ...
     def rejected(self, reason: str, detail: str) -> None:
         """A malformed input: ``reason`` is a short metric label, ``detail`` a log line."""
+        ...
+
+    def converted(self, reason: str, detail: str) -> None:
+        """A frame accepted after a conversion (``reason``: e.g. ``rgb_to_gray``, a metric label)."""
         ...
 
 
@@ -95,6 +100,7 @@ class FrameResult:
     timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
     received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency
+    instances_capped: int = 0  # instances beyond PostprocessConfig.max_instances, dropped
 
 
 ANALYSIS_PLAN_NAME = "nanoseg_analysis"

@@ -20,10 +20,9 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from event_model import compose_descriptor
 from pydantic import Field, model_validator
 
 from nanoseg.config_io import StrictModel
@@ -31,6 +30,8 @@ from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.logs import log
 
 if TYPE_CHECKING:
+    from event_model import ComposeDescriptor
+
     from nanoseg_daemon.contracts import FrameResult
     from nanoseg_daemon.metrics import DaemonMetrics
 
@@ -209,8 +210,6 @@ class RunGrowth:
     series: GrowthSeries
     rules: list[RuleState]
     compose_event: Any = None
-    streams: dict[str, Any] = field(default_factory=dict)
-    event_counters: dict[str, int] = field(default_factory=dict)
 
     def observe(self, seq_num: int, timestamp: float, values: Mapping[str, float]) -> tuple[GrowthPoint, list[Alarm]]:
         point = self.series.observe(seq_num, timestamp, values)
@@ -237,8 +236,8 @@ class GrowthMonitor:
     """What the service calls for every published frame result.
 
     ``observe`` returns the documents to publish (an ``alarms`` descriptor before the run's first
-    alarm, then one event per transition), composed with event-model against the analysis run's
-    start document. Runs are forgotten least-recent first beyond ``max_runs`` (no hook at run stop
+    alarm, then one event per transition), composed with the ``compose_descriptor`` of the analysis
+    run's ``compose_run`` bundle, so that the run's stop counts the alarms stream too. Runs are forgotten least-recent first beyond ``max_runs`` (no hook at run stop
     is needed, and a late frame of a forgotten run simply starts a new series).
     """
 
@@ -261,7 +260,9 @@ class GrowthMonitor:
         self._runs.move_to_end(run_uid)
         return run
 
-    def observe(self, result: FrameResult, analysis_start: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    def observe(self, result: FrameResult, compose_descriptor: ComposeDescriptor) -> list[tuple[str, dict[str, Any]]]:
+        """The alarm documents of one frame result; ``compose_descriptor``: the analysis run's
+        (``AnalysisRun.compose_descriptor``, from its ``compose_run`` bundle)."""
         if not self.cfg.enabled:
             return []
         run = self._run(result.run_uid)
@@ -273,10 +274,9 @@ class GrowthMonitor:
                 state=alarm.state, value=alarm.value, threshold=alarm.threshold, seq_num=alarm.seq_num)
             if run.compose_event is None:
                 bundle = compose_descriptor(
-                    start=analysis_start, streams=run.streams, event_counters=run.event_counters,  # type: ignore[arg-type]
-                    name=ALARM_STREAM, data_keys=dict(ALARM_DATA_KEYS),  # type: ignore[arg-type]
+                    name=ALARM_STREAM, data_keys=dict(ALARM_DATA_KEYS),
                     object_keys={"nanoseg_growth": list(ALARM_DATA_KEYS)},
-                    hints={"nanoseg_growth": {"fields": ["rule", "state", "value"]}},  # type: ignore[arg-type]
+                    hints={"nanoseg_growth": {"fields": ["rule", "state", "value"]}},
                 )
                 run.compose_event = bundle.compose_event
                 docs.append(("descriptor", dict(bundle.descriptor_doc)))

@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def infer_and_measure(p: Prepared) -> FrameResult:
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
         model_version=p.model.version, invalid_pixels=p.frame.invalid.to_dict(), timings=timings,
         metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
-        received_monotonic=p.job.received_monotonic,
+        received_monotonic=p.job.received_monotonic, instances_capped=a.instances_capped,
     )
 
 
@@ -109,6 +110,8 @@ class Intake:
 
     def __init__(self, cfg: QueueSection, metrics: DaemonMetrics) -> None:
         self.metrics = metrics
+        self._losses: dict[str, Counter[str]] = {}  # run uid -> frames dropped/failed by reason, for its stop
+        self._losses_lock = threading.Lock()
         self.block_timeout_s = cfg.block_timeout_s
         self.queue: FrameQueue[Item] = FrameQueue(cfg.size, cfg.policy, lambda i: isinstance(i, FrameJob), self.dropped)
 
@@ -127,6 +130,19 @@ class Intake:
         self.metrics.messages_rejected.labels(reason).inc()
         log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
 
+    def converted(self, reason: str, detail: str) -> None:
+        self.metrics.frames_converted.labels(reason).inc()
+        log("frame_converted", logging.INFO, reason=reason, detail=detail[:500])
+
+    def _count_loss(self, run_uid: str, reason: str) -> None:
+        with self._losses_lock:
+            self._losses.setdefault(run_uid, Counter())[reason] += 1
+
+    def pop_losses(self, run_uid: str) -> Counter[str]:
+        """The run's frames dropped or failed so far, by reason (forgotten here)."""
+        with self._losses_lock:
+            return self._losses.pop(run_uid, Counter())
+
     def next_item(self, timeout: float) -> Item | None:
         """The next item for the stages (None: idle); raises ``Closed`` once closed and empty."""
         item = self.queue.get(timeout)
@@ -136,10 +152,12 @@ class Intake:
     def dropped(self, item: Item, reason: str) -> None:
         self.metrics.frames_dropped.labels(reason).inc()
         if isinstance(item, FrameJob):
+            self._count_loss(item.run_uid, reason)
             log("frame_dropped", logging.WARNING, reason=reason, run=item.run_uid, frame=item.frame_uid)
 
     def failed(self, job: FrameJob, reason: str, detail: str) -> None:
         self.metrics.frames_failed.labels(reason).inc()
+        self._count_loss(job.run_uid, reason)
         log("frame_failed", logging.WARNING, reason=reason, run=job.run_uid, frame=job.frame_uid, detail=detail[:500])
 
     def close(self) -> None:

@@ -96,7 +96,7 @@ def _stat(summary: FrameSummary, column: str, stat: str) -> float:
 def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[str, Any]:
     """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
     if rles is None:
-        rles = encode_rle_batch(result.instances.masks)
+        rles = encode_rle_batch(result.instances.box_masks)
     table = result.table.to_dict()
     cols = cast(dict[str, Any], table["columns"])
     cols["score"] = [float(s) for s in result.instances.scores]
@@ -159,6 +159,9 @@ class AnalysisRun:
         self.descriptor_doc: dict[str, Any] = cast(dict[str, Any], desc.descriptor_doc)
         self._compose_event = desc.compose_event
         self._compose_stop = bundle.compose_stop
+        self.compose_descriptor = bundle.compose_descriptor
+        """Further streams of this run (growth alarms): the stop counts their events too."""
+        self.events = 0
         self._last_seq_num = -math.inf
         self.stop_doc: dict[str, Any] | None = None
 
@@ -177,17 +180,25 @@ class AnalysisRun:
         self._last_seq_num = result.seq_num
         data = event_data(result, rles)
         doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp))
+        self.events += 1
         return "event", cast(dict[str, Any], doc)
 
-    def stop(self, exit_status: str = "success", reason: str = "", time: float | None = None) -> Document | None:
+    def stop(self, exit_status: str = "success", reason: str = "", time: float | None = None,
+             losses: Mapping[str, int] | None = None) -> Document | None:
         """The stop document (None if already stopped: a raw stop racing the service's timeout).
 
-        An exit status bluesky does not know becomes ``fail`` with the original in ``reason``.
+        An exit status bluesky does not know becomes ``fail`` with the original in ``reason``. A
+        run without one analysed frame ends ``fail`` too, its reason naming ``losses`` (frames or
+        documents of the raw run refused, dropped or failed, by reason).
         """
         if self.stop_doc is not None:
             return None
         if exit_status not in EXIT_STATUSES:
             reason = f"raw exit status {exit_status!r}" + (f": {reason}" if reason else "")
+            exit_status = "fail"
+        if self.events == 0 and exit_status == "success":
+            counted = ", ".join(f"{k} {v}" for k, v in sorted((losses or {}).items()) if v)
+            reason = "no frame analysed" + (f" ({counted})" if counted else "") + (f"; {reason}" if reason else "")
             exit_status = "fail"
         status = cast(Literal["success", "abort", "fail"], exit_status)
         self.stop_doc = cast(dict[str, Any], self._compose_stop(exit_status=status, reason=reason, time=time))

@@ -49,8 +49,9 @@ class Service:
                            m.triton_target(), m.mask_tta)
         self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
-        self.sinks = SinkChain([self._sink(name) for name in cfg.sink_names], self.metrics, cfg.store.max_pending)
         self.intake = Intake(cfg.queue, self.metrics)
+        self.sinks = SinkChain([self._sink(name) for name in cfg.sink_names], self.metrics, cfg.store.max_pending,
+                               self.intake.pop_losses)
         self._paused = threading.Event()
         self._stopping = threading.Event()
         self.stages = Stages(self.intake.next_item, self.profiles,

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,12 +147,12 @@ class BlueskySink:
             self._send(*run.event(result, rles))
         except ValueError as err:  # out of order within a run: stored, not published as an event
             log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
-        for name, doc in self._growth.observe(result, run.start_doc):  # alarms stream of the analysis run
+        for name, doc in self._growth.observe(result, run.compose_descriptor):  # alarms stream of the analysis run
             self._send(name, doc)
         return True
 
     def close_run(self, stop: RunStopped) -> None:
-        doc = self._analysis(stop.run_uid).stop(stop.exit_status)
+        doc = self._analysis(stop.run_uid).stop(stop.exit_status, losses=stop.rejected)
         if doc is not None:
             self._send(*doc)
         self._runs.pop(stop.run_uid, None)
@@ -209,8 +209,10 @@ class _Pending:
 class SinkChain:
     """The output stage: run starts, results and run stops to every sink, in order (see module)."""
 
-    def __init__(self, sinks: Sequence[Sink], metrics: DaemonMetrics, max_pending: int) -> None:
+    def __init__(self, sinks: Sequence[Sink], metrics: DaemonMetrics, max_pending: int,
+                 losses: Callable[[str], Mapping[str, int]] = lambda run_uid: {}) -> None:
         self.sinks = list(sinks)
+        self._losses = losses  # a run's frames dropped or failed before output, by reason
         self.metrics = metrics
         self.max_pending = max_pending
         self.processed = 0
@@ -231,10 +233,12 @@ class SinkChain:
                 self.metrics.open_runs.set(len(self._open))
                 self._pending.append(_Pending(item))
             elif isinstance(item, FrameResult):
-                self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.masks))))
+                self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.box_masks))))
             elif isinstance(item, RunStopped):
                 self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
-                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time())))
+                # every frame of the run has passed the stages: its losses are all counted by now
+                losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
+                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses))))
             else:
                 raise TypeError(f"not an output item: {type(item).__name__}")
             self._flush()
@@ -333,6 +337,9 @@ class SinkChain:
         m = self.metrics
         m.frames_processed.inc()
         m.particles.observe(r.summary.count)
+        if r.instances_capped:
+            m.instances_dropped.labels("max_instances").inc(r.instances_capped)
+            log("instances_capped", logging.WARNING, run=r.run_uid, frame=r.frame_uid, dropped=r.instances_capped)
         m.last_frame.set(time.time())
         for stage, seconds in r.timings.items():
             m.stage_seconds.labels(stage).observe(seconds)

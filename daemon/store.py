@@ -157,7 +157,7 @@ def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> lis
     if len(table) != len(inst):
         raise ValueError(f"table has {len(table)} particles, instances {len(inst)}")
     if rles is None:
-        rles = encode_rle_batch(inst.masks)
+        rles = encode_rle_batch(inst.box_masks)
     present = table.columns()
     cols = [present.get(c) for c in PARTICLE_COLUMNS]
     rows = []

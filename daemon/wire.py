@@ -32,23 +32,26 @@ RejectReason = Literal[
     "bad_payload",  # the payload does not deserialise to a dict (incl. pickle when disabled)
     # bluesky routing (bluesky_ingest.py)
     "bad_document",  # a document lacks a required field or has a wrong type
-    "unsupported_document",  # stream_resource/stream_datum, bulk_* (not handled)
+    "unsupported_document",  # bulk_events, bulk_datum (not handled)
     "unknown_run",  # descriptor/resource/stop (raw: end_of_run) for a run that is not open
     "run_closed",  # a document for a run that has already stopped
     "unknown_descriptor",  # event before (or without) its descriptor
-    "unknown_resource",  # datum before (or without) its resource
+    "unknown_resource",  # datum / stream_datum before (or without) its (stream) resource
     "duplicate_uid",  # start/descriptor/event/resource uid seen before
     "too_many_runs",  # max_open_runs reached: the least active run was evicted
     "missing_image",  # an event of an image stream without the image field
-    "fill_failed",  # the referenced file/datum could not be loaded (incl. unknown spec)
+    "fill_failed",  # the referenced file/datum could not be loaded (incl. unknown spec/mimetype)
+    "frames_not_written",  # a stream_datum's frames not in its file within stream_wait_s (one per frame)
+    "shape_mismatch",  # image data whose shape disagrees with its descriptor's data key
+    "color_frame",  # an RGB/RGBA frame while color_frames is refuse
     "bad_metadata",  # a metadata value of the wrong type (the field is ignored)
     # both inputs
     "bad_shape",  # not 2-D (or N x H x W) / a header shape that is not [H, W]
     "bad_dtype",  # not a numeric array / a raw dtype outside the whitelist
+    "oversize",  # frame bytes > max_frame_bytes or a dimension > max_dim
     # raw frames (raw_ingest.py)
     "bad_header",  # header not UTF-8, not JSON, or not a valid RawFrameHeader
     "size_mismatch",  # buffer length != prod(shape) * itemsize (truncated or too long)
-    "oversize",  # frame bytes > max_frame_bytes or a dimension > max_dim
     "nan_frame",  # a float frame with no number at all
     # the ingest loop
     "internal_error",  # a bug while handling a message (logged with traceback)

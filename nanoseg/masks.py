@@ -7,6 +7,8 @@ from typing import TypedDict
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from nanoseg.instances import BoxMasks
+
 
 class RLE(TypedDict):
     """COCO compressed RLE: ``size`` is [height, width]; ``counts`` the compressed string."""
@@ -27,8 +29,43 @@ def encode_rle(mask: np.ndarray) -> RLE:
     return {"size": [int(enc["size"][0]), int(enc["size"][1])], "counts": enc["counts"].decode("ascii")}
 
 
-def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
-    """Encode (N, H, W) boolean masks; one pycocotools call for the whole stack."""
+def encode_box_mask(crop: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> RLE:
+    """COCO compressed RLE of an (H, W) mask that is zero outside ``crop`` (bool, its top-left at
+    row, column ``offset``), made without the (H, W) image: the runs of the column-major image are
+    those of the crop's columns with the rows outside the crop in between."""
+    h, w = image_shape
+    hc, wc = crop.shape
+    if crop.size == 0:
+        counts = [h * w]
+    else:
+        y, x = offset
+        values = np.zeros((hc + 1, wc), bool)
+        values[:hc] = crop
+        weights = np.ones((hc + 1, wc), np.int64)
+        weights[hc] = h - hc  # below this column's crop, then above the next one's
+        v = np.concatenate([[False], values.ravel(order="F")[:-1]])  # no gap after the last column
+        wt = np.concatenate([[x * h + y], weights.ravel(order="F")[:-1]])
+        v, wt = v[wt > 0], wt[wt > 0]
+        starts = np.concatenate([[0], np.flatnonzero(v[1:] != v[:-1]) + 1])
+        runs = np.add.reduceat(wt, starts).tolist()
+        if v[0]:
+            runs.insert(0, 0)  # counts start with a run of zeros
+        tail = h * w - int(wt.sum())
+        if not v[-1]:
+            runs[-1] += tail
+        elif tail:
+            runs.append(tail)
+        counts = [int(r) for r in runs]
+    enc = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}
+
+
+def encode_rle_batch(masks: np.ndarray | BoxMasks) -> list[RLE]:
+    """Encode (N, H, W) boolean masks; one pycocotools call for the whole stack (box-local masks
+    are encoded mask by mask, without an (H, W) image)."""
+    if isinstance(masks, BoxMasks):
+        return [encode_box_mask(c, (int(o[0]), int(o[1])), masks.image_shape)
+                for o, c in zip(masks.offsets, masks.crops)]
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     if masks.shape[0] == 0:

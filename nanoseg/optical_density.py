@@ -176,8 +176,10 @@ def optical_density(
         else:
             d = _reference_array(dark, img.shape, "dark frame")
             ref_bad |= ~np.isfinite(d)
+    # In place from here on (img is as_frame's own float64 copy): an 8000 x 8000 frame is 512 MB
+    # per float64 array, so temporaries, not the result, would set the peak memory.
     with np.errstate(invalid="ignore"):
-        signal = img - d
+        signal = np.subtract(img, d, out=img)
 
     reference: float | None
     if i0 is None or (isinstance(i0, str) and i0 == "background"):
@@ -202,12 +204,15 @@ def optical_density(
 
     measured = finite & ~ref_bad
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(measured, signal / ref, 1.0)
+        t = np.divide(signal, ref, out=signal)
+    t[~measured] = 1.0
     non_positive = measured & (t <= 0)
     if not (measured & ~non_positive).any():
         raise FrameError("no_signal", "no pixel has a signal above the dark level")
     below = measured & ~non_positive & (t < floor)
-    od = -np.log(np.maximum(t, floor))
+    od = np.maximum(t, floor, out=t)
+    np.log(od, out=od)
+    np.negative(od, out=od)
     unmeasured = ~measured
     od = fill_nearest(od, unmeasured)
     invalid = InvalidPixels(

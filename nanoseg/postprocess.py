@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from nanoseg.config_io import StrictModel
 from nanoseg.engines import RawDetections
-from nanoseg.instances import Instances
+from nanoseg.instances import BoxMasks, Instances
 from nanoseg.mask_decoding import MaskDecoding
 
 
@@ -47,6 +47,9 @@ class PostprocessConfig(StrictModel):
     nested: NestedSuppression = NestedSuppression()
     mask_rescoring: bool = False
     """Score = class score x maskness (see the module docstring); the score threshold applies to it."""
+    max_instances: int = Field(2000, ge=1)
+    """Most instances kept per frame (the highest scores); the daemon counts the rest
+    (``nanoseg_instances_dropped_total{reason="max_instances"}``)."""
 
 
 class OperatingPoint(StrictModel):
@@ -135,29 +138,42 @@ def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessCon
     return Instances(raw.boxes[keep], scores[keep], masks)
 
 
-def nested_to_drop(masks: np.ndarray, cfg: NestedSuppression) -> np.ndarray:
-    """Boolean (N,) of instances lying inside a larger instance."""
-    n = len(masks)
+def nested_to_drop(masks: np.ndarray | BoxMasks, cfg: NestedSuppression) -> np.ndarray:
+    """Boolean (N,) of instances lying inside a larger instance (box-local: only instances whose
+    boxes overlap are compared, on their crops)."""
+    bm = masks if isinstance(masks, BoxMasks) else BoxMasks.from_dense(masks)
+    n = len(bm)
     drop = np.zeros(n, dtype=bool)
     if n < 2 or not cfg.enabled:
         return drop
-    flat = masks.reshape(n, masks.shape[1] * masks.shape[2])
-    areas = flat.sum(1).astype(np.float64)
-    inter = (flat.astype(np.float32) @ flat.T.astype(np.float32)).astype(np.float64)
+    areas = bm.areas().astype(np.float64)
+    b = bm.boxes()
     for i in range(n):
-        for j in range(n):
-            if i != j and areas[i] > 0 and areas[i] <= cfg.max_area_ratio * areas[j] \
-                    and inter[i, j] >= cfg.containment * areas[i]:
+        if areas[i] == 0:
+            continue
+        x0, y0, x1, y1 = b[i]
+        larger = np.flatnonzero((areas[i] <= cfg.max_area_ratio * areas) & (b[:, 0] < x1) & (b[:, 2] > x0)
+                                & (b[:, 1] < y1) & (b[:, 3] > y0))
+        rows, cols = slice(int(y0), int(y1)), slice(int(x0), int(x1))
+        for j in larger:
+            if j != i and np.count_nonzero(bm.crops[i] & bm.window(int(j), rows, cols)) >= cfg.containment * areas[i]:
                 drop[i] = True
                 break
     return drop
+
+
+def cap_instances(inst: Instances, max_instances: int) -> tuple[Instances, int]:
+    """The ``max_instances`` highest-scoring instances, and how many were dropped."""
+    if len(inst) <= max_instances:
+        return inst, 0
+    keep = np.sort(np.argsort(-inst.scores, kind="stable")[:max_instances])
+    return inst.select(keep), len(inst) - max_instances
 
 
 def filter_instances(inst: Instances, cfg: PostprocessConfig) -> Instances:
     """Frame-level filters: minimum area, then nested-instance suppression; sorted by score."""
     if len(inst) == 0:
         return inst
-    areas = inst.masks.sum(axis=(1, 2))
-    inst = inst.select(areas >= max(cfg.min_area_px, 1))
-    inst = inst.select(~nested_to_drop(inst.masks, cfg.nested))
+    inst = inst.select(inst.box_masks.areas() >= max(cfg.min_area_px, 1))
+    inst = inst.select(~nested_to_drop(inst.box_masks, cfg.nested))
     return inst.select(np.argsort(-inst.scores, kind="stable"))

@@ -22,6 +22,7 @@ from nanoseg.model import mask_grid_offset_px
 from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_summary, particle_table
 from nanoseg.postprocess import (
     PostprocessConfig,
+    cap_instances,
     filter_instances,
     resolve_postprocess,
     to_instances,
@@ -37,6 +38,8 @@ class FrameAnalysis:
     instances: Instances
     table: ParticleTable
     summary: FrameSummary
+    instances_capped: int = 0
+    """Instances beyond ``PostprocessConfig.max_instances``, dropped (highest scores kept)."""
 
 
 @dataclass
@@ -80,15 +83,19 @@ class Segmenter:
         """Instances of a prepared frame in original frame pixels (x right, y down).
 
         ``timings``, when given, receives seconds per step: ``infer`` (engine and per-tile
-        instances) and ``postprocess`` (tile merge, back to frame pixels, filters).
+        instances) and ``postprocess`` (tile merge, back to frame pixels, cap, filters).
         """
+        return self._segment(prepared, timings)[0]
+
+    def _segment(self, prepared: PreparedFrame, timings: dict[str, float] | None) -> tuple[Instances, int]:
         t0 = time.perf_counter()
         per_tile = self.infer_tiles(prepared.tiles)
         t1 = time.perf_counter()
-        inst = filter_instances(instances_to_frame(per_tile, prepared), self.post)
+        inst, capped = cap_instances(instances_to_frame(per_tile, prepared), self.post.max_instances)
+        inst = filter_instances(inst, self.post)
         if timings is not None:
             timings.update(infer=t1 - t0, postprocess=time.perf_counter() - t1)
-        return inst
+        return inst, capped
 
     def analyse(self, prepared: PreparedFrame, pixel_size_nm: float | None,
                 timings: dict[str, float] | None = None) -> FrameAnalysis:
@@ -110,14 +117,14 @@ class Segmenter:
             The instances, their table and its summary. The table's mean optical density comes
             from ``prepared.image`` when the frame was prepared as optical density.
         """
-        inst = self.segment_prepared(prepared, timings)
+        inst, capped = self._segment(prepared, timings)
         t0 = time.perf_counter()
         od = prepared.image if prepared.mode == "optical_density" else None
-        table = particle_table(inst.masks, od, pixel_size_nm)
+        table = particle_table(inst.box_masks, od, pixel_size_nm)  # type: ignore[arg-type]  # box-local: never N x H x W
         summary = frame_summary(table)
         if timings is not None:
             timings["stats"] = time.perf_counter() - t0
-        return FrameAnalysis(inst, table, summary)
+        return FrameAnalysis(inst, table, summary, capped)
 
     def segment_gray(self, gray: np.ndarray) -> Instances:
         """A 0–255 image already at the model's scale and mapping (e.g. a synthetic data set image)."""

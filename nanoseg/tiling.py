@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanoseg.instances import Instances, mask_iou
+from nanoseg.instances import BoxMasks, Instances, mask_iou
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,18 @@ class _Piece:
 
 
 def _pieces(inst: Instances, t: Tile) -> list[_Piece]:
-    crop = inst.masks[:, : t.valid_height, : t.valid_width]
+    bm = inst.box_masks
     offset = np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
     out = []
-    for j in np.flatnonzero(crop.any(axis=(1, 2))):
-        rows = np.flatnonzero(crop[j].any(axis=1))
-        cols = np.flatnonzero(crop[j].any(axis=0))
+    for j in range(len(bm)):
+        (r, c), crop = bm.offsets[j], bm.crops[j]
+        crop = crop[: max(t.valid_height - r, 0), : max(t.valid_width - c, 0)]  # the tile's part in the frame
+        rows, cols = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+        if rows.size == 0:
+            continue
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        rect = (t.y0 + r0, t.y0 + r1, t.x0 + c0, t.x0 + c1)
-        out.append(_Piece(rect, crop[j, r0:r1, c0:c1], inst.boxes[j] + offset, float(inst.scores[j])))
+        rect = (t.y0 + int(r) + r0, t.y0 + int(r) + r1, t.x0 + int(c) + c0, t.x0 + int(c) + c1)
+        out.append(_Piece(rect, crop[r0:r1, c0:c1], inst.boxes[j] + offset, float(inst.scores[j])))
     return out
 
 
@@ -166,15 +169,21 @@ def merge_tiled_instances(
     ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))
     if not ordered:
         return Instances.empty(h, w)
-    out_masks = np.zeros((len(ordered), h, w), dtype=bool)
+    offsets: list[tuple[int, int]] = []
+    crops: list[np.ndarray] = []
     out_boxes = np.zeros((len(ordered), 4), np.float32)
     out_scores = np.zeros(len(ordered), np.float32)
-    for g, idx in enumerate(ordered):
+    for g, idx in enumerate(ordered):  # box-local: memory grows with the boxes, not the frame
+        rects = np.array([pieces[i].rect for i in idx])
+        y0, x0 = int(rects[:, 0].min()), int(rects[:, 2].min())
+        crop = np.zeros((int(rects[:, 1].max()) - y0, int(rects[:, 3].max()) - x0), dtype=bool)
         for i in idx:
-            y0, y1, x0, x1 = pieces[i].rect
-            out_masks[g, y0:y1, x0:x1] |= pieces[i].mask
+            py0, py1, px0, px1 = pieces[i].rect
+            crop[py0 - y0:py1 - y0, px0 - x0:px1 - x0] |= pieces[i].mask
+        offsets.append((y0, x0))
+        crops.append(crop)
         stacked = np.stack([pieces[i].box for i in idx])
         out_boxes[g] = (*stacked[:, :2].min(0), *stacked[:, 2:].max(0))
         out_scores[g] = max(pieces[i].score for i in idx)
     out_boxes = np.clip(out_boxes, 0, [w, h, w, h]).astype(np.float32)
-    return Instances(out_boxes, out_scores, out_masks)
+    return Instances(out_boxes, out_scores, BoxMasks((h, w), offsets, crops))

@@ -23,6 +23,7 @@ from nanoseg_daemon.growth import (
     frame_values,
 )
 from nanoseg_daemon.metrics import DaemonMetrics
+from nanoseg_daemon.publish import AnalysisRun
 
 
 def test_ewma_weights_the_newest_value_and_skips_nan() -> None:
@@ -118,10 +119,13 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
     cfg = GrowthConfig(ewma_alpha=1.0, rules=[AlarmRule(name="many", quantity="count", statistic="value", above=1.5)])
     metrics = DaemonMetrics()
     mon = GrowthMonitor(cfg, metrics)
-    start = compose_run(metadata={"raw_run_uid": "raw"}).start_doc
+    analysis = AnalysisRun("raw", "m@1", {})
+    start = analysis.start_doc
     docs = []
     for seq, boxes in enumerate([[(0, 0, 20, 4)], [(0, 0, 20, 4), (0, 10, 30, 14)], [(0, 0, 20, 4)]], start=1):
-        docs += mon.observe(_result("raw", seq, boxes, 100.0 + seq), start)
+        result = _result("raw", seq, boxes, 100.0 + seq)
+        analysis.event(result)
+        docs += mon.observe(result, analysis.compose_descriptor)
     names = [n for n, _ in docs]
     assert names == ["descriptor", "event", "event"]  # descriptor once, raised at 2, cleared at 3
     desc = docs[0][1]
@@ -132,6 +136,8 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
     assert (raised["rule"], raised["state"], raised["raw_seq_num"], raised["value"]) == ("many", "raised", 2, 2.0)
     assert (cleared["state"], cleared["raw_seq_num"]) == ("cleared", 3)
     assert [d["seq_num"] for _, d in docs[1:]] == [1, 2]
+    stop = analysis.stop()  # the run's stop counts the alarms stream too (it did not)
+    assert stop is not None and stop[1]["num_events"] == {"primary": 3, ALARM_STREAM: 2}
     text = metrics.render().decode()
     assert 'nanoseg_growth_alarms_total{rule="many"} 1.0' in text
     assert 'nanoseg_growth_alarm_active{rule="many"} 0.0' in text
@@ -141,8 +147,8 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
 
 def test_monitor_forgets_the_least_recent_run() -> None:
     mon = GrowthMonitor(GrowthConfig(max_runs=2))
-    start = compose_run().start_doc
+    compose = compose_run().compose_descriptor
     for run in ("a", "b", "a", "c"):
-        mon.observe(_result(run, 1, [(0, 0, 8, 8)], 0.0), start)
+        mon.observe(_result(run, 1, [(0, 0, 8, 8)], 0.0), compose)
     assert mon.run("b") is None and mon.run("a") is not None and mon.run("c") is not None
-    assert GrowthMonitor(GrowthConfig(enabled=False)).observe(_result("x", 1, [], 0.0), start) == []
+    assert GrowthMonitor(GrowthConfig(enabled=False)).observe(_result("x", 1, [], 0.0), compose) == []

@@ -235,3 +235,18 @@ def test_frame_order_and_stop_rules():
     assert stop[1]["reason"] == "raw exit status 'timeout': no raw stop within 60 s"
     assert run.stop("success") is None  # the raw stop arriving after the timeout
     schema_validators[DocumentNames.stop].validate(stop[1])
+
+
+def test_a_run_without_an_analysed_frame_ends_fail_with_the_reasons_counted():
+    run = AnalysisRun("raw-1", "m", {})
+    stop = run.stop("success", losses={"missing_image": 3, "fill_failed": 1, "decode_error": 0})
+    assert stop is not None and stop[1]["exit_status"] == "fail"
+    assert stop[1]["reason"] == "no frame analysed (fill_failed 1, missing_image 3)"
+    assert stop[1]["num_events"] == {"primary": 0}
+    schema_validators[DocumentNames.stop].validate(stop[1])
+    aborted = AnalysisRun("raw-2", "m", {}).stop("abort")  # the raw run's own status stands
+    assert aborted is not None and aborted[1]["exit_status"] == "abort"
+    ok = AnalysisRun("raw-3", "m", {})
+    ok.event(frame_result("raw-3", 1))
+    done = ok.stop("success", losses={"missing_image": 1})
+    assert done is not None and (done[1]["exit_status"], done[1]["reason"]) == ("success", "")
