@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import EnvSettingsSource
 
 from nanoseg.config_io import (
@@ -123,6 +123,11 @@ class LogSection(StrictModel):
     json_lines: bool = Field(True, description="One JSON object per line (false: plain text).")
 
 
+SinkName = Literal["store", "bluesky", "summary"]
+"""The daemon's sinks (``daemon/sinks.py``); their settings are the sections ``store``,
+``publish.bluesky`` and ``publish.summary``."""
+
+
 class DaemonConfig(StrictModel):
     """``nanoseg serve --config FILE``."""
 
@@ -141,6 +146,35 @@ class DaemonConfig(StrictModel):
     shutdown: ShutdownSection = Field(default_factory=ShutdownSection)
     log: LogSection = Field(default_factory=LogSection)
     growth: GrowthConfig = Field(default_factory=GrowthConfig, description="Per-run growth series, EWMA, rates and alarm rules.")
+    sinks: list[SinkName] | None = Field(
+        None, description="Where results go, in order: store, bluesky, summary. None = store, then bluesky and "
+                          "summary where publish.<name>.enabled. The store, when listed, comes first (results are "
+                          "stored before they are published); growth alarms travel with bluesky.")
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks_once_store_first(cls, names: list[SinkName] | None) -> list[SinkName] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"each sink once, got {names}")
+        if names and "store" in names and names[0] != "store":
+            raise ValueError("store must come first (results are stored before they are published)")
+        return names
+
+    @model_validator(mode="after")
+    def _listed_sinks_are_enabled(self) -> DaemonConfig:
+        names = self.sinks or []
+        off = [n for n in ("bluesky", "summary") if n in names and not getattr(self.publish, n).enabled]
+        if off:
+            raise ValueError(f"sinks: {', '.join(off)} listed but publish.{off[0]}.enabled is false")
+        return self
+
+    @property
+    def sink_names(self) -> list[SinkName]:
+        """The sinks in effect: ``sinks``, or its default."""
+        if self.sinks is not None:
+            return list(self.sinks)
+        enabled: list[SinkName] = [n for n in ("bluesky", "summary") if getattr(self.publish, n).enabled]
+        return ["store", *enabled]
 
     @property
     def state_dir(self) -> Path:

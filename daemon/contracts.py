@@ -5,8 +5,8 @@ results), the store and the publishers meet only through these types.
 
 Flow::
 
-    ingest (bluesky router | raw frames)  --RunStarted/FrameJob/RunStopped-->  Service
-    Service: bounded queue -> pipeline worker -> FrameResult -> store (first) -> publishers
+    ingest (bluesky router | raw frames)  --RunStarted/FrameJob/RunStopped-->  Intake (bounded queue)
+    -> stages (prepare -> infer + statistics) -> FrameResult -> SinkChain -> sinks (store first, publishers)
 
 Identifiers: ``run_uid`` is the raw bluesky run's start uid, or ``raw:<source>:<run>`` for the raw
 frame input. ``frame_uid`` is unique per frame: the event uid (``<event uid>/<k>`` for the k-th
@@ -70,7 +70,7 @@ class RunStopped:
 
 
 class IngestSink(Protocol):
-    """Where ingest delivers; implemented by the Service. Must never block the caller for long."""
+    """Where ingest delivers; implemented by ``pipeline.Intake``. Must never block the caller for long."""
 
     def run_started(self, ev: RunStarted) -> None: ...
     def frame(self, job: FrameJob) -> None: ...

@@ -23,7 +23,7 @@ from nanoseg.engines.factory import input_spec_of, load_engine
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
-from nanoseg.particle_stats import ParticleTable, frame_summary, particle_table
+from nanoseg.particle_stats import ParticleTable, frame_summary
 from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
 from nanoseg.prepare import prepare_frame
@@ -108,11 +108,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             frame = read_image(path)
             prepared = prepare_frame(frame, profile, spec, flat_field=flat, pixel_size_nm=args.pixel_size)
-            inst = seg.segment_prepared(prepared)
             px = args.pixel_size if args.pixel_size is not None else profile.pixel_size_nm
-            od = prepared.image if prepared.mode == "optical_density" else None
-            table = particle_table(inst.masks, od, px)
-            write_outputs(out, path.stem, SegmentResult(inst, table, prepared.image), prepared.image)
+            analysis = seg.analyse(prepared, px)
+            write_outputs(out, path.stem, SegmentResult(analysis.instances, analysis.table, prepared.image),
+                          prepared.image)
         except (UnreadableImage, FrameError) as err:
             failed += 1
             print(f"nanoseg segment: {err}", file=sys.stderr)
