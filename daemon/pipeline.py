@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from nanoseg.config_io import ConfigError, load_yaml
 from nanoseg.errors import FrameError
@@ -184,7 +184,7 @@ class Stages:
                  cb: StageCallbacks, inner_queue: int = 2) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
-        self.q_out: queue.Queue[object] = queue.Queue(inner_queue)
+        self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
@@ -242,7 +242,7 @@ class Stages:
             item = self.q_out.get()
             if item is STOP:
                 break
-            self.cb.output(item)
+            self.cb.output(cast("Item | FrameResult", item))  # STOP is the only other object
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
