@@ -74,6 +74,9 @@ class Service:
             pub = DocumentPublisher(pb.address, bind=pb.bind, prefix=pb.prefix.encode(), serializer=pb.serializer,
                                     hwm=hwm, context=self.ctx, curve=curve)
             return BlueskySink(pub, GrowthMonitor(cfg.growth, self.metrics), self._processing, self.metrics)
+        if name == "tiled" and cfg.tiled is not None:  # the config refuses sink tiled without its section
+            from nanoseg_daemon.tiled_sink import TiledSink  # tiled is an optional dependency
+            return TiledSink(cfg.tiled, self._processing)
         return SummarySink(SummaryPublisher(cfg.publish.summary.address, hwm=hwm, context=self.ctx, curve=curve),
                            self.metrics)
 
