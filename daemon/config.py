@@ -129,6 +129,8 @@ class TiledSection(StrictModel):
     path: list[str] = Field(default_factory=list, description="Container (keys from the root) that receives the "
                             "analysis runs; created where missing. Empty = the root.")
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per request; a slower server counts as a failed write.")
+    retry_after_s: float = Field(30.0, ge=0, description="After the server was unreachable, items are counted failed "
+                                 "without trying it for this long (a hung server must not stall the output).")
 
 
 SinkName = Literal["store", "bluesky", "summary", "tiled"]

@@ -15,12 +15,19 @@ the store keeps every mask whole (COCO RLE). Tiled clients read the arrays and t
 (``from_uri(url)[uid]["labels"]["000001"].read()``).
 
 The sink is not durable: a Tiled outage is counted (``sink_errors_total{sink="tiled", reason}``:
-``tiled_unreachable``, ``tiled_rejected``) and never holds back the store. A frame whose run's
-container could not be made is counted ``tiled_no_run`` once per frame.
+``tiled_unreachable``, ``tiled_rejected``) and never holds back the store. After an unreachable
+server the sink does not try it again for ``tiled.retry_after_s`` (items in between are counted
+``tiled_unreachable`` at once), so a server that times out does not slow the output stage at
+every item. tiled's client itself retries a failed request (its environment variables
+``TILED_RETRY_ATTEMPTS``, default 10, within ``TILED_RETRY_TIMEOUT``, 45 s): set them low in the
+daemon's environment (``TILED_RETRY_ATTEMPTS=2``) to bound the one stall per outage. A frame
+whose run's container could not be made is counted ``tiled_no_run``; an outage in the middle of a
+run leaves that run's container without the frames in between (the store has them).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -100,15 +107,20 @@ class TiledSink:
         self._raw: dict[str, RunStarted] = {}
         self._runs: dict[str, Any] = {}  # raw run uid -> its analysis container
         self._frames: dict[str, int] = {}  # raw run uid -> frames written
+        self._down_until = 0.0  # monotonic time before which the server is not tried again
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one client call; failures become ``SinkError`` with a reason label."""
         import httpx
 
+        wait = self._down_until - time.monotonic()
+        if wait > 0:  # a server that timed out would stall the output stage on every item
+            raise SinkError("tiled_unreachable", f"{what}: not tried, server unreachable (next try in {wait:.0f} s)")
         try:
             return fn()
         except httpx.TransportError as err:  # no server, timeout, connection reset
             self._root = None
+            self._down_until = time.monotonic() + self.cfg.retry_after_s
             raise SinkError("tiled_unreachable", f"{what}: {type(err).__name__}: {err}") from err
         except httpx.HTTPStatusError as err:  # 401 bad key, 409 key exists, 4xx/5xx
             raise SinkError("tiled_rejected", f"{what}: {err}") from err

@@ -134,8 +134,11 @@ def _sink_errors(svc: Service) -> dict[tuple[str, ...], float]:
     return out
 
 
-def test_unreachable_tiled_is_a_named_sink_error(tmp_path: Path) -> None:
+def test_unreachable_tiled_is_a_named_sink_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from nanoseg_daemon.tiled_sink import TiledSink
+
+    # tiled's own setting (env TILED_RETRY_ATTEMPTS, read at import): one try, not 10 with backoff
+    monkeypatch.setattr("tiled.client.utils.TILED_RETRY_ATTEMPTS", 1)
 
     port = free_ports(1)[0]  # nothing listens there
     cfg = load_daemon_config(None, {"tiled.uri": f"http://127.0.0.1:{port}", "tiled.timeout_s": "2"}, environ={})
@@ -145,6 +148,9 @@ def test_unreachable_tiled_is_a_named_sink_error(tmp_path: Path) -> None:
     with pytest.raises(SinkError) as err:
         sink.open_run(RunStarted("r", FrameMetadata(), {}, time.time()))
     assert err.value.reason == "tiled_unreachable"
+    with pytest.raises(SinkError) as err:  # within retry_after_s: counted without trying
+        sink.open_run(RunStarted("r2", FrameMetadata(), {}, time.time()))
+    assert err.value.reason == "tiled_unreachable" and "not tried" in err.value.detail
 
 
 def test_wrong_api_key_is_rejected(tiled_url: str) -> None:
