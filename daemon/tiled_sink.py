@@ -193,8 +193,21 @@ class TiledSink:
 
 
 def analysis_runs(container: Any, raw_run_uid: str) -> list[str]:
-    """The keys of the analysis runs of ``raw_run_uid`` in ``container``, oldest first."""
-    found = [(node.metadata.get("start", {}).get("time", 0.0), key) for key, node in container.items()
-             if node.metadata.get("start", {}).get("raw_run_uid") == raw_run_uid]
-    return [key for _, key in sorted(found)]
+    """The analysis runs of one raw run in a Tiled container.
 
+    Parameters
+    ----------
+    container
+        The tiled client container the sink writes into (``tiled.path``).
+    raw_run_uid
+        The raw run's uid (``raw_run_uid`` of the analysis start documents).
+
+    Returns
+    -------
+    list of str
+        The keys (analysis start uids) of its analysis runs, oldest first.
+    """
+    from tiled.queries import Key
+
+    found = container.search(Key("start.raw_run_uid") == raw_run_uid)
+    return [key for _, key in sorted((node.metadata["start"]["time"], key) for key, node in found.items())]

@@ -21,6 +21,7 @@ from nanoseg_daemon.contracts import FrameMetadata, RunStarted
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.sinks import SinkError
 from nanoseg_daemon.store import ResultReader, default_path
+from nanoseg_daemon.tiled_sink import TiledSink, analysis_runs
 from nanoseg_sim.demo import free_ports
 from tests.daemon.service_fixtures import (
     DOSE,
@@ -103,6 +104,7 @@ def test_daemon_results_round_trip_through_tiled(tmp_path: Path, trained_model_p
 
     catalog = tiled_client.from_uri(tiled_url, api_key=API_KEY)["analysis"]
     (key,) = list(catalog)
+    assert analysis_runs(catalog, run_uid) == [key] and analysis_runs(catalog, "raw:detector:other") == []
     run = catalog[key]
     start, stop = run.metadata["start"], run.metadata["stop"]
     assert start["raw_run_uid"] == run_uid and start["uid"] == key
@@ -135,8 +137,6 @@ def _sink_errors(svc: Service) -> dict[tuple[str, ...], float]:
 
 
 def test_unreachable_tiled_is_a_named_sink_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nanoseg_daemon.tiled_sink import TiledSink
-
     # tiled's own setting (env TILED_RETRY_ATTEMPTS, read at import): one try, not 10 with backoff
     monkeypatch.setattr("tiled.client.utils.TILED_RETRY_ATTEMPTS", 1)
 
@@ -154,8 +154,6 @@ def test_unreachable_tiled_is_a_named_sink_error(monkeypatch: pytest.MonkeyPatch
 
 
 def test_wrong_api_key_is_rejected(tiled_url: str) -> None:
-    from nanoseg_daemon.tiled_sink import TiledSink
-
     cfg = load_daemon_config(None, {"tiled.uri": tiled_url, "tiled.api_key": "wrong"}, environ={})
     assert cfg.tiled is not None
     with pytest.raises(SinkError) as err:
