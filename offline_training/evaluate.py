@@ -45,7 +45,7 @@ from nanoseg.checkpoint import CheckpointError
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances, mask_boxes
-from nanoseg.masks import decode_rle, encode_rle_batch
+from nanoseg.masks import decode_segmentation, encode_rle_batch
 from nanoseg.particle_stats import particle_table
 from nanoseg.postprocess import (
     PostprocessConfig,
@@ -92,7 +92,8 @@ def _anns_by_image(coco: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
 def _truth(image: dict[str, Any], anns: list[dict[str, Any]]) -> Instances:
     if not anns:
         return Instances.empty(int(image["height"]), int(image["width"]))
-    masks = np.stack([decode_rle(a["segmentation"]) for a in anns])
+    h, w = int(image["height"]), int(image["width"])
+    masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
     return Instances(mask_boxes(masks), np.ones(len(masks), np.float32), masks)
 
 
