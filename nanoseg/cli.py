@@ -265,6 +265,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     q.add_argument("--also-mask-tta", type=int, choices=[2, 4, 8],
                    help="evaluate the test set a second time with this many views; the card reports both")
     q.add_argument("--real-image", help="a real image to segment for the card's overlay")
+    q.add_argument("--real-set", help="an annotated real COCO set (e.g. rods_dev): the card's real-data table, "
+                                      "at the profile's pixel size and at auto, per contrast")
+    q.add_argument("--real-profile", default="em", help="frame profile for --real-set (default em)")
+    q.add_argument("--real-max-detections", type=int, default=300, metavar="N",
+                   help="detections per model input for --real-set (default 300)")
     q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--quiet", action="store_true")

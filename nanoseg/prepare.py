@@ -198,9 +198,9 @@ def prepare_frame(
 
 
 def _check_sample(arr: np.ndarray) -> np.ndarray:
-    """The finite values of a regular subsample of at most ~65 000 pixels, for ``check_input``
+    """The finite values of a regular subsample of at most ~16 000 pixels, for ``check_input``
     (cheap on large frames). Raises FrameError as ``as_frame``, or ``non_finite``."""
-    step = max(1, math.ceil(math.sqrt(arr.size / 65536))) if arr.ndim == 2 else 1
+    step = max(1, math.ceil(math.sqrt(arr.size / 16384))) if arr.ndim == 2 else 1
     sample = as_frame(arr[::step, ::step] if arr.ndim == 2 else arr)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:

@@ -18,6 +18,7 @@ from skimage.transform import rescale
 
 from nanoseg.cli import main
 from nanoseg.masks import decode_rle, encode_rle, mask_bbox
+from nanoseg_training.release_model import real_set_text
 
 torch.set_num_threads(1)
 
@@ -69,6 +70,10 @@ def test_evaluate_prepares_real_frames_and_groups_by_contrast(trained_model_path
     assert m["run"]["max_detections"] == 120 and m["run"]["profile"]["name"] == "em"
     report = (out / "report.md").read_text()
     assert "| dark | 1 |" in report and "profile `em`" in report
+    # The model card's real-data table: one row per pixel-size setting, a column per contrast.
+    table = real_set_text("frames", "em", 120, [("auto", m)])
+    assert "| pixel size | mask AP | mask AP50 | contrast bright | contrast dark | box AP |" in table
+    assert f"| auto | {m['segm']['AP']:.1f} | {m['segm']['AP50']:.1f} | {groups['bright']['segm']['AP']:.1f} |" in table
     # Without a profile the 16 nm frames would be read as model-scale gray images: refused.
     assert main(["evaluate", str(trained_model_path), str(frames_dataset), "--out", str(tmp_path / "x"),
                  "--pixel-size", "8", "--quiet"]) == 2
