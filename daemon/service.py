@@ -55,7 +55,7 @@ class Service:
         self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
                            repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
-                           m.triton_target(), m.mask_tta)
+                           m.triton_target(), m.mask_tta, m.max_detections)
         self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
         self.store = ResultStore(default_path(state), synchronous=cfg.store.synchronous, max_bytes=cfg.store.max_bytes)
@@ -329,7 +329,8 @@ class Service:
             old = self.slot.current.version
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
-                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta)
+                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
+                                       m.max_detections)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",
