@@ -257,15 +257,17 @@ def _illumination(frame: np.ndarray, dark: float | ArrayLike) -> np.ndarray:
     return np.asarray(shape * estimate_i0(filled / shape) + d)
 
 
-def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame) -> Instances:
+def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame,
+                       max_instances: int | None = None) -> Instances:
     """Per-tile instances (tile px, one ``Instances`` per tile, in ``tile_plan`` order) -> frame px.
 
     Tiles are merged at the model's scale (``merge_tiled_instances``), then boxes are divided by
     the scale and masks resampled to the frame's shape (area-weighted when shrinking, a pixel is
     in the mask when at least half of it is covered). Instances too small to cover half a frame
-    pixel are dropped.
+    pixel are dropped. ``max_instances``: only the best-scored ones are kept (after merging).
     """
-    merged = merge_tiled_instances(per_tile, prepared.tile_plan, prepared.model_shape, prepared.merge_iou)
+    merged = merge_tiled_instances(per_tile, prepared.tile_plan, prepared.model_shape, prepared.merge_iou,
+                                   max_instances)
     sy, sx = prepared.scale_yx
     h, w = prepared.frame_shape
     if (sy, sx) == (1.0, 1.0):

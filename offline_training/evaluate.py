@@ -129,11 +129,12 @@ def iter_predictions(segmenter: Segmenter, dataset_dir: str | Path, limit: int |
 
 def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, dataset_dir: str | Path,
                               coco: dict[str, Any], pixel_size: float | Literal["auto"] | None = None,
-                              limit: int | None = None, progress: bool = True
+                              limit: int | None = None, progress: bool = True, max_instances: int | None = None
                               ) -> Iterator[tuple[int, Instances, dict[str, Any]]]:
     """(image id, Instances, how it was prepared) for image files of any contrast and size,
     each prepared as the daemon prepares a frame (``prepare_frame`` with ``profile``). A frame
-    the profile cannot prepare (``FrameError``) counts as found empty, its reason in the record."""
+    the profile cannot prepare (``FrameError``) counts as found empty, its reason in the record.
+    ``max_instances``: the best-scored instances per image only (``Segmenter.segment_prepared``)."""
     from nanoseg_training.segment_files import read_image
 
     root = Path(dataset_dir)
@@ -146,7 +147,8 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
             yield (int(im["id"]), Instances.empty(int(im["height"]), int(im["width"])),
                    {"frame_error": err.reason})
             continue
-        yield int(im["id"]), segmenter.segment_prepared(prepared), {"frame_error": None, **preparation_record(prepared)}
+        found = segmenter.segment_prepared(prepared, max_instances)
+        yield int(im["id"]), found, {"frame_error": None, **preparation_record(prepared)}
 
 
 def preparation_record(prepared: PreparedFrame) -> dict[str, Any]:
@@ -515,7 +517,8 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     seg = Segmenter.for_checkpoint(eng, ckpt, raw_post)
     found: Iterable[tuple[int, Instances, dict[str, Any] | None]] = (
         ((i, x, None) for i, x in iter_predictions(seg, dataset, limit, progress, coco)) if profile is None
-        else iter_prepared_predictions(seg, profile, dataset, coco, pixel_size, limit, progress))
+        # COCOeval counts the acc.max_dets best detections per image: no more are kept.
+        else iter_prepared_predictions(seg, profile, dataset, coco, pixel_size, limit, progress, acc.max_dets))
     for image_id, raw, extra in found:
         operating = at_operating_point(raw, post)
         truth = acc.add(image_id, at_operating_point(raw, ap_post), operating, extra)
