@@ -42,7 +42,6 @@ from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
 from nanoseg.checkpoint import CheckpointError
-from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances, mask_boxes
 from nanoseg.masks import decode_segmentation, encode_rle_batch
@@ -53,7 +52,6 @@ from nanoseg.postprocess import (
     filter_instances,
     resolve_postprocess,
 )
-from nanoseg.prepare import PreparedFrame, prepare_frame
 from nanoseg.segmenter import Segmenter
 from nanoseg_training.mask_diagnostics import MatchedMasks, oracle_masks
 
@@ -125,42 +123,6 @@ def iter_predictions(segmenter: Segmenter, dataset_dir: str | Path, limit: int |
     root = Path(dataset_dir)
     for image_id, gray in iter_images(root, coco if coco is not None else load_coco(root), limit, progress):
         yield image_id, segmenter.segment_gray(gray)
-
-
-def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, dataset_dir: str | Path,
-                              coco: dict[str, Any], pixel_size: float | Literal["auto"] | None = None,
-                              limit: int | None = None, progress: bool = True, max_instances: int | None = None
-                              ) -> Iterator[tuple[int, Instances, dict[str, Any]]]:
-    """(image id, Instances, how it was prepared) for image files of any contrast and size,
-    each prepared as the daemon prepares a frame (``prepare_frame`` with ``profile``). A frame
-    the profile cannot prepare (``FrameError``) counts as found empty, its reason in the record.
-    ``max_instances``: the best-scored instances per image only (``Segmenter.segment_prepared``)."""
-    from nanoseg_training.segment_files import read_image
-
-    root = Path(dataset_dir)
-    images = sorted(coco["images"], key=lambda im: int(im["id"]))[:limit]
-    for im in tqdm(images, desc="evaluate", unit="img", disable=not progress):
-        try:
-            prepared = prepare_frame(read_image(root / im["file_name"]), profile, segmenter.spec,
-                                     pixel_size_nm=pixel_size)
-        except FrameError as err:
-            yield (int(im["id"]), Instances.empty(int(im["height"]), int(im["width"])),
-                   {"frame_error": err.reason})
-            continue
-        found = segmenter.segment_prepared(prepared, max_instances)
-        yield int(im["id"]), found, {"frame_error": None, **preparation_record(prepared)}
-
-
-def preparation_record(prepared: PreparedFrame) -> dict[str, Any]:
-    """How a frame was prepared, flat for a CSV row or a JSON summary: its input check, the pixel
-    size used (nm) and, with ``auto``, the objects' width measured (frame px) and the scale."""
-    check, auto = prepared.input_check, prepared.auto_scale
-    return {"looks_like": check.looks_like if check else None,
-            "input_used": check.used if check else None,
-            "input_mismatch": bool(check and check.mismatch),
-            "pixel_size_nm": None if prepared.pixel_size_nm is None else round(float(prepared.pixel_size_nm), 4),
-            "auto_width_px": None if auto is None or auto.object_width_px is None else round(auto.object_width_px, 2),
-            "auto_scale_limited": bool(auto and auto.limited)}
 
 
 def predict_dataset(segmenter: Segmenter, dataset_dir: str | Path, limit: int | None = None,
@@ -491,6 +453,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     by COCOeval (at least COCO's 100). ``group_by``: an image attribute (e.g. ``contrast``) whose
     values get their own AP and accuracy (``metrics["groups"]``)."""
     from nanoseg.engines.factory import input_spec_of, load_engine
+    from nanoseg_training import frame_eval
     from nanoseg_training.eval_report import write_report
 
     eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads,
@@ -518,7 +481,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     found: Iterable[tuple[int, Instances, dict[str, Any] | None]] = (
         ((i, x, None) for i, x in iter_predictions(seg, dataset, limit, progress, coco)) if profile is None
         # COCOeval counts the acc.max_dets best detections per image: no more are kept.
-        else iter_prepared_predictions(seg, profile, dataset, coco, pixel_size, limit, progress, acc.max_dets))
+        else frame_eval.iter_prepared_predictions(seg, profile, dataset, coco, pixel_size, limit, progress, acc.max_dets))
     for image_id, raw, extra in found:
         operating = at_operating_point(raw, post)
         truth = acc.add(image_id, at_operating_point(raw, ap_post), operating, extra)

@@ -108,7 +108,8 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray,
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from nanoseg_training.evaluate import coco_results, preparation_record
+    from nanoseg_training.evaluate import coco_results
+    from nanoseg_training.frame_eval import preparation_record
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
     engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta,
