@@ -54,7 +54,7 @@ class ProfileBook:
 def profile_for(job: FrameJob, profiles: ProfileBook) -> FrameProfile:
     """The job's profile, with I0 taken from the run's metadata when it supplies one."""
     prof = profiles.get(job.metadata.profile)
-    if prof.mode != "optical_density" or prof.input != "transmission":
+    if prof.mode != "optical_density" or prof.expected_input == "optical_density":
         return prof
     if job.metadata.flat_field is not None:
         return prof.model_copy(update={"i0": FlatFieldI0(policy="flat_field")})
@@ -86,7 +86,9 @@ def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
     t1 = time.perf_counter()
     inst: Instances = filter_instances(instances_to_frame(per_tile, p.frame), model.segmenter.post)
     t2 = time.perf_counter()
-    px = p.job.metadata.pixel_size_nm or p.profile.pixel_size_nm
+    # Sizes in nm only for a pixel size the run or the profile states; ``auto`` is a resampling.
+    auto = p.frame.auto_scale
+    px = None if auto is not None else p.frame.pixel_size_nm
     od = p.frame.image if p.frame.mode == "optical_density" else None
     table = particle_table(inst.masks, od, px)
     summary = frame_summary(table)
@@ -96,9 +98,24 @@ def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
         timestamp=p.job.timestamp, instances=inst, table=table, summary=summary,
         model_version=model.version, invalid_pixels=p.frame.invalid.to_dict(),
         timings={"prepare": p.seconds, "infer": t1 - t0, "postprocess": t2 - t1, "stats": t3 - t2},
-        metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
+        metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name,
+                  **_preparation(p.frame)},
         received_monotonic=p.job.received_monotonic,
     )
+
+
+def _preparation(frame: PreparedFrame) -> dict[str, object]:
+    """How the frame was prepared, for the result's metadata: the input check (what the frame
+    looks like, how it was used, whether the profile expected the other kind) and, with
+    ``pixel_size_nm: auto``, the pixel size chosen (nm) and the objects' width it came from (px)."""
+    out: dict[str, object] = {}
+    check = frame.input_check
+    if check is not None:
+        out |= {"input_looks_like": check.looks_like, "input_used": check.used, "input_mismatch": check.mismatch}
+    if frame.auto_scale is not None:
+        out |= {"pixel_size_auto_nm": round(frame.auto_scale.pixel_size_nm, 4),
+                "object_width_px": frame.auto_scale.object_width_px}
+    return out
 
 
 def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:

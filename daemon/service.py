@@ -55,7 +55,7 @@ class Service:
         self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
                            repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
-                           m.triton_target(), m.mask_tta)
+                           m.triton_target(), m.mask_tta, m.max_detections)
         self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
         self.store = ResultStore(default_path(state), synchronous=cfg.store.synchronous, max_bytes=cfg.store.max_bytes)
@@ -78,6 +78,7 @@ class Service:
         self._runs: dict[str, AnalysisRun] = {}
         self._run_meta: dict[str, RunStarted] = {}
         self._last_activity: dict[str, float] = {}
+        self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
         self._pending: deque[Pending] = deque()  # waiting for the store, in output order
         self._lock = threading.Lock()
         self._processed = 0
@@ -236,6 +237,8 @@ class Service:
         for stage, seconds in result.timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         run = self._analysis_run(result.run_uid)
+        if result.metadata.get("input_mismatch"):
+            self._input_mismatch(result)
         try:
             name, doc = run.event(result, rles)
             self._publish_doc(name, doc)
@@ -247,6 +250,18 @@ class Service:
             self.metrics.publish_dropped.labels("summary").inc()
         if result.received_monotonic > 0:  # 0.0: a result built without an ingest time
             self.metrics.latency_seconds.observe(time.monotonic() - result.received_monotonic)
+
+    def _input_mismatch(self, result: FrameResult) -> None:
+        """Count a frame that does not look like its profile's input; log it once per run."""
+        looks_like = str(result.metadata.get("input_looks_like"))
+        self.metrics.frames_input_mismatch.labels(looks_like).inc()
+        if result.run_uid not in self._mismatch_logged:
+            self._mismatch_logged.add(result.run_uid)
+            log("input_mismatch", logging.WARNING, run=result.run_uid, frame=result.frame_uid,
+                profile=result.metadata.get("profile"), looks_like=looks_like,
+                detail="the frame looks like the other kind of input than the profile expects "
+                       "(transmission: bright background; optical_density: dark); check the profile, "
+                       "or use one with input: auto")
 
     def _publish_doc(self, name: str, doc: dict[str, Any]) -> None:
         if self.doc_pub is not None and not self.doc_pub(name, doc):
@@ -266,6 +281,7 @@ class Service:
         self._runs.pop(ev.run_uid, None)
         self._run_meta.pop(ev.run_uid, None)
         self._last_activity.pop(ev.run_uid, None)
+        self._mismatch_logged.discard(ev.run_uid)
         self.metrics.open_runs.set(len(self._run_meta))
         log("run_closed", run=ev.run_uid, exit_status=ev.exit_status)
 
@@ -313,7 +329,8 @@ class Service:
             old = self.slot.current.version
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
-                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta)
+                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
+                                       m.max_detections)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

@@ -61,9 +61,11 @@ class Segmenter:
         return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for raw, tile in zip(self.detect_tiles(tiles), tiles)]
 
-    def segment_prepared(self, prepared: PreparedFrame) -> Instances:
+    def segment_prepared(self, prepared: PreparedFrame, max_instances: int | None = None) -> Instances:
+        """Instances on the frame; ``max_instances``: the best-scored ones only (e.g. the detections
+        per image COCOeval counts), which bounds the memory of a frame of many tiles."""
         per_tile = self.infer_tiles(prepared.tiles)
-        return filter_instances(instances_to_frame(per_tile, prepared), self.post)
+        return filter_instances(instances_to_frame(per_tile, prepared, max_instances), self.post)
 
     def segment_gray(self, gray: np.ndarray) -> Instances:
         """A 0–255 image already at the model's scale and mapping (e.g. a synthetic data set image)."""

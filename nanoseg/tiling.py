@@ -124,6 +124,7 @@ def merge_tiled_instances(
     tiles: Sequence[Tile],
     frame_shape: tuple[int, int],
     iou_threshold: float = 0.5,
+    max_instances: int | None = None,
 ) -> Instances:
     """Frame instances from per-tile instances (boxes and masks in tile px).
 
@@ -132,7 +133,9 @@ def merge_tiled_instances(
     at least ``iou_threshold`` (an object crossing a border is cut differently by each tile, so
     only the shared region can be compared). Merging is transitive (a wire across three tiles
     is one instance): the merged mask is the union, the score the maximum, the box the union of
-    the boxes, clipped to the frame. Output is sorted by descending score.
+    the boxes, clipped to the frame. Output is sorted by descending score; ``max_instances``
+    keeps the best-scored ones only, after merging (a frame of many tiles at a low score
+    threshold holds thousands of candidates, each a frame-sized mask).
     """
     if len(per_tile) != len(tiles):
         raise ValueError(f"{len(per_tile)} instance sets for {len(tiles)} tiles")
@@ -163,7 +166,7 @@ def merge_tiled_instances(
     for i in range(len(pieces)):
         groups.setdefault(_find(parent, i), []).append(i)
     # Highest score first; ordered before the masks are filled so the stack is never copied.
-    ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))
+    ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))[:max_instances]
     if not ordered:
         return Instances.empty(h, w)
     out_masks = np.zeros((len(ordered), h, w), dtype=bool)
