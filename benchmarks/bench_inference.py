@@ -180,8 +180,8 @@ def flops_per_frame(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nanoseg.checkpoint import load_checkpoint
-    from nanoseg.engines.factory import input_shape, input_spec_of
+    from nanoseg.checkpoint import input_shape, load_checkpoint
+    from nanoseg.engines.factory import input_spec_of
     from nanoseg.engines.torch_engine import TorchEngine
     from nanoseg.prepare import prepare_frame
 

@@ -1,9 +1,18 @@
 """What bluesky documents mean to the daemon: a DocumentRouter that calls an IngestSink.
 
 ``start`` -> RunStarted (metadata from the start document), ``descriptor`` -> which data key is
-the image, ``event``/``event_page`` -> one FrameJob per image (N x H x W images give N frames),
+the image and its declared shape, ``event``/``event_page`` -> one FrameJob per image (N x H x W
+images give N frames; colour frames become gray; what an image value may be: image_fields.py),
 ``resource``/``datum`` -> kept in a per-run event-model Filler that loads file-backed images
-(AD_HDF5 built in), ``stop`` -> RunStopped and the run is forgotten.
+(AD_HDF5 built in), ``stream_resource``/``stream_datum`` (ophyd-async detectors) -> the frames a
+stream datum points at, read by the reader of the resource's mimetype (stream_readers.py; HDF5
+built in), one FrameJob each, ``stop`` -> RunStopped and the run is forgotten.
+
+Frames read from a stream datum have the frame uid ``<descriptor uid>/<seq_num>`` (the raw event
+with that descriptor and seq_num is the frame's event; ``/<j>`` is added for the j-th of several
+frames per event; ``<stream_datum uid>/<k>`` when the datum's seq_nums are unset) and the time
+they were read as timestamp (a stream datum carries none). Rejections are also counted per run
+and travel in ``RunStopped.rejected``, so an analysis run that lost every frame can say why.
 
 Start-document metadata (names are canonical; ``metadata_keys`` renames the document keys, see
 ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
@@ -49,12 +58,15 @@ from event_model import (
     Resource,
     RunStart,
     RunStop,
+    StreamDatum,
+    StreamResource,
     UndefinedAssetSpecification,
     UnresolvableForeignKeyError,
     unpack_datum_page,
     unpack_event_page,
 )
 
+from nanoseg.codec import json_safe
 from nanoseg_daemon.contracts import (
     ANALYSIS_PLAN_NAME,
     FrameJob,
@@ -63,7 +75,17 @@ from nanoseg_daemon.contracts import (
     RunStarted,
     RunStopped,
 )
+from nanoseg_daemon.image_fields import (
+    Frame,
+    ImageRejected,
+    Shape,
+    declared_shape,
+    frame_axis,
+    frames_of,
+    is_image_data_key,
+)
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig
+from nanoseg_daemon.stream_readers import StreamReader, StreamReadError, load_stream_readers
 from nanoseg_daemon.wire import RejectReason
 
 logger = logging.getLogger(__name__)
@@ -134,20 +156,6 @@ def _image_array(value: Any) -> np.ndarray | None:
     return arr
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= 1024 else f"<array {value.shape} {value.dtype}>"
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
 def metadata_from_start(
     doc: Mapping[str, Any], keys: dict[str, str], flat_field_key: str
 ) -> tuple[FrameMetadata, list[str]]:
@@ -181,7 +189,7 @@ def metadata_from_start(
             else:
                 problems.append(f"start[{key!r}] for profile: not a string: {raw!r:.80}")
         else:
-            extra[name] = _json_safe(raw)
+            extra[name] = json_safe(raw, max_array_size=1024)
     flat = doc.get(flat_field_key)
     if flat is not None:
         arr = _image_array(flat)
@@ -190,14 +198,6 @@ def metadata_from_start(
         else:
             values["flat_field"] = arr
     return FrameMetadata(extra=extra, **values), problems
-
-
-def is_image_data_key(data_key: Mapping[str, Any]) -> bool:
-    """A descriptor data key holding one 2-D image: shape [H, W] or [1, H, W]."""
-    shape = data_key.get("shape")
-    if not isinstance(shape, list | tuple):
-        return False
-    return len(shape) == 2 or (len(shape) == 3 and shape[0] == 1)
 
 
 def load_handlers(paths: dict[str, str]) -> dict[str, Any]:
@@ -211,12 +211,26 @@ def load_handlers(paths: dict[str, str]) -> dict[str, Any]:
     return registry
 
 
+def _close_reader(_key: Any, resource: _StreamResource) -> None:
+    if resource.reader is not None:
+        _close_handler(_key, resource.reader)
+
+
 @dataclass
 class _Stream:
-    """What a descriptor says: which key is the image, and whether it lives in files."""
+    """What a descriptor says: which key is the image, its declared shape, and whether it lives in
+    files (``external_keys``: filled from datums; ``stream_keys``: sent by stream datums)."""
 
     image_key: str | None
     external_keys: frozenset[str]
+    stream_keys: frozenset[str] = frozenset()
+    image_shape: Shape | None = None
+
+
+@dataclass
+class _StreamResource:
+    doc: StreamResource
+    reader: StreamReader | None = None  # opened at its first image datum
 
 
 @dataclass
@@ -228,8 +242,10 @@ class _Run:
     flat_field: np.ndarray | None
     streams: dict[str, _Stream] = field(default_factory=dict)  # descriptor uid -> stream
     resources: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+    stream_resources: BoundedDict = field(default_factory=lambda: BoundedDict(1))
     recent_events: BoundedDict = field(default_factory=lambda: BoundedDict(_RECENT_EVENT_UIDS))
     frames: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, for the run's stop
 
 
 class BlueskyRouter(DocumentRouter):
@@ -250,10 +266,12 @@ class BlueskyRouter(DocumentRouter):
         self._config = config or BlueskyIngestConfig()
         self._metadata_keys = self._config.resolved_metadata_keys()
         self._handlers = load_handlers(self._config.handlers)
+        self._stream_readers = load_stream_readers(self._config.stream_readers)
         self._clock = clock
         self._runs: OrderedDict[str, _Run] = OrderedDict()  # least recently active first
+        self._current_run: str | None = None  # the run of the document being handled
         self._descriptor_run: dict[str, str] = {}
-        self._resource_run: dict[str, str] = {}
+        self._resource_run: dict[str, str] = {}  # (stream) resource uid -> run uid
         self._closed_runs = BoundedDict(_RECENT_CLOSED_RUNS)
         # Analysis runs (ours or another nanoseg's) travel through the same proxy: not raw data.
         self._analysis_runs = BoundedDict(_RECENT_CLOSED_RUNS)
@@ -262,19 +280,27 @@ class BlueskyRouter(DocumentRouter):
     # -- plumbing ----------------------------------------------------------------------------
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        self._current_run = None
         try:
             method = getattr(self, name, None) if not name.startswith("_") else None
             if name not in _HANDLED or method is None:
                 raise _Reject("unsupported_document", f"{name} documents are not handled")
             method(doc)
         except _Reject as rej:
-            self._sink.rejected(rej.reason, rej.detail)
+            self._reject(rej.reason, rej.detail)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            self._sink.rejected("bad_document", f"{name}: malformed document: {err!r:.200}")
+            self._reject("bad_document", f"{name}: malformed document: {err!r:.200}")
         except Exception as err:  # a bug here must not stop ingest; it is logged in full
             logger.exception("bluesky router failed on a %s document", name)
-            self._sink.rejected("internal_error", f"{name}: {err!r:.200}")
+            self._reject("internal_error", f"{name}: {err!r:.200}")
         return name, doc
+
+    def _reject(self, reason: str, detail: str) -> None:
+        """Report a rejection, counted against the run the current document belongs to."""
+        run = self._runs.get(self._current_run) if self._current_run is not None else None
+        if run is not None:
+            run.rejected[reason] = run.rejected.get(reason, 0) + 1
+        self._sink.rejected(reason, detail)
 
     @property
     def open_runs(self) -> list[str]:
@@ -288,14 +314,18 @@ class BlueskyRouter(DocumentRouter):
                 raise _Reject("run_closed", f"{what} for run {uid} which has stopped")
             raise _Reject("unknown_run", f"{what} for unknown run {uid}")
         self._runs.move_to_end(uid)
+        self._current_run = uid
         return run
 
     def _forget(self, run: _Run) -> None:
         del self._runs[run.uid]
         for d in run.streams:
             self._descriptor_run.pop(d, None)
-        for r in run.resources:
+        for r in [*run.resources, *run.stream_resources]:
             self._resource_run.pop(r, None)
+        for key, resource in list(run.stream_resources.items()):
+            _close_reader(key, resource)
+        run.stream_resources.clear()
         for key, handler in list(run.handler_cache.items()):
             _close_handler(key, handler)
         run.handler_cache.clear()
@@ -317,14 +347,14 @@ class BlueskyRouter(DocumentRouter):
             doc, self._metadata_keys, self._config.flat_field_key
         )
         for p in problems:
-            self._sink.rejected("bad_metadata", f"run {uid}: {p}")
+            self._reject("bad_metadata", f"run {uid}: {p}")
         while len(self._runs) >= self._config.max_open_runs:
             oldest = next(iter(self._runs.values()))
             self._forget(oldest)
-            self._sink.rejected(
+            self._reject(
                 "too_many_runs", f"run {oldest.uid} evicted without stop to open run {uid}"
             )
-            self._sink.run_stopped(RunStopped(oldest.uid, "fail", time.time()))
+            self._sink.run_stopped(RunStopped(oldest.uid, "fail", time.time(), dict(oldest.rejected)))
         handler_cache = BoundedDict(self._config.max_resources_per_run, on_evict=_close_handler)
         filler = Filler(
             self._handlers,
@@ -335,7 +365,9 @@ class BlueskyRouter(DocumentRouter):
             resource_cache=BoundedDict(self._config.max_resources_per_run),
             datum_cache=BoundedDict(self._config.max_datums_per_run),
         )
-        self._runs[uid] = _Run(uid, metadata, filler, handler_cache, flat_field=metadata.flat_field)
+        self._runs[uid] = _Run(uid, metadata, filler, handler_cache, flat_field=metadata.flat_field,
+                               stream_resources=BoundedDict(self._config.max_resources_per_run,
+                                                            on_evict=self._evict_stream_resource))
         self._sink.run_started(RunStarted(uid, metadata, dict(doc), start_time))
 
     def descriptor(self, doc: EventDescriptor) -> None:
@@ -356,8 +388,10 @@ class BlueskyRouter(DocumentRouter):
             image_key = next((k for k, v in data_keys.items() if is_image_data_key(v)), None)
         elif image_key not in data_keys:
             image_key = None
-        external = frozenset(k for k, v in data_keys.items() if v.get("external"))
-        run.streams[uid] = _Stream(image_key, external)
+        stream_keys = frozenset(k for k, v in data_keys.items() if str(v.get("external", "")).startswith("STREAM:"))
+        external = frozenset(k for k, v in data_keys.items() if v.get("external")) - stream_keys
+        shape = declared_shape(data_keys[image_key]) if image_key is not None else None
+        run.streams[uid] = _Stream(image_key, external, stream_keys, shape)
         self._descriptor_run[uid] = run.uid
         run.filler.descriptor(doc)
         for obj in (doc.get("configuration") or {}).values():
@@ -365,14 +399,21 @@ class BlueskyRouter(DocumentRouter):
             if flat is not None:
                 self._set_flat(run, flat, f"descriptor {uid} configuration")
 
-    def resource(self, doc: Resource) -> None:
+    def _resource_owner(self, doc: Resource | StreamResource, what: str) -> _Run:
+        """The open run a (stream) resource belongs to: its run_start, or the only open run (a
+        resource document may omit it); a uid seen before is a duplicate."""
         uid = doc["uid"]
         run_uid = doc.get("run_start")
         if run_uid is None and len(self._runs) == 1:
             run_uid = next(iter(self._runs))
-        run = self._run(run_uid, f"resource {uid}")
+        run = self._run(run_uid, f"{what} {uid}")
         if uid in self._resource_run:
-            raise _Reject("duplicate_uid", f"resource {uid} seen before")
+            raise _Reject("duplicate_uid", f"{what} {uid} seen before")
+        return run
+
+    def resource(self, doc: Resource) -> None:
+        uid = doc["uid"]
+        run = self._resource_owner(doc, "resource")
         run.resources[uid] = None
         if len(run.resources) > self._config.max_resources_per_run:
             oldest = next(iter(run.resources))
@@ -395,12 +436,79 @@ class BlueskyRouter(DocumentRouter):
         for datum in unpack_datum_page(doc):
             self.datum(datum)
 
+    def stream_resource(self, doc: StreamResource) -> None:
+        uid = doc["uid"]
+        run = self._resource_owner(doc, "stream_resource")
+        for name in ("data_key", "mimetype", "uri"):
+            if not isinstance(doc[name], str):
+                raise _Reject("bad_document", f"stream_resource {uid}: {name} is not a string")
+        self._resource_run[uid] = run.uid
+        run.stream_resources[uid] = _StreamResource(doc)
+
+    def _evict_stream_resource(self, uid: str, resource: _StreamResource) -> None:
+        self._resource_run.pop(uid, None)
+        _close_reader(uid, resource)
+
+    def stream_datum(self, doc: StreamDatum) -> None:
+        uid, resource_uid, descriptor = doc["uid"], doc["stream_resource"], doc["descriptor"]
+        run_uid = self._resource_run.get(resource_uid)
+        if run_uid is None:
+            raise _Reject("unknown_resource", f"stream_datum {uid} for unknown stream_resource {resource_uid}")
+        run = self._run(run_uid, f"stream_datum {uid}")
+        resource: _StreamResource | None = run.stream_resources.get(resource_uid)
+        stream = run.streams.get(descriptor)
+        if resource is None:
+            raise _Reject("unknown_resource", f"stream_datum {uid}: stream_resource {resource_uid} forgotten")
+        if stream is None:
+            raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}")
+        if resource.doc["data_key"] != stream.image_key:
+            return  # another detector field (a sum, a timestamp): not an image
+        first, last = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
+        start, stop = int(doc["indices"]["start"]), int(doc["indices"]["stop"])
+        if not 0 <= start <= stop or last - first not in (0, stop - start):  # 0: seq_nums unset
+            raise _Reject("bad_document", f"stream_datum {uid}: indices {start}:{stop} "
+                                          f"do not match seq_nums {first}:{last}")
+        per_event, frame_shape = frame_axis(stream.image_shape)
+        rows = self._read_rows(run, resource, start * per_event, stop * per_event, f"stream_datum {uid}")
+        for k, row in enumerate(rows):
+            seq, j = first + k // per_event, k % per_event
+            where = f"stream_datum {uid} row {start * per_event + k}"
+            try:
+                frames = self._frames(row, frame_shape, where)
+            except _Reject as rej:  # one bad frame does not lose the rest of the datum
+                self._reject(rej.reason, rej.detail)
+                continue
+            name = f"{descriptor}/{seq}" if last > first else f"{uid}/{k // per_event}"
+            for frame in frames:
+                self._emit(run, name + (f"/{j}" if per_event > 1 else ""), frame, time.time())
+
+    def _read_rows(self, run: _Run, resource: _StreamResource, start: int, stop: int,
+                   where: str) -> np.ndarray:
+        """Rows ``start:stop`` of a stream resource; frames that never came are counted."""
+        want = stop - start
+        try:
+            if resource.reader is None:
+                factory = self._stream_readers.get(resource.doc["mimetype"])
+                if factory is None:
+                    raise StreamReadError(f"no reader for mimetype {resource.doc['mimetype']!r}")
+                resource.reader = factory(resource.doc["uri"], resource.doc.get("parameters") or {},
+                                          wait_s=self._config.stream_wait_s)
+            rows = resource.reader.read(start, stop)
+        except StreamReadError as err:
+            for _ in range(want):
+                self._reject("fill_failed", f"{where}: {err}")
+            return np.empty((0,))
+        for k in range(len(rows), want):
+            self._reject("frames_not_written", f"{where}: row {start + k} of {resource.doc['uri']} "
+                                f"not written within {self._config.stream_wait_s:g} s")
+        return rows
+
     def event_page(self, doc: EventPage) -> EventPage:
         for event in unpack_event_page(doc):
             try:
                 self.event(event)
             except _Reject as rej:  # one bad event does not lose the rest of the page
-                self._sink.rejected(rej.reason, rej.detail)
+                self._reject(rej.reason, rej.detail)
         return doc
 
     def event(self, doc: Event) -> Event:
@@ -421,36 +529,51 @@ class BlueskyRouter(DocumentRouter):
         stream = run.streams[descriptor]
         flat_key = self._config.flat_field_key
         wanted = {k for k in (stream.image_key, flat_key) if k is not None and k in doc["data"]}
-        if stream.image_key is not None and stream.image_key not in wanted:
+        if stream.image_key is not None and stream.image_key not in wanted \
+                and stream.image_key not in stream.stream_keys:  # those come in stream datums
             raise _Reject("missing_image", f"event {uid} lacks image field {stream.image_key!r}")
         if not wanted:
             return
         doc = self._fill(run, doc, wanted, stream.external_keys)
         if flat_key in wanted:
             self._set_flat(run, doc["data"][flat_key], f"event {uid}")
-        if stream.image_key is None:
+        if stream.image_key is None or stream.image_key not in doc["data"]:
             return
         timestamps = doc.get("timestamps") or {}
         ts = float(timestamps[stream.image_key] if stream.image_key in timestamps else doc["time"])
-        for k, image in self._images(doc["data"][stream.image_key], uid):
-            run.frames += 1
-            self._sink.frame(
-                FrameJob(
-                    run_uid=run.uid,
-                    frame_uid=uid if k is None else f"{uid}/{k}",
-                    seq_num=run.frames,
-                    frame=image,
-                    timestamp=ts,
-                    metadata=dataclasses.replace(run.metadata, flat_field=run.flat_field),
-                    received_monotonic=self._clock(),
-                )
+        for frame in self._frames(doc["data"][stream.image_key], stream.image_shape, f"event {uid}"):
+            self._emit(run, uid if frame.index is None else f"{uid}/{frame.index}", frame, ts)
+
+    def _frames(self, value: Any, declared: Shape | None, where: str) -> list[Frame]:
+        try:
+            frames = frames_of(value, declared, self._config, self._config.color_frames)
+        except ImageRejected as rej:
+            raise _Reject(rej.reason, f"{where}: {rej.detail}") from None
+        for f in frames:
+            if f.converted is not None:
+                self._sink.converted(f.converted, f"{where}: colour frame converted to gray")
+        return frames
+
+    def _emit(self, run: _Run, frame_uid: str, frame: Frame, timestamp: float) -> None:
+        run.frames += 1
+        self._sink.frame(
+            FrameJob(
+                run_uid=run.uid,
+                frame_uid=frame_uid,
+                seq_num=run.frames,
+                frame=frame.pixels,
+                timestamp=timestamp,
+                metadata=dataclasses.replace(run.metadata, flat_field=run.flat_field),
+                received_monotonic=self._clock(),
             )
+        )
 
     def stop(self, doc: RunStop) -> None:
         if doc["run_start"] in self._analysis_runs:
             return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
-        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]))
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]),
+                             dict(run.rejected))
         self._forget(run)
         self._sink.run_stopped(stopped)
 
@@ -482,30 +605,14 @@ class BlueskyRouter(DocumentRouter):
     def _set_flat(self, run: _Run, value: Any, where: str) -> None:
         arr = _image_array(value)
         if arr is None:
-            self._sink.rejected(
+            self._reject(
                 "bad_metadata", f"run {run.uid}: {where}: flat field is not a 2-D numeric array"
             )
         else:
             run.flat_field = arr
 
-    @staticmethod
-    def _images(value: Any, uid: str) -> list[tuple[int | None, np.ndarray]]:
-        """(k, image): k None for a single image, else the index within an N x H x W stack."""
-        try:
-            arr = np.asarray(value)
-        except (ValueError, TypeError):
-            raise _Reject("bad_shape", f"event {uid}: image is not an array") from None
-        if arr.dtype.kind not in "biuf":
-            raise _Reject("bad_dtype", f"event {uid}: image dtype {arr.dtype} is not numeric")
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim == 2:
-            return [(None, arr)]
-        if arr.ndim == 3:
-            return [(k, arr[k]) for k in range(arr.shape[0])]
-        raise _Reject("bad_shape", f"event {uid}: image shape {arr.shape} is not 2-D or N x H x W")
-
 
 _HANDLED = frozenset(
-    {"start", "descriptor", "event", "event_page", "resource", "datum", "datum_page", "stop"}
+    {"start", "descriptor", "event", "event_page", "resource", "datum", "datum_page",
+     "stream_resource", "stream_datum", "stop"}
 )

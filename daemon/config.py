@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource
 
-from nanoseg.config_io import ConfigError, StrictModel, parse_config, read_yaml_mapping
+from nanoseg.config_io import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    merge,
+    parse_config,
+    read_yaml_mapping,
+)
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.growth import GrowthConfig
@@ -126,6 +134,11 @@ class LogSection(StrictModel):
     json_lines: bool = Field(True, description="One JSON object per line (false: plain text).")
 
 
+SinkName = Literal["store", "bluesky", "summary"]
+"""The daemon's sinks (``daemon/sinks.py``); their settings are the sections ``store``,
+``publish.bluesky`` and ``publish.summary``."""
+
+
 class DaemonConfig(StrictModel):
     """``nanoseg serve --config FILE``."""
 
@@ -144,6 +157,35 @@ class DaemonConfig(StrictModel):
     shutdown: ShutdownSection = Field(default_factory=ShutdownSection)
     log: LogSection = Field(default_factory=LogSection)
     growth: GrowthConfig = Field(default_factory=GrowthConfig, description="Per-run growth series, EWMA, rates and alarm rules.")
+    sinks: list[SinkName] | None = Field(
+        None, description="Where results go, in order: store, bluesky, summary. None = store, then bluesky and "
+                          "summary where publish.<name>.enabled. The store, when listed, comes first (results are "
+                          "stored before they are published); growth alarms travel with bluesky.")
+
+    @field_validator("sinks")
+    @classmethod
+    def _sinks_once_store_first(cls, names: list[SinkName] | None) -> list[SinkName] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"each sink once, got {names}")
+        if names and "store" in names and names[0] != "store":
+            raise ValueError("store must come first (results are stored before they are published)")
+        return names
+
+    @model_validator(mode="after")
+    def _listed_sinks_are_enabled(self) -> DaemonConfig:
+        names = self.sinks or []
+        off = [n for n in ("bluesky", "summary") if n in names and not getattr(self.publish, n).enabled]
+        if off:
+            raise ValueError(f"sinks: {', '.join(off)} listed but publish.{off[0]}.enabled is false")
+        return self
+
+    @property
+    def sink_names(self) -> list[SinkName]:
+        """The sinks in effect: ``sinks``, or its default."""
+        if self.sinks is not None:
+            return list(self.sinks)
+        enabled: list[SinkName] = [n for n in ("bluesky", "summary") if getattr(self.publish, n).enabled]
+        return ["store", *enabled]
 
     @property
     def state_dir(self) -> Path:
@@ -181,31 +223,38 @@ def check_files(cfg: DaemonConfig, source: str) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
-    """Set dotted keys (``model.engine``) to YAML-parsed values in a nested dict (copied)."""
-    import copy
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``NANOSEG__A__B=v`` -> ``{"a": {"b": v}}``, ``v`` parsed as a YAML scalar.
 
-    out = copy.deepcopy(data)
-    for dotted, raw in overrides.items():
-        keys = [k for k in dotted.split(".") if k]
-        if not keys:
-            raise ConfigError(f"{source}: empty key in override {dotted!r}")
-        node = out
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
-            node = nxt
-        try:
-            node[keys[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
-    return out
+    pydantic-settings reads the variables (prefix and nesting as ``DaemonConfig`` declares them);
+    a variable that names no field is an error naming it, as an unknown key in the file is.
+    """
+    ours = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    # DaemonConfig is a plain model, not a BaseSettings: the source only reads its fields, it
+    # never validates (parse_config does, once, with the file and --set merged).
+    source = EnvSettingsSource(DaemonConfig, case_sensitive=False, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
+                               env_nested_delimiter="__")
+    source.env_vars = {k.lower(): v for k, v in ours.items()}
+    found = source()
+    for name in sorted(ours):
+        node: Any = found
+        for key in name[len(ENV_PREFIX):].lower().split("__"):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            raise ConfigError(f"environment: {name}: {dotted}: unknown key")
+    return _yaml_scalars(found, ())
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
-    """``NANOSEG__A__B=v`` -> ``{"a.b": "v"}``."""
-    return {k[len(ENV_PREFIX):].lower().replace("__", "."): v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+def _yaml_scalars(node: Any, where: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        return {k: _yaml_scalars(v, (*where, k)) for k, v in node.items()}
+    if not isinstance(node, str):
+        return node
+    try:
+        return yaml.safe_load(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"environment: {'.'.join(where)}: value is not valid YAML: {err}") from None
 
 
 def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | None = None,
@@ -213,6 +262,6 @@ def load_daemon_config(path: str | Path | None, overrides: Mapping[str, str] | N
     """File (optional) < environment < explicit overrides; validated once."""
     source = str(path) if path else "<defaults>"
     data = read_yaml_mapping(path) if path is not None else {}
-    data = apply_overrides(data, env_overrides(os.environ if environ is None else environ), f"{source} (environment)")
+    data = merge(data, env_overrides(os.environ if environ is None else environ))
     data = apply_overrides(data, overrides or {}, f"{source} (--set)")
     return parse_config(data, DaemonConfig, source)

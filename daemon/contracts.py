@@ -5,8 +5,8 @@ results), the store and the publishers meet only through these types.
 
 Flow::
 
-    ingest (bluesky router | raw frames)  --RunStarted/FrameJob/RunStopped-->  Service
-    Service: bounded queue -> pipeline worker -> FrameResult -> store (first) -> publishers
+    ingest (bluesky router | raw frames)  --RunStarted/FrameJob/RunStopped-->  Intake (bounded queue)
+    -> stages (prepare -> infer + statistics) -> FrameResult -> SinkChain -> sinks (store first, publishers)
 
 Identifiers: ``run_uid`` is the raw bluesky run's start uid, or ``raw:<source>:<run>`` for the raw
 frame input. ``frame_uid`` is unique per frame: the event uid (``<event uid>/<k>`` for the k-th
@@ -66,16 +66,21 @@ class RunStopped:
     run_uid: str
     exit_status: str  # bluesky's: success | abort | fail (raw input: success)
     time: float
+    rejected: dict[str, int] = field(default_factory=dict)  # the run's inputs refused at ingest, by reason
 
 
 class IngestSink(Protocol):
-    """Where ingest delivers; implemented by the Service. Must never block the caller for long."""
+    """Where ingest delivers; implemented by ``pipeline.Intake``. Must never block the caller for long."""
 
     def run_started(self, ev: RunStarted) -> None: ...
     def frame(self, job: FrameJob) -> None: ...
     def run_stopped(self, ev: RunStopped) -> None: ...
     def rejected(self, reason: str, detail: str) -> None:
         """A malformed input: ``reason`` is a short metric label, ``detail`` a log line."""
+        ...
+
+    def converted(self, reason: str, detail: str) -> None:
+        """A frame accepted after a conversion (``reason``: e.g. ``rgb_to_gray``, a metric label)."""
         ...
 
 
@@ -95,6 +100,7 @@ class FrameResult:
     timings: dict[str, float]  # seconds per stage: prepare, infer, postprocess, stats
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
     received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency
+    instances_capped: int = 0  # instances beyond PostprocessConfig.max_instances, dropped
 
 
 ANALYSIS_PLAN_NAME = "nanoseg_analysis"

@@ -81,7 +81,8 @@ def parse_request(raw: bytes) -> BaseModel:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"request is not UTF-8 JSON: {err}") from None
     try:
-        return REQUEST.validate_python(data)  # type: ignore[no-any-return]
+        request: BaseModel = REQUEST.validate_python(data)
+        return request
     except ValidationError as err:
         raise ValueError(format_validation_error(err, "request")) from None
 
@@ -140,22 +141,3 @@ class ControlServer:
         self.sock.close(0)
         if self.auth is not None:
             self.auth.stop()
-
-
-def control_request(address: str, request: dict[str, Any], timeout_s: float = 10.0,
-                    curve_client: tuple[bytes, bytes, bytes] | None = None) -> dict[str, Any]:
-    """Client side: send one request, return the reply (``curve_client`` = (public, secret, server public))."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.linger = 0
-    s.rcvtimeo = s.sndtimeo = int(timeout_s * 1000)
-    if curve_client:
-        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = curve_client
-    try:
-        s.connect(address)
-        s.send(json.dumps(request).encode())
-        return dict(json.loads(s.recv()))
-    except zmq.Again:
-        raise TimeoutError(f"no reply from {address} within {timeout_s} s") from None
-    finally:
-        s.close(0)

@@ -6,8 +6,12 @@ service calls (``GrowthMonitor.observe``): it updates the run's series, sets the
 and returns the alarm documents to publish on the analysis run's ``alarms`` stream.
 
 Quantities (``QUANTITIES``), one value per frame: ``length_nm`` and ``width_nm`` (mean over the
-frame's particles, nm; NaN without particles or pixel size), ``length_px``, ``width_px`` (px),
-``count`` (particles) and ``coverage_fraction`` (share of the frame covered, 0..1).
+frame's particles under the summary's counting rule, nm; NaN without particles or pixel size),
+``length_px``, ``width_px`` (px), ``count`` (particles) and ``coverage_fraction`` (share of the
+frame covered, 0..1); ``length_nm_lo``/``length_nm_hi`` and ``width_nm_lo``/``width_nm_hi``: the
+95 % bootstrap interval of the frame's mean (NaN below two particles). A rule on ``length_nm_lo``
+``above`` a target fires only when the mean is significantly above it, not on noise;
+``GrowthPoint.changed_significantly`` compares two frames' intervals.
 Statistics a rule can watch: ``value`` (the frame's), ``ewma`` (exponentially weighted moving
 average, ``e_k = alpha * x_k + (1 - alpha) * e_(k-1)``, started at the first finite value; a NaN
 frame leaves it unchanged), ``rate_per_frame`` (``e_k - e_(k-1)`` of the EWMA, units per frame) and
@@ -20,10 +24,9 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from event_model import compose_descriptor
 from pydantic import Field, model_validator
 
 from nanoseg.config_io import StrictModel
@@ -31,27 +34,34 @@ from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.logs import log
 
 if TYPE_CHECKING:
+    from event_model import ComposeDescriptor
+
     from nanoseg_daemon.contracts import FrameResult
     from nanoseg_daemon.metrics import DaemonMetrics
 
-Quantity = Literal["length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction"]
+Quantity = Literal["length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction",
+                   "length_nm_lo", "length_nm_hi", "width_nm_lo", "width_nm_hi"]
 Statistic = Literal["value", "ewma", "rate_per_frame", "rate_per_s"]
-QUANTITIES: tuple[Quantity, ...] = ("length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction")
+QUANTITIES: tuple[Quantity, ...] = ("length_nm", "width_nm", "length_px", "width_px", "count", "coverage_fraction",
+                                    "length_nm_lo", "length_nm_hi", "width_nm_lo", "width_nm_hi")
 ALARM_STREAM = "alarms"
 
 
 def frame_values(summary: FrameSummary) -> dict[str, float]:
     """The watched quantities of one frame (NaN where the frame cannot say)."""
 
-    def mean(column: str) -> float:
+    def mean(column: str, which: str = "mean") -> float:
         s = summary.stats.get(column)
-        return math.nan if s is None or s.mean is None else float(s.mean)
+        v = None if s is None else getattr(s, which)
+        return math.nan if v is None else float(v)
 
     return {
         "length_nm": mean("length_nm"), "width_nm": mean("width_nm"),
         "length_px": mean("length_px"), "width_px": mean("width_px"),
         "count": float(summary.count), "coverage_fraction": float(summary.coverage_fraction),
-    }
+        "length_nm_lo": mean("length_nm", "mean_lo"), "length_nm_hi": mean("length_nm", "mean_hi"),
+        "width_nm_lo": mean("width_nm", "mean_lo"), "width_nm_hi": mean("width_nm", "mean_hi"),
+    }  # fmt: skip
 
 
 class Ewma:
@@ -82,6 +92,15 @@ class GrowthPoint:
 
     def get(self, statistic: Statistic, quantity: str) -> float:
         return float(getattr(self, statistic)[quantity])
+
+    def changed_significantly(self, earlier: GrowthPoint, quantity: Literal["length_nm", "width_nm"]) -> bool | None:
+        """Whether the 95 % intervals of ``quantity``'s mean in the two frames are disjoint (a
+        change beyond the particle-sampling noise); None when either frame has no interval."""
+        lo, hi = self.value.get(f"{quantity}_lo", math.nan), self.value.get(f"{quantity}_hi", math.nan)
+        lo0, hi0 = earlier.value.get(f"{quantity}_lo", math.nan), earlier.value.get(f"{quantity}_hi", math.nan)
+        if not all(math.isfinite(v) for v in (lo, hi, lo0, hi0)):
+            return None
+        return lo > hi0 or hi < lo0
 
 
 class GrowthSeries:
@@ -209,8 +228,6 @@ class RunGrowth:
     series: GrowthSeries
     rules: list[RuleState]
     compose_event: Any = None
-    streams: dict[str, Any] = field(default_factory=dict)
-    event_counters: dict[str, int] = field(default_factory=dict)
 
     def observe(self, seq_num: int, timestamp: float, values: Mapping[str, float]) -> tuple[GrowthPoint, list[Alarm]]:
         point = self.series.observe(seq_num, timestamp, values)
@@ -237,8 +254,8 @@ class GrowthMonitor:
     """What the service calls for every published frame result.
 
     ``observe`` returns the documents to publish (an ``alarms`` descriptor before the run's first
-    alarm, then one event per transition), composed with event-model against the analysis run's
-    start document. Runs are forgotten least-recent first beyond ``max_runs`` (no hook at run stop
+    alarm, then one event per transition), composed with the ``compose_descriptor`` of the analysis
+    run's ``compose_run`` bundle, so that the run's stop counts the alarms stream too. Runs are forgotten least-recent first beyond ``max_runs`` (no hook at run stop
     is needed, and a late frame of a forgotten run simply starts a new series).
     """
 
@@ -261,7 +278,9 @@ class GrowthMonitor:
         self._runs.move_to_end(run_uid)
         return run
 
-    def observe(self, result: FrameResult, analysis_start: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    def observe(self, result: FrameResult, compose_descriptor: ComposeDescriptor) -> list[tuple[str, dict[str, Any]]]:
+        """The alarm documents of one frame result; ``compose_descriptor``: the analysis run's
+        (``AnalysisRun.compose_descriptor``, from its ``compose_run`` bundle)."""
         if not self.cfg.enabled:
             return []
         run = self._run(result.run_uid)
@@ -273,10 +292,9 @@ class GrowthMonitor:
                 state=alarm.state, value=alarm.value, threshold=alarm.threshold, seq_num=alarm.seq_num)
             if run.compose_event is None:
                 bundle = compose_descriptor(
-                    start=analysis_start, streams=run.streams, event_counters=run.event_counters,  # type: ignore[arg-type]
-                    name=ALARM_STREAM, data_keys=dict(ALARM_DATA_KEYS),  # type: ignore[arg-type]
+                    name=ALARM_STREAM, data_keys=dict(ALARM_DATA_KEYS),
                     object_keys={"nanoseg_growth": list(ALARM_DATA_KEYS)},
-                    hints={"nanoseg_growth": {"fields": ["rule", "state", "value"]}},  # type: ignore[arg-type]
+                    hints={"nanoseg_growth": {"fields": ["rule", "state", "value"]}},
                 )
                 run.compose_event = bundle.compose_event
                 docs.append(("descriptor", dict(bundle.descriptor_doc)))

@@ -27,7 +27,24 @@ DEFAULT_METADATA_KEYS: dict[str, str] = {
 }
 
 
-class BlueskyIngestConfig(StrictModel):
+class FrameSizeLimits(StrictModel):
+    """The largest frame an input accepts (reason ``oversize`` beyond); shared by both inputs."""
+
+    max_frame_bytes: int = Field(
+        256 * MiB, ge=1, description="Largest frame buffer (prod(shape) * itemsize) accepted."
+    )
+    max_dim: int = Field(16384, ge=1, description="Largest height or width accepted, pixels.")
+
+    def oversize(self, height: int, width: int, nbytes: int) -> str | None:
+        """Why a frame of ``height`` x ``width`` px and ``nbytes`` bytes is refused; None if not."""
+        if max(height, width) > self.max_dim:
+            return f"shape {height}x{width} exceeds max_dim {self.max_dim}"
+        if nbytes > self.max_frame_bytes:
+            return f"{nbytes} byte frame exceeds max_frame_bytes {self.max_frame_bytes}"
+        return None
+
+
+class BlueskyIngestConfig(FrameSizeLimits):
     """Bluesky documents from a ``bluesky-0MQ-proxy`` (or any PUB socket speaking its format)."""
 
     enabled: bool = Field(True, description="Subscribe to bluesky documents at all.")
@@ -54,8 +71,14 @@ class BlueskyIngestConfig(StrictModel):
     )
     image_key: str | None = Field(
         None,
-        description="Data key of the image field; None = the first 2-D data key of each "
-        "descriptor (shape [H, W] or [1, H, W]).",
+        description="Data key of the image field; None = the first image data key of each "
+        "descriptor (shape [H, W], [1, H, W], or a colour image [H, W, 3|4]).",
+    )
+    color_frames: Literal["gray", "refuse"] = Field(
+        "gray",
+        description="RGB / RGBA frames: 'gray' converts them to luminance (ITU-R BT.601 "
+        "weights, alpha ignored; counted in frames_converted_total), 'refuse' rejects them "
+        "(reason color_frame).",
     )
     metadata_keys: dict[str, str] = Field(
         default_factory=dict,
@@ -80,6 +103,17 @@ class BlueskyIngestConfig(StrictModel):
     handlers: dict[str, str] = Field(
         default_factory=dict,
         description="Extra asset handlers: resource spec -> 'module:Class'. AD_HDF5 is built in.",
+    )
+    stream_readers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra stream-resource readers: mimetype -> 'module:Class' (see "
+        "daemon/stream_readers.py). application/x-hdf5 is built in.",
+    )
+    stream_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long a stream_datum waits for frames its file does not hold yet, "
+        "seconds; frames still missing then are counted (reason frames_not_written).",
     )
     fill_retry_intervals: list[float] = Field(
         default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2],
@@ -108,7 +142,7 @@ class BlueskyIngestConfig(StrictModel):
                 raise ValueError("canonical names and start-document keys must be non-empty")
         return v
 
-    @field_validator("handlers")
+    @field_validator("handlers", "stream_readers")
     @classmethod
     def _handler_paths(cls, v: dict[str, str]) -> dict[str, str]:
         for spec, path in v.items():
@@ -127,7 +161,7 @@ class BlueskyIngestConfig(StrictModel):
         return {**DEFAULT_METADATA_KEYS, **self.metadata_keys}
 
 
-class RawIngestConfig(StrictModel):
+class RawIngestConfig(FrameSizeLimits):
     """Raw detector frames: multipart ``[header JSON, buffer]`` messages (see raw_ingest.py).
 
     The socket is a PULL socket bound here; detectors connect PUSH sockets. PULL fans in any
@@ -147,10 +181,6 @@ class RawIngestConfig(StrictModel):
         description="Name of this input in identifiers: run 'raw:<source>:<run>', "
         "frame 'raw:<source>:<run>:<frame_id>'.",
     )
-    max_frame_bytes: int = Field(
-        256 * MiB, ge=1, description="Largest frame buffer (prod(shape) * itemsize) accepted."
-    )
-    max_dim: int = Field(16384, ge=1, description="Largest height or width accepted, pixels.")
     reject_all_nan: bool = Field(
         True, description="Reject a float frame with no number at all (reason nan_frame)."
     )

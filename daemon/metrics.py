@@ -1,16 +1,27 @@
 """Prometheus metrics of the daemon (units in the names) and its HTTP endpoint.
 
-``/metrics`` (Prometheus text format), ``/healthz`` (200 while the process serves), ``/readyz``
-(200 once a model is loaded and the sockets are bound, 503 before and while draining).
+``/metrics`` (Prometheus text format, prometheus-client's own WSGI app), ``/healthz`` (200 while
+the process serves), ``/readyz`` (200 once a model is loaded and the sockets are bound, 503 before
+and while draining), served by prometheus-client's threading WSGI server.
 """
 
 from __future__ import annotations
 
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    make_wsgi_app,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -26,6 +37,8 @@ class DaemonMetrics:
             "nanoseg_frames_input_mismatch_total",
             "Frames that look like another input than their profile expects (transmission vs optical_density)",
             ["looks_like"], registry=r)
+        self.frames_converted = Counter("nanoseg_frames_converted_total", "Frames accepted after a conversion (rgb_to_gray)", ["reason"], registry=r)
+        self.instances_dropped = Counter("nanoseg_instances_dropped_total", "Instances dropped from analysed frames", ["reason"], registry=r)
         self.messages_rejected = Counter("nanoseg_messages_rejected_total", "Malformed input messages", ["reason"], registry=r)
         self.stage_seconds = Histogram("nanoseg_stage_seconds", "Time per pipeline stage", ["stage"],
                                        buckets=LATENCY_BUCKETS, registry=r)
@@ -39,6 +52,8 @@ class DaemonMetrics:
         self.model_info = Info("nanoseg_model", "Serving model", registry=r)
         self.model_reloads = Counter("nanoseg_model_reloads_total", "Model reload attempts", ["result"], registry=r)
         self.store_errors = Counter("nanoseg_store_errors_total", "Failed result-store writes", ["reason"], registry=r)
+        self.sink_errors = Counter("nanoseg_sink_errors_total", "Failed sink writes (store, publishers)",
+                                   ["sink", "reason"], registry=r)
         self.publish_dropped = Counter("nanoseg_publish_dropped_total", "Messages not published", ["channel"], registry=r)
         self.paused = Gauge("nanoseg_paused", "1 while analysis is paused", registry=r)
         self.ready = Gauge("nanoseg_ready", "1 when serving", registry=r)
@@ -49,40 +64,51 @@ class DaemonMetrics:
         self.growth_alarm_active = Gauge("nanoseg_growth_alarm_active", "1 while a growth alarm rule holds", ["rule"], registry=r)
         self.growth_alarms = Counter("nanoseg_growth_alarms_total", "Growth alarms raised", ["rule"], registry=r)
 
+        self._ready = False
+
+    @property
+    def is_ready(self) -> bool:
+        """What ``/readyz`` answers: set by ``set_ready`` (the gauge ``nanoseg_ready`` follows)."""
+        return self._ready
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        self.ready.set(1 if ready else 0)
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
 
 
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no log line each
+        return
+
+
 class MetricsServer:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+    """``/healthz`` and ``/readyz`` in front of prometheus-client's WSGI app, on its threading server."""
 
     def __init__(self, metrics: DaemonMetrics, host: str, port: int) -> None:
-        outer = metrics
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/metrics"):
-                    body, code, ctype = outer.render(), 200, CONTENT_TYPE_LATEST
-                elif self.path.startswith("/healthz"):
-                    body, code, ctype = b"ok\n", 200, "text/plain"
-                elif self.path.startswith("/readyz"):
-                    ready = outer.ready._value.get() == 1
-                    body, code, ctype = (b"ready\n", 200, "text/plain") if ready else (b"not ready\n", 503, "text/plain")
-                else:
-                    body, code, ctype = b"not found\n", 404, "text/plain"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # quiet
-                return
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = int(self.httpd.server_address[1])
+        self.metrics = metrics
+        self._prometheus = make_wsgi_app(metrics.registry)
+        self.httpd = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.port = int(self.httpd.server_port)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
+
+    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/metrics"):
+            return self._prometheus(environ, start_response)
+        if path.startswith("/healthz"):
+            code, body = "200 OK", b"ok\n"
+        elif path.startswith("/readyz"):
+            code, body = ("200 OK", b"ready\n") if self.metrics.is_ready else ("503 Service Unavailable", b"not ready\n")
+        else:
+            code, body = "404 Not Found", b"not found\n"
+        start_response(code, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
 
     def start(self) -> None:
         self.thread.start()

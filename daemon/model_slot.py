@@ -14,14 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from nanoseg.checkpoint import file_sha256, load_checkpoint
+from nanoseg.checkpoint import file_sha256, input_shape, load_checkpoint
 from nanoseg.engines import Engine
-from nanoseg.engines.factory import (
-    EngineKind,
-    engine_from_checkpoint,
-    input_shape,
-    with_max_detections,
-)
+from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, with_max_detections
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import with_decoding

@@ -15,6 +15,7 @@ in any process that can reach that socket: the RunEngine's own, or another host.
 
 Signals (NaN where the frame has no particles or no pixel size): ``count``, ``length_nm_mean``,
 ``length_nm_median``, ``width_nm_mean``, ``width_nm_median``, ``aspect_ratio_mean``,
+``length_nm_mean_lo``/``length_nm_mean_hi`` (95 % interval of the mean length), ``min_feret_nm_median``,
 ``orientation_order`` (|<exp(2i theta)>|, 0 isotropic .. 1 aligned), ``coverage_fraction``
 (0..1), ``frame_uid``, ``run_uid`` (the raw run's), ``seq_num`` and ``model_version``. Reading
 timestamps are the time the daemon published the summary.
@@ -39,6 +40,8 @@ _STATS = {  # signal -> (summary stats column, statistic)
     "length_nm_mean": ("length_nm", "mean"), "length_nm_median": ("length_nm", "median"),
     "width_nm_mean": ("width_nm", "mean"), "width_nm_median": ("width_nm", "median"),
     "aspect_ratio_mean": ("aspect_ratio", "mean"),
+    "length_nm_mean_lo": ("length_nm", "mean_lo"), "length_nm_mean_hi": ("length_nm", "mean_hi"),
+    "min_feret_nm_median": ("min_feret_nm", "median"),
 }
 
 
@@ -69,6 +72,9 @@ class NanosegStats(Device):
     width_nm_mean = Component(Signal, value=math.nan, kind="hinted")
     width_nm_median = Component(Signal, value=math.nan, kind="normal")
     aspect_ratio_mean = Component(Signal, value=math.nan, kind="normal")
+    length_nm_mean_lo = Component(Signal, value=math.nan, kind="normal")
+    length_nm_mean_hi = Component(Signal, value=math.nan, kind="normal")
+    min_feret_nm_median = Component(Signal, value=math.nan, kind="normal")
     orientation_order = Component(Signal, value=math.nan, kind="normal")
     coverage_fraction = Component(Signal, value=math.nan, kind="hinted")
     frame_uid = Component(Signal, value="", kind="normal")

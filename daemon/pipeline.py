@@ -1,36 +1,40 @@
 """Frames -> results: the analysis of one frame, and the three overlapping stages that run it.
 
-``analyse_frame`` is the whole per-frame pipeline in one function, one module per stage:
-decode/validate + optical density + scale/tile (``nanoseg.prepare``) -> engine and mask pasting
-(``Segmenter``) -> merge and filters (``nanoseg.postprocess``) -> statistics
-(``nanoseg.particle_stats``). The service then stores and publishes the result.
+``analyse_frame`` is the whole per-frame pipeline in one function: decode/validate + optical
+density + scale/tile (``nanoseg.prepare``), then ``Segmenter.analyse`` (engine and mask pasting
+-> merge and filters -> statistics). The sinks (``sinks.py``) then store and publish the result.
 
-``Stages`` runs prepare, infer(+statistics) and output (store + publish) in three threads joined
-by small bounded queues, so the model never waits on preparation or I/O. Run start/stop items
-travel through the same queues, so every consumer sees start -> frames in order -> stop.
+``Stages`` runs prepare, infer(+statistics) and output in three threads joined by small bounded
+queues, so the model never waits on preparation or I/O. Run start/stop items travel through the
+same queues, so every consumer sees start -> frames in order -> stop. A frame carries the model it
+was prepared for into inference, so a reload between the two never splits a frame across models.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias, cast
 
 from nanoseg.config_io import ConfigError, load_yaml
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
-from nanoseg.instances import Instances
-from nanoseg.particle_stats import frame_summary, particle_table
 from nanoseg.paths import resolve_config
-from nanoseg.postprocess import filter_instances
-from nanoseg.prepare import PreparedFrame, instances_to_frame, prepare_frame
+from nanoseg.prepare import PreparedFrame, prepare_frame
+from nanoseg_daemon.config import QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.logs import log
+from nanoseg_daemon.metrics import DaemonMetrics
 from nanoseg_daemon.model_slot import LoadedModel
+from nanoseg_daemon.queueing import Closed, FrameQueue
 
-Item = RunStarted | FrameJob | RunStopped
+Item: TypeAlias = RunStarted | FrameJob | RunStopped
 
 
 class ProfileBook:
@@ -68,6 +72,7 @@ class Prepared:
     job: FrameJob
     frame: PreparedFrame
     profile: FrameProfile
+    model: LoadedModel  # the model the frame was prepared for; its inference runs on this one
     seconds: float
 
 
@@ -77,30 +82,22 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepare
     md = job.metadata
     frame = prepare_frame(job.frame, prof, model.spec, flat_field=md.flat_field,
                           dark_frame=md.dark_frame, pixel_size_nm=md.pixel_size_nm)
-    return Prepared(job, frame, prof, time.perf_counter() - t0)
+    return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
-def infer_and_measure(p: Prepared, model: LoadedModel) -> FrameResult:
-    t0 = time.perf_counter()
-    per_tile = model.segmenter.infer_tiles(p.frame.tiles)
-    t1 = time.perf_counter()
-    inst: Instances = filter_instances(instances_to_frame(per_tile, p.frame), model.segmenter.post)
-    t2 = time.perf_counter()
+def infer_and_measure(p: Prepared) -> FrameResult:
+    """Inference and statistics of a prepared frame, on the model it was prepared for."""
     # Sizes in nm only for a pixel size the run or the profile states; ``auto`` is a resampling.
-    auto = p.frame.auto_scale
-    px = None if auto is not None else p.frame.pixel_size_nm
-    od = p.frame.image if p.frame.mode == "optical_density" else None
-    table = particle_table(inst.masks, od, px)
-    summary = frame_summary(table)
-    t3 = time.perf_counter()
+    px = None if p.frame.auto_scale is not None else p.frame.pixel_size_nm
+    timings = {"prepare": p.seconds}
+    a = p.model.segmenter.analyse(p.frame, px, timings)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
-        timestamp=p.job.timestamp, instances=inst, table=table, summary=summary,
-        model_version=model.version, invalid_pixels=p.frame.invalid.to_dict(),
-        timings={"prepare": p.seconds, "infer": t1 - t0, "postprocess": t2 - t1, "stats": t3 - t2},
+        timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
+        model_version=p.model.version, invalid_pixels=p.frame.invalid.to_dict(), timings=timings,
         metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name,
                   **_preparation(p.frame)},
-        received_monotonic=p.job.received_monotonic,
+        received_monotonic=p.job.received_monotonic, instances_capped=a.instances_capped,
     )
 
 
@@ -120,7 +117,67 @@ def _preparation(frame: PreparedFrame) -> dict[str, object]:
 
 def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
     """The whole pipeline for one frame (what the three stages do, in one call)."""
-    return infer_and_measure(prepare(job, model, profiles), model)
+    return infer_and_measure(prepare(job, model, profiles))
+
+
+class Intake:
+    """Ingest's sink (``contracts.IngestSink``) and the stages' source: counts what comes in and
+    enqueues it (never waiting on analysis); counts what is dropped or fails before output."""
+
+    def __init__(self, cfg: QueueSection, metrics: DaemonMetrics) -> None:
+        self.metrics = metrics
+        self._losses: dict[str, Counter[str]] = {}  # run uid -> frames dropped/failed by reason, for its stop
+        self._losses_lock = threading.Lock()
+        self.block_timeout_s = cfg.block_timeout_s
+        self.queue: FrameQueue[Item] = FrameQueue(cfg.size, cfg.policy, lambda i: isinstance(i, FrameJob), self.dropped)
+
+    def run_started(self, ev: RunStarted) -> None:
+        self.queue.put(ev)
+
+    def frame(self, job: FrameJob) -> None:
+        self.metrics.frames_received.inc()
+        self.queue.put(job, timeout=self.block_timeout_s)
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def run_stopped(self, ev: RunStopped) -> None:
+        self.queue.put(ev)
+
+    def rejected(self, reason: str, detail: str) -> None:
+        self.metrics.messages_rejected.labels(reason).inc()
+        log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
+
+    def converted(self, reason: str, detail: str) -> None:
+        self.metrics.frames_converted.labels(reason).inc()
+        log("frame_converted", logging.INFO, reason=reason, detail=detail[:500])
+
+    def _count_loss(self, run_uid: str, reason: str) -> None:
+        with self._losses_lock:
+            self._losses.setdefault(run_uid, Counter())[reason] += 1
+
+    def pop_losses(self, run_uid: str) -> Counter[str]:
+        """The run's frames dropped or failed so far, by reason (forgotten here)."""
+        with self._losses_lock:
+            return self._losses.pop(run_uid, Counter())
+
+    def next_item(self, timeout: float) -> Item | None:
+        """The next item for the stages (None: idle); raises ``Closed`` once closed and empty."""
+        item = self.queue.get(timeout)
+        self.metrics.queue_depth.set(len(self.queue))
+        return item
+
+    def dropped(self, item: Item, reason: str) -> None:
+        self.metrics.frames_dropped.labels(reason).inc()
+        if isinstance(item, FrameJob):
+            self._count_loss(item.run_uid, reason)
+            log("frame_dropped", logging.WARNING, reason=reason, run=item.run_uid, frame=item.frame_uid)
+
+    def failed(self, job: FrameJob, reason: str, detail: str) -> None:
+        self.metrics.frames_failed.labels(reason).inc()
+        self._count_loss(job.run_uid, reason)
+        log("frame_failed", logging.WARNING, reason=reason, run=job.run_uid, frame=job.frame_uid, detail=detail[:500])
+
+    def close(self) -> None:
+        self.queue.close()
 
 
 @dataclass
@@ -129,7 +186,7 @@ class StageCallbacks:
 
     output: Callable[[Item | FrameResult], None]  # run events and results, in order
     failed: Callable[[FrameJob, str, str], None]  # job, reason, detail
-    model: Callable[[], LoadedModel]
+    model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
 
 
@@ -143,7 +200,7 @@ class Stages:
                  cb: StageCallbacks, inner_queue: int = 2) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
-        self.q_out: queue.Queue[object] = queue.Queue(inner_queue)
+        self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
@@ -158,8 +215,6 @@ class Stages:
         return all(t.is_alive() for t in self.threads)
 
     def _prepare_loop(self) -> None:
-        from nanoseg_daemon.queueing import Closed
-
         while True:
             self.heartbeat = time.monotonic()
             if self.cb.paused():
@@ -189,7 +244,7 @@ class Stages:
                 break
             if isinstance(item, Prepared):
                 try:
-                    self.q_out.put(infer_and_measure(item, self.cb.model()))
+                    self.q_out.put(infer_and_measure(item))
                 except FrameError as err:
                     self.cb.failed(item.job, err.reason, str(err))
                 except Exception as err:
@@ -203,7 +258,7 @@ class Stages:
             item = self.q_out.get()
             if item is STOP:
                 break
-            self.cb.output(item)  # type: ignore[arg-type]
+            self.cb.output(cast("Item | FrameResult", item))  # STOP is the only other object
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -31,28 +31,31 @@ class GrowthStop:
     """When to stop a growth series, fed one mean length (nm) per frame.
 
     The lengths are smoothed by an EWMA (weight ``smoothing`` for the newest); ``target_reached``
-    once the smoothed length is >= ``target_nm``; ``stalled`` once its change per frame has been
-    below ``stall_rate_nm_per_frame`` for ``stall_frames`` frames in a row. A NaN length (no
-    particles found) changes nothing.
+    once the smoothed length is >= ``target_nm`` and, with ``significant``, the lower end of the
+    frame's 95 % interval of the mean (``low_nm``) is too (the target is reached beyond the
+    particle-sampling noise); ``stalled`` once its change per frame has been below
+    ``stall_rate_nm_per_frame`` for ``stall_frames`` frames in a row. A NaN length (no particles
+    found) changes nothing.
     """
 
     target_nm: float
     stall_rate_nm_per_frame: float
     stall_frames: int
     smoothing: float = 0.5
+    significant: bool = False
     stalled: int = 0
     smoothed: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ewma = Ewma(self.smoothing)
 
-    def update(self, length_nm: float) -> str | None:
+    def update(self, length_nm: float, low_nm: float = math.nan) -> str | None:
         before = self._ewma.value
         now = self._ewma.update(float(length_nm))
         self.smoothed.append(now)
         if not math.isfinite(now) or not math.isfinite(float(length_nm)):
             return None
-        if now >= self.target_nm:
+        if now >= self.target_nm and (not self.significant or float(low_nm) >= self.target_nm):
             return "target_reached"
         if math.isfinite(before):
             self.stalled = self.stalled + 1 if now - before < self.stall_rate_nm_per_frame else 0
@@ -75,21 +78,23 @@ def _forget_expectation(stats: Any) -> Plan:
 
 def monitor_growth(detector: Any, stats: Any, target_mean_length_nm: float, stall_rate_nm_per_frame: float,
                    stall_frames: int, max_frames: int, *, clock: Any = None, interval_s: float = 1.0,
-                   smoothing: float = 0.5, extra_detectors: Sequence[Any] = (),
+                   smoothing: float = 0.5, significant: bool = False, extra_detectors: Sequence[Any] = (),
                    md: dict[str, Any] | None = None) -> Plan:
     """Acquire until the mean particle length reaches a target or growth stalls, then stop cleanly.
 
     Each step: move ``clock`` (if given) by ``interval_s``, trigger and read ``detector`` (and
     ``extra_detectors``), wait for the daemon's analysis of that frame and read ``stats``; then
-    ``GrowthStop`` decides. The run's stop document says why it ended (``reason``:
+    ``GrowthStop`` decides (``significant``: the target counts only once the lower end of the
+    frame's 95 % interval of the mean length, ``stats.length_nm_mean_lo``, reaches it). The run's stop document says why it ended (``reason``:
     ``target_reached``, ``stalled`` or ``max_frames``), which is also the plan's return value.
     """
-    decide = GrowthStop(target_mean_length_nm, stall_rate_nm_per_frame, stall_frames, smoothing)
+    decide = GrowthStop(target_mean_length_nm, stall_rate_nm_per_frame, stall_frames, smoothing, significant)
     _md = {"plan_name": "monitor_growth",
            "plan_args": {"detector": repr(detector), "stats": repr(stats),
                          "target_mean_length_nm": target_mean_length_nm,
                          "stall_rate_nm_per_frame": stall_rate_nm_per_frame, "stall_frames": stall_frames,
-                         "max_frames": max_frames, "interval_s": interval_s, "smoothing": smoothing},
+                         "max_frames": max_frames, "interval_s": interval_s, "smoothing": smoothing,
+                         "significant": significant},
            **(md or {})}
     readers = [detector, *extra_detectors, *([clock] if clock is not None else [])]
 
@@ -104,7 +109,8 @@ def monitor_growth(detector: Any, stats: Any, target_mean_length_nm: float, stal
                 yield from bps.mv(clock, t0 + (n - 1) * interval_s)
             yield from bps.trigger_and_read(readers)
             reading = yield from _analysed(stats, run_uid, n)
-            verdict = decide.update(reading[stats.length_nm_mean.name]["value"])
+            low = reading[stats.length_nm_mean_lo.name]["value"] if significant else math.nan
+            verdict = decide.update(reading[stats.length_nm_mean.name]["value"], low)
             if verdict is not None:
                 reason = verdict
                 break

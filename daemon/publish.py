@@ -16,7 +16,7 @@ Wire formats. bluesky: one ZeroMQ frame ``prefix + b" " + name + b" " + serializ
 what ``bluesky.callbacks.zmq.Publisher`` sends and ``RemoteDispatcher`` splits, so connect to a
 ``bluesky.callbacks.zmq.Proxy``'s *input* address (its SUB binds there) or bind for direct
 subscribers. Serializer msgpack with ``msgpack_numpy`` hooks (default; readers use
-``msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
+``nanoseg.codec.msgpack_loads``) or JSON (``json_dumps``: NaN is written as the token NaN, which Python's json
 reads). Summary topic: a two-frame message ``[b"nanoseg.summary", JSON body]`` (strict JSON).
 
 CurveZMQ (optional, ``curve``): a bound socket is a CURVE server (ZAP domain ``publish``, clients
@@ -38,17 +38,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
-import msgpack
-import msgpack_numpy
 import zmq
 from event_model import compose_run
 
+from nanoseg.codec import json_safe, msgpack_dumps
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.contracts import ANALYSIS_PLAN_NAME, FrameResult
 from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
 from nanoseg_daemon.ingest_config import CurveConfig
-from nanoseg_daemon.store import json_safe
 
 STREAM = "primary"
 OBJECT = "nanoseg"
@@ -60,7 +58,12 @@ _STAT_FIELDS = {
     f"{col}_{stat}": (col, stat, unit)
     for col, unit in (("length_px", "px"), ("width_px", "px"), ("length_nm", "nm"), ("width_nm", "nm"))
     for stat in ("mean", "median")
-} | {"aspect_ratio_mean": ("aspect_ratio", "mean", "")}
+} | {
+    "aspect_ratio_mean": ("aspect_ratio", "mean", ""),
+    "min_feret_nm_median": ("min_feret_nm", "median", "nm"),
+    # the 95 % bootstrap interval of the mean length (counting rule and seed: the frame summary's)
+    "length_nm_mean_lo": ("length_nm", "mean_lo", "nm"), "length_nm_mean_hi": ("length_nm", "mean_hi", "nm"),
+}
 
 
 def _key(dtype: str, units: str | None = None, dtype_numpy: str | None = None) -> dict[str, Any]:
@@ -96,7 +99,7 @@ def _stat(summary: FrameSummary, column: str, stat: str) -> float:
 def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[str, Any]:
     """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
     if rles is None:
-        rles = encode_rle_batch(result.instances.masks)
+        rles = encode_rle_batch(result.instances.box_masks)
     table = result.table.to_dict()
     cols = cast(dict[str, Any], table["columns"])
     cols["score"] = [float(s) for s in result.instances.scores]
@@ -159,6 +162,9 @@ class AnalysisRun:
         self.descriptor_doc: dict[str, Any] = cast(dict[str, Any], desc.descriptor_doc)
         self._compose_event = desc.compose_event
         self._compose_stop = bundle.compose_stop
+        self.compose_descriptor = bundle.compose_descriptor
+        """Further streams of this run (growth alarms): the stop counts their events too."""
+        self.events = 0
         self._last_seq_num = -math.inf
         self.stop_doc: dict[str, Any] | None = None
 
@@ -177,29 +183,29 @@ class AnalysisRun:
         self._last_seq_num = result.seq_num
         data = event_data(result, rles)
         doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp))
+        self.events += 1
         return "event", cast(dict[str, Any], doc)
 
-    def stop(self, exit_status: str = "success", reason: str = "", time: float | None = None) -> Document | None:
+    def stop(self, exit_status: str = "success", reason: str = "", time: float | None = None,
+             losses: Mapping[str, int] | None = None) -> Document | None:
         """The stop document (None if already stopped: a raw stop racing the service's timeout).
 
-        An exit status bluesky does not know becomes ``fail`` with the original in ``reason``.
+        An exit status bluesky does not know becomes ``fail`` with the original in ``reason``. A
+        run without one analysed frame ends ``fail`` too, its reason naming ``losses`` (frames or
+        documents of the raw run refused, dropped or failed, by reason).
         """
         if self.stop_doc is not None:
             return None
         if exit_status not in EXIT_STATUSES:
             reason = f"raw exit status {exit_status!r}" + (f": {reason}" if reason else "")
             exit_status = "fail"
+        if self.events == 0 and exit_status == "success":
+            counted = ", ".join(f"{k} {v}" for k, v in sorted((losses or {}).items()) if v)
+            reason = "no frame analysed" + (f" ({counted})" if counted else "") + (f"; {reason}" if reason else "")
+            exit_status = "fail"
         status = cast(Literal["success", "abort", "fail"], exit_status)
         self.stop_doc = cast(dict[str, Any], self._compose_stop(exit_status=status, reason=reason, time=time))
         return "stop", self.stop_doc
-
-
-def msgpack_dumps(doc: Any) -> bytes:
-    return cast(bytes, msgpack.packb(doc, default=msgpack_numpy.encode))
-
-
-def msgpack_loads(payload: bytes) -> Any:
-    return msgpack.unpackb(payload, object_hook=msgpack_numpy.decode)
 
 
 def json_dumps(doc: Any) -> bytes:
@@ -207,7 +213,6 @@ def json_dumps(doc: Any) -> bytes:
 
 
 SERIALIZERS: dict[str, Callable[[Any], bytes]] = {"msgpack": msgpack_dumps, "json": json_dumps}
-DESERIALIZERS: dict[str, Callable[[bytes], Any]] = {"msgpack": msgpack_loads, "json": json.loads}
 
 
 class _PubSocket:

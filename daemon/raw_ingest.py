@@ -195,15 +195,10 @@ class RawFrameDecoder:
     def _frame(self, header: RawFrameHeader, buffer: memoryview) -> np.ndarray:
         assert header.dtype is not None and header.shape is not None  # the header validator
         h, w = header.shape
-        if max(h, w) > self._config.max_dim:
-            raise WireError("oversize", f"shape {h}x{w} exceeds max_dim {self._config.max_dim}")
         dtype = np.dtype(header.dtype).newbyteorder("<")
         nbytes = h * w * dtype.itemsize
-        if nbytes > self._config.max_frame_bytes:
-            raise WireError(
-                "oversize",
-                f"{nbytes} byte frame exceeds max_frame_bytes {self._config.max_frame_bytes}",
-            )
+        if (why := self._config.oversize(h, w, nbytes)) is not None:
+            raise WireError("oversize", why)
         if buffer.nbytes != nbytes:
             raise WireError(
                 "size_mismatch",

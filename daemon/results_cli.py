@@ -1,9 +1,17 @@
-"""``nanoseg results``: list the runs of a result store; export a run's particles and frames.
+"""``nanoseg results``: list the runs of a result store; export a run's particles, frames and summary.
 
-Exports are flat tables, one row per particle (``particles``) and per frame (``frames``), as CSV
-or Parquet (needs the package pyarrow). Units as stored: ``*_px`` in pixels, ``*_nm`` in nm,
-angles in degrees [0, 180) counter-clockwise from the image x axis (y down), times in s since
+Exports are flat tables, one row per particle (``particles``), per frame (``frames``) and per
+summarised column of the whole run (``run``: every particle of the run pooled, under the counting
+rule for edge particles, with 95 % bootstrap intervals), as CSV or Parquet (needs the package
+pyarrow). Units in the column names: ``*_px`` in pixels, ``*_nm`` in nm, ``*_nm2`` in nm^2,
+``*_deg`` in degrees [0, 180) counter-clockwise from the image x axis (y down), times in s since
 the epoch. A particle's mask is its COCO RLE: ``mask_height``, ``mask_width``, ``mask_counts``.
+
+CSV values are rounded to what a measurement can carry (``round_value``: 0.01 px, 0.1 nm,
+1 nm^2, 0.01 deg, 4 decimals for ratios); Parquet keeps the stored float64 values.
+``--names imagej`` puts ImageJ/Fiji "Analyze Particles" columns first (Area, Perim., Major,
+Minor, Angle, Circ., Feret, FeretAngle, MinFeret, Solidity, AR, Round, X, Y, Width, Height, Mean)
+in nm where the run has a pixel size, else px (column ``Unit``), followed by every native column.
 """
 
 from __future__ import annotations
@@ -15,7 +23,13 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from nanoseg.cli import lazy
+from nanoseg.particle_stats import COLUMNS_FLAG, INTERVAL_COLUMNS, round_value
+from nanoseg.summary_stats import EDGE_RULES, EdgeRule, edge_weights, stat_with_interval
 
 if TYPE_CHECKING:
     from nanoseg_daemon.store import FrameRecord, ResultReader
@@ -25,8 +39,10 @@ class ResultsError(Exception):
     """A request the store cannot answer (unknown run, missing package)."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: Any) -> None:
+    """Add ``results list|export`` to the ``nanoseg`` subparsers."""
     p = sub.add_parser("results", help="list stored runs; export a run's particles and frames (CSV, Parquet)")
+    p.set_defaults(handler=lazy("nanoseg_daemon.results_cli:cmd_results"))
     rs = p.add_subparsers(dest="results_command", required=True)
 
     def store_args(q: argparse.ArgumentParser) -> None:
@@ -41,6 +57,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("run_uid", help="the run's uid, or a prefix that names one run")
     store_args(q)
     q.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    q.add_argument("--names", choices=["native", "imagej"], default="native",
+                   help="particle column names: ours (units in the names) or ImageJ's first")
+    q.add_argument("--edge-rule", choices=list(EDGE_RULES), default=None,
+                   help="counting rule of the run summary (default: the one the frames were summarised with)")
+    q.add_argument("--out", required=True, help="output directory (created if needed)")
+    q = rs.add_parser("report", help="one run's distributions and growth with 95 %% intervals (PNG and HTML)")
+    q.add_argument("run_uid", help="the run's uid, or a prefix that names one run")
+    store_args(q)
+    q.add_argument("--edge-rule", choices=list(EDGE_RULES), default=None,
+                   help="counting rule (default: the one the frames were summarised with)")
     q.add_argument("--out", required=True, help="output directory (created if needed)")
 
 
@@ -52,8 +78,16 @@ def cmd_results(args: argparse.Namespace) -> int:
         reader = ResultReader(path)
         if args.results_command == "list":
             _list(reader, args.json)
+        elif args.results_command == "report":
+            from nanoseg_daemon.results_report import write_report
+
+            uid = _resolve_run(reader, args.run_uid)
+            rule = _edge_rule(reader.frames(uid), args.edge_rule)
+            rows = run_rows(reader.particles(uid), reader.frames(uid), rule)
+            for line in write_report(reader, uid, rule, Path(args.out), rows):
+                print(line)
         else:
-            for line in export_run(reader, args.run_uid, args.format, Path(args.out)):
+            for line in export_run(reader, args.run_uid, args.format, Path(args.out), args.names, args.edge_rule):
                 print(line)
     except (ResultsError, StoreError) as err:
         print(f"nanoseg results: error: {err}", file=sys.stderr)
@@ -108,6 +142,8 @@ def frame_rows(frames: Iterable[FrameRecord]) -> list[dict[str, Any]]:
             "count": f.count, "coverage_fraction": s.get("coverage_fraction"),
             "orientation_order": s.get("orientation_order"), "pixel_size_nm": s.get("pixel_size_nm"),
             "frame_height": s["frame_shape"][0], "frame_width": s["frame_shape"][1],
+            "edge_rule": s.get("edge_rule"), "counted": s.get("counted"),
+            "touching_edge": s.get("touching_edge"), "overlapped": s.get("overlapped"),
         }  # fmt: skip
         for col, stat in s.get("stats", {}).items():
             row.update({f"{col}_{k}": v for k, v in stat.items()})
@@ -136,16 +172,95 @@ def _columns(rows: list[dict[str, Any]], first: Iterable[str]) -> list[str]:
     return list(cols)
 
 
-def export_run(reader: ResultReader, run_uid: str, fmt: str, out: Path) -> list[str]:
-    """Write ``particles.<fmt>`` and ``frames.<fmt>`` of one run into ``out``; report lines."""
+def run_rows(
+    particles: list[dict[str, Any]], frames: list[FrameRecord], edge_rule: EdgeRule, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The run's summary: one row per ``INTERVAL_COLUMNS`` column (and its nm version), every
+    particle of the run pooled, weighted by ``edge_rule`` within its frame, 95 % bootstrap
+    intervals (seeded) and the count for +-5 % on the median."""
+    shapes = {f.frame_uid: tuple(f.summary["frame_shape"]) for f in frames}
+    weights = np.zeros(len(particles))
+    for uid in shapes:
+        idx = [i for i, p in enumerate(particles) if p["frame_uid"] == uid]
+        if idx:
+            col = {k: np.array([np.nan if particles[i][k] is None else particles[i][k] for i in idx], dtype=np.float64)
+                   for k in ("touches_edge", "bbox_width_px", "bbox_height_px")}  # fmt: skip
+            weights[idx] = edge_weights(edge_rule, col["touches_edge"] > 0, col["bbox_width_px"],
+                                        col["bbox_height_px"], shapes[uid])
+    rows = []
+    names = [*INTERVAL_COLUMNS, *(c.replace("_px", "_nm").replace("area_nm", "area_nm2") for c in INTERVAL_COLUMNS if c.endswith("_px"))]
+    for name in names:
+        values = np.array([np.nan if p.get(name) is None else p[name] for p in particles], dtype=np.float64)
+        if not np.isfinite(values).any():
+            continue
+        st = stat_with_interval(values, weights, 1000, np.random.default_rng(seed), 0.05)
+        rows.append({"run_uid": frames[0].run_uid if frames else None, "column": name, "edge_rule": edge_rule,
+                     "particles": len(particles), "counted": int(((weights > 0) & np.isfinite(values)).sum()),
+                     **st.to_dict()})  # fmt: skip
+    return rows
+
+
+IMAGEJ_COLUMNS = (
+    ("Area", "area_nm2", "area_px"), ("Perim.", "perimeter_nm", "perimeter_px"), ("Major", "major_nm", "major_px"),
+    ("Minor", "minor_nm", "minor_px"), ("Angle", "orientation_deg", "orientation_deg"),
+    ("Circ.", "circularity", "circularity"), ("Feret", "feret_nm", "feret_px"),
+    ("FeretAngle", "feret_angle_deg", "feret_angle_deg"), ("MinFeret", "min_feret_nm", "min_feret_px"),
+    ("Solidity", "solidity", "solidity"),
+)  # fmt: skip
+"""ImageJ "Analyze Particles" name, our calibrated column, our px column (same definitions)."""
+IMAGEJ_DERIVED = ("AR", "Round", "X", "Y", "Width", "Height", "Mean")
+"""ImageJ's columns computed from ours: major / minor, minor / major, centroid, box, mean OD."""
+
+
+def imagej_rows(rows: list[dict[str, Any]], pixel_size_nm: float | None) -> list[dict[str, Any]]:
+    """ImageJ's columns first (nm where ``pixel_size_nm`` is known, else px), then ours."""
+    out = []
+    for r in rows:
+        calibrated = pixel_size_nm is not None and r.get("area_nm2") is not None
+        ij: dict[str, Any] = {name: r.get(nm if calibrated else px) for name, nm, px in IMAGEJ_COLUMNS}
+        major, minor = ij["Major"], ij["Minor"]
+        ij["AR"] = major / minor if major and minor else None
+        ij["Round"] = minor / major if major and minor else None
+        scale = pixel_size_nm if calibrated and pixel_size_nm else 1.0
+        for name, col in (("X", "centroid_x"), ("Y", "centroid_y"), ("Width", "bbox_width_px"),
+                          ("Height", "bbox_height_px")):
+            ij[name] = None if r.get(col) is None else r[col] * scale
+        ij["Mean"] = r.get("mean_od")
+        ij["Unit"] = "nm" if calibrated else "px"
+        out.append({**ij, **r})
+    return out
+
+
+def _edge_rule(frames: list[FrameRecord], asked: str | None) -> EdgeRule:
+    """The rule asked for, else the one the run's frames were summarised with (else include)."""
+    rule = asked or next((f.summary.get("edge_rule") for f in frames if f.summary.get("edge_rule")), "include")
+    if rule not in EDGE_RULES:
+        raise ResultsError(f"edge rule must be one of {', '.join(EDGE_RULES)}, got {rule!r}")
+    return cast(EdgeRule, rule)
+
+
+def export_run(
+    reader: ResultReader, run_uid: str, fmt: str, out: Path, names: str = "native", edge_rule: str | None = None
+) -> list[str]:
+    """Write ``particles``, ``frames`` and ``run`` tables (``.<fmt>``) of one run into ``out``;
+    returns report lines."""
     from nanoseg_daemon.store import BOX_COLUMNS, PARTICLE_COLUMNS
 
     run_uid = _resolve_run(reader, run_uid)
     particle_cols = ["run_uid", "frame_uid", "seq_num", "idx", "score", *BOX_COLUMNS, *PARTICLE_COLUMNS,
                      "mask_height", "mask_width", "mask_counts"]  # fmt: skip
+    stored = reader.particles(run_uid)
+    frames = reader.frames(run_uid)
+    rule = _edge_rule(frames, edge_rule)
+    particles = particle_rows(stored, run_uid)
+    if names == "imagej":
+        pixel = next((f.summary.get("pixel_size_nm") for f in frames if f.summary.get("pixel_size_nm")), None)
+        particles = imagej_rows(particles, pixel)
+        particle_cols = [*(n for n, _, _ in IMAGEJ_COLUMNS), *IMAGEJ_DERIVED, "Unit", *particle_cols]
     tables = {
-        "particles": (particle_rows(reader.particles(run_uid), run_uid), particle_cols),
-        "frames": (frame_rows(reader.frames(run_uid)), ["run_uid", "frame_uid", "seq_num"]),
+        "particles": (particles, particle_cols),
+        "frames": (frame_rows(frames), ["run_uid", "frame_uid", "seq_num"]),
+        "run": (run_rows(stored, frames, rule), ["run_uid", "column", "edge_rule"]),
     }
     write = _write_parquet if fmt == "parquet" else _write_csv
     if fmt == "parquet":
@@ -155,19 +270,32 @@ def export_run(reader: ResultReader, run_uid: str, fmt: str, out: Path) -> list[
     for name, (rows, first) in tables.items():
         path = out / f"{name}.{fmt}"
         write(path, rows, _columns(rows, first))
-        lines.append(f"wrote {len(rows)} {name} of run {run_uid} to {path}")
+        noun = "summary rows" if name == "run" else name
+        lines.append(f"wrote {len(rows)} {noun} of run {run_uid} to {path}")
     return lines
+
+
+def _rounded(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row, rounded; ImageJ's columns as the column they were taken from."""
+    alias: dict[str, str] = {}
+    if "Unit" in row:
+        nm = row["Unit"] == "nm"
+        alias = {name: c_nm if nm else c_px for name, c_nm, c_px in IMAGEJ_COLUMNS}
+        alias |= {k: f"{k}_nm" if nm else f"{k}_px" for k in ("X", "Y", "Width", "Height")}
+    return {k: round_value(alias.get(k, k), v) for k, v in row.items()}
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
-        w.writerows(rows)  # None (missing, NaN) -> empty field
+        w.writerows(_rounded(r) for r in rows)  # None -> empty field
 
 
-_STRING_COLUMNS = {"run_uid", "frame_uid", "model_version", "metadata", "mask_counts"}
-_INT_COLUMNS = {"seq_num", "idx", "count", "area_px", "mask_height", "mask_width", "frame_height", "frame_width"}
+_STRING_COLUMNS = {"run_uid", "frame_uid", "model_version", "metadata", "mask_counts", "column", "edge_rule", "Unit"}
+_INT_COLUMNS = {"seq_num", "idx", "count", "area_px", "mask_height", "mask_width", "frame_height", "frame_width",
+                "counted", "touching_edge", "overlapped", "particles", "n_for_target"}  # fmt: skip
+_BOOL_COLUMNS = set(COLUMNS_FLAG)
 
 
 def _pyarrow() -> Any:
@@ -187,9 +315,14 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]], columns: list[str]) -
     def arrow_type(col: str) -> Any:
         if col in _STRING_COLUMNS:
             return pa.string()
+        if col in _BOOL_COLUMNS:
+            return pa.bool_()
         if col in _INT_COLUMNS or col.startswith("invalid_"):
             return pa.int64()
         return pa.float64()
 
-    table = pa.table({c: pa.array([r.get(c) for r in rows], type=arrow_type(c)) for c in columns})
+    def value(col: str, v: Any) -> Any:
+        return bool(v) if col in _BOOL_COLUMNS and v is not None else v
+
+    table = pa.table({c: pa.array([value(c, r.get(c)) for r in rows], type=arrow_type(c)) for c in columns})
     pa.parquet.write_table(table, path)

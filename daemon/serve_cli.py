@@ -7,19 +7,9 @@ import signal
 import sys
 import threading
 
-from nanoseg.config_io import ConfigError
+from nanoseg.config_io import parse_sets
 from nanoseg_daemon.config import check_files, load_daemon_config
 from nanoseg_daemon.logs import log, setup_logging
-
-
-def parse_sets(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. model.engine=torch)")
-        out[key.strip()] = value
-    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

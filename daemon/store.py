@@ -22,7 +22,6 @@ from any thread or process (``nanoseg results``) while the daemon writes.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -35,14 +34,16 @@ from urllib.parse import quote
 
 import numpy as np
 
+from nanoseg.codec import json_safe
 from nanoseg.masks import RLE, encode_rle_batch
-from nanoseg.particle_stats import COLUMNS_NM, COLUMNS_PX
+from nanoseg.particle_stats import COLUMNS_FLAG, COLUMNS_NM, COLUMNS_PX
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: wire geometry columns and edge/overlap flags (nanoseg 0.2)
 DB_FILENAME = "results.sqlite3"
-PARTICLE_COLUMNS = (*COLUMNS_PX, "mean_od", *COLUMNS_NM)
-"""ParticleTable columns stored as real columns (NULL where absent or NaN)."""
+PARTICLE_COLUMNS = (*COLUMNS_PX, *COLUMNS_FLAG, "mean_od", *COLUMNS_NM)
+"""ParticleTable columns stored as real columns (NULL where absent or NaN; flags 0/1)."""
+INTEGER_COLUMNS = ("area_px", *COLUMNS_FLAG)
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")  # px, pixel-edge coordinates, y down
 
 _SCHEMA = (
@@ -72,7 +73,7 @@ _SCHEMA = (
         idx INTEGER NOT NULL,
         score REAL NOT NULL,
         {", ".join(f"{c} REAL" for c in BOX_COLUMNS)},
-        {", ".join(f"{c} {'INTEGER' if c == 'area_px' else 'REAL'}" for c in PARTICLE_COLUMNS)},
+        {", ".join(f"{c} {'INTEGER' if c in INTEGER_COLUMNS else 'REAL'}" for c in PARTICLE_COLUMNS)},
         mask_rle TEXT NOT NULL,
         PRIMARY KEY (frame_uid, idx)) WITHOUT ROWID""",
 )
@@ -103,19 +104,6 @@ def _store_error(err: sqlite3.Error, what: str) -> StoreError:
     name = getattr(err, "sqlite_errorname", "") or ""
     reason = next((r for k, r in _REASONS.items() if name.startswith(k)), "sqlite_error")
     return StoreError(reason, f"{what}: {err} ({name or type(err).__name__})")
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe copy: numpy -> Python, non-finite floats -> None, tuples -> lists."""
-    if isinstance(obj, np.ndarray | np.generic):
-        obj = obj.tolist()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def _json(obj: Any) -> str:
@@ -157,7 +145,7 @@ def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> lis
     if len(table) != len(inst):
         raise ValueError(f"table has {len(table)} particles, instances {len(inst)}")
     if rles is None:
-        rles = encode_rle_batch(inst.masks)
+        rles = encode_rle_batch(inst.box_masks)
     present = table.columns()
     cols = [present.get(c) for c in PARTICLE_COLUMNS]
     rows = []

@@ -4,9 +4,9 @@
 ``prefix + b" " + name + b" " + serializer(doc)``; the prefix may be empty (the message then
 starts with a space). Parsing is a pure function of the bytes so it can be tested without 0MQ.
 
-Deserialisers: ``msgpack`` (NumPy arrays as ``msgpack_numpy.encode`` writes them, decoded here
-without ever unpickling) and ``json``; ``pickle`` only when the configuration allows it, because
-unpickling untrusted bytes executes code.
+Deserialisers: ``msgpack`` (NumPy arrays as ``msgpack_numpy.encode`` writes them, decoded by
+``nanoseg.codec`` without ever unpickling) and ``json``; ``pickle`` only when the configuration
+allows it, because unpickling untrusted bytes executes code.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import pickle
 from collections.abc import Callable
 from typing import Any, Literal
 
-import msgpack
-import msgpack_numpy
-import numpy as np
 from event_model import DocumentNames
+
+from nanoseg.codec import CodecError, msgpack_loads
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +31,26 @@ RejectReason = Literal[
     "bad_payload",  # the payload does not deserialise to a dict (incl. pickle when disabled)
     # bluesky routing (bluesky_ingest.py)
     "bad_document",  # a document lacks a required field or has a wrong type
-    "unsupported_document",  # stream_resource/stream_datum, bulk_* (not handled)
+    "unsupported_document",  # bulk_events, bulk_datum (not handled)
     "unknown_run",  # descriptor/resource/stop (raw: end_of_run) for a run that is not open
     "run_closed",  # a document for a run that has already stopped
     "unknown_descriptor",  # event before (or without) its descriptor
-    "unknown_resource",  # datum before (or without) its resource
+    "unknown_resource",  # datum / stream_datum before (or without) its (stream) resource
     "duplicate_uid",  # start/descriptor/event/resource uid seen before
     "too_many_runs",  # max_open_runs reached: the least active run was evicted
     "missing_image",  # an event of an image stream without the image field
-    "fill_failed",  # the referenced file/datum could not be loaded (incl. unknown spec)
+    "fill_failed",  # the referenced file/datum could not be loaded (incl. unknown spec/mimetype)
+    "frames_not_written",  # a stream_datum's frames not in its file within stream_wait_s (one per frame)
+    "shape_mismatch",  # image data whose shape disagrees with its descriptor's data key
+    "color_frame",  # an RGB/RGBA frame while color_frames is refuse
     "bad_metadata",  # a metadata value of the wrong type (the field is ignored)
     # both inputs
     "bad_shape",  # not 2-D (or N x H x W) / a header shape that is not [H, W]
     "bad_dtype",  # not a numeric array / a raw dtype outside the whitelist
+    "oversize",  # frame bytes > max_frame_bytes or a dimension > max_dim
     # raw frames (raw_ingest.py)
     "bad_header",  # header not UTF-8, not JSON, or not a valid RawFrameHeader
     "size_mismatch",  # buffer length != prod(shape) * itemsize (truncated or too long)
-    "oversize",  # frame bytes > max_frame_bytes or a dimension > max_dim
     "nan_frame",  # a float frame with no number at all
     # the ingest loop
     "internal_error",  # a bug while handling a message (logged with traceback)
@@ -68,30 +70,6 @@ Deserializer = Callable[[bytes], Any]
 
 #: Every document name event-model defines; others are ``unknown_document``.
 DOCUMENT_NAMES: frozenset[str] = frozenset(d.value for d in DocumentNames)
-
-
-def _numpy_object_hook(obj: dict[Any, Any]) -> Any:
-    """msgpack_numpy's decode, minus its one unsafe branch.
-
-    msgpack_numpy encodes object arrays (``kind == b"O"``) with ``ndarray.dumps()`` and decodes
-    them with ``pickle.loads``; such a map is refused before msgpack_numpy sees it.
-    """
-    if b"nd" not in obj:
-        return msgpack_numpy.decode(obj)  # complex numbers, or the map unchanged
-    if obj.get(b"kind") == b"O":
-        raise WireError("bad_payload", "msgpack object array (would need unpickling)")
-    try:
-        value = msgpack_numpy.decode(obj)
-    except (TypeError, ValueError) as err:
-        raise WireError("bad_payload", f"bad msgpack_numpy array: {err}") from None
-    if isinstance(value, np.ndarray | np.generic) and value.dtype.hasobject:
-        raise WireError("bad_payload", "msgpack array with an object dtype")
-    return value
-
-
-def msgpack_loads(payload: bytes) -> Any:
-    """Decode msgpack with NumPy arrays as msgpack_numpy encodes them; never unpickles."""
-    return msgpack.unpackb(payload, raw=False, object_hook=_numpy_object_hook)
 
 
 def json_loads(payload: bytes) -> Any:
@@ -143,6 +121,8 @@ def parse_bluesky_message(
         doc = deserializer(payload)
     except WireError:
         raise
+    except CodecError as err:
+        raise WireError("bad_payload", str(err)) from None
     except Exception as err:  # any decoder failure is the sender's problem, not ours
         raise WireError(
             "bad_payload", f"{name}: cannot deserialise {len(payload)} bytes: {err!r:.200}"

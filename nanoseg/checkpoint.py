@@ -57,7 +57,18 @@ class Checkpoint:
         return point.mask_decoding if point is not None else MaskDecoding()
 
     def build(self) -> MaskRCNN:
-        """The model in eval mode with these weights loaded (strict: every key must match)."""
+        """The model with these weights, ready for inference.
+
+        Returns
+        -------
+        torchvision.models.detection.MaskRCNN
+            Built from ``model_config``, in eval mode, on the CPU, float32 weights loaded strictly.
+
+        Raises
+        ------
+        CheckpointError
+            If the weights do not fit the config (a key missing, extra or of another shape).
+        """
         model = build_model(self.model_config)
         try:
             model.load_state_dict(self.state_dict, strict=True)
@@ -66,6 +77,13 @@ class Checkpoint:
         return model.eval()
 
     def to_dict(self) -> dict[str, Any]:
+        """The checkpoint as the plain dict that is saved (primitives and tensors only).
+
+        Returns
+        -------
+        dict
+            ``format``, ``model_config`` (JSON-able), ``input_spec``, ``state_dict`` and ``meta``.
+        """
         return {
             "format": FORMAT,
             "model_config": self.model_config.model_dump(mode="json"),
@@ -75,7 +93,42 @@ class Checkpoint:
         }
 
 
+def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """The model's input shape: one square tile of ``input_spec.size``.
+
+    Parameters
+    ----------
+    ckpt : Checkpoint
+        The model.
+
+    Returns
+    -------
+    tuple of int
+        (channels, height px, width px).
+    """
+    size = int(ckpt.input_spec.get("size", 512))
+    return (ckpt.model_config.in_channels, size, size)
+
+
 def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
+    """A checkpoint from the dict ``torch.load`` returned.
+
+    Parameters
+    ----------
+    obj : Any
+        The loaded object; float16 weights are cast to float32 (``stored_half`` records it).
+    source : str, optional
+        Name of where it came from, for error messages (a file path).
+
+    Returns
+    -------
+    Checkpoint
+
+    Raises
+    ------
+    CheckpointError
+        If ``obj`` is not a nanoseg checkpoint or a part of it is malformed.
+    """
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not a {FORMAT} file")
     try:
@@ -90,7 +143,18 @@ def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
 
 
 def without_refiner(ckpt: Checkpoint) -> Checkpoint:
-    """The same model without its mask refiner (masks straight from the mask head), meta kept."""
+    """The same model without its mask refiner (masks straight from the mask head).
+
+    Parameters
+    ----------
+    ckpt : Checkpoint
+
+    Returns
+    -------
+    Checkpoint
+        ``ckpt`` itself when it has no refiner; else a copy with the refiner's config and weights
+        removed and ``meta`` kept.
+    """
     if ckpt.model_config.mask_refiner is None:
         return ckpt
     cfg = ckpt.model_config.model_copy(update={"mask_refiner": None})
@@ -99,7 +163,23 @@ def without_refiner(ckpt: Checkpoint) -> Checkpoint:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint with ``weights_only=True``; errors name the file."""
+    """Read a checkpoint file (``torch.load(..., weights_only=True)``: no pickled code runs).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.pt`` file written by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    Checkpoint
+        Weights in float32 on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, unreadable or not a nanoseg checkpoint; the message names the file.
+    """
     p = Path(path)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -111,7 +191,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (model artifacts are tens of MB)."""
+    """SHA-256 of a file, read in 1 MiB blocks.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    str
+        64 lowercase hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -120,9 +210,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str], half: bool = False) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written checkpoint.
+    """Write a checkpoint atomically (temporary file, fsync, rename): a crash never leaves half a file.
 
-    ``half`` stores float32 weights as float16 (half the size; loading casts back to float32).
+    Parameters
+    ----------
+    ckpt : Checkpoint
+    path : str or PathLike
+        Destination; parent directories are created.
+    half : bool, optional
+        Store float32 weights as float16 (half the size; loading casts back to float32).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,303 +1,71 @@
 """The ``nanoseg`` command: one entry point, one subcommand per job.
 
-Each subcommand imports its implementation lazily so ``nanoseg --help`` stays fast.
+The core names no subcommand. Each installed layer (trainer, daemon, simulator) declares a
+function in the entry-point group ``nanoseg.commands`` (``pyproject.toml``) that adds its
+subcommands to the parser; each subcommand's handler is ``lazy("module:function")``, imported
+only when that subcommand runs, so ``nanoseg --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from importlib.metadata import entry_points
+from typing import Any
 
 from nanoseg.config_io import ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
+ENTRY_POINT_GROUP = "nanoseg.commands"
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from nanoseg.config_io import load_yaml
-    from nanoseg.paths import resolve_config
-    from nanoseg_training.coco_dataset import write_dataset
-    from nanoseg_training.synthetic_config import SceneConfig
+def lazy(target: str) -> Handler:
+    """A subcommand handler imported only when it runs.
 
-    cfg = load_yaml(resolve_config(args.preset, "synthetic"), SceneConfig)
-    summary = write_dataset(
-        cfg, Path(args.out), args.count, args.seed, args.workers, not args.quiet, write_od=not args.no_od
-    )
-    print(f"wrote {summary['images']} images, {summary['annotations']} wires, "
-          f"{summary['bytes'] / 1e6:.1f} MB to {args.out}")
-    return 0
+    Parameters
+    ----------
+    target
+        ``"package.module:function"`` (the form of an entry point); the function takes the
+        parsed arguments and returns the exit status.
 
-
-def _cmd_preview(args: argparse.Namespace) -> int:
-    from nanoseg_training.preview import preview_dataset
-
-    out = Path(args.out) if args.out else Path(args.dataset) / "preview.png"
-    preview_dataset(Path(args.dataset), out, args.max_images, args.columns)
-    print(f"wrote {out}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from nanoseg.config_io import load_yaml
-    from nanoseg.paths import resolve_config
-    from nanoseg_training.train import train
-    from nanoseg_training.train_config import TrainConfig
-
-    cfg = load_yaml(resolve_config(args.config, "training"), TrainConfig)
-    if args.max_iter is not None:
-        cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"max_iter": args.max_iter})})
-    if args.data is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": args.data, "generate": None})})
-    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet,
-                args.stop_after)
-    print(f"{'finished' if out.name == 'model_final.pt' else 'stopped, resume with --resume'}: {out}")
-    return 0
-
-
-def _lazy(module: str, name: str) -> Handler:
-    """A handler imported only when its subcommand runs."""
+    Returns
+    -------
+    Handler
+        Set it as the parser's default ``handler`` (``p.set_defaults(handler=lazy(...))``).
+    """
+    module, sep, name = target.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"lazy handler {target!r}: expected 'package.module:function'")
 
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
         return int(getattr(importlib.import_module(module), name)(args))
 
+    run.__qualname__ = run.__name__ = f"lazy({target})"
     return run
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from nanoseg_training.evaluate import cmd_evaluate
-
-    return cmd_evaluate(args)
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from nanoseg_training.sweep import cmd_sweep
-
-    return cmd_sweep(args)
-
-
-def _cmd_import_detectron2(args: argparse.Namespace) -> int:
-    from nanoseg.detectron2_import import cmd_import_detectron2
-
-    return cmd_import_detectron2(args)
-
-
-def _decoding_args(p: argparse.ArgumentParser, margin: bool = True) -> None:
-    """--mask-tta (and --mask-margin, --refine-boxes): replace those of the model's mask decoding."""
-    if margin:
-        p.add_argument("--mask-margin", type=float,
-                       help="grow each box by this many px before predicting its mask (default: the model's)")
-        p.add_argument("--refine-boxes", type=int, choices=[0, 1, 2, 3], metavar="PASSES",
-                       help="box-head passes over the detections in every view, boxes averaged "
-                            "(0: none; default: the model's)")
-    p.add_argument("--mask-tta", type=int, choices=[1, 2, 4, 8],
-                   help="average masks over this many flipped/transposed views (default: the model's; "
-                        "costs about N x the backbone)")
-
-
-def pixel_size_arg(value: str) -> float | str:
-    """``--pixel-size``: a positive number of nm, or ``auto`` (chosen per frame, ``nanoseg.scale``)."""
-    if value == "auto":
-        return value
-    try:
-        nm = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a pixel size in nm or 'auto', got {value!r}") from None
-    if not nm > 0:
-        raise argparse.ArgumentTypeError(f"pixel size must be > 0 nm, got {value}")
-    return nm
-
-
-def _frame_args(p: argparse.ArgumentParser, profile_default: str | None) -> None:
-    """--profile, --pixel-size and --max-detections: how image files are prepared as frames."""
-    p.add_argument("--profile", default=profile_default,
-                   help="frame profile in configs/profiles (tem, sem, ptychography, ...) or a YAML path"
-                        + ("" if profile_default else "; prepares each image as the daemon does (any contrast, any size)"))
-    p.add_argument("--pixel-size", type=pixel_size_arg, metavar="NM|auto",
-                   help="frame pixel size, nm, or 'auto': resample each frame so its objects are as wide "
-                        "as the model's training wires (default: the profile's)")
-    p.add_argument("--max-detections", type=int, metavar="N",
-                   help="detections kept per model input (and the RPN's proposals, at least N; default: the "
-                        "model's); raise it for fields of hundreds of small particles")
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(prog="nanoseg", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nanoseg`` parser with the subcommands of every installed layer."""
+    parser = argparse.ArgumentParser(prog="nanoseg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    handlers: dict[str, Handler] = {}
-
-    p = sub.add_parser("generate", help="write a synthetic COCO data set")
-    p.add_argument("preset", help="preset name in configs/synthetic (paper, ptychography, stxm, sem) or a YAML path")
-    p.add_argument("--out", required=True, help="output data set directory")
-    p.add_argument("--count", type=int, default=100, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--no-od", action="store_true",
-                   help="skip the float32 optical-density files od/*.npy (1 MB per 512x512 image)")
-    handlers["generate"] = _cmd_generate
-
-    p = sub.add_parser("preview", help="montage of a data set with mask outlines")
-    p.add_argument("dataset")
-    p.add_argument("--out", help="PNG path (default DATASET/preview.png)")
-    p.add_argument("--max-images", type=int, default=16)
-    p.add_argument("--columns", type=int, default=4)
-    handlers["preview"] = _cmd_preview
-
-    p = sub.add_parser("train", help="train Mask R-CNN on a synthetic COCO data set (resumable)")
-    p.add_argument("config", help="training config name in configs/training or a YAML path")
-    p.add_argument("--run-dir", help="run directory (default <cache>/runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--max-iter", type=int, help="override solver.max_iter")
-    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this wall time")
-    p.add_argument("--stop-after", type=int, help="stop (resumably) after this many iterations in total")
-    p.add_argument("--data", help="use this COCO data set directory instead of the config's")
-    p.add_argument("--quiet", action="store_true")
-    handlers["train"] = _cmd_train
-
-    p = sub.add_parser("train-refiner", help="train a mask refiner on a model's own detections (minutes on a CPU)")
-    p.add_argument("config", help="refiner config name in configs/training (refiner_default) or a YAML path")
-    p.add_argument("--model", required=True, help="the trained model (nanoseg checkpoint)")
-    p.add_argument("--out", required=True, help="the model with the refiner (nanoseg checkpoint)")
-    p.add_argument("--quiet", action="store_true")
-    handlers["train-refiner"] = _lazy("nanoseg_training.train_refiner", "cmd_train_refiner")
-
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or a TensorRT FP16 plan")
-    p.add_argument("model", help="nanoseg checkpoint (.pt)")
-    p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
-    p.add_argument("--out", help="output file (default: MODEL with .onnx / .plan)")
-    _decoding_args(p, margin=False)
-    handlers["export"] = _lazy("nanoseg_training.export_model", "cmd_export")
-
-    p = sub.add_parser("evaluate", help="COCO AP, foreground accuracy, particle statistics and a report")
-    p.add_argument("model", help="nanoseg checkpoint (.pt)")
-    p.add_argument("dataset", help="COCO data set directory (from nanoseg generate)")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--score-threshold", type=float, default=0.05, help="score threshold of the AP predictions")
-    p.add_argument("--stats-score-threshold", type=float,
-                   help="operating point for accuracy, statistics and counts (default: the model's, else 0.5)")
-    p.add_argument("--mask-threshold", type=float,
-                   help="mask probability threshold for AP and statistics (default: the model's, else 0.5)")
-    p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
-                   help="score = class score x maskness (default: the model's operating point, else off)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
-    p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
-    _frame_args(p, None)
-    p.add_argument("--group-by", default="contrast", metavar="ATTR",
-                   help="also report AP and accuracy per value of this image attribute, when images carry it "
-                        "(default: contrast; '' for none)")
-    _decoding_args(p)
-    p.add_argument("--quiet", action="store_true")
-    handlers["evaluate"] = _cmd_evaluate
-
-    p = sub.add_parser("calibrate", help="choose the model's operating point (score and mask thresholds) on a validation set")
-    p.add_argument("model", help="nanoseg checkpoint (.pt)")
-    p.add_argument("dataset", help="COCO validation set directory (another seed than the test set)")
-    p.add_argument("--out", required=True, help="directory for calibration.{csv,md}")
-    p.add_argument("--objective", choices=["foreground_accuracy", "count_mae"], default="foreground_accuracy")
-    p.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch")
-    p.add_argument("--limit", type=int, help="the first N images only")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--scores", help="score thresholds to try, comma-separated (default 0.1,...,0.9; one value fixes it)")
-    p.add_argument("--masks", help="mask thresholds to try, comma-separated (default 0.3,0.35,...,0.65)")
-    p.add_argument("--mask-rescoring", action="store_true",
-                   help="thresholds apply to class score x maskness; stored with the point")
-    p.add_argument("--write", action="store_true", help="store the operating point in the checkpoint")
-    _decoding_args(p)
-    p.add_argument("--quiet", action="store_true")
-    handlers["calibrate"] = _lazy("nanoseg_training.calibrate", "cmd_calibrate")
-
-    p = sub.add_parser("sweep", help="train and evaluate a grid of training configs (paper Table 1)")
-    p.add_argument("sweep", help="sweep name in configs/sweeps or a YAML path")
-    p.add_argument("--out", help="output directory (default <cache>/sweeps/<name>)")
-    p.add_argument("--quiet", action="store_true")
-    handlers["sweep"] = _cmd_sweep
-
-    p = sub.add_parser("serve", help="run the live segmentation daemon")
-    p.add_argument("--config", help="daemon YAML (configs/daemon/*.yaml); defaults apply without one")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value, e.g. model.engine=torch")
-    handlers["serve"] = _lazy("nanoseg_daemon.serve_cli", "cmd_serve")
-
-    p = sub.add_parser("segment", help="segment image files: overlays, particle tables, distribution plots")
-    p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files")
-    p.add_argument("--model", help="nanoseg checkpoint (default models/default/model.pt)")
-    _frame_args(p, "ptychography")
-    p.add_argument("--out", required=True)
-    p.add_argument("--engine", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
-    p.add_argument("--flat-field", help="flat-field (I0) image for profiles with i0 policy flat_field")
-    p.add_argument("--score-threshold", type=float, help="default: the model's operating point")
-    p.add_argument("--mask-threshold", type=float, help="default: the model's operating point")
-    p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
-                   help="score = class score x maskness (default: the model's operating point, else off)")
-    p.add_argument("--threads", type=int, default=2)
-    _decoding_args(p, margin=False)
-    p.add_argument("--quiet", action="store_true")
-    handlers["segment"] = _lazy("nanoseg_training.segment_files", "cmd_segment")
-
-    from nanoseg_daemon.results_cli import add_parser as add_results
-
-    add_results(sub)
-    handlers["results"] = _lazy("nanoseg_daemon.results_cli", "cmd_results")
-
-    from nanoseg_sim.cli import add_parsers as add_simulator
-
-    handlers.update(add_simulator(sub))
-
-    p = sub.add_parser("models", help="manage model checkpoints")
-    models = p.add_subparsers(dest="models_command", required=True)
-    q = models.add_parser("release", help="ship a training run: fp16 checkpoint, evaluation, model card")
-    q.add_argument("run_dir", help="training run directory (config.yaml + last.pt), or a nanoseg checkpoint "
-                                   "(one trained elsewhere, e.g. copied back from a GPU machine)")
-    q.add_argument("--out", default="models/default")
-    q.add_argument("--test-set", required=True, help="held-out COCO data set (nanoseg generate ... --seed 2)")
-    q.add_argument("--validation-set", help="choose the model's operating point on this COCO set first (nanoseg calibrate)")
-    q.add_argument("--scores", help="calibration score thresholds, comma-separated (one value fixes it)")
-    q.add_argument("--masks", help="calibration mask thresholds, comma-separated")
-    q.add_argument("--mask-rescoring", action="store_true", help="calibrate with class score x maskness")
-    _decoding_args(q)
-    q.add_argument("--also-mask-tta", type=int, choices=[2, 4, 8],
-                   help="evaluate the test set a second time with this many views; the card reports both")
-    q.add_argument("--real-image", help="a real image to segment for the card's overlay")
-    q.add_argument("--real-set", help="an annotated real COCO set (e.g. rods_dev): the card's real-data table, "
-                                      "at the profile's pixel size and at auto, per contrast")
-    q.add_argument("--real-profile", default="em", help="frame profile for --real-set (default em)")
-    q.add_argument("--real-max-detections", type=int, default=300, metavar="N",
-                   help="detections per model input for --real-set (default 300)")
-    q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
-    q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(models_handler=_lazy("nanoseg_training.release_model", "cmd_release"))
-
-    q = models.add_parser("import-detectron2", help="import a detectron2 Mask R-CNN (config YAML + weights)")
-    q.add_argument("config", help="the full detectron2 config YAML (cfg.dump())")
-    q.add_argument("weights", help="detectron2 checkpoint, e.g. model_final.pth")
-    q.add_argument("--out", required=True, help="output directory: model.pt and import_report.json")
-    q.add_argument("--pixel-size-nm", type=float, help="pixel size of the training images, nm (default 1)")
-    q.set_defaults(models_handler=_cmd_import_detectron2)
-    from nanoseg_training.registry_cli import add_parsers as add_registry
-
-    add_registry(models)  # list, register, show, promote, rollback, export-triton
-    handlers["models"] = lambda args: int(args.models_handler(args))
-
-    return parser, handlers
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        add_commands: Callable[[Any], None] = ep.load()
+        add_commands(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``nanoseg`` subcommand; its exit status (2: a configuration or file error)."""
     # Before torch loads libgomp: sleeping (not spinning) OpenMP workers. On 2 shared cores,
     # spinning threads of one process starve another's; measured here, training under contention
     # went from 6-14 s to ~2.5 s per iteration. An explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return handlers[args.command](args)
+        return int(args.handler(args))
     except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"nanoseg {args.command}: error: {err}", file=sys.stderr)
         return 2

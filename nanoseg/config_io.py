@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +28,20 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Render pydantic errors as ``source: a.b.c: message`` lines."""
+    """Render pydantic errors as one ``source: a.b.c: message`` line each.
+
+    Parameters
+    ----------
+    err : pydantic.ValidationError
+    source : str
+        Where the data came from (a file path or ``<config>``).
+
+    Returns
+    -------
+    str
+        The lines joined by newlines; unknown keys read ``unknown key``, our validators' messages
+        appear in their own words.
+    """
     lines = []
     for e in err.errors():
         msg = e["msg"]
@@ -39,7 +54,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(data: Any, model: type[M], source: str = "<config>") -> M:
-    """Validate already-parsed data (a dict) against ``model``; raise ConfigError naming fields."""
+    """Validate already-parsed data against a config model.
+
+    Parameters
+    ----------
+    data : Any
+        A mapping (``None`` counts as empty).
+    model : type of pydantic.BaseModel
+    source : str, optional
+        Where the data came from, for the message.
+
+    Returns
+    -------
+    model
+        The validated instance.
+
+    Raises
+    ------
+    ConfigError
+        Naming each bad field (``source: a.b: message``).
+    """
     if data is None:
         data = {}
     try:
@@ -49,7 +83,24 @@ def parse_config(data: Any, model: type[M], source: str = "<config>") -> M:
 
 
 def yaml_mapping(text: str, source: str = "<config>") -> dict[str, Any]:
-    """Parse YAML text that must hold a mapping (an empty document is an empty mapping)."""
+    """Parse YAML text that must hold a mapping.
+
+    Parameters
+    ----------
+    text : str
+    source : str, optional
+        Where the text came from, for the message.
+
+    Returns
+    -------
+    dict
+        The mapping; an empty document gives ``{}``.
+
+    Raises
+    ------
+    ConfigError
+        If the text is not YAML or its root is not a mapping.
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -60,7 +111,21 @@ def yaml_mapping(text: str, source: str = "<config>") -> dict[str, Any]:
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file holding a mapping; errors name the file."""
+    """Read a YAML file holding a mapping.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or holds no mapping; the message names the file.
+    """
     p = Path(path)
     try:
         text = p.read_text()
@@ -70,15 +135,122 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def parse_yaml(text: str, model: type[M], source: str = "<config>") -> M:
-    """Parse YAML text and validate it."""
+    """:func:`yaml_mapping` then :func:`parse_config` (same parameters, result and errors).
+
+    Returns
+    -------
+    model
+        The validated instance.
+    """
     return parse_config(yaml_mapping(text, source), model, source)
 
 
 def load_yaml(path: str | Path, model: type[M]) -> M:
-    """Read a YAML file and validate it against ``model``."""
+    """:func:`read_yaml_mapping` then :func:`parse_config`, errors naming the file.
+
+    Parameters
+    ----------
+    path : str or Path
+    model : type of pydantic.BaseModel
+
+    Returns
+    -------
+    model
+        The validated instance.
+    """
     return parse_config(read_yaml_mapping(path), model, str(path))
 
 
 def dump_yaml(model: BaseModel) -> str:
-    """Serialise a config model back to YAML (round-trips through ``parse_yaml``)."""
+    """Serialise a config model to YAML (round-trips through :func:`parse_yaml`).
+
+    Parameters
+    ----------
+    model : pydantic.BaseModel
+
+    Returns
+    -------
+    str
+        YAML text, keys in field order.
+    """
     return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, str], source: str) -> dict[str, Any]:
+    """Set dotted keys to YAML-parsed values in a copy of a nested dict.
+
+    Parameters
+    ----------
+    data
+        The config as read (nested dicts), not changed.
+    overrides
+        Dotted key -> value text, e.g. ``{"model.engine": "torch", "queue.size": "8"}``; each value
+        is parsed as a YAML scalar (``null``, ``false``, ``8``).
+    source
+        Where the overrides come from, for error messages (e.g. ``"daemon.yaml (--set)"``).
+
+    Returns
+    -------
+    dict
+        The copy with the overrides set; validation is left to ``parse_config``.
+    """
+    out = copy.deepcopy(data)
+    for dotted, raw in overrides.items():
+        keys = [k for k in dotted.split(".") if k]
+        if not keys:
+            raise ConfigError(f"{source}: empty key in override {dotted!r}")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{source}: {dotted}: {k} is not a section")
+            node = nxt
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: {dotted}: value is not valid YAML: {err}") from None
+    return out
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values over it, nested mappings merged key by key.
+
+    Parameters
+    ----------
+    base, top
+        Nested config mappings; neither is changed.
+
+    Returns
+    -------
+    dict
+        A new mapping: ``top``'s value wins wherever both have a key that is not a mapping in both.
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """Split ``--set KEY=VALUE`` options.
+
+    Parameters
+    ----------
+    items
+        The options' values, e.g. ``["model.engine=torch"]``.
+
+    Returns
+    -------
+    dict
+        ``{KEY: VALUE}`` with VALUE as text (``apply_overrides`` parses it).
+    """
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. model.engine=torch)")
+        out[key.strip()] = value
+    return out

@@ -29,13 +29,55 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign, poolers
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import LevelMapper
 
-from nanoseg.model import AlignedMultiScaleRoIAlign
-
 FPN_STRIDES = (4, 8, 16, 32, 64)
 """Strides of P2..P6, px."""
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign with ``aligned=True`` (pixel model of detectron2's ROIAlignV2)."""
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Pool each box from its FPN level with ``aligned=True`` (detectron2's ROIAlignV2 pixel model).
+
+        Parameters
+        ----------
+        x : dict of str to Tensor
+            FPN feature maps, (B, C, H_l, W_l) each.
+        boxes : list of Tensor, shape (N_b, 4)
+            Per image, xyxy px in input coordinates.
+        image_shapes : list of (int, int)
+            Per image, (H, W) of the input in px.
+
+        Returns
+        -------
+        Tensor, shape (sum N_b, C, R, R)
+            R = ``output_size``.
+        """
+        x_filtered = poolers._filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:  # type: ignore[has-type]
+            self.scales, self.map_levels = poolers._setup_scales(
+                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = poolers._convert_to_roi_format(boxes)
+        if len(x_filtered) == 1:
+            return torch.ops.torchvision.roi_align(
+                x_filtered[0], rois, self.scales[0], self.output_size[0], self.output_size[1],
+                self.sampling_ratio, True,
+            )
+        levels = self.map_levels(boxes)
+        num_rois = len(rois)
+        c = x_filtered[0].shape[1]
+        result = torch.zeros((num_rois, c, *self.output_size), dtype=x_filtered[0].dtype, device=rois.device)
+        for level, (feat, scale) in enumerate(zip(x_filtered, self.scales)):
+            idx = torch.where(levels == level)[0]
+            result[idx] = torch.ops.torchvision.roi_align(
+                feat, rois[idx], scale, self.output_size[0], self.output_size[1], self.sampling_ratio, True
+            ).to(result.dtype)
+        return result
 
 
 class Detectron2AnchorGenerator(AnchorGenerator):
@@ -53,6 +95,22 @@ class Detectron2AnchorGenerator(AnchorGenerator):
         device: torch.device | None = None,
     ) -> Tensor:
         # In double precision, then rounded once to float32, as detectron2 does.
+        """Cell anchors of one level, as detectron2 computes them (double precision, rounded once).
+
+        Parameters
+        ----------
+        scales : list of int
+            Anchor sizes in px (square root of the area).
+        aspect_ratios : list of float
+            Height / width.
+        dtype : torch.dtype, optional
+        device : torch.device, optional
+
+        Returns
+        -------
+        Tensor, shape (len(scales) * len(aspect_ratios), 4)
+            xyxy px around (0, 0), unrounded.
+        """
         cells = []
         for size in scales:
             for ratio in aspect_ratios:
@@ -62,6 +120,19 @@ class Detectron2AnchorGenerator(AnchorGenerator):
         return torch.tensor(cells, dtype=dtype, device=device)
 
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """Anchors of every FPN level over the feature maps, at detectron2's fixed strides and offset.
+
+        Parameters
+        ----------
+        image_list : ImageList
+        feature_maps : list of Tensor
+            One per level, (B, C, H_l, W_l).
+
+        Returns
+        -------
+        list of Tensor
+            One (A, 4) xyxy px tensor per image (the same anchors for each).
+        """
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         self.set_cell_anchors(dtype, device)
         per_level = []
@@ -89,6 +160,25 @@ class Detectron2RPN(RegionProposalNetwork):
         image_shapes: list[tuple[int, int]],
         num_anchors_per_level: list[int],
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """detectron2's ``find_top_rpn_proposals``: top-k per level, clip, drop small, NMS per level.
+
+        Parameters
+        ----------
+        proposals : Tensor, shape (B, A, 4)
+            Decoded boxes, xyxy px.
+        objectness : Tensor
+            Objectness logits, B x A.
+        image_shapes : list of (int, int)
+            Per image, (H, W) in px.
+        num_anchors_per_level : list of int
+
+        Returns
+        -------
+        boxes : list of Tensor
+            Per image, (P, 4) xyxy px, at most ``post_nms_top_n``.
+        scores : list of Tensor
+            Per image, (P,) objectness logits (torchvision returns probabilities).
+        """
         num_images = proposals.shape[0]
         device = proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
@@ -143,6 +233,26 @@ class Detectron2RoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """detectron2's ``fast_rcnn_inference``: per-class boxes, score threshold, NMS, top detections.
+
+        Parameters
+        ----------
+        class_logits : Tensor, shape (sum N, classes + 1)
+        box_regression : Tensor, shape (sum N, 4 * (classes + 1))
+        proposals : list of Tensor
+            Per image, (N, 4) xyxy px.
+        image_shapes : list of (int, int)
+            Per image, (H, W) in px.
+
+        Returns
+        -------
+        boxes : list of Tensor
+            Per image, (D, 4) xyxy px, clipped, non-empty.
+        scores : list of Tensor
+            Per image, (D,) class probabilities.
+        labels : list of Tensor
+            Per image, (D,) int64 class labels (1-based).
+        """
         per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
         pred_scores = F.softmax(class_logits, -1).split(per_image, 0)
@@ -165,7 +275,18 @@ class Detectron2RoIHeads(RoIHeads):
 
 
 def detectron2_rpn(rpn: RegionProposalNetwork, min_size: float) -> Detectron2RPN:
-    """``rpn``'s modules and settings with detectron2's proposal selection."""
+    """An RPN with ``rpn``'s modules and settings and detectron2's proposal selection.
+
+    Parameters
+    ----------
+    rpn : RegionProposalNetwork
+    min_size : float
+        Proposals with a side at or below it (px) are dropped.
+
+    Returns
+    -------
+    Detectron2RPN
+    """
     out = Detectron2RPN(
         rpn.anchor_generator, rpn.head,
         rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
@@ -177,13 +298,36 @@ def detectron2_rpn(rpn: RegionProposalNetwork, min_size: float) -> Detectron2RPN
 
 
 def detectron2_roi_heads(heads: RoIHeads) -> Detectron2RoIHeads:
-    """``heads``' modules and settings with detectron2's detection filtering."""
+    """ROI heads with ``heads``' modules and settings and detectron2's detection filtering.
+
+    Parameters
+    ----------
+    heads : RoIHeads
+
+    Returns
+    -------
+    Detectron2RoIHeads
+        Sharing ``heads``' modules (not copies), in the same train/eval mode.
+    """
     return rebuilt_roi_heads(heads, Detectron2RoIHeads)
 
 
 def rebuilt_roi_heads(heads: RoIHeads, cls: type[RoIHeads] | None = None, masks: bool = True) -> RoIHeads:
-    """A ``cls`` (default: ``heads``' own class) with ``heads``' modules (shared, not copied),
-    settings and train/eval mode; ``masks=False`` leaves the mask branch out (detection only)."""
+    """ROI heads rebuilt from another's modules (shared, not copied), settings and train/eval mode.
+
+    Parameters
+    ----------
+    heads : RoIHeads
+    cls : type of RoIHeads, optional
+        The class to build; default ``heads``' own.
+    masks : bool, optional
+        False leaves the mask branch out (detection only).
+
+    Returns
+    -------
+    RoIHeads
+        An instance of ``cls``.
+    """
     branch = ({"mask_roi_pool": heads.mask_roi_pool, "mask_head": heads.mask_head,
                "mask_predictor": heads.mask_predictor} if masks else {})
     out = (cls or type(heads))(

@@ -23,12 +23,9 @@ is stretched where detectron2 would have taken its raw values.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import pickle
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +35,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from nanoseg.checkpoint import Checkpoint, save_checkpoint
+from nanoseg.checkpoint import Checkpoint
 from nanoseg.input_spec import InputSpec
 from nanoseg.model import ModelConfig, build_model
 
@@ -361,24 +358,3 @@ def import_detectron2(
         "input_spec": ckpt.input_spec, "weights_sha256": sha,
     }
     return ckpt, report
-
-
-def cmd_import_detectron2(args: argparse.Namespace) -> int:
-    """``nanoseg models import-detectron2 CONFIG WEIGHTS --out DIR [--pixel-size-nm NM]``."""
-    out = Path(args.out)
-    pixel = args.pixel_size_nm if args.pixel_size_nm is not None else DEFAULT_PIXEL_SIZE_NM
-    try:
-        ckpt, report = import_detectron2(args.config, args.weights, pixel)
-    except Detectron2ImportError as err:
-        print(f"nanoseg models import-detectron2: error: {err}", file=sys.stderr)
-        return 2
-    report["pixel_size_nm_assumed"] = args.pixel_size_nm is None
-    if args.pixel_size_nm is None:
-        print(f"warning: pixel size unknown, recorded as {pixel} nm/px; frames are resampled to it "
-              "(pass --pixel-size-nm with the pixel size of the training images)", file=sys.stderr)
-    save_checkpoint(ckpt, out / "model.pt")
-    (out / "import_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    keys = report["keys"]
-    print(f"imported {keys['mapped']} of {keys['checkpoint']} detectron2 tensors "
-          f"({len(keys['ignored'])} non-weights checked and skipped) into {out / 'model.pt'}")
-    return 0

@@ -12,6 +12,7 @@ FrameErrorReason = Literal[
     "no_signal",  # no pixel above the dark level: nothing to take a logarithm of
     "non_positive_reference",  # I0 - dark <= 0 (scalar, estimate, or every flat-field pixel)
     "missing_reference",  # the profile asks for a flat field and none was supplied
+    "unknown_profile",  # the frame names a profile that cannot be loaded (the daemon's profile book)
 ]
 
 

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from torchvision.models.detection import MaskRCNN
 
-from nanoseg.checkpoint import Checkpoint
+from nanoseg.checkpoint import Checkpoint, input_shape
 from nanoseg.engines.detection_core import INPUT_NAME, OUTPUT_NAMES, DetectionCore
-from nanoseg.engines.factory import input_shape
 from nanoseg.mask_decoding import METADATA_KEY, MaskDecoding
 from nanoseg.model import ModelConfig
 

@@ -62,7 +62,14 @@ class MaskDecoding(StrictModel):
         return self.margin_px == 0 and self.tta == 1 and not self.refine_boxes
 
     def describe(self) -> str:
-        """One phrase for cards and reports."""
+        """One phrase for cards and reports.
+
+        Returns
+        -------
+        str
+            E.g. "boxes refined by 2 passes of the box head, masks predicted on boxes grown by 1 px", or
+            "the network's own boxes and masks" for the plain decoding.
+        """
         if self.is_plain:
             return "the network's own boxes and masks"
         passes = f"{self.refine_boxes} passes of " if self.refine_boxes > 1 else ""
@@ -80,29 +87,83 @@ METADATA_KEY = "nanoseg.mask_decoding"
 
 
 def decoding_from_metadata(metadata: dict[str, str]) -> MaskDecoding:
-    """The mask decoding of an exported graph from its metadata (plain when it names none, as in
-    files exported before decodings existed)."""
+    """The mask decoding an exported graph was built with, from its metadata.
+
+    Parameters
+    ----------
+    metadata : dict of str to str
+        The ONNX file's metadata properties.
+
+    Returns
+    -------
+    MaskDecoding
+        The plain decoding when the metadata names none (files exported before decodings existed).
+    """
     raw = metadata.get(METADATA_KEY)
     return MaskDecoding() if raw is None else MaskDecoding.model_validate_json(raw)
 
 
 def with_decoding(decoding: MaskDecoding, margin_px: float | None = None, tta: int | None = None,
                   refine_boxes: int | None = None) -> MaskDecoding:
-    """``decoding`` with the fields given (not None) replaced; ``ValueError`` names a bad one."""
+    """A decoding with some fields replaced.
+
+    Parameters
+    ----------
+    decoding : MaskDecoding
+    margin_px : float, optional
+        Box margin in px on every side.
+    tta : int, optional
+        Number of views (1, 2, 4 or 8).
+    refine_boxes : int, optional
+        Box-refinement passes.
+
+    Returns
+    -------
+    MaskDecoding
+        ``decoding`` with the fields that are not None replaced.
+
+    Raises
+    ------
+    ValueError
+        Naming a field whose value is out of range.
+    """
     updates = {k: v for k, v in (("margin_px", margin_px), ("tta", tta), ("refine_boxes", refine_boxes))
                if v is not None}
     return MaskDecoding.model_validate({**decoding.model_dump(), **updates}) if updates else decoding
 
 
 def grow_boxes(boxes: Tensor, margin_px: float) -> Tensor:
-    """(N, 4) xyxy boxes grown by ``margin_px`` on every side."""
+    """Boxes grown by a margin on every side.
+
+    Parameters
+    ----------
+    boxes : Tensor, shape (N, 4)
+        xyxy px.
+    margin_px : float
+        Margin in px added on each side.
+
+    Returns
+    -------
+    Tensor, shape (N, 4)
+        (x0 - m, y0 - m, x1 + m, y1 + m); not clipped to the image.
+    """
     if margin_px == 0:
         return boxes
     return boxes + boxes.new_tensor([-margin_px, -margin_px, margin_px, margin_px])
 
 
 def view_image(x: Tensor, view: View) -> Tensor:
-    """(..., H, W) images seen in ``view``."""
+    """Images as seen in a view (transpose, then left-right flip, then up-down flip).
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., H, W)
+    view : View
+
+    Returns
+    -------
+    Tensor, shape (..., H, W), or (..., W, H) when the view transposes
+    """
     t, h, v = view
     if t:
         x = x.transpose(-1, -2)
@@ -114,13 +175,41 @@ def view_image(x: Tensor, view: View) -> Tensor:
 
 
 def view_size(hw: tuple[int, int], view: View) -> tuple[int, int]:
-    """(H, W) of an image of size ``hw`` seen in ``view``."""
+    """Size of an image as seen in a view.
+
+    Parameters
+    ----------
+    hw : (int, int)
+        (H, W) in px.
+    view : View
+
+    Returns
+    -------
+    (int, int)
+        (H, W) in the view: swapped when it transposes.
+    """
     return (hw[1], hw[0]) if view[0] else hw
 
 
 def view_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: float) -> Tensor:
-    """(N, 4) xyxy boxes of an image of size ``hw`` (H, W), in the coordinates of ``view``;
-    ``offset_px`` is the model's pixel convention (module docstring)."""
+    """Boxes of an image in the coordinates of one of its views.
+
+    Parameters
+    ----------
+    boxes : Tensor, shape (N, 4)
+        xyxy px of the image, y down.
+    hw : (int, int)
+        Image (H, W) in px.
+    view : View
+    offset_px : float
+        The model's pixel convention (``nanoseg.model.mask_grid_offset_px``): a torchvision model
+        mirrors x to W - 1 - x, which a box mirror must follow.
+
+    Returns
+    -------
+    Tensor, shape (N, 4)
+        xyxy px in the view.
+    """
     t, h, v = view
     x0, y0, x1, y1 = boxes.unbind(-1)
     height, width = view_size(hw, view)
@@ -134,8 +223,23 @@ def view_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: float)
 
 
 def unview_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: float) -> Tensor:
-    """(N, 4) xyxy boxes in the coordinates of ``view`` of an image of size ``hw`` (H, W), mapped
-    back to the image (the inverse of ``view_boxes``)."""
+    """Boxes in the coordinates of a view mapped back to the image (the inverse of :func:`view_boxes`).
+
+    Parameters
+    ----------
+    boxes : Tensor, shape (N, 4)
+        xyxy px in the view.
+    hw : (int, int)
+        Image (H, W) in px (not the view's).
+    view : View
+    offset_px : float
+        The model's pixel convention, as for :func:`view_boxes`.
+
+    Returns
+    -------
+    Tensor, shape (N, 4)
+        xyxy px of the image.
+    """
     t, h, v = view
     x0, y0, x1, y1 = boxes.unbind(-1)
     height, width = view_size(hw, view)
@@ -149,7 +253,19 @@ def unview_boxes(boxes: Tensor, hw: tuple[int, int], view: View, offset_px: floa
 
 
 def unview_grids(grids: Tensor, view: View) -> Tensor:
-    """(N, M, M) mask grids predicted in ``view`` (rows along y) mapped back to the image."""
+    """Mask grids predicted in a view mapped back to the image's orientation.
+
+    Parameters
+    ----------
+    grids : Tensor, shape (N, M, M)
+        Rows along the view's y.
+    view : View
+
+    Returns
+    -------
+    Tensor, shape (N, M, M)
+        Rows along the image's y.
+    """
     t, h, v = view
     if v:
         grids = grids.flip(-2)

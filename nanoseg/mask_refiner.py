@@ -56,6 +56,22 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]  # Conv2d(bias=True) has one
 
     def forward(self, crops: Tensor, coarse: Tensor, boxes: Tensor) -> Tensor:
+        """Refined mask logits of N detections.
+
+        Parameters
+        ----------
+        crops : Tensor, shape (N, 1, S, S)
+            The input image over each (grown) box (:func:`image_crops`), 0–255.
+        coarse : Tensor, shape (N, M, M)
+            The mask head's probabilities.
+        boxes : Tensor, shape (N, 4)
+            The boxes the masks are pasted on, xyxy px (their size in px per cell is an input).
+
+        Returns
+        -------
+        Tensor, shape (N, S, S)
+            Logits: the upsampled coarse logits plus the predicted correction.
+        """
         s = self.size
         up, prior = upsampled(coarse, s)
         inputs = [crops, up[:, None] * 2 - 1]
@@ -67,14 +83,41 @@ class MaskRefiner(nn.Module):
 
 
 def upsampled(coarse: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """The (N, M, M) coarse probabilities on the (N, S, S) grid (bilinear, cell centres kept),
-    clamped away from 0 and 1, and their logits: what an untrained refiner returns."""
+    """Coarse mask probabilities on the refiner's grid: what an untrained refiner returns.
+
+    Parameters
+    ----------
+    coarse : Tensor, shape (N, M, M)
+        Probabilities in [0, 1].
+    size : int
+        S, the refined grid's side.
+
+    Returns
+    -------
+    probs : Tensor, shape (N, S, S)
+        Bilinear, cell centres kept (``align_corners=False``), clamped away from 0 and 1.
+    logits : Tensor, shape (N, S, S)
+        Their logits.
+    """
     up = F.interpolate(coarse[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     up = up.clamp(_EPS, 1 - _EPS)
     return up, torch.log(up) - torch.log(1 - up)  # logit, written with ops every exporter has
 
 
 def image_crops(image: Tensor, boxes: list[Tensor], size: int) -> Tensor:
-    """(sum N, 1, S, S) crops of the (B, 1, H, W) ``image`` over each image's (N, 4) xyxy ``boxes``
-    (px, the boxes the masks are pasted on), in the mask targets' ROIAlign convention."""
+    """The image over each box, in the mask targets' ROIAlign convention (``aligned=False``).
+
+    Parameters
+    ----------
+    image : Tensor, shape (B, 1, H, W)
+        Model inputs, 0–255.
+    boxes : list of Tensor, shape (N_b, 4)
+        Per image, the xyxy px boxes the masks are pasted on.
+    size : int
+        S, the crop side in cells.
+
+    Returns
+    -------
+    Tensor, shape (sum N_b, 1, S, S)
+    """
     return roi_align(image[:, :1], boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=False)

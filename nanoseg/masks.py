@@ -7,6 +7,8 @@ from typing import TypedDict
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from nanoseg.instances import BoxMasks
+
 
 class RLE(TypedDict):
     """COCO compressed RLE: ``size`` is [height, width]; ``counts`` the compressed string."""
@@ -20,15 +22,98 @@ class MaskDecodeError(ValueError):
 
 
 def encode_rle(mask: np.ndarray) -> RLE:
-    """Encode a 2-D boolean mask (row-major, y down) as COCO compressed RLE."""
+    """Encode one binary mask as COCO compressed RLE.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W)
+        Boolean (or 0/1) mask, row-major, y down.
+
+    Returns
+    -------
+    RLE
+        ``size`` [H, W] and the compressed ``counts`` string (column-major, as COCO).
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` is not 2-D.
+    """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     enc = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))  # no copy if already so
     return {"size": [int(enc["size"][0]), int(enc["size"][1])], "counts": enc["counts"].decode("ascii")}
 
 
-def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
-    """Encode (N, H, W) boolean masks; one pycocotools call for the whole stack."""
+def encode_box_mask(crop: np.ndarray, offset: tuple[int, int], image_shape: tuple[int, int]) -> RLE:
+    """COCO compressed RLE of an image-sized mask that is zero outside a crop, made without the image.
+
+    The runs of the column-major image are those of the crop's columns with the rows outside the
+    crop in between.
+
+    Parameters
+    ----------
+    crop : ndarray, shape (h, w), bool
+        The mask inside its box.
+    offset : (int, int)
+        (row, column) of the crop's top-left pixel on the image, px.
+    image_shape : (int, int)
+        Image (H, W) in px.
+
+    Returns
+    -------
+    RLE
+        ``size`` [H, W] and the compressed ``counts``.
+    """
+    h, w = image_shape
+    hc, wc = crop.shape
+    if crop.size == 0:
+        counts = [h * w]
+    else:
+        y, x = offset
+        values = np.zeros((hc + 1, wc), bool)
+        values[:hc] = crop
+        weights = np.ones((hc + 1, wc), np.int64)
+        weights[hc] = h - hc  # below this column's crop, then above the next one's
+        v = np.concatenate([[False], values.ravel(order="F")[:-1]])  # no gap after the last column
+        wt = np.concatenate([[x * h + y], weights.ravel(order="F")[:-1]])
+        v, wt = v[wt > 0], wt[wt > 0]
+        starts = np.concatenate([[0], np.flatnonzero(v[1:] != v[:-1]) + 1])
+        runs = np.add.reduceat(wt, starts).tolist()
+        if v[0]:
+            runs.insert(0, 0)  # counts start with a run of zeros
+        tail = h * w - int(wt.sum())
+        if not v[-1]:
+            runs[-1] += tail
+        elif tail:
+            runs.append(tail)
+        counts = [int(r) for r in runs]
+    enc = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}
+
+
+def encode_rle_batch(masks: np.ndarray | BoxMasks) -> list[RLE]:
+    """Encode a stack of binary masks as COCO compressed RLE.
+
+    Parameters
+    ----------
+    masks : ndarray, shape (N, H, W), or BoxMasks
+        Dense masks are encoded in one pycocotools call; box-local masks mask by mask, without an
+        (H, W) image.
+
+    Returns
+    -------
+    list of RLE
+        One per mask, in order; empty for N = 0.
+
+    Raises
+    ------
+    ValueError
+        If dense ``masks`` are not 3-D.
+    """
+    if isinstance(masks, BoxMasks):
+        return [encode_box_mask(c, (int(o[0]), int(o[1])), masks.image_shape)
+                for o, c in zip(masks.offsets, masks.crops)]
     if masks.ndim != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
     if masks.shape[0] == 0:
@@ -41,7 +126,24 @@ def encode_rle_batch(masks: np.ndarray) -> list[RLE]:
 
 
 def decode_rle(rle: RLE | dict) -> np.ndarray:
-    """Decode COCO RLE (compressed string or uncompressed list counts) to a boolean (H, W) mask."""
+    """Decode a COCO RLE to a binary mask.
+
+    Parameters
+    ----------
+    rle : RLE or dict
+        ``size`` [H, W] and ``counts``: a compressed string (or bytes) or an uncompressed list of
+        run lengths (which must sum to H x W).
+
+    Returns
+    -------
+    ndarray, shape (H, W), bool
+        The mask, row-major, y down.
+
+    Raises
+    ------
+    MaskDecodeError
+        If the counts or the size are corrupt or disagree.
+    """
     try:
         size = [int(v) for v in rle["size"]]
         counts = rle["counts"]
@@ -80,12 +182,34 @@ def decode_segmentation(seg: dict | list, height: int, width: int) -> np.ndarray
 
 
 def rle_area(rle: RLE) -> int:
-    """Foreground pixel count of an RLE, px."""
+    """Foreground pixel count of a compressed RLE.
+
+    Parameters
+    ----------
+    rle : RLE
+        ``size`` and compressed string ``counts``.
+
+    Returns
+    -------
+    int
+        Area in px.
+    """
     return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """COCO bbox [x, y, width, height] in px of a boolean mask (zeros for an empty mask)."""
+    """COCO bounding box of a binary mask.
+
+    Parameters
+    ----------
+    mask : ndarray, shape (H, W), bool
+
+    Returns
+    -------
+    tuple of 4 float
+        (x, y, width, height) in px: the top-left pixel's column and row and the extent in whole
+        pixels; (0, 0, 0, 0) for an empty mask.
+    """
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
         return (0.0, 0.0, 0.0, 0.0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50, resnet101
@@ -30,6 +29,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from nanoseg import detectron2_compat as d2
 from nanoseg.config_io import StrictModel
 from nanoseg.mask_refiner import MaskRefiner, MaskRefinerConfig
 
@@ -111,12 +111,21 @@ class ModelConfig(StrictModel):
 
 
 def mask_grid_offset_px(cfg: ModelConfig) -> float:
-    """Where a model's M x M mask grid sits relative to its box, px, as training taught it.
+    """Where a model's M x M mask grid sits relative to its box, as training taught it.
 
     torchvision's mask targets (``project_masks_on_boxes``: ROIAlign with ``aligned=False``)
     sample the ground truth half a pixel right of and below the box's pixel-edge grid, so a
     network trained by nanoseg predicts masks shifted by +0.5 px in x and y; detectron2 trains with
     ROIAlignV2 (``aligned=True``), whose grid is the box's own. Mask pasting adds this offset.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    float
+        Offset in px along x and y: 0.5 for torchvision semantics, 0.0 for detectron2.
     """
     return 0.0 if cfg.semantics == "detectron2" else 0.5
 
@@ -127,6 +136,19 @@ class FixedScaleTransform(GeneralizedRCNNTransform):
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Leave the image at its size (frame preparation already set the pixel scale).
+
+        Parameters
+        ----------
+        image : Tensor, shape (C, H, W)
+        target : dict, optional
+            Training targets (boxes in px), unchanged.
+
+        Returns
+        -------
+        (Tensor, dict or None)
+            ``image`` and ``target`` as given.
+        """
         return image, target
 
 
@@ -181,41 +203,10 @@ def _out_channels(block: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign with ``aligned=True`` (pixel model of detectron2's ROIAlignV2)."""
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        from torchvision.ops import poolers
-
-        x_filtered = poolers._filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:  # type: ignore[has-type]
-            self.scales, self.map_levels = poolers._setup_scales(
-                x_filtered, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        rois = poolers._convert_to_roi_format(boxes)
-        if len(x_filtered) == 1:
-            return torch.ops.torchvision.roi_align(
-                x_filtered[0], rois, self.scales[0], self.output_size[0], self.output_size[1],
-                self.sampling_ratio, True,
-            )
-        levels = self.map_levels(boxes)
-        num_rois = len(rois)
-        c = x_filtered[0].shape[1]
-        result = torch.zeros((num_rois, c, *self.output_size), dtype=x_filtered[0].dtype, device=rois.device)
-        for level, (feat, scale) in enumerate(zip(x_filtered, self.scales)):
-            idx = torch.where(levels == level)[0]
-            result[idx] = torch.ops.torchvision.roi_align(
-                feat, rois[idx], scale, self.output_size[0], self.output_size[1], self.sampling_ratio, True
-            ).to(result.dtype)
-        return result
-
-
 def _pooler(cfg: ModelConfig, size: int, levels: int = 4) -> MultiScaleRoIAlign:
     if cfg.semantics == "detectron2":
-        from nanoseg.detectron2_compat import Detectron2RoIAlign
-
-        return Detectron2RoIAlign(size, cfg.roi_sampling_ratio)
-    cls = AlignedMultiScaleRoIAlign if cfg.roi_aligned else MultiScaleRoIAlign
+        return d2.Detectron2RoIAlign(size, cfg.roi_sampling_ratio)
+    cls = d2.AlignedMultiScaleRoIAlign if cfg.roi_aligned else MultiScaleRoIAlign
     return cls(featmap_names=["0", "1", "2", "3"][:levels], output_size=size, sampling_ratio=cfg.roi_sampling_ratio)
 
 
@@ -231,15 +222,36 @@ class ConvFCBoxHead(nn.Module):
         self.mlp = TwoMLPHead(in_channels * resolution * resolution, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Box features of pooled regions.
+
+        Parameters
+        ----------
+        x : Tensor, shape (N, C, R, R)
+            Pooled FPN features of N boxes.
+
+        Returns
+        -------
+        Tensor, shape (N, dim)
+        """
         return self.mlp(self.convs(x))
 
 
 def build_model(cfg: ModelConfig) -> MaskRCNN:
-    """Build the (untrained) one-class Mask R-CNN that ``cfg`` describes."""
+    """The untrained one-class Mask R-CNN that a config describes.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Backbone, FPN, anchors (px), heads, mask refiner, and the pixel semantics (torchvision or
+        detectron2).
+
+    Returns
+    -------
+    torchvision.models.detection.MaskRCNN
+        In training mode, float32, on the CPU; it never resizes its input (``FixedScaleTransform``).
+    """
     backbone = _mobilenet_fpn(cfg) if cfg.backbone == "mobilenet_v3_large" else _resnet_fpn(cfg)
     if cfg.semantics == "detectron2":
-        from nanoseg import detectron2_compat as d2
-
         anchors: AnchorGenerator = d2.Detectron2AnchorGenerator(cfg.anchor_sizes, cfg.aspect_ratios, cfg.anchor_offset)
     else:
         anchors = AnchorGenerator(
@@ -291,15 +303,47 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of a network.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    int
+        Trainable and frozen parameters together.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
 def describe(cfg: ModelConfig) -> dict[str, Any]:
-    """A short human-readable summary for model cards and manifests."""
+    """A short human-readable summary for model cards and manifests.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    dict
+        ``architecture`` (e.g. "Mask R-CNN, resnet18-FPN(128), norm=bn"), ``in_channels`` and
+        ``mask_resolution`` (M of the output mask grids).
+    """
     return {"architecture": f"Mask R-CNN, {cfg.backbone}-FPN({cfg.fpn_channels}), norm={cfg.norm}",
             "in_channels": cfg.in_channels, "mask_resolution": mask_resolution(cfg)}
 
 
 def mask_resolution(cfg: ModelConfig) -> int:
-    """M of the M x M mask grids the model outputs: the refiner's grid, else 2x the mask ROI."""
+    """Side of the mask grids a model outputs.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+
+    Returns
+    -------
+    int
+        M of the M x M grids, in cells: the refiner's grid, else twice the mask ROI size.
+    """
     return cfg.mask_refiner.size if cfg.mask_refiner is not None else 2 * cfg.mask_roi_size

@@ -45,6 +45,13 @@ class InvalidPixels:
         return self.nan + self.inf + self.non_positive + self.below_floor + self.bad_reference
 
     def to_dict(self) -> dict[str, int]:
+        """The counts as a dict, for logs and metrics.
+
+        Returns
+        -------
+        dict of str to int
+            ``nan``, ``inf``, ``non_positive``, ``below_floor``, ``bad_reference``: pixels per kind.
+        """
         return asdict(self)
 
 
@@ -74,10 +81,25 @@ class IntensityResult:
 
 
 def as_frame(frame: ArrayLike, what: str = "frame") -> np.ndarray:
-    """Validate a 2-D integer or real-float array and return it as float64 (a copy).
+    """Validate a frame and return it as float64.
 
-    Raises FrameError: ``bad_dtype`` (bool, complex, object, strings, datetimes), ``bad_shape``
-    (not 2-D), ``empty_frame`` (no pixels).
+    Parameters
+    ----------
+    frame : array_like, shape (H, W)
+        Integer or real-float pixel values.
+    what : str, optional
+        Name used in error messages.
+
+    Returns
+    -------
+    ndarray, shape (H, W), float64
+        A copy.
+
+    Raises
+    ------
+    FrameError
+        ``bad_dtype`` (bool, complex, object, strings, datetimes), ``bad_shape`` (not 2-D),
+        ``empty_frame`` (no pixels).
     """
     arr = np.asarray(frame)
     if arr.dtype.kind not in "iuf":
@@ -97,7 +119,19 @@ def _reference_array(value: ArrayLike, shape: tuple[int, ...], what: str) -> np.
 
 
 def fill_nearest(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """``values`` with every ``bad`` pixel set to its nearest good pixel's value (needs one good)."""
+    """Replace bad pixels by the value of their nearest good pixel (Euclidean distance).
+
+    Parameters
+    ----------
+    values : ndarray, shape (H, W)
+    bad : ndarray, shape (H, W), bool
+        Pixels to replace; at least one pixel must be good.
+
+    Returns
+    -------
+    ndarray, shape (H, W)
+        ``values`` itself when nothing is bad, else a filled copy.
+    """
     if not bad.any():
         return values
     idx = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
@@ -105,12 +139,24 @@ def fill_nearest(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
 
 
 def densest_mode(values: np.ndarray, fraction: float = 1 / 16) -> float:
-    """Mode of a 1-D sample: the mean of its densest ``fraction``, found by repeated halving.
+    """Mode of a sample: the mean of its densest ``fraction``, found by repeated halving.
 
     Half-sample-mode search (Bickel & Frühwirth 2006): keep the shortest window holding half the
     sorted values, repeat; stopped at ``fraction`` of the sample (not at 3 values) so the result
     averages thousands of pixels. Among equally short windows the middle one is kept, so integer
     counts (many ties) are not biased downwards. Large samples are thinned by a fixed stride.
+
+    Parameters
+    ----------
+    values : ndarray
+        Any shape, flattened; finite values.
+    fraction : float, optional
+        Share of the sample the search stops at (at least 3 values).
+
+    Returns
+    -------
+    float
+        The mode, in the units of ``values``.
     """
     x = np.sort(values.ravel())
     if x.size > _MODE_MAX_SAMPLES:
@@ -126,7 +172,7 @@ def densest_mode(values: np.ndarray, fraction: float = 1 / 16) -> float:
 
 
 def estimate_i0(signal: np.ndarray) -> float:
-    """I0 - dark estimated from a dark-subtracted transmission frame: the substrate's mode.
+    """I0 - dark of a dark-subtracted transmission frame: the substrate's mode.
 
     The empty substrate is the largest population of one brightness in a transmission frame
     (and the brightest), so its intensity is the mode of the pixel values (``densest_mode``).
@@ -137,6 +183,16 @@ def estimate_i0(signal: np.ndarray) -> float:
     photons/px faint wire edges hidden in the noise pull it 3-7 % low, and when wires cover
     most of the field (or the illumination varies strongly) it fails: give a scalar I0 or a
     flat field then.
+
+    Parameters
+    ----------
+    signal : ndarray, shape (H, W)
+        Transmission minus dark, in counts; non-finite pixels are ignored.
+
+    Returns
+    -------
+    float
+        I0 - dark in counts.
     """
     finite = signal[np.isfinite(signal)]
     if finite.size == 0:
@@ -151,13 +207,34 @@ def optical_density(
     *,
     floor: float = DEFAULT_TRANSMISSION_FLOOR,
 ) -> ODResult:
-    """OD = -ln((I - dark) / (I0 - dark)) of a transmission frame (counts, any real units).
+    """Optical density OD = -ln((I - dark) / (I0 - dark)) of a transmission frame.
 
-    ``i0``: a scalar, a flat-field array of the frame's shape, or None / "background" for the
-    estimate ``estimate_i0`` of the dark-subtracted frame. ``dark``: scalar or array, default 0.
-    ``floor``: smallest transmission used, so OD <= -ln(floor).
-    Raises FrameError (see ``as_frame``; ``non_finite``: no finite pixel; ``no_signal``: no pixel
-    above dark; ``non_positive_reference``: I0 - dark <= 0 everywhere).
+    Non-finite pixels, pixels at or below dark, transmissions below ``floor`` and pixels with a
+    non-positive reference are replaced (module docstring), counted and marked in the result.
+
+    Parameters
+    ----------
+    frame : array_like, shape (H, W)
+        Transmitted intensity I, in counts (any real units).
+    i0 : float, array_like of shape (H, W), "background" or None, optional
+        Incident intensity I0 (same units): a scalar, a flat field, or None / "background" for
+        :func:`estimate_i0` of the dark-subtracted frame.
+    dark : float or array_like of shape (H, W), optional
+        Dark level, same units; default 0.
+    floor : float, keyword-only
+        Smallest transmission used, so OD <= -ln(floor).
+
+    Returns
+    -------
+    ODResult
+        ``od`` (H, W) float32, dimensionless (natural log), finite everywhere; ``reference`` the
+        scalar I0 - dark used (None when it varies per pixel); replaced pixels counted and marked.
+
+    Raises
+    ------
+    FrameError
+        As :func:`as_frame`; ``non_finite`` (no finite pixel), ``no_signal`` (no pixel above dark),
+        ``non_positive_reference`` (I0 - dark <= 0 everywhere).
     """
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor}")
@@ -176,8 +253,10 @@ def optical_density(
         else:
             d = _reference_array(dark, img.shape, "dark frame")
             ref_bad |= ~np.isfinite(d)
+    # In place from here on (img is as_frame's own float64 copy): an 8000 x 8000 frame is 512 MB
+    # per float64 array, so temporaries, not the result, would set the peak memory.
     with np.errstate(invalid="ignore"):
-        signal = img - d
+        signal = np.subtract(img, d, out=img)
 
     reference: float | None
     if i0 is None or (isinstance(i0, str) and i0 == "background"):
@@ -202,12 +281,15 @@ def optical_density(
 
     measured = finite & ~ref_bad
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(measured, signal / ref, 1.0)
+        t = np.divide(signal, ref, out=signal)
+    t[~measured] = 1.0
     non_positive = measured & (t <= 0)
     if not (measured & ~non_positive).any():
         raise FrameError("no_signal", "no pixel has a signal above the dark level")
     below = measured & ~non_positive & (t < floor)
-    od = -np.log(np.maximum(t, floor))
+    od = np.maximum(t, floor, out=t)
+    np.log(od, out=od)
+    np.negative(od, out=od)
     unmeasured = ~measured
     od = fill_nearest(od, unmeasured)
     invalid = InvalidPixels(
@@ -228,10 +310,29 @@ def intensity_image(
 ) -> IntensityResult:
     """An intensity frame (SEM) as float32, no physical conversion.
 
-    NaN and inf pixels take their nearest finite neighbour's value (counted). ``invert``: I ->
-    max + min - I (same range, contrast reversed). ``normalise``: the ``percentiles`` of the
-    image map to 0 and 1, values outside clip; a frame without contrast becomes all 0.
-    Raises FrameError as ``as_frame``, and ``non_finite`` when no pixel is finite.
+    NaN and inf pixels take their nearest finite neighbour's value (counted).
+
+    Parameters
+    ----------
+    frame : array_like, shape (H, W)
+        Detector intensity, any units.
+    invert : bool, optional
+        I -> max + min - I (same range, contrast reversed).
+    normalise : bool, optional
+        Map the ``percentiles`` of the image to 0 and 1 and clip outside; a frame without contrast
+        becomes all 0.
+    percentiles : (float, float), optional
+        Lower and upper percentile, in percent.
+
+    Returns
+    -------
+    IntensityResult
+        ``image`` (H, W) float32, in [0, 1] when normalised.
+
+    Raises
+    ------
+    FrameError
+        As :func:`as_frame`, and ``non_finite`` when no pixel is finite.
     """
     img = as_frame(frame)
     nan = np.isnan(img)

@@ -4,32 +4,67 @@ Conventions (every geometric column): lengths in px (``*_nm`` when the pixel siz
 positions in continuous pixel-edge coordinates, y down (pixel (c, r) covers [c, c+1) x [r, r+1));
 angles in degrees [0, 180), counter-clockwise from the image x axis as seen on screen (y down).
 
-Length and width are those of the rectangle with the mask's second moments: the mask's inertia
-eigenvalues l1 >= l2 (px^2, pixel centres) plus 1/12 (the pixel's own inertia, isotropic) give
-length = sqrt(12 l1 + 1) and width = sqrt(12 l2 + 1), exact for a filled rectangle of unit pixels.
-Chosen over the minimum-area rotated rectangle because the moments average over every pixel: they
-are unbiased on digitised wires (the rectangle around pixel corners grows by up to sqrt(2) px in
-width at 45 deg, 10 % for a 14 px wire) and one stray edge pixel barely moves them. The residual
-is digitisation: a straight edge at 45 deg is known to about +-0.7 px. For a tapered, bent or
-branched particle these are the length and width of the equivalent rectangle, not of a skeleton.
-Aspect ratio = length / width.
+Wire geometry (``nanoseg.particle_geometry``): ``length_px`` is the centreline length, which
+follows bends; ``width_px`` the mean width along it (area / centreline length), ``width_min_px``
+and ``width_max_px`` the extremes of its distance-transform profile; ``feret_px``,
+``min_feret_px`` (for a wire: its width) and ``feret_angle_deg`` the calipers; ``tortuosity``
+(centreline length / end-to-end distance) and ``bow_px`` (largest distance of the centreline
+from its chord) say how bent it is.
+
+Second moments (ImageJ's fitted ellipse): the mask's inertia eigenvalues l1 >= l2 (px^2, pixel
+centres) plus 1/12 (the pixel's own inertia) give ``major_px`` = 4 sqrt(l1 + 1/12) and
+``minor_px`` = 4 sqrt(l2 + 1/12), the axes of the ellipse with the mask's moments; the rectangle
+with those moments (the length and width of earlier versions) is sqrt(3) / 2 of them.
+``orientation_deg`` is the major axis's direction. For a stubby particle (major < 2.5 minor) the
+skeleton is mostly corner spurs, so its length is that rectangle's, sqrt(12 l1 + 1). A mask in
+several pieces (a wire seen in parts, e.g. under a crossing wire) has the sum of its pieces'
+centreline lengths (the hidden gaps are not counted); its profile, tortuosity and bow are its
+longest piece's.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
-from skimage.measure import regionprops
+from scipy import ndimage
+from skimage.measure import perimeter
 
 from nanoseg.instances import mask_boxes
+from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
+from nanoseg.summary_stats import (
+    HISTOGRAM_EDGES,
+    EdgeRule,
+    Histogram,
+    Stat,
+    axial_stat,
+    edge_weights,
+    stat_with_interval,
+)
 
 COLUMNS_PX = (
-    "area_px", "length_px", "width_px", "aspect_ratio", "orientation_deg", "centroid_x",
-    "centroid_y", "perimeter_px", "solidity", "eccentricity", "overlap_fraction",
+    "area_px", "length_px", "width_px", "width_min_px", "width_max_px", "aspect_ratio",
+    "feret_px", "min_feret_px", "feret_angle_deg", "tortuosity", "bow_px", "major_px", "minor_px",
+    "orientation_deg", "centroid_x", "centroid_y", "bbox_width_px", "bbox_height_px", "perimeter_px", "circularity", "solidity",
+    "eccentricity", "overlap_fraction",
 )  # fmt: skip
-COLUMNS_NM = ("area_nm2", "length_nm", "width_nm", "perimeter_nm")
+COLUMNS_FLAG = ("touches_edge", "overlapped")
+COLUMNS_NM = (
+    "area_nm2", "length_nm", "width_nm", "width_min_nm", "width_max_nm", "feret_nm", "min_feret_nm",
+    "bow_nm", "major_nm", "minor_nm", "perimeter_nm",
+)  # fmt: skip
+"""The particle table's columns, in order: px geometry, flags (bool), then nm (with a pixel size)."""
+MIN_PIECE_SHARE = 0.1
+"""A mask in pieces: pieces below this share of its area are left out of the centreline length."""
+STUBBY_ASPECT = 2.5
+"""Below this moment aspect ratio (major / minor) length is the moment rectangle's, not the skeleton's."""
+
+
+def orientation_from_vector(dx: float, dy: float) -> float:
+    """Direction (dx, dy) in image coordinates (y down) -> degrees [0, 180), CCW from +x on screen."""
+    return math.degrees(math.atan2(-dy, dx)) % 180.0
 
 
 def orientation_from_skimage(orientation_rad: float) -> float:
@@ -46,36 +81,64 @@ def orientation_from_skimage(orientation_rad: float) -> float:
 class ParticleTable:
     """Statistics of N particles, one numpy column per quantity (row i = mask i).
 
-    Columns (float64 unless noted; NaN where a particle's mask is empty, whose area is 0):
-    ``area_px`` (int64, px), ``length_px``, ``width_px`` (second-moment rectangle, see module),
-    ``aspect_ratio`` (length / width), ``orientation_deg`` ([0, 180), CCW from x, y down),
-    ``centroid_x``, ``centroid_y`` (px, pixel-edge coordinates), ``perimeter_px`` (scikit-image
-    ``perimeter``), ``solidity`` (area / convex-hull area), ``eccentricity`` (of the moment
-    ellipse), ``overlap_fraction`` (share of the area also covered by another particle).
-    ``mean_od``: mean optical density over the mask (None without an OD image). ``area_nm2``,
-    ``length_nm``, ``width_nm``, ``perimeter_nm``: None without a pixel size.
-    ``frame_shape`` (H, W) and ``covered_px`` (pixels covered by any particle) give coverage.
+    Columns (float64 unless noted; NaN where a particle's mask is empty, whose area is 0), see
+    the module for definitions: ``area_px`` (int64), ``length_px``, ``width_px``,
+    ``width_min_px``, ``width_max_px``, ``aspect_ratio`` (length / width), ``feret_px``,
+    ``min_feret_px``, ``feret_angle_deg``, ``tortuosity``, ``bow_px``, ``major_px``,
+    ``minor_px``, ``orientation_deg``, ``centroid_x``, ``centroid_y`` (px, pixel-edge
+    coordinates), ``bbox_width_px``, ``bbox_height_px`` (bounding box), ``perimeter_px`` (scikit-image ``perimeter``), ``circularity``
+    (4 pi area / perimeter^2, ImageJ's Circ.), ``solidity`` (area / area of the convex hull of
+    the pixel corners), ``eccentricity`` (of the moment ellipse), ``overlap_fraction`` (share of
+    the area also covered by another particle). Flags (bool): ``touches_edge`` (the mask reaches
+    the frame's border: the particle may be cut), ``overlapped`` (it shares pixels with another
+    particle; its own mask, amodal where the model predicts one, is what is measured).
+    ``mean_od``: mean optical density over the mask (None without an OD image). The ``*_nm``
+    columns (``COLUMNS_NM``): None without a pixel size. ``frame_shape`` (H, W) and
+    ``covered_px`` (pixels covered by any particle) give coverage. ``centrelines``: each
+    particle's centreline and width profile in frame coordinates (None for an empty mask).
     """
 
     area_px: np.ndarray
     length_px: np.ndarray
     width_px: np.ndarray
+    width_min_px: np.ndarray
+    width_max_px: np.ndarray
     aspect_ratio: np.ndarray
+    feret_px: np.ndarray
+    min_feret_px: np.ndarray
+    feret_angle_deg: np.ndarray
+    tortuosity: np.ndarray
+    bow_px: np.ndarray
+    major_px: np.ndarray
+    minor_px: np.ndarray
     orientation_deg: np.ndarray
     centroid_x: np.ndarray
     centroid_y: np.ndarray
+    bbox_width_px: np.ndarray
+    bbox_height_px: np.ndarray
     perimeter_px: np.ndarray
+    circularity: np.ndarray
     solidity: np.ndarray
     eccentricity: np.ndarray
     overlap_fraction: np.ndarray
+    touches_edge: np.ndarray
+    overlapped: np.ndarray
     mean_od: np.ndarray | None
     area_nm2: np.ndarray | None
     length_nm: np.ndarray | None
     width_nm: np.ndarray | None
+    width_min_nm: np.ndarray | None
+    width_max_nm: np.ndarray | None
+    feret_nm: np.ndarray | None
+    min_feret_nm: np.ndarray | None
+    bow_nm: np.ndarray | None
+    major_nm: np.ndarray | None
+    minor_nm: np.ndarray | None
     perimeter_nm: np.ndarray | None
     pixel_size_nm: float | None
     frame_shape: tuple[int, int]
     covered_px: int
+    centrelines: tuple[Centreline | None, ...] = field(default=(), repr=False)
 
     def __len__(self) -> int:
         return int(self.area_px.shape[0])
@@ -89,9 +152,11 @@ class ParticleTable:
                 out[f.name] = v
         return out
 
-    def to_records(self) -> list[dict[str, float | int | None]]:
-        """One JSON-serialisable dict per particle (NaN -> None)."""
+    def to_records(self, rounded: bool = False) -> list[dict[str, float | int | bool | None]]:
+        """One JSON-serialisable dict per particle (NaN -> None); ``rounded``: by ``round_value``."""
         cols = {k: [_json_number(x) for x in v.tolist()] for k, v in self.columns().items()}
+        if rounded:
+            cols = {k: [round_value(k, x) for x in v] for k, v in cols.items()}
         return [{k: cols[k][i] for k in cols} for i in range(len(self))]
 
     def to_dict(self) -> dict[str, object]:
@@ -104,8 +169,93 @@ class ParticleTable:
         }
 
 
-def _json_number(x: float | int) -> float | int | None:
+def round_value(column: str, value: Any) -> Any:
+    """``value`` rounded for a CSV cell by what ``column`` measures (units in the name).
+
+    0.01 px, 0.1 nm, 1 nm^2, 0.01 deg, 0.1 ms (``*_s``: 4 decimals), 1 ms for epoch times,
+    4 decimals (4 significant digits from 10^4) for ratios and fractions. Other types unchanged.
+    """
+    if not isinstance(value, float):
+        return value
+    if column.endswith("_nm2") or "_nm2_" in column:
+        return float(round(value))
+    for suffix, digits in (("_px", 2), ("_nm", 1), ("_deg", 2), ("_s", 4)):
+        if column.endswith(suffix) or f"{suffix}_" in column:
+            return round(value, digits)
+    if column in ("timestamp", "stored_at"):
+        return round(value, 3)
+    if column in ("centroid_x", "centroid_y", "box_x0", "box_y0", "box_x1", "box_y1"):
+        return round(value, 2)
+    return float(f"{value:.4g}") if abs(value) >= 1e4 else round(value, 4)
+
+
+def _json_number(x: float | int | bool) -> float | int | bool | None:
     return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _corner_hull_area(hull: np.ndarray) -> float:
+    """Area (px^2) of the convex hull of the pixels' corners, from the hull of their centres.
+
+    That hull is the centres' hull grown by a unit square (a Minkowski sum): its area is the
+    polygon's plus, for each edge, its length times the square's half extent across it, plus 1.
+    """
+    x, y = hull[:, 0], hull[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    e = np.roll(hull, -1, axis=0) - hull
+    return area + 0.5 * float(np.sum(np.abs(e[:, 0]) + np.abs(e[:, 1]))) + 1.0
+
+
+def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
+    """Every px column of one non-empty mask crop (its bounding box); positions crop-relative."""
+    rr, cc = np.nonzero(crop)
+    area = rr.size
+    cy, cx = rr.mean(), cc.mean()
+    cov = np.cov(np.stack([cc, rr]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
+    evals, evecs = np.linalg.eigh(cov)
+    l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
+    major, minor = 4 * math.sqrt(l1 + 1 / 12), 4 * math.sqrt(l2 + 1 / 12)
+    per = float(perimeter(crop))
+    hull = convex_hull(hull_candidates(crop))
+    hull_area = _corner_hull_area(hull) if hull is not None else float(area)
+    f = feret(crop, hull)
+    pieces, n = ndimage.label(crop)
+    if n > 1:  # a wire seen in pieces (e.g. under a crossing one): its pieces' centrelines add up
+        sizes = np.bincount(pieces.ravel())[1:]
+        lines = [centreline(pieces == k + 1) for k in np.flatnonzero(sizes >= MIN_PIECE_SHARE * area)]
+        found = [c for c in lines if c is not None]
+        cl = max(found, key=lambda c: c.length_px) if found else None
+        length = sum(c.length_px for c in found) if found else math.nan
+    else:
+        cl = centreline(crop, min(math.sqrt(12 * l2 + 1), area / math.sqrt(12 * l1 + 1)))
+        if cl is not None and major < STUBBY_ASPECT * minor:
+            # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is
+            # exact for a straight prism and has no spurs to cut
+            cl = _rescaled(cl, math.sqrt(12 * l1 + 1))
+        length = cl.length_px if cl else math.nan
+    width = float(area) / length if cl and length > 0 else math.nan
+    row = {
+        "area_px": float(area),
+        "length_px": length,
+        "width_px": width,
+        "width_min_px": float(cl.width_px.min()) if cl else math.nan,
+        "width_max_px": float(cl.width_px.max()) if cl else math.nan,
+        "aspect_ratio": length / width if width > 0 else math.nan,
+        "feret_px": f.max_px,
+        "min_feret_px": f.min_px,
+        "feret_angle_deg": f.angle_deg,
+        "tortuosity": cl.tortuosity if cl else math.nan,
+        "bow_px": cl.max_deviation_px() if cl else math.nan,
+        "major_px": major,
+        "minor_px": minor,
+        "orientation_deg": orientation_from_vector(float(evecs[0, 1]), float(evecs[1, 1])),
+        "centroid_x": cx + 0.5,
+        "centroid_y": cy + 0.5,
+        "perimeter_px": per,
+        "circularity": min(4 * math.pi * area / per**2, 1.0) if per > 0 else math.nan,
+        "solidity": min(area / hull_area, 1.0) if hull_area > 0 else 1.0,
+        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
+    }
+    return row, cl
 
 
 def particle_table(
@@ -113,155 +263,86 @@ def particle_table(
 ) -> ParticleTable:
     """Statistics of each mask of ``masks`` (N, H, W) bool; ``od`` (H, W) for the mean OD.
 
-    Masks may overlap (each is a particle's full footprint). regionprops runs on each mask's
-    bounding-box crop.
+    Masks may overlap (each is a particle's full footprint). Each particle is measured on its
+    bounding-box crop only (skeleton, distance transform and hulls included).
     """
     if masks.ndim != 3 or masks.dtype != np.bool_:
         raise ValueError(f"masks must be (N, H, W) bool, got {masks.shape} {masks.dtype}")
     n, h, w = masks.shape
     if od is not None and od.shape != (h, w):
         raise ValueError(f"od shape {od.shape} differs from the masks' {(h, w)}")
-    cover = masks.sum(axis=0, dtype=np.int32)
+    boxes = mask_boxes(masks).astype(int)
+    cover = np.zeros((h, w), np.int32)  # summed box by box: a frame-sized pass per mask is not needed
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        cover[y0:y1, x0:x1] += masks[i, y0:y1, x0:x1]
     cols = {name: np.full(n, np.nan) for name in COLUMNS_PX}
+    touches = np.zeros(n, dtype=bool)
     mean_od = np.full(n, np.nan) if od is not None else None
-    for i, (x0, y0, x1, y1) in enumerate(mask_boxes(masks).astype(int)):
-        x, y, bw, bh = x0, y0, x1 - x0, y1 - y0
-        if bw == 0:
+    lines: list[Centreline | None] = []
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if x1 == x0:
+            lines.append(None)
             continue
-        crop = masks[i, y : y + bh, x : x + bw]
-        p = regionprops(crop.astype(np.uint8))[0]
-        l1, l2 = p.inertia_tensor_eigvals
-        length, width = math.sqrt(12 * l1 + 1), math.sqrt(12 * max(l2, 0.0) + 1)
-        cy, cx = p.centroid
-        row = {
-            "area_px": p.area,
-            "length_px": length,
-            "width_px": width,
-            "aspect_ratio": length / width,
-            "orientation_deg": orientation_from_skimage(p.orientation),
-            "centroid_x": x + cx + 0.5,
-            "centroid_y": y + cy + 0.5,
-            "perimeter_px": p.perimeter,
-            "solidity": p.solidity,
-            "eccentricity": p.eccentricity,
-            "overlap_fraction": np.count_nonzero(cover[y : y + bh, x : x + bw][crop] > 1) / p.area,
-        }
+        crop = masks[i, y0:y1, x0:x1]
+        row, cl = _measure(crop)
+        row["centroid_x"] += x0
+        row["centroid_y"] += y0
+        row["bbox_width_px"], row["bbox_height_px"] = x1 - x0, y1 - y0
+        row["overlap_fraction"] = np.count_nonzero(cover[y0:y1, x0:x1][crop] > 1) / row["area_px"]
         for k, v in row.items():
             cols[k][i] = v
+        touches[i] = x0 == 0 or y0 == 0 or x1 == w or y1 == h
+        lines.append(None if cl is None else _shifted(cl, x0, y0))
         if od is not None and mean_od is not None:
-            mean_od[i] = float(od[y : y + bh, x : x + bw][crop].mean())
+            mean_od[i] = float(od[y0:y1, x0:x1][crop].mean())
     area = np.nan_to_num(cols["area_px"], nan=0.0).astype(np.int64)
     nm = pixel_size_nm
+    scaled: dict[str, Any] = {
+        c: (cols[c.removesuffix("_nm") + "_px"] * nm if nm else None) for c in COLUMNS_NM if c != "area_nm2"
+    }
     return ParticleTable(
         area_px=area,
         **{k: v for k, v in cols.items() if k != "area_px"},
+        touches_edge=touches,
+        overlapped=np.nan_to_num(cols["overlap_fraction"]) > 0,
         mean_od=mean_od,
         area_nm2=area * nm**2 if nm else None,
-        length_nm=cols["length_px"] * nm if nm else None,
-        width_nm=cols["width_px"] * nm if nm else None,
-        perimeter_nm=cols["perimeter_px"] * nm if nm else None,
+        **scaled,
         pixel_size_nm=nm,
         frame_shape=(h, w),
         covered_px=int(np.count_nonzero(cover)),
+        centrelines=tuple(lines),
     )
 
 
-def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
-    n = (hi_exp - lo_exp) * per_decade
-    return tuple(float(10 ** (lo_exp + k / per_decade)) for k in range(n + 1))
+def _rescaled(cl: Centreline, length: float) -> Centreline:
+    """``cl`` with its length replaced (the profile keeps its shape and its mean = area / length)."""
+    scale = cl.length_px / length if length > 0 else 1.0
+    mean = float(cl.width_px.mean())
+    return Centreline(cl.points, mean * scale + (cl.width_px - mean), length, cl.chord_px)
 
 
-HISTOGRAM_EDGES: dict[str, tuple[float, ...]] = {
-    "area_px": _log_edges(1, 6, 4),  # 10 px .. 1e6 px, 4 bins per decade
-    "area_nm2": _log_edges(2, 8, 4),  # 100 nm^2 .. 1e8 nm^2 (100 µm^2)
-    "length_px": _log_edges(0, 4, 5),  # 1 px .. 10^4 px, 5 bins per decade
-    "length_nm": _log_edges(1, 5, 5),  # 10 nm .. 100 µm
-    "width_px": _log_edges(0, 3, 5),  # 1 px .. 1000 px
-    "width_nm": _log_edges(0, 4, 5),  # 1 nm .. 10 µm
-    "aspect_ratio": _log_edges(0, 2, 10),  # 1 .. 100, 10 bins per decade
-    "orientation_deg": tuple(float(a) for a in range(0, 181, 10)),  # 0 .. 180 deg, 10 deg bins
-}
-"""Fixed bin edges (bins [e_k, e_k+1), the last closed), so histograms of frames and runs add up."""
+def _shifted(cl: Centreline, x0: int, y0: int) -> Centreline:
+    return Centreline(cl.points + np.array([x0, y0], dtype=np.float64), cl.width_px, cl.length_px, cl.chord_px)
 
 
-@dataclass(frozen=True)
-class Histogram:
-    """Counts in fixed bins; values outside the edges go to ``underflow`` / ``overflow``."""
-
-    edges: tuple[float, ...]
-    counts: tuple[int, ...]
-    underflow: int
-    overflow: int
-
-    @classmethod
-    def of(cls, values: np.ndarray, edges: tuple[float, ...]) -> Histogram:
-        v = values[np.isfinite(values)]
-        counts, _ = np.histogram(v, bins=np.asarray(edges))
-        return cls(
-            edges, tuple(int(c) for c in counts), int((v < edges[0]).sum()), int((v > edges[-1]).sum())
-        )
-
-    def merge(self, other: Histogram) -> Histogram:
-        """Sum of two histograms with the same edges (e.g. frames of one run)."""
-        if self.edges != other.edges:
-            raise ValueError("histograms with different edges cannot be merged")
-        counts = tuple(a + b for a, b in zip(self.counts, other.counts))
-        return Histogram(self.edges, counts, self.underflow + other.underflow, self.overflow + other.overflow)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "edges": list(self.edges),
-            "counts": list(self.counts),
-            "underflow": self.underflow,
-            "overflow": self.overflow,
-        }
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean, median and population standard deviation of the finite values (None if none)."""
-
-    mean: float | None
-    median: float | None
-    std: float | None
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {"mean": self.mean, "median": self.median, "std": self.std}
-
-
-def _stat(values: np.ndarray) -> Stat:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return Stat(None, None, None)
-    return Stat(float(v.mean()), float(np.median(v)), float(v.std()))
-
-
-def _axial_stat(deg: np.ndarray) -> tuple[Stat, float | None]:
-    """Statistics of axial angles (0 == 180 deg) and the order parameter |<exp(2i theta)>|.
-
-    Mean: the axial circular mean, [0, 180). Median: of the angles unwrapped to within 90 deg of
-    the mean. Std: circular, sqrt(-2 ln R) / 2 in degrees. Order parameter R: 0 for isotropic
-    orientations, 1 when all particles are parallel.
-    """
-    v = deg[np.isfinite(deg)]
-    if v.size == 0:
-        return Stat(None, None, None), None
-    z = np.exp(2j * np.radians(v)).mean()
-    r = float(abs(z))
-    mean = math.degrees(math.atan2(z.imag, z.real)) / 2 % 180.0
-    unwrapped = (v - mean + 90.0) % 180.0 - 90.0
-    median = (mean + float(np.median(unwrapped))) % 180.0
-    std = math.degrees(math.sqrt(-2 * math.log(max(r, 1e-300))) / 2)
-    return Stat(mean, median, std), r
+INTERVAL_COLUMNS = ("area_px", "length_px", "width_px", "min_feret_px", "feret_px", "aspect_ratio")
+"""Columns whose summaries carry bootstrap intervals (their ``*_nm`` versions too, scaled)."""
 
 
 @dataclass(frozen=True)
 class FrameSummary:
     """Per-frame aggregate of a ParticleTable.
 
-    ``stats``: per column (see ``ParticleTable``); orientation uses axial circular statistics.
+    ``count``: particles detected. ``edge_rule``: how particles touching the frame's border enter
+    ``stats`` (``nanoseg.summary_stats``); ``counted``: particles with a non-zero weight under it;
+    ``touching_edge``, ``overlapped``: particles so flagged. ``stats``: per column (see
+    ``ParticleTable``), weighted by the rule; orientation uses axial circular statistics of the
+    counted particles; ``INTERVAL_COLUMNS`` and their nm versions carry 95 % bootstrap intervals
+    and ``n_for_target`` for ``target_precision`` (relative) of the median.
     ``orientation_order``: |<exp(2i theta)>|, 0 isotropic .. 1 aligned. ``coverage_fraction``:
-    share of the frame's pixels covered by any particle. ``histograms``: ``HISTOGRAM_EDGES``.
+    share of the frame's pixels covered by any particle. ``histograms``: every particle,
+    ``HISTOGRAM_EDGES``.
     """
 
     count: int
@@ -271,11 +352,21 @@ class FrameSummary:
     stats: dict[str, Stat]
     orientation_order: float | None
     histograms: dict[str, Histogram]
+    edge_rule: EdgeRule = "include"
+    counted: int = 0
+    touching_edge: int = 0
+    overlapped: int = 0
+    target_precision: float = 0.05
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable."""
         return {
             "count": self.count,
+            "counted": self.counted,
+            "edge_rule": self.edge_rule,
+            "touching_edge": self.touching_edge,
+            "overlapped": self.overlapped,
+            "target_precision": self.target_precision,
             "frame_shape": list(self.frame_shape),
             "coverage_fraction": self.coverage_fraction,
             "pixel_size_nm": self.pixel_size_nm,
@@ -285,15 +376,45 @@ class FrameSummary:
         }
 
 
-def frame_summary(table: ParticleTable) -> FrameSummary:
-    """Count, statistics, coverage and fixed-bin histograms of one frame's particles."""
+def frame_summary(
+    table: ParticleTable,
+    edge_rule: EdgeRule = "include",
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    target_precision: float = 0.05,
+) -> FrameSummary:
+    """Count, statistics with intervals, coverage and fixed-bin histograms of one frame's particles.
+
+    Parameters
+    ----------
+    table : the frame's particles.
+    edge_rule : counting rule for particles touching the frame's border (``EDGE_RULES``).
+    resamples : bootstrap resamples for the 95 % intervals (0: no intervals).
+    seed : seed of the bootstrap's generator (the same frame gives the same intervals).
+    target_precision : relative half width of the median's interval that ``n_for_target`` aims at.
+
+    Returns
+    -------
+    FrameSummary
+    """
+    weights = edge_weights(edge_rule, table.touches_edge, table.bbox_width_px, table.bbox_height_px,
+                           table.frame_shape)  # fmt: skip
+    counted = weights > 0
     stats: dict[str, Stat] = {}
     order: float | None = None
+    nm = table.pixel_size_nm
     for name, values in table.columns().items():
+        if name in COLUMNS_FLAG:
+            continue
         if name == "orientation_deg":
-            stats[name], order = _axial_stat(values)
+            stats[name], order = axial_stat(values[counted])
+        elif name in COLUMNS_NM and nm:  # the px statistics scaled: same draws, same intervals
+            px = "area_px" if name == "area_nm2" else name.removesuffix("_nm") + "_px"
+            stats[name] = stats[px].scaled(nm**2 if name == "area_nm2" else nm)
         else:
-            stats[name] = _stat(values.astype(np.float64))
+            rng = np.random.default_rng(seed) if name in INTERVAL_COLUMNS else None
+            stats[name] = stat_with_interval(values.astype(np.float64), weights, resamples, rng, target_precision)
     histograms = {
         name: Histogram.of(values.astype(np.float64), HISTOGRAM_EDGES[name])
         for name, values in table.columns().items()
@@ -308,4 +429,9 @@ def frame_summary(table: ParticleTable) -> FrameSummary:
         stats=stats,
         orientation_order=order,
         histograms=histograms,
+        edge_rule=edge_rule,
+        counted=int(counted.sum()),
+        touching_edge=int(table.touches_edge.sum()),
+        overlapped=int(table.overlapped.sum()),
+        target_precision=target_precision,
     )

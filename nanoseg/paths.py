@@ -11,7 +11,13 @@ MODELS = REPO_ROOT / "models"
 
 
 def cache_dir() -> Path:
-    """Run state that must survive a fresh work tree: ``$NANOSEG_CACHE`` or ``~/.cache/nanoseg``."""
+    """The per-user directory for run state that must survive a fresh work tree.
+
+    Returns
+    -------
+    Path
+        ``$NANOSEG_CACHE``, else ``$XDG_CACHE_HOME/nanoseg``, else ``~/.cache/nanoseg`` (not created).
+    """
     base = os.environ.get("NANOSEG_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanoseg"
     )
@@ -19,7 +25,25 @@ def cache_dir() -> Path:
 
 
 def resolve_config(name_or_path: str | os.PathLike[str], kind: str) -> Path:
-    """A config given as a path, or as a bare name looked up in ``configs/<kind>/<name>.yaml``."""
+    """A config file given as a path, or as a bare name under ``configs/<kind>/``.
+
+    Parameters
+    ----------
+    name_or_path : str or PathLike
+        A ``.yaml``/``.yml`` path or an existing file, else a name such as ``cpu_default``.
+    kind : str
+        The ``configs/`` subdirectory to look in (``training``, ``daemon``, ``synthetic``...).
+
+    Returns
+    -------
+    Path
+        The path as given, or ``configs/<kind>/<name>.yaml``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the name is not a config of that kind (the message lists the known ones).
+    """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p

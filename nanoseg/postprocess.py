@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from nanoseg.config_io import StrictModel
 from nanoseg.engines import RawDetections
-from nanoseg.instances import Instances
+from nanoseg.instances import BoxMasks, Instances
 from nanoseg.mask_decoding import MaskDecoding
 
 
@@ -47,6 +47,9 @@ class PostprocessConfig(StrictModel):
     nested: NestedSuppression = NestedSuppression()
     mask_rescoring: bool = False
     """Score = class score x maskness (see the module docstring); the score threshold applies to it."""
+    max_instances: int = Field(2000, ge=1)
+    """Most instances kept per frame (the highest scores); the daemon counts the rest
+    (``nanoseg_instances_dropped_total{reason="max_instances"}``)."""
 
 
 class OperatingPoint(StrictModel):
@@ -68,8 +71,22 @@ class OperatingPoint(StrictModel):
 
 
 def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | None) -> PostprocessConfig:
-    """The post-processing a model runs with: defaults, then the model's operating point, then every
-    field ``configured`` sets explicitly (a YAML key, a control ``set``, a CLI flag) on top."""
+    """The post-processing a model runs with.
+
+    Defaults, then the model's operating point, then every field ``configured`` sets explicitly (a
+    YAML key, a control ``set``, a CLI flag) on top.
+
+    Parameters
+    ----------
+    configured : PostprocessConfig
+        Its explicitly set fields (``model_fields_set``) win.
+    point : OperatingPoint or None
+        The model's stored thresholds and rescoring.
+
+    Returns
+    -------
+    PostprocessConfig
+    """
     if point is None:
         return configured
     base = {"score_threshold": point.score_threshold, "mask_threshold": point.mask_threshold,
@@ -78,15 +95,51 @@ def resolve_postprocess(configured: PostprocessConfig, point: OperatingPoint | N
 
 
 def explicit_postprocess(**fields: float | bool | None) -> PostprocessConfig:
-    """Post-processing with only the given non-None fields set explicitly (CLI flags), so the
-    model's operating point fills the rest; raises ``ValueError`` naming a field out of range."""
+    """Post-processing with only the given fields set explicitly (CLI flags).
+
+    Parameters
+    ----------
+    **fields : float, bool or None
+        ``PostprocessConfig`` fields; None means "not given", so the model's operating point fills it.
+
+    Returns
+    -------
+    PostprocessConfig
+
+    Raises
+    ------
+    ValueError
+        Naming a field out of range (a pydantic ``ValidationError``).
+    """
     return PostprocessConfig.model_validate({k: v for k, v in fields.items() if v is not None})
 
 
 def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
                offset_px: float = 0.0, margin_px: float = 0.0) -> np.ndarray:
-    """(H, W) bool mask of one detection: M x M ``probs`` stretched over ``box`` (xyxy px) grown
-    by ``margin_px`` on every side, the grid shifted by ``offset_px`` in x and y."""
+    """The full-frame binary mask of one detection.
+
+    The M x M ``probs`` are stretched over ``box`` grown by ``margin_px`` on every side, the grid
+    shifted by ``offset_px`` in x and y, sampled bilinearly at each pixel centre, and thresholded.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (M, M)
+        Mask probabilities in [0, 1], rows along y.
+    box : ndarray, shape (4,)
+        xyxy px, pixel-edge coordinates, y down.
+    shape : (int, int)
+        Canvas (H, W) in px.
+    threshold : float
+        Probability at or above which a pixel is foreground.
+    offset_px : float, optional
+        The model's mask-grid offset in px (``nanoseg.model.mask_grid_offset_px``).
+    margin_px : float, optional
+        The box margin the grid was predicted on, px (``MaskDecoding.margin_px``).
+
+    Returns
+    -------
+    ndarray, shape (H, W), bool
+    """
     h, w = shape
     out = np.zeros(shape, dtype=bool)
     x0, y0 = (float(v) + offset_px - margin_px for v in box[:2])
@@ -106,7 +159,20 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
 
 
 def maskness(mask_probs: np.ndarray, threshold: float) -> np.ndarray:
-    """(N,) mean probability of each (M, M) grid over its cells >= ``threshold`` (0 if none is)."""
+    """Mean mask probability of each grid over its foreground cells (SOLOv2's maskness).
+
+    Parameters
+    ----------
+    mask_probs : ndarray, shape (N, M, M)
+        Probabilities in [0, 1].
+    threshold : float
+        Cells at or above it are foreground.
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        In [threshold, 1]; 0 for a grid without foreground cells.
+    """
     probs = mask_probs.reshape(len(mask_probs), -1).astype(np.float64)
     fg = probs >= threshold
     n = fg.sum(axis=1)
@@ -114,8 +180,19 @@ def maskness(mask_probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def instance_scores(raw: RawDetections, cfg: PostprocessConfig) -> np.ndarray:
-    """(N,) float32 scores the thresholds and the published results use: class scores, or class
-    scores x maskness with ``cfg.mask_rescoring``."""
+    """Scores the thresholds and the published results use.
+
+    Parameters
+    ----------
+    raw : RawDetections
+    cfg : PostprocessConfig
+        ``mask_rescoring`` and ``mask_threshold`` are read.
+
+    Returns
+    -------
+    ndarray, shape (N,), float32
+        Class scores in [0, 1], or class score x maskness with ``cfg.mask_rescoring``.
+    """
     if not cfg.mask_rescoring or len(raw.scores) == 0:
         return raw.scores
     return (raw.scores * maskness(raw.mask_probs, cfg.mask_threshold)).astype(np.float32)
@@ -123,8 +200,24 @@ def instance_scores(raw: RawDetections, cfg: PostprocessConfig) -> np.ndarray:
 
 def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessConfig,
                  mask_offset_px: float = 0.0, mask_margin_px: float = 0.0) -> Instances:
-    """Score threshold and mask pasting on a model-input canvas of ``shape`` (H, W); the offset
-    and margin of the model's mask grid as in ``paste_mask``."""
+    """Score threshold and mask pasting of one model input's detections.
+
+    Parameters
+    ----------
+    raw : RawDetections
+        Boxes in input px.
+    shape : (int, int)
+        Canvas (H, W) in px (the model input).
+    cfg : PostprocessConfig
+        ``score_threshold``, ``mask_threshold`` and ``mask_rescoring`` are applied.
+    mask_offset_px, mask_margin_px : float, optional
+        The model's mask grid offset and box margin, px, as in :func:`paste_mask`.
+
+    Returns
+    -------
+    Instances
+        The detections scoring at or above ``score_threshold``, in their order.
+    """
     scores = instance_scores(raw, cfg)
     keep = np.flatnonzero(scores >= cfg.score_threshold)
     if keep.size == 0:
@@ -135,29 +228,80 @@ def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessCon
     return Instances(raw.boxes[keep], scores[keep], masks)
 
 
-def nested_to_drop(masks: np.ndarray, cfg: NestedSuppression) -> np.ndarray:
-    """Boolean (N,) of instances lying inside a larger instance."""
-    n = len(masks)
+def nested_to_drop(masks: np.ndarray | BoxMasks, cfg: NestedSuppression) -> np.ndarray:
+    """Instances lying inside a larger instance (box-local: only instances whose boxes overlap are
+    compared, on their crops).
+
+    Parameters
+    ----------
+    masks : ndarray, shape (N, H, W), bool, or BoxMasks
+    cfg : NestedSuppression
+        Instance i is dropped when its area is at most ``max_area_ratio`` times another's and at
+        least ``containment`` of its pixels lie inside that other.
+
+    Returns
+    -------
+    ndarray, shape (N,), bool
+        True for the instances to drop; all False when disabled or N < 2.
+    """
+    bm = masks if isinstance(masks, BoxMasks) else BoxMasks.from_dense(masks)
+    n = len(bm)
     drop = np.zeros(n, dtype=bool)
     if n < 2 or not cfg.enabled:
         return drop
-    flat = masks.reshape(n, masks.shape[1] * masks.shape[2])
-    areas = flat.sum(1).astype(np.float64)
-    inter = (flat.astype(np.float32) @ flat.T.astype(np.float32)).astype(np.float64)
+    areas = bm.areas().astype(np.float64)
+    b = bm.boxes()
     for i in range(n):
-        for j in range(n):
-            if i != j and areas[i] > 0 and areas[i] <= cfg.max_area_ratio * areas[j] \
-                    and inter[i, j] >= cfg.containment * areas[i]:
+        if areas[i] == 0:
+            continue
+        x0, y0, x1, y1 = b[i]
+        larger = np.flatnonzero((areas[i] <= cfg.max_area_ratio * areas) & (b[:, 0] < x1) & (b[:, 2] > x0)
+                                & (b[:, 1] < y1) & (b[:, 3] > y0))
+        rows, cols = slice(int(y0), int(y1)), slice(int(x0), int(x1))
+        for j in larger:
+            if j != i and np.count_nonzero(bm.crops[i] & bm.window(int(j), rows, cols)) >= cfg.containment * areas[i]:
                 drop[i] = True
                 break
     return drop
 
 
+def cap_instances(inst: Instances, max_instances: int) -> tuple[Instances, int]:
+    """The highest-scoring instances, at most ``max_instances`` of them.
+
+    Parameters
+    ----------
+    inst : Instances
+    max_instances : int
+
+    Returns
+    -------
+    kept : Instances
+        In their original order.
+    dropped : int
+        How many were left out.
+    """
+    if len(inst) <= max_instances:
+        return inst, 0
+    keep = np.sort(np.argsort(-inst.scores, kind="stable")[:max_instances])
+    return inst.select(keep), len(inst) - max_instances
+
+
 def filter_instances(inst: Instances, cfg: PostprocessConfig) -> Instances:
-    """Frame-level filters: minimum area, then nested-instance suppression; sorted by score."""
+    """Frame-level filters: minimum area, then nested-instance suppression.
+
+    Parameters
+    ----------
+    inst : Instances
+    cfg : PostprocessConfig
+        ``min_area_px`` (px, at least 1) and ``nested``.
+
+    Returns
+    -------
+    Instances
+        The kept instances sorted by descending score (stable).
+    """
     if len(inst) == 0:
         return inst
-    areas = inst.masks.sum(axis=(1, 2))
-    inst = inst.select(areas >= max(cfg.min_area_px, 1))
-    inst = inst.select(~nested_to_drop(inst.masks, cfg.nested))
+    inst = inst.select(inst.box_masks.areas() >= max(cfg.min_area_px, 1))
+    inst = inst.select(~nested_to_drop(inst.box_masks, cfg.nested))
     return inst.select(np.argsort(-inst.scores, kind="stable"))

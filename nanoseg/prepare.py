@@ -25,7 +25,7 @@ from nanoseg.errors import FrameError
 from nanoseg.frame_profile import BackgroundI0, FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.input_check import InputCheck, background_surface, check_input
 from nanoseg.input_spec import FrameMode, InputSpec
-from nanoseg.instances import Instances
+from nanoseg.instances import BoxMasks, Instances
 from nanoseg.optical_density import (
     InvalidPixels,
     as_frame,
@@ -272,39 +272,45 @@ def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame,
     h, w = prepared.frame_shape
     if (sy, sx) == (1.0, 1.0):
         return merged
-    masks = np.zeros((len(merged), h, w), dtype=bool)
-    for i in range(len(merged)):
-        _resample_mask_into(merged.masks[i], (sy, sx), masks[i])
+    src = merged.box_masks
+    offsets: list[tuple[int, int]] = []
+    crops: list[np.ndarray] = []
+    for (r, c), crop in zip(src.offsets, src.crops):
+        off, out = _resample_crop(crop, (int(r), int(c)), (sy, sx), (h, w))
+        offsets.append(off)
+        crops.append(out)
+    masks = BoxMasks.tight((h, w), offsets, crops)  # box-local: never N x H x W
     boxes = merged.boxes / np.array([sx, sy, sx, sy], np.float32)
     boxes = np.clip(boxes, 0, [w, h, w, h])
-    keep = masks.any(axis=(1, 2))
-    return Instances(boxes[keep], merged.scores[keep], masks[keep])
+    keep = masks.areas() > 0
+    return Instances(boxes[keep], merged.scores[keep], masks.select(keep))
 
 
-def _resample_mask_into(mask: np.ndarray, scale_yx: tuple[float, float], out: np.ndarray) -> None:
-    """Write ``mask`` (model px) resampled to frame px into ``out``; works on the mask's bbox only."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return
+def _resample_crop(mask: np.ndarray, offset: tuple[int, int], scale_yx: tuple[float, float],
+                   frame_shape: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
+    """A mask crop at model px (top-left ``offset`` (row, col)) resampled to frame px: the frame
+    crop's top-left and the crop (empty when nothing covers half a frame pixel)."""
+    empty = ((0, 0), np.zeros((0, 0), bool))
+    if mask.size == 0 or not mask.any():
+        return empty
     sy, sx = scale_yx
     sigma = (max(0.0, (sy - 1) / 2), max(0.0, (sx - 1) / 2))  # anti-aliasing, as skimage.resize
     pad = math.ceil(3 * max(sigma)) + 2
-    r0, c0 = rows[0] - pad, cols[0] - pad
-    crop = np.zeros((rows[-1] + 1 + pad - r0, cols[-1] + 1 + pad - c0), np.float32)
-    crop[pad:-pad, pad:-pad] = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    r0, c0 = offset[0] - pad, offset[1] - pad
+    crop = np.zeros((mask.shape[0] + 2 * pad, mask.shape[1] + 2 * pad), np.float32)
+    crop[pad:-pad, pad:-pad] = mask
     if max(sigma) > 0:
         crop = ndimage.gaussian_filter(crop, sigma)
     # Frame pixels whose centres fall inside the crop.
-    y = _frame_range(r0, r0 + crop.shape[0], sy, out.shape[0])
-    x = _frame_range(c0, c0 + crop.shape[1], sx, out.shape[1])
+    y = _frame_range(r0, r0 + crop.shape[0], sy, frame_shape[0])
+    x = _frame_range(c0, c0 + crop.shape[1], sx, frame_shape[1])
     if y.size == 0 or x.size == 0:
-        return
+        return empty
     yy = (y + 0.5) * sy - 0.5 - r0
     xx = (x + 0.5) * sx - 0.5 - c0
     grid = np.meshgrid(yy, xx, indexing="ij")
     vals = ndimage.map_coordinates(crop, grid, order=1, mode="constant", cval=0.0)
-    out[y[0] : y[-1] + 1, x[0] : x[-1] + 1] = vals >= 0.5
+    return (int(y[0]), int(x[0])), vals >= 0.5
 
 
 def _frame_range(lo: int, hi: int, s: float, n: int) -> np.ndarray:

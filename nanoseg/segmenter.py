@@ -1,10 +1,14 @@
-"""One frame pipeline: prepare -> engine -> post-process -> instances on the original frame.
+"""One frame pipeline: prepare -> engine -> post-process -> instances on the original frame ->
+particle table.
 
-The daemon drives it from sockets, ``nanoseg segment`` and ``nanoseg evaluate`` from files.
+``Segmenter.analyse`` is the one path from a prepared frame to its particle table: the daemon
+drives it from sockets, ``nanoseg segment`` from files. ``segment_gray`` is the same engine and
+post-processing for images already at the model's scale (``nanoseg evaluate``'s data sets).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +19,27 @@ from nanoseg.engines.factory import input_spec_of
 from nanoseg.input_spec import InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
+from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_summary, particle_table
 from nanoseg.postprocess import (
     PostprocessConfig,
+    cap_instances,
     filter_instances,
     resolve_postprocess,
     to_instances,
 )
 from nanoseg.prepare import PreparedFrame, instances_to_frame
+
+
+@dataclass(frozen=True)
+class FrameAnalysis:
+    """One frame's result: instances in original frame pixels (x right, y down), their particle
+    table (px, and nm where a pixel size is known) and its summary."""
+
+    instances: Instances
+    table: ParticleTable
+    summary: FrameSummary
+    instances_capped: int = 0
+    """Instances beyond ``PostprocessConfig.max_instances``, dropped (highest scores kept)."""
 
 
 @dataclass
@@ -61,11 +79,57 @@ class Segmenter:
         return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for raw, tile in zip(self.detect_tiles(tiles), tiles)]
 
-    def segment_prepared(self, prepared: PreparedFrame, max_instances: int | None = None) -> Instances:
-        """Instances on the frame; ``max_instances``: the best-scored ones only (e.g. the detections
-        per image COCOeval counts), which bounds the memory of a frame of many tiles."""
+    def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
+                         max_instances: int | None = None) -> Instances:
+        """Instances of a prepared frame in original frame pixels (x right, y down).
+
+        ``timings``, when given, receives seconds per step: ``infer`` (engine and per-tile
+        instances) and ``postprocess`` (tile merge, back to frame pixels, cap, filters).
+        ``max_instances``: keep the best-scored ones only (e.g. the detections per image COCOeval
+        counts), applied when the tiles are merged.
+        """
+        return self._segment(prepared, timings, max_instances)[0]
+
+    def _segment(self, prepared: PreparedFrame, timings: dict[str, float] | None,
+                 max_instances: int | None = None) -> tuple[Instances, int]:
+        t0 = time.perf_counter()
         per_tile = self.infer_tiles(prepared.tiles)
-        return filter_instances(instances_to_frame(per_tile, prepared, max_instances), self.post)
+        t1 = time.perf_counter()
+        merged = instances_to_frame(per_tile, prepared, max_instances)
+        inst, capped = cap_instances(merged, self.post.max_instances)
+        inst = filter_instances(inst, self.post)
+        if timings is not None:
+            timings.update(infer=t1 - t0, postprocess=time.perf_counter() - t1)
+        return inst, capped
+
+    def analyse(self, prepared: PreparedFrame, pixel_size_nm: float | None,
+                timings: dict[str, float] | None = None) -> FrameAnalysis:
+        """Frame -> instances -> particle table: the one path the daemon and ``nanoseg segment`` share.
+
+        Parameters
+        ----------
+        prepared
+            The frame from ``nanoseg.prepare.prepare_frame`` with this segmenter's ``spec``.
+        pixel_size_nm
+            Size of one original frame pixel in nm, for the table's nm columns; None: px only.
+        timings
+            When given, receives seconds per step: ``infer``, ``postprocess`` (see
+            ``segment_prepared``) and ``stats`` (table and summary).
+
+        Returns
+        -------
+        FrameAnalysis
+            The instances, their table and its summary. The table's mean optical density comes
+            from ``prepared.image`` when the frame was prepared as optical density.
+        """
+        inst, capped = self._segment(prepared, timings)
+        t0 = time.perf_counter()
+        od = prepared.image if prepared.mode == "optical_density" else None
+        table = particle_table(inst.box_masks, od, pixel_size_nm)  # type: ignore[arg-type]  # box-local: never N x H x W
+        summary = frame_summary(table)
+        if timings is not None:
+            timings["stats"] = time.perf_counter() - t0
+        return FrameAnalysis(inst, table, summary, capped)
 
     def segment_gray(self, gray: np.ndarray) -> Instances:
         """A 0–255 image already at the model's scale and mapping (e.g. a synthetic data set image)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanoseg.instances import Instances, mask_iou
+from nanoseg.instances import BoxMasks, Instances, mask_iou
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,27 @@ def _starts(n: int, tile: int, overlap: int) -> list[int]:
 
 
 def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
-    """Tiles covering a frame of ``shape`` (H, W), neighbours overlapping by at least ``overlap``.
+    """Square tiles covering a frame, neighbours overlapping by at least ``overlap``.
 
-    Row-major order. Along an axis shorter than ``tile`` there is one tile, padded.
+    Parameters
+    ----------
+    shape : (int, int)
+        Frame (H, W) in px.
+    tile : int
+        Tile side in px.
+    overlap : int
+        Minimum overlap of neighbouring tiles in px, in [0, tile).
+
+    Returns
+    -------
+    list of Tile
+        Row-major. Tiles are spread evenly, the last one flush with the frame's end; along an axis
+        shorter than ``tile`` there is one tile, padded at the bottom or right.
+
+    Raises
+    ------
+    ValueError
+        If ``overlap`` is outside [0, tile).
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
@@ -58,7 +76,21 @@ def plan_tiles(shape: tuple[int, int], tile: int, overlap: int) -> list[Tile]:
 
 
 def extract_tiles(image: np.ndarray, tiles: Sequence[Tile], fill: float) -> np.ndarray:
-    """(T, size, size) float32 stack of the tiles' pixels; padding set to ``fill``."""
+    """The tiles' pixels, stacked.
+
+    Parameters
+    ----------
+    image : ndarray, shape (H, W)
+        The frame the tiles were planned on.
+    tiles : sequence of Tile
+        From :func:`plan_tiles` (one size).
+    fill : float
+        Value of the padding outside the frame.
+
+    Returns
+    -------
+    ndarray, shape (T, size, size), float32
+    """
     size = tiles[0].size
     out = np.full((len(tiles), size, size), fill, dtype=np.float32)
     for k, t in enumerate(tiles):
@@ -100,15 +132,18 @@ class _Piece:
 
 
 def _pieces(inst: Instances, t: Tile) -> list[_Piece]:
-    crop = inst.masks[:, : t.valid_height, : t.valid_width]
+    bm = inst.box_masks
     offset = np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
     out = []
-    for j in np.flatnonzero(crop.any(axis=(1, 2))):
-        rows = np.flatnonzero(crop[j].any(axis=1))
-        cols = np.flatnonzero(crop[j].any(axis=0))
+    for j in range(len(bm)):
+        (r, c), crop = bm.offsets[j], bm.crops[j]
+        crop = crop[: max(t.valid_height - r, 0), : max(t.valid_width - c, 0)]  # the tile's part in the frame
+        rows, cols = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+        if rows.size == 0:
+            continue
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        rect = (t.y0 + r0, t.y0 + r1, t.x0 + c0, t.x0 + c1)
-        out.append(_Piece(rect, crop[j, r0:r1, c0:c1], inst.boxes[j] + offset, float(inst.scores[j])))
+        rect = (t.y0 + int(r) + r0, t.y0 + int(r) + r1, t.x0 + int(c) + c0, t.x0 + int(c) + c1)
+        out.append(_Piece(rect, crop[r0:r1, c0:c1], inst.boxes[j] + offset, float(inst.scores[j])))
     return out
 
 
@@ -126,16 +161,38 @@ def merge_tiled_instances(
     iou_threshold: float = 0.5,
     max_instances: int | None = None,
 ) -> Instances:
-    """Frame instances from per-tile instances (boxes and masks in tile px).
+    """Frame instances from per-tile instances.
 
     Masks are cut to the part of their tile inside the frame. Two instances of different tiles
     are the same object when the IoU of their masks *restricted to the two tiles' overlap* is
     at least ``iou_threshold`` (an object crossing a border is cut differently by each tile, so
     only the shared region can be compared). Merging is transitive (a wire across three tiles
     is one instance): the merged mask is the union, the score the maximum, the box the union of
-    the boxes, clipped to the frame. Output is sorted by descending score; ``max_instances``
-    keeps the best-scored ones only, after merging (a frame of many tiles at a low score
-    threshold holds thousands of candidates, each a frame-sized mask).
+    the boxes, clipped to the frame.
+
+    Parameters
+    ----------
+    per_tile : sequence of Instances
+        One per tile, boxes and masks in that tile's px (tile size).
+    tiles : sequence of Tile
+        The tiles, in the same order.
+    frame_shape : (int, int)
+        Frame (H, W) in px.
+    iou_threshold : float, optional
+        Overlap-restricted mask IoU at or above which two pieces are merged.
+    max_instances : int, optional
+        Keep only the best-scored merged instances (e.g. the detections per image COCOeval
+        counts); None keeps all.
+
+    Returns
+    -------
+    Instances
+        On the frame, in frame px (pixel-edge coordinates, y down), sorted by descending score.
+
+    Raises
+    ------
+    ValueError
+        If ``per_tile`` and ``tiles`` differ in length.
     """
     if len(per_tile) != len(tiles):
         raise ValueError(f"{len(per_tile)} instance sets for {len(tiles)} tiles")
@@ -169,15 +226,21 @@ def merge_tiled_instances(
     ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))[:max_instances]
     if not ordered:
         return Instances.empty(h, w)
-    out_masks = np.zeros((len(ordered), h, w), dtype=bool)
+    offsets: list[tuple[int, int]] = []
+    crops: list[np.ndarray] = []
     out_boxes = np.zeros((len(ordered), 4), np.float32)
     out_scores = np.zeros(len(ordered), np.float32)
-    for g, idx in enumerate(ordered):
+    for g, idx in enumerate(ordered):  # box-local: memory grows with the boxes, not the frame
+        rects = np.array([pieces[i].rect for i in idx])
+        y0, x0 = int(rects[:, 0].min()), int(rects[:, 2].min())
+        crop = np.zeros((int(rects[:, 1].max()) - y0, int(rects[:, 3].max()) - x0), dtype=bool)
         for i in idx:
-            y0, y1, x0, x1 = pieces[i].rect
-            out_masks[g, y0:y1, x0:x1] |= pieces[i].mask
+            py0, py1, px0, px1 = pieces[i].rect
+            crop[py0 - y0:py1 - y0, px0 - x0:px1 - x0] |= pieces[i].mask
+        offsets.append((y0, x0))
+        crops.append(crop)
         stacked = np.stack([pieces[i].box for i in idx])
         out_boxes[g] = (*stacked[:, :2].min(0), *stacked[:, 2:].max(0))
         out_scores[g] = max(pieces[i].score for i in idx)
     out_boxes = np.clip(out_boxes, 0, [w, h, w, h]).astype(np.float32)
-    return Instances(out_boxes, out_scores, out_masks)
+    return Instances(out_boxes, out_scores, BoxMasks((h, w), offsets, crops))

@@ -145,7 +145,7 @@ def report_markdown(m: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     if run:
         op = run["operating_point"]
         lines += [
-            f"- data set: `{run['dataset']}`, {m['images']} images"
+            f"- data set: `{Path(run['dataset']).name}`, {m['images']} images"
             + (f" (first {run['limit']})" if run.get("limit") else ""),
             f"- engine: {run['engine']} on {run.get('device', 'cpu')}, {run['inference_seconds_per_image']:.2f} s per image",
             f"- AP at score >= {run['ap_score_threshold']}; accuracy, statistics and counts at the "

@@ -40,7 +40,7 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
             yield (int(im["id"]), Instances.empty(int(im["height"]), int(im["width"])),
                    {"frame_error": err.reason})
             continue
-        found = segmenter.segment_prepared(prepared, max_instances)
+        found = segmenter.segment_prepared(prepared, max_instances=max_instances)
         yield int(im["id"]), found, {"frame_error": None, **preparation_record(prepared)}
 
 

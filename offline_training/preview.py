@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -54,3 +55,11 @@ def preview_dataset(dataset: Path, out: Path, max_images: int = 16, columns: int
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(montage(tiles, min(columns, len(tiles)))).save(out)
     return out
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """``nanoseg preview DATASET``: a montage of the data set with mask outlines."""
+    out = Path(args.out) if args.out else Path(args.dataset) / "preview.png"
+    preview_dataset(Path(args.dataset), out, args.max_images, args.columns)
+    print(f"wrote {out}")
+    return 0

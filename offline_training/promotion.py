@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseg.control_client import control_request
 from nanoseg_training.registry import (
     Evaluation,
     Manifest,
@@ -109,8 +110,6 @@ def gate(candidate: Evaluation, baseline: Evaluation | None, margin: float) -> s
 
 def notify(reg: Registry, man: Manifest, addresses: list[str], timeout_s: float) -> list[Notified]:
     """Ask each daemon to hot-reload ``man``'s checkpoint (it checks the sha256 before loading)."""
-    from nanoseg_daemon.control import control_request
-
     path = str((reg.path(man.version) / "model.pt").resolve())
     request = {"command": "reload_model", "path": path, "sha256": man.artifacts["model.pt"].sha256}
     out = []

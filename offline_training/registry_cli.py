@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nanoseg.cli import lazy
+
 DEFAULT_REGISTRY_HELP = "registry directory (default $NANOSEG_REGISTRY or <cache>/registry)"
 
 
@@ -100,32 +102,42 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if s.all_notified else 1
 
 
-def _lazy(name: str, module: str = "nanoseg_training.registry_cli") -> Any:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from nanoseg_training.registry import RegistryError
+    from nanoseg_training.triton_repo import export_triton
 
-        return int(getattr(importlib.import_module(module), name)(args))
-
-    return run
+    reg = registry_of(args)
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0]
+    try:
+        paths = export_triton(reg, args.version, Path(args.repo), args.name, gpus, args.instances, args.cpu,
+                              args.cpu_threads)
+    except RegistryError as err:
+        return _refused("export-triton", err)
+    man = reg.manifest(args.version)
+    skipped = "model.plan" in man.artifacts and args.cpu
+    print(json.dumps({"version": man.version, "configs": [str(p) for p in paths],
+                      "tensorrt": "skipped (--cpu)" if skipped else ("written" if "model.plan" in man.artifacts
+                                                                     else "no plan in this version")}))
+    return 0
 
 
 def add_parsers(models: Any) -> None:
     """Add the registry subcommands to ``nanoseg models``' subparsers."""
     p = models.add_parser("list", help="registry versions (* = current) with their latest mask AP")
     p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
-    p.set_defaults(models_handler=_lazy("cmd_list"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_list"))
 
     p = models.add_parser("register", help="add a checkpoint as a new version (exports ONNX, writes the manifest)")
     p.add_argument("checkpoint", help="nanoseg checkpoint (.pt)")
     p.add_argument("--plan", help="a TensorRT plan built from this checkpoint (nanoseg export --format tensorrt)")
     p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
     _evaluation_args(p, required=False)
-    p.set_defaults(models_handler=_lazy("cmd_register"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_register"))
 
     p = models.add_parser("show", help="a version's manifest, and whether its checksums hold")
     p.add_argument("version", help="v0003, 3 or current")
     p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
-    p.set_defaults(models_handler=_lazy("cmd_show"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_show"))
 
     p = models.add_parser("promote", help="evaluate, gate on mask AP, make current, hot-reload daemons")
     p.add_argument("version")
@@ -134,12 +146,12 @@ def add_parsers(models: Any) -> None:
     p.add_argument("--margin", type=float, default=2.0, help="refuse if mask AP is more than this below current's")
     p.add_argument("--force", action="store_true", help="promote even if the AP gate refuses (logged)")
     _notify_args(p)
-    p.set_defaults(models_handler=_lazy("cmd_promote"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_promote"))
 
     p = models.add_parser("rollback", help="make the previously current version current again")
     p.add_argument("--registry", help=DEFAULT_REGISTRY_HELP)
     _notify_args(p)
-    p.set_defaults(models_handler=_lazy("cmd_rollback"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_rollback"))
 
     p = models.add_parser("export-triton", help="write a Triton model repository for a version")
     p.add_argument("version", help="v0003, 3 or current")
@@ -150,7 +162,7 @@ def add_parsers(models: Any) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances per GPU (or on the CPU)")
     p.add_argument("--cpu", action="store_true", help="KIND_CPU instances instead (no TensorRT variant)")
     p.add_argument("--cpu-threads", type=int, default=2, help="--cpu: ONNX Runtime threads per instance")
-    p.set_defaults(models_handler=_lazy("cmd_export_triton", "nanoseg_training.triton_repo"))
+    p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_export_triton"))
 
 
 def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:

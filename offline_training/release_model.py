@@ -3,8 +3,9 @@
 Steps: the run's weights become a float16-stored nanoseg checkpoint (``model.pt``, half the size,
 run in float32), evaluated on a held-out synthetic test set (``metrics.json``, ``report.md``,
 figures), run on the real ptychography image when given (``real_overlay.png``), and described in
-``MODEL_CARD.md`` (architecture, input spec, training config, data seeds, command, wall time,
-metrics). Everything in the card is measured here; nothing is typed in by hand.
+``MODEL_CARD.md`` (about one screen: model details, training data, evaluation synthetic and real,
+limits and intended use, how to reproduce; paths relative). Everything in the card is measured
+here; nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _table(m: dict[str, Any], key: str) -> str:
-    row = m[key]
-    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    return " | ".join("—" if row.get(c) is None else f"{row[c]:.1f}" for c in cols)
-
-
 def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
     """The card's sentence on the thresholds that accuracy, counts and statistics are measured at."""
     op = ckpt_meta.get("operating_point")
@@ -51,20 +46,50 @@ def operating_point_text(ckpt_meta: dict[str, Any]) -> str:
             "its config sets the thresholds.")
 
 
-def made_by(dataset: Path) -> str:
-    """How a COCO data set was made, from its ``info`` (``nanoseg generate`` writes preset, count, seed)."""
+def generate_command(dataset: Path) -> str | None:
+    """The ``nanoseg generate`` command that made a COCO data set, from its ``info``.
+
+    Parameters
+    ----------
+    dataset : Path
+        Data set directory (``annotations.json`` inside).
+
+    Returns
+    -------
+    str or None
+        ``nanoseg generate PRESET --count N --seed S``, or None when the set was not made by
+        ``nanoseg generate`` (or cannot be read).
+    """
     try:
         info = json.loads((dataset / "annotations.json").read_text()).get("info", {})
     except (OSError, ValueError):
         info = {}
     preset = info.get("preset") or str(info.get("description", "")).rpartition("preset ")[2]
     if info.get("generator") != "nanoseg_training.coco_dataset" or not preset:
-        return "not made by `nanoseg generate`"
-    return f"`nanoseg generate {preset} --count {info.get('count')} --seed {info.get('seed')}`"
+        return None
+    return f"nanoseg generate {preset} --count {info.get('count')} --seed {info.get('seed')}"
+
+
+def made_by(dataset: Path) -> str:
+    """How a COCO data set was made, for a card: the generate command in backticks, or a note."""
+    command = generate_command(dataset)
+    return f"`{command}`" if command else "not made by `nanoseg generate`"
 
 
 def lineage_text(ckpt_meta: dict[str, Any]) -> str:
-    """The card's table of every training run behind the weights, oldest first (empty for one run)."""
+    """The card's table of every training run behind the weights, oldest first (empty for one run).
+
+    Parameters
+    ----------
+    ckpt_meta : dict
+        The checkpoint's ``meta`` (``meta["lineage"]`` lists the earlier runs).
+
+    Returns
+    -------
+    str
+        A Markdown table, one row per run (config, start, iterations, images, data, training
+        time in s, device, first 12 hex digits of the sha256 of the weights it ended with).
+    """
     runs = lineage(ckpt_meta)
     if len(runs) < 2:
         return ""
@@ -74,7 +99,8 @@ def lineage_text(ckpt_meta: dict[str, Any]) -> str:
                           for d in [r.get("data"), *(r.get("mix") or [])])
 
     def start(i: int, r: dict[str, Any]) -> str:
-        return "from scratch" if not r.get("init_from") else f"run {i - 1}" if i > 1 else f"`{r['init_from']}`"
+        return ("from scratch" if not r.get("init_from") else f"run {i - 1}" if i > 1
+                else f"`{Path(r['init_from']).name}`")
 
     rows = "\n".join(
         f"| {i} | `{r['name']}` | {start(i, r)} | {r['iterations']} | "
@@ -83,34 +109,33 @@ def lineage_text(ckpt_meta: dict[str, Any]) -> str:
         for i, r in enumerate(runs, 1))
     its = sum(r["iterations"] or 0 for r in runs)
     images = sum((r["iterations"] or 0) * (r["batch_size"] or 0) for r in runs)
-    seconds = sum(r.get("train_seconds") or 0 for r in runs)
-    return f"""- Lineage: {len(runs)} runs, each starting from the weights the one before it ended with
-  (`meta.lineage` in the checkpoint; sha256 of each run's weights): {its} iterations, {images} images,
-  {seconds / 3600:.2f} h of training in all.
+    hours = sum(r.get("train_seconds") or 0 for r in runs) / 3600
+    return f"""
+{len(runs)} runs, each from the weights the one before ended with (`meta.lineage`): {its} iterations, {images} images,
+{hours:.2f} h of training in all.
 
-| run | config | start | iterations | images | data | training time | device | weights |
+| run | config | start | iterations | images | data | training time | device | weights (sha256) |
 |---|---|---|---|---|---|---|---|---|
 {rows}
 """
 
 
-def tta_text(tta: tuple[int, dict[str, Any]] | None, model: str, seconds_per_image: float) -> str:
-    """The card's paragraph on the same test set with mask TTA (empty without);
-    ``seconds_per_image``: the evaluation's time per image without it."""
-    if tta is None:
-        return ""
-    n, m = tta
-    return (f"\nWith mask TTA over {n} views (`nanoseg evaluate {model} <test set> --out <dir> --mask-tta {n}`; "
-            f"the backbone runs {n} times: {m['run']['inference_seconds_per_image']:.2f} s per image against "
-            f"{seconds_per_image:.2f} s in this evaluation, so not what the daemon runs unless `model.mask_tta` "
-            "asks for it): "
-            f"mask AP **{m['segm']['AP']:.1f}** (AP50 {m['segm']['AP50']:.1f}, AP75 {m['segm']['AP75']:.1f}), "
-            f"box AP {m['bbox']['AP']:.1f}, foreground accuracy {m['accuracy']['foreground']:.3f}, count error "
-            f"{m['count']['mean_absolute']:.2f} per image (`evaluation_tta{n}/`).\n")
-
-
 def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
-    """The card's lines on the mask refiner (empty without one)."""
+    """The card's line on the mask refiner (empty without one).
+
+    Parameters
+    ----------
+    ckpt_meta : dict
+        The checkpoint's ``meta`` (``meta["mask_refiner"]``: its training config, sample count,
+        per-epoch history and held-out mask IoU).
+    model_cfg : ModelConfig
+        The model's config (``mask_refiner``: channels and dilations).
+
+    Returns
+    -------
+    str
+        One Markdown list item, or ``""`` when the model has no trained refiner.
+    """
     ref = model_cfg.mask_refiner
     info = ckpt_meta.get("mask_refiner")
     if ref is None or not info:
@@ -118,16 +143,57 @@ def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
     tc = info["config"]
     gen = tc.get("generate") or {}
     data = (f"`nanoseg generate {gen['preset']} --count {gen['count']} --seed {gen['seed']}`" if gen
-            else f"`{tc['data']}`")
+            else f"`{Path(tc['data']).name}`")
     last = info["history"][-1]
-    return f"""
-- Mask refiner (`nanoseg.mask_refiner`, {ref.channels} channels, dilations {list(ref.dilations)}):
-  trained after the network, which it leaves unchanged, by `nanoseg train-refiner
-  configs/training/{tc['name']}.yaml --model <the network>` on the network's own detections on
-  {data} (not its training images; the last {tc['holdout_images']} images held out):
-  {info['samples']} detections, {tc['epochs']} epochs, {last.get('seconds', 0):.0f} s on the CPU. Held-out mean
-  mask IoU of matched detections {info['holdout_iou_coarse']:.4f} (the mask head's masks) ->
-  {info['holdout_iou']:.4f} (refined).
+    return f"""- Mask refiner ({ref.channels} channels, dilations {list(ref.dilations)}), trained after the network
+  (unchanged) by `nanoseg train-refiner configs/training/{tc['name']}.yaml --model <the network>` on its own
+  detections on {data} (the last {tc['holdout_images']} images held out): {info['samples']} detections,
+  {tc['epochs']} epochs, {last.get('seconds', 0):.0f} s on the CPU; held-out mask IoU {info['holdout_iou_coarse']:.4f} -> {info['holdout_iou']:.4f}.
+"""
+
+
+def _row(label: str, m: dict[str, Any]) -> str:
+    return (f"| {label} | {m['images']} | {m['segm']['AP']:.1f} | {m['segm']['AP75']:.1f} | {m['bbox']['AP']:.1f} | "
+            f"{m['accuracy']['foreground']:.3f} | {m['count']['mean_absolute']:.2f} | "
+            f"{m['run']['inference_seconds_per_image']:.2f} |")
+
+
+def evaluation_text(metrics: dict[str, Any], test_set: Path, model: str,
+                    tta: tuple[int, dict[str, Any]] | None = None) -> str:
+    """The card's evaluation: the synthetic test set (and its TTA row), then the real-image placeholder.
+
+    Parameters
+    ----------
+    metrics : dict
+        ``metrics.json`` of ``nanoseg evaluate`` on the held-out synthetic test set.
+    test_set : Path
+        That data set's directory; the card names it by folder and by the command that made it.
+    model : str
+        The model's path relative to the repository, e.g. ``models/default/model.pt``.
+    tta : (int, dict), optional
+        Number of mask TTA views and the metrics of the same test set evaluated with them.
+
+    Returns
+    -------
+    str
+        Markdown: one table (mask AP and AP75, box AP, foreground accuracy TP/(TP+FP+FN), mean
+        absolute count error per image, seconds per image on this evaluation's CPU threads).
+    """
+    made = made_by(test_set)
+    rows = [_row(f"synthetic `{test_set.name}` ({made})", metrics)]
+    if tta is not None:
+        rows.append(_row(f"the same, `--mask-tta {tta[0]}`", tta[1]))
+    width = metrics["statistics"].get("width_px")
+    widths = ("" if width is None else
+              f" Mean wire width: {width['pred_mean']:.2f} px predicted, {width['gt_mean']:.2f} px true.")
+    return f"""| test set | images | mask AP | mask AP75 | box AP | foreground accuracy | count error | s per image |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+| real `rods_dev`, per contrast | — | — | — | — | — | — | — |
+
+Synthetic: `nanoseg evaluate {model} <test set> --out <dir>` (`evaluation/report.md` has AP by size,
+particle statistics and where mask AP is lost).{widths} Real: not measured in this release; the
+table per contrast comes from `nanoseg evaluate {model} <real set> --profile <profile> --out <dir>`.
 """
 
 
@@ -161,85 +227,86 @@ def _ap(v: float | None) -> str:
 def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any], args: argparse.Namespace,
               size_mb: float, params: int, real: bool, tta: tuple[int, dict[str, Any]] | None = None,
               real_table: str = "") -> str:
+    """The model card, about one screen: details, training data, evaluation, limits, how to reproduce.
+
+    Parameters
+    ----------
+    ckpt_meta : dict
+        The released checkpoint's ``meta`` (training config, lineage, operating point, refiner).
+    model_cfg : ModelConfig
+        The released model's config.
+    metrics : dict
+        ``metrics.json`` of the evaluation on ``args.test_set``.
+    args : argparse.Namespace
+        ``nanoseg models release`` arguments (``out``, ``run_dir``, ``test_set``, ``reading``...).
+    size_mb : float
+        Size of ``model.pt`` in MB (10^6 bytes).
+    params : int
+        Number of parameters of the network.
+    real : bool
+        Whether ``real_overlay.png`` was written.
+    tta : (int, dict), optional
+        Number of mask TTA views and the metrics with them.
+    real_table : str, optional
+        The standing real-data table (``real_set_text``), empty when no real set was measured.
+
+    Returns
+    -------
+    str
+        The Markdown card. Paths in it are relative (the model as ``--out``, data sets by folder
+        name and the ``nanoseg generate`` command that made them).
+    """
     tc = ckpt_meta["train_config"]
-    cfg = model_cfg.model_dump(mode="json")
     arch = describe(model_cfg)
     gen = tc["data"].get("generate") or {}
-    mix = "".join(f"; mixed with `{m['train']}` (weight {m['weight']} against {tc['data'].get('weight', 1.0)})"
+    mix = "".join(f" + `{Path(m['train']).name}` (weight {m['weight']} against {tc['data'].get('weight', 1.0)})"
                   for m in tc["data"].get("mix") or [])
-    acc = metrics["accuracy"]
-    stats = metrics["statistics"]
-    stat_rows = "\n".join(
-        f"| {k} | {v['gt_mean']:.2f} | {v['pred_mean']:.2f} | {v['wasserstein']:.3f} |" for k, v in stats.items()
-    )
     head = 2 * model_cfg.mask_roi_size
     refined = "" if model_cfg.mask_refiner is None else (
-        f", refined from the image to {arch['mask_resolution']}x{arch['mask_resolution']} (below)")
-    hours = ckpt_meta.get("train_seconds", 0) / 3600
+        f", refined from the image to {arch['mask_resolution']}x{arch['mask_resolution']}")
     device = ckpt_meta.get("train_device", "unknown")
-    runs = lineage(ckpt_meta)
-    if len(runs) > 1 and not runs[0].get("init_from"):
-        start = f"trained **from scratch on synthetic images only** in {len(runs)} runs (the lineage below), the last"
-    elif tc.get("init_from"):
-        start = f"fine-tuned from `{tc['init_from']}` **on synthetic images only**"
-    else:
-        start = "trained **from scratch on synthetic images only**"
-    return f"""# Model card: nanoseg {Path(args.out).name} model
+    name = Path(args.out).name
+    model = f"{Path(args.out).as_posix()}/model.pt"
+    spec = tc["input_spec"]
+    real_line = ("`real_overlay.png`: the model on `shared/real/ptychography_v2o5.png` (profile `ptychography_od`; "
+                 "no annotation, read by eye)." if real else "No real image was run.")
+    return f"""# Model card: nanoseg `{name}`
 
-Mask R-CNN {start}, on {device}, by this
-repository's own code (after Lin et al., npj Comput. Mater. 2022). Released from
-`{args.run_dir}` at commit `{_git_commit()}`.
+## Model details
+- {arch['architecture']}; {params / 1e6:.1f} M parameters; one input channel;
+  {head}x{head} mask head{refined}. Trained **on synthetic images only** by this repository's code
+  (after Lin et al., npj Comput. Mater. 2022); released from `{Path(args.run_dir).name}` at commit `{_git_commit()}`.
+- Input: optical density at {spec['pixel_size_nm']} nm per pixel, {spec['size']} px frames, each frame's maximum
+  mapped to 255; `configs/profiles/*.yaml` prepare transmission frames to this.
+- `model.pt`: nanoseg checkpoint ({size_mb:.1f} MB, float16 stored, run in float32; config, input spec and
+  operating point inside).
+- {operating_point_text(ckpt_meta)}
 
-## Architecture
-- {arch['architecture']}; {params / 1e6:.1f} M parameters; single-channel input;
-  {head}x{head} mask head{refined}.
-- Anchors {cfg['anchor_sizes']} px, aspect ratios {cfg['aspect_ratios']}; RPN
-  {cfg['rpn_pre_nms_top_n_test']} -> {cfg['rpn_post_nms_top_n_test']} proposals at test; up to
-  {cfg['detections_per_img']} detections.
-- `model.pt`: nanoseg checkpoint (weights stored as float16, {size_mb:.1f} MB; loaded and run in
-  float32). The checkpoint alone rebuilds the model (config and input spec inside).
+## Training data
+- `nanoseg generate {gen.get('preset', '?')} --count {gen.get('count', '?')} --seed {gen.get('seed', '?')}`{mix};
+  crops {tc['data']['crop_sizes']} px; augmentation: {", ".join(tc['augment'])}.
+- `nanoseg train configs/training/{tc['name']}.yaml`: {ckpt_meta.get('iterations')} iterations of batch
+  {tc['solver']['batch_size']} on {device}.
+{refiner_text(ckpt_meta, model_cfg)}{lineage_text(ckpt_meta)}
+## Evaluation
 
-## Input spec
-`{json.dumps(tc['input_spec'])}`: optical density at {tc['input_spec']['pixel_size_nm']} nm per
-pixel, each frame's maximum mapped to 255 (the generator's `paper` preset). Frame preparation
-(`configs/profiles/*.yaml`) converts transmission to OD and resamples to this scale.
+{evaluation_text(metrics, Path(args.test_set), model, tta)}
+### Real data
+{real_table or "No annotated real set was measured."}
+{real_line}
 
-## Training
-- Command: `nanoseg train configs/training/{tc['name']}.yaml` (resumable with `--resume`;
-  the training set is generated first if missing).
-- Data: `nanoseg generate {gen.get('preset', '?')} --count {gen.get('count', '?')} --seed {gen.get('seed', '?')}`{mix};
-  crops {tc['data']['crop_sizes']} with weights {tc['data']['crop_weights']}; augmentation
-  `{json.dumps(tc['augment'])}`.
-- Solver: `{json.dumps(tc['solver'])}`; seed {tc['seed']}.
-- {ckpt_meta.get('iterations')} iterations ({ckpt_meta.get('iterations', 0) * tc['solver']['batch_size']} images),
-  wall time {hours:.2f} h (training loop, across resumes) on {device}.
-{lineage_text(ckpt_meta)}{refiner_text(ckpt_meta, model_cfg)}
-## Evaluation: held-out synthetic test set
-`{args.test_set}` ({metrics['images']} images, {made_by(Path(args.test_set))}). Reproduce with
-`nanoseg evaluate {Path(args.out).as_posix()}/model.pt <test set> --out <dir>`.
+## Limits and intended use
+- For nanowires in X-ray/electron transmission frames prepared to the input above, served by
+  `nanoseg serve` or `nanoseg segment`. Trained on synthetic scenes only: real frames with haze,
+  other contrasts or pixel sizes far from {spec['pixel_size_nm']} nm are outside what was measured.
+- Paper target (COCO-pretrained R50-FPN on 4 GPUs): mask AP 87–90.
 
-| | AP | AP50 | AP75 | APs | APm | APl |
-|---|---|---|---|---|---|---|
-| box | {_table(metrics, 'bbox')} |
-| mask | {_table(metrics, 'segm')} |
-
-{operating_point_text(ckpt_meta)}
-{tta_text(tta, Path(args.out).as_posix() + "/model.pt", metrics["run"]["inference_seconds_per_image"])}
-Foreground accuracy TP/(TP+FP+FN): **{acc['foreground']:.3f}** (mean per image {acc['per_image_mean']:.3f}).
-Count error per image: mean absolute {metrics['count']['mean_absolute']:.2f}, relative
-{metrics['count']['mean_relative']:.3f}. Particle statistics, ground truth vs prediction:
-
-| statistic | GT mean | predicted mean | Wasserstein distance |
-|---|---|---|---|
-{stat_rows}
-
-Paper targets (COCO-pretrained R50-FPN, 4 GPUs): mask AP 87–90. See `report.md` and `figures/`.
-
-## Real data
-{real_table}
-{"`real_overlay.png`: the model on `shared/real/ptychography_v2o5.png` (profile `ptychography_od`)." if real else ""}
-{"Not run." if not (real or real_table) else ""}
-""" + (args.reading or "")
+## How to reproduce
+    nanoseg train configs/training/{tc['name']}.yaml      # generates its training set when missing
+    {generate_command(Path(args.test_set)) or "nanoseg generate <preset> --count <n> --seed <seed>"} --out data/test
+    nanoseg evaluate {model} data/test --out eval/
+    nanoseg models release <run or checkpoint> --out {Path(args.out).as_posix()} --test-set data/test
+""" + (f"\n{args.reading}\n" if args.reading else "")
 
 
 def release(args: argparse.Namespace) -> Path:

@@ -25,7 +25,7 @@ def hist_kde(ax: plt.Axes, values: np.ndarray, label: str, color: str,
     values = values[np.isfinite(values)]
     if values.size == 0:
         return
-    ax.hist(values, bins=bins, density=True, alpha=0.35, color=color, label=label)
+    ax.hist(values, bins=bins if isinstance(bins, int) else bins.tolist(), density=True, alpha=0.35, color=color, label=label)
     if values.size >= 2 and np.ptp(values) > 0:
         lo, hi = span if span is not None else (float(values.min()), float(values.max()))
         xs = np.linspace(lo, hi, 200)

@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from nanoseg_training.synthetic_config import IntRange, Range, SceneConfig
-from nanoseg_training.wire_geometry import EndCap, WireColumns, WireGeometry, rasterise
+from nanoseg_training.wire_geometry import (
+    CrossSection,
+    EndCap,
+    WireColumns,
+    WireGeometry,
+    rasterise,
+)
 
 MAX_DRAWS_PER_WIRE = 20
 
@@ -85,7 +91,7 @@ def draw_wire(cfg: SceneConfig, rng: np.random.Generator, earlier: list[Deposite
         length = min(max(width * draw(w.aspect_ratio, rng), w.length.low), w.length.high)
     thickness = width * draw(w.thickness_ratio, rng)
     cs = w.cross_sections
-    cross = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
+    cross: CrossSection = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
     angle = float(rng.uniform(0.0, 180.0))
     tilt = float(rng.uniform(0.0, w.tilt_max_deg))
     a = math.radians(angle)

@@ -28,7 +28,7 @@ from nanoseg.engines.factory import input_spec_of, load_engine
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
-from nanoseg.particle_stats import ParticleTable, frame_summary, particle_table
+from nanoseg.particle_stats import ParticleTable, frame_summary
 from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
 from nanoseg.prepare import prepare_frame
@@ -92,7 +92,7 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray,
     lo, hi = np.percentile(gray, [0.5, 99.5]) if gray.size else (0.0, 1.0)
     g8 = np.clip((gray - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     Image.fromarray(outline_overlay(g8, list(result.instances.masks), thickness=2)).save(out / f"{stem}_overlay.png")
-    records = result.table.to_records()
+    records = result.table.to_records(rounded=True)
     with open(out / f"{stem}_particles.csv", "w", newline="") as f:
         if records:
             w = csv.DictWriter(f, fieldnames=["particle", "score", *records[0].keys()])
@@ -133,11 +133,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             frame = read_image(path)
             prepared = prepare_frame(frame, profile, spec, flat_field=flat, pixel_size_nm=args.pixel_size)
-            inst = seg.segment_prepared(prepared)
             # Particle sizes in nm only for a pixel size the user knows; ``auto`` is a resampling.
             px = None if prepared.auto_scale is not None else prepared.pixel_size_nm
-            od = prepared.image if prepared.mode == "optical_density" else None
-            table = particle_table(inst.masks, od, px)
+            analysis = seg.analyse(prepared, px)
+            inst, table = analysis.instances, analysis.table
             record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}
             write_outputs(out, path.stem, SegmentResult(inst, table, prepared.image), prepared.image, record)
             if prepared.input_check is not None and prepared.input_check.mismatch:

@@ -11,6 +11,7 @@ Multi-GPU: ``torchrun --nproc-per-node N -m nanoseg.cli train CONFIG`` (Distribu
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -18,18 +19,18 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from nanoseg.config_io import dump_yaml
+from nanoseg.config_io import dump_yaml, load_yaml
 from nanoseg.input_spec import InputSpec
 from nanoseg.model import build_model
-from nanoseg.paths import REPO_ROOT, cache_dir
-from nanoseg_training.train_config import GenerateSpec, TrainConfig
+from nanoseg.paths import REPO_ROOT, cache_dir, resolve_config
+from nanoseg_training.train_config import DataConfig, GenerateSpec, MixSource, TrainConfig
 from nanoseg_training.train_data import BatchDataset, CocoSource, FramePreparation, MixedSource
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -161,7 +162,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     roots = [ensure_dataset(t, g, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(t) for t, g, _ in sets]
     if dist.world > 1:
         torch.distributed.barrier()
-    preps = [frame_preparation(d.profile, d.pixel_size_nm, cfg.input_spec) for d in (cfg.data, *cfg.data.mix)]
+    data_sets: list[DataConfig | MixSource] = [cfg.data, *cfg.data.mix]
+    preps = [frame_preparation(d.profile, d.pixel_size_nm, cfg.input_spec) for d in data_sets]
     source: CocoSource | MixedSource = CocoSource(roots[0], preps[0])
     if cfg.data.mix:
         source = MixedSource([CocoSource(r, p) for r, p in zip(roots, preps)], [w for _, _, w in sets])
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=use_amp):
                 losses: dict[str, torch.Tensor] = model(images, targets)
-                loss = sum(losses.values())
+                loss = cast(torch.Tensor, sum(losses.values()))  # training mode: never empty
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 # An fp16 overflow under AMP, or a degenerate batch: skip the step; stop if it persists.
@@ -384,3 +386,14 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tb"))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``nanoseg train CONFIG``: train (or resume) a run; prints the checkpoint written."""
+    cfg = load_yaml(resolve_config(args.config, "training"), TrainConfig)
+    if args.max_iter is not None:
+        cfg = cfg.model_copy(update={"solver": cfg.solver.model_copy(update={"max_iter": args.max_iter})})
+    if args.data is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": args.data, "generate": None})})
+    out = train(cfg, Path(args.run_dir) if args.run_dir else None, args.resume, args.max_minutes, not args.quiet,
+                args.stop_after)
+    print(f"{'finished' if out.name == 'model_final.pt' else 'stopped, resume with --resume'}: {out}")
+    return 0

@@ -234,7 +234,8 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, it: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], int]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, it]))
-        images, targets = [], []
+        images: list[torch.Tensor] = []
+        targets: list[dict[str, torch.Tensor]] = []
         skipped = 0
         w = np.asarray(self.data.crop_weights, dtype=np.float64)
         crop = int(self.data.crop_sizes[int(rng.choice(len(w), p=w / w.sum()))])

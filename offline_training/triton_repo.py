@@ -17,10 +17,7 @@ per GPU) and concurrent requests from many daemons.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +93,3 @@ def export_triton(reg: Registry, version: str, repo: Path, name: str = "nanoseg"
         (d / "config.pbtxt").write_text(text)
         written.append(d / "config.pbtxt")
     return written
-
-
-def cmd_export_triton(args: argparse.Namespace) -> int:
-    from nanoseg_training.registry_cli import registry_of
-
-    reg = registry_of(args)
-    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0]
-    try:
-        paths = export_triton(reg, args.version, Path(args.repo), args.name, gpus, args.instances, args.cpu,
-                              args.cpu_threads)
-    except RegistryError as err:
-        print(f"nanoseg models export-triton: refused: {err}", file=sys.stderr)
-        return 2
-    man = reg.manifest(args.version)
-    skipped = "model.plan" in man.artifacts and args.cpu
-    print(json.dumps({"version": man.version, "configs": [str(p) for p in paths],
-                      "tensorrt": "skipped (--cpu)" if skipped else ("written" if "model.plan" in man.artifacts
-                                                                     else "no plan in this version")}))
-    return 0

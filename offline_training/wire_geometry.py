@@ -175,3 +175,23 @@ def rasterise(g: WireGeometry, shape: tuple[int, int]) -> WireColumns | None:
     inside = (s >= 0.0) & (s <= g.length)
     thick = np.where(inside, thick, 0.0)
     return WireColumns(box=box, s=s, bottom_offset=offset, thickness=thick)
+
+
+def centreline_length(g: WireGeometry, samples: int = 2001) -> float:
+    """True length of the wire's (bent) axis, px: the arc length of the parabola of ``sagitta``."""
+    if g.sagitta == 0.0:
+        return float(g.length)
+    s = np.linspace(0.0, g.length, samples)
+    slope = 4.0 * g.sagitta * (g.length - 2.0 * s) / (g.length * g.length)
+    return float(np.trapezoid(np.sqrt(1.0 + slope * slope), s))
+
+
+def mean_width(g: WireGeometry) -> float:
+    """True mean width across the axis, px: footprint area / centreline length.
+
+    The footprint is |u - offset(s)| <= half width for s in [0, length] (a shear of the straight
+    strip, same area), so its area is the integral of the width along s; roughness is left out.
+    For a bent wire this is the width perpendicular to the local axis, averaged along it.
+    """
+    area = g.width * g.length * (1.0 - 0.5 * g.taper)
+    return float(area / centreline_length(g))

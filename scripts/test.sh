@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (when needed) and run every check: ruff, mypy on nanoseg/, then the test suite.
+# Set up (when needed) and run every check: ruff, mypy on all four packages, then the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -6,23 +6,14 @@ imported when their subcommand runs.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-from collections.abc import Callable
 from typing import Any
 
-Handler = Callable[[argparse.Namespace], int]
+from nanoseg.cli import lazy
 
 
-def _lazy(module: str, name: str) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        return int(getattr(importlib.import_module(module), name)(args))
-
-    return run
-
-
-def add_parsers(sub: Any) -> dict[str, Handler]:
-    """Add ``simulate`` and ``demo`` to the ``nanoseg`` subparsers; return their handlers."""
+def add_commands(sub: Any) -> None:
+    """Add ``simulate`` and ``demo`` to the ``nanoseg`` subparsers (entry point
+    ``nanoseg.commands: simulator``)."""
     p = sub.add_parser("simulate", help="simulated microscope: a RunEngine publishing synthetic transmission frames")
     p.add_argument("config", nargs="?", default="growth", help="configs/simulator name (growth, raster) or a YAML path")
     p.add_argument("--mode", choices=["raster", "growth"], help="override the config's mode")
@@ -36,6 +27,7 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     p.add_argument("--summary", help="the daemon's summary address (for --monitor)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value, e.g. growth.interval_s=20")
     p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=lazy("nanoseg_sim.run:cmd_simulate"))
 
     p = sub.add_parser("demo", help="the full loop: proxy, daemon, simulated growth run, live table, report")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
@@ -46,4 +38,4 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     p.add_argument("--max-frames", type=int, help="override monitor.max_frames")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the daemon")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a simulator config value")
-    return {"simulate": _lazy("nanoseg_sim.run", "cmd_simulate"), "demo": _lazy("nanoseg_sim.demo", "cmd_demo")}
+    p.set_defaults(handler=lazy("nanoseg_sim.demo:cmd_demo"))

@@ -162,9 +162,8 @@ def _listening(port: int) -> bool:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from nanoseg.control_client import control_request
     from nanoseg.paths import REPO_ROOT
-    from nanoseg_daemon.config import load_daemon_config
-    from nanoseg_daemon.pipeline import repo_relative
 
     t_start = time.monotonic()
     out = Path(args.out).resolve()
@@ -178,15 +177,14 @@ def run_demo(args: argparse.Namespace) -> int:
         "control.address": addr["control"], "metrics.port": str(ports["metrics"]),
         "store.state_dir": str(out / "state"),
     }
-    if args.model:
-        daemon_sets["model.path"] = str(Path(args.model).resolve())
+    if args.model:  # else the daemon config's (a missing one stops the daemon, naming model.path)
+        model = Path(args.model).resolve()
+        if not model.is_file():
+            raise DemoError(f"the model {model} is missing (models/default/model.pt ships with the repository; "
+                            f"or pass --model PATH)")
+        daemon_sets["model.path"] = str(model)
     if args.engine:
         daemon_sets["model.engine"] = args.engine
-    daemon_cfg = load_daemon_config(args.daemon_config, daemon_sets)
-    model = repo_relative(daemon_cfg.model.path)
-    if not model.is_file():
-        raise DemoError(f"the model {model} is missing (models/default/model.pt ships with the repository; "
-                        f"or pass --model PATH)")
     from nanoseg_sim.run import Simulation, TruthRecorder, load_simulator_config, make_publisher
 
     sim_sets = {"publish.proxy": addr["proxy_in"], "monitor.summary_address": addr["summary"],
@@ -210,14 +208,20 @@ def run_demo(args: argparse.Namespace) -> int:
         wait_until(lambda: _listening(ports["proxy_in"]) and _listening(ports["proxy_out"]), 30,
                    "the bluesky 0MQ proxy", children)
         say(f"bluesky 0MQ proxy up: in {addr['proxy_in']}, out {addr['proxy_out']}")
-        daemon_argv = [sys.executable, "-m", "nanoseg.cli", "serve", "--config", str(args.daemon_config)]
+        daemon_argv = [sys.executable, "-m", "nanoseg", "serve", "--config", str(args.daemon_config)]
         for k, v in daemon_sets.items():
             daemon_argv += ["--set", f"{k}={v}"]
         t0 = time.monotonic()
         daemon = children.start("the daemon (nanoseg serve)", daemon_argv, out / "daemon.log")
-        say(f"starting the daemon: {daemon_cfg.model.engine} engine, model {model.relative_to(REPO_ROOT) if model.is_relative_to(REPO_ROOT) else model}")
+        say(f"starting the daemon (config {args.daemon_config})")
         wait_until(lambda: _ready(ports["metrics"]), args.startup_timeout, "the daemon to become ready", children)
-        say(f"daemon ready in {time.monotonic() - t0:.1f} s (metrics http://127.0.0.1:{ports['metrics']}/metrics)")
+        status = control_request(addr["control"], {"command": "status"})
+        if not status.get("ok"):
+            raise DemoError(f"the daemon's status request failed: {status.get('error')}")
+        engine, model = status["result"]["model"]["engine"], Path(status["result"]["model"]["path"])
+        say(f"daemon ready in {time.monotonic() - t0:.1f} s: {engine} engine, model "
+            f"{model.relative_to(REPO_ROOT) if model.is_relative_to(REPO_ROOT) else model} "
+            f"(metrics http://127.0.0.1:{ports['metrics']}/metrics)")
 
         from nanoseg_daemon.ophyd_stats import NanosegStats
         from nanoseg_sim.run import run_engine
@@ -261,7 +265,7 @@ def run_demo(args: argparse.Namespace) -> int:
             raise DemoError(f"{len(truth.rows)} frames acquired but {analysed} analysis events and "
                             f"{len(table.rows)} stats readings received")
         write_report(out, sim, truth, table, listener, stop, run_s, time.monotonic() - t_start,
-                     daemon_cfg.model.engine)
+                     engine)
         return 0
     finally:
         if pub is not None:

@@ -14,7 +14,7 @@ class AnalysisListener:
     """Collects the daemon's analysis run of one raw run from the proxy (a SUB socket, a thread)."""
 
     def __init__(self, address: str) -> None:
-        from nanoseg_daemon.publish import msgpack_loads
+        from nanoseg.codec import msgpack_loads
 
         self._loads = msgpack_loads
         self.raw_run_uid: str | None = None

@@ -26,13 +26,12 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
-import msgpack
-import msgpack_numpy
 from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher
 from event_model import DocumentRouter
 
-from nanoseg.config_io import ConfigError, load_yaml, parse_config
+from nanoseg.codec import json_safe, msgpack_dumps
+from nanoseg.config_io import ConfigError, apply_overrides, load_yaml, parse_config, parse_sets
 from nanoseg.paths import resolve_config
 from nanoseg_sim.config import SimulatorConfig
 from nanoseg_sim.devices import Microscope, build_microscope
@@ -46,8 +45,6 @@ TRUTH_FIELDS = ("truth_count", "truth_length_nm_mean", "truth_visible_length_nm_
 def load_simulator_config(name_or_path: str, overrides: Mapping[str, str] | None = None) -> SimulatorConfig:
     """A config from configs/simulator (or a path), with dotted ``key=value`` overrides."""
     import yaml
-
-    from nanoseg_daemon.config import apply_overrides
 
     path = resolve_config(name_or_path, "simulator")
     try:
@@ -136,20 +133,14 @@ class Simulation:
                               md=self.start_metadata())
 
 
-def msgpack_serializer(doc: Any) -> bytes:
-    """What the daemon's default deserializer reads: msgpack with NumPy arrays (never pickle)."""
-    return bytes(msgpack.packb(doc, default=msgpack_numpy.encode))
-
-
 def json_serializer(doc: Any) -> bytes:
-    from nanoseg_daemon.store import json_safe
-
+    """Strict JSON of ``doc`` (NumPy values as Python values, non-finite floats as null)."""
     return json.dumps(json_safe(doc)).encode()
 
 
 def make_publisher(address: str, prefix: str = "", serializer: str = "msgpack", connect_wait_s: float = 0.5) -> Publisher:
     """bluesky's own Publisher, connected to a proxy's input; waits out 0MQ's slow joiner."""
-    ser: Callable[[Any], bytes] = msgpack_serializer if serializer == "msgpack" else json_serializer
+    ser: Callable[[Any], bytes] = msgpack_dumps if serializer == "msgpack" else json_serializer
     pub = Publisher(address, prefix=prefix.encode(), serializer=ser)
     time.sleep(connect_wait_s)
     return pub
@@ -215,8 +206,6 @@ def run_engine(interactive: bool = True) -> RunEngine:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from nanoseg_daemon.serve_cli import parse_sets
-
     sets = parse_sets(args.set or [])
     for key, value in (("mode", args.mode), ("seed", args.seed), ("hdf5_dir", args.hdf5),
                        ("publish.proxy", args.proxy), ("growth.frames", args.frames),

@@ -38,13 +38,46 @@ class Engine(Protocol):
     """How the graph predicts masks (``nanoseg.mask_decoding``); mask pasting follows it."""
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """``batch``: (B, C, H, W) float32, 0–255 at model scale, B <= max_batch."""
+        """Run the network on a batch of prepared model inputs.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (B, C, H, W), float32
+            Model inputs at the model's pixel scale, values 0–255, (C, H, W) = ``input_shape``,
+            B <= ``max_batch``.
+
+        Returns
+        -------
+        list of RawDetections
+            One per image, boxes in input px (xyxy, y down), mask probabilities on the M x M grid.
+
+        Raises
+        ------
+        EngineError
+            If the engine cannot run the batch.
+        """
         ...
 
 
 def split_outputs(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarray,
                   num: np.ndarray) -> list[RawDetections]:
-    """Un-pad the fixed-shape outputs (B, K, ...) into one RawDetections per image."""
+    """Un-pad the graph's fixed-shape outputs into one ``RawDetections`` per image.
+
+    Parameters
+    ----------
+    boxes : ndarray, shape (B, K, 4)
+        xyxy px in input coordinates.
+    scores : ndarray, shape (B, K)
+    mask_probs : ndarray, shape (B, K, M, M)
+        Probabilities in [0, 1].
+    num : ndarray, shape (B,)
+        Real detections per image (the first ``num[b]`` rows; the rest is padding).
+
+    Returns
+    -------
+    list of RawDetections
+        Length B, arrays float32.
+    """
     out = []
     for b in range(boxes.shape[0]):
         n = int(num[b])

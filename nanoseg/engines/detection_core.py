@@ -70,6 +70,22 @@ class DetectionCore(nn.Module):
         self.m = self.refiner.size if self.refiner is not None else 2 * int(pool.output_size[0])
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detect, decode the masks, and pad every output to K detections.
+
+        Parameters
+        ----------
+        image : Tensor, shape (B, C, H, W), float32
+            Model inputs, 0–255 at the model's pixel scale.
+
+        Returns
+        -------
+        boxes : Tensor, shape (B, K, 4), float32
+            xyxy px in input coordinates, y down (zeros past ``num_detections``).
+        scores : Tensor, shape (B, K), float32
+        mask_probs : Tensor, shape (B, K, M, M), float32
+            Mask probabilities in [0, 1] on each (grown) box's grid.
+        num_detections : Tensor, shape (B,), int64
+        """
         m = self.model
         images, _ = m.transform([im for im in image])
         x = images.tensors

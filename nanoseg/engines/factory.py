@@ -9,18 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from nanoseg.checkpoint import Checkpoint, load_checkpoint
+from nanoseg.checkpoint import Checkpoint, input_shape, load_checkpoint
 from nanoseg.engines import Engine, EngineError
 from nanoseg.engines.triton_engine import TritonTarget
+from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding, decoding_from_metadata, with_decoding
 
 EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton"]
-
-
-def input_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
-    size = int(ckpt.input_spec.get("size", 512))
-    return (ckpt.model_config.in_channels, size, size)
 
 
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
@@ -56,8 +52,6 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
             raise EngineError(f"triton: {remote.device} takes {remote.input_shape}, "
                               f"the checkpoint's model {input_shape(ckpt)}")
         return remote
-    from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
-
     if onnx_path:
         onnx_bytes = Path(onnx_path).read_bytes()
         exported = decoding_from_metadata(read_onnx_metadata(onnx_bytes))

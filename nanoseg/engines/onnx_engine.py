@@ -41,6 +41,7 @@ class OnnxEngine:
         self.mask_decoding = decoding_from_metadata(self.metadata)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """Run the ONNX graph once per image (it is batch-1 static). See ``Engine.infer``."""
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):
             boxes, scores, masks, num = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image[None]})

@@ -42,6 +42,25 @@ def _require_cuda() -> Any:
 
 
 def plan_cache_key(onnx_bytes: bytes, fp16: bool) -> str:
+    """File name stem of a cached plan: plans are valid for one GPU model and TensorRT version.
+
+    Parameters
+    ----------
+    onnx_bytes : bytes
+        The exported ONNX graph.
+    fp16 : bool
+        Whether the plan allows float16 kernels.
+
+    Returns
+    -------
+    str
+        ``<gpu name>-trt<version>-<fp16|fp32>-<first 16 hex digits of the ONNX's sha256>``.
+
+    Raises
+    ------
+    EngineError
+        If TensorRT or CUDA is not available.
+    """
     trt = _import_tensorrt()
     torch = _require_cuda()
     gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
@@ -50,7 +69,27 @@ def plan_cache_key(onnx_bytes: bytes, fp16: bool) -> str:
 
 
 def build_plan(onnx_bytes: bytes, fp16: bool = True, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> bytes:
-    """Parse the ONNX and build a serialised engine with one static optimisation profile."""
+    """Parse the ONNX graph and build a serialised TensorRT engine (one static optimisation profile).
+
+    Parameters
+    ----------
+    onnx_bytes : bytes
+        The exported ONNX graph (batch-1 static input).
+    fp16 : bool, optional
+        Allow float16 kernels.
+    workspace_bytes : int, optional
+        Builder workspace memory limit in bytes.
+
+    Returns
+    -------
+    bytes
+        The serialised plan.
+
+    Raises
+    ------
+    EngineError
+        If the graph cannot be parsed or the build fails.
+    """
     trt = _import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -114,7 +153,19 @@ class TensorRTEngine:
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes, cache_dir: Path | None = None, fp16: bool = True,
                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> TensorRTEngine:
-        """Build (or load the cached) plan for this ONNX on this GPU and TensorRT version."""
+        """An engine from an ONNX graph: the cached plan for this GPU and TensorRT version, else a new one.
+
+        Parameters
+        ----------
+        onnx_bytes, fp16, workspace_bytes
+            As :func:`build_plan`.
+        cache_dir : Path, optional
+            Directory of cached plans (:func:`plan_cache_key` names them); None builds without caching.
+
+        Returns
+        -------
+        TensorRTEngine
+        """
         if cache_dir is None:
             return cls(build_plan(onnx_bytes, fp16, workspace_bytes))
         path = Path(cache_dir) / f"{plan_cache_key(onnx_bytes, fp16)}.plan"
@@ -128,6 +179,10 @@ class TensorRTEngine:
         return cls(plan)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """Run the plan once per image on the engine's CUDA stream. See ``Engine.infer``.
+
+        ``EngineError`` if TensorRT's execution fails.
+        """
         torch = self._torch
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):

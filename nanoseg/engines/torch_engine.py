@@ -28,6 +28,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """Run ``DetectionCore`` on the whole batch on the engine's device. See ``Engine.infer``."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         boxes, scores, masks, num = self.core(x)
         return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())

@@ -118,6 +118,10 @@ class TritonEngine:
         return (dims[1], dims[2], dims[3])
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
+        """Send each image to the server over gRPC, retrying unavailable or timed-out calls. See ``Engine.infer``.
+
+        ``EngineError`` when the server stays unreachable after the retries or a reply lacks an output.
+        """
         out: list[RawDetections] = []
         for image in np.ascontiguousarray(batch, dtype=np.float32):
             inp = self._grpc.InferInput(INPUT_NAME, [1, *image.shape], "FP32")
@@ -131,4 +135,5 @@ class TritonEngine:
         return out
 
     def close(self) -> None:
+        """Close the gRPC client."""
         self.client.close()

@@ -27,6 +27,7 @@ class RecordingSink:
         self.frames: list[FrameJob] = []
         self.stopped: list[RunStopped] = []
         self.rejections: list[tuple[str, str]] = []
+        self.conversions: list[tuple[str, str]] = []
         self.order: list[tuple[str, str]] = []  # (kind, run uid) in delivery order
         self._cond = threading.Condition()
 
@@ -52,6 +53,10 @@ class RecordingSink:
         with self._cond:
             self.rejections.append((reason, detail))
             self._cond.notify_all()
+
+    def converted(self, reason: str, detail: str) -> None:
+        with self._cond:
+            self.conversions.append((reason, detail))
 
     @property
     def reasons(self) -> list[str]:
@@ -204,3 +209,16 @@ def wait_until_connected(
             sink.clear()
             return
     raise AssertionError("subscriber never received a probe through the proxy")
+
+
+def blob_detector(directory: Path, name: str = "det") -> Any:
+    """ophyd-async's simulated area detector (``SimBlobDetector``): each trigger writes a 240 x 320
+    uint8 frame to an HDF5 file in ``directory`` through its own writer (SWMR) and the RunEngine
+    emits stream_resource / stream_datum documents. Needs a RunEngine made before (its loop)."""
+    from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+    from ophyd_async.sim import PatternGenerator, SimBlobDetector
+
+    with init_devices():
+        det = SimBlobDetector(StaticPathProvider(UUIDFilenameProvider(), directory), PatternGenerator(),
+                              name=name)
+    return det

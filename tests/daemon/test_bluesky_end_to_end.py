@@ -29,10 +29,10 @@ from bluesky import RunEngine
 from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 from event_model import DocumentNames, compose_run, schema_validators
 
-from nanoseg_daemon.publish import msgpack_dumps, msgpack_loads
+from nanoseg.codec import msgpack_dumps, msgpack_loads
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.store import ResultReader, default_path
-from tests.daemon.ingest_fixtures import HDF5Camera, ImageCamera, start_proxy
+from tests.daemon.ingest_fixtures import HDF5Camera, ImageCamera, blob_detector, start_proxy
 from tests.daemon.service_fixtures import DOSE, TransmissionFrame, start_service, transmission_frame
 
 PIXEL_NM = 8.0
@@ -225,6 +225,52 @@ def test_area_detector_hdf5_files_through_resource_and_datum(beamline: Beamline,
     assert all(isinstance(e["data"]["cam_image"], str) for e in events)  # datum ids: the pixels are on disk
     assert cam.files and cam.files[0].stat().st_size > frames[0].counts.nbytes
     check_analysis(beamline, uid, raw_docs, frames, before)
+
+
+def test_ophyd_async_detector_writing_hdf5_through_stream_resource_and_stream_datum(
+        beamline: Beamline, tmp_path: Path) -> None:
+    det = blob_detector(tmp_path)
+    uid, raw_docs = beamline.run(bp.count([det], num=3), pixel_size_nm=PIXEL_NM, i0=DOSE)
+    names = [n for n, _ in raw_docs]
+    assert names.count("stream_resource") == 2 and names.count("stream_datum") == 6  # image and its sum
+    assert "resource" not in names and "datum" not in names
+    docs = beamline.collector.analysis_of(uid)
+    for name, doc in raw_docs + docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    start, stop = docs[0][1], docs[-1][1]
+    assert start["raw_run_uid"] == uid
+    (raw_desc,) = [d for n, d in raw_docs if n == "descriptor"]
+    raw_events = [d for n, d in raw_docs if n == "event"]
+    (primary,) = [d for n, d in docs if n == "descriptor" and d["name"] == "primary"]
+    events = [d for n, d in docs if n == "event" and d["descriptor"] == primary["uid"]]
+    assert [e["data"]["frame_uid"] for e in events] == [f"{raw_desc['uid']}/{e['seq_num']}" for e in raw_events]
+    assert [e["data"]["raw_seq_num"] for e in events] == [1, 2, 3]
+    assert all(json.loads(e["data"]["masks"]) == [] or
+               all(m["size"] == [240, 320] for m in json.loads(e["data"]["masks"])) for e in events)
+    assert stop["exit_status"] == "success" and stop["num_events"]["primary"] == 3
+    assert ResultReader(default_path(beamline.state_dir)).frame_count(uid) == 3
+
+
+class MisdescribedCamera(ImageCamera):
+    """Says its frames are 32 x 32; they are not."""
+
+    def describe(self) -> dict[str, Any]:
+        desc = super().describe()
+        desc[self.image.name]["shape"] = [32, 32]
+        return cast(dict[str, Any], desc)
+
+
+def test_a_run_whose_every_frame_is_refused_ends_fail_with_the_reasons(beamline: Beamline) -> None:
+    cam = MisdescribedCamera(name="cam", frames=np.full((1, 64, 64), 3000, np.uint16))
+    before = beamline.sample("nanoseg_messages_rejected_total", reason="shape_mismatch")
+    uid, _ = beamline.run(bp.count([cam], num=2), pixel_size_nm=PIXEL_NM, i0=DOSE)
+    docs = beamline.collector.analysis_of(uid)
+    for name, doc in docs:
+        schema_validators[DocumentNames[name]].validate(doc)
+    stop = docs[-1][1]
+    assert (stop["exit_status"], stop["reason"]) == ("fail", "no frame analysed (shape_mismatch 2)")
+    assert stop["num_events"].get("primary", 0) == 0
+    assert beamline.sample("nanoseg_messages_rejected_total", reason="shape_mismatch") == before + 2
 
 
 def test_daemon_ignores_its_own_analysis_runs_without_prefixes(tmp_path: Path, trained_model_path: Path) -> None:

@@ -309,7 +309,7 @@ def test_out_of_order_and_duplicate_documents_are_rejected_never_raised(sink):
         },
     )
     router("event", {"uid": "y"})  # no descriptor key
-    router("stream_resource", {"uid": "sr"})
+    router("bulk_events", {})  # a document type the daemon does not handle
     router("start", {"time": 1.0})  # no uid
     router("stop", stop)
     router("event", desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
@@ -437,3 +437,64 @@ def test_bad_images_and_incomplete_documents_change_nothing(sink):
     assert not sink.frames and not sink.stopped and router.open_runs == [run.start_doc["uid"]]
     router("stop", stop)
     assert [s.run_uid for s in sink.stopped] == [run.start_doc["uid"]]
+
+
+def colour_run(sink, shape, config=None):
+    router = BlueskyRouter(sink, config or BlueskyIngestConfig())
+    run = compose_run()
+    router("start", run.start_doc)
+    desc = run.compose_descriptor(name="primary", data_keys={"img": image_key(shape)})
+    router("descriptor", desc.descriptor_doc)
+    return router, desc
+
+
+def test_rgb_and_rgba_frames_become_gray_and_are_counted(sink):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 4096, (H, W, 3), dtype=np.uint16)
+    rgba = np.concatenate([rgb, np.full((H, W, 1), 7, np.uint16)], axis=2)
+    for shape, img in (((H, W, 3), rgb), ((H, W, 4), rgba), ((1, H, W, 3), rgb[None])):
+        router, desc = colour_run(sink, shape)
+        router("event", desc.compose_event(data={"img": img}, timestamps={"img": 1.0}))
+    assert not sink.rejections
+    assert [r for r, _ in sink.conversions] == ["rgb_to_gray", "rgba_to_gray", "rgb_to_gray"]
+    gray = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    assert len(sink.frames) == 3
+    for job in sink.frames:  # alpha ignored
+        assert job.frame.shape == (H, W) and job.frame.dtype == np.float32
+        np.testing.assert_allclose(job.frame, gray, rtol=1e-5)
+
+
+def test_colour_frames_refused_by_config_are_counted(sink):
+    router, desc = colour_run(sink, (H, W, 3), BlueskyIngestConfig(color_frames="refuse"))
+    router("event", desc.compose_event(data={"img": np.zeros((H, W, 3), np.uint8)}, timestamps={"img": 1.0}))
+    assert sink.reasons == ["color_frame"] and not sink.frames and not sink.conversions
+
+
+def test_data_that_disagree_with_their_descriptor_are_refused_as_shape_mismatch(sink):
+    router, desc = colour_run(sink, (H, W))
+    for img in (np.zeros((H, W, 3), np.uint8),  # was: H frames of W x 3 analysed
+                np.zeros((H + 1, W), np.uint16),
+                np.zeros((2, H, W), np.uint16)):  # a stack under a single-frame key
+        router("event", desc.compose_event(data={"img": img}, timestamps={"img": 1.0}))
+    router("event", desc.compose_event(data={"img": np.zeros((1, H, W), np.uint16)}, timestamps={"img": 1.0}))
+    assert sink.reasons == ["shape_mismatch"] * 3
+    assert "descriptor says [24, 32]" in sink.rejections[0][1]
+    assert len(sink.frames) == 1 and sink.frames[0].frame.shape == (H, W)  # a leading 1 is no mismatch
+
+
+def test_unknown_descriptor_dimensions_match_any_length(sink):
+    for shape in ((0, 0), (5, 7, 0)):  # areaDetector says 0 when it does not know
+        router, desc = colour_run(sink, shape)
+        router("event", desc.compose_event(data={"img": np.ones((5, 7), np.uint8)}, timestamps={"img": 1.0}))
+    assert not sink.rejections and [f.frame.shape for f in sink.frames] == [(5, 7), (5, 7)]
+
+
+def test_bluesky_frames_get_the_raw_inputs_size_limit(sink):
+    router, desc = colour_run(sink, (H, W), BlueskyIngestConfig(max_dim=W - 1))
+    router("event", desc.compose_event(data={"img": np.zeros((H, W), np.uint16)}, timestamps={"img": 1.0}))
+    router2, desc2 = colour_run(sink, (H, W), BlueskyIngestConfig(max_frame_bytes=H * W * 2 - 1))
+    router2("event", desc2.compose_event(data={"img": np.zeros((H, W), np.uint16)}, timestamps={"img": 1.0}))
+    router2("event", desc2.compose_event(data={"img": np.zeros((H, W), np.uint8)}, timestamps={"img": 1.0}))
+    assert sink.reasons == ["oversize", "oversize"]
+    assert "max_dim" in sink.rejections[0][1] and "max_frame_bytes" in sink.rejections[1][1]
+    assert len(sink.frames) == 1

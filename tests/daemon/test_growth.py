@@ -23,6 +23,7 @@ from nanoseg_daemon.growth import (
     frame_values,
 )
 from nanoseg_daemon.metrics import DaemonMetrics
+from nanoseg_daemon.publish import AnalysisRun
 
 
 def test_ewma_weights_the_newest_value_and_skips_nan() -> None:
@@ -118,10 +119,13 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
     cfg = GrowthConfig(ewma_alpha=1.0, rules=[AlarmRule(name="many", quantity="count", statistic="value", above=1.5)])
     metrics = DaemonMetrics()
     mon = GrowthMonitor(cfg, metrics)
-    start = compose_run(metadata={"raw_run_uid": "raw"}).start_doc
+    analysis = AnalysisRun("raw", "m@1", {})
+    start = analysis.start_doc
     docs = []
     for seq, boxes in enumerate([[(0, 0, 20, 4)], [(0, 0, 20, 4), (0, 10, 30, 14)], [(0, 0, 20, 4)]], start=1):
-        docs += mon.observe(_result("raw", seq, boxes, 100.0 + seq), start)
+        result = _result("raw", seq, boxes, 100.0 + seq)
+        analysis.event(result)
+        docs += mon.observe(result, analysis.compose_descriptor)
     names = [n for n, _ in docs]
     assert names == ["descriptor", "event", "event"]  # descriptor once, raised at 2, cleared at 3
     desc = docs[0][1]
@@ -132,6 +136,8 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
     assert (raised["rule"], raised["state"], raised["raw_seq_num"], raised["value"]) == ("many", "raised", 2, 2.0)
     assert (cleared["state"], cleared["raw_seq_num"]) == ("cleared", 3)
     assert [d["seq_num"] for _, d in docs[1:]] == [1, 2]
+    stop = analysis.stop()  # the run's stop counts the alarms stream too (it did not)
+    assert stop is not None and stop[1]["num_events"] == {"primary": 3, ALARM_STREAM: 2}
     text = metrics.render().decode()
     assert 'nanoseg_growth_alarms_total{rule="many"} 1.0' in text
     assert 'nanoseg_growth_alarm_active{rule="many"} 0.0' in text
@@ -141,8 +147,35 @@ def test_monitor_publishes_a_valid_alarms_stream_and_sets_gauges() -> None:
 
 def test_monitor_forgets_the_least_recent_run() -> None:
     mon = GrowthMonitor(GrowthConfig(max_runs=2))
-    start = compose_run().start_doc
+    compose = compose_run().compose_descriptor
     for run in ("a", "b", "a", "c"):
-        mon.observe(_result(run, 1, [(0, 0, 8, 8)], 0.0), start)
+        mon.observe(_result(run, 1, [(0, 0, 8, 8)], 0.0), compose)
     assert mon.run("b") is None and mon.run("a") is not None and mon.run("c") is not None
-    assert GrowthMonitor(GrowthConfig(enabled=False)).observe(_result("x", 1, [], 0.0), start) == []
+    assert GrowthMonitor(GrowthConfig(enabled=False)).observe(_result("x", 1, [], 0.0), compose) == []
+
+
+def _wires(lengths: list[int]) -> list[tuple[int, int, int, int]]:
+    """Horizontal 3 px wide rectangles of the given lengths, stacked 5 px apart."""
+    return [(2, 2 + 5 * k, 2 + n, 5 + 5 * k) for k, n in enumerate(lengths)]
+
+
+def test_growth_series_carries_the_interval_and_tells_change_from_noise() -> None:
+    rng = np.random.default_rng(0)
+    short = [int(x) for x in rng.integers(20, 30, 11)]
+    again = [int(x) for x in rng.integers(20, 30, 11)]
+    longer = [int(x) for x in rng.integers(34, 44, 11)]
+    s = GrowthSeries(alpha=1.0)
+    points = [s.observe(k, float(k), frame_values(_result("r", k, _wires(w), float(k)).summary))
+              for k, w in enumerate((short, again, longer), start=1)]  # fmt: skip
+    p1, p2, p3 = points
+    assert p1.value["length_nm_lo"] < p1.value["length_nm"] < p1.value["length_nm_hi"]
+    assert p1.value["length_nm_hi"] - p1.value["length_nm_lo"] < 0.3 * p1.value["length_nm"]
+    assert p2.changed_significantly(p1, "length_nm") is False  # same distribution: noise
+    assert p3.changed_significantly(p2, "length_nm") is True  # ~ +13 px of mean length
+    one = s.observe(4, 4.0, frame_values(_result("r", 4, _wires([30]), 4.0).summary))
+    assert math.isnan(one.value["length_nm_lo"]) and one.changed_significantly(p3, "length_nm") is None
+    # a rule on the interval's lower bound fires only when the mean is significantly above the target
+    rule = AlarmRule(name="long", quantity="length_nm_lo", statistic="value", above=300.0)
+    state = RuleState(rule)
+    fired = [state.evaluate(p, k) for k, p in enumerate(points, start=1)]
+    assert [a.state if a else None for a in fired] == [None, None, "raised"]

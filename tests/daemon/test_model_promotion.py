@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoseg_daemon.control import control_request
+from nanoseg.control_client import control_request
 from nanoseg_training.promotion import ValidationSet, promote, rollback
 from nanoseg_training.registry import Registry, RegistryError
 from tests.daemon.service_fixtures import (

@@ -18,6 +18,14 @@ def test_growth_stop_on_target_uses_the_smoothed_length() -> None:
     assert stop.smoothed[:3] == [300, 350, 525]
 
 
+def test_growth_stop_with_significance_waits_for_the_interval() -> None:
+    stop = GrowthStop(target_nm=500, stall_rate_nm_per_frame=5, stall_frames=9, smoothing=1.0, significant=True)
+    # (mean, lower 95 % bound): the mean passes 500 at frame 2, its interval only at frame 3
+    assert [stop.update(m, lo) for m, lo in ((450, 400), (520, 470), (560, 505))] == [None, None, "target_reached"]
+    plain = GrowthStop(target_nm=500, stall_rate_nm_per_frame=5, stall_frames=9, smoothing=1.0)
+    assert plain.update(520, 470) == "target_reached"
+
+
 def test_growth_stop_on_stall_after_consecutive_slow_frames() -> None:
     stop = GrowthStop(target_nm=10_000, stall_rate_nm_per_frame=5, stall_frames=3, smoothing=1.0)
     lengths = [100, 200, 202, 300, 302, 303, 304]

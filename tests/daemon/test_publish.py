@@ -17,9 +17,9 @@ import zmq
 from bluesky.callbacks.zmq import RemoteDispatcher
 from event_model import DocumentNames, compose_run, schema_validators
 
+from nanoseg.codec import msgpack_loads
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.publish import (
-    DESERIALIZERS,
     SUMMARY_TOPIC,
     AnalysisRun,
     DocumentPublisher,
@@ -27,6 +27,7 @@ from nanoseg_daemon.publish import (
 )
 from tests.daemon.results_fixtures import WIRES, frame_result
 
+DESERIALIZERS = {"msgpack": msgpack_loads, "json": json.loads}  # what subscribers of each serializer use
 PROCESSING = {"profile": "ptychography", "score_threshold": 0.7, "nms.iou": 0.5}
 
 
@@ -235,3 +236,18 @@ def test_frame_order_and_stop_rules():
     assert stop[1]["reason"] == "raw exit status 'timeout': no raw stop within 60 s"
     assert run.stop("success") is None  # the raw stop arriving after the timeout
     schema_validators[DocumentNames.stop].validate(stop[1])
+
+
+def test_a_run_without_an_analysed_frame_ends_fail_with_the_reasons_counted():
+    run = AnalysisRun("raw-1", "m", {})
+    stop = run.stop("success", losses={"missing_image": 3, "fill_failed": 1, "decode_error": 0})
+    assert stop is not None and stop[1]["exit_status"] == "fail"
+    assert stop[1]["reason"] == "no frame analysed (fill_failed 1, missing_image 3)"
+    assert stop[1]["num_events"] == {"primary": 0}
+    schema_validators[DocumentNames.stop].validate(stop[1])
+    aborted = AnalysisRun("raw-2", "m", {}).stop("abort")  # the raw run's own status stands
+    assert aborted is not None and aborted[1]["exit_status"] == "abort"
+    ok = AnalysisRun("raw-3", "m", {})
+    ok.event(frame_result("raw-3", 1))
+    done = ok.stop("success", losses={"missing_image": 1})
+    assert done is not None and (done[1]["exit_status"], done[1]["reason"]) == ("success", "")

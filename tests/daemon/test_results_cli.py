@@ -12,6 +12,7 @@ import pytest
 from nanoseg.cli import main
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.contracts import FrameMetadata, RunStarted, RunStopped
+from nanoseg_daemon.publish import event_data
 from nanoseg_daemon.store import ResultStore, default_path
 from tests.daemon.results_fixtures import WIRES, frame_result
 
@@ -84,3 +85,66 @@ def test_export_errors(state_dir, tmp_path, capsys, monkeypatch):
     assert "'pyarrow'" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["results", "list", "--state-dir", str(tmp_path / "empty")]) == 2
     assert "no result store" in capsys.readouterr().err
+
+
+def test_store_parquet_pandas_round_trip_equals_what_was_published(tmp_path):
+    """Every particle column of the published event reads back from the Parquet export unchanged."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    store = ResultStore(default_path(tmp_path))
+    store.add_run(RunStarted("run-rt", FrameMetadata(pixel_size_nm=5.0), {"uid": "run-rt"}, 1.0), "m@1")
+    results = [frame_result("run-rt", k, n_wires=n) for k, n in ((1, 3), (2, 1), (3, 2))]
+    published = [json.loads(event_data(r)["particles"])["columns"] for r in results]
+    for r in results:
+        store.add_frame(r)
+    store.close()
+    out = tmp_path / "pq"
+    assert main(["results", "export", "run-rt", "--state-dir", str(tmp_path), "--format", "parquet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    df = pd.read_parquet(out / "particles.parquet")
+    assert len(df) == 6 and df["touches_edge"].dtype == bool and df["area_px"].dtype == np.int64
+    for name in published[0]:
+        expected = [v for cols in published for v in cols[name]]
+        got = df[name].tolist()
+        assert [None if isinstance(v, float) and np.isnan(v) else v for v in got] == expected, name
+    frames = pd.read_parquet(out / "frames.parquet")
+    assert frames["length_px_median_lo"].iloc[0] == results[0].summary.stats["length_px"].median_lo
+    assert frames["edge_rule"].tolist() == ["include"] * 3
+
+
+def test_export_imagej_names_rounding_and_run_summary(state_dir, tmp_path):
+    out = tmp_path / "ij"
+    assert main(["results", "export", "aaaa", "--state-dir", str(state_dir), "--out", str(out),
+                 "--names", "imagej", "--edge-rule", "exclude"]) == 0  # fmt: skip
+    with (out / "particles.csv").open() as f:
+        reader = csv.DictReader(f)
+        parts = list(reader)
+        header = reader.fieldnames or []
+    assert header[:18] == ["Area", "Perim.", "Major", "Minor", "Angle", "Circ.", "Feret", "FeretAngle", "MinFeret",
+                           "Solidity", "AR", "Round", "X", "Y", "Width", "Height", "Mean", "Unit"]  # fmt: skip
+    for p, wire in zip(parts, WIRES):
+        assert p["Unit"] == "nm" and p["MinFeret"] == p["min_feret_nm"] and p["Area"] == p["area_nm2"]
+        assert float(p["MinFeret"]) == pytest.approx(5.0 * wire[3], abs=5.0)
+        assert len(p["length_px"].partition(".")[2]) <= 2 and len(p["length_nm"].partition(".")[2]) <= 1
+        assert float(p["Width"]) == pytest.approx(5.0 * float(p["bbox_width_px"])) and p["Mean"] == ""
+        assert float(p["AR"]) == pytest.approx(float(p["Major"]) / float(p["Minor"]), rel=5e-3)  # of rounded axes
+    with (out / "run.csv").open() as f:
+        run = {r["column"]: r for r in csv.DictReader(f)}
+    length = run["length_px"]
+    assert length["edge_rule"] == "exclude" and length["particles"] == "6"
+    assert float(length["median_lo"]) <= float(length["median"]) <= float(length["median_hi"])
+    touching = sum(int(p["touches_edge"]) for p in parts)
+    assert int(length["counted"]) == 6 - touching
+    assert float(run["length_nm"]["median"]) == pytest.approx(5.0 * float(length["median"]), abs=0.1)
+
+
+def test_report_writes_figure_and_page_with_the_run_summary(state_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["results", "report", "aaaa", "--state-dir", str(state_dir), "--out", str(out)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    page = (out / "report.html").read_text()
+    assert "counting rule" in page.lower() and "<b>include</b>" in page and "data:image/png;base64," in page
+    assert page.count("<tr>") == 1 + 11  # header + the interval columns in px and nm
+    assert "<td>length_nm</td>" in page

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nanoseg.checkpoint import load_checkpoint
-from nanoseg_daemon.control import control_request
+from nanoseg.control_client import control_request
 from nanoseg_daemon.store import ResultReader, default_path
 from tests.daemon.service_fixtures import (
     DOSE,

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoseg.codec import msgpack_loads
 from nanoseg.config_io import ConfigError, parse_config
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig
 from nanoseg_daemon.wire import (
     WireError,
     json_loads,
     make_deserializer,
-    msgpack_loads,
     parse_bluesky_message,
 )
 from tests.daemon.ingest_fixtures import TouchOnLoad

@@ -23,7 +23,7 @@ import yaml
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from nanoseg_daemon.config import apply_overrides
+from nanoseg.config_io import apply_overrides
 from nanoseg_daemon.service import Service
 from tests.daemon.service_fixtures import service_overrides, start_service
 

@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from nanoseg_daemon.publish import msgpack_dumps
+from nanoseg.codec import msgpack_dumps
 
 MAX_FRAME_BYTES = 256 * 1024  # ingest.raw.max_frame_bytes of the fuzzed daemon
 PICKLE_PROTOCOLS = range(pickle.HIGHEST_PROTOCOL + 1)

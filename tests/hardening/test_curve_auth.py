@@ -26,8 +26,8 @@ import zmq
 from bluesky.callbacks.zmq import Proxy, Publisher, ServerCurve
 from event_model import compose_run
 
-from nanoseg_daemon.control import control_request
-from nanoseg_daemon.publish import msgpack_dumps, msgpack_loads
+from nanoseg.codec import msgpack_dumps, msgpack_loads
+from nanoseg.control_client import control_request
 from nanoseg_daemon.service import Service
 from tests.hardening.hardening_fixtures import (
     Pusher,

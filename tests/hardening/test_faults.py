@@ -24,9 +24,9 @@ import zmq
 from bluesky.callbacks.zmq import Publisher
 from event_model import compose_run
 
+from nanoseg.codec import msgpack_dumps, msgpack_loads
+from nanoseg.control_client import control_request
 from nanoseg_daemon.contracts import FrameMetadata, RunStarted
-from nanoseg_daemon.control import control_request
-from nanoseg_daemon.publish import msgpack_dumps, msgpack_loads
 from nanoseg_daemon.store import ResultReader, ResultStore, StoreError, default_path
 from nanoseg_sim.demo import free_ports
 from tests.hardening.hardening_fixtures import (

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from nanoseg_daemon.control import control_request
+from nanoseg.control_client import control_request
 from nanoseg_daemon.store import ResultReader, default_path
 from tests.daemon.ingest_fixtures import start_proxy
 from tests.hardening.hardening_fixtures import (

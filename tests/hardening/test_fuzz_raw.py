@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoseg_daemon.control import control_request
+from nanoseg.control_client import control_request
 from nanoseg_daemon.store import ResultReader, default_path
 from tests.hardening.hardening_fixtures import (
     Pusher,

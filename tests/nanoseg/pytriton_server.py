@@ -2,7 +2,7 @@
 
 Runs in the pytriton environment (``scripts/setup_pytriton.sh``: it pins numpy<2, so not in
 .venv), with the work tree on PYTHONPATH and LD_LIBRARY_PATH at the interpreter's library
-directory (see /work/shared/triton-notes.md)::
+directory::
 
     python tests/nanoseg/pytriton_server.py --onnx model.onnx --model nanoseg \\
         --grpc-port P --http-port Q --metrics-port R [--threads 1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoseg.checkpoint import load_checkpoint
-from nanoseg.engines.factory import engine_from_checkpoint, input_shape
+from nanoseg.checkpoint import input_shape, load_checkpoint
+from nanoseg.engines.factory import engine_from_checkpoint
 from nanoseg.instances import Instances
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter

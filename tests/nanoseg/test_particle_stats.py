@@ -185,3 +185,15 @@ def test_empty_table_summary() -> None:
     s = frame_summary(particle_table(np.zeros((0, 8, 8), bool), None, None))
     assert s.count == 0 and s.coverage_fraction == 0.0 and s.stats["area_px"].mean is None
     json.dumps(s.to_dict(), allow_nan=False)
+
+
+def test_rounding_follows_the_unit_in_the_column_name() -> None:
+    from nanoseg.particle_stats import round_value
+
+    assert round_value("length_px", 123.456789) == 123.46 and round_value("length_nm", 987.654321) == 987.7
+    assert round_value("area_nm2", 12345.6) == 12346.0 and round_value("orientation_deg", 12.3456) == 12.35
+    assert round_value("length_nm_median_lo", 1.26) == 1.3 and round_value("solidity", 0.987654) == 0.9877
+    assert round_value("area_px", 12) == 12 and round_value("touches_edge", True) is True
+    t = particle_table(_wire_mask(30.0, 100, 10)[None], None, 8.0)
+    rec = t.to_records(rounded=True)[0]
+    assert rec["length_nm"] == round(float(t.length_nm[0]), 1) and rec["width_px"] == round(float(t.width_px[0]), 2)  # type: ignore[index]

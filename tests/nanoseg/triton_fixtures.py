@@ -4,7 +4,7 @@ The server runs in the pytriton environment (``scripts/setup_pytriton.sh``; nvid
 numpy<2, so it is not installed in .venv), found at ``$NANOSEG_PYTRITON_PYTHON`` or
 ``<cache>/pytriton-venv/bin/python``. The child's LD_LIBRARY_PATH points at that interpreter's
 library directory: otherwise the Python-backend stub links Debian's older libpython3.11 and fails
-to load the model (/work/shared/triton-notes.md).
+to load the model.
 """
 
 from __future__ import annotations

@@ -346,8 +346,13 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     card = (out / "MODEL_CARD.md").read_text()
     assert f"model's operating point (score >= {point.score_threshold}, mask >= {point.mask_threshold})" in card
     assert (out / "calibration" / "calibration.md").exists()
-    assert "(4 images, `nanoseg generate tiny --count 4 --seed 3`)" in card  # read from the set's info
+    assert f"| synthetic `{tiny_dataset.name}` (`nanoseg generate tiny --count 4 --seed 3`) | 4 |" in card  # its info
     assert f"`nanoseg evaluate {out.as_posix()}/model.pt <test set>" in card
+    assert "nanoseg generate tiny --count 4 --seed 3 --out data/test" in card  # how to reproduce
+    assert str(tiny_dataset) not in card and str(tiny_model.parent) not in card  # no machine paths
+    for section in ("## Model details", "## Training data", "## Evaluation", "## Limits and intended use",
+                    "## How to reproduce"):
+        assert section in card
     rescored = tmp_path / "rescored"
     assert main(["models", "release", str(tiny_model.parent), "--out", str(rescored), "--test-set", str(tiny_dataset),
                  "--validation-set", str(tiny_dataset), "--scores", "0.05", "--masks", "0.5", "--mask-rescoring",
@@ -363,13 +368,12 @@ def test_release_calibrates_then_evaluates_and_the_card_says_where(tiny_model: P
     card = (rescored / "MODEL_CARD.md").read_text()
     assert ("operating point (class score x maskness >= 0.05, mask >= 0.5; boxes refined by 2 passes of the box head, "
             "masks predicted on boxes grown by 1 px)") in card
-    assert f"With mask TTA over 2 views (`nanoseg evaluate {rescored.as_posix()}/model.pt <test set>" in card
-    assert f"mask AP **{tta['segm']['AP']:.1f}**" in card
+    assert f"| the same, `--mask-tta 2` | 4 | {tta['segm']['AP']:.1f} | {tta['segm']['AP75']:.1f} |" in card
     again = tmp_path / "from_checkpoint"  # a checkpoint (e.g. copied back from a GPU machine) releases too
     assert main(["models", "release", str(rescored / "model.pt"), "--out", str(again), "--test-set", str(tiny_dataset),
                  "--threads", "1", "--quiet"]) == 0
     assert load_checkpoint(again / "model.pt").operating_point == load_checkpoint(rescored / "model.pt").operating_point
-    assert f"Released from\n`{rescored / 'model.pt'}`" in (again / "MODEL_CARD.md").read_text()
+    assert "released from `model.pt` at commit" in (again / "MODEL_CARD.md").read_text()
 
 
 def test_bad_threshold_flags_are_named_not_raised(tiny_model: Path, tiny_dataset: Path, tmp_path: Path,

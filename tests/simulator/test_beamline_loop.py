@@ -22,9 +22,9 @@ import zmq
 from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
+from nanoseg.codec import msgpack_loads
 from nanoseg_daemon.ophyd_stats import NanosegStats
 from nanoseg_daemon.plans import GrowthStop, adaptive_exposure, next_exposure
-from nanoseg_daemon.publish import msgpack_loads
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.store import ResultReader, default_path
 from nanoseg_sim.run import Simulation, TruthRecorder, load_simulator_config, make_publisher

@@ -1,0 +1,373 @@
+"""Sinks: where results go after the stages. ingest -> queue -> stages -> ``SinkChain`` -> sinks.
+
+Every sink has the same small interface (``Sink``): a run opens, its frames are written in frame
+order, the run closes; ``close`` ends the sink. The daemon config's ``sinks`` list names them in
+order (default: ``store``, then ``bluesky`` and ``summary`` where enabled).
+
+``SinkChain`` hands each item to the sinks in list order and keeps the order across them:
+
+* A *durable* sink (the store) that raises ``SinkError`` holds the item, and every later item, in
+  memory; the chain retries them oldest first (``retry``) and the later sinks get them only once
+  it has succeeded, so results are stored before they are published. Beyond ``max_pending``
+  waiting items the oldest is lost: a frame is counted failed (``<sink>_overflow``), a run start
+  or stop still goes on to the later sinks, so no analysis run is left open.
+* A frame counts as processed (``frames_processed_total`` and the per-frame metrics) once every
+  durable sink has it, before the others see it: counters never lag what subscribers see.
+* ``write_frame`` returning False means the frame was already written (a replay): it is counted
+  as dropped (``duplicate``) and goes no further.
+* A non-durable sink's ``SinkError``, and any other exception of any sink (a bug), is counted in
+  ``sink_errors_total{sink, reason}`` and logged; the item goes on to the next sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nanoseg.masks import RLE, encode_rle_batch
+from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.growth import GrowthMonitor
+from nanoseg_daemon.logs import log
+from nanoseg_daemon.metrics import DaemonMetrics
+from nanoseg_daemon.publish import AnalysisRun, DocumentPublisher, SummaryPublisher
+from nanoseg_daemon.store import ResultStore, StoreError
+
+
+class SinkError(Exception):
+    """A sink could not take an item; ``reason`` is a metric label. A durable sink's item is retried."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Sink(Protocol):
+    """One output of the daemon. Called from one thread (the output stage), in order per run:
+    ``open_run``, ``write_frame`` in frame order, ``close_run``; ``close`` once at the end."""
+
+    name: str
+    """The name in the config's ``sinks`` list and in metric labels."""
+    durable: bool
+    """True: a ``SinkError`` holds the item for a retry, and later sinks wait for it."""
+
+    def open_run(self, run: RunStarted) -> None: ...
+
+    def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        """Write one frame's result (``rles``: its masks as COCO RLE, encoded once for all sinks).
+        False: already written (a replay), later sinks skip it."""
+        ...
+
+    def close_run(self, stop: RunStopped) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# -- the sinks -----------------------------------------------------------------------------
+
+
+class StoreSink:
+    """The SQLite result store (``store.py``); durable."""
+
+    name = "store"
+    durable = True
+
+    def __init__(self, store: ResultStore, model_version: Callable[[], str], metrics: DaemonMetrics) -> None:
+        self.store, self._model_version, self._metrics = store, model_version, metrics
+
+    def _failed(self, err: StoreError) -> SinkError:
+        self._metrics.store_errors.labels(err.reason).inc()
+        return SinkError(err.reason, err.detail)
+
+    def open_run(self, run: RunStarted) -> None:
+        try:
+            self.store.add_run(run, self._model_version())
+        except StoreError as err:
+            raise self._failed(err) from err
+
+    def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        try:
+            return self.store.add_frame(result, rles)
+        except StoreError as err:
+            raise self._failed(err) from err
+
+    def close_run(self, stop: RunStopped) -> None:
+        try:
+            self.store.stop_run(stop)
+        except StoreError as err:
+            raise self._failed(err) from err
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class BlueskySink:
+    """Analysis runs as bluesky documents (``publish.AnalysisRun``) and their growth alarms.
+
+    A run's analysis opens (start, descriptor) at its first frame or at its stop, so an analysis
+    run exists only once something of it was stored; ``describe`` gives the model version and
+    the processing settings recorded in its start document.
+    """
+
+    name = "bluesky"
+    durable = False
+
+    def __init__(self, publisher: DocumentPublisher, growth: GrowthMonitor,
+                 describe: Callable[[], tuple[str, dict[str, Any]]], metrics: DaemonMetrics) -> None:
+        self.publisher, self._growth, self._describe, self._metrics = publisher, growth, describe, metrics
+        self._runs: dict[str, AnalysisRun] = {}
+        self._raw: dict[str, RunStarted] = {}
+
+    def _send(self, name: str, doc: dict[str, Any]) -> None:
+        if not self.publisher(name, doc):
+            self._metrics.publish_dropped.labels("bluesky").inc()
+
+    def _analysis(self, run_uid: str) -> AnalysisRun:
+        run = self._runs.get(run_uid)
+        if run is None:
+            version, processing = self._describe()
+            raw = self._raw.get(run_uid)
+            run = AnalysisRun(run_uid, version, processing, raw_metadata=raw.metadata.extra if raw else None)
+            self._runs[run_uid] = run
+            for name, doc in run.opening():
+                self._send(name, doc)
+        return run
+
+    def open_run(self, run: RunStarted) -> None:
+        self._raw[run.run_uid] = run
+
+    def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        run = self._analysis(result.run_uid)
+        try:
+            self._send(*run.event(result, rles))
+        except ValueError as err:  # out of order within a run: stored, not published as an event
+            log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
+        for name, doc in self._growth.observe(result, run.compose_descriptor):  # alarms stream of the analysis run
+            self._send(name, doc)
+        return True
+
+    def close_run(self, stop: RunStopped) -> None:
+        doc = self._analysis(stop.run_uid).stop(stop.exit_status, losses=stop.rejected)
+        if doc is not None:
+            self._send(*doc)
+        self._runs.pop(stop.run_uid, None)
+        self._raw.pop(stop.run_uid, None)
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+class SummarySink:
+    """Per-frame JSON summaries on the summary topic (``publish.SummaryPublisher``)."""
+
+    name = "summary"
+    durable = False
+
+    def __init__(self, publisher: SummaryPublisher, metrics: DaemonMetrics) -> None:
+        self.publisher, self._metrics = publisher, metrics
+
+    def open_run(self, run: RunStarted) -> None:
+        return
+
+    def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        if not self.publisher.publish(result):
+            self._metrics.publish_dropped.labels("summary").inc()
+        return True
+
+    def close_run(self, stop: RunStopped) -> None:
+        return
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+# -- the chain -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    result: FrameResult
+    rles: list[RLE]
+
+
+@dataclass
+class _Pending:
+    item: RunStarted | _Frame | RunStopped
+    next: int = 0  # index of the sink it goes to next
+    counted: bool = False
+
+    def describe(self) -> str:
+        it = self.item
+        return it.result.frame_uid if isinstance(it, _Frame) else f"{type(it).__name__} {it.run_uid}"
+
+
+class SinkChain:
+    """The output stage: run starts, results and run stops to every sink, in order (see module)."""
+
+    def __init__(self, sinks: Sequence[Sink], metrics: DaemonMetrics, max_pending: int,
+                 losses: Callable[[str], Mapping[str, int]] = lambda run_uid: {}) -> None:
+        self.sinks = list(sinks)
+        self._losses = losses  # a run's frames dropped or failed before output, by reason
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self.processed = 0
+        self._count_at = max((i + 1 for i, s in enumerate(self.sinks) if s.durable), default=0)
+        self._pending: deque[_Pending] = deque()  # in output order
+        self._open: set[str] = set()  # runs started and not yet closed by every sink
+        self._activity: dict[str, float] = {}  # run uid -> monotonic time of its last start or frame
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def put(self, item: RunStarted | FrameResult | RunStopped | FrameJob) -> None:
+        """Take one item from the stages (output thread)."""
+        with self._lock:
+            now = time.monotonic()
+            if isinstance(item, RunStarted):
+                self._open.add(item.run_uid)
+                self._activity[item.run_uid] = now
+                self.metrics.open_runs.set(len(self._open))
+                self._pending.append(_Pending(item))
+            elif isinstance(item, FrameResult):
+                self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.box_masks))))
+            elif isinstance(item, RunStopped):
+                self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
+                # every frame of the run has passed the stages: its losses are all counted by now
+                losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
+                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses))))
+            else:
+                raise TypeError(f"not an output item: {type(item).__name__}")
+            self._flush()
+
+    def retry(self) -> None:
+        """Retry what waits for a durable sink (housekeeping)."""
+        if self._pending:
+            with self._lock:
+                if not self._closed:
+                    self._flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def open_runs(self) -> list[str]:
+        return sorted(self._open)
+
+    def stale_runs(self, timeout_s: float) -> list[str]:
+        """Runs with no start or frame for ``timeout_s``; each is reported once."""
+        now = time.monotonic()
+        stale = [u for u, t in list(self._activity.items()) if now - t > timeout_s]
+        for uid in stale:
+            self._activity.pop(uid, None)
+        return stale
+
+    def close(self) -> int:
+        """Flush once more, then close every sink; returns the items still unwritten (lost)."""
+        with self._lock:
+            self._flush()
+            lost = len(self._pending)
+            self._closed = True
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except Exception as err:
+                    log("sink_close_failed", logging.ERROR, sink=sink.name, error=f"{type(err).__name__}: {err}")
+        return lost
+
+    def _flush(self) -> None:
+        while self._pending:
+            if not self._advance(self._pending[0]):
+                while len(self._pending) > self.max_pending:
+                    self._lose(self._pending.popleft())
+                return
+            self._pending.popleft()
+
+    def _write(self, sink: Sink, item: RunStarted | _Frame | RunStopped) -> bool:
+        if isinstance(item, _Frame):
+            return sink.write_frame(item.result, item.rles)
+        if isinstance(item, RunStarted):
+            sink.open_run(item)
+        else:
+            sink.close_run(item)
+        return True
+
+    def _advance(self, p: _Pending) -> bool:
+        """Write ``p`` to its remaining sinks; False when a durable sink failed (``p`` waits)."""
+        while p.next < len(self.sinks):
+            if p.next == self._count_at:
+                self._count(p)
+            sink = self.sinks[p.next]
+            try:
+                written = self._write(sink, p.item)
+            except SinkError as err:
+                self._sink_error(sink, err.reason, str(err), p)
+                if sink.durable:
+                    return False
+                written = True
+            except Exception as err:  # a bug in one sink must not stop the output
+                self._sink_error(sink, "internal_error", f"{type(err).__name__}: {err}", p)
+                written = True
+            p.next += 1
+            if not written:
+                self.metrics.frames_dropped.labels("duplicate").inc()
+                return True
+        if p.next == self._count_at:
+            self._count(p)
+        self._done(p)
+        return True
+
+    def _sink_error(self, sink: Sink, reason: str, detail: str, p: _Pending) -> None:
+        self.metrics.sink_errors.labels(sink.name, reason).inc()
+        log(f"{sink.name}_error", logging.ERROR, reason=reason, detail=detail[:500], item=p.describe(),
+            pending=len(self._pending))
+
+    def _count(self, p: _Pending) -> None:
+        """Count a frame every durable sink has: processed, particles, stage times."""
+        if not isinstance(p.item, _Frame) or p.counted:
+            return
+        p.counted = True
+        r = p.item.result
+        self._activity[r.run_uid] = time.monotonic()
+        self.processed += 1
+        m = self.metrics
+        m.frames_processed.inc()
+        m.particles.observe(r.summary.count)
+        if r.instances_capped:
+            m.instances_dropped.labels("max_instances").inc(r.instances_capped)
+            log("instances_capped", logging.WARNING, run=r.run_uid, frame=r.frame_uid, dropped=r.instances_capped)
+        m.last_frame.set(time.time())
+        for stage, seconds in r.timings.items():
+            m.stage_seconds.labels(stage).observe(seconds)
+
+    def _done(self, p: _Pending) -> None:
+        it = p.item
+        if isinstance(it, _Frame) and p.counted and it.result.received_monotonic > 0:  # 0.0: no ingest time
+            self.metrics.latency_seconds.observe(time.monotonic() - it.result.received_monotonic)
+        elif isinstance(it, RunStopped):
+            self._open.discard(it.run_uid)
+            self._activity.pop(it.run_uid, None)
+            self.metrics.open_runs.set(len(self._open))
+            log("run_closed", run=it.run_uid, exit_status=it.exit_status)
+
+    def _lose(self, p: _Pending) -> None:
+        """Give up on an item a durable sink cannot take: frames are lost, run starts and stops
+        still go on to the later sinks."""
+        sink = self.sinks[p.next]
+        log("result_lost", logging.ERROR, item=p.describe(), reason=f"{sink.name}_overflow")
+        if isinstance(p.item, _Frame):
+            self.metrics.frames_failed.labels(f"{sink.name}_overflow").inc()
+            return
+        p.next += 1
+        while p.next < len(self.sinks):
+            sink = self.sinks[p.next]
+            try:
+                self._write(sink, p.item)
+            except Exception as err:
+                self._sink_error(sink, getattr(err, "reason", "internal_error"), f"{type(err).__name__}: {err}", p)
+            p.next += 1
+        self._done(p)

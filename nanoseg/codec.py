@@ -1,0 +1,83 @@
+"""The one wire codec: JSON-safe values, and msgpack with NumPy arrays (encode, and a decode that
+never unpickles).
+
+Every layer that puts documents on a wire or into a file uses these: the daemon's publisher,
+ingest and store, the simulator's publisher and the demo's listener. NumPy arrays travel as
+``msgpack_numpy`` encodes them; the decoder refuses object arrays, which ``msgpack_numpy`` would
+decode with ``pickle.loads`` (running the sender's code).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+
+
+class CodecError(ValueError):
+    """Bytes that do not decode safely (an object array, a broken NumPy buffer)."""
+
+
+def json_safe(obj: Any, max_array_size: int | None = None) -> Any:
+    """A copy of ``obj`` that ``json.dumps`` writes as standard JSON.
+
+    Parameters
+    ----------
+    obj
+        Nested dicts, lists, tuples, NumPy arrays and scalars, and plain Python values.
+    max_array_size
+        Arrays with more elements become the string ``"<array SHAPE DTYPE>"`` (None: no limit).
+
+    Returns
+    -------
+    Any
+        NumPy values as Python values, non-finite floats as None, tuples as lists, dict keys as
+        strings, and any other object as its ``str``.
+    """
+    if isinstance(obj, np.ndarray) and max_array_size is not None and obj.size > max_array_size:
+        return f"<array {obj.shape} {obj.dtype}>"
+    if isinstance(obj, np.ndarray | np.generic):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v, max_array_size) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v, max_array_size) for v in obj]
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    return str(obj)
+
+
+def msgpack_dumps(doc: Any) -> bytes:
+    """msgpack bytes of ``doc``, NumPy arrays as ``msgpack_numpy.encode`` writes them."""
+    return bytes(msgpack.packb(doc, default=msgpack_numpy.encode))
+
+
+def _numpy_object_hook(obj: dict[Any, Any]) -> Any:
+    """msgpack_numpy's decode, minus its one unsafe branch (object arrays are unpickled there)."""
+    if b"nd" not in obj:
+        return msgpack_numpy.decode(obj)  # complex numbers, or the map unchanged
+    if obj.get(b"kind") == b"O":
+        raise CodecError("msgpack object array (would need unpickling)")
+    try:
+        value = msgpack_numpy.decode(obj)
+    except (TypeError, ValueError) as err:
+        raise CodecError(f"bad msgpack_numpy array: {err}") from None
+    if isinstance(value, np.ndarray | np.generic) and value.dtype.hasobject:
+        raise CodecError("msgpack array with an object dtype")
+    return value
+
+
+def msgpack_loads(payload: bytes) -> Any:
+    """Decode msgpack with NumPy arrays as ``msgpack_numpy`` encodes them; never unpickles.
+
+    Raises
+    ------
+    CodecError
+        An object array or a broken NumPy buffer (other malformed bytes raise msgpack's errors).
+    """
+    return msgpack.unpackb(payload, raw=False, object_hook=_numpy_object_hook)

@@ -1,0 +1,344 @@
+"""Wire geometry of one particle mask: centreline length, width profile, Feret diameters.
+
+Conventions: lengths in px; positions in continuous pixel-edge coordinates, y down (pixel (c, r)
+covers [c, c+1) x [r, r+1), its centre is (c + 0.5, r + 0.5)); angles in degrees [0, 180),
+counter-clockwise from the image x axis as seen on screen (y down).
+
+Centreline: the longest geodesic path through the skeleton (scikit-image ``skeletonize``) of the
+mask's box crop, found on a grid of blocks of about a sixth of the half width for wires wider
+than 12 px; the spurs that run into the end corners are cut back by 1.5 local half widths, the
+rest is sampled every few px (a chord polyline, so the 8-connected staircase does not count) and
+extended along its end tangents to where the mask, interpolated between pixel centres, falls to
+one half. Its length follows bends; for a straight prism it is the axis length within about 1 px.
+
+Width: twice the distance from each centreline sample to the nearest background pixel centre
+gives the width profile's shape; it is offset by one constant so that its mean equals area /
+centreline length, the mean width of any strip (bent or tapered) and unbiased on a digitised
+mask, whereas distances to pixel centres are quantised to the grid.
+
+Feret: calipers of the convex hull of the pixel centres. The smallest adds the expected gap
+between the outermost centres and the true edge (half a lattice-row spacing on each side for an
+edge along a lattice direction, less as the edge crosses rows, ``_pixel_extent``); the largest adds
+half a pixel for its two corners. ``feret_px`` is the largest caliper, ``min_feret_px`` the
+smallest (for a wire: its width; ImageJ's MinFeret), ``feret_angle_deg`` the direction of the
+largest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+from scipy.spatial import cKDTree
+from skimage.morphology import skeletonize
+
+SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
+SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
+FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
+_OFFSETS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc])  # 8-neighbourhood
+_STEPS = np.hypot(_OFFSETS[:, 0], _OFFSETS[:, 1])
+_LATTICE = ((1, 0), (1, 1), (2, 1), (1, 2))  # lattice directions (p, q) whose rows of centres matter
+
+
+@dataclass(frozen=True)
+class Centreline:
+    """A particle's centreline in its box crop's frame (add the box origin for the field's).
+
+    ``points``: (K, 2) samples (x, y), px, pixel-edge coordinates, first to last end, including
+    the two boundary end points. ``width_px``: (K,) local width at each sample, px.
+    ``length_px``: polyline length, px. ``chord_px``: distance between the two ends, px.
+    """
+
+    points: np.ndarray
+    width_px: np.ndarray
+    length_px: float
+    chord_px: float
+
+    @property
+    def tortuosity(self) -> float:
+        """Centreline length / end-to-end distance (1 for a straight wire, > 1 when bent)."""
+        return self.length_px / self.chord_px if self.chord_px > 0 else math.nan
+
+    def max_deviation_px(self) -> float:
+        """Largest distance of the centreline from the straight line joining its ends, px."""
+        a, b = self.points[0], self.points[-1]
+        d = b - a
+        norm = float(np.hypot(*d))
+        if norm == 0:
+            return 0.0
+        rel = self.points - a
+        return float(np.max(np.abs(rel[:, 0] * d[1] - rel[:, 1] * d[0])) / norm)
+
+
+def _longest_path(skel: np.ndarray) -> np.ndarray:
+    """(M, 2) row, col of the skeleton's geodesic diameter (two sweeps of Dijkstra)."""
+    rr, cc = np.nonzero(skel)
+    n = rr.size
+    if n <= 1:
+        return np.stack([rr, cc], axis=1)
+    index = np.full((skel.shape[0] + 2, skel.shape[1] + 2), -1, dtype=np.int32)
+    index[rr + 1, cc + 1] = np.arange(n)
+    nbr = index[rr[:, None] + 1 + _OFFSETS[:, 0], cc[:, None] + 1 + _OFFSETS[:, 1]]  # (n, 8)
+    linked = nbr >= 0
+    indptr = np.concatenate([[0], np.cumsum(linked.sum(axis=1))])
+    graph = csr_matrix((np.broadcast_to(_STEPS, nbr.shape)[linked], nbr[linked], indptr), shape=(n, n))
+    dist0 = dijkstra(graph, indices=0)  # the graph holds both directions of every edge
+    a = int(np.argmax(np.where(np.isfinite(dist0), dist0, -1)))
+    dist_a, pred = dijkstra(graph, indices=a, return_predecessors=True)
+    b = int(np.argmax(np.where(np.isfinite(dist_a), dist_a, -1)))
+    path = [b]
+    while path[-1] != a:
+        path.append(int(pred[path[-1]]))
+    ids = np.asarray(path[::-1])
+    return np.stack([rr[ids], cc[ids]], axis=1)
+
+
+def _arc(points: np.ndarray) -> np.ndarray:
+    steps = np.hypot(*np.diff(points, axis=0).T) if len(points) > 1 else np.zeros(0)
+    return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, reach: float,
+                   step: float = 0.25) -> float:
+    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px (at most
+    ``reach``); ``mask`` as float32.
+
+    The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
+    on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
+    """
+    h, w = mask.shape
+    n = int(min(2 * (h + w), reach) / step) + 2
+    t = np.arange(0, n) * step
+    xs = start[0] + t * direction[0]
+    ys = start[1] + t * direction[1]
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    last = int(np.argmin(inside)) if not inside.all() else n
+    v = ndimage.map_coordinates(mask, [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
+    below = np.nonzero(v < 0.5)[0]
+    k = int(below[0]) if below.size else last - 1
+    if k == 0:
+        return 0.0
+    v0, v1 = float(v[k - 1]), float(v[k]) if below.size else 0.0
+    frac = (v0 - 0.5) / (v0 - v1) if v0 != v1 else 0.5
+    return float((k - 1 + frac) * step)
+
+
+def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreline | None:
+    """Centreline and width profile of one particle ``mask`` (H, W) bool, ideally its box crop.
+
+    ``width_hint_px``: a rough width (e.g. from the second moments) that sets the skeleton's grid;
+    estimated from the moments when not given. Returns None for an empty mask. Lengths in px,
+    points in the crop's pixel-edge coordinates.
+    """
+    if not mask.any():
+        return None
+    padded = np.pad(mask, 1)
+    if width_hint_px is None:
+        width_hint_px = moment_width_hint(padded)
+    # a wide wire's skeleton is found on a coarser grid (blocks of s x s px, majority vote): the
+    # centreline is sampled every ~half width anyway, and thinning and the distance transform
+    # cost ~ area (x half width)
+    s = max(1, int(0.5 * width_hint_px // SKELETON_PX_PER_BLOCK))
+    if s > 1:
+        h, w = padded.shape
+        blocks = np.pad(padded, ((0, -h % s), (0, -w % s)))
+        blocks = blocks.reshape(blocks.shape[0] // s, s, blocks.shape[1] // s, s)
+        coarse = blocks.mean(axis=(1, 3)) >= 0.5
+        coarse = coarse if coarse.any() else blocks.any(axis=(1, 3))
+    else:
+        coarse = padded
+    edt = ndimage.distance_transform_edt(coarse) * s  # px, on the skeleton's grid
+    path = _longest_path(skeletonize(coarse))
+    half = edt[path[:, 0], path[:, 1]]
+    xy = path[:, ::-1].astype(np.float64) * s + 0.5 * s  # (x, y) block centres in the padded frame, px
+    arc = _arc(xy)
+    total = arc[-1]
+    # cut the corner spurs: the last ~half width at each end is the skeleton's fork into corners
+    cut = min(SPUR_CUT * float(np.median(half)), 0.3 * total)
+    keep = (arc >= cut) & (arc <= total - cut)
+    if keep.sum() < 2:
+        keep = np.ones_like(keep)
+        keep[1:-1] = False if len(keep) > 2 else keep[1:-1]
+    core, core_arc = xy[keep], arc[keep]
+    step = max(2.0 * s, min(float(np.median(half)), 0.1 * (core_arc[-1] - core_arc[0]) + 1.0))
+    targets = np.arange(core_arc[0], core_arc[-1], step)
+    idx = np.unique(np.concatenate([np.searchsorted(core_arc, targets), [len(core) - 1]]))
+    idx = idx[idx < len(core)]
+    samples = core[idx]
+    if len(samples) == 1 or np.allclose(samples[0], samples[-1]):
+        samples = _degenerate_axis(padded, samples[0])
+    ends = []
+    span = max(2.0 * step, 1.0)
+    fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0 + 2 * s
+    for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
+                           (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
+        d = end - inner_dir
+        norm = float(np.hypot(*d))
+        d = d / norm if norm > 0 else np.array([1.0, 0.0])
+        ends.append(end + d * _exit_distance(fmask, end, d, reach))
+    pts = np.vstack([ends[0], samples, ends[1]])
+    length = float(_arc(pts)[-1])
+    profile = 2.0 * _distance_to_outside(padded, samples)
+    profile = np.concatenate([profile[:1], profile, profile[-1:]])  # the end points keep their neighbour's
+    mean_width = float(mask.sum()) / length if length > 0 else math.nan
+    profile = profile + (mean_width - float(profile.mean()))
+    chord = float(np.hypot(*(pts[-1] - pts[0])))
+    return Centreline(points=pts - 1.0, width_px=profile, length_px=length, chord_px=chord)
+
+
+def moment_width_hint(mask: np.ndarray) -> float:
+    """A wire's width from its second moments, px: the smaller of the moment rectangle's width and
+    area / its length (both overestimate a bent wire's width, neither underestimates it much)."""
+    rr, cc = np.nonzero(mask)
+    if rr.size < 2:
+        return 1.0
+    evals = np.linalg.eigvalsh(np.cov(np.stack([cc, rr]).astype(np.float64), bias=True))
+    return float(min(math.sqrt(12 * max(evals[0], 0.0) + 1), rr.size / math.sqrt(12 * max(evals[1], 0.0) + 1)))
+
+
+def _distance_to_outside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Distance (px) from ``points`` (x, y) to the nearest pixel centre outside ``mask``: the
+    distance transform at those points, from the background pixels along the mask's border."""
+    p = np.pad(mask, 1)
+    grown = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    rr, cc = np.nonzero(grown & ~mask)
+    if rr.size == 0:
+        return np.zeros(len(points))
+    d, _ = cKDTree(np.stack([cc, rr], axis=1) + 0.5).query(points)
+    return np.asarray(d, dtype=np.float64)
+
+
+def _index_at(points: np.ndarray, distance: float) -> int:
+    """Index of the first point at least ``distance`` along ``points`` from the first."""
+    arc = _arc(points)
+    return min(int(np.searchsorted(arc, distance)), len(points) - 1)
+
+
+def _degenerate_axis(mask: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Two points on the major axis through ``centre`` for a blob whose skeleton is a point."""
+    rr, cc = np.nonzero(mask)
+    cov = np.cov(np.stack([cc, rr]).astype(np.float64)) if rr.size > 1 else np.eye(2)
+    evals, evecs = np.linalg.eigh(np.atleast_2d(cov))
+    axis = evecs[:, int(np.argmax(evals))]
+    return np.stack([centre - 0.01 * axis, centre + 0.01 * axis])
+
+
+@dataclass(frozen=True)
+class Feret:
+    """Caliper diameters of a particle, px; angle of the largest, degrees [0, 180), CCW from x."""
+
+    max_px: float
+    min_px: float
+    angle_deg: float
+
+
+def hull_candidates(mask: np.ndarray) -> np.ndarray:
+    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices: each row's first and last
+    pixel (every other pixel of a row lies between them, so the hull is theirs)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    xs = np.concatenate([first, last]).astype(np.float64)
+    ys = np.concatenate([rows, rows]).astype(np.float64)
+    return np.stack([xs, ys], axis=1) + 0.5
+
+
+def convex_hull(points: np.ndarray) -> np.ndarray | None:
+    """Vertices (K, 2) of the convex hull of ``points``, in order around it; None when they are
+    collinear (or fewer than 3).
+
+    Points inside the octagon of the extreme points in 8 directions cannot be vertices and are
+    dropped first (most of an elongated particle's); the rest go through Andrew's monotone chain.
+    """
+    if len(points) < 3:
+        return None
+    x, y = points[:, 0], points[:, 1]
+    sums = (x, x + y, y, y - x)
+    octagon = points[[int(np.argmin(v)) for v in sums] + [int(np.argmax(v)) for v in sums]]
+    octagon = np.unique(octagon, axis=0)
+    if len(octagon) >= 3:
+        inner = _monotone_chain(octagon)
+        if inner is not None and len(inner) >= 3:
+            e = np.roll(inner, -1, axis=0) - inner
+            rel = points[:, None, :] - inner[None, :, :]
+            cross = e[None, :, 0] * rel[..., 1] - e[None, :, 1] * rel[..., 0]
+            points = points[~np.all(cross > 0, axis=1)]  # strictly inside every edge: not a vertex
+    return _monotone_chain(np.unique(points, axis=0))
+
+
+def _monotone_chain(points: np.ndarray) -> np.ndarray | None:
+    """Convex hull of ``points`` sorted by x then y (Andrew's algorithm), collinear points dropped."""
+    pts = points[np.lexsort((points[:, 1], points[:, 0]))]
+    if len(pts) < 3:
+        return None
+
+    def half(seq: np.ndarray) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = []
+        for px, py in seq.tolist():
+            while len(out) >= 2:
+                (ax, ay), (bx, by) = out[-2], out[-1]
+                if (bx - ax) * (py - ay) - (by - ay) * (px - ax) > 0:
+                    break
+                out.pop()
+            out.append((px, py))
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    hull = np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+    return hull if len(hull) >= 3 else None
+
+
+def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:
+    """Feret (largest caliper), MinFeret (smallest) and Feret angle of ``mask`` (H, W) bool.
+
+    ``hull``: the convex hull of the mask's pixel centres when the caller has it.
+    """
+    if hull is None:
+        hull = convex_hull(hull_candidates(mask))
+    if hull is None:  # at most two pixels, or one straight line of pixels
+        pts = hull_candidates(mask)
+        if len(pts) == 0:
+            return Feret(math.nan, math.nan, math.nan)
+        d = pts - pts[0]
+        far = int(np.argmax(np.hypot(*d.T)))
+        return Feret(float(np.hypot(*d[far])) + 1.0, 1.0, _angle(d[far]) if far else 0.0)
+    diff = hull[:, None, :] - hull[None, :, :]
+    dist = np.hypot(diff[..., 0], diff[..., 1])
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    edges = np.roll(hull, -1, axis=0) - hull
+    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / np.hypot(*edges.T)[:, None]
+    widths = np.ptp(hull @ normals.T, axis=0)
+    k = int(np.argmin(widths))
+    return Feret(
+        max_px=float(dist[i, j]) + FERET_CORNER_PX,
+        min_px=float(widths[k]) + _pixel_extent(normals[k], float(dist[i, j])),
+        angle_deg=_angle(hull[j] - hull[i]),
+    )
+
+
+def _pixel_extent(normal: np.ndarray, edge_length: float) -> float:
+    """Expected gap (px) between a caliper through pixel centres and the digitised edge it spans.
+
+    Pixel centres lie on lattice lines; along an edge parallel to a lattice direction of line
+    spacing d (1 px for rows and columns, 0.71 px for diagonals, 0.45 px for 1:2 slopes) the
+    outermost centres sit on average d / 2 inside each side. An edge tilted by a small angle a
+    from that direction over ``edge_length`` px crosses lattice lines, so the gap shrinks as
+    max(0, d - edge_length * sin a) for the two sides together.
+    """
+    n = normal / max(float(np.hypot(*normal)), 1e-12)
+    gap = 0.0
+    for p, q in _LATTICE:
+        d = 1.0 / math.hypot(p, q)
+        for u in ((p * d, q * d), (q * d, -p * d)):  # the lattice normal and its mirror
+            sin_a = abs(n[0] * u[1] - n[1] * u[0])
+            gap = max(gap, d - edge_length * sin_a)
+    return gap
+
+
+def _angle(d: np.ndarray) -> float:
+    """Direction (dx, dy) with y down -> degrees [0, 180), counter-clockwise from +x on screen."""
+    return math.degrees(math.atan2(-float(d[1]), float(d[0]))) % 180.0

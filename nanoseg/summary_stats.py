@@ -1,0 +1,215 @@
+"""Summary statistics of particle columns: counting rules for edge particles, weighted statistics
+with bootstrap intervals, axial statistics of orientations and fixed-bin histograms.
+
+Counting rules (``EdgeRule``), for particles whose mask touches the frame's border:
+
+- ``include``: every particle counts with weight 1 (cut wires count with their visible length).
+- ``exclude``: particles touching the border are left out. Simple, but a field of view sees a
+  long wire whole less often than a short one, so the lengths are biased short.
+- ``miles_lantuejoul``: border particles are left out and every other particle is weighted by
+  (W H) / ((W - w) (H - h)), its bounding box w x h in a W x H frame: the inverse of the share
+  of positions at which a particle of that box would lie entirely in the frame (Miles 1978,
+  Lantuejoul 1980). Unbiased for the distribution of whole particles; a particle whose box is
+  as large as the frame cannot be counted (weight 0).
+
+Intervals: a percentile bootstrap over particles (resampled with replacement, ``resamples``
+draws from a seeded generator, so the same frame always gives the same interval), 95 %.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+EdgeRule = Literal["include", "exclude", "miles_lantuejoul"]
+EDGE_RULES: tuple[EdgeRule, ...] = ("include", "exclude", "miles_lantuejoul")
+CONFIDENCE = 0.95
+
+
+def edge_weights(
+    rule: EdgeRule, touches_edge: np.ndarray, box_w: np.ndarray, box_h: np.ndarray, frame_shape: tuple[int, int]
+) -> np.ndarray:
+    """Each particle's weight (N,) under ``rule``; box sizes and frame shape in px."""
+    n = touches_edge.shape[0]
+    if rule == "include":
+        return np.ones(n)
+    keep = ~touches_edge.astype(bool)
+    if rule == "exclude":
+        return keep.astype(np.float64)
+    if rule != "miles_lantuejoul":
+        raise ValueError(f"edge rule must be one of {', '.join(EDGE_RULES)}, got {rule!r}")
+    h, w = frame_shape
+    free = (w - np.nan_to_num(box_w, nan=w)) * (h - np.nan_to_num(box_h, nan=h))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(keep & (free > 0), (w * h) / free, 0.0)
+    return weight
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted median along the last axis, positive weights; equals ``np.median`` for unit weights.
+
+    Midpoint rule: value k sits at cumulative weight (W_k - w_k / 2) / W; the median is read off
+    at 0.5 by linear interpolation between neighbours.
+    """
+    order = np.argsort(x, axis=-1)
+    xs = np.take_along_axis(x, order, axis=-1)
+    ws = np.take_along_axis(w, order, axis=-1)
+    c = (np.cumsum(ws, axis=-1) - 0.5 * ws) / ws.sum(axis=-1, keepdims=True)
+    n = x.shape[-1]
+    k = np.clip((c < 0.5).sum(axis=-1, keepdims=True), 1, max(n - 1, 1))
+    lo_c, hi_c = np.take_along_axis(c, k - 1, -1), np.take_along_axis(c, min(n - 1, 1) * k, -1)
+    lo_x, hi_x = np.take_along_axis(xs, k - 1, -1), np.take_along_axis(xs, min(n - 1, 1) * k, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.clip(np.where(hi_c > lo_c, (0.5 - lo_c) / (hi_c - lo_c), 0.0), 0.0, 1.0)
+    return (lo_x + frac * (hi_x - lo_x))[..., 0]
+
+
+def weighted_stats(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, median, population std) along the last axis, weights ``w``; NaN where no weight."""
+    total = w.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = (w * x).sum(axis=-1) / total
+        var = (w * (x - mean[..., None]) ** 2).sum(axis=-1) / total
+    equal = bool(np.all(w == w.flat[0])) if w.size else True  # include, exclude: a plain median
+    median = np.median(x, axis=-1) if equal and x.shape[-1] else _weighted_median(x, w)
+    return mean, median, np.sqrt(np.maximum(var, 0.0))
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, median and population standard deviation of the counted finite values (None if none).
+
+    ``*_lo``, ``*_hi``: 95 % bootstrap interval of the mean and the median (None without
+    bootstrap or below two values). ``n_for_target``: particles needed for the median's 95 %
+    interval to be within +-``target_precision`` of the median (FrameSummary's), from the
+    interval's width, which shrinks as 1 / sqrt(n); None without an interval.
+    """
+
+    mean: float | None
+    median: float | None
+    std: float | None
+    mean_lo: float | None = None
+    mean_hi: float | None = None
+    median_lo: float | None = None
+    median_hi: float | None = None
+    n_for_target: int | None = None
+
+    def scaled(self, factor: float) -> Stat:
+        """The statistics of the values times ``factor`` > 0 (px -> nm)."""
+
+        def f(v: float | None) -> float | None:
+            return None if v is None else v * factor
+
+        return Stat(f(self.mean), f(self.median), f(self.std), f(self.mean_lo), f(self.mean_hi),
+                    f(self.median_lo), f(self.median_hi), self.n_for_target)  # fmt: skip
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "mean": self.mean, "median": self.median, "std": self.std,
+            "mean_lo": self.mean_lo, "mean_hi": self.mean_hi,
+            "median_lo": self.median_lo, "median_hi": self.median_hi, "n_for_target": self.n_for_target,
+        }  # fmt: skip
+
+
+def _opt(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def stat_with_interval(
+    values: np.ndarray,
+    weights: np.ndarray,
+    resamples: int,
+    rng: np.random.Generator | None,
+    target_precision: float,
+) -> Stat:
+    """``Stat`` of ``values`` (N,) with weights (N,); the bootstrap draws from ``rng``."""
+    ok = np.isfinite(values) & (weights > 0)
+    x, w = values[ok].astype(np.float64), weights[ok].astype(np.float64)
+    if x.size == 0:
+        return Stat(None, None, None)
+    mean, median, std = (float(v) for v in weighted_stats(x, w))
+    if rng is None or resamples <= 0 or x.size < 2:
+        return Stat(mean, median, std)
+    idx = rng.integers(0, x.size, size=(resamples, x.size))
+    bm, bmed, _ = weighted_stats(x[idx], w[idx])
+    alpha = (1 - CONFIDENCE) / 2
+    m_lo, m_hi = np.nanquantile(bm, [alpha, 1 - alpha])
+    d_lo, d_hi = np.nanquantile(bmed, [alpha, 1 - alpha])
+    half = 0.5 * (d_hi - d_lo)
+    need = None
+    if median != 0 and target_precision > 0:
+        need = max(1, math.ceil(x.size * (half / (target_precision * abs(median))) ** 2))
+    return Stat(mean, median, std, _opt(m_lo), _opt(m_hi), _opt(d_lo), _opt(d_hi), need)
+
+
+def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
+    n = (hi_exp - lo_exp) * per_decade
+    return tuple(float(10 ** (lo_exp + k / per_decade)) for k in range(n + 1))
+
+
+HISTOGRAM_EDGES: dict[str, tuple[float, ...]] = {
+    "area_px": _log_edges(1, 6, 4),  # 10 px .. 1e6 px, 4 bins per decade
+    "area_nm2": _log_edges(2, 8, 4),  # 100 nm^2 .. 1e8 nm^2 (100 µm^2)
+    "length_px": _log_edges(0, 4, 5),  # 1 px .. 10^4 px, 5 bins per decade
+    "length_nm": _log_edges(1, 5, 5),  # 10 nm .. 100 µm
+    "width_px": _log_edges(0, 3, 5),  # 1 px .. 1000 px
+    "width_nm": _log_edges(0, 4, 5),  # 1 nm .. 10 µm
+    "aspect_ratio": _log_edges(0, 2, 10),  # 1 .. 100, 10 bins per decade
+    "orientation_deg": tuple(float(a) for a in range(0, 181, 10)),  # 0 .. 180 deg, 10 deg bins
+}
+"""Fixed bin edges (bins [e_k, e_k+1), the last closed), so histograms of frames and runs add up."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts in fixed bins; values outside the edges go to ``underflow`` / ``overflow``."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    underflow: int
+    overflow: int
+
+    @classmethod
+    def of(cls, values: np.ndarray, edges: tuple[float, ...]) -> Histogram:
+        v = values[np.isfinite(values)]
+        counts, _ = np.histogram(v, bins=np.asarray(edges))
+        return cls(
+            edges, tuple(int(c) for c in counts), int((v < edges[0]).sum()), int((v > edges[-1]).sum())
+        )
+
+    def merge(self, other: Histogram) -> Histogram:
+        """Sum of two histograms with the same edges (e.g. frames of one run)."""
+        if self.edges != other.edges:
+            raise ValueError("histograms with different edges cannot be merged")
+        counts = tuple(a + b for a, b in zip(self.counts, other.counts))
+        return Histogram(self.edges, counts, self.underflow + other.underflow, self.overflow + other.overflow)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "edges": list(self.edges),
+            "counts": list(self.counts),
+            "underflow": self.underflow,
+            "overflow": self.overflow,
+        }
+
+
+def axial_stat(deg: np.ndarray) -> tuple[Stat, float | None]:
+    """Statistics of axial angles (0 == 180 deg) and the order parameter |<exp(2i theta)>|.
+
+    Mean: the axial circular mean, [0, 180). Median: of the angles unwrapped to within 90 deg of
+    the mean. Std: circular, sqrt(-2 ln R) / 2 in degrees. Order parameter R: 0 for isotropic
+    orientations, 1 when all particles are parallel.
+    """
+    v = deg[np.isfinite(deg)]
+    if v.size == 0:
+        return Stat(None, None, None), None
+    z = np.exp(2j * np.radians(v)).mean()
+    r = float(abs(z))
+    mean = math.degrees(math.atan2(z.imag, z.real)) / 2 % 180.0
+    unwrapped = (v - mean + 90.0) % 180.0 - 90.0
+    median = (mean + float(np.median(unwrapped))) % 180.0
+    std = math.degrees(math.sqrt(-2 * math.log(max(r, 1e-300))) / 2)
+    return Stat(mean, median, std), r
