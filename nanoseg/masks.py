@@ -164,9 +164,22 @@ def decode_rle(rle: RLE | dict) -> np.ndarray:
 
 
 def decode_segmentation(seg: dict | list, height: int, width: int) -> np.ndarray:
-    """A COCO annotation's ``segmentation`` as a boolean (H, W) mask: RLE (compressed or not,
-    ``decode_rle``) or polygons ``[[x0, y0, x1, y1, ...], ...]`` in px (CVAT and labelme exports;
-    pixel edges, as pycocotools rasterises them; several polygons are one mask's parts)."""
+    """A COCO annotation's ``segmentation`` as a boolean mask.
+
+    Parameters
+    ----------
+    seg : dict or list
+        RLE (compressed or not, ``decode_rle``) or polygons ``[[x0, y0, x1, y1, ...], ...]`` in px
+        (CVAT and labelme exports; pixel edges, as pycocotools rasterises them; several polygons
+        are one mask's parts).
+    height, width : int
+        The image's size in px.
+
+    Returns
+    -------
+    np.ndarray
+        (height, width) bool.
+    """
     if isinstance(seg, dict):
         return decode_rle(seg)
     try:

@@ -28,7 +28,7 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
     each prepared as the daemon prepares a frame (``prepare_frame`` with ``profile``). A frame
     the profile cannot prepare (``FrameError``) counts as found empty, its reason in the record.
     ``max_instances``: the best-scored instances per image only (``Segmenter.segment_prepared``)."""
-    from nanoseg_training.segment_files import read_image
+    from nanoseg_training.image_files import read_image
 
     root = Path(dataset_dir)
     images = sorted(coco["images"], key=lambda im: int(im["id"]))[:limit]

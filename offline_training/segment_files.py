@@ -33,34 +33,9 @@ from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
 from nanoseg.prepare import prepare_frame
 from nanoseg.segmenter import Segmenter
+from nanoseg_training.image_files import UnreadableImage, read_image
 
 DEFAULT_MODEL = MODELS / "default" / "model.pt"
-
-
-class UnreadableImage(ValueError):
-    pass
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A 2-D array from PNG/TIFF/NPY (colour images are averaged to gray)."""
-    try:
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif suffix in (".tif", ".tiff"):
-            arr = tifffile.imread(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                arr = np.asarray(im)
-    except Exception as err:  # each reader raises its own family of errors
-        raise UnreadableImage(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3].mean(axis=-1)
-    if arr.ndim != 2:
-        raise UnreadableImage(f"{path}: expected a 2-D image, got shape {arr.shape}")
-    return arr
 
 
 @dataclass(frozen=True)

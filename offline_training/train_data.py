@@ -108,7 +108,7 @@ class CocoSource:
 
     def _read(self, path: Path) -> np.ndarray:
         if self.prepare is not None:
-            from nanoseg_training.segment_files import UnreadableImage, read_image
+            from nanoseg_training.image_files import UnreadableImage, read_image
 
             try:
                 return read_image(path)
