@@ -46,6 +46,17 @@ class ModelSection(StrictModel):
     mask_tta: Literal[1, 2, 4, 8] | None = Field(
         None, description="Average masks over this many flipped/transposed views (None = the model's own; "
                           "costs about N x the backbone; not with engine triton).")
+    max_detections: int | None = Field(
+        None, ge=1, le=1000, description="Detections kept per model input (and RPN proposals, at least as many); "
+                                         "None = the model's own. Raise it for fields of hundreds of small "
+                                         "particles. Not with an exported onnx_path or engine triton, whose "
+                                         "graphs fix it.")
+
+    @model_validator(mode="after")
+    def _max_detections_where_the_graph_is_built(self) -> ModelSection:
+        if self.max_detections is not None and (self.onnx_path or self.engine == "triton"):
+            raise ValueError("max_detections needs a graph built from the checkpoint (no onnx_path, not triton)")
+        return self
 
     @model_validator(mode="after")
     def _triton_needs_a_target(self) -> ModelSection:
