@@ -145,8 +145,12 @@ def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
     data = (f"`nanoseg generate {gen['preset']} --count {gen['count']} --seed {gen['seed']}`" if gen
             else f"`{Path(tc['data']).name}`")
     last = info["history"][-1]
-    return f"""- Mask refiner ({ref.channels} channels, dilations {list(ref.dilations)}), trained after the network
-  (unchanged) by `nanoseg train-refiner configs/training/{tc['name']}.yaml --model <the network>` on its own
+    donor = info.get("transplanted_from_sha256")
+    whose = ("the network it was fine-tuned from; carried over by `scripts/transplant_refiner.py` "
+             f"(donor `{donor[:12]}`) and measured on validation before release. It was trained"
+             if donor else "the network (unchanged)")
+    return f"""- Mask refiner ({ref.channels} channels, dilations {list(ref.dilations)}), trained after {whose}
+  by `nanoseg train-refiner configs/training/{tc['name']}.yaml --model <the network>` on that network's own
   detections on {data} (the last {tc['holdout_images']} images held out): {info['samples']} detections,
   {tc['epochs']} epochs, {last.get('seconds', 0):.0f} s on the CPU; held-out mask IoU {info['holdout_iou_coarse']:.4f} -> {info['holdout_iou']:.4f}.
 """
@@ -159,7 +163,7 @@ def _row(label: str, m: dict[str, Any]) -> str:
 
 
 def evaluation_text(metrics: dict[str, Any], test_set: Path, model: str,
-                    tta: tuple[int, dict[str, Any]] | None = None) -> str:
+                    tta: tuple[int, dict[str, Any]] | None = None, real_measured: bool = False) -> str:
     """The card's evaluation: the synthetic test set (and its TTA row), then the real-image placeholder.
 
     Parameters
@@ -172,6 +176,8 @@ def evaluation_text(metrics: dict[str, Any], test_set: Path, model: str,
         The model's path relative to the repository, e.g. ``models/default/model.pt``.
     tta : (int, dict), optional
         Number of mask TTA views and the metrics of the same test set evaluated with them.
+    real_measured : bool, optional
+        Whether the card carries a real-data table (then no placeholder row).
 
     Returns
     -------
@@ -186,14 +192,16 @@ def evaluation_text(metrics: dict[str, Any], test_set: Path, model: str,
     width = metrics["statistics"].get("width_px")
     widths = ("" if width is None else
               f" Mean wire width: {width['pred_mean']:.2f} px predicted, {width['gt_mean']:.2f} px true.")
+    if not real_measured:
+        rows.append("| real `rods_dev`, per contrast | — | — | — | — | — | — | — |")
+    real = ("" if real_measured else " Real: not measured in this release; the table per contrast comes from "
+            f"`nanoseg evaluate {model} <real set> --profile <profile> --out <dir>`.")
     return f"""| test set | images | mask AP | mask AP75 | box AP | foreground accuracy | count error | s per image |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
-| real `rods_dev`, per contrast | — | — | — | — | — | — | — |
 
 Synthetic: `nanoseg evaluate {model} <test set> --out <dir>` (`evaluation/report.md` has AP by size,
-particle statistics and where mask AP is lost).{widths} Real: not measured in this release; the
-table per contrast comes from `nanoseg evaluate {model} <real set> --profile <profile> --out <dir>`.
+particle statistics and where mask AP is lost).{widths}{real}
 """
 
 
@@ -290,7 +298,7 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
 {refiner_text(ckpt_meta, model_cfg)}{lineage_text(ckpt_meta)}
 ## Evaluation
 
-{evaluation_text(metrics, Path(args.test_set), model, tta)}
+{evaluation_text(metrics, Path(args.test_set), model, tta, bool(real_table))}
 ### Real data
 {real_table or "No annotated real set was measured."}
 {real_line}
