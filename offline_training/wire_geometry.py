@@ -95,6 +95,13 @@ class WireColumns:
         counts[self.thickness <= 0] = 0
         return np.maximum(counts, 0).astype(np.int32)
 
+    def footprint(self, shape: tuple[int, int]) -> np.ndarray:
+        """The columns holding material, as a boolean mask of the full field ``shape`` (H, W)."""
+        m = np.zeros(shape, dtype=bool)
+        y0, y1, x0, x1 = self.box
+        m[y0:y1, x0:x1] = self.thickness > 0
+        return m
+
     def lowest_voxel(self, z0: float, tilt_deg: float) -> np.ndarray:
         """Index of the lowest voxel of each column (meaningful where counts > 0)."""
         return np.ceil(self.bottom(z0, tilt_deg) - 0.5).astype(np.int32)

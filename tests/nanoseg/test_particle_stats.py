@@ -53,10 +53,7 @@ def _wire_mask(angle: float, length: float, width: float, centre: tuple[float, f
     g = WireGeometry(start=start, angle_deg=angle, length=length, width=width, thickness=10)
     cols = rasterise(g, SHAPE)
     assert cols is not None
-    m = np.zeros(SHAPE, bool)
-    y0, y1, x0, x1 = cols.box
-    m[y0:y1, x0:x1] = cols.thickness > 0
-    return m
+    return cols.footprint(SHAPE)
 
 
 def _angle_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

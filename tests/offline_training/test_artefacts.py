@@ -23,10 +23,7 @@ ROD = WireGeometry((20.0, 48.0), 0.0, 60.0, 16.0, 10.0)  # horizontal, 60 x 16 p
 def footprint(g: WireGeometry, shape: tuple[int, int] = (96, 112)) -> np.ndarray:
     cols = rasterise(g, shape)
     assert cols is not None
-    m = np.zeros(shape, bool)
-    y0, y1, x0, x1 = cols.box
-    m[y0:y1, x0:x1] = cols.thickness > 0
-    return m
+    return cols.footprint(shape)
 
 
 def test_round_caps_cut_the_corners_and_keep_the_tip_to_tip_length() -> None:
