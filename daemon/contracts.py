@@ -67,6 +67,7 @@ class RunStopped:
     exit_status: str  # bluesky's: success | abort | fail (raw input: success)
     time: float
     rejected: dict[str, int] = field(default_factory=dict)  # the run's inputs refused at ingest, by reason
+    reason: str = ""  # why it ended so (a resumed run's missed frames, a run given up after a restart)
 
 
 class IngestSink(Protocol):
