@@ -263,8 +263,8 @@ class BlueskyRouter(DocumentRouter):
 
     ``clock``: monotonic time source for ``FrameJob.received_monotonic``. ``journal``: records
     each run's start and descriptors (the store), so ``resume`` can take the run up after a restart.
-    Events of a descriptor never seen (a subscriber that joined late) are rejected once per
-    descriptor (``unknown_descriptor``, one log line) and counted in ``unknown_events``.
+    Events of a descriptor never seen (a subscriber that joined late) are each counted
+    (``unknown_descriptor``), and logged once per descriptor.
     """
 
     def __init__(
@@ -278,7 +278,6 @@ class BlueskyRouter(DocumentRouter):
         super().__init__()
         self._journal = journal
         self._unknown_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)  # descriptor uid -> events seen
-        self.unknown_events = 0
         self._sink = sink
         self._config = config or BlueskyIngestConfig()
         self._metadata_keys = self._config.resolved_metadata_keys()
@@ -563,13 +562,13 @@ class BlueskyRouter(DocumentRouter):
             return
         run_uid = self._descriptor_run.get(descriptor)
         if run_uid is None:
-            self.unknown_events += 1
             seen = self._unknown_descriptors.get(descriptor, 0)
             self._unknown_descriptors[descriptor] = seen + 1
-            if seen:  # counted once per descriptor: a late joiner would log every frame of the run
-                return
-            raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor} (its run's "
-                                                "start was not seen; later events of it are not logged)")
+            # a late joiner would log every frame of the run: each is counted, one is logged
+            self._sink.rejected("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor} (its "
+                                "run's start was not seen; further events of it are counted, not logged)",
+                                logged=not seen)
+            return
         run = self._run(run_uid, f"event {uid}")
         if uid in run.recent_events:
             raise _Reject("duplicate_uid", f"event {uid} seen before")

@@ -16,11 +16,12 @@ import zmq
 from event_model import DocumentNames, compose_run, schema_validators
 
 from nanoseg.codec import msgpack_dumps
-from nanoseg_daemon.store import ResultReader, default_path
+from nanoseg_daemon.store import ResultReader, ResultStore, default_path
 from tests.hardening.hardening_fixtures import (
     ServeProcess,
     serve_overrides,
     small_frame,
+    start_lean_service,
     total,
     wait_for,
     write_config,
@@ -114,3 +115,36 @@ def test_sigkill_mid_run_then_restart_resumes_the_same_analysis_run(tmp_path: Pa
     assert reader.open_runs() == []
     with sqlite3.connect(default_path(state)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_run_whose_stop_came_while_down_is_closed_abort_after_the_resume_timeout(
+        tmp_path: Path, trained_model_path: Path) -> None:
+    run = compose_run()
+    desc = run.compose_descriptor(name="primary", data_keys={"img": {"dtype": "array", "shape": [64, 64],
+                                                                    "source": "cam"}})
+    store = ResultStore(default_path(tmp_path))  # what a daemon killed during the run left behind
+    store.run_opened(dict(run.start_doc))
+    store.descriptor_added(run.start_doc["uid"], dict(desc.descriptor_doc))
+    store.close()
+    ctx: zmq.Context[Any] = zmq.Context()
+    source = ctx.socket(zmq.PUB)  # the publisher of the raw run, which sends nothing more
+    source.linger = 0
+    source.bind("tcp://127.0.0.1:*")
+    svc = start_lean_service(tmp_path, trained_model_path, **{
+        "ingest.bluesky.enabled": "true", "ingest.bluesky.address": source.getsockopt_string(zmq.LAST_ENDPOINT),
+        "publish.resume_timeout_s": "2.0"})
+    assert svc.doc_pub is not None
+    collector = DocCollector(svc.doc_pub.address)
+    try:
+        docs = collector.run_of(run.start_doc["uid"], timeout=30)
+    finally:
+        collector.close()
+        assert svc.stop()
+        source.close(0)
+        ctx.term()
+    stop = docs[-1][1]
+    assert stop["exit_status"] == "abort" and "within 2 s of the restart" in stop["reason"], stop
+    reader = ResultReader(default_path(tmp_path))
+    (rec,) = reader.runs()
+    assert rec.exit_status == "abort" and "within 2 s" in rec.metadata["stop_reason"]
+    assert reader.open_runs() == []
