@@ -28,7 +28,9 @@ ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
 
 A wrong-typed value is reported as ``bad_metadata`` and left out. Documents out of order (event
 before descriptor, descriptor or stop for an unknown run, duplicate uids) are reported through
-``sink.rejected`` and never raise. Memory is bounded: a stopped run is forgotten, at most
+``sink.rejected`` and never raise (events of an unknown descriptor, e.g. of a run started before
+the daemon subscribed, are each counted but logged once per descriptor). ``resume`` takes up a
+run open before a restart from the journal's documents. Memory is bounded: a stopped run is forgotten, at most
 ``max_open_runs`` runs are open (a further start evicts the least active one with a
 ``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
 are capped per run. Not thread-safe: one ingest thread calls it.
