@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_generator.py [--count 1000] [--rate-images 100]
 
 Prints images per second for 512 x 512 scenes of the ``paper`` preset (as shipped, 5-20 wires,
-and with the count fixed near 20), in one process and with every core through
+and with the count fixed near 20) and of the ``randomised`` preset (domain randomisation, every
+effect on with its preset probability), in one process and with every core through
 ``write_dataset``, then writes a ``--count``-image data set end to end with and without the
 float OD files, reporting time and size on disk. Everything goes to a temporary directory that
 is deleted at the end. The load average is printed too: other jobs on the machine slow it down.
@@ -43,11 +44,14 @@ def main() -> None:
     cores = os.cpu_count() or 1
     paper = load_yaml(resolve_config("paper", "synthetic"), SceneConfig)
     twenty = paper.model_copy(update={"wires": paper.wires.model_copy(update={"count": IntRange(low=18, high=22)})})
+    randomised = load_yaml(resolve_config("randomised", "synthetic"), SceneConfig)
     print(f"cores {cores}, load average before {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="bench_generator_") as tmp:
         root = Path(tmp)
         print(f"\nthroughput, {args.rate_images} images of 512 x 512 each (PNG + OD .npy + COCO RLE):")
-        for label, cfg in (("paper preset (5-20 wires)", paper), ("paper, 18-22 wires", twenty)):
+        presets = (("paper preset (5-20 wires)", paper), ("paper, 18-22 wires", twenty),
+                   ("randomised preset", randomised))
+        for label, cfg in presets:
             for workers in (1, cores):
                 out = root / f"rate_{len(list(root.iterdir()))}"
                 seconds, summary = timed_write(cfg, out, args.rate_images, workers)

@@ -46,6 +46,17 @@ class ModelSection(StrictModel):
     mask_tta: Literal[1, 2, 4, 8] | None = Field(
         None, description="Average masks over this many flipped/transposed views (None = the model's own; "
                           "costs about N x the backbone; not with engine triton).")
+    max_detections: int | None = Field(
+        None, ge=1, le=1000, description="Detections kept per model input (and RPN proposals, at least as many); "
+                                         "None = the model's own. Raise it for fields of hundreds of small "
+                                         "particles. Not with an exported onnx_path or engine triton, whose "
+                                         "graphs fix it.")
+
+    @model_validator(mode="after")
+    def _max_detections_where_the_graph_is_built(self) -> ModelSection:
+        if self.max_detections is not None and (self.onnx_path or self.engine == "triton"):
+            raise ValueError("max_detections needs a graph built from the checkpoint (no onnx_path, not triton)")
+        return self
 
     @model_validator(mode="after")
     def _triton_needs_a_target(self) -> ModelSection:
@@ -125,9 +136,19 @@ class LogSection(StrictModel):
     json_lines: bool = Field(True, description="One JSON object per line (false: plain text).")
 
 
-SinkName = Literal["store", "bluesky", "summary"]
-"""The daemon's sinks (``daemon/sinks.py``); their settings are the sections ``store``,
-``publish.bluesky`` and ``publish.summary``."""
+class TiledSection(StrictModel):
+    uri: str = Field(description="Tiled server URL, e.g. http://tiled.example:8000 (optionally /api/v1/metadata/<path>).")
+    api_key: str | None = Field(None, description="Tiled API key; better from the environment: NANOSEG__TILED__API_KEY.")
+    path: list[str] = Field(default_factory=list, description="Container (keys from the root) that receives the "
+                            "analysis runs; created where missing. Empty = the root.")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per request; a slower server counts as a failed write.")
+    retry_after_s: float = Field(30.0, ge=0, description="After the server was unreachable, items are counted failed "
+                                 "without trying it for this long (a hung server must not stall the output).")
+
+
+SinkName = Literal["store", "bluesky", "summary", "tiled"]
+"""The daemon's sinks (``daemon/sinks.py``, ``daemon/tiled_sink.py``); their settings are the
+sections ``store``, ``publish.bluesky``, ``publish.summary`` and ``tiled``."""
 
 
 class DaemonConfig(StrictModel):
@@ -148,9 +169,11 @@ class DaemonConfig(StrictModel):
     shutdown: ShutdownSection = Field(default_factory=ShutdownSection)
     log: LogSection = Field(default_factory=LogSection)
     growth: GrowthConfig = Field(default_factory=GrowthConfig, description="Per-run growth series, EWMA, rates and alarm rules.")
+    tiled: TiledSection | None = Field(None, description="Write analysis runs (label images, particle tables) "
+                                       "into a Tiled catalog (sink tiled); None = no Tiled.")
     sinks: list[SinkName] | None = Field(
-        None, description="Where results go, in order: store, bluesky, summary. None = store, then bluesky and "
-                          "summary where publish.<name>.enabled. The store, when listed, comes first (results are "
+        None, description="Where results go, in order: store, bluesky, summary, tiled. None = store, then bluesky and "
+                          "summary where publish.<name>.enabled, then tiled where a tiled section is given. The store, when listed, comes first (results are "
                           "stored before they are published); growth alarms travel with bluesky.")
 
     @field_validator("sinks")
@@ -168,6 +191,8 @@ class DaemonConfig(StrictModel):
         off = [n for n in ("bluesky", "summary") if n in names and not getattr(self.publish, n).enabled]
         if off:
             raise ValueError(f"sinks: {', '.join(off)} listed but publish.{off[0]}.enabled is false")
+        if "tiled" in names and self.tiled is None:
+            raise ValueError("sinks: tiled listed but there is no tiled section (tiled.uri)")
         return self
 
     @property
@@ -176,7 +201,8 @@ class DaemonConfig(StrictModel):
         if self.sinks is not None:
             return list(self.sinks)
         enabled: list[SinkName] = [n for n in ("bluesky", "summary") if getattr(self.publish, n).enabled]
-        return ["store", *enabled]
+        tiled: list[SinkName] = ["tiled"] if self.tiled is not None else []
+        return ["store", *enabled, *tiled]
 
     @property
     def state_dir(self) -> Path:

@@ -33,6 +33,10 @@ class DaemonMetrics:
         self.frames_processed = Counter("nanoseg_frames_processed_total", "Frames analysed and stored", registry=r)
         self.frames_dropped = Counter("nanoseg_frames_dropped_total", "Frames dropped before analysis", ["reason"], registry=r)
         self.frames_failed = Counter("nanoseg_frames_failed_total", "Frames that could not be analysed", ["reason"], registry=r)
+        self.frames_input_mismatch = Counter(
+            "nanoseg_frames_input_mismatch_total",
+            "Frames that look like another input than their profile expects (transmission vs optical_density)",
+            ["looks_like"], registry=r)
         self.frames_converted = Counter("nanoseg_frames_converted_total", "Frames accepted after a conversion (rgb_to_gray)", ["reason"], registry=r)
         self.instances_dropped = Counter("nanoseg_instances_dropped_total", "Instances dropped from analysed frames", ["reason"], registry=r)
         self.messages_rejected = Counter("nanoseg_messages_rejected_total", "Malformed input messages", ["reason"], registry=r)

@@ -16,7 +16,7 @@ import numpy as np
 
 from nanoseg.checkpoint import file_sha256, input_shape, load_checkpoint
 from nanoseg.engines import Engine
-from nanoseg.engines.factory import EngineKind, engine_from_checkpoint
+from nanoseg.engines.factory import EngineKind, engine_from_checkpoint, with_max_detections
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import with_decoding
@@ -41,14 +41,17 @@ class LoadedModel:
 def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None,
-               mask_tta: int | None = None) -> LoadedModel:
+               mask_tta: int | None = None, max_detections: int | None = None) -> LoadedModel:
     """Load, verify (optional sha256) and warm up a model; raises on any failure. ``mask_tta``
-    replaces the view count of the model's mask decoding (None keeps it)."""
+    replaces the view count of the model's mask decoding (None keeps it); ``max_detections`` the
+    model's cap of detections per input (``with_max_detections``; None keeps it)."""
     p = Path(path)
     digest = file_sha256(p)
     if expected_sha256 and digest != expected_sha256:
         raise ValueError(f"{p}: sha256 {digest[:12]}... does not match the expected {expected_sha256[:12]}...")
     ckpt = load_checkpoint(p)
+    if max_detections is not None:
+        ckpt = with_max_detections(ckpt, max_detections)
     eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir, triton,
                                          with_decoding(ckpt.mask_decoding, tta=mask_tta))
     seg = Segmenter.for_checkpoint(eng, ckpt, post)
@@ -94,10 +97,10 @@ class ModelSlot:
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None,
-               mask_tta: int | None = None) -> LoadedModel:
+               mask_tta: int | None = None, max_detections: int | None = None) -> LoadedModel:
         """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
         with self._lock:
             new = load_model(path, engine, device, threads, self._configured, onnx_path,
-                             expected_sha256, cache_dir, triton, mask_tta)
+                             expected_sha256, cache_dir, triton, mask_tta, max_detections)
             self._model = new
             return new

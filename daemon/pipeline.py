@@ -58,7 +58,7 @@ class ProfileBook:
 def profile_for(job: FrameJob, profiles: ProfileBook) -> FrameProfile:
     """The job's profile, with I0 taken from the run's metadata when it supplies one."""
     prof = profiles.get(job.metadata.profile)
-    if prof.mode != "optical_density" or prof.input != "transmission":
+    if prof.mode != "optical_density" or prof.expected_input == "optical_density":
         return prof
     if job.metadata.flat_field is not None:
         return prof.model_copy(update={"i0": FlatFieldI0(policy="flat_field")})
@@ -87,16 +87,32 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepare
 
 def infer_and_measure(p: Prepared) -> FrameResult:
     """Inference and statistics of a prepared frame, on the model it was prepared for."""
-    px = p.job.metadata.pixel_size_nm or p.profile.pixel_size_nm
+    # Sizes in nm only for a pixel size the run or the profile states; ``auto`` is a resampling.
+    px = None if p.frame.auto_scale is not None else p.frame.pixel_size_nm
     timings = {"prepare": p.seconds}
     a = p.model.segmenter.analyse(p.frame, px, timings)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
         model_version=p.model.version, invalid_pixels=p.frame.invalid.to_dict(), timings=timings,
-        metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name},
+        metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name,
+                  **_preparation(p.frame)},
         received_monotonic=p.job.received_monotonic, instances_capped=a.instances_capped,
     )
+
+
+def _preparation(frame: PreparedFrame) -> dict[str, object]:
+    """How the frame was prepared, for the result's metadata: the input check (what the frame
+    looks like, how it was used, whether the profile expected the other kind) and, with
+    ``pixel_size_nm: auto``, the pixel size chosen (nm) and the objects' width it came from (px)."""
+    out: dict[str, object] = {}
+    check = frame.input_check
+    if check is not None:
+        out |= {"input_looks_like": check.looks_like, "input_used": check.used, "input_mismatch": check.mismatch}
+    if frame.auto_scale is not None:
+        out |= {"pixel_size_auto_nm": round(frame.auto_scale.pixel_size_nm, 4),
+                "object_width_px": frame.auto_scale.object_width_px}
+    return out
 
 
 def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:

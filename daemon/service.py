@@ -20,12 +20,12 @@ from pydantic import BaseModel
 
 from nanoseg_daemon import control as ctl
 from nanoseg_daemon.config import DaemonConfig, SinkName
-from nanoseg_daemon.contracts import RunStopped
+from nanoseg_daemon.contracts import FrameResult, RunStopped
 from nanoseg_daemon.growth import GrowthMonitor
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics, MetricsServer
 from nanoseg_daemon.model_slot import ModelSlot, load_model
-from nanoseg_daemon.pipeline import Intake, ProfileBook, StageCallbacks, Stages, repo_relative
+from nanoseg_daemon.pipeline import Intake, Item, ProfileBook, StageCallbacks, Stages, repo_relative
 from nanoseg_daemon.publish import DocumentPublisher, SummaryPublisher
 from nanoseg_daemon.sinks import BlueskySink, Sink, SinkChain, StoreSink, SummarySink
 from nanoseg_daemon.store import ResultStore, default_path
@@ -46,7 +46,7 @@ class Service:
         self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
         model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
                            repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
-                           m.triton_target(), m.mask_tta)
+                           m.triton_target(), m.mask_tta, m.max_detections)
         self.slot = ModelSlot(model, cfg.postprocess)
         self._model_info()
         self.intake = Intake(cfg.queue, self.metrics)
@@ -54,8 +54,9 @@ class Service:
                                self.intake.pop_losses)
         self._paused = threading.Event()
         self._stopping = threading.Event()
+        self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
         self.stages = Stages(self.intake.next_item, self.profiles,
-                             StageCallbacks(self.sinks.put, self.intake.failed, lambda: self.slot.current,
+                             StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
                                             lambda: self._paused.is_set() and not self._stopping.is_set()))
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
@@ -68,6 +69,26 @@ class Service:
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         self.notifier = SystemdNotifier()
 
+    def _output(self, item: Item | FrameResult) -> None:
+        """The output stage: note a frame that does not look like its profile's input, then the sinks."""
+        if isinstance(item, FrameResult) and item.metadata.get("input_mismatch"):
+            self._input_mismatch(item)
+        elif isinstance(item, RunStopped):
+            self._mismatch_logged.discard(item.run_uid)
+        self.sinks.put(item)
+
+    def _input_mismatch(self, result: FrameResult) -> None:
+        """Count a frame that does not look like its profile's input; log it once per run."""
+        looks_like = str(result.metadata.get("input_looks_like"))
+        self.metrics.frames_input_mismatch.labels(looks_like).inc()
+        if result.run_uid not in self._mismatch_logged:
+            self._mismatch_logged.add(result.run_uid)
+            log("input_mismatch", logging.WARNING, run=result.run_uid, frame=result.frame_uid,
+                profile=result.metadata.get("profile"), looks_like=looks_like,
+                detail="the frame looks like the other kind of input than the profile expects "
+                       "(transmission: bright background; optical_density: dark); check the profile, "
+                       "or use one with input: auto")
+
     def _sink(self, name: SinkName) -> Sink:
         """Build the sink ``name`` from its config section."""
         cfg, hwm, curve = self.cfg, self.cfg.publish.send_hwm, self.cfg.publish.curve
@@ -79,6 +100,9 @@ class Service:
             pub = DocumentPublisher(pb.address, bind=pb.bind, prefix=pb.prefix.encode(), serializer=pb.serializer,
                                     hwm=hwm, context=self.ctx, curve=curve)
             return BlueskySink(pub, GrowthMonitor(cfg.growth, self.metrics), self._processing, self.metrics)
+        if name == "tiled" and cfg.tiled is not None:  # the config refuses sink tiled without its section
+            from nanoseg_daemon.tiled_sink import TiledSink  # tiled is an optional dependency
+            return TiledSink(cfg.tiled, self._processing)
         return SummarySink(SummaryPublisher(cfg.publish.summary.address, hwm=hwm, context=self.ctx, curve=curve),
                            self.metrics)
 
@@ -207,7 +231,8 @@ class Service:
             old = self.slot.current.version
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
-                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta)
+                                       req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
+                                       m.max_detections)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from nanoseg.config_io import StrictModel
+from nanoseg.input_check import InputKind
 from nanoseg.input_spec import FrameMode
 
 
@@ -31,7 +32,7 @@ class BackgroundI0(StrictModel):
 
 I0Policy = Annotated[ScalarI0 | FlatFieldI0 | BackgroundI0, Field(discriminator="policy")]
 
-_OD_ONLY = ("i0", "dark", "transmission_floor", "input")
+_OD_ONLY = ("i0", "dark", "transmission_floor")
 _INTENSITY_ONLY = ("invert", "normalise", "normalise_percentiles")
 
 
@@ -46,21 +47,32 @@ class FrameProfile(StrictModel):
     name: str = Field(min_length=1)
     description: str = ""
     mode: FrameMode
-    input: Literal["transmission", "optical_density"] = "transmission"
-    """Optical-density mode: frames arrive as transmission (converted with ``i0``/``dark``) or are
-    already optical density (reconstructions exported as OD; only validated and cleaned)."""
+    input: InputKind | Literal["auto"] | None = None
+    """What a frame is. ``transmission``: a bright background with darker objects (optical-density
+    mode converts it with ``i0``/``dark``; intensity mode inverts it). ``optical_density``: a dark
+    background with brighter objects (an OD map, a secondary-electron image; used as it is).
+    ``auto``: decided per frame from where its background lies (``nanoseg.input_check``). None:
+    transmission in optical-density mode, and in intensity mode what ``invert`` implies. Every
+    frame is checked either way, and a frame that looks like the other kind is reported."""
     i0: I0Policy = BackgroundI0(policy="background")
     dark: float = 0.0
     """Dark level (counts) subtracted from frame and I0; a dark frame supplied at run time wins."""
     transmission_floor: float = Field(1e-3, gt=0, lt=1)
     """Smallest transmission (I - dark) / (I0 - dark) used; OD is capped at -ln(floor)."""
     invert: bool = False
-    """Intensity mode: use max - I (dark wires on a bright substrate become bright)."""
+    """Intensity mode: use max - I (dark wires on a bright substrate become bright); the same as
+    ``input: transmission`` in intensity mode."""
     normalise: bool = True
     """Intensity mode: map the percentiles below to 0 and 1 (clipping outside)."""
     normalise_percentiles: tuple[float, float] = (0.5, 99.5)
-    pixel_size_nm: float | None = Field(None, gt=0)
-    """Frame pixel size, nm; None = already at the model's scale (no resampling)."""
+    flatten_background: bool = False
+    """Remove uneven illumination (or SEM charging) first: the background's slow variation, a
+    quadratic surface fitted to the background side of the frame (``input_check.background_surface``),
+    divides a transmission frame (becoming the flat field of its OD) or is subtracted from an
+    intensity one."""
+    pixel_size_nm: float | Literal["auto"] | None = None
+    """Frame pixel size, nm; None = already at the model's scale (no resampling); ``auto`` =
+    estimated per frame from its objects' widths (``nanoseg.scale``)."""
     tile_overlap_px: int = Field(64, ge=0)
     """Overlap of neighbouring tiles at the model's scale, px; must be below the model input size."""
     merge_iou: float = Field(0.5, gt=0, le=1)
@@ -72,7 +84,20 @@ class FrameProfile(StrictModel):
         stray = sorted(set(other) & self.model_fields_set)
         if stray:
             raise ValueError(f"{', '.join(stray)} not used in {self.mode} mode")
+        if isinstance(self.pixel_size_nm, float) and self.pixel_size_nm <= 0:
+            raise ValueError("pixel_size_nm must be > 0 nm or 'auto'")
+        if self.invert and self.input == "optical_density":
+            raise ValueError("invert: true contradicts input: optical_density (a dark background)")
         lo, hi = self.normalise_percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError("normalise_percentiles must satisfy 0 <= low < high <= 100")
         return self
+
+    @property
+    def expected_input(self) -> InputKind | Literal["auto"]:
+        """The input this profile prepares frames as (``input`` with its default resolved)."""
+        if self.input is not None:
+            return self.input
+        if self.mode == "optical_density" or self.invert:
+            return "transmission"
+        return "optical_density"

@@ -163,6 +163,37 @@ def decode_rle(rle: RLE | dict) -> np.ndarray:
     return out.astype(bool)
 
 
+def decode_segmentation(seg: dict | list, height: int, width: int) -> np.ndarray:
+    """A COCO annotation's ``segmentation`` as a boolean mask.
+
+    Parameters
+    ----------
+    seg : dict or list
+        RLE (compressed or not, ``decode_rle``) or polygons ``[[x0, y0, x1, y1, ...], ...]`` in px
+        (CVAT and labelme exports; pixel edges, as pycocotools rasterises them; several polygons
+        are one mask's parts).
+    height, width : int
+        The image's size in px.
+
+    Returns
+    -------
+    np.ndarray
+        (height, width) bool.
+    """
+    if isinstance(seg, dict):
+        return decode_rle(seg)
+    try:
+        polygons = [[float(v) for v in poly] for poly in seg]
+        if not polygons or any(len(p) < 6 or len(p) % 2 for p in polygons):
+            raise MaskDecodeError("polygons need at least 3 (x, y) points each")
+        out = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)))
+    except MaskDecodeError:
+        raise
+    except Exception as err:  # pycocotools raises bare Exceptions/TypeErrors on bad input
+        raise MaskDecodeError(f"corrupt polygon: {err}") from None
+    return np.asarray(out, dtype=bool)
+
+
 def rle_area(rle: RLE) -> int:
     """Foreground pixel count of a compressed RLE.
 

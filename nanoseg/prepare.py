@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -21,10 +22,19 @@ from scipy import ndimage
 from skimage.transform import rescale
 
 from nanoseg.errors import FrameError
-from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
+from nanoseg.frame_profile import BackgroundI0, FlatFieldI0, FrameProfile, ScalarI0
+from nanoseg.input_check import InputCheck, background_surface, check_input
 from nanoseg.input_spec import FrameMode, InputSpec
 from nanoseg.instances import BoxMasks, Instances
-from nanoseg.optical_density import InvalidPixels, intensity_image, optical_density
+from nanoseg.optical_density import (
+    InvalidPixels,
+    as_frame,
+    estimate_i0,
+    fill_nearest,
+    intensity_image,
+    optical_density,
+)
+from nanoseg.scale import ScaleChoice, choose_scale
 from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
 
 
@@ -72,6 +82,9 @@ class PreparedFrame:
     - ``frame_shape``: (H, W) of the original frame; ``model_shape``: at the model's scale.
     - ``image``: (H, W) float32 OD (or intensity) at the original resolution, for statistics.
     - ``invalid``: replaced pixels per kind; ``reference``: scalar I0 - dark used, if any.
+    - ``input_check``: what the frame looks like against what the profile expects.
+    - ``pixel_size_nm``: the frame pixel size used (None: not resampled); ``auto_scale``: how it
+      was chosen when the profile or caller asked for ``auto``.
     """
 
     tiles: np.ndarray
@@ -83,6 +96,9 @@ class PreparedFrame:
     invalid: InvalidPixels
     reference: float | None
     merge_iou: float
+    input_check: InputCheck | None = None
+    pixel_size_nm: float | None = None
+    auto_scale: ScaleChoice | None = None
 
     @property
     def scale_yx(self) -> tuple[float, float]:
@@ -93,6 +109,60 @@ class PreparedFrame:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class ModelScaleImage:
+    """A whole frame converted and resampled to the model's scale, before tiling.
+
+    ``gray``: (h, w) float32 0–255 at the model's scale; ``image``: (H, W) float32 OD (or
+    intensity) at the frame's; the other fields as ``PreparedFrame``'s.
+    """
+
+    gray: np.ndarray
+    image: np.ndarray
+    invalid: InvalidPixels
+    reference: float | None
+    input_check: InputCheck
+    pixel_size_nm: float | None
+    auto_scale: ScaleChoice | None
+
+
+def to_model_scale(
+    frame: ArrayLike,
+    profile: FrameProfile,
+    spec: InputSpec,
+    *,
+    flat_field: ArrayLike | None = None,
+    dark_frame: ArrayLike | None = None,
+    pixel_size_nm: float | Literal["auto"] | None = None,
+) -> ModelScaleImage:
+    """Check, convert and resample one frame following ``profile`` (``prepare_frame`` without the
+    tiles; also how ``nanoseg train`` prepares a user's own labelled images).
+
+    The frame is checked against the profile's expected input first (``check_input``); with
+    ``input: auto`` it is prepared as what it looks like. ``flat_field`` is required (and only
+    allowed) when the profile's I0 policy is ``flat_field``; ``dark_frame`` replaces the profile's
+    scalar dark; ``pixel_size_nm`` (nm, or ``auto``: ``nanoseg.scale.choose_scale``) overrides
+    the profile's. Raises FrameError for frames that cannot be analysed (reason codes in
+    ``nanoseg.errors``).
+    """
+    arr = np.asarray(frame)
+    check = check_input(_check_sample(arr), profile.expected_input)
+    try:
+        image, invalid, reference = _convert(arr, profile, check, flat_field, dark_frame)
+    except FrameError as err:
+        if not check.mismatch:
+            raise
+        raise FrameError(err.reason, f"{str(err).split(': ', 1)[-1]}; {check.message()}") from None
+    px = pixel_size_nm if pixel_size_nm is not None else profile.pixel_size_nm
+    auto: ScaleChoice | None = None
+    if px == "auto":
+        auto = choose_scale(image, spec.pixel_size_nm)
+        px = auto.pixel_size_nm
+    scaled = resample_to_model_scale(image, px, spec)[0] if px is not None else image
+    gray = to_model_input(scaled, spec, profile.mode)
+    return ModelScaleImage(gray, image, invalid, reference, check, px, auto)
+
+
 def prepare_frame(
     frame: ArrayLike,
     profile: FrameProfile,
@@ -100,21 +170,49 @@ def prepare_frame(
     *,
     flat_field: ArrayLike | None = None,
     dark_frame: ArrayLike | None = None,
-    pixel_size_nm: float | None = None,
+    pixel_size_nm: float | Literal["auto"] | None = None,
 ) -> PreparedFrame:
-    """Convert, resample and tile one frame following ``profile``, for a model described by ``spec``.
-
-    ``flat_field`` is required (and only allowed) when the profile's I0 policy is ``flat_field``;
-    ``dark_frame`` replaces the profile's scalar dark; ``pixel_size_nm`` overrides the profile's.
-    Raises FrameError for frames that cannot be analysed (reason codes in ``nanoseg.errors``).
-    """
+    """Check, convert, resample (``to_model_scale``, same arguments) and tile one frame following
+    ``profile``, for a model described by ``spec``."""
     if profile.tile_overlap_px >= spec.size:
         raise ValueError(f"tile_overlap_px {profile.tile_overlap_px} must be < model size {spec.size}")
-    reference: float | None = None
-    if profile.mode == "optical_density" and profile.input == "optical_density":
-        res = intensity_image(frame, invert=False, normalise=False)
-        image, invalid = res.image, res.invalid
-    elif profile.mode == "optical_density":
+    m = to_model_scale(frame, profile, spec, flat_field=flat_field, dark_frame=dark_frame,
+                       pixel_size_nm=pixel_size_nm)
+    gray = m.gray
+    plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
+    tiles = extract_tiles(gray, plan, fill=float(np.median(gray)))
+    return PreparedFrame(
+        tiles=tiles,
+        tile_plan=tuple(plan),
+        frame_shape=(m.image.shape[0], m.image.shape[1]),
+        model_shape=(gray.shape[0], gray.shape[1]),
+        image=m.image,
+        mode=profile.mode,
+        invalid=m.invalid,
+        reference=m.reference,
+        merge_iou=profile.merge_iou,
+        input_check=m.input_check,
+        pixel_size_nm=m.pixel_size_nm,
+        auto_scale=m.auto_scale,
+    )
+
+
+def _check_sample(arr: np.ndarray) -> np.ndarray:
+    """The finite values of a regular subsample of at most ~16 000 pixels, for ``check_input``
+    (cheap on large frames). Raises FrameError as ``as_frame``, or ``non_finite``."""
+    step = max(1, math.ceil(math.sqrt(arr.size / 16384))) if arr.ndim == 2 else 1
+    sample = as_frame(arr[::step, ::step] if arr.ndim == 2 else arr)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise FrameError("non_finite", "every pixel is NaN or inf")
+    return sample
+
+
+def _convert(frame: np.ndarray, profile: FrameProfile, check: InputCheck, flat_field: ArrayLike | None,
+             dark_frame: ArrayLike | None) -> tuple[np.ndarray, InvalidPixels, float | None]:
+    """(image with bright objects on a dark background, replaced pixels, scalar I0 - dark used)."""
+    transmission = check.used == "transmission"
+    if profile.mode == "optical_density" and transmission:
         i0: float | ArrayLike | None = None
         if isinstance(profile.i0, FlatFieldI0):
             if flat_field is None:
@@ -125,39 +223,51 @@ def prepare_frame(
         elif isinstance(profile.i0, ScalarI0):
             i0 = profile.i0.value
         dark = dark_frame if dark_frame is not None else profile.dark
+        if profile.flatten_background and isinstance(profile.i0, BackgroundI0):
+            i0 = _illumination(frame, dark)
         od = optical_density(frame, i0, dark, floor=profile.transmission_floor)
-        image, invalid, reference = od.od, od.invalid, od.reference
+        return od.od, od.invalid, od.reference
+    if profile.mode == "optical_density":
+        res = intensity_image(frame, invert=False, normalise=False)
     else:
-        res = intensity_image(frame, profile.invert, profile.normalise, profile.normalise_percentiles)
-        image, invalid = res.image, res.invalid
-
-    px = pixel_size_nm if pixel_size_nm is not None else profile.pixel_size_nm
-    scaled = resample_to_model_scale(image, px, spec)[0] if px is not None else image
-    gray = to_model_input(scaled, spec, profile.mode)
-    plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
-    tiles = extract_tiles(gray, plan, fill=float(np.median(gray)))
-    return PreparedFrame(
-        tiles=tiles,
-        tile_plan=tuple(plan),
-        frame_shape=(image.shape[0], image.shape[1]),
-        model_shape=(gray.shape[0], gray.shape[1]),
-        image=image,
-        mode=profile.mode,
-        invalid=invalid,
-        reference=reference,
-        merge_iou=profile.merge_iou,
-    )
+        res = intensity_image(frame, transmission, profile.normalise, profile.normalise_percentiles)
+    image = res.image
+    if profile.flatten_background:
+        # After inversion the background is dark in either case: subtract its slow variation.
+        image = image - background_surface(image, bright_background=False)
+        image = np.clip(image - np.percentile(image, 1.0), 0.0, None).astype(np.float32)
+        if profile.mode == "intensity" and profile.normalise:
+            image = np.clip(image / max(float(np.percentile(image, profile.normalise_percentiles[1])), 1e-12),
+                            0.0, 1.0).astype(np.float32)
+    return image, res.invalid, None
 
 
-def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame) -> Instances:
+def _illumination(frame: np.ndarray, dark: float | ArrayLike) -> np.ndarray:
+    """I0 of an unevenly lit transmission frame: the background surface's shape (mean 1) times
+    the background's level (``estimate_i0``) in the frame divided by that shape, plus dark."""
+    d = np.asarray(dark, dtype=np.float64)
+    signal = as_frame(frame) - d
+    good = np.isfinite(signal)
+    filled = fill_nearest(np.where(good, signal, 0.0), ~good)
+    surface = background_surface(filled, bright_background=True)
+    mean = float(surface.mean())
+    if not np.all(surface > 0) or mean <= 0:
+        return np.full(frame.shape, estimate_i0(filled)) + d  # no usable shape: a flat I0
+    shape = surface / mean
+    return np.asarray(shape * estimate_i0(filled / shape) + d)
+
+
+def instances_to_frame(per_tile: Sequence[Instances], prepared: PreparedFrame,
+                       max_instances: int | None = None) -> Instances:
     """Per-tile instances (tile px, one ``Instances`` per tile, in ``tile_plan`` order) -> frame px.
 
     Tiles are merged at the model's scale (``merge_tiled_instances``), then boxes are divided by
     the scale and masks resampled to the frame's shape (area-weighted when shrinking, a pixel is
     in the mask when at least half of it is covered). Instances too small to cover half a frame
-    pixel are dropped.
+    pixel are dropped. ``max_instances``: only the best-scored ones are kept (after merging).
     """
-    merged = merge_tiled_instances(per_tile, prepared.tile_plan, prepared.model_shape, prepared.merge_iou)
+    merged = merge_tiled_instances(per_tile, prepared.tile_plan, prepared.model_shape, prepared.merge_iou,
+                                   max_instances)
     sy, sx = prepared.scale_yx
     h, w = prepared.frame_shape
     if (sy, sx) == (1.0, 1.0):

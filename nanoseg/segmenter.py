@@ -79,19 +79,24 @@ class Segmenter:
         return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for raw, tile in zip(self.detect_tiles(tiles), tiles)]
 
-    def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None) -> Instances:
+    def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
+                         max_instances: int | None = None) -> Instances:
         """Instances of a prepared frame in original frame pixels (x right, y down).
 
         ``timings``, when given, receives seconds per step: ``infer`` (engine and per-tile
         instances) and ``postprocess`` (tile merge, back to frame pixels, cap, filters).
+        ``max_instances``: keep the best-scored ones only (e.g. the detections per image COCOeval
+        counts), applied when the tiles are merged.
         """
-        return self._segment(prepared, timings)[0]
+        return self._segment(prepared, timings, max_instances)[0]
 
-    def _segment(self, prepared: PreparedFrame, timings: dict[str, float] | None) -> tuple[Instances, int]:
+    def _segment(self, prepared: PreparedFrame, timings: dict[str, float] | None,
+                 max_instances: int | None = None) -> tuple[Instances, int]:
         t0 = time.perf_counter()
         per_tile = self.infer_tiles(prepared.tiles)
         t1 = time.perf_counter()
-        inst, capped = cap_instances(instances_to_frame(per_tile, prepared), self.post.max_instances)
+        merged = instances_to_frame(per_tile, prepared, max_instances)
+        inst, capped = cap_instances(merged, self.post.max_instances)
         inst = filter_instances(inst, self.post)
         if timings is not None:
             timings.update(infer=t1 - t0, postprocess=time.perf_counter() - t1)

@@ -159,6 +159,7 @@ def merge_tiled_instances(
     tiles: Sequence[Tile],
     frame_shape: tuple[int, int],
     iou_threshold: float = 0.5,
+    max_instances: int | None = None,
 ) -> Instances:
     """Frame instances from per-tile instances.
 
@@ -179,6 +180,9 @@ def merge_tiled_instances(
         Frame (H, W) in px.
     iou_threshold : float, optional
         Overlap-restricted mask IoU at or above which two pieces are merged.
+    max_instances : int, optional
+        Keep only the best-scored merged instances (e.g. the detections per image COCOeval
+        counts); None keeps all.
 
     Returns
     -------
@@ -219,7 +223,7 @@ def merge_tiled_instances(
     for i in range(len(pieces)):
         groups.setdefault(_find(parent, i), []).append(i)
     # Highest score first; ordered before the masks are filled so the stack is never copied.
-    ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))
+    ordered = sorted(groups.values(), key=lambda idx: -max(pieces[i].score for i in idx))[:max_instances]
     if not ordered:
         return Instances.empty(h, w)
     offsets: list[tuple[int, int]] = []

@@ -27,6 +27,32 @@ def decoding_args(p: argparse.ArgumentParser, margin: bool = True) -> None:
                         "costs about N x the backbone)")
 
 
+def pixel_size_arg(value: str) -> float | str:
+    """``--pixel-size``: a positive number of nm, or ``auto`` (chosen per frame, ``nanoseg.scale``)."""
+    if value == "auto":
+        return value
+    try:
+        nm = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel size in nm or 'auto', got {value!r}") from None
+    if not nm > 0:
+        raise argparse.ArgumentTypeError(f"pixel size must be > 0 nm, got {value}")
+    return nm
+
+
+def frame_args(p: argparse.ArgumentParser, profile_default: str | None) -> None:
+    """--profile, --pixel-size and --max-detections: how image files are prepared as frames."""
+    p.add_argument("--profile", default=profile_default,
+                   help="frame profile in configs/profiles (tem, sem, em, ptychography, ...) or a YAML path"
+                        + ("" if profile_default else "; prepares each image as the daemon does (any contrast, any size)"))
+    p.add_argument("--pixel-size", type=pixel_size_arg, metavar="NM|auto",
+                   help="frame pixel size, nm, or 'auto': resample each frame so its objects are as wide "
+                        "as the model's training wires (default: the profile's)")
+    p.add_argument("--max-detections", type=int, metavar="N",
+                   help="detections kept per model input (and the RPN's proposals, at least N; default: the "
+                        "model's); raise it for fields of hundreds of small particles")
+
+
 def add_commands(sub: Any) -> None:
     """Add generate, preview, train, train-refiner, export, evaluate, calibrate, sweep, segment
     and models to the ``nanoseg`` subparsers."""
@@ -89,6 +115,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
+    frame_args(p, None)
+    p.add_argument("--group-by", default="contrast", metavar="ATTR",
+                   help="also report AP and accuracy per value of this image attribute, when images carry it "
+                        "(default: contrast; '' for none)")
     decoding_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=lazy("nanoseg_training.evaluate:cmd_evaluate"))
@@ -119,10 +149,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("segment", help="segment image files: overlays, particle tables, distribution plots")
     p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files")
     p.add_argument("--model", help="nanoseg checkpoint (default models/default/model.pt)")
-    p.add_argument("--profile", default="ptychography", help="frame profile in configs/profiles or a YAML path")
+    frame_args(p, "ptychography")
     p.add_argument("--out", required=True)
     p.add_argument("--engine", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
-    p.add_argument("--pixel-size", type=float, help="frame pixel size, nm (default: the profile's)")
     p.add_argument("--flat-field", help="flat-field (I0) image for profiles with i0 policy flat_field")
     p.add_argument("--score-threshold", type=float, help="default: the model's operating point")
     p.add_argument("--mask-threshold", type=float, help="default: the model's operating point")
@@ -148,6 +177,11 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--also-mask-tta", type=int, choices=[2, 4, 8],
                    help="evaluate the test set a second time with this many views; the card reports both")
     q.add_argument("--real-image", help="a real image to segment for the card's overlay")
+    q.add_argument("--real-set", help="an annotated real COCO set (e.g. rods_dev): the card's real-data table, "
+                                      "at the profile's pixel size and at auto, per contrast")
+    q.add_argument("--real-profile", default="em", help="frame profile for --real-set (default em)")
+    q.add_argument("--real-max-detections", type=int, default=300, metavar="N",
+                   help="detections per model input for --real-set (default 300)")
     q.add_argument("--reading", help="extra Markdown appended to the card (an honest reading of the overlay)")
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--quiet", action="store_true")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nanoseg.config_io import dump_yaml, load_yaml
 from nanoseg.masks import encode_rle, mask_bbox
 from nanoseg.paths import resolve_config
-from nanoseg_training.rendering import RenderedImage, render
+from nanoseg_training.rendering import RenderedImage, draw_look, render
 from nanoseg_training.scene import Scene, drop_hidden, generate_scene
 from nanoseg_training.synthetic_config import SceneConfig
 
@@ -47,9 +47,10 @@ def make_sample(cfg: SceneConfig, seed: int, index: int) -> SyntheticSample:
     """Image ``index`` of the data set with ``seed``: scene, then rendering, same random stream."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     scene = generate_scene(cfg, rng)
-    if cfg.rendering.mode == "sem":
+    look = draw_look(cfg, rng)
+    if look == "sem":
         scene = drop_hidden(scene, cfg.wires.min_visible_area)
-    return SyntheticSample(scene, render(scene, rng))
+    return SyntheticSample(scene, render(scene, rng, look))
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

@@ -115,7 +115,8 @@ def write_report(out: Path, ev: Evaluation, dataset_dir: Path, images: dict[int,
     (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2, allow_nan=False) + "\n")
     rows = ev.metrics["per_image"]
     with open(out / "per_image.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image_id"])
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["image_id"]
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     figures: list[tuple[str, str]] = []
@@ -158,6 +159,7 @@ def report_markdown(m: dict[str, Any], figures: list[tuple[str, str]]) -> str:
     lines += ["## COCO AP (x100)", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, kind in (("box", "bbox"), ("mask", "segm")):
         lines.append(f"| {label} | " + " | ".join(_num(m[kind][k]) for k in keys) + " |")
+    lines += groups_markdown(m.get("groups", {}), run)
     lines += [
         "", "## Foreground accuracy", "",
         f"TP / (TP + FP + FN) on the union of masks, all pixels of the data set: **{acc['foreground']:.4f}** "
@@ -184,6 +186,25 @@ def report_markdown(m: dict[str, Any], figures: list[tuple[str, str]]) -> str:
         for caption, path in figures:
             lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
     return "\n".join(lines)
+
+
+def groups_markdown(groups: dict[str, dict[str, Any]], run: dict[str, Any]) -> list[str]:
+    """Mask and box AP and foreground accuracy per image attribute value (e.g. ``contrast``), and
+    how the frames were prepared when a profile prepared them."""
+    lines: list[str] = []
+    if run.get("profile"):
+        px = run.get("pixel_size") or run["profile"].get("pixel_size_nm")
+        lines += ["", f"Images prepared as frames by profile `{run['profile']['name']}`, pixel size "
+                  f"{px if px is not None else 'the model scale'}"
+                  f"{' (chosen per image, `nanoseg.scale`)' if px == 'auto' else ' nm'}; up to "
+                  f"{run.get('max_detections') or 'the model default of'} detections per model input. "
+                  "Per image (`per_image.csv`): the input check, the pixel size used."]
+    for attr, values in groups.items():
+        lines += ["", f"Per `{attr}`:", "", "| " + attr + " | images | mask AP | mask AP50 | box AP | foreground accuracy |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {v} | {g['images']} | {_num(g['segm']['AP'])} | {_num(g['segm']['AP50'])} | "
+                  f"{_num(g['bbox']['AP'])} | {g['accuracy']['foreground']:.3f} |" for v, g in values.items()]
+    return lines
 
 
 def diagnostics_markdown(d: dict[str, Any], mask_ap: float | None) -> list[str]:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from PIL import Image
@@ -42,8 +42,9 @@ from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
 from nanoseg.checkpoint import CheckpointError
+from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances, mask_boxes
-from nanoseg.masks import decode_rle, encode_rle_batch
+from nanoseg.masks import decode_segmentation, encode_rle_batch
 from nanoseg.particle_stats import particle_table
 from nanoseg.postprocess import (
     PostprocessConfig,
@@ -89,7 +90,8 @@ def _anns_by_image(coco: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
 def _truth(image: dict[str, Any], anns: list[dict[str, Any]]) -> Instances:
     if not anns:
         return Instances.empty(int(image["height"]), int(image["width"]))
-    masks = np.stack([decode_rle(a["segmentation"]) for a in anns])
+    h, w = int(image["height"]), int(image["width"])
+    masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
     return Instances(mask_boxes(masks), np.ones(len(masks), np.float32), masks)
 
 
@@ -176,9 +178,10 @@ def coco_metrics(gt: str | Path | dict[str, Any], predictions: Iterable[tuple[in
 
 
 def coco_metrics_of_results(gt: str | Path | dict[str, Any], results: list[dict[str, Any]],
-                            image_ids: Iterable[int], iou_types: Sequence[str] = ("bbox", "segm")
-                            ) -> dict[str, dict[str, float | None]]:
-    """``coco_metrics`` from COCO result records (``coco_results``) on ``image_ids``."""
+                            image_ids: Iterable[int], iou_types: Sequence[str] = ("bbox", "segm"),
+                            max_dets: int = 100) -> dict[str, dict[str, float | None]]:
+    """``coco_metrics`` from COCO result records (``coco_results``) on ``image_ids``; AP and AR
+    count the ``max_dets`` best-scored detections per image (COCO's 100 by default)."""
     from pycocotools.cocoeval import COCOeval
 
     coco = load_coco(gt)
@@ -192,14 +195,30 @@ def coco_metrics_of_results(gt: str | Path | dict[str, Any], results: list[dict[
                             "annotations": _result_annotations(results, iou_type)})
         ev = COCOeval(gt_api, dt_api, iou_type)
         ev.params.imgIds = ids
+        ev.params.maxDets = [1, 10, max_dets]
         with contextlib.redirect_stdout(io.StringIO()):
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        stats = [float(v) for v in ev.stats]
-        values = {**dict(zip(AP_KEYS, stats[:6])), "AR": stats[8]}
-        out[iou_type] = {k: (None if v < 0 else round(100.0 * v, 4)) for k, v in values.items()}
+        out[iou_type] = {k: (None if v < 0 else round(100.0 * v, 4)) for k, v in _summary(ev).items()}
     return out
+
+
+def _summary(ev: Any) -> dict[str, float]:
+    """COCOeval ``stats[0:6]`` and ``stats[8]`` (AP_KEYS and AR) at the last ``maxDets``.
+
+    ``COCOeval.summarize`` reads AP at 100 detections whatever ``params.maxDets`` says, so it is
+    recomputed here from the accumulated precision (T x R x K x A x M) and recall (T x K x A x M),
+    as ``summarize`` does: the mean over the entries that exist, -1 when none does."""
+    precision, recall = ev.eval["precision"][..., -1], ev.eval["recall"][..., -1]
+    t50, t75 = (int(np.argmin(np.abs(ev.params.iouThrs - t))) for t in (0.5, 0.75))
+
+    def mean(a: np.ndarray) -> float:
+        a = a[a > -1]
+        return float(a.mean()) if a.size else -1.0
+
+    return {"AP": mean(precision[..., 0]), "AP50": mean(precision[t50, ..., 0]),
+            "AP75": mean(precision[t75, ..., 0]), "APs": mean(precision[..., 1]),
+            "APm": mean(precision[..., 2]), "APl": mean(precision[..., 3]), "AR": mean(recall[..., 0])}
 
 
 def _result_annotations(records: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
@@ -326,8 +345,9 @@ class Accumulator:
     """All measures, image by image: COCO records of the AP predictions; pixel counts, particle
     statistics and counts of the operating-point instances (the ones a user gets)."""
 
-    def __init__(self, gt: str | Path | dict[str, Any]) -> None:
+    def __init__(self, gt: str | Path | dict[str, Any], max_dets: int = 100, group_by: str | None = "contrast") -> None:
         self.coco = load_coco(gt)
+        self.max_dets, self.group_by = max_dets, group_by
         self.anns = _anns_by_image(self.coco)
         self.images = {int(im["id"]): im for im in self.coco["images"]}
         self.results: list[dict[str, Any]] = []
@@ -338,8 +358,9 @@ class Accumulator:
         self.oracle_results: list[dict[str, Any]] = []
         self.matched = MatchedMasks()
 
-    def add(self, image_id: int, predicted: Instances, operating: Instances | None = None) -> Instances:
-        """Add one image; returns its ground truth."""
+    def add(self, image_id: int, predicted: Instances, operating: Instances | None = None,
+            extra: dict[str, Any] | None = None) -> Instances:
+        """Add one image (``extra``: more columns of its per-image row); returns its ground truth."""
         operating = predicted if operating is None else operating
         truth = _truth(self.images[image_id], self.anns[image_id])
         if operating.image_shape != truth.image_shape:
@@ -351,7 +372,7 @@ class Accumulator:
         c = pixel_counts(operating.masks, truth.masks)
         self.total = self.total + c
         self.per_image.append({"image_id": image_id, "gt_count": len(truth), "pred_count": len(operating),
-                               "tp": c.tp, "fp": c.fp, "fn": c.fn, "accuracy": c.accuracy})
+                               "tp": c.tp, "fp": c.fp, "fn": c.fn, "accuracy": c.accuracy, **(extra or {})})
         self.pred_values.append(particle_values([operating]))
         self.gt_values.append(particle_values([truth]))
         return truth
@@ -361,17 +382,38 @@ class Accumulator:
         pred = {c: np.concatenate([v[c] for v in self.pred_values]) for c in STAT_COLUMNS}
         gt = {c: np.concatenate([v[c] for v in self.gt_values]) for c in STAT_COLUMNS}
         ids = [r["image_id"] for r in rows]
-        metrics: dict[str, Any] = dict(coco_metrics_of_results(self.coco, self.results, ids))
+        metrics: dict[str, Any] = dict(coco_metrics_of_results(self.coco, self.results, ids, max_dets=self.max_dets))
         metrics["accuracy"] = {"foreground": self.total.accuracy, "tp": self.total.tp, "fp": self.total.fp,
                                "fn": self.total.fn, "per_image_mean": float(np.mean([r["accuracy"] for r in rows]))}
         metrics["statistics"] = statistic_distances(pred, gt)
         metrics["count"] = count_errors([r["pred_count"] for r in rows], [r["gt_count"] for r in rows])
-        oracle = coco_metrics_of_results(self.coco, self.oracle_results, ids, ("segm",))["segm"]
+        oracle = coco_metrics_of_results(self.coco, self.oracle_results, ids, ("segm",), self.max_dets)["segm"]
         metrics["diagnostics"] = {"oracle_mask_AP": oracle["AP"], "oracle_mask_AP75": oracle["AP75"],
                                   **self.matched.summary()}
         metrics["images"] = len(rows)
+        groups = self.groups(rows)
+        if groups:
+            metrics["groups"] = {self.group_by: groups}
         metrics["per_image"] = rows
         return Evaluation(metrics, pred, gt)
+
+    def groups(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """COCO AP and foreground accuracy per value of the images' ``group_by`` attribute (e.g.
+        ``contrast: dark|bright``); empty when no evaluated image carries it."""
+        by: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            value = self.images[r["image_id"]].get(self.group_by) if self.group_by else None
+            if value is not None:
+                by.setdefault(str(value), []).append(r)
+        out: dict[str, dict[str, Any]] = {}
+        for value, members in sorted(by.items()):
+            ids = {r["image_id"] for r in members}
+            total = sum((PixelCounts(r["tp"], r["fp"], r["fn"]) for r in members), PixelCounts(0, 0, 0))
+            out[value] = {"images": len(members),
+                          **coco_metrics_of_results(self.coco, [x for x in self.results if x["image_id"] in ids],
+                                                    ids, max_dets=self.max_dets),
+                          "accuracy": {"foreground": total.accuracy}}
+        return out
 
 
 def evaluate_predictions(gt: str | Path | dict[str, Any], predictions: Iterable[tuple[int, Instances]],
@@ -393,18 +435,30 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
                    post: PostprocessConfig | None = None, plots: bool = True, examples: int = 4,
                    threads: int = 2, progress: bool = True, device: str = "cpu",
                    mask_margin_px: float | None = None, mask_tta: int | None = None,
-                   refine_boxes: int | None = None) -> dict[str, Any]:
+                   refine_boxes: int | None = None, profile: FrameProfile | None = None,
+                   pixel_size: float | Literal["auto"] | None = None, max_detections: int | None = None,
+                   group_by: str | None = "contrast") -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default: the model's own, see
     ``resolve_postprocess``; fields it sets explicitly win);
     ``score_threshold`` the one for AP. One inference pass serves both. ``mask_margin_px``,
     ``mask_tta`` and ``refine_boxes`` replace those of the model's mask decoding
-    (``nanoseg.mask_decoding``)."""
+    (``nanoseg.mask_decoding``).
+
+    Without ``profile`` the images are the generator's, at the model's scale and gray mapping.
+    With one, every image file is prepared as the daemon prepares a frame (``prepare_frame``: any
+    contrast, any size, tiled), at ``pixel_size`` nm (``auto``: chosen per image; default the
+    profile's); each image's input check and pixel size go into its per-image row.
+    ``max_detections``: detections kept per model input (``with_max_detections``) and per image
+    by COCOeval (at least COCO's 100). ``group_by``: an image attribute (e.g. ``contrast``) whose
+    values get their own AP and accuracy (``metrics["groups"]``)."""
     from nanoseg.engines.factory import input_spec_of, load_engine
+    from nanoseg_training import frame_eval
     from nanoseg_training.eval_report import write_report
 
     eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads,
-                            mask_margin_px=mask_margin_px, mask_tta=mask_tta, refine_boxes=refine_boxes)
+                            mask_margin_px=mask_margin_px, mask_tta=mask_tta, refine_boxes=refine_boxes,
+                            max_detections=max_detections)
     post = resolve_postprocess(post or PostprocessConfig(), ckpt.operating_point)
     if score_threshold > post.score_threshold:
         raise EvaluationError(f"AP score threshold {score_threshold} is above the operating point's {post.score_threshold}")
@@ -413,19 +467,24 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     spec = input_spec_of(ckpt)
     coco = load_coco(dataset)
     images = {int(im["id"]): im for im in coco["images"]}
-    for im in images.values():
+    for im in images.values() if profile is None else ():
         px = im.get("pixel_size_nm")
         if px is not None and not math.isclose(float(px), spec.pixel_size_nm, rel_tol=1e-3):
             raise EvaluationError(f"{dataset}: image {im['id']} has {px} nm pixels, the model {spec.pixel_size_nm} nm")
         if max(int(im["height"]), int(im["width"])) > spec.size:
             raise EvaluationError(f"{dataset}: image {im['id']} is {im['height']}x{im['width']}, larger than "
                                   f"the model input {spec.size}x{spec.size}")
-    acc = Accumulator(coco)
+    acc = Accumulator(coco, max(100, max_detections or 0), group_by)
     shown: dict[int, tuple[Instances, Instances]] = {}  # image id -> (operating point, truth)
     t0 = time.monotonic()
-    for image_id, raw in iter_predictions(Segmenter.for_checkpoint(eng, ckpt, raw_post), dataset, limit, progress, coco):
+    seg = Segmenter.for_checkpoint(eng, ckpt, raw_post)
+    found: Iterable[tuple[int, Instances, dict[str, Any] | None]] = (
+        ((i, x, None) for i, x in iter_predictions(seg, dataset, limit, progress, coco)) if profile is None
+        # COCOeval counts the acc.max_dets best detections per image: no more are kept.
+        else frame_eval.iter_prepared_predictions(seg, profile, dataset, coco, pixel_size, limit, progress, acc.max_dets))
+    for image_id, raw, extra in found:
         operating = at_operating_point(raw, post)
-        truth = acc.add(image_id, at_operating_point(raw, ap_post), operating)
+        truth = acc.add(image_id, at_operating_point(raw, ap_post), operating, extra)
         if plots and len(shown) < examples:
             shown[image_id] = (operating, truth)
     seconds = time.monotonic() - t0
@@ -434,6 +493,8 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
         "model": str(model), "dataset": str(dataset), "engine": engine, "device": device, "limit": limit,
         "ap_score_threshold": score_threshold, "operating_point": post.model_dump(mode="json"),
         "input_spec": spec.model_dump(mode="json"),
+        "profile": None if profile is None else profile.model_dump(mode="json"),
+        "pixel_size": pixel_size, "max_detections": max_detections,
         "mask_decoding": eng.mask_decoding.model_dump(mode="json"),
         "inference_seconds_per_image": seconds / max(ev.metrics["images"], 1),
         "checkpoint_meta": {k: v for k, v in ckpt.meta.items() if k in ("name", "iterations", "seed", "train_seconds")},
@@ -447,14 +508,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         post = explicit_postprocess(score_threshold=args.stats_score_threshold, mask_threshold=args.mask_threshold,
                                     mask_rescoring=args.mask_rescoring)
+        profile = None
+        if args.profile is not None:
+            from nanoseg.config_io import load_yaml
+            from nanoseg.paths import resolve_config
+
+            profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
+        elif args.pixel_size is not None:
+            raise EvaluationError("--pixel-size needs --profile (the images are prepared as frames)")
         m = evaluate_model(args.model, args.dataset, args.out, args.engine, args.limit, args.score_threshold,
                            post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device,
-                           mask_margin_px=args.mask_margin, mask_tta=args.mask_tta, refine_boxes=args.refine_boxes)
+                           mask_margin_px=args.mask_margin, mask_tta=args.mask_tta, refine_boxes=args.refine_boxes,
+                           profile=profile, pixel_size=args.pixel_size, max_detections=args.max_detections,
+                           group_by=args.group_by or None)
     except (EvaluationError, CheckpointError, ValidationError) as err:
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2
     print(f"mask AP {_fmt(m['segm']['AP'])}  box AP {_fmt(m['bbox']['AP'])}  "
           f"foreground accuracy {m['accuracy']['foreground']:.3f}  ({m['images']} images) -> {args.out}/report.md")
+    for attr, groups in m.get("groups", {}).items():
+        for value, g in groups.items():
+            print(f"  {attr} {value}: mask AP {_fmt(g['segm']['AP'])}  box AP {_fmt(g['bbox']['AP'])}  "
+                  f"foreground accuracy {g['accuracy']['foreground']:.3f}  ({g['images']} images)")
     return 0
 
 

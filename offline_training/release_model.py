@@ -197,8 +197,36 @@ table per contrast comes from `nanoseg evaluate {model} <real set> --profile <pr
 """
 
 
+def real_set_text(real_set: str, profile: str, max_detections: int | None,
+                  runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """The card's standing "real data" table: mask AP (and AP50, box AP) of a real annotated set,
+    overall and per image group (e.g. ``contrast``), one row per pixel-size setting."""
+    if not runs:
+        return ""
+    groups = [(attr, value) for attr, values in runs[0][1].get("groups", {}).items() for value in values]
+    head = " | ".join(f"{attr} {value}" for attr, value in groups)
+    lines = [f"Annotated real images `{real_set}` ({runs[0][1]['images']} images), prepared by profile "
+             f"`{profile}`{f', up to {max_detections} detections per model input' if max_detections else ''}; "
+             "mask AP (x100) overall and per group, box AP overall. Reproduce with `nanoseg evaluate "
+             f"<model> <real set> --profile {profile} --pixel-size <setting>"
+             f"{f' --max-detections {max_detections}' if max_detections else ''} --out <dir>`.", "",
+             f"| pixel size | mask AP | mask AP50 | {head + ' | ' if head else ''}box AP |",
+             "|---" * (4 + len(groups)) + "|"]
+    for setting, m in runs:
+        per = " | ".join(_ap(m.get("groups", {}).get(attr, {}).get(value, {}).get("segm", {}).get("AP"))
+                         for attr, value in groups)
+        lines.append(f"| {setting} | {_ap(m['segm']['AP'])} | {_ap(m['segm']['AP50'])} | "
+                     f"{per + ' | ' if per else ''}{_ap(m['bbox']['AP'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ap(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
 def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[str, Any], args: argparse.Namespace,
-              size_mb: float, params: int, real: bool, tta: tuple[int, dict[str, Any]] | None = None) -> str:
+              size_mb: float, params: int, real: bool, tta: tuple[int, dict[str, Any]] | None = None,
+              real_table: str = "") -> str:
     """The model card, about one screen: details, training data, evaluation, limits, how to reproduce.
 
     Parameters
@@ -219,6 +247,8 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
         Whether ``real_overlay.png`` was written.
     tta : (int, dict), optional
         Number of mask TTA views and the metrics with them.
+    real_table : str, optional
+        The standing real-data table (``real_set_text``), empty when no real set was measured.
 
     Returns
     -------
@@ -261,6 +291,8 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
 ## Evaluation
 
 {evaluation_text(metrics, Path(args.test_set), model, tta)}
+### Real data
+{real_table or "No annotated real set was measured."}
 {real_line}
 
 ## Limits and intended use
@@ -304,6 +336,21 @@ def release(args: argparse.Namespace) -> Path:
         n = int(args.also_mask_tta)
         tta = (n, evaluate_model(model_path, args.test_set, out / f"evaluation_tta{n}", engine="torch",
                                  threads=args.threads, progress=not args.quiet, plots=False, mask_tta=n))
+    real_table = ""
+    if getattr(args, "real_set", None):
+        from nanoseg.config_io import load_yaml
+        from nanoseg.frame_profile import FrameProfile
+        from nanoseg.paths import resolve_config
+
+        profile = load_yaml(resolve_config(args.real_profile, "profiles"), FrameProfile)
+        runs = []
+        for setting in (profile.pixel_size_nm, "auto"):
+            tag = "auto" if setting == "auto" else "profile"
+            runs.append((f"{setting} nm (the profile's)" if tag == "profile" else "auto", evaluate_model(
+                model_path, args.real_set, out / f"evaluation_real_{tag}", engine="torch", threads=args.threads,
+                progress=not args.quiet, plots=False, profile=profile, pixel_size=setting,
+                max_detections=args.real_max_detections)))
+        real_table = real_set_text(Path(args.real_set).name, profile.name, args.real_max_detections, runs)
     real = False
     if args.real_image:
         from nanoseg.cli import main as cli_main
@@ -316,7 +363,7 @@ def release(args: argparse.Namespace) -> Path:
             shutil.copy(overlays[0], out / "real_overlay.png")
             real = True
     (out / "MODEL_CARD.md").write_text(card_text(reloaded.meta, reloaded.model_config, metrics, args, size_mb, params, real,
-                                                      tta))
+                                                      tta, real_table))
     return out
 
 

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
+from nanoseg_training.artefacts import (
+    apply_after_blur,
+    apply_before_blur,
+    apply_to_gray,
+    signal_span,
+)
 from nanoseg_training.scene import Scene, draw
 from nanoseg_training.synthetic_config import Background, Noise, SceneConfig
+
+Look = Literal["optical_density", "sem"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,25 @@ def sem_signal(scene: Scene, edge_gain: float) -> np.ndarray:
     return 0.4 * material + edge_gain * 0.2 * np.tanh(slope)
 
 
+def draw_look(cfg: SceneConfig, rng: np.random.Generator) -> Look:
+    """The image's look: the preset's mode, or drawn by ``looks`` weights in ``mixed`` mode.
+
+    Draws nothing unless the mode is ``mixed``, so other presets keep their random stream.
+    """
+    r = cfg.rendering
+    if r.mode != "mixed":
+        return r.mode
+    return "sem" if rng.uniform(0.0, r.looks.optical_density + r.looks.sem) >= r.looks.optical_density else "optical_density"
+
+
+def percentile_gray(img: np.ndarray, low_pct: float, high_pct: float) -> np.ndarray:
+    """Map the ``low_pct`` / ``high_pct`` percentiles to 0 / 255, clipping outside (uint8)."""
+    lo, hi = np.percentile(img, [low_pct, high_pct])
+    if hi <= lo:
+        return np.zeros(img.shape, dtype=np.uint8)
+    return np.clip(np.rint((img - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
 def to_gray(img: np.ndarray, scale_max: float | None) -> np.ndarray:
     """Map to 0–255: ``scale_max`` -> 255 (None: the image maximum). Negative values clip to 0."""
     top = float(img.max()) if scale_max is None else scale_max
@@ -96,12 +124,22 @@ def to_gray(img: np.ndarray, scale_max: float | None) -> np.ndarray:
     return np.clip(np.rint(img * (255.0 / top)), 0, 255).astype(np.uint8)
 
 
-def render(scene: Scene, rng: np.random.Generator) -> RenderedImage:
+def render(scene: Scene, rng: np.random.Generator, look: Look | None = None) -> RenderedImage:
+    """Render ``scene`` in ``look`` (default: the preset's mode, which must not be ``mixed``).
+
+    Order: signal (OD or SEM surface), background, photon noise, the artefacts that belong to
+    the specimen and the instrument (halo, texture, debris, gradient, charging), blur, additive
+    noise and inversion, 8-bit mapping, then what happens to a figure (JPEG, figure marks).
+    """
     cfg: SceneConfig = scene.config
     r = cfg.rendering
+    look = look or draw_look(cfg, rng)
     dose = None
-    if r.mode == "sem":
-        img = sem_signal(scene, r.sem_edge_gain)
+    if look == "sem":
+        gain = r.sem_edge_gain
+        if r.sem_edge_gain_jitter > 0:
+            gain = max(0.0, float(rng.uniform(gain - r.sem_edge_gain_jitter, gain + r.sem_edge_gain_jitter)))
+        img = sem_signal(scene, gain)
         scale_max = None
     else:
         img = scene.thickness.astype(np.float32) * np.float32(cfg.od_per_voxel)
@@ -110,8 +148,16 @@ def render(scene: Scene, rng: np.random.Generator) -> RenderedImage:
         img = img + smooth_background(img.shape, r.background, rng)
     if r.noise.enabled:
         img, dose = noisy_od(img, r.noise, rng)
+    a = r.artefacts
+    span = signal_span(img)
+    img = apply_before_blur(img, scene, a, look, span, rng)
     sigma = float(rng.uniform(max(r.blur_sigma - r.blur_sigma_jitter, 0.0), r.blur_sigma + r.blur_sigma_jitter))
     if sigma > 0:
         img = ndimage.gaussian_filter(img, sigma)
-    img = img.astype(np.float32)
-    return RenderedImage(od=img, gray=to_gray(img, scale_max), blur_sigma=sigma, dose=dose)
+    img = apply_after_blur(img.astype(np.float32), a, span, rng)
+    if r.normalisation == "percentile":
+        gray = percentile_gray(img, draw(r.percentile_low, rng), draw(r.percentile_high, rng))
+    else:
+        gray = to_gray(img, scale_max)
+    gray = apply_to_gray(gray, a, rng)
+    return RenderedImage(od=img, gray=gray, blur_sigma=sigma, dose=dose)

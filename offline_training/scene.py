@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from nanoseg_training.synthetic_config import IntRange, Range, SceneConfig
-from nanoseg_training.wire_geometry import CrossSection, WireColumns, WireGeometry, rasterise
+from nanoseg_training.wire_geometry import (
+    CrossSection,
+    EndCap,
+    WireColumns,
+    WireGeometry,
+    rasterise,
+)
 
 MAX_DRAWS_PER_WIRE = 20
 
@@ -67,6 +73,8 @@ def draw(r: Range, rng: np.random.Generator) -> float:
 
 
 def draw_int(r: IntRange, rng: np.random.Generator) -> int:
+    if r.distribution == "loguniform":
+        return min(int(math.exp(rng.uniform(math.log(r.low), math.log(r.high + 1)))), r.high)
     return int(rng.integers(r.low, r.high + 1))
 
 
@@ -75,8 +83,12 @@ def draw_wire(cfg: SceneConfig, rng: np.random.Generator, earlier: list[Deposite
     w = cfg.wires
     npm = cfg.non_prismatic
     W, B = cfg.domain.width, cfg.domain.depth
-    length = draw(w.length, rng)
-    width = draw(w.width, rng)
+    if w.aspect_ratio is None:
+        length = draw(w.length, rng)
+        width = draw(w.width, rng)
+    else:
+        width = draw(w.width, rng)
+        length = min(max(width * draw(w.aspect_ratio, rng), w.length.low), w.length.high)
     thickness = width * draw(w.thickness_ratio, rng)
     cs = w.cross_sections
     cross: CrossSection = "rectangle" if rng.uniform(0, cs.rectangle + cs.hexagon) < cs.rectangle else "hexagon"
@@ -108,8 +120,39 @@ def draw_wire(cfg: SceneConfig, rng: np.random.Generator, earlier: list[Deposite
     return WireGeometry(
         start=(sx, sy), angle_deg=angle, length=length, width=width, thickness=thickness,
         cross_section=cross, tilt_deg=tilt, taper=taper, sagitta=sagitta,
-        rough_coeffs=coeffs, rough_phases=phases,
+        rough_coeffs=coeffs, rough_phases=phases, end_cap=draw_end_cap(cfg, rng),
     )
+
+
+def draw_end_cap(cfg: SceneConfig, rng: np.random.Generator) -> EndCap:
+    """The end shape by the preset's weights; draws nothing when only flat ends are possible."""
+    caps = cfg.wires.end_caps
+    if caps.round + caps.faceted <= 0:
+        return "flat"
+    r = rng.uniform(0.0, caps.flat + caps.round + caps.faceted)
+    if r < caps.flat:
+        return "flat"
+    return "round" if r < caps.flat + caps.round else "faceted"
+
+
+def bundle_neighbours(g: WireGeometry, cfg: SceneConfig, rng: np.random.Generator) -> list[WireGeometry]:
+    """Parallel neighbours of ``g`` forming a bundle (alternating sides), or none.
+
+    Draws nothing when bundles are off, so presets without them keep their random stream.
+    """
+    b = cfg.non_prismatic.bundle
+    if b.probability <= 0 or rng.uniform() >= b.probability:
+        return []
+    ux, uy = g.direction
+    nx, ny = -uy, ux  # across the axis
+    out = []
+    for j in range(1, draw_int(b.size, rng)):
+        step = g.width * (1.0 + draw(b.gap, rng))
+        k = (j + 1) // 2 * (1 if j % 2 else -1)
+        shift = float(rng.uniform(-0.15, 0.15)) * g.length  # staggered ends
+        start = (g.start[0] + k * step * nx + shift * ux, g.start[1] + k * step * ny + shift * uy)
+        out.append(replace(g, start=start, length=g.length * float(rng.uniform(0.8, 1.2)), z0=0.0))
+    return out
 
 
 def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float:
@@ -180,6 +223,12 @@ def generate_scene(cfg: SceneConfig, rng: np.random.Generator) -> Scene:
                 dropped += 1  # outside, too small or too high: draw again
                 continue
             placed.append(wire)
+            for h in bundle_neighbours(g, cfg, rng):
+                neighbour = place_wire(h, cfg, top, thickness, top_label, len(placed) + 1)
+                if neighbour is None:
+                    dropped += 1
+                else:
+                    placed.append(neighbour)
             break
     return Scene(cfg, thickness, top, top_label, tuple(placed), dropped)
 

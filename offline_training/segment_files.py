@@ -1,7 +1,11 @@
 """``nanoseg segment IMAGE... --model M --profile P --out DIR``: the offline tool.
 
-Per image: an overlay PNG, a per-particle CSV, a summary JSON and distribution plots (area, aspect
-ratio, orientation, as the paper's Fig. 8). Accepts PNG, TIFF (8/16-bit, float) and NumPy
+Per image: an overlay PNG, a per-particle CSV, a summary JSON (with how the frame was prepared:
+its input check and pixel size), distribution plots (area, aspect ratio, orientation, as the
+paper's Fig. 8) and the masks found as a uint16 label TIFF (0 = background, particle i of the
+CSV is label i + 1). For all images together: ``results.json``, the masks as COCO results
+(RLE, score, image id), and ``images.json``, the COCO image records those ids refer to (image
+ids count from 1 in the order the files were given). Accepts PNG, TIFF (8/16-bit, float) and NumPy
 ``.npy`` files. An unreadable file is reported by name and the others still run; the exit
 status is 1 when any file failed.
 """
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from tqdm import tqdm
 
 from nanoseg.config_io import load_yaml
@@ -28,36 +33,9 @@ from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
 from nanoseg.prepare import prepare_frame
 from nanoseg.segmenter import Segmenter
+from nanoseg_training.image_files import UnreadableImage, read_image
 
 DEFAULT_MODEL = MODELS / "default" / "model.pt"
-
-
-class UnreadableImage(ValueError):
-    pass
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A 2-D array from PNG/TIFF/NPY (colour images are averaged to gray)."""
-    try:
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        elif suffix in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                arr = np.asarray(im)
-    except Exception as err:  # each reader raises its own family of errors
-        raise UnreadableImage(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3].mean(axis=-1)
-    if arr.ndim != 2:
-        raise UnreadableImage(f"{path}: expected a 2-D image, got shape {arr.shape}")
-    return arr
 
 
 @dataclass(frozen=True)
@@ -67,7 +45,19 @@ class SegmentResult:
     image: np.ndarray
 
 
-def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray) -> None:
+def label_image(inst: Instances) -> np.ndarray:
+    """(H, W) uint16: 0 background, i + 1 where instance i's mask is; where masks overlap the
+    higher-scored instance owns the pixel."""
+    if len(inst) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(inst)} instances do not fit a uint16 label image")
+    labels = np.zeros(inst.image_shape, np.uint16)
+    for i in np.argsort(inst.scores, kind="stable"):  # lowest first, so the highest is painted last
+        labels[inst.masks[i]] = i + 1
+    return labels
+
+
+def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray,
+                  preparation: dict[str, object] | None = None) -> None:
     from PIL import Image
 
     from nanoseg_training.preview import outline_overlay
@@ -85,13 +75,20 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray)
             for i, (rec, score) in enumerate(zip(records, result.instances.scores)):
                 w.writerow({"particle": i, "score": round(float(score), 4), **rec})
     summary = frame_summary(result.table).to_dict()
+    if preparation is not None:
+        summary["preparation"] = preparation
     (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
+    tifffile.imwrite(out / f"{stem}_labels.tif", label_image(result.instances), compression="zlib")
     distribution_figure(result.table, out / f"{stem}_distributions.png", title=stem)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from nanoseg_training.evaluate import coco_results
+    from nanoseg_training.frame_eval import preparation_record
+
     model = Path(args.model) if args.model else DEFAULT_MODEL
-    engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta)
+    engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta,
+                               max_detections=args.max_detections)
     spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
     try:
@@ -104,17 +101,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)
     failed = 0
-    for path in tqdm([Path(p) for p in args.images], desc="segment", unit="img", disable=args.quiet):
+    images: list[dict[str, object]] = []
+    results: list[dict[str, object]] = []
+    for image_id, path in enumerate(tqdm([Path(p) for p in args.images], desc="segment", unit="img",
+                                         disable=args.quiet), start=1):
         try:
             frame = read_image(path)
             prepared = prepare_frame(frame, profile, spec, flat_field=flat, pixel_size_nm=args.pixel_size)
-            px = args.pixel_size if args.pixel_size is not None else profile.pixel_size_nm
+            # Particle sizes in nm only for a pixel size the user knows; ``auto`` is a resampling.
+            px = None if prepared.auto_scale is not None else prepared.pixel_size_nm
             analysis = seg.analyse(prepared, px)
-            write_outputs(out, path.stem, SegmentResult(analysis.instances, analysis.table, prepared.image),
-                          prepared.image)
-        except (UnreadableImage, FrameError) as err:
+            inst, table = analysis.instances, analysis.table
+            record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}
+            write_outputs(out, path.stem, SegmentResult(inst, table, prepared.image), prepared.image, record)
+            if prepared.input_check is not None and prepared.input_check.mismatch:
+                print(f"nanoseg segment: {path.name}: {prepared.input_check.message()}", file=sys.stderr)
+            images.append({"id": image_id, "file_name": path.name, "height": prepared.frame_shape[0],
+                           "width": prepared.frame_shape[1]})
+            results.extend(coco_results([(image_id, inst)]))
+        except UnreadableImage as err:
             failed += 1
             print(f"nanoseg segment: {err}", file=sys.stderr)
+        except FrameError as err:
+            failed += 1
+            print(f"nanoseg segment: {path.name}: {err}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps(images, indent=1))
     n = len(args.images)
     print(f"segmented {n - failed}/{n} images into {out}")
     return 1 if failed else 0

@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from nanoseg.config_io import dump_yaml, load_yaml
+from nanoseg.input_spec import InputSpec
 from nanoseg.model import build_model
 from nanoseg.paths import REPO_ROOT, cache_dir, resolve_config
-from nanoseg_training.train_config import GenerateSpec, TrainConfig
-from nanoseg_training.train_data import BatchDataset, CocoSource, MixedSource
+from nanoseg_training.train_config import DataConfig, GenerateSpec, MixSource, TrainConfig
+from nanoseg_training.train_data import BatchDataset, CocoSource, FramePreparation, MixedSource
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 MAX_NONFINITE_STREAK = 10
@@ -50,6 +51,18 @@ def lr_at(cfg: TrainConfig, it: int) -> float:
 def resolve_data_dir(path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else cache_dir() / p
+
+
+def frame_preparation(profile: str | None, pixel_size_nm: float | Literal["auto"] | None,
+                      spec: InputSpec) -> FramePreparation | None:
+    """How a set's images become model input: None for generated sets, else its frame profile."""
+    if profile is None:
+        return None
+    from nanoseg.config_io import load_yaml
+    from nanoseg.frame_profile import FrameProfile
+    from nanoseg.paths import resolve_config
+
+    return FramePreparation(load_yaml(resolve_config(profile, "profiles"), FrameProfile), spec, pixel_size_nm)
 
 
 def ensure_dataset(train: str, generate: GenerateSpec | None, workers: int) -> Path:
@@ -149,9 +162,11 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     roots = [ensure_dataset(t, g, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(t) for t, g, _ in sets]
     if dist.world > 1:
         torch.distributed.barrier()
-    source: CocoSource | MixedSource = CocoSource(roots[0])
+    data_sets: list[DataConfig | MixSource] = [cfg.data, *cfg.data.mix]
+    preps = [frame_preparation(d.profile, d.pixel_size_nm, cfg.input_spec) for d in data_sets]
+    source: CocoSource | MixedSource = CocoSource(roots[0], preps[0])
     if cfg.data.mix:
-        source = MixedSource([CocoSource(r) for r in roots], [w for _, _, w in sets])
+        source = MixedSource([CocoSource(r, p) for r, p in zip(roots, preps)], [w for _, _, w in sets])
 
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):

@@ -25,6 +25,25 @@ class MixSource(StrictModel):
     train: str
     generate: GenerateSpec | None = None
     weight: float = Field(1.0, gt=0)
+    profile: str | None = None
+    """Frame profile (configs/profiles name or YAML path) for a set of a user's own images
+    (e.g. a COCO export of CVAT or labelme: polygons or RLE, any image size and contrast): each image
+    is prepared as ``nanoseg segment`` prepares a frame with it (``nanoseg.prepare.to_model_scale``),
+    its masks resampled alike. None: the images are the generator's, at the model's scale and gray."""
+    pixel_size_nm: float | Literal["auto"] | None = None
+    """Pixel size of the set's images, nm, or ``auto``; default the profile's (with ``profile`` only)."""
+
+    @model_validator(mode="after")
+    def _prepared(self) -> MixSource:
+        _check_prepared(self.profile, self.pixel_size_nm)
+        return self
+
+
+def _check_prepared(profile: str | None, pixel_size_nm: float | str | None) -> None:
+    if pixel_size_nm is not None and profile is None:
+        raise ValueError("pixel_size_nm needs a profile (images without one are at the model's scale)")
+    if isinstance(pixel_size_nm, float) and pixel_size_nm <= 0:
+        raise ValueError("pixel_size_nm must be > 0 nm or 'auto'")
 
 
 class DataConfig(StrictModel):
@@ -34,6 +53,10 @@ class DataConfig(StrictModel):
     """If set and ``train`` is missing, generate it first (seeded, so reproducible)."""
     weight: float = Field(1.0, gt=0)
     """Share of ``train`` among the sets of ``mix`` (relative weights)."""
+    profile: str | None = None
+    """Frame profile for ``train`` when it holds a user's own images (see ``MixSource.profile``)."""
+    pixel_size_nm: float | Literal["auto"] | None = None
+    """Pixel size of ``train``'s images, nm, or ``auto``; default the profile's."""
     mix: tuple[MixSource, ...] = ()
     """More training sets (e.g. another generator preset), each image drawn from set k with
     probability weight_k / sum of weights."""
@@ -49,6 +72,7 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _crops(self) -> DataConfig:
+        _check_prepared(self.profile, self.pixel_size_nm)
         if not self.crop_sizes or len(self.crop_sizes) != len(self.crop_weights):
             raise ValueError("crop_sizes and crop_weights need the same, non-zero length")
         if any(c < 32 for c in self.crop_sizes) or any(w < 0 for w in self.crop_weights) or sum(self.crop_weights) <= 0:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 
-from nanoseg.masks import MaskDecodeError, decode_rle
+from nanoseg.errors import FrameError
+from nanoseg.frame_profile import FrameProfile
+from nanoseg.input_spec import InputSpec
+from nanoseg.masks import MaskDecodeError, decode_segmentation
+from nanoseg.prepare import to_model_scale
 from nanoseg_training.train_config import AugmentConfig, DataConfig
 
 
@@ -30,11 +34,37 @@ class Sample:
     masks: np.ndarray  # bool (N, H, W)
 
 
-class CocoSource:
-    """Random access to the images and instance masks of a COCO data set directory."""
+@dataclass(frozen=True)
+class FramePreparation:
+    """How a set of a user's own images becomes model input: as ``nanoseg segment`` prepares a
+    frame (``to_model_scale`` with ``profile``, at ``pixel_size_nm`` nm or ``auto``, for ``spec``)."""
 
-    def __init__(self, root: Path) -> None:
+    profile: FrameProfile
+    spec: InputSpec
+    pixel_size_nm: float | Literal["auto"] | None = None
+
+    def __call__(self, frame: np.ndarray, masks: np.ndarray) -> Sample:
+        """The frame as the model's 0–255 gray at its scale, masks resampled alike (> 0.5)."""
+        gray = to_model_scale(frame, self.profile, self.spec, pixel_size_nm=self.pixel_size_nm).gray
+        if gray.shape != frame.shape and len(masks):
+            masks = torch.nn.functional.interpolate(
+                torch.from_numpy(masks.astype(np.float32))[None], size=gray.shape, mode="bilinear",
+                align_corners=False)[0].numpy() > 0.5
+        elif gray.shape != frame.shape:
+            masks = np.zeros((0, *gray.shape), bool)
+        return Sample(gray, masks)
+
+
+class CocoSource:
+    """Random access to the images and instance masks of a COCO data set directory.
+
+    Without ``prepare`` the images are the generator's 8-bit gray, at the model's scale. With it,
+    images in any format ``nanoseg segment`` reads (PNG, TIFF, .npy; any size and contrast) are
+    prepared as frames, and masks may also be polygons (a CVAT or labelme COCO export)."""
+
+    def __init__(self, root: Path, prepare: FramePreparation | None = None) -> None:
         self.root = Path(root)
+        self.prepare = prepare
         ann_file = self.root / "annotations.json"
         try:
             coco = json.loads(ann_file.read_text())
@@ -59,20 +89,36 @@ class CocoSource:
     def load(self, index: int) -> Sample:
         info = self.images[index]
         path = self.root / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                image = np.asarray(im.convert("L"), dtype=np.float32)
-        except (OSError, ValueError) as err:
-            raise BadSampleError(f"{path}: cannot read image: {err}") from None
+        image = self._read(path)
         anns = self.anns.get(info["id"], [])
         h, w = image.shape
         try:
-            masks = np.stack([decode_rle(a["segmentation"]) for a in anns]) if anns else np.zeros((0, h, w), bool)
+            masks = (np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns]) if anns
+                     else np.zeros((0, h, w), bool))
         except (MaskDecodeError, KeyError) as err:
             raise BadSampleError(f"{path}: corrupt mask annotation: {err}") from None
         if masks.shape[1:] != (h, w):
             raise BadSampleError(f"{path}: masks are {masks.shape[1:]}, image is {(h, w)}")
-        return Sample(image, masks)
+        if self.prepare is None:
+            return Sample(image, masks)
+        try:
+            return self.prepare(image, masks)
+        except FrameError as err:
+            raise BadSampleError(f"{path}: {err}") from None
+
+    def _read(self, path: Path) -> np.ndarray:
+        if self.prepare is not None:
+            from nanoseg_training.image_files import UnreadableImage, read_image
+
+            try:
+                return read_image(path)
+            except UnreadableImage as err:
+                raise BadSampleError(str(err)) from None
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L"), dtype=np.float32)
+        except (OSError, ValueError) as err:
+            raise BadSampleError(f"{path}: cannot read image: {err}") from None
 
 
 class MixedSource:

@@ -93,6 +93,21 @@ def with_refiner(ckpt: Checkpoint, cfg: MaskRefinerConfig, state: dict[str, torc
     return out
 
 
+def transplant_refiner(ckpt: Checkpoint, donor: Checkpoint, donor_sha256: str) -> Checkpoint:
+    """``ckpt`` with ``donor``'s mask refiner, for a network fine-tuned from the donor's.
+
+    The refiner reads the image and the coarse mask of each detection, so it carries over to a
+    network whose masks are of the same kind; whether it helps is measured on a validation set
+    before it ships. ``meta.mask_refiner`` keeps the donor's record and names the donor.
+    """
+    cfg = donor.model_config.mask_refiner
+    if cfg is None:
+        raise ConfigError("the donor model has no mask refiner")
+    state = {k.removeprefix("mask_refiner."): v for k, v in donor.state_dict.items() if k.startswith("mask_refiner.")}
+    info = dict(donor.meta.get("mask_refiner", {})) | {"transplanted_from_sha256": donor_sha256}
+    return with_refiner(ckpt, cfg, state, info)
+
+
 def extract_samples(ckpt: Checkpoint, source: CocoSource, indices: range, size: int,
                     progress: bool = False) -> RefinerSamples:
     """Run ``ckpt``'s detector (stored decoding, no refiner) on the images at ``indices``."""

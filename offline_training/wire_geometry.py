@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 CrossSection = Literal["rectangle", "hexagon"]
+EndCap = Literal["flat", "round", "faceted"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class WireGeometry:
     rough_coeffs: tuple[float, ...] = ()  # amplitudes of sin(2 pi k s / L + phase), k = 1..
     rough_phases: tuple[float, ...] = ()
     z0: float = 0.0  # height of the bottom at s = 0 on the axis, voxels (set by deposition)
+    end_cap: EndCap = "flat"  # ends cut from the length: round (hemispheres) or faceted (45 deg)
 
     @property
     def direction(self) -> tuple[float, float]:
@@ -99,7 +101,12 @@ class WireColumns:
 
 
 def half_width_along(g: WireGeometry, s: np.ndarray) -> np.ndarray:
-    """Half width (px) at axis position s, with taper and edge roughness."""
+    """Half width (px) at axis position s, with taper, edge roughness and the end caps.
+
+    A round cap is a half disc of the end's half width r, inside the length: at a distance
+    d < r from the end the half width is at most sqrt(r^2 - (r - d)^2). A faceted cap cuts the
+    corners at 45 degrees over the last r / 2: at most r / 2 + d there.
+    """
     frac = np.clip(s / max(g.length, 1e-6), 0.0, 1.0)
     hw = 0.5 * g.width * (1.0 - g.taper * frac)
     if g.rough_coeffs:
@@ -107,6 +114,14 @@ def half_width_along(g: WireGeometry, s: np.ndarray) -> np.ndarray:
         for k, (amp, ph) in enumerate(zip(g.rough_coeffs, g.rough_phases), start=1):
             mod = mod + amp * np.sin(2.0 * math.pi * k * frac + ph)
         hw = hw * mod
+    if g.end_cap != "flat":
+        for d, r in ((s, 0.5 * g.width), (g.length - s, 0.5 * g.width * (1.0 - g.taper))):
+            dd = np.clip(d, 0.0, None)
+            if g.end_cap == "round":
+                cap = np.sqrt(np.clip(r * r - (r - np.minimum(dd, r)) ** 2, 0.0, None))
+            else:
+                cap = 0.5 * r + dd
+            hw = np.minimum(hw, cap)
     return hw
 
 

@@ -5,6 +5,7 @@ Engine ``triton`` runs remotely, on the server and model a ``TritonTarget`` name
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,12 +74,27 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,
                 onnx_path: str | Path | None = None, cache_dir: Path | None = None,
                 triton: TritonTarget | None = None, mask_margin_px: float | None = None,
-                mask_tta: int | None = None, refine_boxes: int | None = None) -> tuple[Engine, Checkpoint]:
+                mask_tta: int | None = None, refine_boxes: int | None = None,
+                max_detections: int | None = None) -> tuple[Engine, Checkpoint]:
     """The checkpoint at ``model_path`` and an engine for it; ``mask_margin_px``, ``mask_tta`` and
-    ``refine_boxes`` replace those of its mask decoding (None keeps the model's)."""
+    ``refine_boxes`` replace those of its mask decoding (None keeps the model's);
+    ``max_detections`` raises its cap of detections per model input (``with_max_detections``)."""
     ckpt = load_checkpoint(model_path)
+    if max_detections is not None:
+        ckpt = with_max_detections(ckpt, max_detections)
     decoding = with_decoding(ckpt.mask_decoding, mask_margin_px, mask_tta, refine_boxes)
     return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding), ckpt
+
+
+def with_max_detections(ckpt: Checkpoint, n: int) -> Checkpoint:
+    """``ckpt`` keeping up to ``n`` detections per model input (``detections_per_img``), its RPN
+    keeping at least ``n`` proposals after and before NMS at test time. The weights do not
+    depend on these: a field of hundreds of small rods needs more than a model's training cap."""
+    cfg = ckpt.model_config
+    update = {"detections_per_img": n,
+              "rpn_post_nms_top_n_test": max(cfg.rpn_post_nms_top_n_test, n),
+              "rpn_pre_nms_top_n_test": max(cfg.rpn_pre_nms_top_n_test, n)}
+    return replace(ckpt, model_config=cfg.model_validate({**cfg.model_dump(), **update}))
 
 
 def input_spec_of(ckpt: Checkpoint) -> InputSpec:

@@ -76,3 +76,23 @@ def test_the_models_mask_decoding_serves_unless_the_config_sets_the_view_count(t
     assert slot.current.segmenter.engine.mask_decoding == MaskDecoding(margin_px=1.0, tta=1)
     slot.reload(path, "torch", "cpu", 1, mask_tta=1)
     assert slot.current.segmenter.engine.mask_decoding.tta == 1
+
+
+def test_max_detections_raises_or_lowers_the_models_cap(trained_model_path: Path, paper_samples: list) -> None:
+    """``model.max_detections`` replaces the cap of detections per model input (50 in the shipped
+    model): a frame of many wires gives at most that many; the config refuses it where the graph
+    is fixed already (an exported ONNX file, triton)."""
+    import numpy as np
+    import pytest
+
+    from nanoseg.config_io import ConfigError, parse_config
+    from nanoseg_daemon.config import ModelSection
+
+    gray, masks = max(paper_samples, key=lambda s: len(s[1]))
+    assert len(masks) > 4
+    few = load_model(trained_model_path, "torch", "cpu", 1, PostprocessConfig(score_threshold=0.05), max_detections=3)
+    many = load_model(trained_model_path, "torch", "cpu", 1, PostprocessConfig(score_threshold=0.05), max_detections=200)
+    tile = np.asarray(gray, np.float32)[None]
+    assert len(few.segmenter.infer_tiles(tile)[0]) <= 3 < len(many.segmenter.infer_tiles(tile)[0])
+    with pytest.raises(ConfigError, match="max_detections"):
+        parse_config({"engine": "onnxruntime", "onnx_path": "m.onnx", "max_detections": 100}, ModelSection)

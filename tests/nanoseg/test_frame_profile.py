@@ -14,7 +14,7 @@ PROFILES = CONFIGS / "profiles"
 
 def test_shipped_profiles_validate() -> None:
     names = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-    assert names == ["ptychography", "ptychography_od", "sem", "stxm"]
+    assert names == ["em", "ptychography", "ptychography_od", "sem", "stxm", "tem"]
     od_input = load_yaml(PROFILES / "ptychography_od.yaml", FrameProfile)
     assert od_input.mode == "optical_density" and od_input.input == "optical_density"
     ptycho = load_yaml(PROFILES / "ptychography.yaml", FrameProfile)
@@ -25,6 +25,18 @@ def test_shipped_profiles_validate() -> None:
     assert stxm.pixel_size_nm == 35.0
     assert sem.mode == "intensity" and sem.normalise and sem.normalise_percentiles == (0.5, 99.5)
     assert sem.tile_overlap_px < 512
+    assert sem.expected_input == "optical_density" and sem.flatten_background  # bright particles, dark background
+    tem = load_yaml(PROFILES / "tem.yaml", FrameProfile)
+    assert tem.expected_input == "transmission" and tem.flatten_background and isinstance(tem.i0, BackgroundI0)
+    assert load_yaml(PROFILES / "em.yaml", FrameProfile).expected_input == "auto"
+    assert ptycho.expected_input == "transmission" and stxm.expected_input == "transmission"
+
+
+def test_expected_input_defaults_follow_mode_and_invert() -> None:
+    intensity = parse_yaml("name: x\nmode: intensity\n", FrameProfile)
+    inverted = parse_yaml("name: x\nmode: intensity\ninvert: true\n", FrameProfile)
+    assert (intensity.expected_input, inverted.expected_input) == ("optical_density", "transmission")
+    assert parse_yaml("name: x\nmode: optical_density\npixel_size_nm: auto\n", FrameProfile).pixel_size_nm == "auto"
 
 
 def test_scalar_i0_policy() -> None:
@@ -44,6 +56,8 @@ def test_scalar_i0_policy() -> None:
         ("name: x\nmode: optical_density\ninvert: true\n", "invert not used in optical_density mode"),
         ("name: x\nmode: intensity\ndark: 10\n", "dark not used in intensity mode"),
         ("name: x\nmode: intensity\nnormalise_percentiles: [90, 10]\n", "normalise_percentiles"),
+        ("name: x\nmode: intensity\ninvert: true\ninput: optical_density\n", "contradicts"),
+        ("name: x\nmode: optical_density\npixel_size_nm: big\n", "pixel_size_nm"),
     ],
 )
 def test_bad_profiles_name_the_field(text: str, field: str) -> None:

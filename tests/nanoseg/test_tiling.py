@@ -119,3 +119,18 @@ def test_nothing_detected_gives_empty_frame_instances() -> None:
     tiles = plan_tiles((100, 200), 64, 16)
     merged = merge_tiled_instances([Instances.empty(64, 64) for _ in tiles], tiles, (100, 200))
     assert len(merged) == 0 and merged.image_shape == (100, 200)
+
+
+def test_max_instances_keeps_the_best_scored_after_merging() -> None:
+    tiles = plan_tiles((64, 100), 64, 28)
+    per_tile = []
+    for k in range(len(tiles)):
+        masks = np.zeros((3, 64, 64), bool)
+        for j in range(3):
+            masks[j, 4 + 20 * j: 14 + 20 * j, 4:14] = True  # three small squares in each tile
+        per_tile.append(Instances(mask_boxes(masks), np.array([0.9, 0.5, 0.2 + 0.1 * k], np.float32), masks))
+    everything = merge_tiled_instances(per_tile, tiles, (64, 100))
+    best = merge_tiled_instances(per_tile, tiles, (64, 100), max_instances=2)
+    assert len(best) == 2 < len(everything)
+    np.testing.assert_array_equal(best.scores, everything.scores[:2])
+    np.testing.assert_array_equal(best.masks, everything.masks[:2])

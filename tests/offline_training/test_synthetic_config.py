@@ -8,7 +8,7 @@ from nanoseg.config_io import ConfigError, dump_yaml, load_yaml, parse_yaml
 from nanoseg.paths import CONFIGS, resolve_config
 from nanoseg_training.synthetic_config import SceneConfig
 
-PRESETS = ["paper", "ptychography", "stxm", "sem"]
+PRESETS = ["paper", "ptychography", "stxm", "sem", "randomised"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -65,7 +65,7 @@ def error_for(text: str) -> str:
         ("wires: {length: {low: 0, high: 10, distribution: loguniform}}", "scene.yaml: wires.length: loguniform needs low > 0"),
         ("wires: {width: {low: .nan, high: 10}}", "scene.yaml: wires.width.low: Input should be a finite number"),
         ("rendering: {od_per_voxel: .inf}", "scene.yaml: rendering.od_per_voxel: Input should be a finite number"),
-        ("rendering: {mode: xray}", "scene.yaml: rendering.mode: Input should be 'optical_density' or 'sem'"),
+        ("rendering: {mode: xray}", "scene.yaml: rendering.mode: Input should be 'optical_density', 'sem' or 'mixed'"),
         ("domain: {height: 5}", "domain.height must exceed the thinnest wire's thickness"),
         ("wires: {cross_sections: {rectangle: 0, hexagon: 0}}", "wires.cross_sections: at least one cross-section weight must be > 0"),
     ],

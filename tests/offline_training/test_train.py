@@ -263,3 +263,72 @@ def test_training_with_scale_jitter_runs(dataset: WrittenDataset, tmp_path: Path
         assert t["masks"].shape[1:] == im.shape[1:]
         assert (t["boxes"][:, 2:] <= torch.tensor([im.shape[2], im.shape[1]])).all()
     assert train(cfg, tmp_path / "run", progress=False).name == "model_final.pt"
+
+
+def polygons_of(mask: np.ndarray) -> list[list[float]]:
+    """A mask as COCO polygons [x0, y0, x1, y1, ...] px, as CVAT or labelme export them."""
+    from skimage.measure import find_contours
+
+    contours = find_contours(np.pad(mask, 1).astype(float), 0.5)
+    return [[float(v) for yx in c[:, ::-1] - 1 for v in yx] for c in contours if len(c) >= 3]
+
+
+def own_labelled_set(dataset: WrittenDataset, root: Path, factor: float = 1.5) -> Path:
+    """The generated set as a user's export: 8-bit transmission PNGs (dark wires on a bright
+    background) ``factor`` x larger than the model's scale, masks as polygons."""
+    from PIL import Image
+    from skimage.transform import rescale
+
+    from nanoseg.masks import decode_rle
+
+    coco = json.loads((dataset.root / "annotations.json").read_text())
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for im in coco["images"]:
+        gray = np.asarray(Image.open(dataset.root / im["file_name"]).convert("L"), np.float64)
+        big = rescale(gray, factor, order=1, preserve_range=True)
+        frame = 240.0 * np.exp(-big / 255.0)
+        name = f"images/own_{im['id']}.png"
+        Image.fromarray(np.clip(frame, 0, 255).astype(np.uint8)).save(root / name)
+        images.append({"id": im["id"], "file_name": name, "height": big.shape[0], "width": big.shape[1]})
+        for a in coco["annotations"]:
+            if a["image_id"] == im["id"]:
+                m = rescale(decode_rle(a["segmentation"]).astype(float), factor, order=1) > 0.5
+                anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": 1, "iscrowd": 0,
+                             "segmentation": polygons_of(m), "area": float(m.sum())})
+    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                       "categories": [{"id": 1, "name": "nanowire"}]}))
+    return root
+
+
+def test_fine_tuning_on_a_users_own_coco_export(dataset: WrittenDataset, tmp_path: Path) -> None:
+    """``data.mix`` with a profile: a user's COCO export (polygons, 1.5x the model's scale,
+    transmission contrast) is prepared like frames and mixed with synthetic data by weight."""
+    from nanoseg.config_io import load_yaml
+    from nanoseg.frame_profile import FrameProfile
+    from nanoseg.input_spec import InputSpec
+    from nanoseg.paths import CONFIGS
+    from nanoseg_training.train_data import FramePreparation
+
+    own = own_labelled_set(dataset, tmp_path / "own")
+    tem = load_yaml(CONFIGS / "profiles" / "tem.yaml", FrameProfile)
+    prepared = CocoSource(own, FramePreparation(tem, InputSpec(pixel_size_nm=8.0, size=96), 8.0 / 1.5))
+    plain = CocoSource(dataset.root)
+    for i in range(len(plain)):
+        s, ref = prepared.load(i), plain.load(i)
+        assert s.image.shape == ref.image.shape == (96, 96) and len(s.masks) == len(ref.masks)
+        # back at the model's scale and contrast: bright wires on a dark background (OD from the
+        # background, so the generator's haze and its slow variation are gone, not the wires)
+        fg = s.masks.any(axis=0)
+        assert s.image[fg].mean() > s.image[~fg].mean() + 40 and np.median(s.image[~fg]) < 30
+        inter = (s.masks & ref.masks).sum(axis=(1, 2))
+        union = (s.masks | ref.masks).sum(axis=(1, 2))
+        assert np.median(inter / np.maximum(union, 1)) > 0.75  # polygons and two resamplings of 3-14 px wires
+    first = train(tiny_config(dataset.root, 2), tmp_path / "first", progress=False)
+    cfg = tiny_config(dataset.root, 2)
+    mix = parse_config({"train": str(own), "generate": None, "weight": 3.0, "profile": "tem",
+                        "pixel_size_nm": 8.0 / 1.5}, MixSource)
+    cfg = cfg.model_copy(update={"init_from": str(first), "data": cfg.data.model_copy(update={"mix": (mix,)})})
+    assert train(cfg, tmp_path / "tuned", progress=False).name == "model_final.pt"
+    with pytest.raises(ConfigError, match="pixel_size_nm needs a profile"):
+        parse_config({"train": str(own), "pixel_size_nm": 5.0}, MixSource)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,29 @@ def test_the_model_card_says_how_the_refiner_was_trained(trained_model_path: Pat
     info = ckpt.meta["mask_refiner"]
     assert "nanoseg train-refiner" in text and f"{info['holdout_iou']:.4f}" in text and "the last 2 images" in text
     assert refiner_text(ckpt.meta, without_refiner(ckpt).model_config) == ""
+
+
+def test_a_refiner_is_transplanted_onto_a_fine_tuned_network(trained_model_path: Path, scenes: Path,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The donor's refiner weights and record move over; the receiving network's weights stay its own."""
+    from nanoseg.checkpoint import file_sha256
+
+    monkeypatch.setenv("NANOSEG_CACHE", str(tmp_path / "cache"))
+    donor_path = tmp_path / "donor.pt"
+    assert main(["train-refiner", str(write_config(tmp_path / "a.yaml", scenes, epochs=1)),
+                 "--model", str(trained_model_path), "--out", str(donor_path), "--quiet"]) == 0
+    donor = load_checkpoint(donor_path)
+    network = without_refiner(load_checkpoint(trained_model_path))
+    # a "fine-tuned" network: every weight moved a little
+    network = dataclasses.replace(network, state_dict={k: v + 0.01 if v.is_floating_point() else v
+                                                       for k, v in network.state_dict.items()})
+    out = tr.transplant_refiner(network, donor, file_sha256(donor_path))
+    assert out.model_config.mask_refiner == donor.model_config.mask_refiner
+    for k, v in out.state_dict.items():
+        source = donor if k.startswith("mask_refiner.") else network
+        torch.testing.assert_close(v, source.state_dict[k])
+    assert out.meta["mask_refiner"]["transplanted_from_sha256"] == file_sha256(donor_path)
+    assert out.meta["mask_refiner"]["holdout_iou"] == donor.meta["mask_refiner"]["holdout_iou"]
+    out.build()
+    with pytest.raises(tr.ConfigError, match="no mask refiner"):
+        tr.transplant_refiner(network, network, "0" * 64)

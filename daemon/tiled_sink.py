@@ -1,0 +1,213 @@
+"""Sink ``tiled``: analysis runs written into a Tiled catalog, beside the raw runs.
+
+Layout, per analysis run (one container, keyed by the analysis run's start uid)::
+
+    <tiled.path>/<analysis uid>          metadata: start (the analysis start document, as the
+                                         bluesky sink's: raw_run_uid, model_version, processing,
+                                         raw_metadata), stop (exit_status, time, frames, losses)
+        labels/<seq_num:06d>             uint16 (H, W) label image: 0 background, instance i -> i + 1;
+                                         metadata: frame_uid, timestamp, model_version, summary
+        particles/<seq_num:06d>          table, one row per instance (label = i + 1): score, box
+                                         (x0, y0, x1, y1 px) and the particle statistics columns
+
+Where masks overlap, the later instance (higher label) owns the shared pixels in the label image;
+the store keeps every mask whole (COCO RLE). Tiled clients read the arrays and tables directly
+(``from_uri(url)[uid]["labels"]["000001"].read()``).
+
+The sink is not durable: a Tiled outage is counted (``sink_errors_total{sink="tiled", reason}``:
+``tiled_unreachable``, ``tiled_rejected``) and never holds back the store. After an unreachable
+server the sink does not try it again for ``tiled.retry_after_s`` (items in between are counted
+``tiled_unreachable`` at once), so a server that times out does not slow the output stage at
+every item. tiled's client itself retries a failed request (its environment variables
+``TILED_RETRY_ATTEMPTS``, default 10, within ``TILED_RETRY_TIMEOUT``, 45 s): set them low in the
+daemon's environment (``TILED_RETRY_ATTEMPTS=2``) to bound the one stall per outage. A frame
+whose run's container could not be made is counted ``tiled_no_run``; an outage in the middle of a
+run leaves that run's container without the frames in between (the store has them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from nanoseg.codec import json_safe
+from nanoseg.masks import RLE
+from nanoseg_daemon.config import TiledSection
+from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.publish import AnalysisRun
+from nanoseg_daemon.sinks import SinkError
+
+KEY_DIGITS = 6
+"""Frame keys are the zero-padded seq_num, so keys sort in frame order."""
+
+
+def frame_key(seq_num: int) -> str:
+    """The key of frame ``seq_num`` (1-based) under ``labels`` and ``particles``."""
+    return f"{seq_num:0{KEY_DIGITS}d}"
+
+
+def label_image(result: FrameResult) -> np.ndarray:
+    """The frame's instances as one uint16 (H, W) label image.
+
+    Parameters
+    ----------
+    result
+        One frame's result; instances in original frame pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint16, 0 = background, instance i -> i + 1; overlapping pixels go to the higher label.
+    """
+    masks = result.instances.box_masks
+    if len(masks) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{len(masks)} instances do not fit a uint16 label image")
+    out = np.zeros(masks.image_shape, np.uint16)
+    for i, ((y, x), crop) in enumerate(zip(masks.offsets, masks.crops)):
+        window = out[y:y + crop.shape[0], x:x + crop.shape[1]]
+        window[crop[:window.shape[0], :window.shape[1]].astype(bool)] = i + 1
+    return out
+
+
+def particle_frame(result: FrameResult) -> Any:
+    """The frame's particle table as a pandas DataFrame (row i = instance i, ``label`` = i + 1)."""
+    import pandas as pd
+
+    inst = result.instances
+    boxes = np.asarray(inst.boxes, np.float64).reshape(-1, 4)
+    cols: dict[str, np.ndarray] = {
+        "label": np.arange(1, len(inst) + 1, dtype=np.int64),
+        "score": np.asarray(inst.scores, np.float64),
+        "x0": boxes[:, 0], "y0": boxes[:, 1], "x1": boxes[:, 2], "y1": boxes[:, 3],
+    }
+    cols.update(result.table.columns())
+    return pd.DataFrame(cols)
+
+
+class TiledSink:
+    """Analysis runs into a Tiled catalog (see module); ``durable`` False.
+
+    Parameters
+    ----------
+    cfg
+        The ``tiled`` config section (server URL, API key, container path, timeout).
+    describe
+        The serving model's version and processing settings, for the analysis start document.
+    """
+
+    name = "tiled"
+    durable = False
+
+    def __init__(self, cfg: TiledSection, describe: Callable[[], tuple[str, dict[str, Any]]]) -> None:
+        self.cfg, self._describe = cfg, describe
+        self._root: Any = None  # the container receiving runs, made at first use
+        self._raw: dict[str, RunStarted] = {}
+        self._runs: dict[str, Any] = {}  # raw run uid -> its analysis container
+        self._frames: dict[str, int] = {}  # raw run uid -> frames written
+        self._down_until = 0.0  # monotonic time before which the server is not tried again
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one client call; failures become ``SinkError`` with a reason label."""
+        import httpx
+
+        wait = self._down_until - time.monotonic()
+        if wait > 0:  # a server that timed out would stall the output stage on every item
+            raise SinkError("tiled_unreachable", f"{what}: not tried, server unreachable (next try in {wait:.0f} s)")
+        try:
+            return fn()
+        except httpx.TransportError as err:  # no server, timeout, connection reset
+            self._root = None
+            self._down_until = time.monotonic() + self.cfg.retry_after_s
+            raise SinkError("tiled_unreachable", f"{what}: {type(err).__name__}: {err}") from err
+        except httpx.HTTPStatusError as err:  # 401 bad key, 409 key exists, 4xx/5xx
+            raise SinkError("tiled_rejected", f"{what}: {err}") from err
+
+    def _container(self) -> Any:
+        if self._root is None:
+            from tiled.client import from_uri
+
+            cfg = self.cfg
+
+            def connect() -> Any:
+                node = from_uri(cfg.uri, api_key=cfg.api_key, timeout=cfg.timeout_s)
+                for key in cfg.path:
+                    node = node[key] if key in node else node.create_container(key)
+                return node
+
+            self._root = self._call("connect", connect)
+        return self._root
+
+    def _analysis(self, run_uid: str) -> Any:
+        node = self._runs.get(run_uid)
+        if node is None:
+            version, processing = self._describe()
+            raw = self._raw.get(run_uid)
+            start = AnalysisRun(run_uid, version, processing,
+                                raw_metadata=raw.metadata.extra if raw else None).start_doc
+            root = self._container()
+            node = self._call("create_run", lambda: root.create_container(
+                start["uid"], metadata={"start": json_safe(start)}))
+            self._call("create_run", lambda: (node.create_container("labels"), node.create_container("particles")))
+            self._runs[run_uid] = node
+            self._frames[run_uid] = 0
+        return node
+
+    def open_run(self, run: RunStarted) -> None:
+        self._raw[run.run_uid] = run
+        self._analysis(run.run_uid)
+
+    def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        try:
+            node = self._analysis(result.run_uid)
+        except SinkError as err:
+            raise SinkError("tiled_no_run", err.detail) from err
+        key = frame_key(result.seq_num)
+        meta = {"frame_uid": result.frame_uid, "timestamp": result.timestamp,
+                "model_version": result.model_version, "summary": json_safe(result.summary.to_dict()),
+                "metadata": json_safe(result.metadata)}
+        labels, table = label_image(result), particle_frame(result)
+        self._call("write_labels", lambda: node["labels"].write_array(labels, key=key, metadata=meta,
+                                                                         dims=("y", "x")))
+        self._call("write_particles", lambda: node["particles"].write_table(table, key=key,
+                                                                             metadata={"frame_uid": result.frame_uid}))
+        self._frames[result.run_uid] += 1
+        return True
+
+    def close_run(self, stop: RunStopped) -> None:
+        try:
+            node = self._analysis(stop.run_uid)
+            stop_md: Mapping[str, Any] = {"exit_status": stop.exit_status, "time": stop.time,
+                                          "num_frames": self._frames.get(stop.run_uid, 0),
+                                          "losses": dict(stop.rejected)}
+            self._call("stop_run", lambda: node.update_metadata({"stop": dict(stop_md)}))
+        finally:
+            self._runs.pop(stop.run_uid, None)
+            self._raw.pop(stop.run_uid, None)
+            self._frames.pop(stop.run_uid, None)
+
+    def close(self) -> None:
+        self._root = None
+
+
+def analysis_runs(container: Any, raw_run_uid: str) -> list[str]:
+    """The analysis runs of one raw run in a Tiled container.
+
+    Parameters
+    ----------
+    container
+        The tiled client container the sink writes into (``tiled.path``).
+    raw_run_uid
+        The raw run's uid (``raw_run_uid`` of the analysis start documents).
+
+    Returns
+    -------
+    list of str
+        The keys (analysis start uids) of its analysis runs, oldest first.
+    """
+    from tiled.queries import Key
+
+    found = container.search(Key("start.raw_run_uid") == raw_run_uid)
+    return [key for _, key in sorted((node.metadata["start"]["time"], key) for key, node in found.items())]
