@@ -28,7 +28,9 @@ ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
 
 A wrong-typed value is reported as ``bad_metadata`` and left out. Documents out of order (event
 before descriptor, descriptor or stop for an unknown run, duplicate uids) are reported through
-``sink.rejected`` and never raise. Memory is bounded: a stopped run is forgotten, at most
+``sink.rejected`` and never raise (events of an unknown descriptor, e.g. of a run started before
+the daemon subscribed, are each counted but logged once per descriptor). ``resume`` takes up a
+run open before a restart from the journal's documents. Memory is bounded: a stopped run is forgotten, at most
 ``max_open_runs`` runs are open (a further start evicts the least active one with a
 ``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
 are capped per run. Not thread-safe: one ingest thread calls it.
@@ -44,7 +46,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from event_model import (
@@ -216,6 +218,14 @@ def _close_reader(_key: Any, resource: _StreamResource) -> None:
         _close_handler(_key, resource.reader)
 
 
+class RunJournal(Protocol):
+    """Where open runs' documents are kept so a restarted daemon can resume them (the store)."""
+
+    def run_opened(self, start_doc: dict[str, Any]) -> None: ...
+
+    def descriptor_added(self, run_uid: str, descriptor: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class _Stream:
     """What a descriptor says: which key is the image, its declared shape, and whether it lives in
@@ -246,12 +256,17 @@ class _Run:
     recent_events: BoundedDict = field(default_factory=lambda: BoundedDict(_RECENT_EVENT_UIDS))
     frames: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, for the run's stop
+    resumed_after: int | None = None  # resumed after a restart: frames stored before (None: not resumed)
+    missed: int = 0  # raw frames sent while the daemon was down (a gap in the events' seq_num)
 
 
 class BlueskyRouter(DocumentRouter):
     """Bluesky documents -> RunStarted / FrameJob / RunStopped on ``sink``; never raises.
 
-    ``clock``: monotonic time source for ``FrameJob.received_monotonic``.
+    ``clock``: monotonic time source for ``FrameJob.received_monotonic``. ``journal``: records
+    each run's start and descriptors (the store), so ``resume`` can take the run up after a restart.
+    Events of a descriptor never seen (a subscriber that joined late) are each counted
+    (``unknown_descriptor``), and logged once per descriptor.
     """
 
     def __init__(
@@ -260,8 +275,11 @@ class BlueskyRouter(DocumentRouter):
         config: BlueskyIngestConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        journal: RunJournal | None = None,
     ) -> None:
         super().__init__()
+        self._journal = journal
+        self._unknown_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)  # descriptor uid -> events seen
         self._sink = sink
         self._config = config or BlueskyIngestConfig()
         self._metadata_keys = self._config.resolved_metadata_keys()
@@ -317,6 +335,29 @@ class BlueskyRouter(DocumentRouter):
         self._current_run = uid
         return run
 
+    def _journal_call(self, what: str, *args: Any) -> None:
+        if self._journal is None:
+            return
+        try:
+            getattr(self._journal, what)(*args)
+        except Exception as err:  # a run that cannot be journalled is still analysed, not resumable
+            self._reject("journal_failed", f"{what}: {type(err).__name__}: {err}")
+
+    def resume(self, start_doc: dict[str, Any], descriptors: list[dict[str, Any]], stored_frames: int) -> None:
+        """Take up a run that was open when the daemon stopped: its start and descriptors as if
+        received again (a RunStarted goes to the sink), frames numbered after ``stored_frames``.
+
+        The first image event after this counts the raw frames sent while the daemon was down
+        (the gap in the events' ``seq_num``) as ``missed``; the run's stop reports them.
+        """
+        self("start", start_doc)
+        run = self._runs.get(start_doc.get("uid"))  # type: ignore[arg-type]
+        if run is None:
+            return
+        run.frames = run.resumed_after = stored_frames
+        for desc in descriptors:
+            self("descriptor", desc)
+
     def _forget(self, run: _Run) -> None:
         del self._runs[run.uid]
         for d in run.streams:
@@ -368,6 +409,7 @@ class BlueskyRouter(DocumentRouter):
         self._runs[uid] = _Run(uid, metadata, filler, handler_cache, flat_field=metadata.flat_field,
                                stream_resources=BoundedDict(self._config.max_resources_per_run,
                                                             on_evict=self._evict_stream_resource))
+        self._journal_call("run_opened", dict(doc))
         self._sink.run_started(RunStarted(uid, metadata, dict(doc), start_time))
 
     def descriptor(self, doc: EventDescriptor) -> None:
@@ -393,6 +435,7 @@ class BlueskyRouter(DocumentRouter):
         shape = declared_shape(data_keys[image_key]) if image_key is not None else None
         run.streams[uid] = _Stream(image_key, external, stream_keys, shape)
         self._descriptor_run[uid] = run.uid
+        self._journal_call("descriptor_added", run.uid, dict(doc))
         run.filler.descriptor(doc)
         for obj in (doc.get("configuration") or {}).values():
             flat = (obj.get("data") or {}).get(self._config.flat_field_key)
@@ -521,7 +564,13 @@ class BlueskyRouter(DocumentRouter):
             return
         run_uid = self._descriptor_run.get(descriptor)
         if run_uid is None:
-            raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor}")
+            seen = self._unknown_descriptors.get(descriptor, 0)
+            self._unknown_descriptors[descriptor] = seen + 1
+            # a late joiner would log every frame of the run: each is counted, one is logged
+            self._sink.rejected("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor} (its "
+                                "run's start was not seen; further events of it are counted, not logged)",
+                                logged=not seen)
+            return
         run = self._run(run_uid, f"event {uid}")
         if uid in run.recent_events:
             raise _Reject("duplicate_uid", f"event {uid} seen before")
@@ -534,6 +583,12 @@ class BlueskyRouter(DocumentRouter):
             raise _Reject("missing_image", f"event {uid} lacks image field {stream.image_key!r}")
         if not wanted:
             return
+        if run.resumed_after is not None and stream.image_key in doc["data"]:
+            seq = doc.get("seq_num")
+            if isinstance(seq, int) and seq - 1 > run.resumed_after:
+                run.missed = seq - 1 - run.resumed_after
+                logger.warning("run %s resumed: %d frames missed while the daemon was down", run.uid, run.missed)
+            run.resumed_after = None
         doc = self._fill(run, doc, wanted, stream.external_keys)
         if flat_key in wanted:
             self._set_flat(run, doc["data"][flat_key], f"event {uid}")
@@ -572,8 +627,9 @@ class BlueskyRouter(DocumentRouter):
         if doc["run_start"] in self._analysis_runs:
             return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
-        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]),
-                             dict(run.rejected))
+        rejected = dict(run.rejected) | ({"missed_while_down": run.missed} if run.missed else {})
+        reason = f"resumed after a restart; {run.missed} frames missed while the daemon was down" if run.missed else ""
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]), rejected, reason)
         self._forget(run)
         self._sink.run_stopped(stopped)
 

@@ -94,6 +94,8 @@ class PublishSection(StrictModel):
     bluesky: BlueskyPublishSection = Field(default_factory=BlueskyPublishSection)
     summary: SummaryPublishSection = Field(default_factory=SummaryPublishSection)
     run_stop_timeout_s: float = Field(3600.0, gt=0, description="Close an analysis run whose raw run sent no stop for this long after its last frame.")
+    resume_timeout_s: float = Field(600.0, gt=0, description="After a restart, close (exit status abort) a run that was open "
+                                    "and sent nothing more for this long: its stop came while the daemon was down.")
     send_hwm: int = Field(1000, ge=1, description="Messages queued per subscriber; beyond, publication drops (publish_dropped_total) rather than block analysis.")
     curve: CurveConfig | None = Field(None, description="CurveZMQ: bound sockets (summary; bluesky with bind) are CURVE servers "
                                       "(server_secret_key, authorized_clients_dir); bluesky connecting to a proxy is its CURVE client "

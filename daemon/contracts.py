@@ -67,6 +67,7 @@ class RunStopped:
     exit_status: str  # bluesky's: success | abort | fail (raw input: success)
     time: float
     rejected: dict[str, int] = field(default_factory=dict)  # the run's inputs refused at ingest, by reason
+    reason: str = ""  # why it ended so (a resumed run's missed frames, a run given up after a restart)
 
 
 class IngestSink(Protocol):
@@ -75,8 +76,10 @@ class IngestSink(Protocol):
     def run_started(self, ev: RunStarted) -> None: ...
     def frame(self, job: FrameJob) -> None: ...
     def run_stopped(self, ev: RunStopped) -> None: ...
-    def rejected(self, reason: str, detail: str) -> None:
-        """A malformed input: ``reason`` is a short metric label, ``detail`` a log line."""
+    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
+        """A malformed input: ``reason`` is a short metric label, ``detail`` a log line (counted,
+        not logged, when ``logged`` is False: the same fault again, e.g. each event of a run
+        whose start was missed)."""
         ...
 
     def converted(self, reason: str, detail: str) -> None:

@@ -142,9 +142,10 @@ class Intake:
     def run_stopped(self, ev: RunStopped) -> None:
         self.queue.put(ev)
 
-    def rejected(self, reason: str, detail: str) -> None:
+    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
         self.metrics.messages_rejected.labels(reason).inc()
-        log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
+        if logged:
+            log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
 
     def converted(self, reason: str, detail: str) -> None:
         self.metrics.frames_converted.labels(reason).inc()

@@ -140,7 +140,11 @@ class AnalysisRun:
         raw_metadata: Mapping[str, Any] | None = None,
         stream_name: str = STREAM,
         time: float | None = None,
+        resume: tuple[Mapping[str, Any], str, int] | None = None,
     ) -> None:
+        """``resume``: (start document, descriptor uid, events published) of this analysis run as
+        published before a restart: the run goes on with the same uids and event numbering, and
+        ``opening`` is empty (its start and descriptor are out already)."""
         self.raw_run_uid = raw_run_uid
         metadata = {
             "plan_name": ANALYSIS_PLAN_NAME,
@@ -150,9 +154,17 @@ class AnalysisRun:
             "raw_metadata": _start_safe(json_safe(dict(raw_metadata or {}))),
             "hints": {"dimensions": [[["time"], stream_name]]},
         }
-        bundle = compose_run(metadata=metadata, time=time)
+        self.resumed = resume is not None
+        if resume is not None:
+            old, descriptor_uid, published = resume
+            metadata = {k: v for k, v in old.items() if k not in ("uid", "time")}
+            bundle = compose_run(uid=old["uid"], time=old["time"], metadata=metadata)
+        else:
+            descriptor_uid, published = None, 0
+            bundle = compose_run(metadata=metadata, time=time)
         self.start_doc: dict[str, Any] = cast(dict[str, Any], bundle.start_doc)
         desc = bundle.compose_descriptor(
+            uid=descriptor_uid,
             name=stream_name,
             data_keys=copy.deepcopy(ANALYSIS_DATA_KEYS),  # each run's documents are its own
             object_keys={OBJECT: list(ANALYSIS_DATA_KEYS)},
@@ -164,12 +176,14 @@ class AnalysisRun:
         self._compose_stop = bundle.compose_stop
         self.compose_descriptor = bundle.compose_descriptor
         """Further streams of this run (growth alarms): the stop counts their events too."""
-        self.events = 0
+        self.events = published
         self._last_seq_num = -math.inf
         self.stop_doc: dict[str, Any] | None = None
 
     def opening(self) -> list[Document]:
-        """The start and descriptor documents, to be sent first."""
+        """The start and descriptor documents, to be sent first (none for a resumed run)."""
+        if self.resumed:
+            return []
         return [("start", self.start_doc), ("descriptor", self.descriptor_doc)]
 
     def event(self, result: FrameResult, rles: Sequence[RLE] | None = None) -> Document:
@@ -182,7 +196,8 @@ class AnalysisRun:
             raise ValueError(f"analysis of {self.raw_run_uid} is already stopped")
         self._last_seq_num = result.seq_num
         data = event_data(result, rles)
-        doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp))
+        doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp),
+                                  seq_num=self.events + 1)  # explicit: a resumed run goes on numbering
         self.events += 1
         return "event", cast(dict[str, Any], doc)
 

@@ -60,7 +60,12 @@ class Service:
                                             lambda: self._paused.is_set() and not self._stopping.is_set()))
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
-        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx)
+        self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
+        bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
+        if bluesky_sink is not None and self.store is not None:
+            bluesky_sink.journal = self.store.analysis_opened
+        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store)
+        self._resumed: dict[str, float] = {}  # runs taken up after a restart -> monotonic time then
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         self.notifier = SystemdNotifier()
 
@@ -119,6 +124,7 @@ class Service:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._resume_runs()
         if self.metrics_server:
             self.metrics_server.start()
         self.stages.start()
@@ -150,12 +156,48 @@ class Service:
         log("service_stopped", drained=drained, unstored_results=lost, processed=self.sinks.processed)
         return drained and lost == 0
 
+    def _resume_runs(self) -> None:
+        """Take up the runs the store lists open (the daemon stopped or was killed during them):
+        later frames go into the same analysis run. A run that cannot be taken up (no bluesky
+        ingest) is closed at once, exit status ``abort``, with the reason."""
+        if self.store is None:
+            return
+        bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
+        router = self.ingest.router
+        for run in self.store.open_runs():
+            if router is None:
+                self.intake.run_stopped(RunStopped(run.run_uid, "abort", time.time(),
+                                                   reason="open when the daemon stopped; bluesky ingest is off now"))
+                log("run_not_resumed", logging.WARNING, run=run.run_uid, reason="bluesky ingest disabled")
+                continue
+            if bluesky_sink is not None and run.analysis_start is not None and run.analysis_descriptor_uid:
+                bluesky_sink.resume(run.run_uid, run.analysis_start, run.analysis_descriptor_uid, run.frames)
+            router.resume(run.start_doc, run.descriptors, run.last_seq_num)
+            self._resumed[run.run_uid] = time.monotonic()
+            log("run_resumed", run=run.run_uid, stored_frames=run.frames,
+                analysis_run=None if run.analysis_start is None else run.analysis_start.get("uid"))
+
+    def _close_unresumed(self) -> None:
+        """Close resumed runs that sent nothing within ``resume_timeout_s``: their stop came while down."""
+        timeout = self.cfg.publish.resume_timeout_s
+        open_runs = set(self.sinks.open_runs)
+        for uid, since in list(self._resumed.items()):
+            if self.sinks.has_frames(uid) or (uid not in open_runs and time.monotonic() - since > 5.0):
+                del self._resumed[uid]  # resumed (or already closed)
+            elif time.monotonic() - since > timeout:
+                del self._resumed[uid]
+                self.intake.queue.put(RunStopped(uid, "abort", time.time(), reason=(
+                    f"open when the daemon stopped; nothing of it came within {timeout:g} s of the restart "
+                    "(its stop was probably sent while the daemon was down)")))
+                log("run_not_resumed", logging.WARNING, run=uid, reason="resume_timeout")
+
     def _housekeeping(self) -> None:
         """Watchdog pings while the stages live; time out runs whose stop never came; retry the store."""
         interval = self.notifier.watchdog_interval_s or 1.0
         while not self._stopping.wait(min(interval, 1.0)):
             if self.stages.alive():
                 self.notifier.watchdog()
+            self._close_unresumed()
             for uid in self.sinks.stale_runs(self.cfg.publish.run_stop_timeout_s):
                 self.intake.queue.put(RunStopped(uid, "timeout", time.time()))
             self.sinks.retry()

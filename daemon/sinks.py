@@ -118,8 +118,12 @@ class BlueskySink:
     durable = False
 
     def __init__(self, publisher: DocumentPublisher, growth: GrowthMonitor,
-                 describe: Callable[[], tuple[str, dict[str, Any]]], metrics: DaemonMetrics) -> None:
+                 describe: Callable[[], tuple[str, dict[str, Any]]], metrics: DaemonMetrics,
+                 journal: Callable[[str, dict[str, Any], str], None] | None = None) -> None:
+        """``journal(raw run uid, analysis start document, descriptor uid)``: records an analysis
+        run as it opens (``ResultStore.analysis_opened``), so ``resume`` can continue it."""
         self.publisher, self._growth, self._describe, self._metrics = publisher, growth, describe, metrics
+        self.journal = journal
         self._runs: dict[str, AnalysisRun] = {}
         self._raw: dict[str, RunStarted] = {}
 
@@ -134,9 +138,20 @@ class BlueskySink:
             raw = self._raw.get(run_uid)
             run = AnalysisRun(run_uid, version, processing, raw_metadata=raw.metadata.extra if raw else None)
             self._runs[run_uid] = run
+            if self.journal is not None:
+                try:
+                    self.journal(run_uid, run.start_doc, run.descriptor_doc["uid"])
+                except Exception as err:  # published all the same; only a restart could not continue it
+                    log("analysis_not_journalled", logging.WARNING, run=run_uid, error=f"{type(err).__name__}: {err}")
             for name, doc in run.opening():
                 self._send(name, doc)
         return run
+
+    def resume(self, run_uid: str, start_doc: dict[str, Any], descriptor_uid: str, events: int) -> None:
+        """Continue the analysis run published before a restart (same start and descriptor uids,
+        event numbers after ``events``)."""
+        version, processing = self._describe()
+        self._runs[run_uid] = AnalysisRun(run_uid, version, processing, resume=(start_doc, descriptor_uid, events))
 
     def open_run(self, run: RunStarted) -> None:
         self._raw[run.run_uid] = run
@@ -152,7 +167,7 @@ class BlueskySink:
         return True
 
     def close_run(self, stop: RunStopped) -> None:
-        doc = self._analysis(stop.run_uid).stop(stop.exit_status, losses=stop.rejected)
+        doc = self._analysis(stop.run_uid).stop(stop.exit_status, stop.reason, losses=stop.rejected)
         if doc is not None:
             self._send(*doc)
         self._runs.pop(stop.run_uid, None)
@@ -220,6 +235,7 @@ class SinkChain:
         self._pending: deque[_Pending] = deque()  # in output order
         self._open: set[str] = set()  # runs started and not yet closed by every sink
         self._activity: dict[str, float] = {}  # run uid -> monotonic time of its last start or frame
+        self._with_frames: set[str] = set()  # open runs with a frame written since this chain began
         self._lock = threading.Lock()
         self._closed = False
 
@@ -238,7 +254,8 @@ class SinkChain:
                 self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
                 # every frame of the run has passed the stages: its losses are all counted by now
                 losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
-                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses))))
+                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses),
+                                                         item.reason)))
             else:
                 raise TypeError(f"not an output item: {type(item).__name__}")
             self._flush()
@@ -257,6 +274,10 @@ class SinkChain:
     @property
     def open_runs(self) -> list[str]:
         return sorted(self._open)
+
+    def has_frames(self, run_uid: str) -> bool:
+        """Whether a frame of the open run ``run_uid`` has been written since this chain began."""
+        return run_uid in self._with_frames
 
     def stale_runs(self, timeout_s: float) -> list[str]:
         """Runs with no start or frame for ``timeout_s``; each is reported once."""
@@ -333,6 +354,7 @@ class SinkChain:
         p.counted = True
         r = p.item.result
         self._activity[r.run_uid] = time.monotonic()
+        self._with_frames.add(r.run_uid)
         self.processed += 1
         m = self.metrics
         m.frames_processed.inc()
@@ -350,6 +372,7 @@ class SinkChain:
             self.metrics.latency_seconds.observe(time.monotonic() - it.result.received_monotonic)
         elif isinstance(it, RunStopped):
             self._open.discard(it.run_uid)
+            self._with_frames.discard(it.run_uid)
             self._activity.pop(it.run_uid, None)
             self.metrics.open_runs.set(len(self._open))
             log("run_closed", run=it.run_uid, exit_status=it.exit_status)

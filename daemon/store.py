@@ -78,6 +78,17 @@ _SCHEMA = (
         PRIMARY KEY (frame_uid, idx)) WITHOUT ROWID""",
 )
 
+# Runs open at ingest, so a restarted daemon can resume them (added to schema 2 stores on open:
+# the table is new, nothing existing changes). A run's row goes when its stop is stored.
+_OPEN_RUNS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS open_runs (
+        run_uid TEXT PRIMARY KEY,
+        start_doc TEXT NOT NULL,
+        descriptors TEXT NOT NULL DEFAULT '[]',
+        analysis_start TEXT,
+        analysis_descriptor_uid TEXT)""",
+)
+
 _REASONS = {
     "SQLITE_FULL": "disk_full",
     "SQLITE_READONLY": "read_only",
@@ -169,6 +180,19 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class OpenRun:
+    """A raw run open when the daemon last ran: its documents, to resume it after a restart."""
+
+    run_uid: str
+    start_doc: dict[str, Any]
+    descriptors: list[dict[str, Any]]
+    analysis_start: dict[str, Any] | None  # the analysis run's start document, once published
+    analysis_descriptor_uid: str | None
+    frames: int  # frames of the run stored
+    last_seq_num: int  # highest stored frame seq_num (0: none)
+
+
+@dataclass(frozen=True)
 class FrameRecord:
     frame_uid: str
     run_uid: str
@@ -222,6 +246,20 @@ class ResultReader:
             return [
                 RunRecord(u, s, e, x, json.loads(m), v, int(nf), int(npart))
                 for u, s, e, x, m, v, nf, npart in conn.execute(sql)
+            ]
+
+    def open_runs(self) -> list[OpenRun]:
+        """The runs recorded open (started, not stopped), with their stored frame counts."""
+        with self._read() as conn:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'open_runs'").fetchone():
+                return []
+            sql = """SELECT o.run_uid, o.start_doc, o.descriptors, o.analysis_start, o.analysis_descriptor_uid,
+                            COUNT(f.frame_uid), COALESCE(MAX(f.seq_num), 0)
+                     FROM open_runs o LEFT JOIN frames f ON f.run_uid = o.run_uid
+                     GROUP BY o.run_uid ORDER BY o.rowid"""
+            return [
+                OpenRun(u, json.loads(s), json.loads(d), None if a is None else json.loads(a), du, int(n), int(q))
+                for u, s, d, a, du, n, q in conn.execute(sql)
             ]
 
     def frames(self, run_uid: str) -> list[FrameRecord]:
@@ -305,6 +343,8 @@ class ResultStore(ResultReader):
                     for stmt in _SCHEMA:
                         conn.execute(stmt)
                     conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                for stmt in _OPEN_RUNS_SCHEMA:
+                    conn.execute(stmt)
         except BaseException:
             conn.close()
             raise
@@ -367,7 +407,8 @@ class ResultStore(ResultReader):
         return True
 
     def stop_run(self, ev: RunStopped) -> None:
-        """Record a run's end (a run never announced gets a placeholder row)."""
+        """Record a run's end (a run never announced gets a placeholder row); it is no longer open.
+        A stop ``reason`` goes into the run's metadata as ``stop_reason``."""
         with self._write(f"stop_run {ev.run_uid}") as conn:
             conn.execute(
                 """INSERT INTO runs (run_uid, started_at, stopped_at, exit_status, metadata)
@@ -375,6 +416,34 @@ class ResultStore(ResultReader):
                    stopped_at = excluded.stopped_at, exit_status = excluded.exit_status""",
                 (ev.run_uid, ev.time, ev.time, ev.exit_status),
             )
+            if ev.reason:
+                conn.execute("UPDATE runs SET metadata = json_set(metadata, '$.stop_reason', ?) WHERE run_uid = ?",
+                             (ev.reason, ev.run_uid))
+            conn.execute("DELETE FROM open_runs WHERE run_uid = ?", (ev.run_uid,))
+
+    # -- open runs (``open_runs``): written at ingest, read by a restarted daemon ----------------
+
+    def run_opened(self, start_doc: dict[str, Any]) -> None:
+        """Record a raw run as open (its whole start document, dark frames included, to resume it)."""
+        uid = str(start_doc["uid"])
+        with self._write(f"run_opened {uid}") as conn:
+            conn.execute("INSERT INTO open_runs (run_uid, start_doc) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                         (uid, _json(start_doc)))
+
+    def descriptor_added(self, run_uid: str, descriptor: dict[str, Any]) -> None:
+        """Add a descriptor to an open run (a run not recorded open is left alone)."""
+        with self._write(f"descriptor_added {run_uid}") as conn:
+            conn.execute(
+                """UPDATE open_runs SET descriptors = json_insert(descriptors, '$[#]', json(?))
+                   WHERE run_uid = ? AND NOT EXISTS (SELECT 1 FROM json_each(descriptors) d
+                                                    WHERE json_extract(d.value, '$.uid') = ?)""",
+                (_json(descriptor), run_uid, descriptor["uid"]))
+
+    def analysis_opened(self, run_uid: str, analysis_start: dict[str, Any], descriptor_uid: str) -> None:
+        """Record the analysis run published for an open raw run (to continue it after a restart)."""
+        with self._write(f"analysis_opened {run_uid}") as conn:
+            conn.execute("UPDATE open_runs SET analysis_start = ?, analysis_descriptor_uid = ? WHERE run_uid = ?",
+                         (_json(analysis_start), descriptor_uid, run_uid))
 
     def close(self) -> None:
         """Close the writer connection (SQLite checkpoints the WAL into the main file)."""

@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from nanoseg_daemon.bluesky_ingest import BlueskyRouter
+from nanoseg_daemon.bluesky_ingest import BlueskyRouter, RunJournal
 from nanoseg_daemon.contracts import IngestSink
 from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
 from nanoseg_daemon.ingest_config import IngestConfig
@@ -47,6 +47,7 @@ class ZmqIngest:
         sink: IngestSink,
         *,
         context: zmq.Context[Any] | None = None,
+        journal: RunJournal | None = None,
     ) -> None:
         self._config = config
         self._sink = sink
@@ -57,7 +58,7 @@ class ZmqIngest:
         self._deserialize = (
             make_deserializer(bc.serializer, allow_pickle=bc.allow_pickle) if bc.enabled else None
         )
-        self._router = BlueskyRouter(sink, bc) if bc.enabled else None
+        self.router = BlueskyRouter(sink, bc, journal=journal) if bc.enabled else None
         self._decoder = RawFrameDecoder(config.raw) if config.raw.enabled else None
         self._bluesky: zmq.Socket[Any] | None = None
         self._raw: zmq.Socket[Any] | None = None
@@ -196,7 +197,7 @@ class ZmqIngest:
 
     def _on_bluesky(self, sock: zmq.Socket[Any]) -> None:
         message = sock.recv(zmq.NOBLOCK)
-        assert self._deserialize is not None and self._router is not None
+        assert self._deserialize is not None and self.router is not None
         try:
             name, doc = parse_bluesky_message(message, self._prefix, self._deserialize)
         except WireError as err:
@@ -204,7 +205,7 @@ class ZmqIngest:
                 logger.debug("ignored bluesky message: %s", err.detail)
             self._reject(err.reason, err.detail)
             return
-        self._router(name, doc)
+        self.router(name, doc)
 
     def _on_raw(self, sock: zmq.Socket[Any]) -> None:
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -27,6 +27,7 @@ class RecordingSink:
         self.frames: list[FrameJob] = []
         self.stopped: list[RunStopped] = []
         self.rejections: list[tuple[str, str]] = []
+        self.logged: list[str] = []  # the reasons of the rejections that were to be logged
         self.conversions: list[tuple[str, str]] = []
         self.order: list[tuple[str, str]] = []  # (kind, run uid) in delivery order
         self._cond = threading.Condition()
@@ -49,9 +50,11 @@ class RecordingSink:
             self.order.append(("stop", ev.run_uid))
             self._cond.notify_all()
 
-    def rejected(self, reason: str, detail: str) -> None:
+    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
         with self._cond:
             self.rejections.append((reason, detail))
+            if logged:
+                self.logged.append(reason)
             self._cond.notify_all()
 
     def converted(self, reason: str, detail: str) -> None:
@@ -77,6 +80,7 @@ class RecordingSink:
             self.frames.clear()
             self.stopped.clear()
             self.rejections.clear()
+            self.logged.clear()
             self.order.clear()
 
 

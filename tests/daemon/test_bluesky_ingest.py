@@ -498,3 +498,41 @@ def test_bluesky_frames_get_the_raw_inputs_size_limit(sink):
     assert sink.reasons == ["oversize", "oversize"]
     assert "max_dim" in sink.rejections[0][1] and "max_frame_bytes" in sink.rejections[1][1]
     assert len(sink.frames) == 1
+
+
+def test_late_joiner_counts_every_missed_event_and_logs_once_per_descriptor(sink):
+    router = BlueskyRouter(sink)
+    runs = [compose_run() for _ in range(2)]  # both started before the daemon subscribed
+    descs = [run.compose_descriptor(name="primary", data_keys={"img": image_key()}) for run in runs]
+    for _ in range(5):
+        for desc in descs:
+            router("event", desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
+    assert sink.reasons == ["unknown_descriptor"] * 10 and sink.logged == ["unknown_descriptor"] * 2
+    assert not sink.frames
+
+
+def test_resumed_run_numbers_frames_on_and_counts_the_gap_as_missed(sink, tmp_path):
+    from nanoseg_daemon.store import ResultStore
+
+    store = ResultStore(tmp_path / "r.sqlite3")
+    first = BlueskyRouter(sink, journal=store)
+    run = compose_run(metadata={"pixel_size_nm": 4.0})
+    desc = run.compose_descriptor(name="primary", data_keys={"img": image_key()})
+    events = [desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}) for _ in range(10)]
+    first("start", run.start_doc)
+    first("descriptor", desc.descriptor_doc)
+    for ev in events[:3]:
+        first("event", ev)
+    (opened,) = store.open_runs()  # what a restarted daemon reads (no frame stored here: the router only)
+    assert opened.start_doc["pixel_size_nm"] == 4.0 and [d["uid"] for d in opened.descriptors] == [desc.descriptor_doc["uid"]]
+    sink.clear()
+    second = BlueskyRouter(sink, journal=store)
+    second.resume(opened.start_doc, opened.descriptors, stored_frames=3)
+    for ev in events[7:]:  # events 4..7 went while down
+        second("event", ev)
+    second("stop", run.compose_stop())
+    assert [f.seq_num for f in sink.frames] == [4, 5, 6] and sink.started[0].metadata.pixel_size_nm == 4.0
+    (stopped,) = sink.stopped
+    assert stopped.rejected == {"missed_while_down": 4} and "4 frames missed" in stopped.reason
+    assert sink.reasons == []
+    store.close()

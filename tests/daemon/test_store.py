@@ -168,3 +168,24 @@ def test_images_in_the_start_document_are_not_copied_into_the_store(tmp_path):
     con.close()
     assert len(meta) < 2000
     assert '"array_shape":[512,512]' in meta and '"scan_id":3' in meta
+
+
+def test_open_runs_are_kept_until_their_stop(store, tmp_path):
+    start = {"uid": "run-o", "time": 1.0, "dark": np.zeros((16, 16)), "scan_id": 3}
+    desc = {"uid": "d1", "run_start": "run-o", "name": "primary", "data_keys": {}}
+    store.run_opened(start)
+    store.run_opened(start)  # a resumed run announces itself again: still one row
+    store.descriptor_added("run-o", desc)
+    store.descriptor_added("run-o", desc)
+    store.descriptor_added("run-x", desc)  # not open: ignored
+    store.add_frame(frame_result("run-o", 1))
+    store.add_frame(frame_result("run-o", 2))
+    store.analysis_opened("run-o", {"uid": "a1", "time": 2.0}, "ad1")
+    (o,) = ResultReader(store.path).open_runs()
+    assert (o.run_uid, o.frames, o.last_seq_num, o.analysis_descriptor_uid) == ("run-o", 2, 2, "ad1")
+    assert o.start_doc["dark"] == [[0.0] * 16] * 16 and o.start_doc["scan_id"] == 3  # whole, to resume
+    assert o.descriptors == [desc] and o.analysis_start == {"uid": "a1", "time": 2.0}
+    store.stop_run(RunStopped("run-o", "abort", 5.0, reason="nothing came after the restart"))
+    assert store.open_runs() == []
+    (run,) = store.runs()
+    assert run.exit_status == "abort" and run.metadata["stop_reason"] == "nothing came after the restart"

@@ -37,7 +37,7 @@ CASES: dict[str, tuple[dict, str]] = {
     "profile_unknown": ({"profile": "no_such_profile"}, "profile: no profiles config 'no_such_profile'"),
     "triton_without_server": ({"model": {"engine": "triton", "triton_model": "nanoseg"}},
                               "engine triton needs model.triton_url (HOST:PORT) and model.triton_model"),
-    "sink_unknown": ({"sinks": ["store", "tiles"]}, "sinks.1: Input should be 'store', 'bluesky' or 'summary'"),
+    "sink_unknown": ({"sinks": ["store", "tiles"]}, "sinks.1: Input should be 'store', 'bluesky', 'summary' or 'tiled'"),
     "sink_store_after_publisher": ({"sinks": ["summary", "store"]}, "sinks: store must come first"),
     "sink_listed_but_disabled": ({"sinks": ["store", "bluesky"], "publish": {"bluesky": {"enabled": False}}},
                                  "sinks: bluesky listed but publish.bluesky.enabled is false"),
