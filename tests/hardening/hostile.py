@@ -297,8 +297,14 @@ def bluesky_single(enc: BlueskyEncoder, pickle_path: Path) -> dict[str, Callable
             "bad_payload"),
         "unsupported_document": lambda r: one(
             "unsupported_document",
-            enc.message(str(r.choice(["stream_resource", "stream_datum", "bulk_events", "bulk_datum"])), {"uid": "x"}),
+            enc.message(str(r.choice(["bulk_events", "bulk_datum"])), {"uid": "x"}),
             "unsupported_document"),
+        # ophyd-async's documents are read now: a stream resource of no known run, a stream datum
+        # that is no valid document
+        "stream_resource_unknown_run": lambda r: one(
+            "stream_resource_unknown_run", enc.message("stream_resource", {"uid": "x"}), "unknown_run"),
+        "stream_datum_invalid": lambda r: one(
+            "stream_datum_invalid", enc.message("stream_datum", {"uid": "x"}), "bad_document"),
         "start_missing_uid": lambda r: one("start_missing_uid", enc.message("start", {"time": 1.0}), "bad_document"),
         "start_uid_not_text": lambda r: one("start_uid_not_text", enc.message("start", {"uid": 5, "time": 1.0}),
                                             "bad_document"),
@@ -435,8 +441,8 @@ def bluesky_stateful(enc: BlueskyEncoder) -> dict[str, Callable[[np.random.Gener
         "image_ragged": lambda r: image_event("image_ragged", [[1, 2], [3]], ("bad_shape",)),
         "image_nan": lambda r: image_event("image_nan", nan8, (), ("non_finite",)),
         "image_inf": lambda r: image_event("image_inf", np.full((8, 8), np.inf), (), ("non_finite",)),
-        "image_zero_size": lambda r: image_event(
-            "image_zero_size", [[]] if json_kind else np.zeros((0, 8), np.uint16), (), ("empty_frame",)),
+        "image_zero_size": lambda r: image_event(  # refused at the input (it was a failed frame)
+            "image_zero_size", [[]] if json_kind else np.zeros((0, 8), np.uint16), ("bad_shape",)),
         "image_bool": lambda r: image_event("image_bool", np.ones((8, 8), bool), (), ("bad_dtype",)),
     }
     if not json_kind:
