@@ -87,8 +87,7 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepare
 
 def infer_and_measure(p: Prepared) -> FrameResult:
     """Inference and statistics of a prepared frame, on the model it was prepared for."""
-    # Sizes in nm only for a pixel size the run or the profile states; ``auto`` is a resampling.
-    px = None if p.frame.auto_scale is not None else p.frame.pixel_size_nm
+    px = p.frame.stated_pixel_size_nm
     timings = {"prepare": p.seconds}
     a = p.model.segmenter.analyse(p.frame, px, timings)
     return FrameResult(

@@ -101,6 +101,12 @@ class PreparedFrame:
     auto_scale: ScaleChoice | None = None
 
     @property
+    def stated_pixel_size_nm(self) -> float | None:
+        """The frame pixel size a run or profile stated, nm, for particle sizes in nm; None when
+        there was none or it was chosen by ``auto`` (a resampling, not a measurement)."""
+        return None if self.auto_scale is not None else self.pixel_size_nm
+
+    @property
     def scale_yx(self) -> tuple[float, float]:
         """Model px per frame px along y and x (exact for the resampled shape)."""
         return (

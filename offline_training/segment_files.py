@@ -108,9 +108,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             frame = read_image(path)
             prepared = prepare_frame(frame, profile, spec, flat_field=flat, pixel_size_nm=args.pixel_size)
-            # Particle sizes in nm only for a pixel size the user knows; ``auto`` is a resampling.
-            px = None if prepared.auto_scale is not None else prepared.pixel_size_nm
-            analysis = seg.analyse(prepared, px)
+            analysis = seg.analyse(prepared, prepared.stated_pixel_size_nm)
             inst, table = analysis.instances, analysis.table
             record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}
             write_outputs(out, path.stem, SegmentResult(inst, table, prepared.image), prepared.image, record)
