@@ -17,17 +17,18 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias, cast
 
 from nanoseg.config_io import ConfigError, load_yaml
+from nanoseg.engines import RawDetections
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, prepare_frame
-from nanoseg_daemon.config import QueueSection
+from nanoseg_daemon.config import BatchingSection, QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics
@@ -85,11 +86,14 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepare
     return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
-def infer_and_measure(p: Prepared) -> FrameResult:
-    """Inference and statistics of a prepared frame, on the model it was prepared for."""
+def infer_and_measure(p: Prepared, detections: Sequence[RawDetections] | None = None,
+                      infer_seconds: float = 0.0) -> FrameResult:
+    """Inference and statistics of a prepared frame, on the model it was prepared for.
+    ``detections``: its tiles' raw detections when the engine ran already, with the frame's share
+    of that run (``infer_seconds``, s)."""
     px = p.frame.stated_pixel_size_nm
-    timings = {"prepare": p.seconds}
-    a = p.model.segmenter.analyse(p.frame, px, timings)
+    timings = {"prepare": p.seconds, "infer": infer_seconds}
+    a = p.model.segmenter.analyse(p.frame, px, timings, detections)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
@@ -117,6 +121,31 @@ def _preparation(frame: PreparedFrame) -> dict[str, object]:
 def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
     """The whole pipeline for one frame (what the three stages do, in one call)."""
     return infer_and_measure(prepare(job, model, profiles))
+
+
+def analyse_batch(batch: Sequence[Prepared]) -> list[FrameResult | Exception]:
+    """Inference and statistics of frames prepared for one model, the engine run once on all
+    their tiles (``Segmenter.detect_frames``); one result per frame, in order, or the exception
+    that frame raised. When the engine fails on the batch, each frame runs alone, so a bad frame
+    fails alone."""
+    detections: list[list[RawDetections]] | None = None
+    shares = [0.0] * len(batch)
+    if len(batch) > 1:
+        t0 = time.perf_counter()
+        try:
+            detections = batch[0].model.segmenter.detect_frames([p.frame.tiles for p in batch])
+        except Exception:  # one frame's failure must not fail the others: each alone below
+            detections = None
+        seconds, tiles = time.perf_counter() - t0, sum(len(p.frame.tiles) for p in batch)
+        if detections is not None:
+            shares = [seconds * len(p.frame.tiles) / max(tiles, 1) for p in batch]
+    out: list[FrameResult | Exception] = []
+    for k, p in enumerate(batch):
+        try:
+            out.append(infer_and_measure(p, None if detections is None else detections[k], shares[k]))
+        except Exception as err:
+            out.append(err)
+    return out
 
 
 class Intake:
@@ -188,18 +217,25 @@ class StageCallbacks:
     failed: Callable[[FrameJob, str, str], None]  # job, reason, detail
     model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
+    batched: Callable[[int], None] = lambda frames: None  # frames per engine batch
 
 
 STOP = object()
 
 
 class Stages:
-    """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle."""
+    """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle.
+
+    The infer stage takes the prepared frames waiting for it, up to ``batching.max_batch``, the
+    first waiting at most ``batching.max_wait_ms`` for more, and runs them as one batch
+    (``analyse_batch``); a batch holds frames prepared for one model and ends at a run event, so
+    results leave in the order the frames came."""
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
-                 cb: StageCallbacks, inner_queue: int = 2) -> None:
+                 cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
-        self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
+        self.batching = batching or BatchingSection()
+        self.q_infer: queue.Queue[object] = queue.Queue(max(inner_queue, self.batching.max_batch))
         self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
@@ -238,20 +274,40 @@ class Stages:
         self.q_infer.put(STOP)
 
     def _infer_loop(self) -> None:
+        held: object = None  # an item taken while gathering a batch that does not belong to it
         while True:
-            item = self.q_infer.get()
+            item, held = (held if held is not None else self.q_infer.get()), None
             if item is STOP:
                 break
-            if isinstance(item, Prepared):
-                try:
-                    self.q_out.put(infer_and_measure(item))
-                except FrameError as err:
-                    self.cb.failed(item.job, err.reason, str(err))
-                except Exception as err:
-                    self.cb.failed(item.job, "internal_error", f"{type(err).__name__}: {err}")
-            else:
+            if not isinstance(item, Prepared):
                 self.q_out.put(item)
+                continue
+            batch, held = self._gather(item)
+            self.cb.batched(len(batch))
+            for p, result in zip(batch, analyse_batch(batch)):
+                if isinstance(result, FrameResult):
+                    self.q_out.put(result)
+                elif isinstance(result, FrameError):
+                    self.cb.failed(p.job, result.reason, str(result))
+                else:  # a bug must not kill the service: count and log it
+                    self.cb.failed(p.job, "internal_error", f"{type(result).__name__}: {result}")
         self.q_out.put(STOP)
+
+    def _gather(self, first: Prepared) -> tuple[list[Prepared], object]:
+        """``first`` and the prepared frames for its model that follow within the wait, up to
+        ``max_batch``; and the item that ended the batch early (a run event, another model's
+        frame, STOP), or None."""
+        batch = [first]
+        deadline = time.monotonic() + self.batching.max_wait_ms / 1000
+        while len(batch) < self.batching.max_batch:
+            try:
+                nxt = self.q_infer.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if not (isinstance(nxt, Prepared) and nxt.model is first.model):
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
 
     def _output_loop(self) -> None:
         while True:
