@@ -164,7 +164,7 @@ class FeedClient:
         rx.start()
         t0 = time.time()
         for k in range(n):
-            self.push.send_multipart([raw_header(k, frame.shape, run), frame], copy=False)
+            self.push.send_multipart([raw_header(k, frame.shape, run), memoryview(frame)], copy=False)
         self.push.send_multipart([json.dumps({"run": run, "timestamp": time.time(), "end_of_run": True}).encode(), b""])
         rx.join()
         return {"sent_at": t0, "received": received}
@@ -182,15 +182,15 @@ class FeedClient:
         rx.start()
         t0 = time.time()
         bundle = compose_run(metadata={"plan_name": "count", "run": run, "pixel_size_nm": PIXEL_SIZE_NM, "i0": DOSE})
-        self.publisher("start", bundle.start_doc)
+        self.publisher("start", dict(bundle.start_doc))
         desc = bundle.compose_descriptor(name="primary", data_keys={
             "det_image": {"source": "bench", "dtype": "array", "shape": list(frame.shape), "dtype_numpy": "<u2"}})
-        self.publisher("descriptor", desc.descriptor_doc)
+        self.publisher("descriptor", dict(desc.descriptor_doc))
         for k in range(n):
             now = time.time()
-            self.publisher("event", desc.compose_event(data={"det_image": frame}, timestamps={"det_image": now},
-                                                       seq_num=k + 1, validate=False))
-        self.publisher("stop", bundle.compose_stop())
+            self.publisher("event", dict(desc.compose_event(data={"det_image": frame}, timestamps={"det_image": now},
+                                                            seq_num=k + 1, validate=False)))
+        self.publisher("stop", dict(bundle.compose_stop()))
         rx.join()
         return {"sent_at": t0, "received": received}
 

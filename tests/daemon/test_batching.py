@@ -18,7 +18,13 @@ from nanoseg_daemon.contracts import FrameJob, FrameMetadata, FrameResult
 from nanoseg_daemon.pipeline import analyse_batch, analyse_frame, prepare
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.store import ResultReader, default_path
-from tests.daemon.service_fixtures import DOSE, Client, raw_header, start_service, transmission_frame
+from tests.daemon.service_fixtures import (
+    DOSE,
+    Client,
+    raw_header,
+    start_service,
+    transmission_frame,
+)
 
 FRAMES = [transmission_frame(11, i).counts for i in range(5)]
 
@@ -57,8 +63,8 @@ def test_batched_results_equal_unbatched_and_keep_frame_order(tmp_path: Path, tr
     assert sample(svc1, "nanoseg_batch_size_frames_sum") == sample(svc1, "nanoseg_batch_size_frames_count") == 5
     assert sample(svc4, "nanoseg_batch_size_frames_sum") == 5
     assert sample(svc4, "nanoseg_batch_size_frames_count") <= 3
-    assert svc4.metrics.registry.get_sample_value("nanoseg_batch_size_frames_bucket", {"le": "2.0"}) < \
-        sample(svc4, "nanoseg_batch_size_frames_count")  # some batch held more than two frames
+    two_or_fewer = svc4.metrics.registry.get_sample_value("nanoseg_batch_size_frames_bucket", {"le": "2.0"})
+    assert (two_or_fewer or 0.0) < sample(svc4, "nanoseg_batch_size_frames_count")  # a batch held 3 or more
 
     for svc in (svc1, svc4):  # the dark frame failed alone, counted with its reason
         assert svc.metrics.registry.get_sample_value("nanoseg_frames_failed_total", {"reason": "no_signal"}) == 1
