@@ -164,7 +164,7 @@ class FeedClient:
         rx.start()
         t0 = time.time()
         for k in range(n):
-            self.push.send_multipart([raw_header(k, frame.shape, run), memoryview(frame)], copy=False)
+            self.push.send_multipart([raw_header(k, frame.shape, run), frame.data], copy=False)
         self.push.send_multipart([json.dumps({"run": run, "timestamp": time.time(), "end_of_run": True}).encode(), b""])
         rx.join()
         return {"sent_at": t0, "received": received}
