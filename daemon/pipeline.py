@@ -1,12 +1,13 @@
-"""Frames -> results: the analysis of one frame, and the three overlapping stages that run it.
+"""Frames -> results: the analysis of one frame, and the overlapping stages that run it.
 
 ``analyse_frame`` is the whole per-frame pipeline in one function: decode/validate + optical
 density + scale/tile (``nanoseg.prepare``), then ``Segmenter.analyse`` (engine and mask pasting
 -> merge and filters -> statistics). The sinks (``sinks.py``) then store and publish the result.
 
-``Stages`` runs prepare, infer(+statistics) and output in three threads joined by small bounded
-queues, so the model never waits on preparation or I/O. Run start/stop items travel through the
-same queues, so every consumer sees start -> frames in order -> stop. A frame carries the model it
+``Stages`` runs prepare, infer (batched), measure (post-processing and statistics) and output in
+four threads joined by small bounded queues, so the model never waits on preparation, statistics
+or I/O. Run start/stop items travel through the same queues, so every consumer sees start ->
+frames in order -> stop. A frame carries the model it
 was prepared for into inference, so a reload between the two never splits a frame across models.
 """
 
@@ -123,26 +124,42 @@ def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> F
     return infer_and_measure(prepare(job, model, profiles))
 
 
+@dataclass(frozen=True)
+class Detected:
+    """A prepared frame and its tiles' raw detections (what the engine found, nothing measured)."""
+
+    prepared: Prepared
+    detections: list[RawDetections]
+    seconds: float  # the frame's share of the engine's time on its batch, s
+
+
+def detect_batch(batch: Sequence[Prepared]) -> list[Detected | Exception]:
+    """The engine once on the tiles of frames prepared for one model (``Segmenter.detect_frames``):
+    per frame, in order, its detections, or the exception it raised. When the engine fails on
+    the batch, each frame runs alone, so a bad frame fails alone."""
+    t0 = time.perf_counter()
+    try:
+        raws = batch[0].model.segmenter.detect_frames([p.frame.tiles for p in batch])
+    except Exception as err:
+        if len(batch) == 1:
+            return [err]
+        return [out for p in batch for out in detect_batch([p])]
+    seconds, tiles = time.perf_counter() - t0, max(sum(len(p.frame.tiles) for p in batch), 1)
+    return [Detected(p, r, seconds * len(p.frame.tiles) / tiles) for p, r in zip(batch, raws)]
+
+
+def measure(d: Detected) -> FrameResult:
+    """Post-processing and statistics of a frame whose detections are known."""
+    return infer_and_measure(d.prepared, d.detections, d.seconds)
+
+
 def analyse_batch(batch: Sequence[Prepared]) -> list[FrameResult | Exception]:
-    """Inference and statistics of frames prepared for one model, the engine run once on all
-    their tiles (``Segmenter.detect_frames``); one result per frame, in order, or the exception
-    that frame raised. When the engine fails on the batch, each frame runs alone, so a bad frame
-    fails alone."""
-    detections: list[list[RawDetections]] | None = None
-    shares = [0.0] * len(batch)
-    if len(batch) > 1:
-        t0 = time.perf_counter()
-        try:
-            detections = batch[0].model.segmenter.detect_frames([p.frame.tiles for p in batch])
-        except Exception:  # one frame's failure must not fail the others: each alone below
-            detections = None
-        seconds, tiles = time.perf_counter() - t0, sum(len(p.frame.tiles) for p in batch)
-        if detections is not None:
-            shares = [seconds * len(p.frame.tiles) / max(tiles, 1) for p in batch]
+    """``detect_batch`` then ``measure``, in one call (what the infer and measure stages do):
+    per frame, in order, its result or the exception it raised."""
     out: list[FrameResult | Exception] = []
-    for k, p in enumerate(batch):
+    for d in detect_batch(batch):
         try:
-            out.append(infer_and_measure(p, None if detections is None else detections[k], shares[k]))
+            out.append(d if isinstance(d, Exception) else measure(d))
         except Exception as err:
             out.append(err)
     return out
@@ -224,21 +241,25 @@ STOP = object()
 
 
 class Stages:
-    """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle.
+    """prepare -> infer -> measure -> output threads. ``source`` yields items; ``None`` means idle.
 
     The infer stage takes the prepared frames waiting for it, up to ``batching.max_batch``, the
-    first waiting at most ``batching.max_wait_ms`` for more, and runs them as one batch
-    (``analyse_batch``); a batch holds frames prepared for one model and ends at a run event, so
-    results leave in the order the frames came."""
+    first waiting at most ``batching.max_wait_ms`` for more, and runs the engine once on them
+    (``detect_batch``); a batch holds frames prepared for one model and ends at a run event, so
+    results leave in the order the frames came. The measure stage (mask pasting, filters,
+    statistics) runs beside it, so the engine never waits for them."""
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
                  cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.batching = batching or BatchingSection()
-        self.q_infer: queue.Queue[object] = queue.Queue(max(inner_queue, self.batching.max_batch))
+        size = max(inner_queue, self.batching.max_batch)
+        self.q_infer: queue.Queue[object] = queue.Queue(size)
+        self.q_measure: queue.Queue[object] = queue.Queue(size)
         self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
+                        threading.Thread(target=self._measure_loop, name="stage-measure", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
@@ -280,18 +301,36 @@ class Stages:
             if item is STOP:
                 break
             if not isinstance(item, Prepared):
-                self.q_out.put(item)
+                self.q_measure.put(item)
                 continue
             batch, held = self._gather(item)
             self.cb.batched(len(batch))
-            for p, result in zip(batch, analyse_batch(batch)):
-                if isinstance(result, FrameResult):
-                    self.q_out.put(result)
-                elif isinstance(result, FrameError):
-                    self.cb.failed(p.job, result.reason, str(result))
-                else:  # a bug must not kill the service: count and log it
-                    self.cb.failed(p.job, "internal_error", f"{type(result).__name__}: {result}")
+            for p, d in zip(batch, detect_batch(batch)):
+                if isinstance(d, Detected):
+                    self.q_measure.put(d)
+                else:
+                    self._failed(p.job, d)
+        self.q_measure.put(STOP)
+
+    def _measure_loop(self) -> None:
+        while True:
+            item = self.q_measure.get()
+            if item is STOP:
+                break
+            if isinstance(item, Detected):
+                try:
+                    self.q_out.put(measure(item))
+                except Exception as err:
+                    self._failed(item.prepared.job, err)
+            else:
+                self.q_out.put(item)
         self.q_out.put(STOP)
+
+    def _failed(self, job: FrameJob, err: Exception) -> None:
+        if isinstance(err, FrameError):
+            self.cb.failed(job, err.reason, str(err))
+        else:  # a bug must not kill the service: count and log it
+            self.cb.failed(job, "internal_error", f"{type(err).__name__}: {err}")
 
     def _gather(self, first: Prepared) -> tuple[list[Prepared], object]:
         """``first`` and the prepared frames for its model that follow within the wait, up to

@@ -306,7 +306,7 @@ def optical_density(
         inf=0 if inf is None else int(np.count_nonzero(inf)),
         non_positive=n_non_positive,
         below_floor=n_low - n_non_positive,
-        bad_reference=0 if ref_bad is None else int(np.count_nonzero(_and(ref_bad, finite))),
+        bad_reference=0 if ref_bad is None else int(np.count_nonzero(ref_bad if finite is None else ref_bad & finite)),
     )
     return ODResult(od, reference, invalid, low if unmeasured is None else unmeasured | low)
 
