@@ -140,43 +140,22 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
     -------
     ndarray, shape (H, W), bool
     """
-    out = np.zeros(shape, dtype=bool)
-    (r0, c0), crop = paste_mask_crop(probs, box, shape, threshold, offset_px, margin_px)
-    out[r0: r0 + crop.shape[0], c0: c0 + crop.shape[1]] = crop
-    return out
-
-
-def paste_mask_crop(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
-                    offset_px: float = 0.0, margin_px: float = 0.0) -> tuple[tuple[int, int], np.ndarray]:
-    """One detection's binary mask over the canvas pixels its (grown, offset) box touches: what
-    :func:`paste_mask` writes into the full canvas, without the canvas.
-
-    Parameters
-    ----------
-    probs, box, shape, threshold, offset_px, margin_px
-        As :func:`paste_mask`.
-
-    Returns
-    -------
-    (row, column) : (int, int)
-        Top-left of the crop on the canvas, px.
-    crop : ndarray, shape (h, w), bool
-        0 x 0 when the box lies outside the canvas.
-    """
     h, w = shape
+    out = np.zeros(shape, dtype=bool)
     x0, y0 = (float(v) + offset_px - margin_px for v in box[:2])
     x1, y1 = (float(v) + offset_px + margin_px for v in box[2:])
     bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
     c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
     r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
     if c0 >= c1 or r0 >= r1:
-        return (0, 0), np.zeros((0, 0), bool)
+        return out
     m = probs.shape[0]
     gy = (np.arange(r0, r1) + 0.5 - y0) / bh * m - 0.5
     gx = (np.arange(c0, c1) + 0.5 - x0) / bw * probs.shape[1] - 0.5
     yy, xx = np.meshgrid(gy, gx, indexing="ij")
     vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
-    return (r0, c0), vals >= threshold
+    out[r0:r1, c0:c1] = vals >= threshold
+    return out
 
 
 def maskness(mask_probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -243,9 +222,9 @@ def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessCon
     keep = np.flatnonzero(scores >= cfg.score_threshold)
     if keep.size == 0:
         return Instances.empty(*shape)
-    pasted = [paste_mask_crop(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px,
-                              mask_margin_px) for i in keep]
-    masks = BoxMasks.tight(shape, [o for o, _ in pasted], [c for _, c in pasted])  # box-local: no N x H x W
+    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px,
+                                  mask_margin_px)
+                      for i in keep])
     return Instances(raw.boxes[keep], scores[keep], masks)
 
 
