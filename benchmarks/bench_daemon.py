@@ -238,7 +238,7 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 n = max(20, int(args.frames * min(1.0, (512 / size) ** 2)))
                 for kind in args.inputs:
                     for run, count in ((f"warm-{kind}-{size}", min(50, n)), (f"{kind}-{size}", n)):
-                        load = os.getloadavg()[0]
+                        load, stages_before = os.getloadavg()[0], stage_sums(svc)
                         conn.send((kind, size, count, run))
                         got = receive(conn, 600)
                         processed += count
@@ -247,12 +247,16 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                             continue
                         rec = got["received"]
                         steady = (len(rec) - 1) / (rec[-1] - rec[0]) if len(rec) > 1 else 0.0
+                        after = stage_sums(svc)
+                        means = {st: 1000 * (after[st][0] - stages_before[st][0]) / max(after[st][1] - stages_before[st][1], 1)
+                                 for st in STAGES}
                         rows.append({"input": kind, "size": size, "frames": count, "results_received": len(rec),
-                                     "steady_frames_per_second": steady,
+                                     "steady_frames_per_second": steady, "stage_mean_ms": means,
                                      "overall_frames_per_second": len(rec) / (rec[-1] - got["sent_at"]) if rec else 0.0,
                                      "load_average_1m_before": round(load, 2)})
                         print(f"  {kind:8s} {size:5d}^2: {steady:8.1f} frames/s ({len(rec)}/{count} results back), "
-                              f"load {load:.2f}", flush=True)
+                              f"load {load:.2f}; ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()),
+                              flush=True)
             results["batch_size_mean"] = sample(svc, "nanoseg_batch_size_frames_sum") / max(
                 sample(svc, "nanoseg_batch_size_frames_count"), 1)
             results["counters"] = counters(svc)
@@ -368,7 +372,7 @@ def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
             _wait_processed(svc, total(svc, "nanoseg_frames_received_total"), 10)
             stage_means = {st: 1000 * sample(svc, "nanoseg_stage_seconds_sum", stage=st)
                            / max(sample(svc, "nanoseg_stage_seconds_count", stage=st), 1)
-                           for st in ("prepare", "infer", "postprocess", "stats")}
+                           for st in STAGES}
             results["counters"] = counters(svc)
         finally:
             client.close()
@@ -383,6 +387,15 @@ def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
         "daemon_stage_mean_ms": stage_means,
     })
+
+
+STAGES = ("prepare", "infer", "postprocess", "stats")
+
+
+def stage_sums(svc: Service) -> dict[str, tuple[float, float]]:
+    """(seconds, frames) the daemon's stage histograms hold so far, per stage."""
+    return {st: (sample(svc, "nanoseg_stage_seconds_sum", stage=st), sample(svc, "nanoseg_stage_seconds_count", stage=st))
+            for st in STAGES}
 
 
 def sample(svc: Service, name: str, **labels: str) -> float:
@@ -434,10 +447,11 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> None:
     if "ingest" in r:
-        print_table("daemon ceiling, null engine: results published back per second",
-                    ["input", "frame", "frames/s", "frames", "results back", "load before"],
+        print_table("daemon ceiling, null engine: results published back per second; stage means, ms per frame",
+                    ["input", "frame", "frames/s", "frames", "results back", "load before", *STAGES],
                     [[x["input"], f"{x['size']}^2", x["steady_frames_per_second"], x["frames"],
-                      x["results_received"], x["load_average_1m_before"]] for x in r["ingest"]])
+                      x["results_received"], x["load_average_1m_before"], *x["stage_mean_ms"].values()]
+                     for x in r["ingest"]])
         print(f"\nmean frames per engine batch: {r['batch_size_mean']:.2f}")
     else:
         eo, mo, ul, sat = r["engine_only"], r["model_only"], r["unloaded_latency"], r["saturated"]
