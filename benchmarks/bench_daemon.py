@@ -1,21 +1,27 @@
-"""The daemon end to end over raw frames: throughput and latency against the model alone.
+"""The daemon end to end: its own ceiling with the null engine, and its overhead on a real model.
 
-    .venv/bin/python benchmarks/bench_daemon.py [--model models/default/model.pt]
-        [--engine onnxruntime] [--frames 30] [--unloaded 5] [--model-only 10] [--out results.json]
+Ingest ceiling (the null engine returns fixed detections at once, so everything around the
+network does its real work: decoding, optical density, tiling, mask pasting, statistics, the
+SQLite store, bluesky documents and JSON summaries)::
 
-A real ``Service`` on loopback (raw PULL input, SQLite store, bluesky documents composed and
-sent on a bound socket, JSON summaries on another), fed 512 x 512 uint16 transmission frames by a
-PUSH socket in this process. Three measurements, on the same loaded model:
+    .venv/bin/python benchmarks/bench_daemon.py --engine null [--sizes 128 512 2048]
+        [--inputs raw bluesky] [--frames 2000] [--out results.json]
 
-1. model only: ``daemon.pipeline.analyse_frame`` (prepare, inference, post-processing,
-   statistics) called in a loop in a worker thread, one frame after the other; the reference.
-2. unloaded: one frame at a time, the next sent when the previous frame's summary arrived;
-   latency = summary received - frame sent. Daemon overhead per frame = this latency minus the
-   model-only time: decoding, queues and thread hand-offs, the store, composing and publishing.
-3. saturated: ``--frames`` frames pushed as fast as the daemon takes them (queue policy block;
-   the PUSH socket blocks when the daemon's queue and 0MQ buffers are full). Throughput is
-   counted between the first and the last summary (steady state); latency = published_at minus
-   the frame's send time, so it includes the wait in the queue (queue.size frames deep).
+A real ``Service`` (raw PULL input and bluesky SUB input, store, bluesky documents on a bound
+socket, JSON summaries on another) runs in this process; a client process feeds it uint16
+transmission frames of each size as fast as it takes them (queue policy block) and counts what
+is published back: the JSON summaries for raw frames (``[header, buffer]`` messages), the
+analysis runs' event documents for bluesky input (start, descriptor, then events with the image
+inline, sent by bluesky's own ``Publisher`` through bluesky's ``Proxy``, msgpack). Frames per
+second are counted between the first and the last result received (steady state).
+
+Real model (``--engine onnxruntime`` or ``torch``): three measurements on the same loaded model,
+against the daemon's throughput:
+
+1. engine only: ``engine.infer`` on the frame's prepared model input, in a loop; and model only:
+   ``daemon.pipeline.analyse_frame`` (prepare, inference, post-processing, statistics);
+2. unloaded: one frame at a time; latency = summary received - frame sent;
+3. saturated: ``--frames`` frames pushed as fast as the daemon takes them.
 
 Nothing may be dropped or fail: the script checks the counters and says so. The machine's load
 average is recorded; other jobs slow every figure.
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -55,28 +63,211 @@ from bench_common import (  # a script beside its helper module
 
 from nanoseg_daemon.config import load_daemon_config
 from nanoseg_daemon.contracts import FrameJob, FrameMetadata
-from nanoseg_daemon.pipeline import analyse_frame
+from nanoseg_daemon.pipeline import analyse_frame, prepare
 from nanoseg_daemon.service import Service
 
-
-def header(frame_id: int, arr: np.ndarray, run: str) -> bytes:
-    return json.dumps({"frame_id": frame_id, "run": run, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                       "timestamp": time.time(), "metadata": {"pixel_size_nm": PIXEL_SIZE_NM, "i0": DOSE}}).encode()
+RAW_PREFIX = b"raw"
 
 
-def start_service(state: Path, args: argparse.Namespace) -> Service:
+def test_frame(size: int, base: np.ndarray) -> np.ndarray:
+    """A size x size uint16 transmission frame from the 512 x 512 synthetic one (cropped or tiled)."""
+    reps = -(-size // base.shape[0])
+    return np.ascontiguousarray(np.tile(base, (reps, reps))[:size, :size])
+
+
+def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | None) -> Service:
     overrides = {
         "model.path": str(args.model), "model.engine": args.engine, "model.threads": str(args.threads),
-        "store.state_dir": str(state), "ingest.bluesky.enabled": "false", "ingest.raw.enabled": "true",
-        "ingest.raw.bind": "tcp://127.0.0.1:*", "queue.policy": "block", "queue.size": str(args.queue_size),
-        "queue.block_timeout_s": "600", "publish.bluesky.bind": "true",
-        "publish.bluesky.address": "tcp://127.0.0.1:*", "publish.summary.address": "tcp://127.0.0.1:*",
+        "store.state_dir": str(state), "ingest.raw.enabled": "true", "ingest.raw.bind": "tcp://127.0.0.1:*",
+        "queue.policy": "block", "queue.size": str(args.queue_size), "queue.block_timeout_s": "600",
+        "batching.max_batch": str(args.max_batch), "batching.max_wait_ms": str(args.max_wait_ms),
+        "publish.bluesky.bind": "true", "publish.bluesky.address": "tcp://127.0.0.1:*",
+        "publish.summary.address": "tcp://127.0.0.1:*", "publish.send_hwm": "100000",
         "control.address": "tcp://127.0.0.1:*", "metrics.port": "0", "log.level": "warning",
+        "ingest.bluesky.enabled": "false" if bluesky_address is None else "true",
     }
+    if bluesky_address is not None:
+        overrides |= {"ingest.bluesky.address": bluesky_address, "ingest.bluesky.prefix": RAW_PREFIX.decode()}
     svc = Service(load_daemon_config(None, overrides, environ={}))
     svc.start()
     return svc
 
+
+# -- the client process: sends frames, counts what comes back ------------------------------------
+
+def raw_header(frame_id: int, shape: tuple[int, ...], run: str) -> bytes:
+    return json.dumps({"frame_id": frame_id, "run": run, "dtype": "uint16", "shape": list(shape),
+                       "timestamp": time.time(), "metadata": {"pixel_size_nm": PIXEL_SIZE_NM, "i0": DOSE}}).encode()
+
+
+class FeedClient:
+    """In its own process: a PUSH socket to the raw input, bluesky's Publisher into bluesky's Proxy,
+    and SUB sockets on the daemon's summaries and analysis documents."""
+
+    def __init__(self, conn: Connection) -> None:
+        from bluesky.callbacks.zmq import Proxy, Publisher
+
+        from nanoseg.codec import msgpack_dumps
+
+        self.conn = conn
+        self.ctx = zmq.Context()
+        self.proxy = Proxy("tcp://127.0.0.1", "tcp://127.0.0.1")
+        threading.Thread(target=self.proxy.start, name="bluesky-proxy", daemon=True).start()
+        self.publisher = Publisher(str(self.proxy.in_port), prefix=RAW_PREFIX, serializer=msgpack_dumps)
+        conn.send(str(self.proxy.out_port))
+        raw_address, summary_address, docs_address = conn.recv()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.sndhwm = 4
+        self.push.connect(raw_address)
+        self.summaries = self._sub(summary_address, b"nanoseg.summary")
+        self.docs = self._sub(docs_address, b"")
+        self.base = synthetic_frame(11, 0).counts
+
+    def _sub(self, address: str, topic: bytes) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.SUB)
+        sock.rcvhwm = 0
+        sock.connect(address)
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+        return sock
+
+    def serve(self) -> None:
+        while True:
+            cmd = self.conn.recv()
+            if cmd[0] == "quit":
+                break
+            if cmd[0] == "probe":
+                self.publisher("probe", {})
+                self.conn.send(None)
+                continue
+            kind, size, n, run = cmd
+            frame = test_frame(size, self.base)
+            self._drain()
+            self.conn.send(self.feed_raw(frame, n, run) if kind == "raw" else self.feed_bluesky(frame, n, run))
+
+    def _drain(self) -> None:
+        """Forget what the last run left on the result sockets (each input is published on both)."""
+        for sock in (self.summaries, self.docs):
+            while sock.poll(200):
+                sock.recv_multipart()
+
+    def _receive(self, sock: zmq.Socket[Any], n: int, is_result: Any, out: list[float], timeout_s: float = 120) -> None:
+        while len(out) < n:
+            if not sock.poll(int(timeout_s * 1000)):
+                return
+            parts = sock.recv_multipart()
+            if is_result(parts):
+                out.append(time.time())
+
+    def feed_raw(self, frame: np.ndarray, n: int, run: str) -> dict[str, Any]:
+        received: list[float] = []
+        rx = threading.Thread(target=self._receive, args=(self.summaries, n, lambda p: True, received))
+        rx.start()
+        t0 = time.time()
+        for k in range(n):
+            self.push.send_multipart([raw_header(k, frame.shape, run), frame.data], copy=False)
+        self.push.send_multipart([json.dumps({"run": run, "timestamp": time.time(), "end_of_run": True}).encode(), b""])
+        rx.join()
+        return {"sent_at": t0, "received": received}
+
+    def feed_bluesky(self, frame: np.ndarray, n: int, run: str) -> dict[str, Any]:
+        from event_model import compose_run
+
+        received: list[float] = []
+
+        def is_event(parts: list[bytes]) -> bool:
+            _prefix, name, _body = parts[0].split(b" ", 2)
+            return name == b"event"
+
+        rx = threading.Thread(target=self._receive, args=(self.docs, n, is_event, received))
+        rx.start()
+        t0 = time.time()
+        bundle = compose_run(metadata={"plan_name": "count", "run": run, "pixel_size_nm": PIXEL_SIZE_NM, "i0": DOSE})
+        self.publisher("start", dict(bundle.start_doc))
+        desc = bundle.compose_descriptor(name="primary", data_keys={
+            "det_image": {"source": "bench", "dtype": "array", "shape": list(frame.shape), "dtype_numpy": "<u2"}})
+        self.publisher("descriptor", dict(desc.descriptor_doc))
+        for k in range(n):
+            now = time.time()
+            self.publisher("event", dict(desc.compose_event(data={"det_image": frame}, timestamps={"det_image": now},
+                                                            seq_num=k + 1, validate=False)))
+        self.publisher("stop", dict(bundle.compose_stop()))
+        rx.join()
+        return {"sent_at": t0, "received": received}
+
+
+def client_main(conn: Connection) -> None:
+    client = FeedClient(conn)
+    client.serve()
+
+
+def receive(conn: Connection, timeout_s: float) -> Any:
+    """The client's answer; raises when it has none within ``timeout_s`` (it died, or hangs)."""
+    if not conn.poll(timeout_s):
+        raise TimeoutError(f"the feeding client gave no answer within {timeout_s:g} s")
+    return conn.recv()
+
+
+def _wait_processed(svc: Service, n: float, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while total(svc, "nanoseg_frames_processed_total") < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=client_main, args=(child,), name="bench-feed", daemon=True)
+    proc.start()
+    bluesky_address = receive(conn, 60)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_daemon_") as state:
+        svc = start_service(Path(state), args, bluesky_address)
+        try:
+            assert svc.ingest.raw_address and svc.summary_pub is not None and svc.doc_pub is not None
+            conn.send((svc.ingest.raw_address, svc.summary_pub.address, svc.doc_pub.address))
+            assert svc.summary_pub.wait_for_subscriber(10.0) and svc.doc_pub.wait_for_subscriber(10.0)
+            deadline = time.monotonic() + 10  # bluesky's Proxy: until the daemon hears the publisher
+            while not sample(svc, "nanoseg_messages_rejected_total", reason="unknown_document"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the daemon never heard bluesky's Publisher through the Proxy")
+                conn.send(("probe",))
+                receive(conn, 10)
+                time.sleep(0.1)
+            processed = 0.0
+            for size in args.sizes:
+                n = max(20, int(args.frames * min(1.0, (512 / size) ** 2)))
+                for kind in args.inputs:
+                    for run, count in ((f"warm-{kind}-{size}", min(50, n)), (f"{kind}-{size}", n)):
+                        load, stages_before = os.getloadavg()[0], stage_sums(svc)
+                        conn.send((kind, size, count, run))
+                        got = receive(conn, 600)
+                        processed += count
+                        _wait_processed(svc, processed)
+                        if run.startswith("warm"):
+                            continue
+                        rec = got["received"]
+                        steady = (len(rec) - 1) / (rec[-1] - rec[0]) if len(rec) > 1 else 0.0
+                        after = stage_sums(svc)
+                        means = {st: 1000 * (after[st][0] - stages_before[st][0]) / max(after[st][1] - stages_before[st][1], 1)
+                                 for st in STAGES}
+                        rows.append({"input": kind, "size": size, "frames": count, "results_received": len(rec),
+                                     "steady_frames_per_second": steady, "stage_mean_ms": means,
+                                     "overall_frames_per_second": len(rec) / (rec[-1] - got["sent_at"]) if rec else 0.0,
+                                     "load_average_1m_before": round(load, 2)})
+                        print(f"  {kind:8s} {size:5d}^2: {steady:8.1f} frames/s ({len(rec)}/{count} results back), "
+                              f"load {load:.2f}; ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()),
+                              flush=True)
+            results["batch_size_mean"] = sample(svc, "nanoseg_batch_size_frames_sum") / max(
+                sample(svc, "nanoseg_batch_size_frames_count"), 1)
+            results["counters"] = counters(svc)
+        finally:
+            conn.send(("quit",))
+            proc.join(10)
+            results["stopped_cleanly"] = svc.stop()
+    results["ingest"] = rows
+
+
+# -- real model: engine only, model only, daemon ------------------------------------------------
 
 class Client:
     def __init__(self, svc: Service) -> None:
@@ -92,9 +283,9 @@ class Client:
         assert svc.summary_pub.wait_for_subscriber(10.0)
 
     def send(self, frame_id: int, arr: np.ndarray, run: str) -> float:
-        msg = [header(frame_id, arr, run), arr.tobytes()]
+        msg = [raw_header(frame_id, arr.shape, run), arr.tobytes()]
         self.push.send_multipart(msg)
-        return json.loads(msg[0])["timestamp"]
+        return float(json.loads(msg[0])["timestamp"])
 
     def receive(self, timeout_s: float) -> tuple[dict[str, Any], float]:
         if not self.sub.poll(int(timeout_s * 1000)):
@@ -108,23 +299,37 @@ class Client:
         self.ctx.term()
 
 
-def model_only(svc: Service, frames: list[np.ndarray], n: int) -> list[float]:
-    """analyse_frame in a loop, in a worker thread like the daemon's stages."""
-    model, out = svc.slot.current, []
-    md = FrameMetadata(pixel_size_nm=PIXEL_SIZE_NM, i0=DOSE)
-
-    def loop() -> None:
-        for k in range(-1, n):  # k = -1: an untimed first frame
-            job = FrameJob("bench", f"m{k}", k + 2, frames[k % len(frames)], time.time(), md, time.monotonic())
-            t0 = time.perf_counter()
-            analyse_frame(job, model, svc.profiles)
-            if k >= 0:
-                out.append(time.perf_counter() - t0)
-
-    worker = threading.Thread(target=loop, name="bench-model-only")
+def in_worker(fn: Any) -> None:
+    worker = threading.Thread(target=fn, name="bench-worker")
     worker.start()
     worker.join()
-    return out
+
+
+def model_only(svc: Service, frames: list[np.ndarray], n: int) -> tuple[list[float], list[float]]:
+    """engine.infer alone, then analyse_frame, each in a loop in a worker thread like the daemon's stages."""
+    model, engine_s, model_s = svc.slot.current, [], []
+    md = FrameMetadata(pixel_size_nm=PIXEL_SIZE_NM, i0=DOSE)
+    jobs = [FrameJob("bench", f"m{k}", k + 1, f, time.time(), md, time.monotonic()) for k, f in enumerate(frames)]
+
+    def engine_loop() -> None:
+        c = model.segmenter.engine.input_shape[0]
+        inputs = [np.repeat(prepare(j, model, svc.profiles).frame.tiles[:, None], c, axis=1) for j in jobs]
+        for k in range(-1, n):  # k = -1: an untimed first run
+            t0 = time.perf_counter()
+            model.segmenter.engine.infer(inputs[k % len(inputs)])
+            if k >= 0:
+                engine_s.append(time.perf_counter() - t0)
+
+    def model_loop() -> None:
+        for k in range(-1, n):
+            t0 = time.perf_counter()
+            analyse_frame(jobs[k % len(jobs)], model, svc.profiles)
+            if k >= 0:
+                model_s.append(time.perf_counter() - t0)
+
+    in_worker(engine_loop)
+    in_worker(model_loop)
+    return engine_s, model_s
 
 
 def unloaded(client: Client, frames: list[np.ndarray], n: int, timeout_s: float) -> list[float]:
@@ -137,11 +342,9 @@ def unloaded(client: Client, frames: list[np.ndarray], n: int, timeout_s: float)
 
 
 def saturated(client: Client, frames: list[np.ndarray], n: int, timeout_s: float) -> dict[str, Any]:
-    sent: dict[int, float] = {}
-
     def sender() -> None:
         for k in range(n):
-            sent[k] = client.send(k, frames[k % len(frames)], "saturated")
+            client.send(k, frames[k % len(frames)], "saturated")
 
     t_start = time.time()
     thread = threading.Thread(target=sender, daemon=True)
@@ -157,6 +360,44 @@ def saturated(client: Client, frames: list[np.ndarray], n: int, timeout_s: float
             "latency": summarise(latencies)}
 
 
+def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    frames = [synthetic_frame(11, i).counts for i in range(4)]
+    with tempfile.TemporaryDirectory(prefix="bench_daemon_") as state:
+        svc = start_service(Path(state), args, None)
+        client = Client(svc)
+        try:
+            eo, mo = model_only(svc, frames, args.model_only)
+            ul = unloaded(client, frames, args.unloaded, args.timeout)
+            sat = saturated(client, frames, args.frames, args.timeout)
+            _wait_processed(svc, total(svc, "nanoseg_frames_received_total"), 10)
+            stage_means = {st: 1000 * sample(svc, "nanoseg_stage_seconds_sum", stage=st)
+                           / max(sample(svc, "nanoseg_stage_seconds_count", stage=st), 1)
+                           for st in STAGES}
+            results["counters"] = counters(svc)
+        finally:
+            client.close()
+            results["stopped_cleanly"] = svc.stop()
+    eo_s, mo_s, ul_s = summarise(eo), summarise(mo), summarise(ul)
+    engine_fps, model_fps = 1000 / eo_s["median_ms"], 1000 / mo_s["median_ms"]
+    results.update({
+        "engine_only": eo_s | {"frames_per_second": engine_fps},
+        "model_only": mo_s | {"frames_per_second": model_fps},
+        "unloaded_latency": ul_s, "saturated": sat,
+        "throughput_ratio_daemon_over_engine_only": sat["steady_frames_per_second"] / engine_fps,
+        "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
+        "daemon_stage_mean_ms": stage_means,
+    })
+
+
+STAGES = ("prepare", "infer", "postprocess", "stats")
+
+
+def stage_sums(svc: Service) -> dict[str, tuple[float, float]]:
+    """(seconds, frames) the daemon's stage histograms hold so far, per stage."""
+    return {st: (sample(svc, "nanoseg_stage_seconds_sum", stage=st), sample(svc, "nanoseg_stage_seconds_count", stage=st))
+            for st in STAGES}
+
+
 def sample(svc: Service, name: str, **labels: str) -> float:
     return svc.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -166,83 +407,67 @@ def total(svc: Service, name: str) -> float:
     return sum(s.value for fam in svc.metrics.registry.collect() for s in fam.samples if s.name == name)
 
 
+def counters(svc: Service) -> dict[str, float]:
+    return {name: total(svc, f"nanoseg_frames_{name}_total") for name in ("received", "processed", "dropped", "failed")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
-    ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime"])
+    ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--frames", type=int, default=30, help="frames in the saturated run")
+    ap.add_argument("--frames", type=int, default=30,
+                    help="frames per saturated run (null engine: at 512^2 and below; fewer at 2048^2)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048], help="null engine: frame sides, px")
+    ap.add_argument("--inputs", nargs="+", default=["raw", "bluesky"], choices=["raw", "bluesky"])
     ap.add_argument("--unloaded", type=int, default=5, help="frames sent one at a time")
-    ap.add_argument("--model-only", type=int, default=10, help="frames through analyse_frame alone")
+    ap.add_argument("--model-only", type=int, default=10, help="frames through the engine and analyse_frame alone")
     ap.add_argument("--queue-size", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=8, help="batching.max_batch")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0, help="batching.max_wait_ms")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one summary")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if not args.model.exists():
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
-                               "threads": args.threads, "queue_size": args.queue_size}
-    print(f"model {args.model} ({results['model']['name']}, {results['model']['iterations']} iterations), "
-          f"engine {args.engine}, {args.threads} threads; {results['machine']['cpu']}, "
-          f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}")
-    frames = [synthetic_frame(11, i).counts for i in range(4)]
-    with tempfile.TemporaryDirectory(prefix="bench_daemon_") as state:
-        svc = start_service(Path(state), args)
-        client = Client(svc)
-        try:
-            mo = model_only(svc, frames, args.model_only)
-            ul = unloaded(client, frames, args.unloaded, args.timeout)
-            sat = saturated(client, frames, args.frames, args.timeout)
-            deadline = time.monotonic() + 10  # the counter follows the last summary by a moment
-            while (total(svc, "nanoseg_frames_processed_total") < total(svc, "nanoseg_frames_received_total")
-                   and time.monotonic() < deadline):
-                time.sleep(0.05)
-            counters = {name: total(svc, f"nanoseg_frames_{name}_total")
-                        for name in ("received", "processed", "dropped", "failed")}
-            stage_means = {st: 1000 * sample(svc, "nanoseg_stage_seconds_sum", stage=st)
-                           / max(sample(svc, "nanoseg_stage_seconds_count", stage=st), 1)
-                           for st in ("prepare", "infer", "postprocess", "stats")}
-            histogram_latency_ms = 1000 * sample(svc, "nanoseg_frame_latency_seconds_sum") / max(
-                sample(svc, "nanoseg_frame_latency_seconds_count"), 1)
-        finally:
-            client.close()
-            stopped_cleanly = svc.stop()
-    mo_s, ul_s = summarise(mo), summarise(ul)
-    model_fps = 1000 / mo_s["median_ms"]
-    results.update({
-        "model_only": mo_s | {"frames_per_second": model_fps},
-        "unloaded_latency": ul_s,
-        "saturated": sat,
-        "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
-        "overhead_ms_per_frame": {
-            "unloaded_latency_minus_model_only": ul_s["median_ms"] - mo_s["median_ms"],
-            "saturated_time_per_frame_minus_model_only": 1000 / sat["steady_frames_per_second"] - mo_s["median_ms"],
-        },
-        "daemon_stage_mean_ms": stage_means,
-        "daemon_latency_histogram_mean_ms": histogram_latency_ms,
-        "counters": counters, "stopped_cleanly": stopped_cleanly,
-    })
+                               "threads": args.threads, "queue_size": args.queue_size,
+                               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
+    print(f"model {args.model} ({results['model']['name']}), engine {args.engine}, {args.threads} threads, batching "
+          f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
+          f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}", flush=True)
+    if args.engine == "null":
+        ingest_ceiling(args, results)
+    else:
+        real_model(args, results)
     results["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     report(results)
     write_json(args.out, results)
 
 
 def report(r: dict[str, Any]) -> None:
-    mo, ul, sat = r["model_only"], r["unloaded_latency"], r["saturated"]
-    print_table("frames per second and latency per frame", ["measurement", "frames/s", "p50 ms", "p95 ms", "n"], [
-        ["model only (analyse_frame)", mo["frames_per_second"], mo["median_ms"], mo["p95_ms"], mo["n"]],
-        ["daemon, one frame at a time", 1000 / ul["median_ms"], ul["median_ms"], ul["p95_ms"], ul["n"]],
-        ["daemon, saturated (block)", sat["steady_frames_per_second"], sat["latency"]["median_ms"],
-         sat["latency"]["p95_ms"], sat["frames"]],
-    ])
-    o = r["overhead_ms_per_frame"]
-    print(f"\nthroughput daemon / model only: {r['throughput_ratio_daemon_over_model_only']:.2f}")
-    print(f"daemon overhead per frame: {o['unloaded_latency_minus_model_only']:.1f} ms (unloaded latency - model "
-          f"only), {o['saturated_time_per_frame_minus_model_only']:.1f} ms (saturated time per frame - model only)")
-    print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items()))
+    if "ingest" in r:
+        print_table("daemon ceiling, null engine: results published back per second; stage means, ms per frame",
+                    ["input", "frame", "frames/s", "frames", "results back", "load before", *STAGES],
+                    [[x["input"], f"{x['size']}^2", x["steady_frames_per_second"], x["frames"],
+                      x["results_received"], x["load_average_1m_before"], *x["stage_mean_ms"].values()]
+                     for x in r["ingest"]])
+        print(f"\nmean frames per engine batch: {r['batch_size_mean']:.2f}")
+    else:
+        eo, mo, ul, sat = r["engine_only"], r["model_only"], r["unloaded_latency"], r["saturated"]
+        print_table("frames per second and latency per frame", ["measurement", "frames/s", "p50 ms", "p95 ms", "n"], [
+            ["engine only (engine.infer)", eo["frames_per_second"], eo["median_ms"], eo["p95_ms"], eo["n"]],
+            ["model only (analyse_frame)", mo["frames_per_second"], mo["median_ms"], mo["p95_ms"], mo["n"]],
+            ["daemon, one frame at a time", 1000 / ul["median_ms"], ul["median_ms"], ul["p95_ms"], ul["n"]],
+            ["daemon, saturated (block)", sat["steady_frames_per_second"], sat["latency"]["median_ms"],
+             sat["latency"]["p95_ms"], sat["frames"]],
+        ])
+        print(f"\nthroughput daemon / engine only: {r['throughput_ratio_daemon_over_engine_only']:.3f}; "
+              f"daemon / model only: {r['throughput_ratio_daemon_over_model_only']:.3f}")
+        print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items()))
     c = r["counters"]
     print(f"counters: received {c['received']:.0f}, processed {c['processed']:.0f}, dropped {c['dropped']:.0f}, "
-          f"failed {c['failed']:.0f}; saturated results in order: {sat['in_order']}; clean stop: {r['stopped_cleanly']}")
+          f"failed {c['failed']:.0f}; clean stop: {r['stopped_cleanly']}")
     print(f"load average {r['machine']['load_average_1m']} before, {r['machine']['load_average_1m_after']} after")
     if c["dropped"] or c["failed"] or c["processed"] != c["received"]:
         print("WARNING: frames were dropped or failed; the figures above do not describe a clean run")

@@ -35,7 +35,8 @@ ENV_PREFIX = "NANOSEG__"
 
 class ModelSection(StrictModel):
     path: str = Field("models/default/model.pt", description="nanoseg checkpoint; relative paths from the repository root.")
-    engine: Literal["torch", "onnxruntime", "tensorrt", "triton"] = Field("onnxruntime", description="Inference engine.")
+    engine: Literal["torch", "onnxruntime", "tensorrt", "triton", "null"] = Field(
+        "onnxruntime", description="Inference engine; null: fixed detections, no network (benchmarks of the daemon itself).")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (not used by engine triton).")
     threads: int = Field(2, ge=1, description="CPU threads for inference.")
     onnx_path: str | None = Field(None, description="Exported ONNX to use; None = export from the checkpoint at start.")
@@ -51,6 +52,11 @@ class ModelSection(StrictModel):
                                          "None = the model's own. Raise it for fields of hundreds of small "
                                          "particles. Not with an exported onnx_path or engine triton, whose "
                                          "graphs fix it.")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _yaml_null_is_the_null_engine(cls, value: Any) -> Any:
+        return "null" if value is None else value  # `engine: null` in YAML, --set or the environment
 
     @model_validator(mode="after")
     def _max_detections_where_the_graph_is_built(self) -> ModelSection:
@@ -75,6 +81,13 @@ class QueueSection(StrictModel):
     size: int = Field(16, ge=1, description="Frames waiting for analysis at most.")
     policy: Policy = Field("block", description="block, drop_oldest or latest_only (live view).")
     block_timeout_s: float = Field(5.0, gt=0, description="block: how long ingest waits for space before dropping.")
+
+
+class BatchingSection(StrictModel):
+    max_batch: int = Field(8, ge=1, le=256, description="Frames analysed together at most: the frames waiting after "
+                           "preparation go to the engine in one call (in calls of the engine's own max_batch model inputs).")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long the first frame of a batch waits for more "
+                               "to arrive, ms (0: take only what is already waiting).")
 
 
 class BlueskyPublishSection(StrictModel):
@@ -162,6 +175,7 @@ class DaemonConfig(StrictModel):
         description="Fields set here override the model's own operating point (its checkpoint's thresholds).")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     queue: QueueSection = Field(default_factory=QueueSection)
+    batching: BatchingSection = Field(default_factory=BatchingSection)
     publish: PublishSection = Field(default_factory=PublishSection)
     store: StoreSection = Field(default_factory=StoreSection)
     control: ControlSection = Field(default_factory=ControlSection)

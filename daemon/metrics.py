@@ -44,6 +44,8 @@ class DaemonMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.latency_seconds = Histogram("nanoseg_frame_latency_seconds", "Ingest to published, per frame",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("nanoseg_batch_size_frames", "Frames analysed together, per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("nanoseg_queue_depth", "Items waiting for analysis", registry=r)
         self.particles = Histogram("nanoseg_particles_per_frame", "Particles found per frame",
                                    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200), registry=r)

@@ -1,12 +1,13 @@
-"""Frames -> results: the analysis of one frame, and the three overlapping stages that run it.
+"""Frames -> results: the analysis of one frame, and the overlapping stages that run it.
 
 ``analyse_frame`` is the whole per-frame pipeline in one function: decode/validate + optical
 density + scale/tile (``nanoseg.prepare``), then ``Segmenter.analyse`` (engine and mask pasting
 -> merge and filters -> statistics). The sinks (``sinks.py``) then store and publish the result.
 
-``Stages`` runs prepare, infer(+statistics) and output in three threads joined by small bounded
-queues, so the model never waits on preparation or I/O. Run start/stop items travel through the
-same queues, so every consumer sees start -> frames in order -> stop. A frame carries the model it
+``Stages`` runs prepare, infer (batched), measure (post-processing and statistics) and output in
+four threads joined by small bounded queues, so the model never waits on preparation, statistics
+or I/O. Run start/stop items travel through the same queues, so every consumer sees start ->
+frames in order -> stop. A frame carries the model it
 was prepared for into inference, so a reload between the two never splits a frame across models.
 """
 
@@ -17,7 +18,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias, cast
@@ -25,13 +26,14 @@ from typing import TypeAlias, cast
 import numpy as np
 
 from nanoseg.config_io import ConfigError, load_yaml
+from nanoseg.engines import RawDetections
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.input_spec import FrameMode
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, ScaleChooser
 from nanoseg.scale import ScaleChoice
-from nanoseg_daemon.config import QueueSection
+from nanoseg_daemon.config import BatchingSection, QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics
@@ -121,11 +123,14 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook, scales: Ru
     return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
-def infer_and_measure(p: Prepared) -> FrameResult:
-    """Inference and statistics of a prepared frame, on the model it was prepared for."""
+def infer_and_measure(p: Prepared, detections: Sequence[RawDetections] | None = None,
+                      infer_seconds: float = 0.0) -> FrameResult:
+    """Inference and statistics of a prepared frame, on the model it was prepared for.
+    ``detections``: its tiles' raw detections when the engine ran already, with the frame's share
+    of that run (``infer_seconds``, s)."""
     px = p.frame.stated_pixel_size_nm
-    timings = {"prepare": p.seconds}
-    a = p.model.segmenter.analyse(p.frame, px, timings)
+    timings = {"prepare": p.seconds, "infer": infer_seconds}
+    a = p.model.segmenter.analyse(p.frame, px, timings, detections)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
@@ -156,6 +161,47 @@ def _preparation(frame: PreparedFrame) -> dict[str, object]:
 def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
     """The whole pipeline for one frame (what the three stages do, in one call)."""
     return infer_and_measure(prepare(job, model, profiles))
+
+
+@dataclass(frozen=True)
+class Detected:
+    """A prepared frame and its tiles' raw detections (what the engine found, nothing measured)."""
+
+    prepared: Prepared
+    detections: list[RawDetections]
+    seconds: float  # the frame's share of the engine's time on its batch, s
+
+
+def detect_batch(batch: Sequence[Prepared]) -> list[Detected | Exception]:
+    """The engine once on the tiles of frames prepared for one model (``Segmenter.detect_frames``):
+    per frame, in order, its detections, or the exception it raised. When the engine fails on
+    the batch, each frame runs alone, so a bad frame fails alone."""
+    t0 = time.perf_counter()
+    try:
+        raws = batch[0].model.segmenter.detect_frames([p.frame.tiles for p in batch])
+    except Exception as err:
+        if len(batch) == 1:
+            return [err]
+        return [out for p in batch for out in detect_batch([p])]
+    seconds, tiles = time.perf_counter() - t0, max(sum(len(p.frame.tiles) for p in batch), 1)
+    return [Detected(p, r, seconds * len(p.frame.tiles) / tiles) for p, r in zip(batch, raws)]
+
+
+def measure(d: Detected) -> FrameResult:
+    """Post-processing and statistics of a frame whose detections are known."""
+    return infer_and_measure(d.prepared, d.detections, d.seconds)
+
+
+def analyse_batch(batch: Sequence[Prepared]) -> list[FrameResult | Exception]:
+    """``detect_batch`` then ``measure``, in one call (what the infer and measure stages do):
+    per frame, in order, its result or the exception it raised."""
+    out: list[FrameResult | Exception] = []
+    for d in detect_batch(batch):
+        try:
+            out.append(d if isinstance(d, Exception) else measure(d))
+        except Exception as err:
+            out.append(err)
+    return out
 
 
 class Intake:
@@ -227,21 +273,32 @@ class StageCallbacks:
     failed: Callable[[FrameJob, str, str], None]  # job, reason, detail
     model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
+    batched: Callable[[int], None] = lambda frames: None  # frames per engine batch
 
 
 STOP = object()
 
 
 class Stages:
-    """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle."""
+    """prepare -> infer -> measure -> output threads. ``source`` yields items; ``None`` means idle.
+
+    The infer stage takes the prepared frames waiting for it, up to ``batching.max_batch``, the
+    first waiting at most ``batching.max_wait_ms`` for more, and runs the engine once on them
+    (``detect_batch``); a batch holds frames prepared for one model and ends at a run event, so
+    results leave in the order the frames came. The measure stage (mask pasting, filters,
+    statistics) runs beside it, so the engine never waits for them."""
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
-                 cb: StageCallbacks, inner_queue: int = 2) -> None:
+                 cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
-        self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
+        self.batching = batching or BatchingSection()
+        size = max(inner_queue, self.batching.max_batch)
+        self.q_infer: queue.Queue[object] = queue.Queue(size)
+        self.q_measure: queue.Queue[object] = queue.Queue(size)
         self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
+                        threading.Thread(target=self._measure_loop, name="stage-measure", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
@@ -280,20 +337,58 @@ class Stages:
         self.q_infer.put(STOP)
 
     def _infer_loop(self) -> None:
+        held: object = None  # an item taken while gathering a batch that does not belong to it
         while True:
-            item = self.q_infer.get()
+            item, held = (held if held is not None else self.q_infer.get()), None
             if item is STOP:
                 break
-            if isinstance(item, Prepared):
+            if not isinstance(item, Prepared):
+                self.q_measure.put(item)
+                continue
+            batch, held = self._gather(item)
+            self.cb.batched(len(batch))
+            for p, d in zip(batch, detect_batch(batch)):
+                if isinstance(d, Detected):
+                    self.q_measure.put(d)
+                else:
+                    self._failed(p.job, d)
+        self.q_measure.put(STOP)
+
+    def _measure_loop(self) -> None:
+        while True:
+            item = self.q_measure.get()
+            if item is STOP:
+                break
+            if isinstance(item, Detected):
                 try:
-                    self.q_out.put(infer_and_measure(item))
-                except FrameError as err:
-                    self.cb.failed(item.job, err.reason, str(err))
+                    self.q_out.put(measure(item))
                 except Exception as err:
-                    self.cb.failed(item.job, "internal_error", f"{type(err).__name__}: {err}")
+                    self._failed(item.prepared.job, err)
             else:
                 self.q_out.put(item)
         self.q_out.put(STOP)
+
+    def _failed(self, job: FrameJob, err: Exception) -> None:
+        if isinstance(err, FrameError):
+            self.cb.failed(job, err.reason, str(err))
+        else:  # a bug must not kill the service: count and log it
+            self.cb.failed(job, "internal_error", f"{type(err).__name__}: {err}")
+
+    def _gather(self, first: Prepared) -> tuple[list[Prepared], object]:
+        """``first`` and the prepared frames for its model that follow within the wait, up to
+        ``max_batch``; and the item that ended the batch early (a run event, another model's
+        frame, STOP), or None."""
+        batch = [first]
+        deadline = time.monotonic() + self.batching.max_wait_ms / 1000
+        while len(batch) < self.batching.max_batch:
+            try:
+                nxt = self.q_infer.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if not (isinstance(nxt, Prepared) and nxt.model is first.model):
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
 
     def _output_loop(self) -> None:
         while True:

@@ -21,6 +21,9 @@ class CodecError(ValueError):
     """Bytes that do not decode safely (an object array, a broken NumPy buffer)."""
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def json_safe(obj: Any, max_array_size: int | None = None) -> Any:
     """A copy of ``obj`` that ``json.dumps`` writes as standard JSON.
 
@@ -37,6 +40,13 @@ def json_safe(obj: Any, max_array_size: int | None = None) -> Any:
         NumPy values as Python values, non-finite floats as None, tuples as lists, dict keys as
         strings, and any other object as its ``str``.
     """
+    t = type(obj)  # the common exact types first: this runs per value of every stored result
+    if t is float:
+        return obj if math.isfinite(obj) else None
+    if t is str or t is int or t is bool or obj is None:
+        return obj
+    if t is list and all(type(v) in _PLAIN for v in obj):
+        return list(obj)
     if isinstance(obj, np.ndarray) and max_array_size is not None and obj.size > max_array_size:
         return f"<array {obj.shape} {obj.dtype}>"
     if isinstance(obj, np.ndarray | np.generic):

@@ -238,29 +238,34 @@ def optical_density(
     """
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor}")
+    # One pass per step over the frame, and none for what cannot occur: an integer frame has no
+    # NaN or inf, a scalar reference no bad pixel (masks stay None then).
+    kind = np.asarray(frame).dtype.kind
     img = as_frame(frame)
-    nan = np.isnan(img)
-    inf = np.isinf(img)
-    finite = ~(nan | inf)
-    if not finite.any():
-        raise FrameError("non_finite", "every pixel is NaN or inf")
+    nan = inf = finite = None
+    if kind == "f":
+        nan, inf = np.isnan(img), np.isinf(img)
+        finite = ~(nan | inf)
+        if not finite.any():
+            raise FrameError("non_finite", "every pixel is NaN or inf")
 
-    ref_bad = np.zeros(img.shape, dtype=bool)
+    ref_bad: np.ndarray | None = None
     d: float | np.ndarray = 0.0
     if dark is not None:
         if np.ndim(dark) == 0:
             d = float(dark)  # type: ignore[arg-type]
         else:
             d = _reference_array(dark, img.shape, "dark frame")
-            ref_bad |= ~np.isfinite(d)
+            ref_bad = ~np.isfinite(d)
     # In place from here on (img is as_frame's own float64 copy): an 8000 x 8000 frame is 512 MB
     # per float64 array, so temporaries, not the result, would set the peak memory.
     with np.errstate(invalid="ignore"):
-        signal = np.subtract(img, d, out=img)
+        signal = np.subtract(img, d, out=img) if not (isinstance(d, float) and d == 0.0) else img
 
     reference: float | None
     if i0 is None or (isinstance(i0, str) and i0 == "background"):
-        reference = estimate_i0(signal[finite & ~ref_bad])
+        usable = _and(finite, None if ref_bad is None else ~ref_bad)
+        reference = estimate_i0(signal if usable is None else signal[usable])
         ref: float | np.ndarray = reference
     elif isinstance(i0, str):
         raise ValueError(f"i0 must be a number, an array, None or 'background', got {i0!r}")
@@ -275,31 +280,45 @@ def optical_density(
             raise FrameError("non_positive_reference", f"I0 - dark = {ref:g} is not positive")
     else:
         with np.errstate(invalid="ignore"):
-            ref_bad |= ~(np.isfinite(ref) & (ref > 0))
-        if ref_bad.all():
+            ref_bad = _or(ref_bad, ~(np.isfinite(ref) & (ref > 0)))
+        if ref_bad is not None and ref_bad.all():
             raise FrameError("non_positive_reference", "I0 - dark is not positive at any pixel")
 
-    measured = finite & ~ref_bad
+    measured = _and(finite, None if ref_bad is None else ~ref_bad)  # None: every pixel
+    unmeasured = None if measured is None or measured.all() else ~measured
     with np.errstate(invalid="ignore", divide="ignore"):
         t = np.divide(signal, ref, out=signal)
-    t[~measured] = 1.0
-    non_positive = measured & (t <= 0)
-    if not (measured & ~non_positive).any():
+    if unmeasured is not None:
+        t[unmeasured] = 1.0
+    low = t < floor  # measured pixels only: the others hold 1 now
+    n_low = int(np.count_nonzero(low))
+    n_non_positive = int(np.count_nonzero(t[low] <= 0)) if n_low else 0
+    n_measured = t.size if unmeasured is None else t.size - int(np.count_nonzero(unmeasured))
+    if n_non_positive == n_measured:
         raise FrameError("no_signal", "no pixel has a signal above the dark level")
-    below = measured & ~non_positive & (t < floor)
-    od = np.maximum(t, floor, out=t)
-    np.log(od, out=od)
+    np.maximum(t, floor, out=t)
+    od = np.log(t, out=np.empty(t.shape, np.float32))  # computed in float64, stored as float32
     np.negative(od, out=od)
-    unmeasured = ~measured
-    od = fill_nearest(od, unmeasured)
+    if unmeasured is not None:
+        od = fill_nearest(od, unmeasured)
     invalid = InvalidPixels(
-        nan=int(nan.sum()),
-        inf=int(inf.sum()),
-        non_positive=int(non_positive.sum()),
-        below_floor=int(below.sum()),
-        bad_reference=int((ref_bad & finite).sum()),
+        nan=0 if nan is None else int(np.count_nonzero(nan)),
+        inf=0 if inf is None else int(np.count_nonzero(inf)),
+        non_positive=n_non_positive,
+        below_floor=n_low - n_non_positive,
+        bad_reference=0 if ref_bad is None else int(np.count_nonzero(ref_bad if finite is None else ref_bad & finite)),
     )
-    return ODResult(od.astype(np.float32), reference, invalid, unmeasured | non_positive | below)
+    return ODResult(od, reference, invalid, low if unmeasured is None else unmeasured | low)
+
+
+def _and(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Elementwise and of two masks, None standing for all True."""
+    return b if a is None else a if b is None else a & b
+
+
+def _or(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Elementwise or of two masks, None standing for all False."""
+    return b if a is None else a if b is None else a | b
 
 
 def intensity_image(

@@ -56,7 +56,8 @@ def to_model_input(image: np.ndarray, spec: InputSpec, mode: FrameMode = "optica
         top = float(image.max())
     if top <= 0:
         return np.zeros(image.shape, np.float32)
-    return np.clip(image * (255.0 / top), 0.0, 255.0).astype(np.float32)
+    out = np.multiply(image, 255.0 / top, out=np.empty(image.shape, np.float32))
+    return np.clip(out, 0.0, 255.0, out=out)
 
 
 def resample_to_model_scale(
@@ -194,7 +195,11 @@ def prepare_frame(
                        pixel_size_nm=pixel_size_nm, scale_chooser=scale_chooser)
     gray = m.gray
     plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
-    tiles = extract_tiles(gray, plan, fill=float(np.median(gray)))
+    if len(plan) == 1 and gray.shape == (spec.size, spec.size):
+        tiles = gray[None]  # the frame is the one model input: no copy
+    else:
+        padded = any(t.valid_height < t.size or t.valid_width < t.size for t in plan)
+        tiles = extract_tiles(gray, plan, fill=float(np.median(gray)) if padded else 0.0)
     return PreparedFrame(
         tiles=tiles,
         tile_plan=tuple(plan),

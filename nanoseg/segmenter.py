@@ -9,6 +9,7 @@ post-processing for images already at the model's scale (``nanoseg evaluate``'s 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,12 +79,34 @@ class Segmenter:
 
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
+        return self.detect_frames([tiles])[0]
+
+    def detect_frames(self, tiles: Sequence[np.ndarray]) -> list[list[RawDetections]]:
+        """Raw detections of several frames' tiles ((T_i, size, size) each), through the engine
+        together: the tiles of all frames, in order, in calls of up to ``engine.max_batch``.
+
+        Returns
+        -------
+        list of list of RawDetections
+            Per frame, one per tile, in tile order (as ``detect_tiles`` on each frame alone).
+        """
         c = self.engine.input_shape[0]
-        out: list[RawDetections] = []
         step = max(self.engine.max_batch, 1)
-        for i in range(0, len(tiles), step):
-            batch = np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
-            out.extend(self.engine.infer(batch))
+        flat = [(f, t) for f, frame in enumerate(tiles) for t in range(len(frame))]
+        raw: list[RawDetections] = []
+        for i in range(0, len(flat), step):
+            chunk = flat[i: i + step]
+            (f0, t0), (f1, t1) = chunk[0], chunk[-1]
+            if f0 == f1:
+                batch = tiles[f0][t0: t1 + 1]  # one frame's tiles: a view, no copy
+            else:
+                batch = np.concatenate([tiles[f][t: t + 1] for f, t in chunk])
+            batch = batch[:, None].astype(np.float32, copy=False)
+            raw.extend(self.engine.infer(batch if c == 1 else np.repeat(batch, c, axis=1)))
+        out, k = [], 0
+        for frame in tiles:
+            out.append(raw[k: k + len(frame)])
+            k += len(frame)
         return out
 
     def prepare(self, frame: ArrayLike, profile: FrameProfile, *, flat_field: ArrayLike | None = None,
@@ -134,10 +157,12 @@ class Segmenter:
         conf = [top_k_confidence(instance_scores(raw, self.post)) for raw in raws]
         return pick_confident_scale(scales, conf, self.spec.pixel_size_nm)
 
-    def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
-        """Instances per (size x size) model-input tile, in tile coordinates."""
-        return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
-                for raw, tile in zip(self.detect_tiles(tiles), tiles)]
+    def infer_tiles(self, tiles: np.ndarray, detections: Sequence[RawDetections] | None = None) -> list[Instances]:
+        """Instances per (size x size) model-input tile, in tile coordinates (``detections``: the
+        tiles' raw detections when the engine ran already, ``detect_frames``)."""
+        raw = self.detect_tiles(tiles) if detections is None else detections
+        return [to_instances(r, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
+                for r, tile in zip(raw, tiles)]
 
     def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
                          max_instances: int | None = None) -> Instances:
@@ -151,19 +176,21 @@ class Segmenter:
         return self._segment(prepared, timings, max_instances)[0]
 
     def _segment(self, prepared: PreparedFrame, timings: dict[str, float] | None,
-                 max_instances: int | None = None) -> tuple[Instances, int]:
+                 max_instances: int | None = None,
+                 detections: Sequence[RawDetections] | None = None) -> tuple[Instances, int]:
         t0 = time.perf_counter()
-        per_tile = self.infer_tiles(prepared.tiles)
+        per_tile = self.infer_tiles(prepared.tiles, detections)
         t1 = time.perf_counter()
         merged = instances_to_frame(per_tile, prepared, max_instances)
         inst, capped = cap_instances(merged, self.post.max_instances)
         inst = filter_instances(inst, self.post)
         if timings is not None:
-            timings.update(infer=t1 - t0, postprocess=time.perf_counter() - t1)
+            timings.update(infer=timings.get("infer", 0.0) + t1 - t0, postprocess=time.perf_counter() - t1)
         return inst, capped
 
     def analyse(self, prepared: PreparedFrame, pixel_size_nm: float | None,
-                timings: dict[str, float] | None = None) -> FrameAnalysis:
+                timings: dict[str, float] | None = None,
+                detections: Sequence[RawDetections] | None = None) -> FrameAnalysis:
         """Frame -> instances -> particle table: the one path the daemon and ``nanoseg segment`` share.
 
         Parameters
@@ -174,7 +201,11 @@ class Segmenter:
             Size of one original frame pixel in nm, for the table's nm columns; None: px only.
         timings
             When given, receives seconds per step: ``infer``, ``postprocess`` (see
-            ``segment_prepared``) and ``stats`` (table and summary).
+            ``segment_prepared``) and ``stats`` (table and summary); an ``infer`` already there
+            (the frame's share of a batch the engine ran) is added to.
+        detections
+            The frame's raw detections per tile when the engine ran already (``detect_frames``,
+            several frames in one batch); None runs the engine on the frame's tiles.
 
         Returns
         -------
@@ -182,7 +213,7 @@ class Segmenter:
             The instances, their table and its summary. The table's mean optical density comes
             from ``prepared.image`` when the frame was prepared as optical density.
         """
-        inst, capped = self._segment(prepared, timings)
+        inst, capped = self._segment(prepared, timings, detections=detections)
         t0 = time.perf_counter()
         od = prepared.image if prepared.mode == "optical_density" else None
         table = particle_table(inst.box_masks, od, pixel_size_nm)  # type: ignore[arg-type]  # box-local: never N x H x W

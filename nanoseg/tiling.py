@@ -92,9 +92,11 @@ def extract_tiles(image: np.ndarray, tiles: Sequence[Tile], fill: float) -> np.n
     ndarray, shape (T, size, size), float32
     """
     size = tiles[0].size
-    out = np.full((len(tiles), size, size), fill, dtype=np.float32)
-    for k, t in enumerate(tiles):
+    out = np.empty((len(tiles), size, size), dtype=np.float32)
+    for k, t in enumerate(tiles):  # each pixel written once: the frame's, or the fill beyond it
         out[k, : t.valid_height, : t.valid_width] = image[t.frame_slices]
+        out[k, t.valid_height :, :] = fill
+        out[k, : t.valid_height, t.valid_width :] = fill
     return out
 
 

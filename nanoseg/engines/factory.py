@@ -1,6 +1,8 @@
 """Create an engine from a model file: a nanoseg checkpoint (.pt), an ONNX file or a TensorRT plan.
 
-Engine ``triton`` runs remotely, on the server and model a ``TritonTarget`` names.
+Engine ``triton`` runs remotely, on the server and model a ``TritonTarget`` names. Engine ``null``
+(``null_engine.py``) runs no network: fixed detections at the checkpoint's input shape, for
+measuring what surrounds inference.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding, decoding_from_metadata, with_decoding
 
-EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton"]
+EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton", "null"]
 
 
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
@@ -39,6 +41,10 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
 
         return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads, decoding=decoding,
                            model_config=ckpt.model_config)
+    if kind == "null":
+        from nanoseg.engines.null_engine import NullEngine
+
+        return NullEngine(input_shape(ckpt))
     if kind == "triton":
         from nanoseg.engines.triton_engine import TritonEngine
 
@@ -68,7 +74,7 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
         from nanoseg.engines.tensorrt_engine import TensorRTEngine
 
         return TensorRTEngine.from_onnx(onnx_bytes, cache_dir=cache_dir)
-    raise EngineError(f"unknown engine {kind!r}: choose torch, onnxruntime, tensorrt or triton")
+    raise EngineError(f"unknown engine {kind!r}: choose torch, onnxruntime, tensorrt, triton or null")
 
 
 def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", threads: int = 2,

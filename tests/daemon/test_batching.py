@@ -1,0 +1,101 @@
+"""Frames analysed in batches: grouped by the infer stage, results as unbatched, failures per frame.
+
+Real sockets, a real Service with the torch engine (which takes batches) on the tiny trained model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nanoseg.control_client import control_request
+from nanoseg_daemon.contracts import FrameJob, FrameMetadata, FrameResult
+from nanoseg_daemon.pipeline import analyse_batch, analyse_frame, prepare
+from nanoseg_daemon.service import Service
+from nanoseg_daemon.store import ResultReader, default_path
+from tests.daemon.service_fixtures import (
+    DOSE,
+    Client,
+    raw_header,
+    start_service,
+    transmission_frame,
+)
+
+FRAMES = [transmission_frame(11, i).counts for i in range(5)]
+
+
+def sample(svc: Service, name: str) -> float:
+    return svc.metrics.registry.get_sample_value(name) or 0.0
+
+
+def run_frames(state: Path, model: Path, max_batch: int) -> tuple[list[dict[str, Any]], list[Any], Service]:
+    """Pause, queue every frame (and a bad one), resume: the summaries, the stored rows, the service."""
+    svc = start_service(state, model, **{"batching.max_batch": max_batch, "batching.max_wait_ms": 500})
+    client = Client(svc)
+    try:
+        assert control_request(svc.control.address, {"command": "pause"})["ok"]
+        for i, f in enumerate(FRAMES):
+            client.send([raw_header(i, f, run="b", pixel_size_nm=8.0, i0=DOSE), f.tobytes()])
+            if i == 2:  # a frame without signal (all zero counts): counted as failed, the others go on
+                dark = np.zeros((64, 64), np.uint16)
+                client.send([raw_header("dark", dark, run="b", pixel_size_nm=8.0, i0=DOSE), dark.tobytes()])
+        deadline = time.monotonic() + 10
+        while sample(svc, "nanoseg_frames_received_total") < len(FRAMES) + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert control_request(svc.control.address, {"command": "resume"})["ok"]
+        summaries = list(client.summaries(len(FRAMES), timeout_s=120))
+    finally:
+        client.close()
+        assert svc.stop()
+    return summaries, ResultReader(default_path(state)).particles("raw:detector:b"), svc
+
+
+def test_batched_results_equal_unbatched_and_keep_frame_order(tmp_path: Path, trained_model_path: Path) -> None:
+    one, one_rows, svc1 = run_frames(tmp_path / "one", trained_model_path, max_batch=1)
+    many, many_rows, svc4 = run_frames(tmp_path / "many", trained_model_path, max_batch=4)
+
+    # unbatched: one frame per engine call; batched: the five good frames in fewer calls
+    assert sample(svc1, "nanoseg_batch_size_frames_sum") == sample(svc1, "nanoseg_batch_size_frames_count") == 5
+    assert sample(svc4, "nanoseg_batch_size_frames_sum") == 5
+    assert sample(svc4, "nanoseg_batch_size_frames_count") <= 3
+    two_or_fewer = svc4.metrics.registry.get_sample_value("nanoseg_batch_size_frames_bucket", {"le": "2.0"})
+    assert (two_or_fewer or 0.0) < sample(svc4, "nanoseg_batch_size_frames_count")  # a batch held 3 or more
+
+    for svc in (svc1, svc4):  # the dark frame failed alone, counted with its reason
+        assert svc.metrics.registry.get_sample_value("nanoseg_frames_failed_total", {"reason": "no_signal"}) == 1
+        assert sample(svc, "nanoseg_frames_processed_total") == 5
+    assert [s["seq_num"] for s in many] == [s["seq_num"] for s in one] == [1, 2, 3, 5, 6]
+    assert [s["count"] for s in many] == [s["count"] for s in one]
+    assert sum(s["count"] for s in one) > 0
+    assert len(one_rows) == len(many_rows) == sum(s["count"] for s in one)
+    for a, b in zip(one_rows, many_rows):  # every particle: the same frame, mask and measures
+        assert (a["seq_num"], a["idx"], a["mask_rle"]) == (b["seq_num"], b["idx"], b["mask_rle"])
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4)
+
+
+def test_a_frame_the_engine_fails_on_fails_alone(tmp_path: Path, trained_model_path: Path) -> None:
+    svc = start_service(tmp_path, trained_model_path)
+    try:
+        model = svc.slot.current
+        md = FrameMetadata(pixel_size_nm=8.0, i0=DOSE)
+        jobs = [FrameJob("r", f"f{k}", k + 1, f, 0.0, md, 0.0) for k, f in enumerate(FRAMES[:3])]
+        batch = [prepare(j, model, svc.profiles) for j in jobs]
+        # the middle frame's tiles are rows, not images: the batch, and that frame alone, cannot run
+        broken = replace(batch[1].frame, tiles=batch[1].frame.tiles[:, 0, :])
+        batch[1] = replace(batch[1], frame=broken)
+        out = analyse_batch(batch)
+        assert isinstance(out[1], Exception) and not isinstance(out[1], FrameResult)
+        for k in (0, 2):
+            got, alone = out[k], analyse_frame(jobs[k], model, svc.profiles)
+            assert isinstance(got, FrameResult) and got.frame_uid == f"f{k}"
+            assert len(got.table) == len(alone.table)
+            np.testing.assert_array_equal(got.table.area_px, alone.table.area_px)
+            np.testing.assert_array_equal(got.instances.scores, alone.instances.scores)
+    finally:
+        svc.stop()
+
