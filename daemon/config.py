@@ -144,6 +144,13 @@ class TiledSection(StrictModel):
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per request; a slower server counts as a failed write.")
     retry_after_s: float = Field(30.0, ge=0, description="After the server was unreachable, items are counted failed "
                                  "without trying it for this long (a hung server must not stall the output).")
+    raw_path: list[str] = Field(default_factory=list, description="Container (keys from the root) holding the raw "
+                                "runs, as the RunEngine's TiledWriter writes them; read to recover a run whose start "
+                                "the daemon never saw, and by nanoseg reanalyse. Empty = the root.")
+    recover_runs: bool = Field(True, description="A run whose start the daemon never saw (it joined late): fetch its "
+                               "start and descriptors from Tiled and analyse its later frames.")
+    recover_recent_runs: int = Field(10, ge=1, description="An event names its descriptor, not its run: the newest "
+                                     "this many runs under raw_path are searched for an unknown descriptor.")
 
 
 SinkName = Literal["store", "bluesky", "summary", "tiled"]

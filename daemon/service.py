@@ -64,7 +64,8 @@ class Service:
         bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
         if bluesky_sink is not None and self.store is not None:
             bluesky_sink.journal = self.store.analysis_opened
-        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store)
+        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store,
+                                run_lookup=self._run_lookup())
         self._resumed: dict[str, float] = {}  # runs taken up after a restart -> monotonic time then
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         self.notifier = SystemdNotifier()
@@ -105,6 +106,14 @@ class Service:
             return TiledSink(cfg.tiled, self._processing)
         return SummarySink(SummaryPublisher(cfg.publish.summary.address, hwm=hwm, context=self.ctx, curve=curve),
                            self.metrics)
+
+    def _run_lookup(self) -> Any:
+        """Tiled, where a run whose start the daemon never saw is looked up (None: not configured)."""
+        t = self.cfg.tiled
+        if t is None or not t.recover_runs or not self.cfg.ingest.bluesky.enabled:
+            return None
+        from nanoseg_daemon.tiled_runs import TiledRunLookup  # tiled is an optional dependency
+        return TiledRunLookup(t)
 
     def _processing(self) -> tuple[str, dict[str, Any]]:
         """The serving model's version and processing settings, for an analysis run's start."""
