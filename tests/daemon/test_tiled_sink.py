@@ -131,3 +131,21 @@ def test_sink_tiled_needs_its_section() -> None:
         load_daemon_config(None, {"sinks": "[store, tiled]"}, environ={})
     with pytest.raises(ConfigError, match="uri"):
         load_daemon_config(None, {"tiled.api_key": "k"}, environ={})
+
+
+def test_the_stop_in_tiled_carries_exit_status_and_reason_as_the_bluesky_stop(tiled_url: str) -> None:
+    from nanoseg_daemon.contracts import RunStopped
+
+    cfg = load_daemon_config(None, {"tiled.uri": tiled_url, "tiled.api_key": API_KEY, "tiled.path": "[stops]"},
+                             environ={})
+    assert cfg.tiled is not None
+    sink = TiledSink(cfg.tiled, lambda: ("v", {}))
+    for run in ("refused", "given_up"):
+        sink.open_run(RunStarted(run, FrameMetadata(), {}, time.time()))
+    sink.close_run(RunStopped("refused", "success", time.time(), {"shape_mismatch": 2}))
+    sink.close_run(RunStopped("given_up", "abort", time.time(), reason="open when the daemon stopped"))
+    catalog = tiled_client.from_uri(tiled_url, api_key=API_KEY)["stops"]
+    stops = {node.metadata["start"]["raw_run_uid"]: node.metadata["stop"] for node in catalog.values()}
+    assert (stops["refused"]["exit_status"], stops["refused"]["reason"]) == ("fail", "no frame analysed (shape_mismatch 2)")
+    assert stops["refused"]["losses"] == {"shape_mismatch": 2} and stops["refused"]["num_frames"] == 0
+    assert (stops["given_up"]["exit_status"], stops["given_up"]["reason"]) == ("abort", "open when the daemon stopped")
