@@ -215,6 +215,12 @@ class DaemonConfig(StrictModel):
     def state_dir(self) -> Path:
         return Path(os.path.expanduser(self.store.state_dir))
 
+    @property
+    def engine_cache(self) -> Path:
+        """Where built engines (TensorRT plans) are cached: model.engine_cache_dir or <state_dir>/engines."""
+        m = self.model
+        return Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else self.state_dir / "engines"
+
 
 def check_files(cfg: DaemonConfig, source: str) -> None:
     """Raise ConfigError naming every field whose file or directory does not exist.
@@ -236,7 +242,7 @@ def check_files(cfg: DaemonConfig, source: str) -> None:
             continue
         p = Path(path).expanduser()
         if name.startswith("model.") and not p.is_absolute() and not p.exists():
-            p = REPO_ROOT / p  # as the service resolves model paths (pipeline.repo_relative)
+            p = REPO_ROOT / p  # as the service resolves model paths (model_slot.repo_relative)
         if not (p.is_dir() if is_dir else p.is_file()):
             problems.append(f"{source}: {name}: no such {'directory' if is_dir else 'file'}: {p}")
     try:

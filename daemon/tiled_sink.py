@@ -156,6 +156,10 @@ class TiledSink:
             self._frames[run_uid] = 0
         return node
 
+    def analysis_key(self, run_uid: str) -> str:
+        """The key (analysis start uid) of the open raw run ``run_uid``'s analysis container."""
+        return str(self._analysis(run_uid).metadata["start"]["uid"])
+
     def open_run(self, run: RunStarted) -> None:
         self._raw[run.run_uid] = run
         self._analysis(run.run_uid)
