@@ -23,7 +23,7 @@ from nanoseg_daemon.ingest_config import DEFAULT_METADATA_KEYS
 from nanoseg_daemon.model_slot import load_model
 from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
 from nanoseg_daemon.tiled_sink import analysis_runs
-from tests.daemon.ingest_fixtures import ImageCamera
+from tests.daemon.ingest_fixtures import ImageCamera, blob_detector
 from tests.daemon.service_fixtures import DOSE, transmission_frame
 from tests.daemon.tiled_fixtures import API_KEY
 
@@ -86,6 +86,26 @@ def test_reanalyse_writes_a_new_analysis_run_of_a_finished_run_into_tiled(
         np.testing.assert_allclose(table["length_nm"].to_numpy(), want.table.columns()["length_nm"], equal_nan=True)
         counts.append(len(table))
     assert sum(counts) > 0
+
+
+def test_reanalyse_reads_an_ophyd_async_detectors_files_through_tiled(
+        tmp_path: Path, trained_model_path: Path, tiled_url: str, tiled_files: Path) -> None:
+    root = tiled_client.from_uri(tiled_url, api_key=API_KEY)
+    raw_container = root.create_container("raw_async")
+    RE = RunEngine({}, context_managers=[])
+    RE.subscribe(writing.TiledWriter(raw_container))
+    det = blob_detector(tiled_files)  # writes HDF5; Tiled registers the files, the events hold no pixels
+    (uid,) = RE(bp.count([det], num=2), pixel_size_nm=8.0)
+    done = nanoseg("reanalyse", uid, "--tiled", tiled_url, "--model", str(trained_model_path),
+                   "--set", "tiled.raw_path=[raw_async]", "--set", "tiled.path=[analysis_async]",
+                   "--set", "model.engine=torch", "--set", "model.threads=1", "--set", f"store.state_dir={tmp_path}",
+                   env={"NANOSEG__TILED__API_KEY": API_KEY})
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = root["analysis_async"][done.stdout.strip()]
+    desc_uid = raw_container[uid]["primary"].metadata["uid"]
+    assert run.metadata["stop"]["num_frames"] == 2 and run.metadata["stop"]["exit_status"] == "success"
+    assert [run["labels"][k].metadata["frame_uid"] for k in ("000001", "000002")] == [f"{desc_uid}/1", f"{desc_uid}/2"]
+    assert run["labels"]["000001"].read().shape == (240, 320)
 
 
 def test_reanalyse_refuses_a_run_tiled_does_not_have(tiled_url: str) -> None:

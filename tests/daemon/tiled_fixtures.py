@@ -17,12 +17,14 @@ API_KEY = "secret0test0key"  # tiled takes alphanumeric keys only
 
 
 @contextlib.contextmanager
-def tiled_serve(log_dir: Path) -> Iterator[str]:
-    """``tiled serve catalog --temp`` on a free loopback port (its URL), stopped at the end."""
+def tiled_serve(log_dir: Path, readable: Path | None = None) -> Iterator[str]:
+    """``tiled serve catalog --temp`` on a free loopback port (its URL), stopped at the end;
+    ``readable``: a directory whose files (a detector's HDF5) runs may reference."""
     port = free_ports(1)[0]
     log = (log_dir / "serve.log").open("w")
     exe = Path(sys.executable).parent / "tiled"
-    proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY,
+    read = ["-r", str(readable)] if readable is not None else []
+    proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY, *read,
                              "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
