@@ -26,11 +26,14 @@ ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
   descriptor's configuration data or an event's data with that key replaces it for the frames
   that follow (and for the frames of that same event).
 
-A wrong-typed value is reported as ``bad_metadata`` and left out. Documents out of order (event
-before descriptor, descriptor or stop for an unknown run, duplicate uids) are reported through
-``sink.rejected`` and never raise (events of an unknown descriptor, e.g. of a run started before
-the daemon subscribed, are each counted but logged once per descriptor). ``resume`` takes up a
-run open before a restart from the journal's documents. Memory is bounded: a stopped run is forgotten, at most
+A wrong-typed value is reported as ``bad_metadata`` and left out. A document that comes before
+what it refers to (event before descriptor, descriptor or stop before start, datum or
+stream_datum before its resource) is held for ``early_documents_s`` and replayed when that comes
+(early_documents.py); a run never seen is looked up in Tiled where configured (tiled_runs.py: a
+daemon that joined late); what stays unresolved, duplicate uids and other faults are reported
+through ``sink.rejected`` and never raise (unresolved documents logged once per run, or per
+descriptor where only events came). ``resume`` takes up a run open before a restart from the
+journal's documents. Memory is bounded: a stopped run is forgotten, at most
 ``max_open_runs`` runs are open (a further start evicts the least active one with a
 ``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
 are capped per run. Not thread-safe: one ingest thread calls it.
