@@ -419,6 +419,8 @@ class BlueskyRouter(DocumentRouter):
             if not answer.error:
                 log("run_not_in_tiled", logging.WARNING, kind=answer.kind, uid=answer.uid,
                     detail="its documents are counted as they come")
+                if self._early.hold_s <= 0:  # nothing held to wait on: ask no more
+                    self._given_up[answer.uid] = None
             return
         uid = raw.start.get("uid")
         if uid in self._runs or uid in self._closed_runs:
@@ -429,13 +431,16 @@ class BlueskyRouter(DocumentRouter):
         self._given_up.pop(uid, None)
         self._handle("start", raw.start)
         run = self._runs.get(uid)
-        if run is None:
+        if run is None and uid not in self._analysis_runs:
             return
-        run.resumed_after, run.joined_late = 0, True
-        for desc in raw.descriptors:
+        if run is not None:
+            run.resumed_after, run.joined_late = 0, True
+        for desc in raw.descriptors:  # an analysis run's: marked as such, its held events ignored
             self._given_up.pop(desc["uid"], None)
             if desc["uid"] not in self._descriptor_run:
                 self._handle("descriptor", desc)
+        if run is None:
+            return
         log("run_recovered", run=uid, descriptors=len(raw.descriptors), held=len(self._early),
             detail="start and descriptors read from Tiled (the daemon joined after the run started)")
 
@@ -488,7 +493,8 @@ class BlueskyRouter(DocumentRouter):
         del self._runs[run.uid]
         for d in run.streams:
             self._descriptor_run.pop(d, None)
-            self._closed_descriptors[d] = run.uid
+            self._closed_descriptors[d] = self._given_up[d] = None  # later events: counted at once
+            self._group_of[d] = run.uid
         for r in [*run.resources, *run.stream_resources]:
             self._resource_run.pop(r, None)
         for key, resource in list(run.stream_resources.items()):
@@ -631,8 +637,7 @@ class BlueskyRouter(DocumentRouter):
         if resource is None:
             raise _Reject("unknown_resource", f"stream_datum {uid}: stream_resource {resource_uid} forgotten")
         if stream is None:
-            raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}",
-                          None if descriptor in self._closed_descriptors else descriptor)
+            raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}", descriptor)
         if resource.doc["data_key"] != stream.image_key:
             return  # another detector field (a sum, a timestamp): not an image
         first, last = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
@@ -692,7 +697,7 @@ class BlueskyRouter(DocumentRouter):
         if run_uid is None:
             closed = descriptor in self._closed_descriptors
             raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor}"
-                          + (" (its run has stopped)" if closed else ""), None if closed else descriptor)
+                          + (" (its run has stopped)" if closed else ""), descriptor)
         run = self._run(run_uid, f"event {uid}")
         if uid in run.recent_events:
             raise _Reject("duplicate_uid", f"event {uid} seen before")
