@@ -3,8 +3,9 @@ analysed again (usually with a newer model) into a new analysis run in Tiled.
 
 The run is read as the RunEngine's TiledWriter stored it (``tiled_runs``: start, descriptors, the
 image of every event, one frame at a time) and goes through the daemon's own path: the bluesky
-router (start metadata, image fields, colour and shape checks, size limits), ``analyse_frame``
-(preparation, ``Segmenter.analyse``, statistics) with the configured model, and the ``tiled`` sink,
+router (start metadata, image fields, colour and shape checks, size limits), the stages' frame
+path (``prepare`` with the run's scale, ``infer_and_measure``: ``Segmenter.analyse``, statistics)
+with the configured model, and the ``tiled`` sink,
 which writes the analysis run beside the raw run exactly as the daemon does (start with
 ``raw_run_uid``, label images, particle tables, stop with exit status and reason). Settings come
 from the daemon's config (``--config``, ``--set``, ``NANOSEG__...``): model, profile,
@@ -30,7 +31,7 @@ from nanoseg_daemon.config import DaemonConfig, load_daemon_config
 from nanoseg_daemon.contracts import FrameJob, RunStarted, RunStopped
 from nanoseg_daemon.logs import log, setup_logging
 from nanoseg_daemon.model_slot import LoadedModel, load_configured
-from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
+from nanoseg_daemon.pipeline import ProfileBook, RunScales, infer_and_measure, prepare
 from nanoseg_daemon.publish import stop_status
 from nanoseg_daemon.sinks import SinkError
 from nanoseg_daemon.tiled_sink import TiledSink
@@ -59,6 +60,7 @@ class _Analyse:
     def __init__(self, model: LoadedModel, profiles: ProfileBook, sink: TiledSink, profile: str | None,
                  out: Reanalysis) -> None:
         self.model, self.profiles, self.sink, self.profile, self.out = model, profiles, sink, profile, out
+        self.scales = RunScales()  # pixel_size_nm auto: chosen once per run, as the daemon's stages do
 
     def run_started(self, ev: RunStarted) -> None:
         try:
@@ -71,7 +73,7 @@ class _Analyse:
         if self.profile is not None:  # --profile: for every frame, over the run's own
             job = dataclasses.replace(job, metadata=dataclasses.replace(job.metadata, profile=self.profile))
         try:
-            result = analyse_frame(job, self.model, self.profiles)
+            result = infer_and_measure(prepare(job, self.model, self.profiles, self.scales))
         except FrameError as err:
             self.out.losses[err.reason] += 1
             log("frame_failed", logging.WARNING, reason=err.reason, frame=job.frame_uid, detail=str(err)[:300])
