@@ -362,7 +362,7 @@ class BlueskyRouter(DocumentRouter):
 
     def _unresolved(self, rej: _Reject, name: str, doc: dict[str, Any], since: float | None) -> None:
         """A refused document: held for what it waits for (asking Tiled for a run), else counted."""
-        key = rej.missing
+        key = rej.missing if isinstance(rej.missing, str) else None  # a malformed uid waits for nothing
         if key is None or rej.reason not in _WAITING or key in self._given_up:
             self._count_unresolved(rej.reason, rej.detail, key)
             return

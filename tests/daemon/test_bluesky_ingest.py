@@ -608,3 +608,11 @@ def test_resumed_run_numbers_frames_on_and_counts_the_gap_as_missed(sink, tmp_pa
     assert stopped.rejected == {"missed_while_down": 4} and "4 frames missed" in stopped.reason
     assert sink.reasons == []
     store.close()
+
+
+def test_a_malformed_uid_is_counted_not_held(sink):
+    router = BlueskyRouter(sink)
+    router("event", {"uid": "e", "descriptor": ["not", "a", "uid"], "time": 1.0, "data": {}, "timestamps": {}})
+    router("event", {"uid": "e", "descriptor": 7, "time": 1.0, "data": {}, "timestamps": {}})
+    router("datum", {"resource": 5, "datum_id": "x/0", "datum_kwargs": {}})
+    assert sink.reasons == ["bad_document", "unknown_descriptor", "unknown_resource"]
