@@ -26,11 +26,14 @@ ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
   descriptor's configuration data or an event's data with that key replaces it for the frames
   that follow (and for the frames of that same event).
 
-A wrong-typed value is reported as ``bad_metadata`` and left out. Documents out of order (event
-before descriptor, descriptor or stop for an unknown run, duplicate uids) are reported through
-``sink.rejected`` and never raise (events of an unknown descriptor, e.g. of a run started before
-the daemon subscribed, are each counted but logged once per descriptor). ``resume`` takes up a
-run open before a restart from the journal's documents. Memory is bounded: a stopped run is forgotten, at most
+A wrong-typed value is reported as ``bad_metadata`` and left out. A document that comes before
+what it refers to (event before descriptor, descriptor or stop before start, datum or
+stream_datum before its resource) is held for ``early_documents_s`` and replayed when that comes
+(early_documents.py); a run never seen is looked up in Tiled where configured (tiled_runs.py: a
+daemon that joined late); what stays unresolved, duplicate uids and other faults are reported
+through ``sink.rejected`` and never raise (unresolved documents logged once per run, or per
+descriptor where only events came). ``resume`` takes up a run open before a restart from the
+journal's documents. Memory is bounded: a stopped run is forgotten, at most
 ``max_open_runs`` runs are open (a further start evicts the least active one with a
 ``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
 are capped per run. Not thread-safe: one ingest thread calls it.
@@ -46,7 +49,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from event_model import (
@@ -77,6 +80,7 @@ from nanoseg_daemon.contracts import (
     RunStarted,
     RunStopped,
 )
+from nanoseg_daemon.early_documents import EarlyDocuments
 from nanoseg_daemon.image_fields import (
     Frame,
     ImageRejected,
@@ -87,6 +91,7 @@ from nanoseg_daemon.image_fields import (
     is_image_data_key,
 )
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig
+from nanoseg_daemon.logs import log
 from nanoseg_daemon.stream_readers import StreamReader, StreamReadError, load_stream_readers
 from nanoseg_daemon.wire import RejectReason
 
@@ -98,10 +103,17 @@ _RECENT_CLOSED_RUNS = 1024
 
 
 class _Reject(Exception):
-    def __init__(self, reason: RejectReason, detail: str) -> None:
+    """A document refused; ``missing``: the uid it refers to and that is not known (yet)."""
+
+    def __init__(self, reason: RejectReason, detail: str, missing: str | None = None) -> None:
         super().__init__(detail)
         self.reason: RejectReason = reason
         self.detail = detail
+        self.missing = missing
+
+
+# what a document may be waiting for: held for it (early_documents.py), or looked up in Tiled
+_WAITING = frozenset({"unknown_run", "unknown_descriptor", "unknown_resource"})
 
 
 class BoundedDict(OrderedDict[Any, Any]):
@@ -218,6 +230,17 @@ def _close_reader(_key: Any, resource: _StreamResource) -> None:
         _close_handler(_key, resource.reader)
 
 
+class RunLookup(Protocol):
+    """Where a run whose start was never seen can be found (tiled_runs.TiledRunLookup)."""
+
+    def request(self, kind: Literal["run", "descriptor"], uid: str) -> None: ...
+
+    def results(self) -> list[Any]:
+        """Answers with ``kind``, ``uid``, ``run`` (``start``, ``descriptors``, ``stopped``; None:
+        not found) and ``error``."""
+        ...
+
+
 class RunJournal(Protocol):
     """Where open runs' documents are kept so a restarted daemon can resume them (the store)."""
 
@@ -256,17 +279,24 @@ class _Run:
     recent_events: BoundedDict = field(default_factory=lambda: BoundedDict(_RECENT_EVENT_UIDS))
     frames: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, for the run's stop
-    resumed_after: int | None = None  # resumed after a restart: frames stored before (None: not resumed)
-    missed: int = 0  # raw frames sent while the daemon was down (a gap in the events' seq_num)
+    resumed_after: int | None = None  # resumed or joined late: frames stored before (None: neither)
+    missed: int = 0  # raw frames never seen (a gap in the events' seq_num)
+    joined_late: bool = False  # recovered from Tiled: the missed frames came before the daemon joined
 
 
 class BlueskyRouter(DocumentRouter):
     """Bluesky documents -> RunStarted / FrameJob / RunStopped on ``sink``; never raises.
 
-    ``clock``: monotonic time source for ``FrameJob.received_monotonic``. ``journal``: records
-    each run's start and descriptors (the store), so ``resume`` can take the run up after a restart.
-    Events of a descriptor never seen (a subscriber that joined late) are each counted
-    (``unknown_descriptor``), and logged once per descriptor.
+    ``clock``: monotonic time source for ``FrameJob.received_monotonic`` and for how long early
+    documents are held. ``journal``: records each run's start and descriptors (the store), so
+    ``resume`` can take the run up after a restart. A document that refers to a run, descriptor or
+    resource not seen yet is held for it (``early_documents_s``, several publishers) and replayed
+    when it comes; ``run_lookup`` (Tiled) is asked for a run or descriptor that never came (a
+    subscriber that joined late), and a run it finds is opened from its stored start and
+    descriptors. What stays unresolved is counted per document (``unknown_run``,
+    ``unknown_descriptor``, ``unknown_resource``) and logged once per run (per descriptor where
+    only events came). ``tick`` (the ingest loop, between messages) expires held documents and
+    takes the lookups' answers.
     """
 
     def __init__(
@@ -276,10 +306,16 @@ class BlueskyRouter(DocumentRouter):
         *,
         clock: Callable[[], float] = time.monotonic,
         journal: RunJournal | None = None,
+        run_lookup: RunLookup | None = None,
     ) -> None:
         super().__init__()
         self._journal = journal
-        self._unknown_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)  # descriptor uid -> events seen
+        self._lookup = run_lookup
+        self._asked = BoundedDict(_RECENT_CLOSED_RUNS)  # uid -> monotonic time it was last looked up
+        self._given_up = BoundedDict(_RECENT_CLOSED_RUNS)  # uids whose documents are counted at once now
+        self._group_of = BoundedDict(_RECENT_CLOSED_RUNS)  # descriptor uid -> its run uid (from held descriptors)
+        self._logged_groups = BoundedDict(_RECENT_CLOSED_RUNS)  # runs (or descriptors) logged as unresolved
+        self._closed_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)  # descriptors of stopped runs
         self._sink = sink
         self._config = config or BlueskyIngestConfig()
         self._metadata_keys = self._config.resolved_metadata_keys()
@@ -294,10 +330,18 @@ class BlueskyRouter(DocumentRouter):
         # Analysis runs (ours or another nanoseg's) travel through the same proxy: not raw data.
         self._analysis_runs = BoundedDict(_RECENT_CLOSED_RUNS)
         self._analysis_descriptors = BoundedDict(_RECENT_CLOSED_RUNS)
+        c = self._config
+        self._early = EarlyDocuments(c.early_documents_s, c.early_documents_max, c.early_documents_max_bytes, clock)
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        self._expire()
+        self._handle(name, doc)
+        return name, doc
+
+    def _handle(self, name: str, doc: dict[str, Any], since: float | None = None) -> None:
+        """One document; then the documents that were waiting for it (``since``: a held one's arrival)."""
         self._current_run = None
         try:
             method = getattr(self, name, None) if not name.startswith("_") else None
@@ -305,20 +349,107 @@ class BlueskyRouter(DocumentRouter):
                 raise _Reject("unsupported_document", f"{name} documents are not handled")
             method(doc)
         except _Reject as rej:
-            self._reject(rej.reason, rej.detail)
+            self._unresolved(rej, name, doc, since)
+            return
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             self._reject("bad_document", f"{name}: malformed document: {err!r:.200}")
         except Exception as err:  # a bug here must not stop ingest; it is logged in full
             logger.exception("bluesky router failed on a %s document", name)
             self._reject("internal_error", f"{name}: {err!r:.200}")
-        return name, doc
+        if name in _INTRODUCING and isinstance(doc.get("uid"), str) and self._early.waiting_for(doc["uid"]):
+            for held in self._early.release(doc["uid"]):  # in arrival order, each followed by its own waiters
+                self._handle(held.name, held.doc, held.since)
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _unresolved(self, rej: _Reject, name: str, doc: dict[str, Any], since: float | None) -> None:
+        """A refused document: held for what it waits for (asking Tiled for a run), else counted."""
+        key = rej.missing if isinstance(rej.missing, str) else None  # a malformed uid waits for nothing
+        if key is None or rej.reason not in _WAITING or key in self._given_up:
+            self._count_unresolved(rej.reason, rej.detail, key)
+            return
+        if rej.reason != "unknown_resource":
+            self._ask("run" if rej.reason == "unknown_run" else "descriptor", key)
+        if name == "descriptor" and isinstance(doc.get("run_start"), str):
+            self._group_of[doc["uid"]] = doc["run_start"]
+        if self._early.hold_s <= 0:
+            self._count_unresolved(rej.reason, rej.detail, key)
+            return
+        for held in self._early.hold(key, name, doc, rej.reason, rej.detail, since):
+            self._count_unresolved(held.reason, f"{held.detail} (pushed out of the early documents: "
+                                                 f"more than {self._early.max_documents} held)", held.key)
+
+    def _count_unresolved(self, reason: str, detail: str, key: str | None) -> None:
+        """Count one unresolved document; log one line per run (or per descriptor, when only its
+        events came) rather than one per event of a run the daemon joined late."""
+        group = self._group_of.get(key, key)
+        logged = group is None or group not in self._logged_groups
+        if group is not None:
+            self._logged_groups[group] = None
+        more = " (further documents of it are counted, not logged)" if group is not None else ""
+        self._reject(reason, detail + more, logged=logged)
+
+    def _ask(self, kind: Literal["run", "descriptor"], uid: str) -> None:
+        """Ask the run lookup about ``uid``, at most once a second per uid."""
+        if self._lookup is None:
+            return
+        now = self._clock()
+        if now - self._asked.get(uid, -math.inf) < 1.0:
+            return
+        self._asked[uid] = now
+        self._lookup.request(kind, uid)
+
+    def _expire(self) -> None:
+        for held in self._early.expired():
+            self._given_up[held.key] = None  # what comes for it later is counted at once
+            if held.name == "descriptor":
+                self._given_up[held.doc["uid"]] = None
+            self._count_unresolved(held.reason, f"{held.detail} (held {self._early.hold_s:g} s: it never came)",
+                                   held.key)
+
+    def tick(self) -> None:
+        """Expire held documents; open the runs the lookup found (between messages, ingest thread)."""
+        if self._lookup is not None:
+            for answer in self._lookup.results():
+                self._recovered(answer)
+        self._expire()
+
+    def _recovered(self, answer: Any) -> None:
+        """A lookup's answer: open the run it found as if its start and descriptors came now."""
+        raw = answer.run
+        if raw is None:
+            if not answer.error:
+                log("run_not_in_tiled", logging.WARNING, kind=answer.kind, uid=answer.uid,
+                    detail="its documents are counted as they come")
+                if self._early.hold_s <= 0:  # nothing held to wait on: ask no more
+                    self._given_up[answer.uid] = None
+            return
+        uid = raw.start.get("uid")
+        if uid in self._runs or uid in self._closed_runs:
+            return
+        if raw.stopped:
+            log("run_not_recovered", logging.WARNING, run=uid, reason="stopped already in Tiled")
+            return
+        self._given_up.pop(uid, None)
+        self._handle("start", raw.start)
+        run = self._runs.get(uid)
+        if run is None and uid not in self._analysis_runs:
+            return
+        if run is not None:
+            run.resumed_after, run.joined_late = 0, True
+        for desc in raw.descriptors:  # an analysis run's: marked as such, its held events ignored
+            self._given_up.pop(desc["uid"], None)
+            if desc["uid"] not in self._descriptor_run:
+                self._handle("descriptor", desc)
+        if run is None:
+            return
+        log("run_recovered", run=uid, descriptors=len(raw.descriptors), held=len(self._early),
+            detail="start and descriptors read from Tiled (the daemon joined after the run started)")
+
+    def _reject(self, reason: str, detail: str, logged: bool = True) -> None:
         """Report a rejection, counted against the run the current document belongs to."""
         run = self._runs.get(self._current_run) if self._current_run is not None else None
         if run is not None:
             run.rejected[reason] = run.rejected.get(reason, 0) + 1
-        self._sink.rejected(reason, detail)
+        self._sink.rejected(reason, detail, logged=logged)
 
     @property
     def open_runs(self) -> list[str]:
@@ -330,7 +461,7 @@ class BlueskyRouter(DocumentRouter):
         if run is None:
             if uid in self._closed_runs:
                 raise _Reject("run_closed", f"{what} for run {uid} which has stopped")
-            raise _Reject("unknown_run", f"{what} for unknown run {uid}")
+            raise _Reject("unknown_run", f"{what} for unknown run {uid}", uid if isinstance(uid, str) else None)
         self._runs.move_to_end(uid)
         self._current_run = uid
         return run
@@ -362,6 +493,8 @@ class BlueskyRouter(DocumentRouter):
         del self._runs[run.uid]
         for d in run.streams:
             self._descriptor_run.pop(d, None)
+            self._closed_descriptors[d] = self._given_up[d] = None  # later events: counted at once
+            self._group_of[d] = run.uid
         for r in [*run.resources, *run.stream_resources]:
             self._resource_run.pop(r, None)
         for key, resource in list(run.stream_resources.items()):
@@ -470,14 +603,14 @@ class BlueskyRouter(DocumentRouter):
         run_uid = self._resource_run.get(resource)
         if run_uid is None:
             raise _Reject(
-                "unknown_resource", f"datum {doc['datum_id']} for unknown resource {resource}"
+                "unknown_resource", f"datum {doc['datum_id']} for unknown resource {resource}", resource
             )
         self._run(run_uid, f"datum {doc['datum_id']}").filler.datum(doc)
         return doc
 
     def datum_page(self, doc: DatumPage) -> None:
         for datum in unpack_datum_page(doc):
-            self.datum(datum)
+            self._handle("datum", dict(datum))  # one datum held or refused does not lose the rest
 
     def stream_resource(self, doc: StreamResource) -> None:
         uid = doc["uid"]
@@ -496,14 +629,15 @@ class BlueskyRouter(DocumentRouter):
         uid, resource_uid, descriptor = doc["uid"], doc["stream_resource"], doc["descriptor"]
         run_uid = self._resource_run.get(resource_uid)
         if run_uid is None:
-            raise _Reject("unknown_resource", f"stream_datum {uid} for unknown stream_resource {resource_uid}")
+            raise _Reject("unknown_resource", f"stream_datum {uid} for unknown stream_resource {resource_uid}",
+                          resource_uid)
         run = self._run(run_uid, f"stream_datum {uid}")
         resource: _StreamResource | None = run.stream_resources.get(resource_uid)
         stream = run.streams.get(descriptor)
         if resource is None:
             raise _Reject("unknown_resource", f"stream_datum {uid}: stream_resource {resource_uid} forgotten")
         if stream is None:
-            raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}")
+            raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}", descriptor)
         if resource.doc["data_key"] != stream.image_key:
             return  # another detector field (a sum, a timestamp): not an image
         first, last = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
@@ -548,10 +682,7 @@ class BlueskyRouter(DocumentRouter):
 
     def event_page(self, doc: EventPage) -> EventPage:
         for event in unpack_event_page(doc):
-            try:
-                self.event(event)
-            except _Reject as rej:  # one bad event does not lose the rest of the page
-                self._reject(rej.reason, rej.detail)
+            self._handle("event", dict(event))  # one event held or refused does not lose the rest
         return doc
 
     def event(self, doc: Event) -> Event:
@@ -564,13 +695,9 @@ class BlueskyRouter(DocumentRouter):
             return
         run_uid = self._descriptor_run.get(descriptor)
         if run_uid is None:
-            seen = self._unknown_descriptors.get(descriptor, 0)
-            self._unknown_descriptors[descriptor] = seen + 1
-            # a late joiner would log every frame of the run: each is counted, one is logged
-            self._sink.rejected("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor} (its "
-                                "run's start was not seen; further events of it are counted, not logged)",
-                                logged=not seen)
-            return
+            closed = descriptor in self._closed_descriptors
+            raise _Reject("unknown_descriptor", f"event {uid} for unknown descriptor {descriptor}"
+                          + (" (its run has stopped)" if closed else ""), descriptor)
         run = self._run(run_uid, f"event {uid}")
         if uid in run.recent_events:
             raise _Reject("duplicate_uid", f"event {uid} seen before")
@@ -587,7 +714,8 @@ class BlueskyRouter(DocumentRouter):
             seq = doc.get("seq_num")
             if isinstance(seq, int) and seq - 1 > run.resumed_after:
                 run.missed = seq - 1 - run.resumed_after
-                logger.warning("run %s resumed: %d frames missed while the daemon was down", run.uid, run.missed)
+                logger.warning("run %s %s: %d frames missed", run.uid,
+                               "joined late" if run.joined_late else "resumed", run.missed)
             run.resumed_after = None
         doc = self._fill(run, doc, wanted, stream.external_keys)
         if flat_key in wanted:
@@ -627,8 +755,14 @@ class BlueskyRouter(DocumentRouter):
         if doc["run_start"] in self._analysis_runs:
             return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
-        rejected = dict(run.rejected) | ({"missed_while_down": run.missed} if run.missed else {})
-        reason = f"resumed after a restart; {run.missed} frames missed while the daemon was down" if run.missed else ""
+        label = "missed_before_join" if run.joined_late else "missed_while_down"
+        rejected = dict(run.rejected) | ({label: run.missed} if run.missed else {})
+        reason = ""
+        if run.joined_late:
+            reason = ("joined late (start and descriptors recovered from Tiled)"
+                      + (f"; {run.missed} frames sent before it joined not analysed" if run.missed else ""))
+        elif run.missed:
+            reason = f"resumed after a restart; {run.missed} frames missed while the daemon was down"
         stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]), rejected, reason)
         self._forget(run)
         self._sink.run_stopped(stopped)
@@ -668,6 +802,7 @@ class BlueskyRouter(DocumentRouter):
             run.flat_field = arr
 
 
+_INTRODUCING = frozenset({"start", "descriptor", "resource", "stream_resource"})  # documents others wait for
 _HANDLED = frozenset(
     {"start", "descriptor", "event", "event_page", "resource", "datum", "datum_page",
      "stream_resource", "stream_datum", "stop"}

@@ -157,6 +157,13 @@ class TiledSection(StrictModel):
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per request; a slower server counts as a failed write.")
     retry_after_s: float = Field(30.0, ge=0, description="After the server was unreachable, items are counted failed "
                                  "without trying it for this long (a hung server must not stall the output).")
+    raw_path: list[str] = Field(default_factory=list, description="Container (keys from the root) holding the raw "
+                                "runs, as the RunEngine's TiledWriter writes them; read to recover a run whose start "
+                                "the daemon never saw, and by nanoseg reanalyse. Empty = the root.")
+    recover_runs: bool = Field(True, description="A run whose start the daemon never saw (it joined late): fetch its "
+                               "start and descriptors from Tiled and analyse its later frames.")
+    recover_recent_runs: int = Field(10, ge=1, description="An event names its descriptor, not its run: the newest "
+                                     "this many runs under raw_path are searched for an unknown descriptor.")
 
 
 SinkName = Literal["store", "bluesky", "summary", "tiled"]
@@ -222,6 +229,12 @@ class DaemonConfig(StrictModel):
     def state_dir(self) -> Path:
         return Path(os.path.expanduser(self.store.state_dir))
 
+    @property
+    def engine_cache(self) -> Path:
+        """Where built engines (TensorRT plans) are cached: model.engine_cache_dir or <state_dir>/engines."""
+        m = self.model
+        return Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else self.state_dir / "engines"
+
 
 def check_files(cfg: DaemonConfig, source: str) -> None:
     """Raise ConfigError naming every field whose file or directory does not exist.
@@ -243,7 +256,7 @@ def check_files(cfg: DaemonConfig, source: str) -> None:
             continue
         p = Path(path).expanduser()
         if name.startswith("model.") and not p.is_absolute() and not p.exists():
-            p = REPO_ROOT / p  # as the service resolves model paths (pipeline.repo_relative)
+            p = REPO_ROOT / p  # as the service resolves model paths (model_slot.repo_relative)
         if not (p.is_dir() if is_dir else p.is_file()):
             problems.append(f"{source}: {name}: no such {'directory' if is_dir else 'file'}: {p}")
     try:

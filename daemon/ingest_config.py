@@ -115,6 +115,20 @@ class BlueskyIngestConfig(FrameSizeLimits):
         description="How long a stream_datum waits for frames its file does not hold yet, "
         "seconds; frames still missing then are counted (reason frames_not_written).",
     )
+    early_documents_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a document that came before what it refers to (an event before its "
+        "descriptor, a descriptor before its start, a stream_datum before its stream_resource: "
+        "several publishers) is held for it, seconds; replayed in order when it comes, counted "
+        "under its reason (unknown_run, unknown_descriptor, unknown_resource) when not. 0: counted at once.",
+    )
+    early_documents_max: int = Field(
+        1000, ge=1, description="Documents held at once (the oldest is counted when one more comes)."
+    )
+    early_documents_max_bytes: int = Field(
+        256 * MiB, ge=0, description="Bytes of inline images in held events, at most (oldest counted first)."
+    )
     fill_retry_intervals: list[float] = Field(
         default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2],
         description="Seconds between retries when a referenced file is not readable yet.",

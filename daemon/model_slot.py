@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import with_decoding
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from nanoseg_daemon.config import ModelSection
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,12 @@ class LoadedModel:
     @property
     def spec(self) -> InputSpec:
         return self.segmenter.spec
+
+    def describe(self, profile: str) -> tuple[str, dict[str, Any]]:
+        """The version and the processing settings an analysis run's start records (``profile``:
+        the default frame profile)."""
+        return self.version, {"profile": profile, "engine": self.engine,
+                              "postprocess": self.segmenter.post.model_dump(mode="json")}
 
 
 def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,
@@ -60,6 +69,23 @@ def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, 
     seg.infer_tiles(np.zeros((1, h, w), np.float32))  # first run allocates; an empty frame must work
     name = str(ckpt.meta.get("name", p.stem))
     return LoadedModel(seg, f"{name}@{digest[:12]}", str(p), eng.name, eng.device, time.perf_counter() - t0)
+
+
+def repo_relative(path: str) -> Path:
+    """A model path as given, or from the repository root when it does not exist as given."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    from nanoseg.paths import REPO_ROOT
+
+    return REPO_ROOT / p
+
+
+def load_configured(m: ModelSection, post: PostprocessConfig, cache_dir: Path) -> LoadedModel:
+    """``load_model`` with the config's ``model`` section (relative paths from the repository root)."""
+    return load_model(repo_relative(m.path), m.engine, m.device, m.threads, post,
+                      repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, cache_dir,
+                      m.triton_target(), m.mask_tta, m.max_detections)
 
 
 class ModelSlot:

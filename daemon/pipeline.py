@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeAlias, cast
 
 import numpy as np
@@ -402,12 +401,3 @@ class Stages:
         for t in self.threads:
             t.join(max(deadline - time.monotonic(), 0))
         return not any(t.is_alive() for t in self.threads)
-
-
-def repo_relative(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    from nanoseg.paths import REPO_ROOT
-
-    return REPO_ROOT / p

@@ -211,16 +211,38 @@ class AnalysisRun:
         """
         if self.stop_doc is not None:
             return None
-        if exit_status not in EXIT_STATUSES:
-            reason = f"raw exit status {exit_status!r}" + (f": {reason}" if reason else "")
-            exit_status = "fail"
-        if self.events == 0 and exit_status == "success":
-            counted = ", ".join(f"{k} {v}" for k, v in sorted((losses or {}).items()) if v)
-            reason = "no frame analysed" + (f" ({counted})" if counted else "") + (f"; {reason}" if reason else "")
-            exit_status = "fail"
-        status = cast(Literal["success", "abort", "fail"], exit_status)
+        status, reason = stop_status(exit_status, reason, self.events, losses)
         self.stop_doc = cast(dict[str, Any], self._compose_stop(exit_status=status, reason=reason, time=time))
         return "stop", self.stop_doc
+
+
+def stop_status(exit_status: str, reason: str, analysed: int,
+                losses: Mapping[str, int] | None = None) -> tuple[Literal["success", "abort", "fail"], str]:
+    """An analysis run's exit status and reason, from its raw run's and what was analysed.
+
+    Parameters
+    ----------
+    exit_status, reason
+        The raw run's (or the service's: ``abort`` after a restart, ``timeout``).
+    analysed
+        Frames of the run analysed and written.
+    losses
+        Frames or documents of the raw run refused, dropped or failed, by reason.
+
+    Returns
+    -------
+    tuple of str
+        ``exit_status`` when bluesky knows it, else ``fail`` with the original in the reason; a
+        run without one analysed frame ``fail``, its reason naming the losses.
+    """
+    if exit_status not in EXIT_STATUSES:
+        reason = f"raw exit status {exit_status!r}" + (f": {reason}" if reason else "")
+        exit_status = "fail"
+    if analysed == 0 and exit_status == "success":
+        counted = ", ".join(f"{k} {v}" for k, v in sorted((losses or {}).items()) if v)
+        reason = "no frame analysed" + (f" ({counted})" if counted else "") + (f"; {reason}" if reason else "")
+        exit_status = "fail"
+    return cast(Literal["success", "abort", "fail"], exit_status), reason
 
 
 def json_dumps(doc: Any) -> bytes:

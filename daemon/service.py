@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -24,8 +23,8 @@ from nanoseg_daemon.contracts import FrameResult, RunStopped
 from nanoseg_daemon.growth import GrowthMonitor
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics, MetricsServer
-from nanoseg_daemon.model_slot import ModelSlot, load_model
-from nanoseg_daemon.pipeline import Intake, Item, ProfileBook, StageCallbacks, Stages, repo_relative
+from nanoseg_daemon.model_slot import ModelSlot, load_configured, repo_relative
+from nanoseg_daemon.pipeline import Intake, Item, ProfileBook, StageCallbacks, Stages
 from nanoseg_daemon.publish import DocumentPublisher, SummaryPublisher
 from nanoseg_daemon.sinks import BlueskySink, Sink, SinkChain, StoreSink, SummarySink
 from nanoseg_daemon.store import ResultStore, default_path
@@ -43,11 +42,8 @@ class Service:
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True)
         m = cfg.model
-        self._engine_cache = Path(m.engine_cache_dir).expanduser() if m.engine_cache_dir else state / "engines"
-        model = load_model(repo_relative(m.path), m.engine, m.device, m.threads, cfg.postprocess,
-                           repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, self._engine_cache,
-                           m.triton_target(), m.mask_tta, m.max_detections)
-        self.slot = ModelSlot(model, cfg.postprocess)
+        self._engine_cache = cfg.engine_cache
+        self.slot = ModelSlot(load_configured(m, cfg.postprocess, self._engine_cache), cfg.postprocess)
         self._model_info()
         self.intake = Intake(cfg.queue, self.metrics)
         self.sinks = SinkChain([self._sink(name) for name in cfg.sink_names], self.metrics, cfg.store.max_pending,
@@ -66,7 +62,8 @@ class Service:
         bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
         if bluesky_sink is not None and self.store is not None:
             bluesky_sink.journal = self.store.analysis_opened
-        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store)
+        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store,
+                                run_lookup=self._run_lookup())
         self._resumed: dict[str, float] = {}  # runs taken up after a restart -> monotonic time then
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         self.notifier = SystemdNotifier()
@@ -108,11 +105,17 @@ class Service:
         return SummarySink(SummaryPublisher(cfg.publish.summary.address, hwm=hwm, context=self.ctx, curve=curve),
                            self.metrics)
 
+    def _run_lookup(self) -> Any:
+        """Tiled, where a run whose start the daemon never saw is looked up (None: not configured)."""
+        t = self.cfg.tiled
+        if t is None or not t.recover_runs or not self.cfg.ingest.bluesky.enabled:
+            return None
+        from nanoseg_daemon.tiled_runs import TiledRunLookup  # tiled is an optional dependency
+        return TiledRunLookup(t)
+
     def _processing(self) -> tuple[str, dict[str, Any]]:
         """The serving model's version and processing settings, for an analysis run's start."""
-        m = self.slot.current
-        return m.version, {"profile": self.profiles.default, "engine": m.engine,
-                           "postprocess": m.segmenter.post.model_dump(mode="json")}
+        return self.slot.current.describe(self.profiles.default)
 
     @property
     def doc_pub(self) -> DocumentPublisher | None:

@@ -4,7 +4,8 @@ Layout, per analysis run (one container, keyed by the analysis run's start uid):
 
     <tiled.path>/<analysis uid>          metadata: start (the analysis start document, as the
                                          bluesky sink's: raw_run_uid, model_version, processing,
-                                         raw_metadata), stop (exit_status, time, frames, losses)
+                                         raw_metadata), stop (exit_status and reason as the bluesky
+                                         sink's stop, time, num_frames, losses by reason)
         labels/<seq_num:06d>             uint16 (H, W) label image: 0 background, instance i -> i + 1;
                                          metadata: frame_uid, timestamp, model_version, summary
         particles/<seq_num:06d>          table, one row per instance (label = i + 1): score, box
@@ -37,7 +38,7 @@ from nanoseg.codec import json_safe
 from nanoseg.masks import RLE
 from nanoseg_daemon.config import TiledSection
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
-from nanoseg_daemon.publish import AnalysisRun
+from nanoseg_daemon.publish import AnalysisRun, stop_status
 from nanoseg_daemon.sinks import SinkError
 
 KEY_DIGITS = 6
@@ -155,6 +156,10 @@ class TiledSink:
             self._frames[run_uid] = 0
         return node
 
+    def analysis_key(self, run_uid: str) -> str:
+        """The key (analysis start uid) of the open raw run ``run_uid``'s analysis container."""
+        return str(self._analysis(run_uid).metadata["start"]["uid"])
+
     def open_run(self, run: RunStarted) -> None:
         self._raw[run.run_uid] = run
         self._analysis(run.run_uid)
@@ -179,9 +184,10 @@ class TiledSink:
     def close_run(self, stop: RunStopped) -> None:
         try:
             node = self._analysis(stop.run_uid)
-            stop_md: Mapping[str, Any] = {"exit_status": stop.exit_status, "time": stop.time,
-                                          "num_frames": self._frames.get(stop.run_uid, 0),
-                                          "losses": dict(stop.rejected)}
+            frames = self._frames.get(stop.run_uid, 0)
+            status, reason = stop_status(stop.exit_status, stop.reason, frames, stop.rejected)
+            stop_md: Mapping[str, Any] = {"exit_status": status, "reason": reason, "time": stop.time,
+                                          "num_frames": frames, "losses": dict(stop.rejected)}
             self._call("stop_run", lambda: node.update_metadata({"stop": dict(stop_md)}))
         finally:
             self._runs.pop(stop.run_uid, None)

@@ -5,6 +5,8 @@
   wire.parse_bluesky_message and a BlueskyRouter.
 - raw frames: a PULL socket bound for detectors to PUSH to (see RawIngestConfig for why PULL);
   messages go through a RawFrameDecoder.
+- between messages the router's ``tick`` runs (at least every ``poll_interval_s``): documents held
+  for what they refer to expire, runs found in Tiled for a late joiner are opened.
 - CurveZMQ (optional): the raw socket is a CURVE server whose clients are checked against
   ``authorized_clients_dir`` by the context's shared authenticator (curve_auth.py, ZAP domain
   ``ingest``); the bluesky socket is a CURVE client of the proxy when ``client_secret_key`` and ``proxy_public_key`` are set.
@@ -23,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from nanoseg_daemon.bluesky_ingest import BlueskyRouter, RunJournal
+from nanoseg_daemon.bluesky_ingest import BlueskyRouter, RunJournal, RunLookup
 from nanoseg_daemon.contracts import IngestSink
 from nanoseg_daemon.curve_auth import CurveServer, curve_client, curve_server
 from nanoseg_daemon.ingest_config import IngestConfig
@@ -48,6 +50,7 @@ class ZmqIngest:
         *,
         context: zmq.Context[Any] | None = None,
         journal: RunJournal | None = None,
+        run_lookup: RunLookup | None = None,
     ) -> None:
         self._config = config
         self._sink = sink
@@ -58,7 +61,8 @@ class ZmqIngest:
         self._deserialize = (
             make_deserializer(bc.serializer, allow_pickle=bc.allow_pickle) if bc.enabled else None
         )
-        self.router = BlueskyRouter(sink, bc, journal=journal) if bc.enabled else None
+        self.router = BlueskyRouter(sink, bc, journal=journal, run_lookup=run_lookup) if bc.enabled else None
+        self._run_lookup = run_lookup  # closed with the ingest
         self._decoder = RawFrameDecoder(config.raw) if config.raw.enabled else None
         self._bluesky: zmq.Socket[Any] | None = None
         self._raw: zmq.Socket[Any] | None = None
@@ -97,6 +101,9 @@ class ZmqIngest:
         else:
             self._close_sockets()
         self._stop_auth()
+        close_lookup = getattr(self._run_lookup, "close", None)
+        if callable(close_lookup):
+            close_lookup()
         if self._own_context and not self._context.closed:
             self._context.term()
         return True
@@ -172,6 +179,8 @@ class ZmqIngest:
                     self._drain(self._bluesky, self._on_bluesky)
                 if self._raw is not None and self._raw in ready:
                     self._drain(self._raw, self._on_raw)
+                if self.router is not None:
+                    self._tick(self.router)
         except zmq.ContextTerminated:
             logger.warning("0MQ context terminated under the ingest thread")
         finally:
@@ -188,6 +197,14 @@ class ZmqIngest:
             except Exception as err:  # whatever a message does, the loop goes on
                 logger.exception("ingest failed on a message")
                 self._reject("internal_error", f"{err!r:.300}")
+
+    def _tick(self, router: BlueskyRouter) -> None:
+        """Held early documents expire, runs found in Tiled open (between messages)."""
+        try:
+            router.tick()
+        except Exception as err:
+            logger.exception("bluesky router tick failed")
+            self._reject("internal_error", f"{err!r:.300}")
 
     def _reject(self, reason: Any, detail: str) -> None:
         try:

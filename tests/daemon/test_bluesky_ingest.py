@@ -93,7 +93,7 @@ def test_run_engine_with_hdf5_files_through_resource_and_datum(RE, sink, tmp_pat
 
 
 def test_missing_file_and_unknown_datum_are_fill_failed(sink, tmp_path):
-    router = BlueskyRouter(sink, BlueskyIngestConfig(fill_retry_intervals=[]))
+    router = BlueskyRouter(sink, BlueskyIngestConfig(fill_retry_intervals=[], early_documents_s=0))
     run = compose_run()
     router("start", run.start_doc)
     desc = run.compose_descriptor(
@@ -283,7 +283,7 @@ def test_streams_without_images_give_no_frames(sink):
 
 
 def test_out_of_order_and_duplicate_documents_are_rejected_never_raised(sink):
-    router = BlueskyRouter(sink)
+    router = BlueskyRouter(sink, BlueskyIngestConfig(early_documents_s=0))  # nothing held: counted at once
     run = compose_run()
     desc = run.compose_descriptor(name="primary", data_keys={"img": image_key()})
     event = desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0})
@@ -500,15 +500,87 @@ def test_bluesky_frames_get_the_raw_inputs_size_limit(sink):
     assert len(sink.frames) == 1
 
 
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_late_joiner_counts_every_missed_event_and_logs_once_per_descriptor(sink):
-    router = BlueskyRouter(sink)
+    clock = Clock()
+    router = BlueskyRouter(sink, clock=clock)
     runs = [compose_run() for _ in range(2)]  # both started before the daemon subscribed
     descs = [run.compose_descriptor(name="primary", data_keys={"img": image_key()}) for run in runs]
-    for _ in range(5):
-        for desc in descs:
+    for k in range(5):
+        if k == 1:  # the first events waited for their descriptors, in vain: counted now
+            clock.now += 2.5
+            router.tick()
+            assert sink.reasons == ["unknown_descriptor"] * 2
+        for desc in descs:  # later ones are counted at once, nothing more held
             router("event", desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
     assert sink.reasons == ["unknown_descriptor"] * 10 and sink.logged == ["unknown_descriptor"] * 2
     assert not sink.frames
+
+
+def test_late_joiner_that_saw_descriptors_logs_once_per_run(sink):
+    clock = Clock()
+    router = BlueskyRouter(sink, clock=clock)
+    run = compose_run()
+    descs = [run.compose_descriptor(name=n, data_keys={"img": image_key()}) for n in ("primary", "dark")]
+    for desc in descs:
+        router("descriptor", desc.descriptor_doc)
+    router("event", descs[0].compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
+    router("stop", run.compose_stop())
+    assert not sink.rejections  # held, waiting for the start
+    clock.now += 2.5
+    router.tick()
+    for desc in descs:
+        router("event", desc.compose_event(data={"img": test_frames(1)[0]}, timestamps={"img": 1.0}))
+    assert sorted(sink.reasons) == ["unknown_descriptor"] * 3 + ["unknown_run"] * 3
+    assert len(sink.logged) == 1  # one line for the run, whatever of it came
+
+
+def test_documents_before_their_start_or_descriptor_are_held_and_replayed_in_order(sink):
+    clock = Clock()
+    router = BlueskyRouter(sink, clock=clock)
+    run = compose_run(metadata={"pixel_size_nm": 8.0})
+    desc = run.compose_descriptor(name="primary", data_keys={"img": image_key()})
+    frames = test_frames(3)
+    events = [desc.compose_event(data={"img": f}, timestamps={"img": 1.0}) for f in frames]
+    router("event", events[0])  # from a second publisher, before descriptor and start
+    router("descriptor", desc.descriptor_doc)
+    router("event", events[1])
+    clock.now += 1.0
+    assert not sink.order and not sink.rejections
+    router("start", run.start_doc)  # the descriptor, then the events waiting for it
+    router("event", events[2])
+    router("stop", run.compose_stop())
+    assert sink.order == [("start", run.start_doc["uid"])] + [("frame", run.start_doc["uid"])] * 3 + [
+        ("stop", run.start_doc["uid"])]
+    assert [j.frame_uid for j in sink.frames] == [e["uid"] for e in events]
+    assert [j.metadata.pixel_size_nm for j in sink.frames] == [8.0] * 3
+    assert not sink.rejections and [s.exit_status for s in sink.stopped] == ["success"]
+
+
+def test_held_documents_expire_and_are_bounded(sink):
+    clock = Clock()
+    router = BlueskyRouter(sink, BlueskyIngestConfig(early_documents_s=1.0, early_documents_max=3), clock=clock)
+    runs = [compose_run() for _ in range(5)]
+    for run in runs:  # five stops of unknown runs: the two oldest pushed out at once
+        router("stop", run.compose_stop())
+    assert sink.reasons == ["unknown_run"] * 2 and "pushed out" in sink.rejections[0][1]
+    clock.now += 0.5
+    router.tick()
+    assert len(sink.reasons) == 2
+    router("start", runs[4].start_doc)  # its stop was held: the run opens and closes
+    assert [s.run_uid for s in sink.stopped] == [runs[4].start_doc["uid"]]
+    clock.now += 0.6
+    router.tick()
+    assert sink.reasons == ["unknown_run"] * 4 and "never came" in sink.rejections[-1][1]
 
 
 def test_resumed_run_numbers_frames_on_and_counts_the_gap_as_missed(sink, tmp_path):
@@ -536,3 +608,11 @@ def test_resumed_run_numbers_frames_on_and_counts_the_gap_as_missed(sink, tmp_pa
     assert stopped.rejected == {"missed_while_down": 4} and "4 frames missed" in stopped.reason
     assert sink.reasons == []
     store.close()
+
+
+def test_a_malformed_uid_is_counted_not_held(sink):
+    router = BlueskyRouter(sink)
+    router("event", {"uid": "e", "descriptor": ["not", "a", "uid"], "time": 1.0, "data": {}, "timestamps": {}})
+    router("event", {"uid": "e", "descriptor": 7, "time": 1.0, "data": {}, "timestamps": {}})
+    router("datum", {"resource": 5, "datum_id": "x/0", "datum_kwargs": {}})
+    assert sink.reasons == ["bad_document", "unknown_descriptor", "unknown_resource"]

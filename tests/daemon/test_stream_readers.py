@@ -106,7 +106,7 @@ def test_frames_not_yet_flushed_are_waited_for_and_those_never_written_counted(t
 
 def test_unreadable_stream_resources_are_counted_per_frame(tmp_path: Path) -> None:
     sink = RecordingSink()
-    router = BlueskyRouter(sink, BlueskyIngestConfig(stream_wait_s=0.05))
+    router = BlueskyRouter(sink, BlueskyIngestConfig(stream_wait_s=0.05, early_documents_s=0))
     run, desc, resource, datum = stream_run(tmp_path / "never.h5", rows=2)
     for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
                       ("stream_resource", resource), ("stream_datum", datum)):

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,41 +25,11 @@ from tests.daemon.service_fixtures import (
     service_overrides,
     transmission_frame,
 )
+from tests.daemon.tiled_fixtures import API_KEY
 
 tiled_client = pytest.importorskip("tiled.client", reason="tiled not installed (pip install -e '.[dev]')")
 
-API_KEY = "secret0test0key"  # tiled takes alphanumeric keys only
 FRAMES = [transmission_frame(11, i) for i in range(2)]
-
-
-@pytest.fixture(scope="module")
-def tiled_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``tiled serve catalog --temp`` on a free loopback port, stopped at the end."""
-    port = free_ports(1)[0]
-    log = (tmp_path_factory.mktemp("tiled") / "serve.log").open("w")
-    exe = Path(sys.executable).parent / "tiled"
-    proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY,
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/v1/", timeout=2).read()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"tiled serve did not start (exit {proc.poll()}), see {log.name}") from None
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def store_labels(particles: list[dict], seq_num: int, shape: tuple[int, int]) -> np.ndarray:
@@ -166,3 +131,21 @@ def test_sink_tiled_needs_its_section() -> None:
         load_daemon_config(None, {"sinks": "[store, tiled]"}, environ={})
     with pytest.raises(ConfigError, match="uri"):
         load_daemon_config(None, {"tiled.api_key": "k"}, environ={})
+
+
+def test_the_stop_in_tiled_carries_exit_status_and_reason_as_the_bluesky_stop(tiled_url: str) -> None:
+    from nanoseg_daemon.contracts import RunStopped
+
+    cfg = load_daemon_config(None, {"tiled.uri": tiled_url, "tiled.api_key": API_KEY, "tiled.path": "[stops]"},
+                             environ={})
+    assert cfg.tiled is not None
+    sink = TiledSink(cfg.tiled, lambda: ("v", {}))
+    for run in ("refused", "given_up"):
+        sink.open_run(RunStarted(run, FrameMetadata(), {}, time.time()))
+    sink.close_run(RunStopped("refused", "success", time.time(), {"shape_mismatch": 2}))
+    sink.close_run(RunStopped("given_up", "abort", time.time(), reason="open when the daemon stopped"))
+    catalog = tiled_client.from_uri(tiled_url, api_key=API_KEY)["stops"]
+    stops = {node.metadata["start"]["raw_run_uid"]: node.metadata["stop"] for node in catalog.values()}
+    assert (stops["refused"]["exit_status"], stops["refused"]["reason"]) == ("fail", "no frame analysed (shape_mismatch 2)")
+    assert stops["refused"]["losses"] == {"shape_mismatch": 2} and stops["refused"]["num_frames"] == 0
+    assert (stops["given_up"]["exit_status"], stops["given_up"]["reason"]) == ("abort", "open when the daemon stopped")

@@ -353,3 +353,40 @@ def test_curve_client_of_a_curve_proxy(curve_keys, RE):
         uid = publish_run(RE, pub, bp.count([cam], num=2))
         sink.wait_for(lambda s: s.stopped)
     assert [j.run_uid for j in sink.frames] == [uid, uid]
+
+
+def test_documents_from_a_second_publisher_before_their_start_wait_for_it(proxy):
+    """Two publishers into one proxy: 0MQ orders each publisher's messages, not the two together."""
+    from event_model import compose_run
+
+    in_addr, out_addr = proxy
+    sink = RecordingSink()
+    run = compose_run(metadata={"pixel_size_nm": 8.0})
+    desc = run.compose_descriptor(name="primary", data_keys={"img": {"dtype": "array", "shape": [24, 32],
+                                                                    "source": "cam"}})
+    frames = test_frames(2)
+    events = [desc.compose_event(data={"img": f}, timestamps={"img": time.time()}) for f in frames]
+    orphan = run.compose_descriptor(name="never", data_keys={"img": {"dtype": "array", "shape": [24, 32],
+                                                                     "source": "cam"}})
+    with (
+        running_ingest(sink, bluesky={"address": out_addr, "early_documents_s": 0.5}),
+        publisher(in_addr, serializer=MSGPACK) as main,
+        publisher(in_addr, serializer=MSGPACK) as detector,
+    ):
+        wait_until_connected(probe(main), sink, "unknown_document")
+        wait_until_connected(probe(detector), sink, "unknown_document")
+        detector("event", events[0])  # the detector's process is ahead of the RunEngine's
+        time.sleep(0.1)
+        main("start", run.start_doc)
+        main("descriptor", desc.descriptor_doc)
+        detector("event", events[1])
+        detector("event", orphan.compose_event(data={"img": frames[0]}, timestamps={"img": time.time()}))
+        sink.wait_for(lambda s: len(s.frames) == 2)  # the stop must not overtake the detector's event
+        main("stop", run.compose_stop())
+        sink.wait_for(lambda s: s.stopped)
+        assert not sink.rejections  # the orphan is still held
+        sink.wait_for(lambda s: s.rejections, timeout=5.0)  # expired with no further message
+    uid = run.start_doc["uid"]
+    assert sink.order == [("start", uid), ("frame", uid), ("frame", uid), ("stop", uid)]
+    assert [j.frame_uid for j in sink.frames] == [e["uid"] for e in events]
+    assert sink.reasons == ["unknown_descriptor"] and "never came" in sink.rejections[0][1]
