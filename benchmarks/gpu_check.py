@@ -177,7 +177,7 @@ def main() -> None:
     result.update({
         "device": torch.cuda.get_device_name(0) if on_gpu else f"cpu ({platform.processor() or platform.machine()})",
         "torch": torch.__version__, "cuda": torch.version.cuda, "model": str(args.model), "images": len(grays),
-        "onnxruntime_cuda": ort_missing or "available",
+        "onnxruntime_cuda": (ort_missing or "available") if on_gpu else "not checked (--device cpu)",
         "frames_per_second": speed,
         "tensorrt": tensorrt_status(),
     })
