@@ -49,7 +49,9 @@ class PaddedBatch(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b = image.shape[0]  # traced: the graph reads it from the input's shape
-        idx = torch.arange(self.max_batch, device=image.device).clamp_max(b - 1)
+        idx = torch.arange(self.max_batch, device=image.device)
+        # An elementwise Min, not clamp_max: TensorRT's Clip wants constant bounds.
+        idx = torch.minimum(idx, (b - 1) * torch.ones_like(idx))
         return tuple(out[:b] for out in self.core(image.index_select(0, idx)))
 
 
