@@ -158,6 +158,19 @@ def test_triton_request_sizes() -> None:
     assert request_sizes(0, 4, 8) == []
 
 
+def test_triton_engine_without_a_server_is_a_clear_engine_error() -> None:
+    """The client side that runs without a server: nothing listens on the port, so the engine
+    gives up after its connect timeout and names the server, the model and the reason."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (pip install -e .[triton])")
+    from nanoseg.engines import EngineError
+    from nanoseg.engines.triton_engine import TritonEngine
+    from nanoseg_sim.demo import free_ports
+
+    (port,) = free_ports(1)
+    with pytest.raises(EngineError, match=rf"model 'nanoseg' at 127.0.0.1:{port}: server unavailable .* after 1 s"):
+        TritonEngine(f"127.0.0.1:{port}", "nanoseg", timeout_s=0.5, backoff_s=0.1, connect_timeout_s=1.0)
+
+
 def test_tensorrt_engine(trained_model_path: Path) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installable on these CPU machines (NVIDIA index unreachable)")
     import torch
