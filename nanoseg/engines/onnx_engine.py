@@ -58,8 +58,9 @@ class OnnxEngine:
         self.mask_decoding = decoding_from_metadata(self.metadata)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Run the graph on chunks of up to ``max_batch`` images, one ``session.run`` each. See
-        ``Engine.infer``."""
+        """Run the graph on chunks of up to ``max_batch`` images, one ``session.run`` each.
+
+        See ``Engine.infer``."""
         x = np.ascontiguousarray(batch, dtype=np.float32)
         out: list[RawDetections] = []
         for i in range(0, len(x), self.max_batch):

@@ -215,8 +215,9 @@ class TensorRTEngine:
         return cls(plan)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
-        """Run the plan on chunks of up to ``max_batch`` images on the engine's CUDA stream. See
-        ``Engine.infer``.
+        """Run the plan on chunks of up to ``max_batch`` images on the engine's CUDA stream.
+
+        See ``Engine.infer``.
 
         ``EngineError`` if TensorRT's execution fails.
         """
