@@ -1,7 +1,7 @@
 """Per-stage latency of the inference core for one 512 x 512 frame, torch vs ONNX Runtime.
 
     .venv/bin/python benchmarks/bench_inference.py [--model models/default/model.pt]
-        [--repeats 20] [--warmup 3] [--threads 2] [--out results.json]
+        [--repeats 20] [--warmup 3] [--threads 2] [--batches 1 2 4] [--onnx-file FILE] [--out results.json]
 
 Stages, as the daemon runs them (daemon/pipeline.py), timed with perf_counter per repeat:
 
@@ -25,6 +25,12 @@ FLOPs per frame are counted by ``torch.utils.flop_counter.FlopCounterMode`` on t
 a lower bound). The physical limit is that count divided by the measured SGEMM peak (``torch.mm``
 on 2048 x 2048 float32, same thread count): the inference time the machine could reach at best.
 The machine's load average is recorded: other jobs make every figure slower.
+
+``--batches 1 2 4``: also the network's throughput on batches of B copies of the prepared frame
+(``engine.infer`` alone, frames/s = B / seconds per call), ONNX Runtime on a graph exported at
+``max_batch`` B (``nanoseg.export``), torch eager on the same batch. ``--onnx-file FILE``: ONNX
+Runtime runs this graph (e.g. ``nanoseg export --int8``'s) instead of exporting one; engine
+``onnxruntime-file`` in the tables.
 """
 
 from __future__ import annotations
@@ -158,6 +164,30 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_batches_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine-only frames/s of ``args.child`` on a batch of ``args.batch`` copies of the frame."""
+    from nanoseg.checkpoint import load_checkpoint
+    from nanoseg.engines.factory import engine_from_checkpoint, input_spec_of
+    from nanoseg.prepare import prepare_frame
+
+    ckpt = load_checkpoint(args.model)
+    engine = engine_from_checkpoint(ckpt, args.child, "cpu", args.threads, args.onnx, decoding=decoding_of(ckpt, args),
+                                    max_batch=args.batch)
+    tiles = prepare_frame(synthetic_frame().counts, profile_with_i0(), input_spec_of(ckpt), pixel_size_nm=PIXEL_SIZE_NM).tiles
+    x = np.repeat(np.repeat(tiles[:1, None], engine.input_shape[0], axis=1), args.batch, axis=0).astype(np.float32)
+    for _ in range(args.warmup):
+        engine.infer(x)
+    seconds = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        engine.infer(x)
+        seconds.append(time.perf_counter() - t0)
+    median = float(np.median(seconds))
+    return {"engine": args.child, "batch": args.batch, "max_batch": engine.max_batch,
+            "seconds_per_call": summarise(seconds), "frames_per_second": args.batch / median,
+            "precision": getattr(engine, "precision", "float32")}
+
+
 def decoding_of(ckpt: Any, args: argparse.Namespace) -> Any:
     """The model's mask decoding, its view count replaced by ``--mask-tta``."""
     from nanoseg.mask_decoding import with_decoding
@@ -165,14 +195,33 @@ def decoding_of(ckpt: Any, args: argparse.Namespace) -> Any:
     return with_decoding(ckpt.mask_decoding, tta=args.mask_tta)
 
 
-def export_onnx(args: argparse.Namespace, out: Path) -> float:
+def export_onnx(args: argparse.Namespace, out: Path, max_batch: int = 1) -> float:
     from nanoseg.checkpoint import load_checkpoint
     from nanoseg.export import export_checkpoint_onnx
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.model)
-    out.write_bytes(export_checkpoint_onnx(ckpt, decoding_of(ckpt, args)))
+    out.write_bytes(export_checkpoint_onnx(ckpt, decoding_of(ckpt, args), max_batch=max_batch))
     return time.perf_counter() - t0
+
+
+def child(args: argparse.Namespace, engine: str, graph: str | None, batch: int | None = None) -> dict[str, Any]:
+    """Run one engine (one batch size with ``batch``) in its own process; its RESULT line."""
+    cmd = [sys.executable, __file__, "--child", engine, "--model", str(args.model),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.mask_tta:
+        cmd += ["--mask-tta", str(args.mask_tta)]
+    if args.main_thread:
+        cmd.append("--main-thread")
+    if graph:
+        cmd += ["--onnx", graph]
+    if batch:
+        cmd += ["--batch", str(batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
+    if proc.returncode or not lines:
+        sys.exit(f"bench_inference: {engine} failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(lines[-1][len(RESULT_MARK):]))
 
 
 def flops_per_frame(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,11 +277,15 @@ def main() -> None:
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--mask-tta", type=int, choices=[1, 2, 4, 8],
                     help="views the masks are averaged over (default: the model's mask decoding)")
+    ap.add_argument("--batches", type=int, nargs="+", metavar="B",
+                    help="also the network's frames/s on batches of B frames (B = 1 2 4, say)")
+    ap.add_argument("--onnx-file", type=Path, help="ONNX Runtime runs this exported graph (e.g. an int8 one) too")
     ap.add_argument("--child", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(RESULT_MARK + json.dumps(run_child(args)), flush=True)
+        print(RESULT_MARK + json.dumps(run_batches_child(args) if args.batch else run_child(args)), flush=True)
         return
     if not args.model.exists():
         sys.exit(f"bench_inference: model {args.model} not found (use --model)")
@@ -247,20 +300,20 @@ def main() -> None:
         onnx = Path(tmp) / "model.onnx"
         if "onnxruntime" in args.engines:
             results["onnx_export_seconds"] = export_onnx(args, onnx)
-        for engine in args.engines:
-            cmd = [sys.executable, __file__, "--child", engine, "--model", str(args.model),
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            if args.mask_tta:
-                cmd += ["--mask-tta", str(args.mask_tta)]
-            if args.main_thread:
-                cmd.append("--main-thread")
-            if engine == "onnxruntime":
-                cmd += ["--onnx", str(onnx)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-            if proc.returncode or not lines:
-                sys.exit(f"bench_inference: {engine} failed:\n{proc.stderr[-3000:]}")
-            results["engines"][engine] = json.loads(lines[-1][len(RESULT_MARK):])
+        runs: list[tuple[str, str, str | None]] = [(e, e, str(onnx) if e == "onnxruntime" else None) for e in args.engines]
+        if args.onnx_file:
+            runs.append(("onnxruntime-file", "onnxruntime", str(args.onnx_file)))
+        for label, engine, graph in runs:
+            results["engines"][label] = child(args, engine, graph)
+        if args.batches:
+            results["batches"] = {}
+            for label, engine, graph in runs:
+                for b in args.batches:
+                    path = graph
+                    if label == "onnxruntime" and b > 1:  # a graph computing b images per run
+                        path = str(Path(tmp) / f"model_b{b}.onnx")
+                        export_onnx(args, Path(path), max_batch=b)
+                    results["batches"][f"{label} batch {b}"] = child(args, engine, path, batch=b)
 
     flops = flops_per_frame(args)
     peak = sgemm_peak(args.threads)
@@ -310,6 +363,10 @@ def report(results: dict[str, Any]) -> None:
           f"({', '.join(f'{k} {v / 1e9:.2f}' for k, v in f['by_part'].items())})")
     print(f"SGEMM peak (torch.mm {p['n']}^2 fp32, {p['threads']} threads): {p['gflops_per_second']:.1f} GFLOP/s; "
           f"inference at that peak: {1000 * results['physical_limit']['inference_seconds_at_sgemm_peak']:.1f} ms")
+    if "batches" in results:
+        print_table("network only, batches of the frame", ["engine, batch", "max_batch", "ms per call p50", "frames/s"],
+                    [[k, r["max_batch"], r["seconds_per_call"]["median_ms"], r["frames_per_second"]]
+                     for k, r in results["batches"].items()])
     print(f"load average {results['machine']['load_average_1m']} before, "
           f"{results['machine']['load_average_1m_after']} after")
 

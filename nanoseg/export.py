@@ -1,8 +1,18 @@
-"""Export a checkpoint's network to ONNX: static input shape, batch 1, standard ops.
+"""Export a checkpoint's network to ONNX: a batch of 1 to ``max_batch`` inputs, static C x H x W, standard ops.
 
 TorchScript-based exporter (``dynamo=False``: the dynamo exporter still fails on torchvision
-detection models), opset 17, batch 1 and a fixed H x W so no scale factor is frozen at trace
-size; the graph ends at the M x M mask probabilities (``DetectionCore``), padded to K outputs.
+detection models), opset 17, a fixed C x H x W so no scale factor is frozen at trace size; the
+graph ends at the M x M mask probabilities (``DetectionCore``), padded to K outputs.
+
+The batch dimension (``batch``) is dynamic in the graph's interface, 1 to ``max_batch`` images,
+but the computation is that of ``max_batch`` images: the tracer unrolls torchvision's per-image
+loops (proposal selection, box post-processing) for the images it traced with, so a graph
+traced at 2 cannot run 3 (pytorch/vision #2309). ``PaddedBatch`` therefore repeats the last
+image up to ``max_batch`` inside the graph and cuts the outputs back to the images given. A
+batch of fewer images costs as much as a full one: export ``max_batch`` 1 for a CPU daemon that
+runs frame by frame, more for a GPU or Triton's dynamic batcher, which fill their batches.
+``nanoseg.max_batch`` in the metadata says the graph's ``max_batch``; a larger batch must be
+split by the caller (``max_batch_of`` reads it).
 The model's metadata (model config, input spec, mask decoding) is written into the ONNX file's
 metadata_props; the mask decoding (margin, mask TTA) is part of the graph, and mask pasting must
 use the same one (``nanoseg.mask_decoding.decoding_from_metadata`` reads it back).
@@ -24,6 +34,25 @@ from nanoseg.mask_decoding import METADATA_KEY, MaskDecoding
 from nanoseg.model import ModelConfig
 
 OPSET = 17
+BATCH_DIM = "batch"
+MAX_BATCH_KEY = "nanoseg.max_batch"
+
+
+class PaddedBatch(torch.nn.Module):
+    """``core`` on a batch of 1 to ``max_batch`` images, computed at ``max_batch`` (see the module
+    docstring): the last image fills the batch (a Gather), the outputs are cut back (a Slice)."""
+
+    def __init__(self, core: DetectionCore, max_batch: int) -> None:
+        super().__init__()
+        self.core = core
+        self.max_batch = max_batch
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = image.shape[0]  # traced: the graph reads it from the input's shape
+        idx = torch.arange(self.max_batch, device=image.device)
+        # An elementwise Min, not clamp_max: TensorRT's Clip wants constant bounds.
+        idx = torch.minimum(idx, (b - 1) * torch.ones_like(idx))
+        return tuple(out[:b] for out in self.core(image.index_select(0, idx)))
 
 
 def trace_image(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -46,24 +75,31 @@ def trace_image(shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 
 
 def export_onnx_bytes(model: MaskRCNN, input_shape: tuple[int, int, int], metadata: dict[str, str] | None = None,
-                      decoding: MaskDecoding | None = None, model_config: ModelConfig | None = None) -> bytes:
-    """ONNX model bytes for ``model`` at input (1, C, H, W) = (1, *input_shape), its masks
+                      decoding: MaskDecoding | None = None, model_config: ModelConfig | None = None,
+                      max_batch: int = 1) -> bytes:
+    """ONNX model bytes for ``model``, input (B, C, H, W) with (C, H, W) = ``input_shape`` and
+    1 <= B <= ``max_batch`` (computed at ``max_batch``, see the module docstring), its masks
     predicted with ``decoding`` (``model_config``: the model's pixel convention, see
     ``DetectionCore``)."""
     import onnx
 
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     core = DetectionCore(model.eval(), decoding, model_config)
+    # Different images, so no image's detection count can pass for another's in the trace.
+    trace = torch.cat([trace_image(input_shape, seed) for seed in range(max_batch)])
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            core, (trace_image(input_shape),), buf,  # type: ignore[arg-type]  # file objects work
+            PaddedBatch(core, max_batch), (trace,), buf,  # type: ignore[arg-type]  # file objects work
             dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), do_constant_folding=True,
+            dynamic_axes={name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)},
         )
     proto = onnx.load_from_string(buf.getvalue())
     _set_static_output_shapes(proto, core.k, core.m)
-    for key, value in (metadata or {}).items():
+    for key, value in {**(metadata or {}), MAX_BATCH_KEY: str(max_batch)}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
@@ -71,28 +107,32 @@ def export_onnx_bytes(model: MaskRCNN, input_shape: tuple[int, int, int], metada
 
 
 def _set_static_output_shapes(proto: object, k: int, m: int) -> None:
-    """Declare the outputs' shapes: batch 1 and exactly K detections (DetectionCore pads to K).
+    """Declare the outputs' shapes: the batch, then exactly K detections (DetectionCore pads to K).
 
     The tracer cannot prove the padded length is K, so it leaves a symbolic dimension; TensorRT
     and Triton need the static shape that the graph guarantees.
     """
-    shapes = {"boxes": (1, k, 4), "scores": (1, k), "mask_probs": (1, k, m, m), "num_detections": (1,)}
+    shapes = {"boxes": (k, 4), "scores": (k,), "mask_probs": (k, m, m), "num_detections": ()}
     for out in proto.graph.output:  # type: ignore[attr-defined]
         dims = out.type.tensor_type.shape.dim
-        for dim, value in zip(dims, shapes[out.name]):
+        dims[0].Clear()
+        dims[0].dim_param = BATCH_DIM
+        for dim, value in zip(dims[1:], shapes[out.name]):
             dim.Clear()
             dim.dim_value = value
 
 
-def export_checkpoint_onnx(ckpt: Checkpoint, decoding: MaskDecoding | None = None, version: str = "") -> bytes:
+def export_checkpoint_onnx(ckpt: Checkpoint, decoding: MaskDecoding | None = None, version: str = "",
+                           max_batch: int = 1) -> bytes:
     """ONNX bytes of a checkpoint's network, with its metadata; masks predicted with ``decoding``
-    (default: the checkpoint's own, ``Checkpoint.mask_decoding``)."""
+    (default: the checkpoint's own, ``Checkpoint.mask_decoding``), up to ``max_batch`` images
+    per run."""
     decoding = decoding or ckpt.mask_decoding
     meta = {"nanoseg.model_config": json.dumps(ckpt.model_config.model_dump(mode="json"), sort_keys=True),
             "nanoseg.input_spec": json.dumps(dict(ckpt.input_spec), sort_keys=True),
             METADATA_KEY: decoding.model_dump_json(),
             "nanoseg.version": version}
-    return export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta, decoding, ckpt.model_config)
+    return export_onnx_bytes(ckpt.build(), input_shape(ckpt), meta, decoding, ckpt.model_config, max_batch)
 
 
 def read_onnx_metadata(onnx_bytes: bytes) -> dict[str, str]:
@@ -101,3 +141,25 @@ def read_onnx_metadata(onnx_bytes: bytes) -> dict[str, str]:
 
     return {p.key: p.value for p in onnx.load_from_string(onnx_bytes).metadata_props}
 
+
+
+def max_batch_of(metadata: dict[str, str], input_dims: list[int | str | None]) -> int:
+    """The most images a graph takes per run: its ``nanoseg.max_batch`` metadata, else (a graph
+    exported before it had a batch dimension) its static first input dimension.
+
+    Parameters
+    ----------
+    metadata : dict
+        The graph's metadata_props.
+    input_dims : list
+        The ``image`` input's dimensions (int where static, a name or None where not).
+
+    Returns
+    -------
+    int
+    """
+    if MAX_BATCH_KEY in metadata:
+        return int(metadata[MAX_BATCH_KEY])
+    if isinstance(input_dims[0], int) and input_dims[0] > 0:
+        return input_dims[0]
+    raise ValueError(f"the graph's batch dimension {input_dims[0]!r} is dynamic and its metadata lacks {MAX_BATCH_KEY}")

@@ -95,7 +95,15 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX or a TensorRT FP16 plan")
     p.add_argument("model", help="nanoseg checkpoint (.pt)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
-    p.add_argument("--out", help="output file (default: MODEL with .onnx / .plan)")
+    p.add_argument("--out", help="output file (default: MODEL with .onnx, .int8.onnx or .plan)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="K",
+                   help="images per run, 1 to K (computed at K: use 1 for a CPU daemon; default 1)")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise the convolutions to int8 for the CPU (ONNX Runtime static quantisation, QDQ)")
+    p.add_argument("--calibration", metavar="DIR", help="--int8: synthetic validation set to calibrate on")
+    p.add_argument("--calibration-images", type=int, default=20, help="--int8: images of DIR used (default 20)")
+    p.add_argument("--keep-float", action="append", metavar="PART",
+                   help="--int8: node-name fragment kept float32 (e.g. /mask_refiner/); repeatable")
     decoding_args(p, margin=False)
     p.set_defaults(handler=lazy("nanoseg_training.export_model:cmd_export"))
 
@@ -115,6 +123,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     p.add_argument("--device", default="cpu", help="where the torch engine runs: cpu, cuda or cuda:N")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="engine onnxruntime: run this exported graph (e.g. MODEL.int8.onnx) instead of exporting one")
     frame_args(p, None)
     p.add_argument("--group-by", default="contrast", metavar="ATTR",
                    help="also report AP and accuracy per value of this image attribute, when images carry it "

@@ -437,7 +437,7 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
                    mask_margin_px: float | None = None, mask_tta: int | None = None,
                    refine_boxes: int | None = None, profile: FrameProfile | None = None,
                    pixel_size: float | Literal["auto"] | None = None, max_detections: int | None = None,
-                   group_by: str | None = "contrast") -> dict[str, Any]:
+                   group_by: str | None = "contrast", onnx_path: str | Path | None = None) -> dict[str, Any]:
     """Segment ``dataset`` with ``model``, measure, and write ``out``/{metrics.json, report.md,
     per_image.csv, figures}. ``post`` is the operating point (default: the model's own, see
     ``resolve_postprocess``; fields it sets explicitly win);
@@ -451,12 +451,15 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     profile's); each image's input check and pixel size go into its per-image row.
     ``max_detections``: detections kept per model input (``with_max_detections``) and per image
     by COCOeval (at least COCO's 100). ``group_by``: an image attribute (e.g. ``contrast``) whose
-    values get their own AP and accuracy (``metrics["groups"]``)."""
+    values get their own AP and accuracy (``metrics["groups"]``). ``onnx_path``: engine
+    onnxruntime runs this exported graph (e.g. an int8 one) instead of exporting the model."""
     from nanoseg.engines.factory import input_spec_of, load_engine
     from nanoseg_training import frame_eval
     from nanoseg_training.eval_report import write_report
 
-    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads,
+    if onnx_path is not None and engine != "onnxruntime":
+        raise EvaluationError(f"an exported graph (--onnx) runs on engine onnxruntime, not {engine}")
+    eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads, onnx_path=onnx_path,
                             mask_margin_px=mask_margin_px, mask_tta=mask_tta, refine_boxes=refine_boxes,
                             max_detections=max_detections)
     post = resolve_postprocess(post or PostprocessConfig(), ckpt.operating_point)
@@ -491,6 +494,8 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     ev = acc.result()
     ev.metrics["run"] = {
         "model": str(model), "dataset": str(dataset), "engine": engine, "device": device, "limit": limit,
+        "onnx": None if onnx_path is None else str(onnx_path),
+        "precision": getattr(eng, "precision", "float32"),
         "ap_score_threshold": score_threshold, "operating_point": post.model_dump(mode="json"),
         "input_spec": spec.model_dump(mode="json"),
         "profile": None if profile is None else profile.model_dump(mode="json"),
@@ -520,7 +525,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            post, plots=not args.no_plots, threads=args.threads, progress=not args.quiet, device=args.device,
                            mask_margin_px=args.mask_margin, mask_tta=args.mask_tta, refine_boxes=args.refine_boxes,
                            profile=profile, pixel_size=args.pixel_size, max_detections=args.max_detections,
-                           group_by=args.group_by or None)
+                           group_by=args.group_by or None, onnx_path=args.onnx)
     except (EvaluationError, CheckpointError, ValidationError) as err:
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -110,7 +110,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0]
     try:
         paths = export_triton(reg, args.version, Path(args.repo), args.name, gpus, args.instances, args.cpu,
-                              args.cpu_threads)
+                              args.cpu_threads, args.max_batch, args.queue_delay_us)
     except RegistryError as err:
         return _refused("export-triton", err)
     man = reg.manifest(args.version)
@@ -162,6 +162,11 @@ def add_parsers(models: Any) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances per GPU (or on the CPU)")
     p.add_argument("--cpu", action="store_true", help="KIND_CPU instances instead (no TensorRT variant)")
     p.add_argument("--cpu-threads", type=int, default=2, help="--cpu: ONNX Runtime threads per instance")
+    p.add_argument("--max-batch", type=int, metavar="K",
+                   help="images per run of the onnxruntime model, the server's max_batch_size (default: the "
+                        "registry graph's, 1; another K re-exports model.pt at K)")
+    p.add_argument("--queue-delay-us", type=int, default=2000,
+                   help="dynamic batching: how long the server waits to fill a batch, microseconds (default 2000)")
     p.set_defaults(handler=lazy("nanoseg_training.registry_cli:cmd_export_triton"))
 
 

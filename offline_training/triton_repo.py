@@ -6,13 +6,18 @@ where the version has a TensorRT plan, ``DIR/<name>_trt/config.pbtxt`` and
 number (v0003 -> 3), the integer version directory Triton expects; ``version_policy`` pins it, so
 a re-export after a rollback serves the older number rather than Triton's default "latest".
 
-Why ``max_batch_size: 0``: the exported graph is batch-1 static, input (1, C, H, W) and outputs
-(1, K, ...), because batch > 1 exports of torchvision Mask R-CNN are wrong or fail (the traced
-per-image loop is unrolled for one image; pytorch/vision #2309, #2311). Triton's onnxruntime
-backend only batches models whose first dimension is variable, so the config declares the full
-dims with no batch dimension and no ``dynamic_batching`` (it needs ``max_batch_size`` > 0).
-Throughput across streams comes from model instances (``count`` per GPU, one ``instance_group``
-per GPU) and concurrent requests from many daemons.
+Batching: the exported graph takes 1 to ``max_batch`` images (``nanoseg.export``), so the config
+declares ``max_batch_size: K`` with the dims of one image and ``dynamic_batching``: the server
+groups the requests that arrive within ``max_queue_delay_microseconds`` (``--queue-delay-us``)
+into batches of up to K, preferring K, across clients and model instances. The graph computes K
+images per run whatever the batch (the tracer unrolls Mask R-CNN's per-image loops), so a full
+batch is the efficient one. ``--max-batch K`` re-exports the version's verified ``model.pt`` at K
+for the onnxruntime model when the registry's graph has another K (registry graphs are exported
+at 1, for CPU daemons); the TensorRT variant serves the registered plan, built from the
+registry's graph. A registry graph exported before graphs had a batch dimension (static
+(1, C, H, W)) is served as before: ``max_batch_size: 0``, full dims, no dynamic batching.
+Throughput across streams also comes from model instances (``count`` per GPU, one
+``instance_group`` per GPU) and the triton engine's requests in flight.
 """
 
 from __future__ import annotations
@@ -21,17 +26,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nanoseg_training.registry import Registry, RegistryError
+from nanoseg_training.registry import Registry, RegistryError, onnx_io
+
+DEFAULT_QUEUE_DELAY_US = 2000
+"""How long Triton's dynamic batcher waits for more requests to fill a batch, microseconds."""
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                 "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
 
-def _tensor(name: str, spec: dict[str, Any]) -> str:
-    if any(int(d) < 1 for d in spec["shape"]):
+def _tensor(name: str, spec: dict[str, Any], batched: bool) -> str:
+    """One tensor's entry: its dims without the batch dimension when the model batches (a tensor
+    of the batch dimension alone is ``dims: [ 1 ]`` reshaped to ``[ ]``, as Triton asks)."""
+    shape = spec["shape"][1:] if batched else spec["shape"]
+    if any(int(d) < 1 for d in shape):
         raise RegistryError(f"tensor {name}: shape {spec['shape']} is not static; Triton needs explicit dims")
-    dims = ", ".join(str(int(d)) for d in spec["shape"])
-    return f'  {{\n    name: "{name}"\n    data_type: {TRITON_TYPES[spec["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+    dims = ", ".join(str(int(d)) for d in shape) or "1"
+    reshape = "\n    reshape: { shape: [ ] }" if not shape else ""
+    return (f'  {{\n    name: "{name}"\n    data_type: {TRITON_TYPES[spec["dtype"]]}\n    dims: [ {dims} ]{reshape}\n  }}')
 
 
 def instance_groups(gpus: list[int], count: int, cpu: bool) -> str:
@@ -43,20 +55,45 @@ def instance_groups(gpus: list[int], count: int, cpu: bool) -> str:
 
 
 def config_pbtxt(name: str, io: dict[str, Any], number: int, gpus: list[int], count: int, cpu: bool,
-                 platform: str, cpu_threads: int | None = None, comment: str = "") -> str:
-    """A ``config.pbtxt`` for the batch-1 static DetectionCore graph (see the module docstring)."""
+                 platform: str, cpu_threads: int | None = None, comment: str = "", max_batch: int = 0,
+                 queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> str:
+    """A ``config.pbtxt`` for the DetectionCore graph (see the module docstring).
+
+    Parameters
+    ----------
+    io : dict
+        The graph's ``onnx_io`` (``nanoseg_training.registry.onnx_io``); with ``max_batch`` > 0 the
+        first dimension of every tensor is the batch.
+    max_batch : int
+        The graph's ``max_batch`` (``max_batch_size``, dynamic batching on); 0: a batch-1 static
+        graph, served without batching.
+    queue_delay_us : int
+        Dynamic batching's ``max_queue_delay_microseconds``.
+
+    Returns
+    -------
+    str
+    """
     backend = 'platform: "tensorrt_plan"' if platform == "tensorrt_plan" else 'backend: "onnxruntime"'
-    inputs = ",\n".join(_tensor(n, s) for n, s in io["inputs"].items())
-    outputs = ",\n".join(_tensor(n, s) for n, s in io["outputs"].items())
+    batched = max_batch > 0
+    inputs = ",\n".join(_tensor(n, s, batched) for n, s in io["inputs"].items())
+    outputs = ",\n".join(_tensor(n, s, batched) for n, s in io["outputs"].items())
     params = ""
     if cpu and cpu_threads and platform != "tensorrt_plan":
         # Like nanoseg's OnnxEngine: ORT would size its pool from the host's cores.
         params = "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
                            for k, v in (("intra_op_thread_count", cpu_threads), ("inter_op_thread_count", 1))) + "\n"
+    if batched:
+        batching = (f"# The graph takes 1 to {max_batch} images and computes {max_batch}: prefer full batches.\n"
+                    f"max_batch_size: {max_batch}\n"
+                    f"dynamic_batching {{\n  preferred_batch_size: [ {max_batch} ]\n"
+                    f"  max_queue_delay_microseconds: {queue_delay_us}\n}}")
+    else:
+        batching = ("# Batch-1 static graph: no batch dimension, so no dynamic_batching (needs max_batch_size > 0).\n"
+                    "max_batch_size: 0")
     return (f"# {comment}\n" if comment else "") + f"""name: "{name}"
 {backend}
-# Batch-1 static graph: no batch dimension, so no dynamic_batching (needs max_batch_size > 0).
-max_batch_size: 0
+{batching}
 input [
 {inputs}
 ]
@@ -68,17 +105,32 @@ version_policy: {{ specific: {{ versions: [ {number} ] }} }}
 {params}"""
 
 
+def graph_max_batch(onnx_bytes: bytes) -> int:
+    """``max_batch`` of an exported graph; 0 for a batch-1 static one (exported before graphs had
+    a batch dimension)."""
+    from nanoseg.export import max_batch_of, read_onnx_metadata
+
+    dims = onnx_io(onnx_bytes)["inputs"]["image"]["shape"]
+    if dims[0] > 0:
+        return 0
+    return max_batch_of(read_onnx_metadata(onnx_bytes), dims)
+
+
 def export_triton(reg: Registry, version: str, repo: Path, name: str = "nanoseg", gpus: list[int] | None = None,
-                  count: int = 1, cpu: bool = False, cpu_threads: int | None = 2) -> list[Path]:
+                  count: int = 1, cpu: bool = False, cpu_threads: int | None = 2, max_batch: int | None = None,
+                  queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> list[Path]:
     """Write the model(s) of ``version`` into ``repo``; returns the config paths written.
 
     Checksums are verified first; a model directory is rewritten whole (older version
     directories of the same model are removed, so the repository serves exactly ``version``).
+    ``max_batch``: images per run of the onnxruntime model (None: the registry graph's own; another
+    K re-exports the verified ``model.pt`` at K); ``queue_delay_us``: dynamic batching's delay.
     """
     man = reg.verify(version)
     number = int(man.version[1:])
     src = reg.path(man.version)
     comment = f"nanoseg registry {man.version}, model.pt sha256 {man.artifacts['model.pt'].sha256}"
+    registered = (src / "model.onnx").read_bytes()
     variants = [(name, "model.onnx", "onnxruntime")]
     if "model.plan" in man.artifacts and not cpu:
         variants.append((f"{name}_trt", "model.plan", "tensorrt_plan"))
@@ -88,8 +140,24 @@ def export_triton(reg: Registry, version: str, repo: Path, name: str = "nanoseg"
         if d.exists():
             shutil.rmtree(d)
         (d / str(number)).mkdir(parents=True)
-        shutil.copyfile(src / artifact, d / str(number) / artifact)
-        text = config_pbtxt(model_name, man.onnx_io, number, gpus or [0], count, cpu, platform, cpu_threads, comment)
+        data, note = registered, comment
+        if platform == "onnxruntime" and max_batch is not None and max_batch != graph_max_batch(registered):
+            data, note = _reexport(src / "model.pt", man.version, max_batch), f"{comment}, re-exported at max_batch {max_batch}"
+        if platform == "onnxruntime":
+            (d / str(number) / artifact).write_bytes(data)
+        else:
+            shutil.copyfile(src / artifact, d / str(number) / artifact)
+        text = config_pbtxt(model_name, onnx_io(data), number, gpus or [0], count, cpu, platform, cpu_threads, note,
+                            graph_max_batch(data), queue_delay_us)
         (d / "config.pbtxt").write_text(text)
         written.append(d / "config.pbtxt")
     return written
+
+
+def _reexport(model_pt: Path, version: str, max_batch: int) -> bytes:
+    """The registry's graph of ``model_pt`` (verified), exported at ``max_batch``."""
+    from nanoseg.checkpoint import load_checkpoint
+    from nanoseg.export import export_checkpoint_onnx
+
+    ckpt = load_checkpoint(model_pt)
+    return export_checkpoint_onnx(ckpt, version=f"{ckpt.meta.get('name', model_pt.stem)}@{version}", max_batch=max_batch)

@@ -140,7 +140,7 @@ class DetectionCore(nn.Module):
         score = scores.mean(0)
         if len(boxes) == 1:
             return [(mean, score)]
-        counts = [len(bx) for bx in boxes]
+        counts = [bx.shape[0] for bx in boxes]  # traced sizes: a batched graph splits by the real counts
         return list(zip(mean.split(counts), score.split(counts)))
 
     def _mask_probs(self, features: dict[str, Tensor], grown: list[Tensor], hw: tuple[int, int]) -> list[Tensor]:
@@ -162,6 +162,8 @@ class DetectionCore(nn.Module):
 
 def _split(rows: Tensor, boxes: list[Tensor]) -> list[Tensor]:
     """``rows`` (one per box, images one after another) split per image."""
-    if len(boxes) == 1:  # no split (ONNX export runs batch 1; a traced split would freeze N)
+    if len(boxes) == 1:
         return [rows]
-    return list(rows.split([len(bx) for bx in boxes]))
+    # ``shape[0]``, not ``len``: the tracer records the sizes, so an exported batch splits by each
+    # image's real count (``len`` would freeze the trace image's counts into the graph).
+    return list(rows.split([bx.shape[0] for bx in boxes]))

@@ -23,19 +23,21 @@ EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton", "null"]
 
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
                            onnx_path: str | Path | None = None, cache_dir: Path | None = None,
-                           triton: TritonTarget | None = None, decoding: MaskDecoding | None = None) -> Engine:
+                           triton: TritonTarget | None = None, decoding: MaskDecoding | None = None,
+                           max_batch: int = 1) -> Engine:
     """An engine of ``kind`` for ``ckpt``, predicting masks with ``decoding`` (default: the
     checkpoint's own) and saying so in its ``mask_decoding``. ONNX is exported on the fly when no
-    file is given; a given file must have been exported with that decoding. Engine ``triton``
-    needs ``triton`` (the server must serve this checkpoint's model, exported with its decoding)."""
+    file is given, taking up to ``max_batch`` images per run (a given file says its own); a given
+    file must have been exported with that decoding. Engine ``triton`` needs ``triton`` (the
+    server must serve this checkpoint's model, exported with its decoding)."""
     decoding = decoding or ckpt.mask_decoding
-    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding)
+    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding, max_batch)
     eng.mask_decoding = decoding
     return eng
 
 
 def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_path: str | Path | None,
-            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding) -> Engine:
+            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding, max_batch: int) -> Engine:
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
 
@@ -65,7 +67,7 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
             raise EngineError(f"{onnx_path}: exported with mask decoding {exported.model_dump()}, the model "
                               f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
     else:
-        onnx_bytes = export_checkpoint_onnx(ckpt, decoding)
+        onnx_bytes = export_checkpoint_onnx(ckpt, decoding, max_batch=max_batch)
     if kind == "onnxruntime":
         from nanoseg.engines.onnx_engine import OnnxEngine
 
@@ -81,15 +83,16 @@ def load_engine(model_path: str | Path, kind: EngineKind, device: str = "cpu", t
                 onnx_path: str | Path | None = None, cache_dir: Path | None = None,
                 triton: TritonTarget | None = None, mask_margin_px: float | None = None,
                 mask_tta: int | None = None, refine_boxes: int | None = None,
-                max_detections: int | None = None) -> tuple[Engine, Checkpoint]:
+                max_detections: int | None = None, max_batch: int = 1) -> tuple[Engine, Checkpoint]:
     """The checkpoint at ``model_path`` and an engine for it; ``mask_margin_px``, ``mask_tta`` and
     ``refine_boxes`` replace those of its mask decoding (None keeps the model's);
-    ``max_detections`` raises its cap of detections per model input (``with_max_detections``)."""
+    ``max_detections`` raises its cap of detections per model input (``with_max_detections``);
+    ``max_batch``: images per run of a graph exported here."""
     ckpt = load_checkpoint(model_path)
     if max_detections is not None:
         ckpt = with_max_detections(ckpt, max_detections)
     decoding = with_decoding(ckpt.mask_decoding, mask_margin_px, mask_tta, refine_boxes)
-    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding), ckpt
+    return engine_from_checkpoint(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding, max_batch), ckpt
 
 
 def with_max_detections(ckpt: Checkpoint, n: int) -> Checkpoint:

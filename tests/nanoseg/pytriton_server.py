@@ -13,9 +13,9 @@ With ``--repo`` it runs the bundled ``tritonserver`` binary itself on a model re
 copied, the Python-backend stub of this interpreter's version, the wheel's libraries on
 LD_LIBRARY_PATH, this environment's site-packages on PYTHONPATH for the stub).
 
-The served model has the configuration ``nanoseg models export-triton`` writes for the
-onnxruntime backend: ``max_batch_size: 0``, input ``image`` FP32 (1, C, H, W), outputs ``boxes``
-(1, K, 4), ``scores`` (1, K), ``mask_probs`` (1, K, M, M) FP32 and ``num_detections`` (1,) INT64;
+The served model (``--onnx``) is unbatched (``max_batch_size: 0``): input ``image`` FP32
+(-1, C, H, W), outputs ``boxes`` (-1, K, 4), ``scores`` (-1, K), ``mask_probs`` (-1, K, M, M)
+FP32 and ``num_detections`` (-1,) INT64, the graph's batch dimension left variable;
 the inference function runs the ONNX in ONNX Runtime with the session options of
 ``nanoseg.engines.onnx_engine`` (Python backend: the bundled server has no onnxruntime backend).
 No torch in this environment, so tensor names come from the ONNX file, not from nanoseg.
@@ -81,6 +81,11 @@ def serve_repository(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def dims(shape: list) -> tuple[int, ...]:
+    """An ONNX tensor's shape for Triton: -1 where the graph names a dimension (the batch)."""
+    return tuple(d if isinstance(d, int) else -1 for d in shape)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--onnx")
@@ -121,8 +126,8 @@ def main() -> int:
     with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(
             model_name=args.model, infer_func=infer,
-            inputs=[Tensor(name=inp.name, dtype=np.float32, shape=tuple(int(d) for d in inp.shape))],
-            outputs=[Tensor(name=o.name, dtype=dtypes[o.name], shape=tuple(int(d) for d in o.shape)) for o in outputs],
+            inputs=[Tensor(name=inp.name, dtype=np.float32, shape=dims(inp.shape))],
+            outputs=[Tensor(name=o.name, dtype=dtypes[o.name], shape=dims(o.shape)) for o in outputs],
             config=ModelConfig(batching=False),
             strict=True,
         )

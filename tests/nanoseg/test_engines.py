@@ -93,16 +93,82 @@ def test_onnx_graph_is_static_and_standard(trained_model_path: Path, tta: int) -
     ckpt = load_checkpoint(trained_model_path)
     decoding = MaskDecoding(margin_px=1.0, tta=tta, refine_boxes=2)
     proto = onnx.load_from_string(export_checkpoint_onnx(ckpt, decoding))
-    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, *input_shape(ckpt)]
-    out_dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+
+    def dims(value: onnx.ValueInfoProto) -> list[int | str]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert dims(proto.graph.input[0]) == ["batch", *input_shape(ckpt)]  # only the batch is dynamic
+    out_dims = {o.name: dims(o) for o in proto.graph.output}
     k = ckpt.model_config.detections_per_img
     m = mask_resolution(ckpt.model_config)  # the refiner's grid if the model has one
-    assert out_dims["boxes"] == [1, k, 4] and out_dims["mask_probs"] == [1, k, m, m]
+    assert out_dims["boxes"] == ["batch", k, 4] and out_dims["mask_probs"] == ["batch", k, m, m]
+    assert out_dims["num_detections"] == ["batch"]
     domains = {n.domain for n in proto.graph.node}
     assert domains <= {"", "ai.onnx"}, f"custom op domains {domains}"
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"Loop", "Scan", "SequenceConstruct", "SplitToSequence"}, ops
+
+
+def test_batched_graph_matches_batch_one(trained_model_path: Path, paper_samples: list) -> None:
+    """A graph exported at max_batch 2 runs 1 or 2 different images (one of them empty) in one
+    session.run, each exactly as the batch-1 graph runs it alone: no image's detection count
+    was frozen into the graph, and the padding image's outputs are cut off."""
+    from nanoseg.engines.onnx_engine import OnnxEngine
+    from nanoseg.export import export_checkpoint_onnx
+
+    ckpt = load_checkpoint(trained_model_path)
+    two, one = (OnnxEngine(export_checkpoint_onnx(ckpt, max_batch=k), threads=2) for k in (2, 1))
+    assert (two.max_batch, one.max_batch) == (2, 1)
+    images = np.stack([paper_samples[0][0], np.zeros((512, 512), np.float32), paper_samples[1][0]])[:, None]
+    alone = [one.infer(images[i: i + 1])[0] for i in range(3)]
+    assert [len(r) for r in alone][1] == 0 and min(len(alone[0]), len(alone[2])) >= 5
+    assert len(alone[0]) != len(alone[2])  # the images differ in their counts
+    for batch in ([0, 1], [2, 0], [1], [0, 1, 2]):  # three images: two runs of the graph
+        got = two.infer(images[batch])
+        assert len(got) == len(batch)
+        for raw, i in zip(got, batch):
+            ref = alone[i]
+            assert len(raw) == len(ref)
+            np.testing.assert_allclose(raw.boxes, ref.boxes, atol=1e-3)
+            np.testing.assert_allclose(raw.scores, ref.scores, atol=1e-5)
+            np.testing.assert_allclose(raw.mask_probs, ref.mask_probs, atol=1e-4)
+
+
+def test_tensorrt_batch_profile() -> None:
+    """The optimisation profile TensorRT builds for the graph: batch 1 to max_batch (checked
+    without TensorRT, which cannot be installed here)."""
+    from nanoseg.engines import EngineError
+    from nanoseg.engines.tensorrt_engine import batch_profile
+
+    assert batch_profile([-1, 1, 512, 512], 8) == ((1, 1, 512, 512), (8, 1, 512, 512))
+    assert batch_profile([1, 1, 512, 512], 8) == ((1, 1, 512, 512), (1, 1, 512, 512))  # an older static graph
+    with pytest.raises(EngineError, match="C, H, W static"):
+        batch_profile([-1, 1, -1, 512], 8)
+
+
+def test_triton_request_sizes() -> None:
+    """How the triton engine spreads a batch over its requests in flight (no server needed)."""
+    from nanoseg.engines.triton_engine import request_sizes
+
+    assert request_sizes(4, 4, 1) == [1, 1, 1, 1]  # batch-1 static model: one image per request
+    assert request_sizes(8, 4, 8) == [2, 2, 2, 2]  # every instance gets work
+    assert request_sizes(5, 4, 8) == [2, 2, 1]
+    assert request_sizes(3, 8, 4) == [1, 1, 1]
+    assert request_sizes(16, 2, 4) == [4, 4, 4, 4]
+    assert request_sizes(0, 4, 8) == []
+
+
+def test_triton_engine_without_a_server_is_a_clear_engine_error() -> None:
+    """The client side that runs without a server: nothing listens on the port, so the engine
+    gives up after its connect timeout and names the server, the model and the reason."""
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (pip install -e .[triton])")
+    from nanoseg.engines import EngineError
+    from nanoseg.engines.triton_engine import TritonEngine
+    from nanoseg_sim.demo import free_ports
+
+    (port,) = free_ports(1)
+    with pytest.raises(EngineError, match=rf"model 'nanoseg' at 127.0.0.1:{port}: server unavailable .* after 1 s"):
+        TritonEngine(f"127.0.0.1:{port}", "nanoseg", timeout_s=0.5, backoff_s=0.1, connect_timeout_s=1.0)
 
 
 def test_tensorrt_engine(trained_model_path: Path) -> None:

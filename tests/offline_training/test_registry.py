@@ -50,10 +50,11 @@ def test_register_writes_checksummed_manifest(registry: tuple[Registry, Path], t
     assert man.input_spec["pixel_size_nm"] == 8.0 and man.net_config["in_channels"] == 1
     assert man.training["train_config"] and "data_seed" in man.training
     io = man.onnx_io
-    assert list(io["inputs"]) == [INPUT_NAME] and io["inputs"][INPUT_NAME]["shape"] == [1, 1, 512, 512]
+    # The batch dimension is dynamic (-1); the registry's graph runs 1 image (nanoseg.max_batch 1).
+    assert list(io["inputs"]) == [INPUT_NAME] and io["inputs"][INPUT_NAME]["shape"] == [-1, 1, 512, 512]
     assert list(io["outputs"]) == list(OUTPUT_NAMES) and io["outputs"]["num_detections"]["dtype"] == "int64"
     meta = {p.key: p.value for p in onnx.load(str(d / "model.onnx")).metadata_props}
-    assert meta["nanoseg.version"].endswith("@v0001")
+    assert meta["nanoseg.version"].endswith("@v0001") and meta["nanoseg.max_batch"] == "1"
 
 
 def test_promote_gate_force_and_rollback(registry: tuple[Registry, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,21 +96,25 @@ def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Pat
     reg, _ = registry
     repo = tmp_path / "repo"
     assert models("export-triton", "v2", "--repo", str(repo), "--registry", str(reg.root), "--gpus", "0,1",
-                  "--instances", "2") == 0
+                  "--instances", "2", "--queue-delay-us", "500") == 0
     onnx_cfg = text_format.Parse((repo / "nanoseg" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert onnx_cfg.backend == "onnxruntime" and onnx_cfg.max_batch_size == 0
-    assert not onnx_cfg.HasField("dynamic_batching")
-    assert [(t.name, list(t.dims), t.data_type) for t in onnx_cfg.input] == [("image", [1, 1, 512, 512], mc.TYPE_FP32)]
+    # The registry's graph takes one image: batched (max_batch_size 1) so the server may queue.
+    assert onnx_cfg.backend == "onnxruntime" and onnx_cfg.max_batch_size == 1
+    assert list(onnx_cfg.dynamic_batching.preferred_batch_size) == [1]
+    assert onnx_cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert [(t.name, list(t.dims), t.data_type) for t in onnx_cfg.input] == [("image", [1, 512, 512], mc.TYPE_FP32)]
     outs = {t.name: (list(t.dims), t.data_type) for t in onnx_cfg.output}
     m = mask_resolution(load_checkpoint(trained_model_path).model_config)  # 56: the shipped model's refiner
-    assert outs == {"boxes": ([1, 50, 4], mc.TYPE_FP32), "scores": ([1, 50], mc.TYPE_FP32),
-                    "mask_probs": ([1, 50, m, m], mc.TYPE_FP32), "num_detections": ([1], mc.TYPE_INT64)}
+    assert outs == {"boxes": ([50, 4], mc.TYPE_FP32), "scores": ([50], mc.TYPE_FP32),
+                    "mask_probs": ([50, m, m], mc.TYPE_FP32), "num_detections": ([1], mc.TYPE_INT64)}
+    num = next(t for t in onnx_cfg.output if t.name == "num_detections")
+    assert num.HasField("reshape") and list(num.reshape.shape) == []
     assert [(g.kind, list(g.gpus), g.count) for g in onnx_cfg.instance_group] == \
         [(mc.ModelInstanceGroup.KIND_GPU, [0], 2), (mc.ModelInstanceGroup.KIND_GPU, [1], 2)]
     assert list(onnx_cfg.version_policy.specific.versions) == [2]
     assert (repo / "nanoseg" / "2" / "model.onnx").read_bytes() == (reg.path("v2") / "model.onnx").read_bytes()
     trt_cfg = text_format.Parse((repo / "nanoseg_trt" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert trt_cfg.platform == "tensorrt_plan" and trt_cfg.max_batch_size == 0
+    assert trt_cfg.platform == "tensorrt_plan" and trt_cfg.max_batch_size == 1
     assert (repo / "nanoseg_trt" / "2" / "model.plan").read_bytes() == (reg.path("v2") / "model.plan").read_bytes()
 
     cpu = tmp_path / "cpu"
@@ -118,6 +123,24 @@ def test_export_triton_repository(registry: tuple[Registry, Path], tmp_path: Pat
     assert [(g.kind, g.count) for g in cpu_cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     assert cpu_cfg.parameters["intra_op_thread_count"].string_value == "2"
     assert sorted(p.name for p in cpu.iterdir()) == ["nanoseg"]
+
+
+def test_export_triton_at_a_larger_batch_reexports_the_graph(registry: tuple[Registry, Path], tmp_path: Path) -> None:
+    """``--max-batch 2``: the verified model.pt is exported at 2, the config batches up to 2 (read
+    as text: the config's contract needs no tritonclient)."""
+    from nanoseg.engines.onnx_engine import OnnxEngine
+
+    reg, _ = registry
+    repo = tmp_path / "repo"
+    assert models("export-triton", "v1", "--repo", str(repo), "--registry", str(reg.root), "--cpu",
+                  "--max-batch", "2") == 0
+    text = (repo / "nanoseg" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2\n" in text and "re-exported at max_batch 2" in text
+    assert "preferred_batch_size: [ 2 ]" in text and "max_queue_delay_microseconds: 2000" in text
+    assert "dims: [ 1, 512, 512 ]" in text and "dims: [ 50, 4 ]" in text
+    graph = (repo / "nanoseg" / "1" / "model.onnx").read_bytes()
+    assert graph != (reg.path("v1") / "model.onnx").read_bytes()
+    assert OnnxEngine(graph, threads=1).max_batch == 2
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
