@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import perimeter
 
-from nanoseg.instances import mask_boxes
+from nanoseg.instances import BoxMasks, mask_boxes
 from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
 from nanoseg.summary_stats import (
     HISTOGRAM_EDGES,
@@ -40,8 +40,8 @@ from nanoseg.summary_stats import (
     Histogram,
     Stat,
     axial_stat,
+    column_stats,
     edge_weights,
-    stat_with_interval,
 )
 
 COLUMNS_PX = (
@@ -259,9 +259,9 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
 
 
 def particle_table(
-    masks: np.ndarray, od: np.ndarray | None = None, pixel_size_nm: float | None = None
+    masks: np.ndarray | BoxMasks, od: np.ndarray | None = None, pixel_size_nm: float | None = None
 ) -> ParticleTable:
-    """Statistics of each mask of ``masks`` (N, H, W) bool; ``od`` (H, W) for the mean OD.
+    """Statistics of each mask of ``masks`` (N, H, W) bool or box-local; ``od`` (H, W) for the mean OD.
 
     Masks may overlap (each is a particle's full footprint). Each particle is measured on its
     bounding-box crop only (skeleton, distance transform and hulls included).
@@ -272,9 +272,12 @@ def particle_table(
     if od is not None and od.shape != (h, w):
         raise ValueError(f"od shape {od.shape} differs from the masks' {(h, w)}")
     boxes = mask_boxes(masks).astype(int)
+    # box-local masks are their crops already (mask_boxes gives their extents); a stack is cut
+    crops = [masks.crops[i] if isinstance(masks, BoxMasks) else masks[i, y0:y1, x0:x1]
+             for i, (x0, y0, x1, y1) in enumerate(boxes)]  # fmt: skip
     cover = np.zeros((h, w), np.int32)  # summed box by box: a frame-sized pass per mask is not needed
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        cover[y0:y1, x0:x1] += masks[i, y0:y1, x0:x1]
+    for crop, (x0, y0, x1, y1) in zip(crops, boxes):
+        cover[y0:y1, x0:x1] += crop
     cols = {name: np.full(n, np.nan) for name in COLUMNS_PX}
     touches = np.zeros(n, dtype=bool)
     mean_od = np.full(n, np.nan) if od is not None else None
@@ -283,7 +286,7 @@ def particle_table(
         if x1 == x0:
             lines.append(None)
             continue
-        crop = masks[i, y0:y1, x0:x1]
+        crop = crops[i]
         row, cl = _measure(crop)
         row["centroid_x"] += x0
         row["centroid_y"] += y0
@@ -404,7 +407,12 @@ def frame_summary(
     stats: dict[str, Stat] = {}
     order: float | None = None
     nm = table.pixel_size_nm
-    for name, values in table.columns().items():
+    columns = table.columns()
+    plain = [k for k in columns if k not in COLUMNS_FLAG and k != "orientation_deg" and not (nm and k in COLUMNS_NM)]
+    values = np.stack([columns[k].astype(np.float64) for k in plain]) if plain else np.zeros((0, len(table)))
+    interval = np.array([k in INTERVAL_COLUMNS for k in plain], dtype=bool)
+    plain_stats = dict(zip(plain, column_stats(values, weights, resamples, seed, target_precision, interval)))
+    for name, values in columns.items():
         if name in COLUMNS_FLAG:
             continue
         if name == "orientation_deg":
@@ -413,8 +421,7 @@ def frame_summary(
             px = "area_px" if name == "area_nm2" else name.removesuffix("_nm") + "_px"
             stats[name] = stats[px].scaled(nm**2 if name == "area_nm2" else nm)
         else:
-            rng = np.random.default_rng(seed) if name in INTERVAL_COLUMNS else None
-            stats[name] = stat_with_interval(values.astype(np.float64), weights, resamples, rng, target_precision)
+            stats[name] = plain_stats[name]
     histograms = {
         name: Histogram.of(values.astype(np.float64), HISTOGRAM_EDGES[name])
         for name, values in table.columns().items()

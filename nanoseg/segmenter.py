@@ -125,7 +125,7 @@ class Segmenter:
         inst, capped = self._segment(prepared, timings)
         t0 = time.perf_counter()
         od = prepared.image if prepared.mode == "optical_density" else None
-        table = particle_table(inst.box_masks, od, pixel_size_nm)  # type: ignore[arg-type]  # box-local: never N x H x W
+        table = particle_table(inst.box_masks, od, pixel_size_nm)  # box-local: never N x H x W
         summary = frame_summary(table)
         if timings is not None:
             timings["stats"] = time.perf_counter() - t0
