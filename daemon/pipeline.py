@@ -27,6 +27,7 @@ from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, prepare_frame
+from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.config import QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
 from nanoseg_daemon.logs import log
@@ -85,11 +86,12 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepare
     return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
-def infer_and_measure(p: Prepared) -> FrameResult:
-    """Inference and statistics of a prepared frame, on the model it was prepared for."""
+def infer_and_measure(p: Prepared, statistics: StatisticsConfig | None = None) -> FrameResult:
+    """Inference and statistics of a prepared frame, on the model it was prepared for, summarised
+    as ``statistics`` says (the config's ``statistics`` section; None: its defaults)."""
     px = p.frame.stated_pixel_size_nm
     timings = {"prepare": p.seconds}
-    a = p.model.segmenter.analyse(p.frame, px, timings)
+    a = p.model.segmenter.analyse(p.frame, px, timings, statistics)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
@@ -114,9 +116,10 @@ def _preparation(frame: PreparedFrame) -> dict[str, object]:
     return out
 
 
-def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
+def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook,
+                  statistics: StatisticsConfig | None = None) -> FrameResult:
     """The whole pipeline for one frame (what the three stages do, in one call)."""
-    return infer_and_measure(prepare(job, model, profiles))
+    return infer_and_measure(prepare(job, model, profiles), statistics)
 
 
 class Intake:
@@ -197,8 +200,9 @@ class Stages:
     """prepare -> infer -> output threads. ``source`` yields items; ``None`` means idle."""
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
-                 cb: StageCallbacks, inner_queue: int = 2) -> None:
+                 cb: StageCallbacks, inner_queue: int = 2, statistics: StatisticsConfig | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
+        self.statistics = statistics
         self.q_infer: queue.Queue[object] = queue.Queue(inner_queue)
         self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
@@ -244,7 +248,7 @@ class Stages:
                 break
             if isinstance(item, Prepared):
                 try:
-                    self.q_out.put(infer_and_measure(item))
+                    self.q_out.put(infer_and_measure(item, self.statistics))
                 except FrameError as err:
                     self.cb.failed(item.job, err.reason, str(err))
                 except Exception as err:

@@ -28,6 +28,7 @@ from nanoseg.postprocess import (
     to_instances,
 )
 from nanoseg.prepare import PreparedFrame, instances_to_frame
+from nanoseg.summary_stats import StatisticsConfig
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class Segmenter:
         return inst, capped
 
     def analyse(self, prepared: PreparedFrame, pixel_size_nm: float | None,
-                timings: dict[str, float] | None = None) -> FrameAnalysis:
+                timings: dict[str, float] | None = None,
+                statistics: StatisticsConfig | None = None) -> FrameAnalysis:
         """Frame -> instances -> particle table: the one path the daemon and ``nanoseg segment`` share.
 
         Parameters
@@ -115,6 +117,9 @@ class Segmenter:
         timings
             When given, receives seconds per step: ``infer``, ``postprocess`` (see
             ``segment_prepared``) and ``stats`` (table and summary).
+        statistics
+            How the summary counts and what intervals it gives (edge rule, bootstrap); None:
+            ``StatisticsConfig()`` (``include``).
 
         Returns
         -------
@@ -126,7 +131,9 @@ class Segmenter:
         t0 = time.perf_counter()
         od = prepared.image if prepared.mode == "optical_density" else None
         table = particle_table(inst.box_masks, od, pixel_size_nm)  # box-local: never N x H x W
-        summary = frame_summary(table)
+        st = statistics or StatisticsConfig()
+        summary = frame_summary(table, st.edge_rule, resamples=st.bootstrap_resamples,
+                                target_precision=st.target_precision)
         if timings is not None:
             timings["stats"] = time.perf_counter() - t0
         return FrameAnalysis(inst, table, summary, capped)

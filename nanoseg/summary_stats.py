@@ -23,10 +23,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from nanoseg.config_io import StrictModel
 
 EdgeRule = Literal["include", "exclude", "miles_lantuejoul"]
 EDGE_RULES: tuple[EdgeRule, ...] = ("include", "exclude", "miles_lantuejoul")
 CONFIDENCE = 0.95
+
+
+class StatisticsConfig(StrictModel):
+    """How a frame's particles are summarised (``particle_stats.frame_summary``): the daemon's
+    ``statistics`` section, ``nanoseg segment --edge-rule``."""
+
+    edge_rule: EdgeRule = Field("include", description="Counting rule for particles touching the frame's "
+                                "border: include, exclude or miles_lantuejoul (stated in every summary).")
+    bootstrap_resamples: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples for the 95 % "
+                                     "intervals (0: no intervals).")
+    target_precision: float = Field(0.05, gt=0, lt=1, description="Relative half width of the median's "
+                                    "interval that n_for_target aims at.")
 
 
 def edge_weights(

@@ -159,3 +159,21 @@ def test_input_check_and_auto_pixel_size_reach_results_and_metrics(tmp_path: Pat
     assert (sem["input_looks_like"], sem["input_used"], sem["input_mismatch"]) == ("transmission", "optical_density", True)
     assert chosen["input_mismatch"] is False and chosen["pixel_size_nm"] is None  # sizes stay in px
     assert 8.0 / 1.5 < chosen["pixel_size_auto_nm"] < 8.0 * 1.5
+
+
+def test_the_configured_edge_rule_summarises_published_and_stored_frames(tmp_path: Path,
+                                                                        trained_model_path: Path) -> None:
+    svc = start_service(tmp_path, trained_model_path, **{"statistics.edge_rule": "exclude",
+                                                         "statistics.bootstrap_resamples": "200"})
+    client = Client(svc)
+    try:
+        f = FRAMES[0]
+        client.send([raw_header(0, f.counts, run="edge", pixel_size_nm=8.0, i0=DOSE), f.counts.tobytes()])
+        (published,) = list(client.summaries(1))
+    finally:
+        client.close()
+        assert svc.stop()
+    (row,) = ResultReader(default_path(tmp_path)).frames("raw:detector:edge")
+    for s in (published["summary"], row.summary):
+        assert s["edge_rule"] == "exclude" and s["count"] > 0
+        assert s["touching_edge"] > 0 and s["counted"] == s["count"] - s["touching_edge"]  # the rule counted
