@@ -17,7 +17,9 @@ PUSH socket in this process. Three measurements, on the same loaded model:
    counted between the first and the last summary (steady state); latency = published_at minus
    the frame's send time, so it includes the wait in the queue (queue.size frames deep).
 
-Nothing may be dropped or fail: the script checks the counters and says so. The machine's load
+The daemon's mean time per stage (prepare, infer, postprocess, stats) comes from its metrics;
+the statistics' share is stats / their sum. Nothing may be dropped or fail: the script checks
+the counters and says so. The machine's load
 average is recorded; other jobs slow every figure.
 """
 
@@ -219,6 +221,7 @@ def main() -> None:
             "saturated_time_per_frame_minus_model_only": 1000 / sat["steady_frames_per_second"] - mo_s["median_ms"],
         },
         "daemon_stage_mean_ms": stage_means,
+        "statistics_share_of_frame": stage_means["stats"] / max(sum(stage_means.values()), 1e-9),
         "daemon_latency_histogram_mean_ms": histogram_latency_ms,
         "counters": counters, "stopped_cleanly": stopped_cleanly,
     })
@@ -239,7 +242,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"\nthroughput daemon / model only: {r['throughput_ratio_daemon_over_model_only']:.2f}")
     print(f"daemon overhead per frame: {o['unloaded_latency_minus_model_only']:.1f} ms (unloaded latency - model "
           f"only), {o['saturated_time_per_frame_minus_model_only']:.1f} ms (saturated time per frame - model only)")
-    print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items()))
+    print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items())
+          + f"; statistics (table and summary) {100 * r['statistics_share_of_frame']:.1f} % of the frame's time")
     c = r["counters"]
     print(f"counters: received {c['received']:.0f}, processed {c['processed']:.0f}, dropped {c['dropped']:.0f}, "
           f"failed {c['failed']:.0f}; saturated results in order: {sat['in_order']}; clean stop: {r['stopped_cleanly']}")

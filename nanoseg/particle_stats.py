@@ -193,6 +193,22 @@ def _json_number(x: float | int | bool) -> float | int | bool | None:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def moment_figures(l1: float, l2: float, vx: float, vy: float) -> dict[str, float]:
+    """The second-moment columns of one mask (module docstring), px and degrees.
+
+    ``l1`` >= ``l2`` >= 0: eigenvalues of its pixel centres' covariance (px^2); (``vx``, ``vy``):
+    the eigenvector of ``l1`` (any length or sign), x right, y down. Returns ``major_px``,
+    ``minor_px``, ``orientation_deg`` and ``eccentricity``; the one definition for the numpy
+    table and the device path (``nanoseg.device_postprocess``).
+    """
+    return {
+        "major_px": 4 * math.sqrt(l1 + 1 / 12),
+        "minor_px": 4 * math.sqrt(l2 + 1 / 12),
+        "orientation_deg": orientation_from_vector(vx, vy),
+        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
+    }
+
+
 def _corner_hull_area(hull: np.ndarray) -> float:
     """Area (px^2) of the convex hull of the pixels' corners, from the hull of their centres.
 
@@ -213,7 +229,8 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     cov = np.cov(np.stack([cc, rr]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
     evals, evecs = np.linalg.eigh(cov)
     l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
-    major, minor = 4 * math.sqrt(l1 + 1 / 12), 4 * math.sqrt(l2 + 1 / 12)
+    moments = moment_figures(l1, l2, float(evecs[0, 1]), float(evecs[1, 1]))
+    major, minor = moments["major_px"], moments["minor_px"]
     per = float(perimeter(crop))
     hull = convex_hull(hull_candidates(crop))
     hull_area = _corner_hull_area(hull) if hull is not None else float(area)
@@ -245,15 +262,12 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
         "feret_angle_deg": f.angle_deg,
         "tortuosity": cl.tortuosity if cl else math.nan,
         "bow_px": cl.max_deviation_px() if cl else math.nan,
-        "major_px": major,
-        "minor_px": minor,
-        "orientation_deg": orientation_from_vector(float(evecs[0, 1]), float(evecs[1, 1])),
+        **moments,
         "centroid_x": cx + 0.5,
         "centroid_y": cy + 0.5,
         "perimeter_px": per,
         "circularity": min(4 * math.pi * area / per**2, 1.0) if per > 0 else math.nan,
         "solidity": min(area / hull_area, 1.0) if hull_area > 0 else 1.0,
-        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
     }
     return row, cl
 

@@ -52,6 +52,8 @@ class Segmenter:
     """Where the model's mask grid sits relative to its boxes (``mask_grid_offset_px``)."""
     mask_margin_px: float = 0.0
     """How far the engine's mask grid reaches beyond each box (``MaskDecoding.margin_px``)."""
+    device_post: bool | None = None
+    """Post-process on the engine's device: None = where it runs on CUDA (``post_on_device``)."""
 
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
@@ -63,7 +65,7 @@ class Segmenter:
 
     def with_post(self, post: PostprocessConfig) -> Segmenter:
         """The same model with another post-processing."""
-        return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px)
+        return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px, self.device_post)
 
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
@@ -76,9 +78,34 @@ class Segmenter:
         return out
 
     def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
-        """Instances per (size x size) model-input tile, in tile coordinates."""
+        """Instances per (size x size) model-input tile, in tile coordinates. Where the engine runs
+        on CUDA and can leave its outputs there, scores, thresholds and mask pasting run on the
+        device too (``nanoseg.device_postprocess``)."""
+        if self.post_on_device:
+            return self._infer_tiles_on_device(tiles)
         return [to_instances(raw, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for raw, tile in zip(self.detect_tiles(tiles), tiles)]
+
+    @property
+    def post_on_device(self) -> bool:
+        """Post-processing on the engine's device: ``device_post`` if set, else where the engine
+        runs on CUDA and has ``infer_device``."""
+        if self.device_post is not None:
+            return self.device_post and hasattr(self.engine, "infer_device")
+        return str(self.engine.device).startswith("cuda") and hasattr(self.engine, "infer_device")
+
+    def _infer_tiles_on_device(self, tiles: np.ndarray) -> list[Instances]:
+        from nanoseg import device_postprocess as dp  # torch only where it runs
+
+        c = self.engine.input_shape[0]
+        out: list[Instances] = []
+        step = max(self.engine.max_batch, 1)
+        for i in range(0, len(tiles), step):
+            batch = np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
+            for det, tile in zip(dp.split_device_outputs(*self.engine.infer_device(batch)),  # type: ignore[attr-defined]
+                                 tiles[i: i + step]):  # fmt: skip
+                out.append(dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px))
+        return out
 
     def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
                          max_instances: int | None = None) -> Instances:

@@ -29,6 +29,13 @@ class TorchEngine:
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
         """Run ``DetectionCore`` on the whole batch on the engine's device. See ``Engine.infer``."""
+        boxes, scores, masks, num = self.infer_device(batch)
+        return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())
+
+    @torch.inference_mode()
+    def infer_device(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``DetectionCore``'s padded outputs (boxes, scores, mask_probs, num), left on the engine's
+        device for ``nanoseg.device_postprocess``."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         boxes, scores, masks, num = self.core(x)
-        return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())
+        return boxes, scores, masks, num
