@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_measurements.py [--images 24]
         [--model-images 21] [--model models/default/model.pt] [--engine torch|onnx]
-        [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py] [--out results.json]
+        [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py | --baseline-rev REV] [--out results.json]
 
 Scenes: 512 x 512 fields at the paper preset's scale (8 nm per pixel), ``--images`` per kind,
 wires deposited through the generator's ``deposit()`` with rectangular cross-sections, lengths
@@ -314,6 +314,23 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
     return result
 
 
+def baseline_from_revision(rev: str, workdir: Path) -> Path:
+    """The statistics of git revision ``rev`` (``particle_stats``, ``particle_geometry`` and
+    ``summary_stats``) written under ``workdir`` as modules importing each other, not the
+    working tree's; returns the ``particle_stats`` file for ``load_baseline``."""
+    import subprocess
+
+    names = ("particle_geometry", "summary_stats", "particle_stats")
+    sys.path.insert(0, str(workdir))
+    for name in names:
+        text = subprocess.run(["git", "show", f"{rev}:nanoseg/{name}.py"], check=True, capture_output=True,
+                              text=True).stdout
+        for other in names:
+            text = text.replace(f"from nanoseg.{other} import", f"from baseline_{other} import")
+        (workdir / f"baseline_{name}.py").write_text(text)
+    return workdir / "baseline_particle_stats.py"
+
+
 def load_baseline(path: Path) -> Any:
     """A module file with ``particle_table`` and ``frame_summary`` (e.g. an earlier version's)."""
     import importlib.util
@@ -368,8 +385,14 @@ def main() -> None:
     ap.add_argument("--timing-repeats", type=int, default=10)
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a particle_stats.py to time against (git show REV:nanoseg/particle_stats.py > FILE)")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="time against the statistics of this git revision (all three modules; instead of --baseline)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.baseline_rev:
+        import tempfile
+
+        args.baseline = baseline_from_revision(args.baseline_rev, Path(tempfile.mkdtemp(prefix="bench_baseline_")))
     fields = {kind: make_fields(kind, args.images, args.seed) for kind in KINDS}
     out: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()}}
     out["ground_truth_masks"] = ground_truth_masks(fields)

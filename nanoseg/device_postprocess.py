@@ -23,7 +23,7 @@ from torch import Tensor
 
 from nanoseg.instances import BoxMasks, Instances
 from nanoseg.particle_stats import moment_figures
-from nanoseg.postprocess import PostprocessConfig
+from nanoseg.postprocess import PostprocessConfig, paste_window
 
 
 @dataclass(frozen=True)
@@ -118,37 +118,34 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, shape: tuple[int, int], thres
     """
     dev = mask_probs.device
     k = mask_probs.shape[0]
-    m_rows, m_cols = int(mask_probs.shape[1]), int(mask_probs.shape[2])
-    h, w = shape
-    b = boxes.to(torch.float64)
-    x0, y0 = b[:, 0] + offset_px - margin_px, b[:, 1] + offset_px - margin_px
-    x1, y1 = b[:, 2] + offset_px + margin_px, b[:, 3] + offset_px + margin_px
-    bw, bh = (x1 - x0).clamp(min=1e-3), (y1 - y0).clamp(min=1e-3)
-    c0, c1 = torch.floor(x0).clamp(min=0).long(), torch.ceil(x1).clamp(max=w).long()
-    r0, r1 = torch.floor(y0).clamp(min=0).long(), torch.ceil(y1).clamp(max=h).long()
-    hs, ws = (r1 - r0).clamp(min=0), (c1 - c0).clamp(min=0)
-    empty = (hs == 0) | (ws == 0)
-    hs, ws = torch.where(empty, 0, hs), torch.where(empty, 0, ws)
-    hmax, wmax = (int(hs.max()), int(ws.max())) if k else (0, 0)
+    # the windows and grid coordinates are paste_window's (K small vectors, computed on the host
+    # from the boxes, which come to the host anyway); the K x H x W sampling runs on the device
+    wins = [paste_window(box, shape, tuple(mask_probs.shape[1:]), offset_px, margin_px)
+            for box in boxes.to(torch.float32).cpu().numpy()]  # fmt: skip
+    spans = [(0, 0, 0, 0) if win is None else win.rows_cols for win in wins]
+    hs = [r1 - r0 for r0, r1, _, _ in spans]
+    ws = [c1 - c0 for _, _, c0, c1 in spans]
+    hmax, wmax = max(hs, default=0), max(ws, default=0)
+    as_long = lambda v: torch.as_tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+    rows, cols = as_long([s[0] for s in spans]), as_long([s[2] for s in spans])
     if hmax == 0 or wmax == 0:
-        z = torch.zeros(k, dtype=torch.long, device=dev)
-        return DeviceMasks(torch.zeros((k, 0, 0), dtype=torch.bool, device=dev), z, z, z, z, shape)
-    rows = r0[:, None] + torch.arange(hmax, device=dev)  # (K, Hmax) canvas rows
-    cols = c0[:, None] + torch.arange(wmax, device=dev)
-    gy = (rows.to(torch.float64) + 0.5 - y0[:, None]) / bh[:, None] * m_rows - 0.5  # paste_window.grid_y
-    gx = (cols.to(torch.float64) + 0.5 - x0[:, None]) / bw[:, None] * m_cols - 0.5
-    vals = _bilinear_zero_padded(mask_probs.to(torch.float64), gy, gx)
-    inside = (torch.arange(hmax, device=dev)[None, :, None] < hs[:, None, None]) & (
-        torch.arange(wmax, device=dev)[None, None, :] < ws[:, None, None])
+        return DeviceMasks(torch.zeros((k, 0, 0), dtype=torch.bool, device=dev), rows, cols, as_long(hs),
+                           as_long(ws), shape)
+    gy, gx = np.full((k, hmax), np.inf), np.full((k, wmax), np.inf)  # beyond a window: no grid, zero
+    for i, win in enumerate(wins):
+        if win is not None:
+            gy[i, :hs[i]], gx[i, :ws[i]] = win.grid_y, win.grid_x
+    vals = _bilinear_zero_padded(mask_probs.to(torch.float64), torch.from_numpy(gy).to(dev),
+                                 torch.from_numpy(gx).to(dev))
     # float32 before the threshold, as paste_mask's map_coordinates returns the grid's float32
-    crops = (vals.to(torch.float32) >= threshold) & inside
-    return DeviceMasks(crops, r0, c0, hs, ws, shape)
+    return DeviceMasks(vals.to(torch.float32) >= threshold, rows, cols, as_long(hs), as_long(ws), shape)
 
 
 def _bilinear_zero_padded(grid: Tensor, gy: Tensor, gx: Tensor) -> Tensor:
     """grid (K, M, N) sampled at (gy[k, i], gx[k, j]) (cell units, centres at integers), linear in
     each axis, zeros beyond the grid (``map_coordinates(order=1, mode="grid-constant")``)."""
     k, m, n = grid.shape
+    gy, gx = gy.clamp(-2.0, m + 1.0), gx.clamp(-2.0, n + 1.0)  # beyond the grid's reach: zero either way
     yf, xf = torch.floor(gy), torch.floor(gx)
     ty, tx = gy - yf, gx - xf
     yi, xi = yf.long(), xf.long()

@@ -146,7 +146,7 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
     if win is None:
         return out
     r0, r1, c0, c1 = win.rows_cols
-    yy, xx = np.meshgrid(win.grid_y(), win.grid_x(), indexing="ij")
+    yy, xx = np.meshgrid(win.grid_y, win.grid_x, indexing="ij")
     vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
     out[r0:r1, c0:c1] = vals >= threshold
     return out
@@ -157,8 +157,8 @@ class PasteWindow:
     """Where one detection's mask grid lands on the canvas (``paste_mask``'s pixel model).
 
     ``rows_cols``: (r0, r1, c0, c1), the canvas pixels whose centres the (grown, offset) box can
-    cover, clipped to the canvas. Pixel (c, r) samples the grid at ``grid_x()[c - c0]``,
-    ``grid_y()[r - r0]`` (cell units, cell centres at integers; zeros beyond the grid).
+    cover, clipped to the canvas. Pixel (c, r) samples the grid at ``grid_x[c - c0]``,
+    ``grid_y[r - r0]`` (cell units, cell centres at integers; zeros beyond the grid).
     """
 
     rows_cols: tuple[int, int, int, int]
@@ -169,11 +169,15 @@ class PasteWindow:
     grid_shape: tuple[int, int]
     """The mask grid's (rows, columns)."""
 
+    @property
     def grid_y(self) -> np.ndarray:
+        """Grid row coordinate (cells) of each canvas row r0 .. r1 - 1's pixel centres."""
         r0, r1 = self.rows_cols[:2]
         return (np.arange(r0, r1) + 0.5 - self.origin[1]) / self.size[1] * self.grid_shape[0] - 0.5
 
+    @property
     def grid_x(self) -> np.ndarray:
+        """Grid column coordinate (cells) of each canvas column c0 .. c1 - 1's pixel centres."""
         c0, c1 = self.rows_cols[2:]
         return (np.arange(c0, c1) + 0.5 - self.origin[0]) / self.size[0] * self.grid_shape[1] - 0.5
 
