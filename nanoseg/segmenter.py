@@ -9,6 +9,7 @@ post-processing for images already at the model's scale (``nanoseg evaluate``'s 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,15 +68,16 @@ class Segmenter:
         """The same model with another post-processing."""
         return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px, self.device_post)
 
-    def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
-        """The network's raw detections per (size x size) model-input tile, before any threshold."""
+    def _batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
+        """The engine's input batches of ``tiles`` (at most ``max_batch`` each, channels repeated)."""
         c = self.engine.input_shape[0]
-        out: list[RawDetections] = []
         step = max(self.engine.max_batch, 1)
         for i in range(0, len(tiles), step):
-            batch = np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
-            out.extend(self.engine.infer(batch))
-        return out
+            yield np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
+
+    def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
+        """The network's raw detections per (size x size) model-input tile, before any threshold."""
+        return [raw for batch in self._batches(tiles) for raw in self.engine.infer(batch)]
 
     def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates. Where the engine runs
@@ -97,15 +99,10 @@ class Segmenter:
     def _infer_tiles_on_device(self, tiles: np.ndarray) -> list[Instances]:
         from nanoseg import device_postprocess as dp  # torch only where it runs
 
-        c = self.engine.input_shape[0]
-        out: list[Instances] = []
-        step = max(self.engine.max_batch, 1)
-        for i in range(0, len(tiles), step):
-            batch = np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
-            for det, tile in zip(dp.split_device_outputs(*self.engine.infer_device(batch)),  # type: ignore[attr-defined]
-                                 tiles[i: i + step]):  # fmt: skip
-                out.append(dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px))
-        return out
+        infer_device = self.engine.infer_device  # type: ignore[attr-defined]  # post_on_device checked it
+        dets = [det for batch in self._batches(tiles) for det in dp.split_device_outputs(*infer_device(batch))]
+        return [dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
+                for det, tile in zip(dets, tiles)]
 
     def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
                          max_instances: int | None = None) -> Instances:
