@@ -177,7 +177,7 @@ def ground_truth_masks(fields: dict[str, list[Any]]) -> dict[str, Any]:
                      "-" if mf is None else f"{mf['median']:.2f} / {mf['p90']:.2f}"])
     print_table("Ground-truth masks: measured against the generator's geometry",
                 ["set", "wires", "length err % (median)", "p90", "2nd-moment length err %", "width err px (median)",
-                 "p90", "MinFeret - width px (median / p90)"], rows)  # fmt: skip
+                 "p90", "MinFeret - width px (median / p90)", "not overlapped: median (n)"], rows)  # fmt: skip
     return result
 
 
@@ -271,20 +271,23 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
             acc.setdefault("width_abs", []).append(np.abs(table.width_px[pi] - truth["width"][gi]))
             acc.setdefault("length_rel_alone", []).append(np.abs(table.length_px[pi] / truth["length"][gi] - 1)[alone])
             if kind == "straight":
-                acc.setdefault("min_feret_abs", []).append(np.abs(table.min_feret_px[pi] - truth["nominal_width"][gi]))
+                mf_err = np.abs(table.min_feret_px[pi] - truth["nominal_width"][gi])
+                acc.setdefault("min_feret_abs", []).append(mf_err)
+                acc.setdefault("min_feret_abs_alone", []).append(mf_err[alone])
         e = {k: np.concatenate(v) for k, v in acc.items()}
         res: dict[str, Any] = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
                                    "n": int(v.size)} for k, v in e.items() if v.size}  # fmt: skip
         res["detected"], res["wires"] = detected, total
         result[kind] = res
         la = res.get("length_rel_alone", {"median": math.nan})
-        mf = res.get("min_feret_abs")
+        mf, mfa = res.get("min_feret_abs"), res.get("min_feret_abs_alone")
         rows.append([kind, f"{detected}/{total}", 100 * res["length_rel"]["median"], 100 * res["length_rel"]["p90"],
                      100 * la["median"], res["width_abs"]["median"], res["width_abs"]["p90"],
-                     "-" if mf is None else f"{mf['median']:.2f} / {mf['p90']:.2f}"])
+                     "-" if mf is None else f"{mf['median']:.2f} / {mf['p90']:.2f}",
+                     "-" if mfa is None else f"{mfa['median']:.2f} ({mfa['n']})"])
     print_table(f"Whole chain: the shipped model's masks ({args.engine}, {args.threads} thread(s)), matched at IoU >= 0.5",
                 ["set", "matched", "length err % (median)", "p90", "not overlapped: median %", "width err px (median)",
-                 "p90", "MinFeret - width px (median / p90)"], rows)  # fmt: skip
+                 "p90", "MinFeret - width px (median / p90)", "not overlapped: median (n)"], rows)  # fmt: skip
     dense = twenty_wire_scene(args.seed)
     gray = render(dense, np.random.default_rng(args.seed)).gray
     dense_seg, dense_stats, dense_n = [], [], 0
