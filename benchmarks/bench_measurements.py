@@ -177,7 +177,7 @@ def ground_truth_masks(fields: dict[str, list[Any]]) -> dict[str, Any]:
                      "-" if mf is None else f"{mf['median']:.2f} / {mf['p90']:.2f}"])
     print_table("Ground-truth masks: measured against the generator's geometry",
                 ["set", "wires", "length err % (median)", "p90", "2nd-moment length err %", "width err px (median)",
-                 "p90", "MinFeret - width px (median / p90)", "not overlapped: median (n)"], rows)  # fmt: skip
+                 "p90", "MinFeret - width px (median / p90)"], rows)  # fmt: skip
     return result
 
 
