@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias, cast
 
+import numpy as np
+
 from nanoseg.config_io import ConfigError, load_yaml
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
+from nanoseg.input_spec import FrameMode
 from nanoseg.paths import resolve_config
-from nanoseg.prepare import PreparedFrame, prepare_frame
+from nanoseg.prepare import PreparedFrame, ScaleChooser
+from nanoseg.scale import ScaleChoice
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.config import QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
@@ -77,12 +81,44 @@ class Prepared:
     seconds: float
 
 
-def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> Prepared:
+class RunScales:
+    """``pixel_size_nm: auto`` once per run: the first frame's choice (``Segmenter.choose_scale``,
+    one model pass per scale tried) holds for the run's later frames on the same model, as one
+    run has one magnification. A frame where the model found nothing at any scale does not fix
+    the run's scale; the next frame tries again."""
+
+    def __init__(self) -> None:
+        self._chosen: dict[tuple[str, str], ScaleChoice] = {}
+
+    def chooser(self, run_uid: str, model: LoadedModel) -> ScaleChooser:
+        """The run's scale chooser for ``model``."""
+        key = (run_uid, model.version)
+
+        def choose(image: np.ndarray, mode: FrameMode) -> ScaleChoice:
+            if key not in self._chosen:
+                choice = model.segmenter.choose_scale(image, mode)
+                if not choice.confidence:
+                    return choice
+                self._chosen[key] = choice
+                log("auto_scale_chosen", logging.INFO, run=run_uid, model=model.version,
+                    pixel_size_nm=round(choice.pixel_size_nm, 3), confidence=round(choice.confidence, 3))
+            return self._chosen[key]
+
+        return choose
+
+    def forget(self, run_uid: str) -> None:
+        """Drop a finished run's choices."""
+        for key in [k for k in self._chosen if k[0] == run_uid]:
+            del self._chosen[key]
+
+
+def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook, scales: RunScales | None = None) -> Prepared:
     t0 = time.perf_counter()
     prof = profile_for(job, profiles)
     md = job.metadata
-    frame = prepare_frame(job.frame, prof, model.spec, flat_field=md.flat_field,
-                          dark_frame=md.dark_frame, pixel_size_nm=md.pixel_size_nm)
+    frame = model.segmenter.prepare(job.frame, prof, flat_field=md.flat_field, dark_frame=md.dark_frame,
+                                    pixel_size_nm=md.pixel_size_nm,
+                                    scale_chooser=scales.chooser(job.run_uid, model) if scales else None)
     return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
@@ -105,13 +141,16 @@ def infer_and_measure(p: Prepared, statistics: StatisticsConfig | None = None) -
 def _preparation(frame: PreparedFrame) -> dict[str, object]:
     """How the frame was prepared, for the result's metadata: the input check (what the frame
     looks like, how it was used, whether the profile expected the other kind) and, with
-    ``pixel_size_nm: auto``, the pixel size chosen (nm) and the objects' width it came from (px)."""
+    ``pixel_size_nm: auto``, the pixel size chosen (nm), how (``confidence``: the model's, 0-1;
+    ``width``: the objects' width it came from, px)."""
     out: dict[str, object] = {}
     check = frame.input_check
     if check is not None:
         out |= {"input_looks_like": check.looks_like, "input_used": check.used, "input_mismatch": check.mismatch}
     if frame.auto_scale is not None:
         out |= {"pixel_size_auto_nm": round(frame.auto_scale.pixel_size_nm, 4),
+                "pixel_size_auto_method": frame.auto_scale.method,
+                "pixel_size_auto_confidence": frame.auto_scale.confidence,
                 "object_width_px": frame.auto_scale.object_width_px}
     return out
 
@@ -210,6 +249,7 @@ class Stages:
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
+        self.scales = RunScales()
 
     def start(self) -> None:
         for t in self.threads:
@@ -232,12 +272,14 @@ class Stages:
                 continue
             if isinstance(item, FrameJob):
                 try:
-                    self.q_infer.put(prepare(item, self.cb.model(), self.profiles))
+                    self.q_infer.put(prepare(item, self.cb.model(), self.profiles, self.scales))
                 except FrameError as err:
                     self.cb.failed(item, err.reason, str(err))
                 except Exception as err:  # a bug must not kill the service: count and log it
                     self.cb.failed(item, "internal_error", f"{type(err).__name__}: {err}")
             else:
+                if isinstance(item, RunStopped):
+                    self.scales.forget(item.run_uid)
                 self.q_infer.put(item)
         self.q_infer.put(STOP)
 

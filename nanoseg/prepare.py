@@ -12,7 +12,7 @@ per axis (``PreparedFrame.scale_yx``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,10 @@ from nanoseg.optical_density import (
 )
 from nanoseg.scale import ScaleChoice, choose_scale
 from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
+
+ScaleChooser = Callable[[np.ndarray, FrameMode], ScaleChoice]
+"""Chooses a frame's ``auto`` resampling from its converted image (bright objects, dark
+background, frame px) and mode (e.g. ``Segmenter.choose_scale``)."""
 
 
 def to_model_input(image: np.ndarray, spec: InputSpec, mode: FrameMode = "optical_density") -> np.ndarray:
@@ -140,6 +144,7 @@ def to_model_scale(
     flat_field: ArrayLike | None = None,
     dark_frame: ArrayLike | None = None,
     pixel_size_nm: float | Literal["auto"] | None = None,
+    scale_chooser: ScaleChooser | None = None,
 ) -> ModelScaleImage:
     """Check, convert and resample one frame following ``profile`` (``prepare_frame`` without the
     tiles; also how ``nanoseg train`` prepares a user's own labelled images).
@@ -147,8 +152,10 @@ def to_model_scale(
     The frame is checked against the profile's expected input first (``check_input``); with
     ``input: auto`` it is prepared as what it looks like. ``flat_field`` is required (and only
     allowed) when the profile's I0 policy is ``flat_field``; ``dark_frame`` replaces the profile's
-    scalar dark; ``pixel_size_nm`` (nm, or ``auto``: ``nanoseg.scale.choose_scale``) overrides
-    the profile's. Raises FrameError for frames that cannot be analysed (reason codes in
+    scalar dark; ``pixel_size_nm`` (nm, or ``auto``) overrides the profile's. ``auto`` asks
+    ``scale_chooser`` (the converted image, bright objects on a dark background, and the mode ->
+    ``ScaleChoice``; ``Segmenter.choose_scale`` asks the model), else ``nanoseg.scale.choose_scale``
+    (objects' width). Raises FrameError for frames that cannot be analysed (reason codes in
     ``nanoseg.errors``).
     """
     arr = np.asarray(frame)
@@ -162,7 +169,7 @@ def to_model_scale(
     px = pixel_size_nm if pixel_size_nm is not None else profile.pixel_size_nm
     auto: ScaleChoice | None = None
     if px == "auto":
-        auto = choose_scale(image, spec.pixel_size_nm)
+        auto = scale_chooser(image, profile.mode) if scale_chooser else choose_scale(image, spec.pixel_size_nm)
         px = auto.pixel_size_nm
     scaled = resample_to_model_scale(image, px, spec)[0] if px is not None else image
     gray = to_model_input(scaled, spec, profile.mode)
@@ -177,13 +184,14 @@ def prepare_frame(
     flat_field: ArrayLike | None = None,
     dark_frame: ArrayLike | None = None,
     pixel_size_nm: float | Literal["auto"] | None = None,
+    scale_chooser: ScaleChooser | None = None,
 ) -> PreparedFrame:
     """Check, convert, resample (``to_model_scale``, same arguments) and tile one frame following
     ``profile``, for a model described by ``spec``."""
     if profile.tile_overlap_px >= spec.size:
         raise ValueError(f"tile_overlap_px {profile.tile_overlap_px} must be < model size {spec.size}")
     m = to_model_scale(frame, profile, spec, flat_field=flat_field, dark_frame=dark_frame,
-                       pixel_size_nm=pixel_size_nm)
+                       pixel_size_nm=pixel_size_nm, scale_chooser=scale_chooser)
     gray = m.gray
     plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
     tiles = extract_tiles(gray, plan, fill=float(np.median(gray)))

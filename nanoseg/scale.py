@@ -1,7 +1,19 @@
-"""``pixel_size_nm: auto``: the resampling at which a frame's objects are as wide as the model's.
+"""``pixel_size_nm: auto``: the resampling at which a frame's objects look like the model's.
 
-A frame of unknown pixel size is resampled so its objects' typical width becomes the typical
-width of the objects the model was trained on. The width is measured the same way on both: the
+Two ways to choose, one result (``ScaleChoice``):
+
+- **confidence** (where a model is at hand: ``nanoseg segment``, ``nanoseg evaluate``, the
+  daemon; ``Segmenter.choose_scale``): the model looks at the centre of the frame at each of
+  ``CONFIDENCE_SCALES`` (half octaves from 1/4 to 4); a model trained with scale jitter is
+  about equally confident over a plateau of scales, and the centre of that plateau (the
+  confidence-weighted mean log scale of the scales within ``CONFIDENCE_PLATEAU`` of the best)
+  is chosen (``pick_confident_scale``). Designed on synthetic frames of known scale (``paper``
+  validation and generator frames resampled by 0.5-2, read by ``models/generalist`` and
+  ``models/default``): within half an octave of the true scale for all 36 frames, mean error
+  0.27 octave; the single most confident scale was within half an octave for 28.
+- **width** (no model: preparing a user's labelled images for training): the frame is
+  resampled so its objects' typical width becomes the typical width of the objects the model was
+  trained on. The width is measured the same way on both: the
 median, over the skeleton of an Otsu foreground, of twice the distance to the background
 (``object_width_px``). The estimate scales with the frame: resampling a frame by s multiplies it
 by s (to within a pixel of discretisation), which is what makes the choice of scale right
@@ -13,7 +25,9 @@ Widths in px of the image given; scale = model px per frame px (> 1: upsampled).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -66,13 +80,19 @@ class ScaleChoice:
 
     - ``pixel_size_nm``: the frame's pixel size this amounts to (model pixel size x ``scale``).
     - ``scale``: model px per frame px; ``object_width_px``: the frame's measured width (None
-      when it has no objects: then ``scale`` is 1); ``limited``: the scale hit ``SCALE_LIMITS``.
+      when it has no objects, or chosen by confidence); ``limited``: the scale hit
+      ``SCALE_LIMITS``.
+    - ``method``: ``width`` or ``confidence``; ``confidence``: with ``confidence``, the model's
+      top-k mean score at the chosen scale (0-1; 0 when it found nothing at any scale, then
+      ``scale`` is 1).
     """
 
     pixel_size_nm: float
     scale: float
     object_width_px: float | None
     limited: bool
+    method: Literal["width", "confidence"] = "width"
+    confidence: float | None = None
 
 
 def choose_scale(image: np.ndarray, model_pixel_size_nm: float,
@@ -85,3 +105,71 @@ def choose_scale(image: np.ndarray, model_pixel_size_nm: float,
     scale = float(np.clip(raw, *SCALE_LIMITS))
     return ScaleChoice(model_pixel_size_nm * scale, scale, width, scale != raw)
 
+
+
+CONFIDENCE_SCALES: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-4, 5))
+"""Scales the confidence search tries (model px per frame px): half octaves, 0.25 to 4 (within
+``SCALE_LIMITS``). A model trained with scale jitter reads objects within about half an octave
+of their trained size, so a finer grid gains little and costs a model pass per step."""
+CONFIDENCE_TOP_K = 5
+"""The confidence at one scale is the mean score of the model's ``CONFIDENCE_TOP_K`` best
+detections there: the few clearest objects decide, not how many fit in the view."""
+CONFIDENCE_PLATEAU = 0.05
+"""Scales whose confidence is within this of the best one form the plateau whose centre is
+chosen (weighted by how far above ``best - CONFIDENCE_PLATEAU`` each is)."""
+
+
+def top_k_confidence(scores: np.ndarray, k: int = CONFIDENCE_TOP_K) -> float:
+    """Mean of the ``k`` highest of ``scores`` (all of them when fewer; 0 when none).
+
+    Parameters
+    ----------
+    scores : ndarray, shape (N,)
+        Instance scores, 0-1, of one model input.
+    k : int
+        How many of the best count.
+
+    Returns
+    -------
+    float
+        0-1.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        return 0.0
+    return float(np.sort(s)[::-1][:k].mean())
+
+
+def pick_confident_scale(scales: Sequence[float], confidences: Sequence[float],
+                         model_pixel_size_nm: float) -> ScaleChoice:
+    """The centre of the plateau of confident scales.
+
+    The scales within ``CONFIDENCE_PLATEAU`` of the best confidence are averaged in log scale,
+    each weighted by its confidence minus (best - ``CONFIDENCE_PLATEAU``).
+
+    Parameters
+    ----------
+    scales : sequence of float
+        Model px per frame px tried (e.g. ``CONFIDENCE_SCALES``).
+    confidences : sequence of float
+        ``top_k_confidence`` of the model's detections at each scale, 0-1.
+    model_pixel_size_nm : float
+        The model's pixel size, nm: the chosen frame pixel size is this times the scale.
+
+    Returns
+    -------
+    ScaleChoice
+        ``method`` ``confidence``, ``confidence`` the best one; scale 1 when the model found
+        nothing at any scale.
+    """
+    s = np.asarray(scales, dtype=np.float64)
+    c = np.asarray(confidences, dtype=np.float64)
+    if s.shape != c.shape or s.size == 0:
+        raise ValueError(f"{s.size} scales and {c.size} confidences: one confidence per scale")
+    best = float(c.max())
+    if best <= 0:
+        return ScaleChoice(model_pixel_size_nm, 1.0, None, False, "confidence", 0.0)
+    w = np.clip(c - (best - CONFIDENCE_PLATEAU), 0.0, None)
+    raw = float(2.0 ** (np.sum(w * np.log2(s)) / np.sum(w)))
+    scale = float(np.clip(raw, *SCALE_LIMITS))
+    return ScaleChoice(model_pixel_size_nm * scale, scale, None, scale != raw, "confidence", best)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from nanoseg.checkpoint import Checkpoint
 from nanoseg.engines import Engine, RawDetections
 from nanoseg.engines.factory import input_spec_of
-from nanoseg.input_spec import InputSpec
+from nanoseg.frame_profile import FrameProfile
+from nanoseg.input_spec import FrameMode, InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
 from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_summary, particle_table
@@ -25,10 +28,19 @@ from nanoseg.postprocess import (
     PostprocessConfig,
     cap_instances,
     filter_instances,
+    instance_scores,
     resolve_postprocess,
     to_instances,
 )
-from nanoseg.prepare import PreparedFrame, instances_to_frame
+from nanoseg.prepare import (
+    PreparedFrame,
+    ScaleChooser,
+    instances_to_frame,
+    prepare_frame,
+    resample_to_model_scale,
+    to_model_input,
+)
+from nanoseg.scale import CONFIDENCE_SCALES, ScaleChoice, pick_confident_scale, top_k_confidence
 from nanoseg.summary_stats import StatisticsConfig
 
 
@@ -78,6 +90,54 @@ class Segmenter:
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
         return [raw for batch in self._batches(tiles) for raw in self.engine.infer(batch)]
+
+    def prepare(self, frame: ArrayLike, profile: FrameProfile, *, flat_field: ArrayLike | None = None,
+                dark_frame: ArrayLike | None = None, pixel_size_nm: float | Literal["auto"] | None = None,
+                scale_chooser: ScaleChooser | None = None) -> PreparedFrame:
+        """``nanoseg.prepare.prepare_frame`` for this segmenter's model (same arguments); an
+        ``auto`` pixel size (given, or the profile's) is chosen by ``scale_chooser``, by default
+        this segmenter's ``choose_scale``."""
+        return prepare_frame(frame, profile, self.spec, flat_field=flat_field, dark_frame=dark_frame,
+                             pixel_size_nm=pixel_size_nm, scale_chooser=scale_chooser or self.choose_scale)
+
+    def choose_scale(self, image: np.ndarray, mode: FrameMode = "optical_density",
+                     scales: tuple[float, ...] = CONFIDENCE_SCALES) -> ScaleChoice:
+        """The resampling at which the model is most confident of the frame's objects.
+
+        The centre of the frame, one model input (``spec.size`` px square at model scale), is
+        run through the model at each scale; ``nanoseg.scale.pick_confident_scale`` picks from
+        the mean score of the best detections at each. One model pass per scale (9 by default).
+
+        Parameters
+        ----------
+        image : ndarray, shape (H, W)
+            The converted frame (optical density or intensity, bright objects on a dark
+            background), frame px.
+        mode : {"optical_density", "intensity"}
+            How ``image`` maps to the model's input (``to_model_input``).
+        scales : tuple of float
+            Model px per frame px to try.
+
+        Returns
+        -------
+        ScaleChoice
+            Method ``confidence``, the chosen scale and pixel size (nm) and its confidence.
+        """
+        gray = to_model_input(np.asarray(image, dtype=np.float32), self.spec, mode)
+        size = self.spec.size
+        h, w = gray.shape
+        views = []
+        for s in scales:
+            side = int(np.ceil(size / s)) + 2
+            y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+            view = resample_to_model_scale(gray[y0: y0 + side, x0: x0 + side], self.spec.pixel_size_nm * s,
+                                           self.spec)[0][:size, :size]
+            tile = np.full((size, size), float(np.median(view)), np.float32)
+            tile[: view.shape[0], : view.shape[1]] = view
+            views.append(tile)
+        raws = self.detect_tiles(np.stack(views))
+        conf = [top_k_confidence(instance_scores(raw, self.post)) for raw in raws]
+        return pick_confident_scale(scales, conf, self.spec.pixel_size_nm)
 
     def infer_tiles(self, tiles: np.ndarray) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates. Where the engine runs

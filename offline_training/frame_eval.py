@@ -1,6 +1,6 @@
 """Images of any contrast and size scored as frames: ``nanoseg evaluate --profile``.
 
-Each image file of a COCO set is prepared as the daemon prepares a frame (``prepare_frame`` with
+Each image file of a COCO set is prepared as the daemon prepares a frame (``Segmenter.prepare`` with
 a profile: input check, conversion, resampling, tiles) and segmented; what the preparation found
 (the input check, the pixel size chosen) goes with each image's measures.
 """
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
-from nanoseg.prepare import PreparedFrame, prepare_frame
+from nanoseg.prepare import PreparedFrame
 from nanoseg.segmenter import Segmenter
 
 
@@ -25,7 +25,7 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
                               limit: int | None = None, progress: bool = True, max_instances: int | None = None
                               ) -> Iterator[tuple[int, Instances, dict[str, Any]]]:
     """(image id, Instances, how it was prepared) for image files of any contrast and size,
-    each prepared as the daemon prepares a frame (``prepare_frame`` with ``profile``). A frame
+    each prepared as the daemon prepares a frame (``Segmenter.prepare`` with ``profile``). A frame
     the profile cannot prepare (``FrameError``) counts as found empty, its reason in the record.
     ``max_instances``: the best-scored instances per image only (``Segmenter.segment_prepared``)."""
     from nanoseg_training.image_files import read_image
@@ -34,8 +34,7 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
     images = sorted(coco["images"], key=lambda im: int(im["id"]))[:limit]
     for im in tqdm(images, desc="evaluate", unit="img", disable=not progress):
         try:
-            prepared = prepare_frame(read_image(root / im["file_name"]), profile, segmenter.spec,
-                                     pixel_size_nm=pixel_size)
+            prepared = segmenter.prepare(read_image(root / im["file_name"]), profile, pixel_size_nm=pixel_size)
         except FrameError as err:
             yield (int(im["id"]), Instances.empty(int(im["height"]), int(im["width"])),
                    {"frame_error": err.reason})
@@ -53,4 +52,5 @@ def preparation_record(prepared: PreparedFrame) -> dict[str, Any]:
             "input_mismatch": bool(check and check.mismatch),
             "pixel_size_nm": None if prepared.pixel_size_nm is None else round(float(prepared.pixel_size_nm), 4),
             "auto_width_px": None if auto is None or auto.object_width_px is None else round(auto.object_width_px, 2),
+            "auto_confidence": None if auto is None or auto.confidence is None else round(auto.confidence, 4),
             "auto_scale_limited": bool(auto and auto.limited)}

@@ -24,14 +24,13 @@ import tifffile
 from tqdm import tqdm
 
 from nanoseg.config_io import load_yaml
-from nanoseg.engines.factory import input_spec_of, load_engine
+from nanoseg.engines.factory import load_engine
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
 from nanoseg.particle_stats import FrameSummary, ParticleTable
 from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
-from nanoseg.prepare import prepare_frame
 from nanoseg.segmenter import Segmenter
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_training.image_files import UnreadableImage, read_image
@@ -91,7 +90,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else DEFAULT_MODEL
     engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta,
                                max_detections=args.max_detections)
-    spec = input_spec_of(ckpt)
     profile = load_yaml(resolve_config(args.profile, "profiles"), FrameProfile)
     try:
         post = explicit_postprocess(score_threshold=args.score_threshold, mask_threshold=args.mask_threshold,
@@ -110,7 +108,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                          disable=args.quiet), start=1):
         try:
             frame = read_image(path)
-            prepared = prepare_frame(frame, profile, spec, flat_field=flat, pixel_size_nm=args.pixel_size)
+            prepared = seg.prepare(frame, profile, flat_field=flat, pixel_size_nm=args.pixel_size)
             analysis = seg.analyse(prepared, prepared.stated_pixel_size_nm, statistics=statistics)
             inst = analysis.instances
             record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}

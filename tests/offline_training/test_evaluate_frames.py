@@ -66,7 +66,8 @@ def test_evaluate_prepares_real_frames_and_groups_by_contrast(trained_model_path
     rows = {int(r["image_id"]): r for r in csv.DictReader((out / "per_image.csv").read_text().splitlines())}
     assert rows[1]["input_used"] == "transmission" and rows[2]["input_used"] == "optical_density"
     for r in rows.values():  # auto found the 2x the frames were shrunk by (8 nm model -> ~16 nm frames)
-        assert 12.0 < float(r["pixel_size_nm"]) < 21.0
+        assert 16.0 / 2 ** 0.5 < float(r["pixel_size_nm"]) < 16.0 * 2 ** 0.5  # within half an octave
+        assert 0.5 < float(r["auto_confidence"]) <= 1.0
     assert m["run"]["max_detections"] == 120 and m["run"]["profile"]["name"] == "em"
     report = (out / "report.md").read_text()
     assert "| dark | 1 |" in report and "profile `em`" in report
