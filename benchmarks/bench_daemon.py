@@ -23,7 +23,9 @@ against the daemon's throughput:
 2. unloaded: one frame at a time; latency = summary received - frame sent;
 3. saturated: ``--frames`` frames pushed as fast as the daemon takes them.
 
-Nothing may be dropped or fail: the script checks the counters and says so. The machine's load
+The daemon's mean time per stage (prepare, infer, postprocess, stats) comes from its metrics;
+the statistics' share is stats / their sum. Nothing may be dropped or fail: the script checks
+the counters and says so. The machine's load
 average is recorded; other jobs slow every figure.
 """
 
@@ -386,6 +388,7 @@ def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "throughput_ratio_daemon_over_engine_only": sat["steady_frames_per_second"] / engine_fps,
         "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
         "daemon_stage_mean_ms": stage_means,
+        "statistics_share_of_frame": stage_means["stats"] / max(sum(stage_means.values()), 1e-9),
     })
 
 
@@ -464,7 +467,8 @@ def report(r: dict[str, Any]) -> None:
         ])
         print(f"\nthroughput daemon / engine only: {r['throughput_ratio_daemon_over_engine_only']:.3f}; "
               f"daemon / model only: {r['throughput_ratio_daemon_over_model_only']:.3f}")
-        print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items()))
+        print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items())
+              + f"; statistics (table and summary) {100 * r['statistics_share_of_frame']:.1f} % of the frame's time")
     c = r["counters"]
     print(f"counters: received {c['received']:.0f}, processed {c['processed']:.0f}, dropped {c['dropped']:.0f}, "
           f"failed {c['failed']:.0f}; clean stop: {r['stopped_cleanly']}")

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_measurements.py [--images 24]
         [--model-images 21] [--model models/default/model.pt] [--engine torch|onnx]
-        [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py] [--out results.json]
+        [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py | --baseline-rev REV] [--out results.json]
 
 Scenes: 512 x 512 fields at the paper preset's scale (8 nm per pixel), ``--images`` per kind,
 wires deposited through the generator's ``deposit()`` with rectangular cross-sections, lengths
@@ -270,17 +270,24 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
             acc.setdefault("length_rel", []).append(np.abs(table.length_px[pi] / truth["length"][gi] - 1))
             acc.setdefault("width_abs", []).append(np.abs(table.width_px[pi] - truth["width"][gi]))
             acc.setdefault("length_rel_alone", []).append(np.abs(table.length_px[pi] / truth["length"][gi] - 1)[alone])
+            if kind == "straight":
+                mf_err = np.abs(table.min_feret_px[pi] - truth["nominal_width"][gi])
+                acc.setdefault("min_feret_abs", []).append(mf_err)
+                acc.setdefault("min_feret_abs_alone", []).append(mf_err[alone])
         e = {k: np.concatenate(v) for k, v in acc.items()}
         res: dict[str, Any] = {k: {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
                                    "n": int(v.size)} for k, v in e.items() if v.size}  # fmt: skip
         res["detected"], res["wires"] = detected, total
         result[kind] = res
         la = res.get("length_rel_alone", {"median": math.nan})
+        mf, mfa = res.get("min_feret_abs"), res.get("min_feret_abs_alone")
         rows.append([kind, f"{detected}/{total}", 100 * res["length_rel"]["median"], 100 * res["length_rel"]["p90"],
-                     100 * la["median"], res["width_abs"]["median"], res["width_abs"]["p90"]])
+                     100 * la["median"], res["width_abs"]["median"], res["width_abs"]["p90"],
+                     "-" if mf is None else f"{mf['median']:.2f} / {mf['p90']:.2f}",
+                     "-" if mfa is None else f"{mfa['median']:.2f} ({mfa['n']})"])
     print_table(f"Whole chain: the shipped model's masks ({args.engine}, {args.threads} thread(s)), matched at IoU >= 0.5",
                 ["set", "matched", "length err % (median)", "p90", "not overlapped: median %", "width err px (median)",
-                 "p90"], rows)  # fmt: skip
+                 "p90", "MinFeret - width px (median / p90)", "not overlapped: median (n)"], rows)  # fmt: skip
     dense = twenty_wire_scene(args.seed)
     gray = render(dense, np.random.default_rng(args.seed)).gray
     dense_seg, dense_stats, dense_n = [], [], 0
@@ -308,6 +315,23 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
           f"{result['timing']['statistics_ms_median']:.1f} ms ({100 * ratio:.1f} % of the segmentation), "
           f"{result['timing']['particles_per_frame_median']:.0f} particles")
     return result
+
+
+def baseline_from_revision(rev: str, workdir: Path) -> Path:
+    """The statistics of git revision ``rev`` (``particle_stats``, ``particle_geometry`` and
+    ``summary_stats``) written under ``workdir`` as modules importing each other, not the
+    working tree's; returns the ``particle_stats`` file for ``load_baseline``."""
+    import subprocess
+
+    names = ("particle_geometry", "summary_stats", "particle_stats")
+    sys.path.insert(0, str(workdir))
+    for name in names:
+        text = subprocess.run(["git", "show", f"{rev}:nanoseg/{name}.py"], check=True, capture_output=True,
+                              text=True).stdout
+        for other in names:
+            text = text.replace(f"from nanoseg.{other} import", f"from baseline_{other} import")
+        (workdir / f"baseline_{name}.py").write_text(text)
+    return workdir / "baseline_particle_stats.py"
 
 
 def load_baseline(path: Path) -> Any:
@@ -364,8 +388,14 @@ def main() -> None:
     ap.add_argument("--timing-repeats", type=int, default=10)
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a particle_stats.py to time against (git show REV:nanoseg/particle_stats.py > FILE)")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="time against the statistics of this git revision (all three modules; instead of --baseline)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if args.baseline_rev:
+        import tempfile
+
+        args.baseline = baseline_from_revision(args.baseline_rev, Path(tempfile.mkdtemp(prefix="bench_baseline_")))
     fields = {kind: make_fields(kind, args.images, args.seed) for kind in KINDS}
     out: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()}}
     out["ground_truth_masks"] = ground_truth_masks(fields)

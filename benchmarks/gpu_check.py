@@ -8,6 +8,8 @@
    graph exported at that size and ``max_batch`` = the batch (``nanoseg.export``).
    ``--compile``: torch again with ``torch.compile`` on the backbone (the heads' shapes change per
    frame, so only the backbone is compiled).
+3. Post-processing on the device (``nanoseg.device_postprocess``) against the host: frame time
+   and masks compared (CUDA only).
 
 ``onnxruntime-gpu`` replaces the CPU package ``onnxruntime`` (both own the module): with
 ``--install-ort-gpu`` the script swaps them first (``pip uninstall onnxruntime``, then ``pip
@@ -30,9 +32,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported in main(), after --install-ort-gpu may have swapped onnxruntime
+    from nanoseg.segmenter import Segmenter
 
 
 def install_ort_gpu(wheels: Path | None) -> str:
@@ -54,6 +59,47 @@ def ort_cuda_status() -> str | None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider ({ort.get_available_providers()})"
     return None
+
+
+def device_post_vs_host(gpu: Segmenter, grays: list[np.ndarray], repeats: int) -> dict[str, Any]:
+    """Frame time of the CUDA engine with post-processing on the device (``device_postprocess``:
+    scores, thresholds, pasting into box-local crops) and on the host (numpy), interleaved; the
+    two paths' masks compared; and the moment statistics of the frame's particles on the device
+    against the host's whole table and summary."""
+    import torch
+
+    from nanoseg import device_postprocess as dp
+    from nanoseg.particle_stats import frame_summary, particle_table
+    from nanoseg.segmenter import Segmenter
+
+    on = {flag: Segmenter(gpu.engine, gpu.spec, gpu.post, gpu.mask_offset_px, gpu.mask_margin_px, device_post=flag)
+          for flag in (True, False)}  # fmt: skip
+    ious: list[float] = []
+    for g in grays:
+        ious += mask_iou_matches(on[False].segment_gray(g), on[True].segment_gray(g))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    moments_s, table_s = [], []
+    for k in range(max(repeats // 2, 1)):
+        g = grays[k % len(grays)]
+        for flag in (True, False):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            inst = on[flag].segment_gray(g)
+            torch.cuda.synchronize()
+            times[flag].append(time.perf_counter() - t0)
+        masks = dp.DeviceMasks.from_host(inst.box_masks, gpu.engine.device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dp.moment_columns(masks)
+        moments_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        frame_summary(particle_table(inst.box_masks))
+        table_s.append(time.perf_counter() - t0)
+    dev, host = np.median(times[True]), np.median(times[False])
+    return {"frame_ms_device_post": 1000 * float(dev), "frame_ms_host_post": 1000 * float(host),
+            "host_over_device": float(host / dev), "mask_iou_min": float(min(ious)) if ious else None,
+            "moment_columns_ms_device": 1000 * float(np.median(moments_s)),
+            "table_and_summary_ms_host": 1000 * float(np.median(table_s))}
 
 
 def tensorrt_status() -> str:
@@ -179,6 +225,8 @@ def main() -> None:
         "torch": torch.__version__, "cuda": torch.version.cuda, "model": str(args.model), "images": len(grays),
         "onnxruntime_cuda": (ort_missing or "available") if on_gpu else "not checked (--device cpu)",
         "frames_per_second": speed,
+        "post_processing_device_vs_host": device_post_vs_host(Segmenter.for_checkpoint(torch_dev, ckpt, post), grays,
+                                                              args.repeats) if on_gpu else "not measured (--device cpu)",
         "tensorrt": tensorrt_status(),
     })
     text = json.dumps(result, indent=2)

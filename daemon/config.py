@@ -26,6 +26,7 @@ from nanoseg.config_io import (
 )
 from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.postprocess import PostprocessConfig
+from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
 from nanoseg_daemon.queueing import Policy
@@ -180,6 +181,10 @@ class DaemonConfig(StrictModel):
     postprocess: PostprocessConfig = Field(
         default_factory=PostprocessConfig,
         description="Fields set here override the model's own operating point (its checkpoint's thresholds).")
+    statistics: StatisticsConfig = Field(
+        default_factory=StatisticsConfig,
+        description="Frame summaries: edge_rule (include, exclude, miles_lantuejoul), bootstrap_resamples, "
+                    "target_precision; the rule is stated in every summary.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     queue: QueueSection = Field(default_factory=QueueSection)
     batching: BatchingSection = Field(default_factory=BatchingSection)

@@ -32,6 +32,7 @@ from nanoseg.input_spec import FrameMode
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, ScaleChooser
 from nanoseg.scale import ScaleChoice
+from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.config import BatchingSection, QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
 from nanoseg_daemon.logs import log
@@ -123,13 +124,14 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook, scales: Ru
 
 
 def infer_and_measure(p: Prepared, detections: Sequence[RawDetections] | None = None,
-                      infer_seconds: float = 0.0) -> FrameResult:
+                      infer_seconds: float = 0.0, statistics: StatisticsConfig | None = None) -> FrameResult:
     """Inference and statistics of a prepared frame, on the model it was prepared for.
     ``detections``: its tiles' raw detections when the engine ran already, with the frame's share
-    of that run (``infer_seconds``, s)."""
+    of that run (``infer_seconds``, s); summarised as ``statistics`` says (the config's
+    ``statistics`` section; None: its defaults)."""
     px = p.frame.stated_pixel_size_nm
     timings = {"prepare": p.seconds, "infer": infer_seconds}
-    a = p.model.segmenter.analyse(p.frame, px, timings, detections)
+    a = p.model.segmenter.analyse(p.frame, px, timings, detections, statistics)
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
         timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
@@ -157,9 +159,10 @@ def _preparation(frame: PreparedFrame) -> dict[str, object]:
     return out
 
 
-def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook) -> FrameResult:
+def analyse_frame(job: FrameJob, model: LoadedModel, profiles: ProfileBook,
+                  statistics: StatisticsConfig | None = None) -> FrameResult:
     """The whole pipeline for one frame (what the three stages do, in one call)."""
-    return infer_and_measure(prepare(job, model, profiles))
+    return infer_and_measure(prepare(job, model, profiles), statistics=statistics)
 
 
 @dataclass(frozen=True)
@@ -186,18 +189,20 @@ def detect_batch(batch: Sequence[Prepared]) -> list[Detected | Exception]:
     return [Detected(p, r, seconds * len(p.frame.tiles) / tiles) for p, r in zip(batch, raws)]
 
 
-def measure(d: Detected) -> FrameResult:
-    """Post-processing and statistics of a frame whose detections are known."""
-    return infer_and_measure(d.prepared, d.detections, d.seconds)
+def measure(d: Detected, statistics: StatisticsConfig | None = None) -> FrameResult:
+    """Post-processing and statistics (summarised as ``statistics`` says) of a frame whose
+    detections are known."""
+    return infer_and_measure(d.prepared, d.detections, d.seconds, statistics)
 
 
-def analyse_batch(batch: Sequence[Prepared]) -> list[FrameResult | Exception]:
+def analyse_batch(batch: Sequence[Prepared], statistics: StatisticsConfig | None = None
+                  ) -> list[FrameResult | Exception]:
     """``detect_batch`` then ``measure``, in one call (what the infer and measure stages do):
     per frame, in order, its result or the exception it raised."""
     out: list[FrameResult | Exception] = []
     for d in detect_batch(batch):
         try:
-            out.append(d if isinstance(d, Exception) else measure(d))
+            out.append(d if isinstance(d, Exception) else measure(d, statistics))
         except Exception as err:
             out.append(err)
     return out
@@ -288,8 +293,10 @@ class Stages:
     statistics) runs beside it, so the engine never waits for them."""
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
-                 cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None) -> None:
+                 cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None,
+                 statistics: StatisticsConfig | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
+        self.statistics = statistics
         self.batching = batching or BatchingSection()
         size = max(inner_queue, self.batching.max_batch)
         self.q_infer: queue.Queue[object] = queue.Queue(size)
@@ -360,7 +367,7 @@ class Stages:
                 break
             if isinstance(item, Detected):
                 try:
-                    self.q_out.put(measure(item))
+                    self.q_out.put(measure(item, self.statistics))
                 except Exception as err:
                     self._failed(item.prepared.job, err)
             else:

@@ -41,6 +41,7 @@ SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured
 FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
 _OFFSETS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc])  # 8-neighbourhood
 _STEPS = np.hypot(_OFFSETS[:, 0], _OFFSETS[:, 1])
+OCTAGON_FROM = 48  # convex_hull: above this many points, those inside their octagon are dropped first
 _LATTICE = ((1, 0), (1, 1), (2, 1), (1, 2))  # lattice directions (p, q) whose rows of centres matter
 
 
@@ -90,9 +91,10 @@ def _longest_path(skel: np.ndarray) -> np.ndarray:
     a = int(np.argmax(np.where(np.isfinite(dist0), dist0, -1)))
     dist_a, pred = dijkstra(graph, indices=a, return_predecessors=True)
     b = int(np.argmax(np.where(np.isfinite(dist_a), dist_a, -1)))
+    before = pred.tolist()  # walked as Python ints: one numpy scalar per step cost more than Dijkstra
     path = [b]
     while path[-1] != a:
-        path.append(int(pred[path[-1]]))
+        path.append(before[path[-1]])
     ids = np.asarray(path[::-1])
     return np.stack([rr[ids], cc[ids]], axis=1)
 
@@ -169,8 +171,11 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreli
     idx = np.unique(np.concatenate([np.searchsorted(core_arc, targets), [len(core) - 1]]))
     idx = idx[idx < len(core)]
     samples = core[idx]
+    # on the pixel grid the samples are pixel centres, where the distance transform already is
+    # the distance to the nearest pixel outside (_distance_to_outside's, to the last bit)
+    sample_half = half[keep][idx] if s == 1 else None
     if len(samples) == 1 or np.allclose(samples[0], samples[-1]):
-        samples = _degenerate_axis(padded, samples[0])
+        samples, sample_half = _degenerate_axis(padded, samples[0]), None
     ends = []
     span = max(2.0 * step, 1.0)
     fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0 + 2 * s
@@ -182,7 +187,7 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreli
         ends.append(end + d * _exit_distance(fmask, end, d, reach))
     pts = np.vstack([ends[0], samples, ends[1]])
     length = float(_arc(pts)[-1])
-    profile = 2.0 * _distance_to_outside(padded, samples)
+    profile = 2.0 * (_distance_to_outside(padded, samples) if sample_half is None else sample_half)
     profile = np.concatenate([profile[:1], profile, profile[-1:]])  # the end points keep their neighbour's
     mean_width = float(mask.sum()) / length if length > 0 else math.nan
     profile = profile + (mean_width - float(profile.mean()))
@@ -237,25 +242,51 @@ class Feret:
 
 
 def hull_candidates(mask: np.ndarray) -> np.ndarray:
-    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices: each row's first and last
-    pixel (every other pixel of a row lies between them, so the hull is theirs)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    first = mask[rows].argmax(axis=1)
-    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
-    xs = np.concatenate([first, last]).astype(np.float64)
-    ys = np.concatenate([rows, rows]).astype(np.float64)
-    return np.stack([xs, ys], axis=1) + 0.5
+    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices, top row's first pixel first.
+
+    Each row's first and last pixel (every other pixel of a row lies between them), then only
+    those where the left (right) chain of them, row by row, turns outwards: a point on or inside
+    the segment joining its chain neighbours lies between that segment and the other end of its
+    row, so it is no vertex. Every hull vertex is kept.
+    """
+    first = mask.argmax(axis=1)
+    rows = np.flatnonzero(mask[np.arange(mask.shape[0]), first])
+    first, last = first[rows], mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    chains = np.concatenate([_outward_chain(first, rows, 1), _outward_chain(last, rows, -1)])
+    return chains.astype(np.float64) + 0.5
+
+
+def _outward_chain(x: np.ndarray, y: np.ndarray, side: int, max_passes: int = 64) -> np.ndarray:
+    """The points (x, y) (integers, y increasing) where the chain through them turns outwards (to
+    smaller x for ``side`` 1, larger for -1), as (M, 2) x, y; the ends are always kept.
+
+    Each pass drops every point on or inside the segment of its current neighbours; a point so
+    dropped is no hull vertex, so stopping after ``max_passes`` keeps every vertex too.
+    """
+    x, y = x.astype(np.int64), y.astype(np.int64)
+    for _ in range(max_passes):
+        if len(x) < 3:
+            break
+        dx, dy = x[2:] - x[:-2], y[2:] - y[:-2]
+        outward = side * ((x[1:-1] - x[:-2]) * dy - dx * (y[1:-1] - y[:-2])) < 0  # beyond the segment
+        if outward.all():
+            break
+        keep = np.concatenate([[True], outward, [True]])
+        x, y = x[keep], y[keep]
+    return np.stack([x, y], axis=1)
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray | None:
     """Vertices (K, 2) of the convex hull of ``points``, in order around it; None when they are
     collinear (or fewer than 3).
 
-    Points inside the octagon of the extreme points in 8 directions cannot be vertices and are
-    dropped first (most of an elongated particle's); the rest go through Andrew's monotone chain.
+    Of many points, those inside the octagon of the extreme points in 8 directions cannot be
+    vertices and are dropped first; the rest go through Andrew's monotone chain.
     """
     if len(points) < 3:
         return None
+    if len(points) <= OCTAGON_FROM:
+        return _monotone_chain(np.unique(points, axis=0))
     x, y = points[:, 0], points[:, 1]
     sums = (x, x + y, y, y - x)
     octagon = points[[int(np.argmin(v)) for v in sums] + [int(np.argmax(v)) for v in sums]]

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import perimeter
 
-from nanoseg.instances import mask_boxes
+from nanoseg.instances import BoxMasks, mask_boxes
 from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
 from nanoseg.summary_stats import (
     HISTOGRAM_EDGES,
@@ -40,8 +40,8 @@ from nanoseg.summary_stats import (
     Histogram,
     Stat,
     axial_stat,
+    column_stats,
     edge_weights,
-    stat_with_interval,
 )
 
 COLUMNS_PX = (
@@ -193,6 +193,22 @@ def _json_number(x: float | int | bool) -> float | int | bool | None:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def moment_figures(l1: float, l2: float, vx: float, vy: float) -> dict[str, float]:
+    """The second-moment columns of one mask (module docstring), px and degrees.
+
+    ``l1`` >= ``l2`` >= 0: eigenvalues of its pixel centres' covariance (px^2); (``vx``, ``vy``):
+    the eigenvector of ``l1`` (any length or sign), x right, y down. Returns ``major_px``,
+    ``minor_px``, ``orientation_deg`` and ``eccentricity``; the one definition for the numpy
+    table and the device path (``nanoseg.device_postprocess``).
+    """
+    return {
+        "major_px": 4 * math.sqrt(l1 + 1 / 12),
+        "minor_px": 4 * math.sqrt(l2 + 1 / 12),
+        "orientation_deg": orientation_from_vector(vx, vy),
+        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
+    }
+
+
 def _corner_hull_area(hull: np.ndarray) -> float:
     """Area (px^2) of the convex hull of the pixels' corners, from the hull of their centres.
 
@@ -213,7 +229,8 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     cov = np.cov(np.stack([cc, rr]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
     evals, evecs = np.linalg.eigh(cov)
     l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
-    major, minor = 4 * math.sqrt(l1 + 1 / 12), 4 * math.sqrt(l2 + 1 / 12)
+    moments = moment_figures(l1, l2, float(evecs[0, 1]), float(evecs[1, 1]))
+    major, minor = moments["major_px"], moments["minor_px"]
     per = float(perimeter(crop))
     hull = convex_hull(hull_candidates(crop))
     hull_area = _corner_hull_area(hull) if hull is not None else float(area)
@@ -245,23 +262,20 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
         "feret_angle_deg": f.angle_deg,
         "tortuosity": cl.tortuosity if cl else math.nan,
         "bow_px": cl.max_deviation_px() if cl else math.nan,
-        "major_px": major,
-        "minor_px": minor,
-        "orientation_deg": orientation_from_vector(float(evecs[0, 1]), float(evecs[1, 1])),
+        **moments,
         "centroid_x": cx + 0.5,
         "centroid_y": cy + 0.5,
         "perimeter_px": per,
         "circularity": min(4 * math.pi * area / per**2, 1.0) if per > 0 else math.nan,
         "solidity": min(area / hull_area, 1.0) if hull_area > 0 else 1.0,
-        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
     }
     return row, cl
 
 
 def particle_table(
-    masks: np.ndarray, od: np.ndarray | None = None, pixel_size_nm: float | None = None
+    masks: np.ndarray | BoxMasks, od: np.ndarray | None = None, pixel_size_nm: float | None = None
 ) -> ParticleTable:
-    """Statistics of each mask of ``masks`` (N, H, W) bool; ``od`` (H, W) for the mean OD.
+    """Statistics of each mask of ``masks`` (N, H, W) bool or box-local; ``od`` (H, W) for the mean OD.
 
     Masks may overlap (each is a particle's full footprint). Each particle is measured on its
     bounding-box crop only (skeleton, distance transform and hulls included).
@@ -272,9 +286,12 @@ def particle_table(
     if od is not None and od.shape != (h, w):
         raise ValueError(f"od shape {od.shape} differs from the masks' {(h, w)}")
     boxes = mask_boxes(masks).astype(int)
+    # box-local masks are their crops already (mask_boxes gives their extents); a stack is cut
+    crops = [masks.crops[i] if isinstance(masks, BoxMasks) else masks[i, y0:y1, x0:x1]
+             for i, (x0, y0, x1, y1) in enumerate(boxes)]  # fmt: skip
     cover = np.zeros((h, w), np.int32)  # summed box by box: a frame-sized pass per mask is not needed
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        cover[y0:y1, x0:x1] += masks[i, y0:y1, x0:x1]
+    for crop, (x0, y0, x1, y1) in zip(crops, boxes):
+        cover[y0:y1, x0:x1] += crop
     cols = {name: np.full(n, np.nan) for name in COLUMNS_PX}
     touches = np.zeros(n, dtype=bool)
     mean_od = np.full(n, np.nan) if od is not None else None
@@ -283,7 +300,7 @@ def particle_table(
         if x1 == x0:
             lines.append(None)
             continue
-        crop = masks[i, y0:y1, x0:x1]
+        crop = crops[i]
         row, cl = _measure(crop)
         row["centroid_x"] += x0
         row["centroid_y"] += y0
@@ -404,7 +421,12 @@ def frame_summary(
     stats: dict[str, Stat] = {}
     order: float | None = None
     nm = table.pixel_size_nm
-    for name, values in table.columns().items():
+    columns = table.columns()
+    plain = [k for k in columns if k not in COLUMNS_FLAG and k != "orientation_deg" and not (nm and k in COLUMNS_NM)]
+    values = np.stack([columns[k].astype(np.float64) for k in plain]) if plain else np.zeros((0, len(table)))
+    interval = np.array([k in INTERVAL_COLUMNS for k in plain], dtype=bool)
+    plain_stats = dict(zip(plain, column_stats(values, weights, resamples, seed, target_precision, interval)))
+    for name, values in columns.items():
         if name in COLUMNS_FLAG:
             continue
         if name == "orientation_deg":
@@ -413,8 +435,7 @@ def frame_summary(
             px = "area_px" if name == "area_nm2" else name.removesuffix("_nm") + "_px"
             stats[name] = stats[px].scaled(nm**2 if name == "area_nm2" else nm)
         else:
-            rng = np.random.default_rng(seed) if name in INTERVAL_COLUMNS else None
-            stats[name] = stat_with_interval(values.astype(np.float64), weights, resamples, rng, target_precision)
+            stats[name] = plain_stats[name]
     histograms = {
         name: Histogram.of(values.astype(np.float64), HISTOGRAM_EDGES[name])
         for name, values in table.columns().items()

@@ -18,6 +18,7 @@ applies to the rescored score, which is also the score published and stored.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
@@ -140,22 +141,75 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
     -------
     ndarray, shape (H, W), bool
     """
-    h, w = shape
     out = np.zeros(shape, dtype=bool)
+    win = paste_window(box, shape, probs.shape, offset_px, margin_px)
+    if win is None:
+        return out
+    r0, r1, c0, c1 = win.rows_cols
+    yy, xx = np.meshgrid(win.grid_y, win.grid_x, indexing="ij")
+    vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
+    out[r0:r1, c0:c1] = vals >= threshold
+    return out
+
+
+@dataclass(frozen=True)
+class PasteWindow:
+    """Where one detection's mask grid lands on the canvas (``paste_mask``'s pixel model).
+
+    ``rows_cols``: (r0, r1, c0, c1), the canvas pixels whose centres the (grown, offset) box can
+    cover, clipped to the canvas. Pixel (c, r) samples the grid at ``grid_x[c - c0]``,
+    ``grid_y[r - r0]`` (cell units, cell centres at integers; zeros beyond the grid).
+    """
+
+    rows_cols: tuple[int, int, int, int]
+    origin: tuple[float, float]
+    """(x0, y0) of the grown, offset box, px."""
+    size: tuple[float, float]
+    """(width, height) of the grown box, px."""
+    grid_shape: tuple[int, int]
+    """The mask grid's (rows, columns)."""
+
+    @property
+    def grid_y(self) -> np.ndarray:
+        """Grid row coordinate (cells) of each canvas row r0 .. r1 - 1's pixel centres."""
+        r0, r1 = self.rows_cols[:2]
+        return (np.arange(r0, r1) + 0.5 - self.origin[1]) / self.size[1] * self.grid_shape[0] - 0.5
+
+    @property
+    def grid_x(self) -> np.ndarray:
+        """Grid column coordinate (cells) of each canvas column c0 .. c1 - 1's pixel centres."""
+        c0, c1 = self.rows_cols[2:]
+        return (np.arange(c0, c1) + 0.5 - self.origin[0]) / self.size[0] * self.grid_shape[1] - 0.5
+
+
+def paste_window(box: np.ndarray, shape: tuple[int, int], grid_shape: tuple[int, ...], offset_px: float = 0.0,
+                 margin_px: float = 0.0) -> PasteWindow | None:
+    """The canvas window and grid coordinates of one detection (None when it covers no pixel).
+
+    Parameters
+    ----------
+    box : ndarray, shape (4,)
+        xyxy px, pixel-edge coordinates, y down.
+    shape : (int, int)
+        Canvas (H, W) in px.
+    grid_shape : (int, int)
+        The mask grid's (rows, columns).
+    offset_px, margin_px : float, optional
+        As in :func:`paste_mask`.
+
+    Returns
+    -------
+    PasteWindow or None
+    """
+    h, w = shape
     x0, y0 = (float(v) + offset_px - margin_px for v in box[:2])
     x1, y1 = (float(v) + offset_px + margin_px for v in box[2:])
     bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
     c0, c1 = max(math.floor(x0), 0), min(math.ceil(x1), w)
     r0, r1 = max(math.floor(y0), 0), min(math.ceil(y1), h)
     if c0 >= c1 or r0 >= r1:
-        return out
-    m = probs.shape[0]
-    gy = (np.arange(r0, r1) + 0.5 - y0) / bh * m - 0.5
-    gx = (np.arange(c0, c1) + 0.5 - x0) / bw * probs.shape[1] - 0.5
-    yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
-    out[r0:r1, c0:c1] = vals >= threshold
-    return out
+        return None
+    return PasteWindow((r0, r1, c0, c1), (x0, y0), (bw, bh), (int(grid_shape[0]), int(grid_shape[1])))
 
 
 def maskness(mask_probs: np.ndarray, threshold: float) -> np.ndarray:

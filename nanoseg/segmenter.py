@@ -9,7 +9,7 @@ post-processing for images already at the model's scale (``nanoseg evaluate``'s 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +41,7 @@ from nanoseg.prepare import (
     to_model_input,
 )
 from nanoseg.scale import CONFIDENCE_SCALES, ScaleChoice, pick_confident_scale, top_k_confidence
+from nanoseg.summary_stats import StatisticsConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Segmenter:
     """Where the model's mask grid sits relative to its boxes (``mask_grid_offset_px``)."""
     mask_margin_px: float = 0.0
     """How far the engine's mask grid reaches beyond each box (``MaskDecoding.margin_px``)."""
+    device_post: bool | None = None
+    """Post-process on the engine's device: None = where it runs on CUDA (``post_on_device``)."""
 
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
@@ -75,7 +78,14 @@ class Segmenter:
 
     def with_post(self, post: PostprocessConfig) -> Segmenter:
         """The same model with another post-processing."""
-        return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px)
+        return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px, self.device_post)
+
+    def _batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
+        """The engine's input batches of ``tiles`` (at most ``max_batch`` each, channels repeated)."""
+        c = self.engine.input_shape[0]
+        step = max(self.engine.max_batch, 1)
+        for i in range(0, len(tiles), step):
+            yield np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
 
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
@@ -159,10 +169,30 @@ class Segmenter:
 
     def infer_tiles(self, tiles: np.ndarray, detections: Sequence[RawDetections] | None = None) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates (``detections``: the
-        tiles' raw detections when the engine ran already, ``detect_frames``)."""
+        tiles' raw detections when the engine ran already, ``detect_frames``). Where the engine
+        runs on CUDA and can leave its outputs there, scores, thresholds and mask pasting run on
+        the device too (``nanoseg.device_postprocess``)."""
+        if self.post_on_device and detections is None:
+            return self._infer_tiles_on_device(tiles)
         raw = self.detect_tiles(tiles) if detections is None else detections
         return [to_instances(r, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for r, tile in zip(raw, tiles)]
+
+    @property
+    def post_on_device(self) -> bool:
+        """Post-processing on the engine's device: ``device_post`` if set, else where the engine
+        runs on CUDA and has ``infer_device``."""
+        if self.device_post is not None:
+            return self.device_post and hasattr(self.engine, "infer_device")
+        return str(self.engine.device).startswith("cuda") and hasattr(self.engine, "infer_device")
+
+    def _infer_tiles_on_device(self, tiles: np.ndarray) -> list[Instances]:
+        from nanoseg import device_postprocess as dp  # torch only where it runs
+
+        infer_device = self.engine.infer_device  # type: ignore[attr-defined]  # post_on_device checked it
+        dets = [det for batch in self._batches(tiles) for det in dp.split_device_outputs(*infer_device(batch))]
+        return [dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
+                for det, tile in zip(dets, tiles)]
 
     def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
                          max_instances: int | None = None) -> Instances:
@@ -190,7 +220,8 @@ class Segmenter:
 
     def analyse(self, prepared: PreparedFrame, pixel_size_nm: float | None,
                 timings: dict[str, float] | None = None,
-                detections: Sequence[RawDetections] | None = None) -> FrameAnalysis:
+                detections: Sequence[RawDetections] | None = None,
+                statistics: StatisticsConfig | None = None) -> FrameAnalysis:
         """Frame -> instances -> particle table: the one path the daemon and ``nanoseg segment`` share.
 
         Parameters
@@ -206,6 +237,9 @@ class Segmenter:
         detections
             The frame's raw detections per tile when the engine ran already (``detect_frames``,
             several frames in one batch); None runs the engine on the frame's tiles.
+        statistics
+            How the summary counts and what intervals it gives (edge rule, bootstrap); None:
+            ``StatisticsConfig()`` (``include``).
 
         Returns
         -------
@@ -216,8 +250,10 @@ class Segmenter:
         inst, capped = self._segment(prepared, timings, detections=detections)
         t0 = time.perf_counter()
         od = prepared.image if prepared.mode == "optical_density" else None
-        table = particle_table(inst.box_masks, od, pixel_size_nm)  # type: ignore[arg-type]  # box-local: never N x H x W
-        summary = frame_summary(table)
+        table = particle_table(inst.box_masks, od, pixel_size_nm)  # box-local: never N x H x W
+        st = statistics or StatisticsConfig()
+        summary = frame_summary(table, st.edge_rule, resamples=st.bootstrap_resamples,
+                                target_precision=st.target_precision)
         if timings is not None:
             timings["stats"] = time.perf_counter() - t0
         return FrameAnalysis(inst, table, summary, capped)

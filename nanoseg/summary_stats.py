@@ -23,10 +23,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from nanoseg.config_io import StrictModel
 
 EdgeRule = Literal["include", "exclude", "miles_lantuejoul"]
 EDGE_RULES: tuple[EdgeRule, ...] = ("include", "exclude", "miles_lantuejoul")
 CONFIDENCE = 0.95
+
+
+class StatisticsConfig(StrictModel):
+    """How a frame's particles are summarised (``particle_stats.frame_summary``): the daemon's
+    ``statistics`` section, ``nanoseg segment --edge-rule``."""
+
+    edge_rule: EdgeRule = Field("include", description="Counting rule for particles touching the frame's "
+                                "border: include, exclude or miles_lantuejoul (stated in every summary).")
+    bootstrap_resamples: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples for the 95 % "
+                                     "intervals (0: no intervals).")
+    target_precision: float = Field(0.05, gt=0, lt=1, description="Relative half width of the median's "
+                                    "interval that n_for_target aims at.")
 
 
 def edge_weights(
@@ -128,21 +143,67 @@ def stat_with_interval(
     """``Stat`` of ``values`` (N,) with weights (N,); the bootstrap draws from ``rng``."""
     ok = np.isfinite(values) & (weights > 0)
     x, w = values[ok].astype(np.float64), weights[ok].astype(np.float64)
-    if x.size == 0:
-        return Stat(None, None, None)
-    mean, median, std = (float(v) for v in weighted_stats(x, w))
-    if rng is None or resamples <= 0 or x.size < 2:
-        return Stat(mean, median, std)
-    idx = rng.integers(0, x.size, size=(resamples, x.size))
-    bm, bmed, _ = weighted_stats(x[idx], w[idx])
+    draws = rng.integers(0, x.size, size=(resamples, x.size)) if rng is not None and resamples > 0 and x.size >= 2 else None
+    return _row_stats(x[None], w, draws, np.ones(1, bool), target_precision)[0]
+
+
+def column_stats(
+    values: np.ndarray,
+    weights: np.ndarray,
+    resamples: int,
+    seed: int,
+    target_precision: float,
+    interval: np.ndarray,
+) -> list[Stat]:
+    """``stat_with_interval`` of each row of ``values`` (C, N), weights (N,), at once.
+
+    Rows where ``interval`` (C,) is True get bootstrap intervals, each drawn from a generator
+    seeded ``seed`` (as if each row had its own ``np.random.default_rng(seed)``); the others
+    none. Rows with the same counted entries are computed together.
+    """
+    ok = np.isfinite(values) & (weights > 0)
+    groups: dict[bytes, list[int]] = {}
+    for i in range(values.shape[0]):
+        groups.setdefault(ok[i].tobytes(), []).append(i)
+    out: list[Stat] = [Stat(None, None, None)] * values.shape[0]
+    for rows in groups.values():
+        sel = ok[rows[0]]
+        # C order: a reduction along rows of another layout sums in another order (other last bits)
+        x = np.ascontiguousarray(values[rows][:, sel], dtype=np.float64)
+        w = weights[sel].astype(np.float64)
+        draws = None
+        if resamples > 0 and x.shape[1] >= 2 and interval[rows].any():
+            draws = np.random.default_rng(seed).integers(0, x.shape[1], size=(resamples, x.shape[1]))
+        for i, st in zip(rows, _row_stats(x, w, draws, interval[rows], target_precision)):
+            out[i] = st
+    return out
+
+
+def _row_stats(
+    x: np.ndarray, w: np.ndarray, draws: np.ndarray | None, interval: np.ndarray, target_precision: float
+) -> list[Stat]:
+    """``Stat`` of each row of ``x`` (C, n), finite, weights ``w`` (n,) > 0; rows where
+    ``interval`` get the percentile bootstrap over ``draws`` (R, n) indices (None: no intervals)."""
+    if x.shape[1] == 0:
+        return [Stat(None, None, None)] * x.shape[0]
+    mean, median, std = weighted_stats(x, np.broadcast_to(w, x.shape))
+    out = [Stat(float(m), float(d), float(s)) for m, d, s in zip(mean, median, std)]
+    if draws is None or x.shape[1] < 2 or not interval.any():
+        return out
+    rows = np.flatnonzero(interval)
+    xb = np.ascontiguousarray(x[rows][:, draws])  # (B, R, n): every row resampled with the same draws
+    bm, bmed, _ = weighted_stats(xb, np.broadcast_to(w[draws], xb.shape))
     alpha = (1 - CONFIDENCE) / 2
-    m_lo, m_hi = np.nanquantile(bm, [alpha, 1 - alpha])
-    d_lo, d_hi = np.nanquantile(bmed, [alpha, 1 - alpha])
-    half = 0.5 * (d_hi - d_lo)
-    need = None
-    if median != 0 and target_precision > 0:
-        need = max(1, math.ceil(x.size * (half / (target_precision * abs(median))) ** 2))
-    return Stat(mean, median, std, _opt(m_lo), _opt(m_hi), _opt(d_lo), _opt(d_hi), need)
+    m_lo, m_hi = np.quantile(bm, [alpha, 1 - alpha], axis=-1)  # finite: positive weights
+    d_lo, d_hi = np.quantile(bmed, [alpha, 1 - alpha], axis=-1)
+    for k, i in enumerate(rows):
+        med = float(median[i])
+        half = 0.5 * (d_hi[k] - d_lo[k])
+        need = None
+        if med != 0 and target_precision > 0:
+            need = max(1, math.ceil(x.shape[1] * (half / (target_precision * abs(med))) ** 2))
+        out[i] = Stat(out[i].mean, med, out[i].std, _opt(m_lo[k]), _opt(m_hi[k]), _opt(d_lo[k]), _opt(d_hi[k]), need)
+    return out
 
 
 def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from nanoseg.cli import lazy
+from nanoseg.summary_stats import EDGE_RULES
 from nanoseg_training.registry_cli import add_parsers as add_registry
 
 
@@ -168,6 +169,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--mask-rescoring", action=argparse.BooleanOptionalAction,
                    help="score = class score x maskness (default: the model's operating point, else off)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--edge-rule", choices=EDGE_RULES, default="include",
+                   help="counting rule of the summaries for particles touching the border (docs/measurements.md)")
     decoding_args(p, margin=False)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=lazy("nanoseg_training.segment_files:cmd_segment"))

@@ -28,10 +28,11 @@ from nanoseg.engines.factory import load_engine
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances
-from nanoseg.particle_stats import ParticleTable, frame_summary
+from nanoseg.particle_stats import FrameSummary, ParticleTable
 from nanoseg.paths import MODELS, resolve_config
 from nanoseg.postprocess import explicit_postprocess
 from nanoseg.segmenter import Segmenter
+from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_training.image_files import UnreadableImage, read_image
 
 DEFAULT_MODEL = MODELS / "default" / "model.pt"
@@ -41,6 +42,7 @@ DEFAULT_MODEL = MODELS / "default" / "model.pt"
 class SegmentResult:
     instances: Instances
     table: ParticleTable
+    summary: FrameSummary
     image: np.ndarray
 
 
@@ -73,7 +75,7 @@ def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray,
             w.writeheader()
             for i, (rec, score) in enumerate(zip(records, result.instances.scores)):
                 w.writerow({"particle": i, "score": round(float(score), 4), **rec})
-    summary = frame_summary(result.table).to_dict()
+    summary = result.summary.to_dict()
     if preparation is not None:
         summary["preparation"] = preparation
     (out / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
@@ -96,6 +98,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"nanoseg segment: error: {err}", file=sys.stderr)
         return 2
     seg = Segmenter.for_checkpoint(engine, ckpt, post)
+    statistics = StatisticsConfig(edge_rule=args.edge_rule)
     flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)
     failed = 0
@@ -106,10 +109,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         try:
             frame = read_image(path)
             prepared = seg.prepare(frame, profile, flat_field=flat, pixel_size_nm=args.pixel_size)
-            analysis = seg.analyse(prepared, prepared.stated_pixel_size_nm)
-            inst, table = analysis.instances, analysis.table
+            analysis = seg.analyse(prepared, prepared.stated_pixel_size_nm, statistics=statistics)
+            inst = analysis.instances
             record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}
-            write_outputs(out, path.stem, SegmentResult(inst, table, prepared.image), prepared.image, record)
+            write_outputs(out, path.stem, SegmentResult(inst, analysis.table, analysis.summary, prepared.image),
+                          prepared.image, record)
             if prepared.input_check is not None and prepared.input_check.mismatch:
                 print(f"nanoseg segment: {path.name}: {prepared.input_check.message()}", file=sys.stderr)
             images.append({"id": image_id, "file_name": path.name, "height": prepared.frame_shape[0],

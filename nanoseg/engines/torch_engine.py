@@ -29,6 +29,24 @@ class TorchEngine:
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
         """Run ``DetectionCore`` on the whole batch on the engine's device. See ``Engine.infer``."""
+        boxes, scores, masks, num = self.infer_device(batch)
+        return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())
+
+    @torch.inference_mode()
+    def infer_device(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``DetectionCore``'s padded outputs, left on the engine's device for ``nanoseg.device_postprocess``.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (B, C, H, W), float32
+            As for ``Engine.infer``.
+
+        Returns
+        -------
+        boxes, scores, mask_probs, num : Tensor
+            (B, K, 4) xyxy input px, (B, K), (B, K, M, M) probabilities, (B,) real detections
+            per image (``engines.split_outputs``'s inputs), on the engine's device.
+        """
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
         boxes, scores, masks, num = self.core(x)
-        return split_outputs(boxes.cpu().numpy(), scores.cpu().numpy(), masks.cpu().numpy(), num.cpu().numpy())
+        return boxes, scores, masks, num

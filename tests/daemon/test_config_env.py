@@ -20,6 +20,8 @@ def test_file_then_environment_then_set(tmp_path: Path) -> None:
     assert cfg.model.engine == "torch" and cfg.model.threads == 1  # the file kept; --set over both
     assert cfg.model.onnx_path is None and cfg.ingest.bluesky.enabled is False  # YAML scalars
     assert load_daemon_config(config, {"queue.size": "9"}, environ=env).queue.size == 9
+    rule = load_daemon_config(config, environ={"NANOSEG__STATISTICS__EDGE_RULE": "miles_lantuejoul"})
+    assert rule.statistics.edge_rule == "miles_lantuejoul" and cfg.statistics.edge_rule == "include"
 
 
 @pytest.mark.parametrize(("name", "value", "field"), [
@@ -27,6 +29,7 @@ def test_file_then_environment_then_set(tmp_path: Path) -> None:
     ("NANOSEG__QUEUE__SIZ", "1", "queue.siz"),
     ("NANOSEG__QUEUES", "1", "queues"),
     ("NANOSEG__MODEL__ENGINE", "[torch", "model.engine"),
+    ("NANOSEG__STATISTICS__EDGE_RULE", "clip", "statistics.edge_rule"),
 ])
 def test_a_bad_variable_fails_naming_the_field(name: str, value: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

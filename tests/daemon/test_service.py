@@ -166,3 +166,21 @@ def test_input_check_and_auto_pixel_size_reach_results_and_metrics(tmp_path: Pat
     assert 4.0 < chosen["pixel_size_auto_nm"] < 16.0
     assert chosen["pixel_size_auto_method"] == "confidence" and chosen["pixel_size_auto_confidence"] > 0.5
     assert later["pixel_size_auto_nm"] == chosen["pixel_size_auto_nm"]  # the run's choice
+
+
+def test_the_configured_edge_rule_summarises_published_and_stored_frames(tmp_path: Path,
+                                                                        trained_model_path: Path) -> None:
+    svc = start_service(tmp_path, trained_model_path, **{"statistics.edge_rule": "exclude",
+                                                         "statistics.bootstrap_resamples": "200"})
+    client = Client(svc)
+    try:
+        f = FRAMES[0]
+        client.send([raw_header(0, f.counts, run="edge", pixel_size_nm=8.0, i0=DOSE), f.counts.tobytes()])
+        (published,) = list(client.summaries(1))
+    finally:
+        client.close()
+        assert svc.stop()
+    (row,) = ResultReader(default_path(tmp_path)).frames("raw:detector:edge")
+    for s in (published["summary"], row.summary):
+        assert s["edge_rule"] == "exclude" and s["count"] > 0
+        assert s["touching_edge"] > 0 and s["counted"] == s["count"] - s["touching_edge"]  # the rule counted

@@ -93,7 +93,7 @@ def test_segment_writes_coco_results_and_label_images(trained_model_path: Path, 
     assert "frame looks like optical_density" in err and "the profile expects transmission" in err
     assert (tmp_path / "tem" / "1_labels.tif").exists() and not (tmp_path / "tem" / "2_labels.tif").exists()
     assert main(["segment", *frames, "--model", str(trained_model_path), "--profile", "em", "--pixel-size", "16",
-                 "--out", str(out), "--threads", "1", "--quiet"]) == 0
+                 "--out", str(out), "--threads", "1", "--edge-rule", "exclude", "--quiet"]) == 0
     images = json.loads((out / "images.json").read_text())
     assert [(im["id"], im["file_name"], im["height"]) for im in images] == [(1, "1.png", 256), (2, "2.png", 256)]
     results = json.loads((out / "results.json").read_text())
@@ -109,6 +109,8 @@ def test_segment_writes_coco_results_and_label_images(trained_model_path: Path, 
             assert mask[labels == k + 1].all()  # a label's pixels lie in its mask (overlaps go to the best score)
         summary = json.loads((out / f"{image_id}_summary.json").read_text())
         assert summary["preparation"]["pixel_size_nm"] == 16.0
+        assert summary["edge_rule"] == "exclude" and summary["count"] == n  # --edge-rule reached the summary
+        assert summary["counted"] == n - summary["touching_edge"]
     # ``input: auto`` took each frame as what it is, and found wires on both.
     s1 = json.loads((out / "1_summary.json").read_text())["preparation"]
     s2 = json.loads((out / "2_summary.json").read_text())["preparation"]
