@@ -397,7 +397,7 @@ def test_sigterm_mid_frame_drains_and_exits_0(tmp_path: Path, trained_model_path
 
 def test_sigkill_and_restart_keeps_stored_frames_and_never_duplicates(tmp_path: Path, trained_model_path: Path) -> None:
     state = tmp_path / "state"
-    n = 10
+    n = 30  # enough that the kill lands mid-run even when batches of small frames go fast
     frames = [raw_frame_message(i, small_frame(i)) for i in range(n)]
     with serve_process(state, trained_model_path) as (proc, sockets):
         client = Pusher(f"ipc://{sockets}/raw")
