@@ -80,12 +80,22 @@ class Segmenter:
         """The same model with another post-processing."""
         return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px, self.device_post)
 
-    def _batches(self, tiles: np.ndarray) -> Iterator[np.ndarray]:
-        """The engine's input batches of ``tiles`` (at most ``max_batch`` each, channels repeated)."""
+    def _batches(self, tiles: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """The engine's input batches (B, C, size, size) float32 over several frames' tiles
+        ((T_i, size, size) each), in order, at most ``engine.max_batch`` each, channels repeated;
+        a batch within one frame's tiles is a view of them."""
         c = self.engine.input_shape[0]
         step = max(self.engine.max_batch, 1)
-        for i in range(0, len(tiles), step):
-            yield np.repeat(tiles[i: i + step, None], c, axis=1).astype(np.float32)
+        flat = [(f, t) for f, frame in enumerate(tiles) for t in range(len(frame))]
+        for i in range(0, len(flat), step):
+            chunk = flat[i: i + step]
+            (f0, t0), (f1, t1) = chunk[0], chunk[-1]
+            if f0 == f1:
+                batch = tiles[f0][t0: t1 + 1]  # one frame's tiles: a view, no copy
+            else:
+                batch = np.concatenate([tiles[f][t: t + 1] for f, t in chunk])
+            batch = batch[:, None].astype(np.float32, copy=False)
+            yield batch if c == 1 else np.repeat(batch, c, axis=1)
 
     def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
@@ -100,19 +110,7 @@ class Segmenter:
         list of list of RawDetections
             Per frame, one per tile, in tile order (as ``detect_tiles`` on each frame alone).
         """
-        c = self.engine.input_shape[0]
-        step = max(self.engine.max_batch, 1)
-        flat = [(f, t) for f, frame in enumerate(tiles) for t in range(len(frame))]
-        raw: list[RawDetections] = []
-        for i in range(0, len(flat), step):
-            chunk = flat[i: i + step]
-            (f0, t0), (f1, t1) = chunk[0], chunk[-1]
-            if f0 == f1:
-                batch = tiles[f0][t0: t1 + 1]  # one frame's tiles: a view, no copy
-            else:
-                batch = np.concatenate([tiles[f][t: t + 1] for f, t in chunk])
-            batch = batch[:, None].astype(np.float32, copy=False)
-            raw.extend(self.engine.infer(batch if c == 1 else np.repeat(batch, c, axis=1)))
+        raw = [r for batch in self._batches(tiles) for r in self.engine.infer(batch)]
         out, k = [], 0
         for frame in tiles:
             out.append(raw[k: k + len(frame)])
@@ -190,7 +188,7 @@ class Segmenter:
         from nanoseg import device_postprocess as dp  # torch only where it runs
 
         infer_device = self.engine.infer_device  # type: ignore[attr-defined]  # post_on_device checked it
-        dets = [det for batch in self._batches(tiles) for det in dp.split_device_outputs(*infer_device(batch))]
+        dets = [det for batch in self._batches([tiles]) for det in dp.split_device_outputs(*infer_device(batch))]
         return [dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
                 for det, tile in zip(dets, tiles)]
 
