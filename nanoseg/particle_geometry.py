@@ -31,17 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
+
+from nanoseg.particle_outline import convex_hull, hull_candidates
+from nanoseg.particle_outline import padded as _padded
+from nanoseg.particle_skeleton import edt_at, longest_path
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
 FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
-_OFFSETS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc])  # 8-neighbourhood
-_STEPS = np.hypot(_OFFSETS[:, 0], _OFFSETS[:, 1])
-OCTAGON_FROM = 48  # convex_hull: above this many points, those inside their octagon are dropped first
 _LATTICE = ((1, 0), (1, 1), (2, 1), (1, 2))  # lattice directions (p, q) whose rows of centres matter
 
 
@@ -75,30 +74,6 @@ class Centreline:
         return float(np.max(np.abs(rel[:, 0] * d[1] - rel[:, 1] * d[0])) / norm)
 
 
-def _longest_path(skel: np.ndarray) -> np.ndarray:
-    """(M, 2) row, col of the skeleton's geodesic diameter (two sweeps of Dijkstra)."""
-    rr, cc = np.nonzero(skel)
-    n = rr.size
-    if n <= 1:
-        return np.stack([rr, cc], axis=1)
-    index = np.full((skel.shape[0] + 2, skel.shape[1] + 2), -1, dtype=np.int32)
-    index[rr + 1, cc + 1] = np.arange(n)
-    nbr = index[rr[:, None] + 1 + _OFFSETS[:, 0], cc[:, None] + 1 + _OFFSETS[:, 1]]  # (n, 8)
-    linked = nbr >= 0
-    indptr = np.concatenate([[0], np.cumsum(linked.sum(axis=1))])
-    graph = csr_matrix((np.broadcast_to(_STEPS, nbr.shape)[linked], nbr[linked], indptr), shape=(n, n))
-    dist0 = dijkstra(graph, indices=0)  # the graph holds both directions of every edge
-    a = int(np.argmax(np.where(np.isfinite(dist0), dist0, -1)))
-    dist_a, pred = dijkstra(graph, indices=a, return_predecessors=True)
-    b = int(np.argmax(np.where(np.isfinite(dist_a), dist_a, -1)))
-    before = pred.tolist()  # walked as Python ints: one numpy scalar per step cost more than Dijkstra
-    path = [b]
-    while path[-1] != a:
-        path.append(before[path[-1]])
-    ids = np.asarray(path[::-1])
-    return np.stack([rr[ids], cc[ids]], axis=1)
-
-
 def _arc(points: np.ndarray) -> np.ndarray:
     steps = np.hypot(*np.diff(points, axis=0).T) if len(points) > 1 else np.zeros(0)
     return np.concatenate([[0.0], np.cumsum(steps)])
@@ -112,33 +87,63 @@ def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, r
     The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
     on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
     """
+    return _exit_search(mask, start, direction, _ray_samples(mask.shape, reach, step), step)[0]
+
+
+def _ray_samples(shape: tuple[int, ...], reach: float, step: float = 0.25) -> int:
+    """Samples along a ray of ``_exit_distance`` with ``reach`` in a mask of ``shape``."""
+    return int(min(2 * (shape[0] + shape[1]), reach) / step) + 2
+
+
+def _exit_search(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, n: int, step: float = 0.25,
+                 first: int = 48) -> tuple[float, bool]:
+    """``_exit_distance`` over ``n`` samples along the ray, and whether it was decided within them
+    (the boundary or the frame's border met): if so, any more samples give the same distance.
+
+    Each sample is interpolated on its own, so the first ``first`` samples are tried alone first.
+    """
     h, w = mask.shape
-    n = int(min(2 * (h + w), reach) / step) + 2
-    t = np.arange(0, n) * step
-    xs = start[0] + t * direction[0]
-    ys = start[1] + t * direction[1]
-    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-    last = int(np.argmin(inside)) if not inside.all() else n
-    v = ndimage.map_coordinates(mask, [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
-    below = np.nonzero(v < 0.5)[0]
+    for m in (first, n) if n > first else (n,):
+        t = np.arange(0, m) * step
+        xs = start[0] + t * direction[0]
+        ys = start[1] + t * direction[1]
+        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+        last = int(np.argmin(inside)) if not inside.all() else m
+        v = ndimage.map_coordinates(mask, [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
+        below = np.nonzero(v < 0.5)[0]
+        decided = below.size > 0 or last < m
+        if decided or m == n:
+            break
     k = int(below[0]) if below.size else last - 1
     if k == 0:
-        return 0.0
+        return 0.0, decided
     v0, v1 = float(v[k - 1]), float(v[k]) if below.size else 0.0
     frac = (v0 - 0.5) / (v0 - v1) if v0 != v1 else 0.5
-    return float((k - 1 + frac) * step)
+    return float((k - 1 + frac) * step), decided
 
 
-def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreline | None:
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-D float array (the same value), without its overhead."""
+    k = values.size // 2
+    if values.size % 2:
+        return float(np.partition(values, k)[k])
+    part = np.partition(values, (k - 1, k))
+    return float((part[k - 1] + part[k]) / 2)
+
+
+def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
+               framed: np.ndarray | None = None) -> Centreline | None:
     """Centreline and width profile of one particle ``mask`` (H, W) bool, ideally its box crop.
 
     ``width_hint_px``: a rough width (e.g. from the second moments) that sets the skeleton's grid;
-    estimated from the moments when not given. Returns None for an empty mask. Lengths in px,
-    points in the crop's pixel-edge coordinates.
+    estimated from the moments when not given. ``framed``: the mask with a one-pixel frame of
+    background (``particle_outline.padded``) when the caller has it. Returns None for an empty
+    mask. Lengths in px, points in the crop's pixel-edge coordinates.
     """
-    if not mask.any():
+    area = int(np.count_nonzero(mask))
+    if area == 0:
         return None
-    padded = np.pad(mask, 1)
+    padded = _padded(mask) if framed is None else framed
     if width_hint_px is None:
         width_hint_px = moment_width_hint(padded)
     # a wide wire's skeleton is found on a coarser grid (blocks of s x s px, majority vote): the
@@ -153,46 +158,69 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None) -> Centreli
         coarse = coarse if coarse.any() else blocks.any(axis=(1, 3))
     else:
         coarse = padded
-    edt = ndimage.distance_transform_edt(coarse) * s  # px, on the skeleton's grid
-    path = _longest_path(skeletonize(coarse))
-    half = edt[path[:, 0], path[:, 1]]
+    path = longest_path(skeletonize(coarse))
+    # the distance transform (px, on the skeleton's grid) is needed along the path only, and its
+    # largest value only where the end rays below need it
+    at_path = edt_at(coarse, path[:, 0], path[:, 1])
+    edt: np.ndarray | None = None
+    if at_path is None:  # no background on the grid: the transform as scipy gives it
+        edt = np.asarray(ndimage.distance_transform_edt(coarse)) * s
+        half = edt[path[:, 0], path[:, 1]]
+    else:
+        half = at_path * s
     xy = path[:, ::-1].astype(np.float64) * s + 0.5 * s  # (x, y) block centres in the padded frame, px
     arc = _arc(xy)
     total = arc[-1]
     # cut the corner spurs: the last ~half width at each end is the skeleton's fork into corners
-    cut = min(SPUR_CUT * float(np.median(half)), 0.3 * total)
+    half_median = _median(half)
+    cut = min(SPUR_CUT * half_median, 0.3 * total)
     keep = (arc >= cut) & (arc <= total - cut)
     if keep.sum() < 2:
         keep = np.ones_like(keep)
         keep[1:-1] = False if len(keep) > 2 else keep[1:-1]
     core, core_arc = xy[keep], arc[keep]
-    step = max(2.0 * s, min(float(np.median(half)), 0.1 * (core_arc[-1] - core_arc[0]) + 1.0))
+    step = max(2.0 * s, min(half_median, 0.1 * (core_arc[-1] - core_arc[0]) + 1.0))
     targets = np.arange(core_arc[0], core_arc[-1], step)
-    idx = np.unique(np.concatenate([np.searchsorted(core_arc, targets), [len(core) - 1]]))
+    idx = np.concatenate([np.searchsorted(core_arc, targets), [len(core) - 1]])  # non-decreasing
+    idx = idx[np.concatenate([[True], idx[1:] != idx[:-1]])]
     idx = idx[idx < len(core)]
     samples = core[idx]
     # on the pixel grid the samples are pixel centres, where the distance transform already is
     # the distance to the nearest pixel outside (_distance_to_outside's, to the last bit)
     sample_half = half[keep][idx] if s == 1 else None
-    if len(samples) == 1 or np.allclose(samples[0], samples[-1]):
+    if len(samples) == 1 or _close(samples[0], samples[-1]):
         samples, sample_half = _degenerate_axis(padded, samples[0]), None
     ends = []
     span = max(2.0 * step, 1.0)
-    fmask, reach = padded.astype(np.float32), 4.0 * float(edt.max()) + 8.0 + 2 * s
+    fmask = padded.astype(np.float32)
     for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
                            (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
         d = end - inner_dir
         norm = float(np.hypot(*d))
         d = d / norm if norm > 0 else np.array([1.0, 0.0])
-        ends.append(end + d * _exit_distance(fmask, end, d, reach))
+        # the rays' reach is 4 x the largest distance-transform value (+ 8 + 2 s px); as long as
+        # the ray ends within the reach of the path's largest value, the whole transform is not needed
+        n = _ray_samples(fmask.shape, 4.0 * float(half.max()) + 8.0 + 2 * s)
+        out, decided = _exit_search(fmask, end, d, n)
+        if not decided:
+            if edt is None:
+                edt = np.asarray(ndimage.distance_transform_edt(coarse)) * s
+            full = _ray_samples(fmask.shape, 4.0 * float(edt.max()) + 8.0 + 2 * s)
+            out = _exit_search(fmask, end, d, full)[0] if full != n else out
+        ends.append(end + d * out)
     pts = np.vstack([ends[0], samples, ends[1]])
     length = float(_arc(pts)[-1])
     profile = 2.0 * (_distance_to_outside(padded, samples) if sample_half is None else sample_half)
     profile = np.concatenate([profile[:1], profile, profile[-1:]])  # the end points keep their neighbour's
-    mean_width = float(mask.sum()) / length if length > 0 else math.nan
+    mean_width = float(area) / length if length > 0 else math.nan
     profile = profile + (mean_width - float(profile.mean()))
     chord = float(np.hypot(*(pts[-1] - pts[0])))
     return Centreline(points=pts - 1.0, width_px=profile, length_px=length, chord_px=chord)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.allclose(a, b)`` of two points (x, y): the same test, written out."""
+    return all(abs(p - q) <= 1e-8 + 1e-5 * abs(q) for p, q in zip(a.tolist(), b.tolist()))
 
 
 def moment_width_hint(mask: np.ndarray) -> float:
@@ -239,88 +267,6 @@ class Feret:
     max_px: float
     min_px: float
     angle_deg: float
-
-
-def hull_candidates(mask: np.ndarray) -> np.ndarray:
-    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices, top row's first pixel first.
-
-    Each row's first and last pixel (every other pixel of a row lies between them), then only
-    those where the left (right) chain of them, row by row, turns outwards: a point on or inside
-    the segment joining its chain neighbours lies between that segment and the other end of its
-    row, so it is no vertex. Every hull vertex is kept.
-    """
-    first = mask.argmax(axis=1)
-    rows = np.flatnonzero(mask[np.arange(mask.shape[0]), first])
-    first, last = first[rows], mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
-    chains = np.concatenate([_outward_chain(first, rows, 1), _outward_chain(last, rows, -1)])
-    return chains.astype(np.float64) + 0.5
-
-
-def _outward_chain(x: np.ndarray, y: np.ndarray, side: int, max_passes: int = 64) -> np.ndarray:
-    """The points (x, y) (integers, y increasing) where the chain through them turns outwards (to
-    smaller x for ``side`` 1, larger for -1), as (M, 2) x, y; the ends are always kept.
-
-    Each pass drops every point on or inside the segment of its current neighbours; a point so
-    dropped is no hull vertex, so stopping after ``max_passes`` keeps every vertex too.
-    """
-    x, y = x.astype(np.int64), y.astype(np.int64)
-    for _ in range(max_passes):
-        if len(x) < 3:
-            break
-        dx, dy = x[2:] - x[:-2], y[2:] - y[:-2]
-        outward = side * ((x[1:-1] - x[:-2]) * dy - dx * (y[1:-1] - y[:-2])) < 0  # beyond the segment
-        if outward.all():
-            break
-        keep = np.concatenate([[True], outward, [True]])
-        x, y = x[keep], y[keep]
-    return np.stack([x, y], axis=1)
-
-
-def convex_hull(points: np.ndarray) -> np.ndarray | None:
-    """Vertices (K, 2) of the convex hull of ``points``, in order around it; None when they are
-    collinear (or fewer than 3).
-
-    Of many points, those inside the octagon of the extreme points in 8 directions cannot be
-    vertices and are dropped first; the rest go through Andrew's monotone chain.
-    """
-    if len(points) < 3:
-        return None
-    if len(points) <= OCTAGON_FROM:
-        return _monotone_chain(np.unique(points, axis=0))
-    x, y = points[:, 0], points[:, 1]
-    sums = (x, x + y, y, y - x)
-    octagon = points[[int(np.argmin(v)) for v in sums] + [int(np.argmax(v)) for v in sums]]
-    octagon = np.unique(octagon, axis=0)
-    if len(octagon) >= 3:
-        inner = _monotone_chain(octagon)
-        if inner is not None and len(inner) >= 3:
-            e = np.roll(inner, -1, axis=0) - inner
-            rel = points[:, None, :] - inner[None, :, :]
-            cross = e[None, :, 0] * rel[..., 1] - e[None, :, 1] * rel[..., 0]
-            points = points[~np.all(cross > 0, axis=1)]  # strictly inside every edge: not a vertex
-    return _monotone_chain(np.unique(points, axis=0))
-
-
-def _monotone_chain(points: np.ndarray) -> np.ndarray | None:
-    """Convex hull of ``points`` sorted by x then y (Andrew's algorithm), collinear points dropped."""
-    pts = points[np.lexsort((points[:, 1], points[:, 0]))]
-    if len(pts) < 3:
-        return None
-
-    def half(seq: np.ndarray) -> list[tuple[float, float]]:
-        out: list[tuple[float, float]] = []
-        for px, py in seq.tolist():
-            while len(out) >= 2:
-                (ax, ay), (bx, by) = out[-2], out[-1]
-                if (bx - ax) * (py - ay) - (by - ay) * (px - ax) > 0:
-                    break
-                out.pop()
-            out.append((px, py))
-        return out
-
-    lower, upper = half(pts), half(pts[::-1])
-    hull = np.array(lower[:-1] + upper[:-1], dtype=np.float64)
-    return hull if len(hull) >= 3 else None
 
 
 def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import perimeter
 
 from nanoseg.instances import BoxMasks, mask_boxes
-from nanoseg.particle_geometry import Centreline, centreline, convex_hull, feret, hull_candidates
+from nanoseg.particle_geometry import Centreline, centreline, feret
+from nanoseg.particle_outline import convex_hull, hull_candidates, padded, perimeter_px, row_ends
+from nanoseg.particle_skeleton import raster_pixels
 from nanoseg.summary_stats import (
     HISTOGRAM_EDGES,
     EdgeRule,
@@ -223,7 +224,7 @@ def _corner_hull_area(hull: np.ndarray) -> float:
 
 def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     """Every px column of one non-empty mask crop (its bounding box); positions crop-relative."""
-    rr, cc = np.nonzero(crop)
+    rr, cc = raster_pixels(crop)
     area = rr.size
     cy, cx = rr.mean(), cc.mean()
     cov = np.cov(np.stack([cc, rr]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
@@ -231,19 +232,21 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
     moments = moment_figures(l1, l2, float(evecs[0, 1]), float(evecs[1, 1]))
     major, minor = moments["major_px"], moments["minor_px"]
-    per = float(perimeter(crop))
-    hull = convex_hull(hull_candidates(crop))
+    framed = padded(crop)
+    per = perimeter_px(crop, framed)
+    ends = row_ends(rr, cc)
+    hull = convex_hull(hull_candidates(crop, ends))
     hull_area = _corner_hull_area(hull) if hull is not None else float(area)
     f = feret(crop, hull)
-    pieces, n = ndimage.label(crop)
-    if n > 1:  # a wire seen in pieces (e.g. under a crossing one): its pieces' centrelines add up
+    pieces, n = (None, 1) if _one_piece(rr, *ends) else ndimage.label(crop)
+    if pieces is not None and n > 1:  # a wire seen in pieces (e.g. under a crossing one): their centrelines add up
         sizes = np.bincount(pieces.ravel())[1:]
         lines = [centreline(pieces == k + 1) for k in np.flatnonzero(sizes >= MIN_PIECE_SHARE * area)]
         found = [c for c in lines if c is not None]
         cl = max(found, key=lambda c: c.length_px) if found else None
         length = sum(c.length_px for c in found) if found else math.nan
     else:
-        cl = centreline(crop, min(math.sqrt(12 * l2 + 1), area / math.sqrt(12 * l1 + 1)))
+        cl = centreline(crop, min(math.sqrt(12 * l2 + 1), area / math.sqrt(12 * l1 + 1)), framed=framed)
         if cl is not None and major < STUBBY_ASPECT * minor:
             # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is
             # exact for a straight prism and has no spurs to cut
@@ -270,6 +273,14 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
         "solidity": min(area / hull_area, 1.0) if hull_area > 0 else 1.0,
     }
     return row, cl
+
+
+def _one_piece(rr: np.ndarray, rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> bool:
+    """True when a mask is certainly one 4-connected piece: every row one run of pixels, the rows
+    consecutive, each run sharing a column with the next (``ndimage.label`` then finds one)."""
+    runs_whole = int(np.sum(last - first + 1)) == rr.size  # one run per row: no gaps
+    consecutive = rows.size == 0 or int(rows[-1] - rows[0]) + 1 == rows.size
+    return bool(runs_whole and consecutive and np.all((first[1:] <= last[:-1]) & (first[:-1] <= last[1:])))
 
 
 def particle_table(
