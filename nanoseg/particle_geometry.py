@@ -40,6 +40,7 @@ from nanoseg.particle_skeleton import edt_at, longest_path
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
+EDT_WHOLE_UP_TO = 2500  # px of the skeleton's grid: up to this size the whole distance transform is cheaper
 FERET_CORNER_PX = 0.5  # extreme corner centres sit ~a quarter pixel inside each true corner (measured 0.55)
 _LATTICE = ((1, 0), (1, 1), (2, 1), (1, 2))  # lattice directions (p, q) whose rows of centres matter
 
@@ -75,51 +76,56 @@ class Centreline:
 
 
 def _arc(points: np.ndarray) -> np.ndarray:
-    steps = np.hypot(*np.diff(points, axis=0).T) if len(points) > 1 else np.zeros(0)
-    return np.concatenate([[0.0], np.cumsum(steps)])
-
-
-def _exit_distance(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, reach: float,
-                   step: float = 0.25) -> float:
-    """Distance from ``start`` (x, y, px) along ``direction`` to the mask's boundary, px (at most
-    ``reach``); ``mask`` as float32.
-
-    The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
-    on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
-    """
-    return _exit_search(mask, start, direction, _ray_samples(mask.shape, reach, step), step)[0]
+    """Cumulative length (K,) along the polyline ``points`` (K, 2), px, from 0 ([0] for no points)."""
+    out = np.zeros(max(len(points), 1))
+    if len(points) > 1:
+        d = points[1:] - points[:-1]
+        np.cumsum(np.hypot(d[:, 0], d[:, 1]), out=out[1:])
+    return out
 
 
 def _ray_samples(shape: tuple[int, ...], reach: float, step: float = 0.25) -> int:
-    """Samples along a ray of ``_exit_distance`` with ``reach`` in a mask of ``shape``."""
+    """Samples along a ray of ``_ray_exits`` with ``reach`` (px) in a mask of ``shape``."""
     return int(min(2 * (shape[0] + shape[1]), reach) / step) + 2
 
 
-def _exit_search(mask: np.ndarray, start: np.ndarray, direction: np.ndarray, n: int, step: float = 0.25,
-                 first: int = 48) -> tuple[float, bool]:
-    """``_exit_distance`` over ``n`` samples along the ray, and whether it was decided within them
-    (the boundary or the frame's border met): if so, any more samples give the same distance.
+def _ray_exits(mask: np.ndarray, rays: list[tuple[np.ndarray, np.ndarray]], n: int,
+               step: float = 0.25) -> list[tuple[float, bool]]:
+    """For each ray (start (x, y) px, unit direction): the distance to the mask's boundary over
+    ``n`` samples ``step`` px apart, px, and whether it was decided within them (the boundary or
+    the frame's border met: more samples would give the same distance). ``mask`` as float32.
 
-    Each sample is interpolated on its own, so the first ``first`` samples are tried alone first.
+    The boundary is where the mask, bilinearly interpolated between pixel centres, falls to 0.5:
+    on a pixel edge for an axis-aligned end, between the steps of a staircase for an oblique one.
+    Each sample is interpolated on its own, so all rays' samples go through one call.
     """
     h, w = mask.shape
-    for m in (first, n) if n > first else (n,):
-        t = np.arange(0, m) * step
+    t = np.arange(0, n) * step
+    lasts, ys_all, xs_all = [], [], []
+    for start, direction in rays:
         xs = start[0] + t * direction[0]
         ys = start[1] + t * direction[1]
         inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-        last = int(np.argmin(inside)) if not inside.all() else m
-        v = ndimage.map_coordinates(mask, [ys[:last] - 0.5, xs[:last] - 0.5], order=1, cval=0.0)
-        below = np.nonzero(v < 0.5)[0]
-        decided = below.size > 0 or last < m
-        if decided or m == n:
-            break
-    k = int(below[0]) if below.size else last - 1
-    if k == 0:
-        return 0.0, decided
-    v0, v1 = float(v[k - 1]), float(v[k]) if below.size else 0.0
-    frac = (v0 - 0.5) / (v0 - v1) if v0 != v1 else 0.5
-    return float((k - 1 + frac) * step), decided
+        last = int(np.argmin(inside)) if not inside.all() else n
+        lasts.append(last)
+        ys_all.append(ys[:last] - 0.5)
+        xs_all.append(xs[:last] - 0.5)
+    values = ndimage.map_coordinates(mask, [np.concatenate(ys_all), np.concatenate(xs_all)], order=1, cval=0.0)
+    out: list[tuple[float, bool]] = []
+    at = 0
+    for last in lasts:
+        v = values[at:at + last]
+        at += last
+        below = np.flatnonzero(v < 0.5)
+        decided = below.size > 0 or last < n
+        k = int(below[0]) if below.size else last - 1
+        if k == 0:
+            out.append((0.0, decided))
+            continue
+        v0, v1 = float(v[k - 1]), float(v[k]) if below.size else 0.0
+        frac = (v0 - 0.5) / (v0 - v1) if v0 != v1 else 0.5
+        out.append((float((k - 1 + frac) * step), decided))
+    return out
 
 
 def _median(values: np.ndarray) -> float:
@@ -159,11 +165,11 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     else:
         coarse = padded
     path = longest_path(skeletonize(coarse))
-    # the distance transform (px, on the skeleton's grid) is needed along the path only, and its
-    # largest value only where the end rays below need it
-    at_path = edt_at(coarse, path[:, 0], path[:, 1])
+    # the distance transform (px, on the skeleton's grid) is needed along the path, and its largest
+    # value only where the end rays below need it; a small grid's whole transform costs less
+    at_path = edt_at(coarse, path[:, 0], path[:, 1]) if coarse.size > EDT_WHOLE_UP_TO else None
     edt: np.ndarray | None = None
-    if at_path is None:  # no background on the grid: the transform as scipy gives it
+    if at_path is None:
         edt = np.asarray(ndimage.distance_transform_edt(coarse)) * s
         half = edt[path[:, 0], path[:, 1]]
     else:
@@ -190,24 +196,25 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     sample_half = half[keep][idx] if s == 1 else None
     if len(samples) == 1 or _close(samples[0], samples[-1]):
         samples, sample_half = _degenerate_axis(padded, samples[0]), None
-    ends = []
     span = max(2.0 * step, 1.0)
     fmask = padded.astype(np.float32)
+    rays = []
     for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
                            (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
         d = end - inner_dir
         norm = float(np.hypot(*d))
-        d = d / norm if norm > 0 else np.array([1.0, 0.0])
-        # the rays' reach is 4 x the largest distance-transform value (+ 8 + 2 s px); as long as
-        # the ray ends within the reach of the path's largest value, the whole transform is not needed
-        n = _ray_samples(fmask.shape, 4.0 * float(half.max()) + 8.0 + 2 * s)
-        out, decided = _exit_search(fmask, end, d, n)
-        if not decided:
-            if edt is None:
-                edt = np.asarray(ndimage.distance_transform_edt(coarse)) * s
-            full = _ray_samples(fmask.shape, 4.0 * float(edt.max()) + 8.0 + 2 * s)
-            out = _exit_search(fmask, end, d, full)[0] if full != n else out
-        ends.append(end + d * out)
+        rays.append((end, d / norm if norm > 0 else np.array([1.0, 0.0])))
+    # the rays reach 4 x the largest distance-transform value (+ 8 + 2 s px); a ray that ends
+    # within the reach of the path's largest value ends there for any larger reach too
+    top = half.max() if edt is None else edt.max()
+    n = _ray_samples(fmask.shape, 4.0 * float(top) + 8.0 + 2 * s)
+    exits = _ray_exits(fmask, rays, n)
+    if not all(decided for _, decided in exits):
+        if edt is None:
+            edt = np.asarray(ndimage.distance_transform_edt(coarse)) * s
+        full = _ray_samples(fmask.shape, 4.0 * float(edt.max()) + 8.0 + 2 * s)
+        exits = _ray_exits(fmask, rays, full) if full != n else exits
+    ends = [end + d * out for (end, d), (out, _) in zip(rays, exits)]
     pts = np.vstack([ends[0], samples, ends[1]])
     length = float(_arc(pts)[-1])
     profile = 2.0 * (_distance_to_outside(padded, samples) if sample_half is None else sample_half)
