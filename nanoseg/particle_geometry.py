@@ -36,7 +36,7 @@ from skimage.morphology import skeletonize
 
 from nanoseg.particle_outline import convex_hull, hull_candidates
 from nanoseg.particle_outline import padded as _padded
-from nanoseg.particle_skeleton import edt_at, longest_path
+from nanoseg.particle_skeleton import edt_at, longest_path, raster_pixels
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
@@ -157,11 +157,7 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     # cost ~ area (x half width)
     s = max(1, int(0.5 * width_hint_px // SKELETON_PX_PER_BLOCK))
     if s > 1:
-        h, w = padded.shape
-        blocks = np.pad(padded, ((0, -h % s), (0, -w % s)))
-        blocks = blocks.reshape(blocks.shape[0] // s, s, blocks.shape[1] // s, s)
-        coarse = blocks.mean(axis=(1, 3)) >= 0.5
-        coarse = coarse if coarse.any() else blocks.any(axis=(1, 3))
+        coarse = _majority_blocks(padded, s)
     else:
         coarse = padded
     path = longest_path(skeletonize(coarse))
@@ -199,8 +195,8 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     span = max(2.0 * step, 1.0)
     fmask = padded.astype(np.float32)
     rays = []
-    for end, inner_dir in ((samples[0], samples[min(len(samples) - 1, _index_at(samples, span))]),
-                           (samples[-1], samples[max(0, len(samples) - 1 - _index_at(samples[::-1], span))])):
+    first, last = _indices_at(samples, span)
+    for end, inner_dir in ((samples[0], samples[first]), (samples[-1], samples[len(samples) - 1 - last])):
         d = end - inner_dir
         norm = float(np.hypot(*d))
         rays.append((end, d / norm if norm > 0 else np.array([1.0, 0.0])))
@@ -243,19 +239,37 @@ def moment_width_hint(mask: np.ndarray) -> float:
 def _distance_to_outside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Distance (px) from ``points`` (x, y) to the nearest pixel centre outside ``mask``: the
     distance transform at those points, from the background pixels along the mask's border."""
-    p = np.pad(mask, 1)
+    p = _padded(mask)
     grown = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    rr, cc = np.nonzero(grown & ~mask)
+    rr, cc = raster_pixels(grown & ~mask)
     if rr.size == 0:
         return np.zeros(len(points))
     d, _ = cKDTree(np.stack([cc, rr], axis=1) + 0.5).query(points)
     return np.asarray(d, dtype=np.float64)
 
 
-def _index_at(points: np.ndarray, distance: float) -> int:
-    """Index of the first point at least ``distance`` along ``points`` from the first."""
-    arc = _arc(points)
-    return min(int(np.searchsorted(arc, distance)), len(points) - 1)
+def _indices_at(points: np.ndarray, distance: float) -> tuple[int, int]:
+    """Index of the first point at least ``distance`` along ``points`` from the first, and that
+    of the reversed points from the last (each at most the last index)."""
+    steps = np.zeros(len(points))
+    if len(points) > 1:
+        d = points[1:] - points[:-1]
+        np.hypot(d[:, 0], d[:, 1], out=steps[1:])
+    forward = np.cumsum(steps)
+    backward = np.cumsum(np.concatenate([[0.0], steps[:0:-1]]))  # the reversed polyline's steps
+    end = len(points) - 1
+    return min(int(np.searchsorted(forward, distance)), end), min(int(np.searchsorted(backward, distance)), end)
+
+
+def _majority_blocks(mask: np.ndarray, s: int) -> np.ndarray:
+    """The grid of s x s blocks of ``mask`` (zero-padded at the end), True where at least half the
+    block is (the mean >= 0.5, exactly: 2 count >= s^2), or where any of it is when no block is."""
+    h, w = mask.shape
+    grid = np.zeros((h + -h % s, w + -w % s), np.uint16)
+    grid[:h, :w] = mask
+    counts = grid.reshape(grid.shape[0] // s, s, grid.shape[1] // s, s).sum(axis=3).sum(axis=1)
+    coarse = 2 * counts >= s * s
+    return coarse if coarse.any() else counts > 0
 
 
 def _degenerate_axis(mask: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -293,9 +307,10 @@ def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:
     diff = hull[:, None, :] - hull[None, :, :]
     dist = np.hypot(diff[..., 0], diff[..., 1])
     i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    edges = np.roll(hull, -1, axis=0) - hull
+    edges = np.concatenate([hull[1:], hull[:1]]) - hull  # to the next vertex
     normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / np.hypot(*edges.T)[:, None]
-    widths = np.ptp(hull @ normals.T, axis=0)
+    across = hull @ normals.T
+    widths = across.max(axis=0) - across.min(axis=0)
     k = int(np.argmin(widths))
     return Feret(
         max_px=float(dist[i, j]) + FERET_CORNER_PX,

@@ -35,16 +35,15 @@ def perimeter_px(mask: np.ndarray, framed: np.ndarray | None = None) -> float:
     sqrt 2 on a diagonal, their mean at a bend). ``framed``: ``padded(mask)`` when the caller
     has it.
     """
-    p = padded(mask) if framed is None else framed
-    inner = p[1:-1, 1:-1]
-    eroded = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    border = np.zeros(p.shape, np.uint8)
-    np.greater(inner, eroded, out=border[1:-1, 1:-1])  # in the mask, not in its erosion
-    flat = border.ravel()
-    at = np.flatnonzero(flat)
-    w = p.shape[1]
-    edge = flat[at - 1] + flat[at + 1] + flat[at - w] + flat[at + w]
-    corner = flat[at - w - 1] + flat[at - w + 1] + flat[at + w - 1] + flat[at + w + 1]
+    p = (padded(mask) if framed is None else framed).ravel()  # flat: neighbours at +-1, +-w
+    w = mask.shape[1] + 2
+    inner = slice(w, p.size - w)  # the frame's top and bottom rows cannot be border pixels
+    eroded = p[w - 1:-w - 1] & p[w + 1:-w + 1] & p[:-2 * w] & p[2 * w:]
+    border = np.zeros(p.size, np.uint8)
+    np.greater(p[inner], eroded, out=border[inner])  # in the mask, not in its erosion
+    at = np.flatnonzero(border)
+    edge = border[at - 1] + border[at + 1] + border[at - w] + border[at + w]
+    corner = border[at - w - 1] + border[at - w + 1] + border[at + w - 1] + border[at + w + 1]
     code = 1 + 2 * edge.astype(np.intp) + 10 * corner.astype(np.intp)
     # the same histogram (by pattern code) and dot product as scikit-image: the same last bits
     return float(np.bincount(code, minlength=50) @ _PATTERN_WEIGHTS)

@@ -217,8 +217,8 @@ def _corner_hull_area(hull: np.ndarray) -> float:
     polygon's plus, for each edge, its length times the square's half extent across it, plus 1.
     """
     x, y = hull[:, 0], hull[:, 1]
-    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-    e = np.roll(hull, -1, axis=0) - hull
+    area = 0.5 * abs(float(np.dot(x, np.concatenate([y[1:], y[:1]])) - np.dot(y, np.concatenate([x[1:], x[:1]]))))
+    e = np.concatenate([hull[1:], hull[:1]]) - hull  # to the next vertex
     return area + 0.5 * float(np.sum(np.abs(e[:, 0]) + np.abs(e[:, 1]))) + 1.0
 
 
