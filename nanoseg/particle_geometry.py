@@ -229,7 +229,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 def moment_width_hint(mask: np.ndarray) -> float:
     """A wire's width from its second moments, px: the smaller of the moment rectangle's width and
     area / its length (both overestimate a bent wire's width, neither underestimates it much)."""
-    rr, cc = np.nonzero(mask)
+    rr, cc = raster_pixels(mask)
     if rr.size < 2:
         return 1.0
     evals = np.linalg.eigvalsh(np.cov(np.stack([cc, rr]).astype(np.float64), bias=True))
@@ -274,7 +274,7 @@ def _majority_blocks(mask: np.ndarray, s: int) -> np.ndarray:
 
 def _degenerate_axis(mask: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """Two points on the major axis through ``centre`` for a blob whose skeleton is a point."""
-    rr, cc = np.nonzero(mask)
+    rr, cc = raster_pixels(mask)
     cov = np.cov(np.stack([cc, rr]).astype(np.float64)) if rr.size > 1 else np.eye(2)
     evals, evecs = np.linalg.eigh(np.atleast_2d(cov))
     axis = evecs[:, int(np.argmax(evals))]

@@ -111,10 +111,15 @@ def edt_at(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray 
     from it towards the pixel is nearer, so foreground); the distances between integer
     coordinates are the square roots of the same integers.
     """
-    p = np.zeros((image.shape[0] + 2, image.shape[1] + 2), bool)
-    p[1:-1, 1:-1] = image
-    grown = p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    br, bc = raster_pixels(grown & ~image)
+    h, w = image.shape
+    width = w + 2
+    p = np.zeros((h + 2) * width, bool)  # framed and flat: 4-neighbours at +-1, +-width
+    p.reshape(h + 2, width)[1:-1, 1:-1] = image
+    inner = p[width:-width]
+    outside = (p[width - 1:-width - 1] | p[width + 1:-width + 1] | p[:-2 * width] | p[2 * width:]) & ~inner
+    outside.reshape(h, width)[:, [0, -1]] = False  # the frame's columns are not the image's
+    br, bc = np.divmod(np.flatnonzero(outside), width)
+    bc -= 1
     if br.size == 0:
         return None
     d, _ = cKDTree(np.stack([bc, br], axis=1).astype(np.float64)).query(
