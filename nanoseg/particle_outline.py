@@ -63,14 +63,16 @@ def row_ends(rr: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return rr[starts], cc[starts], cc[ends]
 
 
-def hull_candidates(mask: np.ndarray, ends: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def hull_candidates(mask: np.ndarray, ends: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                    max_passes: int = 64) -> np.ndarray:
     """(M, 2) x, y pixel centres (px) that can be convex-hull vertices, top row's first pixel first.
 
     Each row's first and last pixel (every other pixel of a row lies between them), then only
     those where the left (right) chain of them, row by row, turns outwards: a point on or inside
     the segment joining its chain neighbours lies between that segment and the other end of its
     row, so it is no vertex. Every hull vertex is kept. ``ends``: ``row_ends`` of the mask when
-    the caller has them.
+    the caller has them; ``max_passes``: of that reduction (fewer leave more points, never fewer
+    vertices: ``convex_hull`` of them is the same).
     """
     if ends is None:
         first = mask.argmax(axis=1)
@@ -78,7 +80,7 @@ def hull_candidates(mask: np.ndarray, ends: tuple[np.ndarray, np.ndarray, np.nda
         first, last = first[rows], mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
     else:
         rows, first, last = ends
-    return _outward_chains(first, last, rows).astype(np.float64) + 0.5
+    return _outward_chains(first, last, rows, max_passes).astype(np.float64) + 0.5
 
 
 def _outward_chains(first: np.ndarray, last: np.ndarray, rows: np.ndarray, max_passes: int = 64) -> np.ndarray:

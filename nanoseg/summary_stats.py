@@ -200,8 +200,7 @@ def _row_stats(
     if draws is None or x.shape[1] < 2 or not interval.any():
         return out
     rows = np.flatnonzero(interval)
-    xb = np.take(x[rows], draws, axis=1)  # (B, R, n), C order: every row resampled with the same draws
-    bm, bmed = _bootstrap_mean_median(xb, w, draws)
+    bm, bmed = _bootstrap_mean_median(x[rows], w, draws)  # every row resampled with the same draws
     alpha = (1 - CONFIDENCE) / 2
     # finite: positive weights; both quantiles of both statistics in one call
     (m_lo, d_lo), (m_hi, d_hi) = np.quantile(np.stack([bm, bmed]), [alpha, 1 - alpha], axis=-1)
@@ -215,19 +214,22 @@ def _row_stats(
     return out
 
 
-def _bootstrap_mean_median(xb: np.ndarray, w: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and median (B, R) of the resamples ``xb`` (B, R, n) drawn by ``draws`` (R, n) from
-    values with weights ``w`` (n,): ``weighted_stats``' values, without the spread (unused)."""
+def _bootstrap_mean_median(x: np.ndarray, w: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and median (B, R) of each row of ``x`` (B, n), weights ``w`` (n,), resampled by
+    ``draws`` (R, n): ``weighted_stats``' values, without the spread (unused). Row by row, so that
+    each row's resamples (R, n) stay in the cache."""
     wd = w[draws]
     drawn = np.bincount(draws.ravel(), minlength=w.size) > 0
     equal = bool(np.all(w[drawn] == wd.flat[0]))  # every drawn weight the same: a plain median
-    wb = np.broadcast_to(wd, xb.shape)
+    unit = equal and wd.flat[0] == 1.0  # x * 1 is x, and n ones sum to n: the same values
+    total = float(draws.shape[1]) if unit else wd.sum(axis=-1)
+    mean, median = np.empty((len(x), len(draws))), np.empty((len(x), len(draws)))
     with np.errstate(divide="ignore", invalid="ignore"):
-        if equal and wd.flat[0] == 1.0:  # x * 1 is x, and n ones sum to n: the same values
-            mean = xb.sum(axis=-1) / float(xb.shape[-1])
-        else:
-            mean = (wb * xb).sum(axis=-1) / wb.sum(axis=-1)
-    return mean, median_last(xb) if equal else _weighted_median(xb, wb)
+        for i, row in enumerate(x):
+            xb = np.take(row, draws)  # (R, n), C order
+            mean[i] = (xb if unit else wd * xb).sum(axis=-1) / total
+            median[i] = median_last(xb) if equal else _weighted_median(xb, wd)
+    return mean, median
 
 
 def _log_edges(lo_exp: int, hi_exp: int, per_decade: int) -> tuple[float, ...]:
