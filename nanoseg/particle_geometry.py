@@ -101,15 +101,14 @@ def _ray_exits(mask: np.ndarray, rays: list[tuple[np.ndarray, np.ndarray]], n: i
     """
     h, w = mask.shape
     t = np.arange(0, n) * step
-    lasts, ys_all, xs_all = [], [], []
-    for start, direction in rays:
-        xs = start[0] + t * direction[0]
-        ys = start[1] + t * direction[1]
-        inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-        last = int(np.argmin(inside)) if not inside.all() else n
-        lasts.append(last)
-        ys_all.append(ys[:last] - 0.5)
-        xs_all.append(xs[:last] - 0.5)
+    starts = np.array([start for start, _ in rays])
+    directions = np.array([direction for _, direction in rays])
+    xs = starts[:, :1] + t * directions[:, :1]  # (rays, n): start + t * direction, sample by sample
+    ys = starts[:, 1:] + t * directions[:, 1:]
+    inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+    lasts = np.where(inside.all(axis=1), n, np.argmin(inside, axis=1)).tolist()
+    ys_all = [row[:last] - 0.5 for row, last in zip(ys, lasts)]
+    xs_all = [row[:last] - 0.5 for row, last in zip(xs, lasts)]
     values = ndimage.map_coordinates(mask, [np.concatenate(ys_all), np.concatenate(xs_all)], order=1, cval=0.0)
     out: list[tuple[float, bool]] = []
     at = 0
