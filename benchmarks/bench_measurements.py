@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_measurements.py [--images 24]
         [--model-images 21] [--model models/default/model.pt] [--engine torch|onnx]
         [--threads 1] [--seed 0] [--baseline OLD_particle_stats.py | --baseline-rev REV] [--out results.json]
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/bench_measurements.py --statistics-cost \
+        --baseline-rev REV [--model-frames 8] [--timing-repeats 15] [--out cost.json]
 
 Scenes: 512 x 512 fields at the paper preset's scale (8 nm per pixel), ``--images`` per kind,
 wires deposited through the generator's ``deposit()`` with rectangular cross-sections, lengths
@@ -26,6 +28,13 @@ the ground-truth footprints at mask IoU >= 0.5 and measured. Statistics time: pa
 frame summary (1 000 bootstrap resamples) of the model's masks, per frame, against that frame's
 segmentation time in the same process; and of a 20-wire frame, interleaved with ``--baseline``
 (an earlier ``particle_stats.py``) so both see the same machine load.
+
+``--statistics-cost``: only the statistics' cost per frame, this version against ``--baseline-rev``,
+interleaved, on the frames the daemon's benchmark analyses: the null engine's six rods on 128 x 128
+and 512 x 512 frames, and the shipped model's masks (ONNX Runtime) of ``--model-frames`` generated
+512 x 512 frames (``bench_common.synthetic_frame``); each frame's particle table (with its optical
+density) and summary (1 000 resamples), CPU time of this process (steadier than wall time on a
+shared machine), and whether both versions' results are the same to the last bit.
 """
 
 from __future__ import annotations
@@ -237,7 +246,7 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
     from nanoseg_training.rendering import render
 
     ckpt = load_checkpoint(args.model)
-    engine = engine_from_checkpoint(ckpt, args.engine, "cpu", args.threads)
+    engine = engine_from_checkpoint(ckpt, "onnxruntime" if args.engine == "onnx" else args.engine, "cpu", args.threads)
     seg = Segmenter.for_checkpoint(engine, ckpt, PostprocessConfig())
     per_kind = max(1, args.model_images // 3)
     rows: list[list[Any]] = []
@@ -318,17 +327,20 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
 
 
 def baseline_from_revision(rev: str, workdir: Path) -> Path:
-    """The statistics of git revision ``rev`` (``particle_stats``, ``particle_geometry`` and
-    ``summary_stats``) written under ``workdir`` as modules importing each other, not the
-    working tree's; returns the ``particle_stats`` file for ``load_baseline``."""
+    """The statistics of git revision ``rev`` (``particle_stats`` and the modules it builds on that
+    exist there) written under ``workdir`` as modules importing each other, not the working
+    tree's; returns the ``particle_stats`` file for ``load_baseline``."""
     import subprocess
 
-    names = ("particle_geometry", "summary_stats", "particle_stats")
+    names = ("particle_geometry", "particle_outline", "particle_skeleton", "summary_stats", "particle_stats")
     sys.path.insert(0, str(workdir))
+    texts = {}
     for name in names:
-        text = subprocess.run(["git", "show", f"{rev}:nanoseg/{name}.py"], check=True, capture_output=True,
-                              text=True).stdout
-        for other in names:
+        shown = subprocess.run(["git", "show", f"{rev}:nanoseg/{name}.py"], capture_output=True, text=True)
+        if shown.returncode == 0:  # a module the revision has
+            texts[name] = shown.stdout
+    for name, text in texts.items():
+        for other in texts:
             text = text.replace(f"from nanoseg.{other} import", f"from baseline_{other} import")
         (workdir / f"baseline_{name}.py").write_text(text)
     return workdir / "baseline_particle_stats.py"
@@ -377,12 +389,83 @@ def stats_timing(seed: int, repeats: int, baseline: Path | None) -> dict[str, An
     return out
 
 
+def cost_frames(args: argparse.Namespace) -> dict[str, list[tuple[Any, np.ndarray]]]:
+    """The daemon benchmark's frames as (box masks, optical density) per set (``--statistics-cost``)."""
+    from bench_common import synthetic_frame
+
+    from nanoseg.checkpoint import load_checkpoint
+    from nanoseg.engines.factory import engine_from_checkpoint
+    from nanoseg.engines.null_engine import NullEngine
+    from nanoseg.frame_profile import FrameProfile, ScalarI0
+    from nanoseg.postprocess import PostprocessConfig
+    from nanoseg.segmenter import Segmenter
+
+    ckpt = load_checkpoint(args.model)
+    profile = FrameProfile(name="bench", mode="optical_density", i0=ScalarI0(policy="scalar", value=4000.0),
+                           pixel_size_nm=8.0)
+    base = synthetic_frame(11, 0).counts
+    size = int(ckpt.input_spec["size"])
+    null = Segmenter.for_checkpoint(NullEngine((1, size, size)), ckpt, PostprocessConfig())
+    sets: dict[str, list[tuple[Any, np.ndarray]]] = {}
+    for side in (128, 512):
+        prepared = null.prepare(np.ascontiguousarray(base[:side, :side]), profile)
+        sets[f"null engine, {side} x {side}"] = [(null.analyse(prepared, 8.0).instances.box_masks, prepared.image)]
+    engine = engine_from_checkpoint(ckpt, "onnxruntime" if args.engine == "onnx" else args.engine, "cpu", args.threads)
+    model = Segmenter.for_checkpoint(engine, ckpt, PostprocessConfig())
+    frames = []
+    for i in range(args.model_frames):
+        prepared = model.prepare(synthetic_frame(11, i).counts, profile)
+        frames.append((model.analyse(prepared, 8.0).instances.box_masks, prepared.image))
+    sets[f"shipped model, 512 x 512 ({args.model_frames} frames)"] = frames
+    return sets
+
+
+def statistics_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU ms per frame of table + summary, this version against the baseline, interleaved."""
+    import json
+
+    if args.baseline is None:
+        raise SystemExit("--statistics-cost needs --baseline-rev (or --baseline)")
+    mod = load_baseline(args.baseline)
+    impls = {"this": (particle_table, frame_summary), "baseline": (mod.particle_table, mod.frame_summary)}
+
+    def result(impl: str, masks: Any, od: np.ndarray) -> str:
+        table = impls[impl][0](masks, od, 8.0)
+        lines = [None if c is None else (c.points.tolist(), c.width_px.tolist(), c.length_px)
+                 for c in table.centrelines]  # fmt: skip
+        return json.dumps([table.to_dict(), table.mean_od.tolist(), lines,
+                           {r: impls[impl][1](table, r).to_dict() for r in EDGE_RULES}])
+
+    out: dict[str, Any] = {}
+    rows = []
+    for name, frames in cost_frames(args).items():
+        same = all(result("this", m, od) == result("baseline", m, od) for m, od in frames)
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for _ in range(args.timing_repeats):
+            for k, (table_of, summary_of) in impls.items():
+                t0 = time.process_time()
+                for masks, od in frames:
+                    summary_of(table_of(masks, od, 8.0))
+                times[k].append((time.process_time() - t0) / len(frames))
+        t, b = np.array(times["this"]), np.array(times["baseline"])
+        particles = float(np.mean([len(m) for m, _ in frames]))
+        out[name] = {"particles_per_frame": particles, "same_results": same,
+                     "baseline_ms_min": 1000 * b.min(), "baseline_ms_median": 1000 * float(np.median(b)),
+                     "this_ms_min": 1000 * t.min(), "this_ms_median": 1000 * float(np.median(t)),
+                     "speedup_median_of_pairs": float(np.median(b / t))}  # fmt: skip
+        rows.append([name, particles, f"{1000 * b.min():.2f} / {1000 * np.median(b):.2f}",
+                     f"{1000 * t.min():.2f} / {1000 * np.median(t):.2f}", f"{np.median(b / t):.2f}x", same])
+    print_table(f"Statistics per frame (table + summary), CPU ms, min / median of {args.timing_repeats}",
+                ["frames", "particles", "baseline", "this", "speed-up (median of pairs)", "same results"], rows)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=24, help="fields per set for the ground-truth masks")
     ap.add_argument("--model-images", type=int, default=21, help="fields through the model (split over 3 sets); 0: skip")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--engine", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--engine", choices=["torch", "onnx", "onnxruntime"], default="torch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-repeats", type=int, default=10)
@@ -390,14 +473,21 @@ def main() -> None:
                     help="a particle_stats.py to time against (git show REV:nanoseg/particle_stats.py > FILE)")
     ap.add_argument("--baseline-rev", default=None,
                     help="time against the statistics of this git revision (all three modules; instead of --baseline)")
+    ap.add_argument("--statistics-cost", action="store_true",
+                    help="only the statistics' cost per frame against --baseline-rev (module docstring)")
+    ap.add_argument("--model-frames", type=int, default=8, help="--statistics-cost: generated frames through the model")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     if args.baseline_rev:
         import tempfile
 
         args.baseline = baseline_from_revision(args.baseline_rev, Path(tempfile.mkdtemp(prefix="bench_baseline_")))
-    fields = {kind: make_fields(kind, args.images, args.seed) for kind in KINDS}
     out: dict[str, Any] = {"machine": machine_facts(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.statistics_cost:
+        out["statistics_cost"] = statistics_cost(args)
+        write_json(args.out, out)
+        return
+    fields = {kind: make_fields(kind, args.images, args.seed) for kind in KINDS}
     out["ground_truth_masks"] = ground_truth_masks(fields)
     out["counting_rules"] = counting_rules(fields["field"])
     out["statistics_timing"] = stats_timing(args.seed, args.timing_repeats, args.baseline)

@@ -155,10 +155,7 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     # centreline is sampled every ~half width anyway, and thinning and the distance transform
     # cost ~ area (x half width)
     s = max(1, int(0.5 * width_hint_px // SKELETON_PX_PER_BLOCK))
-    if s > 1:
-        coarse = _majority_blocks(padded, s)
-    else:
-        coarse = padded
+    coarse = _majority_blocks(padded, s) if s > 1 else padded
     path = longest_path(skeletonize(coarse))
     # the distance transform (px, on the skeleton's grid) is needed along the path, and its largest
     # value only where the end rays below need it; a small grid's whole transform costs less
