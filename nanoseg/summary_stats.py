@@ -261,11 +261,16 @@ class Histogram:
 
     @classmethod
     def of(cls, values: np.ndarray, edges: tuple[float, ...]) -> Histogram:
+        """The finite ``values`` counted in ``edges`` (``np.histogram``'s counts: bins [e_k, e_k+1),
+        the last closed), found by one ``searchsorted``."""
         v = values[np.isfinite(values)]
-        counts, _ = np.histogram(v, bins=np.asarray(edges))
-        return cls(
-            edges, tuple(int(c) for c in counts), int((v < edges[0]).sum()), int((v > edges[-1]).sum())
-        )
+        e = np.asarray(edges)
+        below, above = v < e[0], v > e[-1]
+        inside = v[~(below | above)]
+        k = np.searchsorted(e, inside, side="right") - 1  # e_k <= x < e_k+1
+        k[inside == e[-1]] = len(e) - 2  # the last bin is closed
+        counts = np.bincount(k, minlength=len(e) - 1)
+        return cls(edges, tuple(counts.tolist()), int(below.sum()), int(above.sum()))
 
     def merge(self, other: Histogram) -> Histogram:
         """Sum of two histograms with the same edges (e.g. frames of one run)."""
