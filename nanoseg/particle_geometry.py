@@ -240,7 +240,7 @@ def _distance_to_outside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     rr, cc = raster_pixels(grown & ~mask)
     if rr.size == 0:
         return np.zeros(len(points))
-    d, _ = cKDTree(np.stack([cc, rr], axis=1) + 0.5).query(points)
+    d, _ = cKDTree(np.stack([cc, rr], axis=1) + 0.5, balanced_tree=False, compact_nodes=False).query(points)
     return np.asarray(d, dtype=np.float64)
 
 

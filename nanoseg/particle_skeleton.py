@@ -122,7 +122,7 @@ def edt_at(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray 
     bc -= 1
     if br.size == 0:
         return None
-    d, _ = cKDTree(np.stack([bc, br], axis=1).astype(np.float64)).query(
+    d, _ = cKDTree(np.stack([bc, br], axis=1).astype(np.float64), balanced_tree=False, compact_nodes=False).query(
         np.stack([cols, rows], axis=1).astype(np.float64))
     return np.asarray(d, dtype=np.float64) * np.asarray(image[rows, cols], dtype=np.float64)
 
