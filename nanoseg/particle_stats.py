@@ -228,8 +228,11 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     """Every px column of one non-empty mask crop (its bounding box); positions crop-relative."""
     rr, cc = raster_pixels(crop)
     area = rr.size
-    cy, cx = rr.mean(), cc.mean()
-    cov = np.cov(np.stack([cc, rr]).astype(np.float64), bias=True) if area > 1 else np.zeros((2, 2))
+    centred = np.stack([cc, rr]).astype(np.float64)
+    cx, cy = centred.mean(axis=1)  # integer-valued: the same sums as rr.mean(), cc.mean()
+    # np.cov(..., bias=True) step by step (its own operations, so the same last bits), centred once
+    centred -= np.array([cx, cy])[:, None]
+    cov = np.dot(centred, centred.T.conj()) * np.true_divide(1, area) if area > 1 else np.zeros((2, 2))
     evals, evecs = np.linalg.eigh(cov)
     l2, l1 = max(float(evals[0]), 0.0), max(float(evals[1]), 0.0)
     moments = moment_figures(l1, l2, float(evecs[0, 1]), float(evecs[1, 1]))
