@@ -21,19 +21,43 @@ _PATTERN_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
 
 
 def padded(mask: np.ndarray, dtype: type = np.bool_) -> np.ndarray:
-    """``mask`` with a one-pixel frame of zeros (``np.pad(mask, 1)`` without its overhead)."""
+    """``mask`` with a one-pixel frame of zeros (``np.pad(mask, 1)`` without its overhead).
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (H, W) array.
+    dtype : type, optional
+        Of the result.
+
+    Returns
+    -------
+    np.ndarray
+        (H + 2, W + 2), C-contiguous.
+    """
     out = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype)
     out[1:-1, 1:-1] = mask
     return out
 
 
 def perimeter_px(mask: np.ndarray, framed: np.ndarray | None = None) -> float:
-    """Perimeter of ``mask`` (H, W) bool, px: scikit-image's ``perimeter`` (4-neighbourhood).
+    """scikit-image's ``perimeter`` of a mask (4-neighbourhood), the same value.
 
     A border pixel is a mask pixel with a 4-neighbour outside (beyond the array counts as
     outside); each adds the weight of its pattern of border neighbours (1 along a row or column,
-    sqrt 2 on a diagonal, their mean at a bend). ``framed``: ``padded(mask)`` when the caller
-    has it.
+    sqrt 2 on a diagonal, their mean at a bend).
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (H, W) bool.
+    framed : np.ndarray, optional
+        ``padded(mask)`` when the caller has it.
+
+    Returns
+    -------
+    float
+        Perimeter, px.
     """
     p = (padded(mask) if framed is None else framed).ravel()  # flat: neighbours at +-1, +-w
     w = mask.shape[1] + 2
@@ -53,8 +77,18 @@ OCTAGON_FROM = 48  # convex_hull: above this many points, those inside their oct
 
 
 def row_ends(rr: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of a mask that hold pixels, and each one's first and last column, from its pixels'
-    ``rr``, ``cc`` in raster order (``np.nonzero``'s); all (R,) int, rows increasing."""
+    """Rows of a mask that hold pixels, and each one's first and last column.
+
+    Parameters
+    ----------
+    rr, cc : np.ndarray
+        The mask's pixels in raster order (``np.nonzero``'s).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        Rows (increasing), first and last column, each (R,) int.
+    """
     if rr.size == 0:
         return rr, cc, cc
     new_row = np.flatnonzero(rr[1:] != rr[:-1]) + 1
@@ -65,14 +99,27 @@ def row_ends(rr: np.ndarray, cc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 def hull_candidates(mask: np.ndarray, ends: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                     max_passes: int = 64) -> np.ndarray:
-    """(M, 2) x, y pixel centres (px) that can be convex-hull vertices, top row's first pixel first.
+    """Pixel centres of a mask that can be convex-hull vertices, top row's first pixel first.
 
     Each row's first and last pixel (every other pixel of a row lies between them), then only
     those where the left (right) chain of them, row by row, turns outwards: a point on or inside
     the segment joining its chain neighbours lies between that segment and the other end of its
-    row, so it is no vertex. Every hull vertex is kept. ``ends``: ``row_ends`` of the mask when
-    the caller has them; ``max_passes``: of that reduction (fewer leave more points, never fewer
-    vertices: ``convex_hull`` of them is the same).
+    row, so it is no vertex. Every hull vertex is kept.
+
+    Parameters
+    ----------
+    mask : np.ndarray
+        (H, W) bool.
+    ends : tuple of np.ndarray, optional
+        ``row_ends`` of the mask when the caller has them.
+    max_passes : int, optional
+        Passes of the reduction; fewer leave more points, never fewer vertices (``convex_hull``
+        of them is the same).
+
+    Returns
+    -------
+    np.ndarray
+        (M, 2) float64 x, y, px (pixel centres at integers + 0.5).
     """
     if ends is None:
         first = mask.argmax(axis=1)
@@ -120,11 +167,21 @@ def _unique_rows(points: np.ndarray) -> np.ndarray:
 
 
 def convex_hull(points: np.ndarray) -> np.ndarray | None:
-    """Vertices (K, 2) of the convex hull of ``points``, in order around it; None when they are
-    collinear (or fewer than 3).
+    """The convex hull of points, collinear points dropped.
 
     Of many points, those inside the octagon of the extreme points in 8 directions cannot be
     vertices and are dropped first; the rest go through Andrew's monotone chain.
+
+    Parameters
+    ----------
+    points : np.ndarray
+        (M, 2) float x, y.
+
+    Returns
+    -------
+    np.ndarray or None
+        (K, 2) vertices in order around the hull from the smallest (x, y); None when the points
+        are collinear or fewer than 3.
     """
     if len(points) < 3:
         return None

@@ -13,7 +13,6 @@ order, so the result is the same to the last bit. Branched skeletons go through 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
@@ -24,13 +23,35 @@ _DIAGONAL = float(np.hypot(1, 1))
 
 
 def raster_pixels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero(image)`` of a C-contiguous 2-D array (rows, cols in raster order), from the
-    flat indices: the same arrays, at a fraction of the cost of the 2-D ``nonzero``."""
+    """``np.nonzero(image)`` from the flat indices: the same arrays, at a fraction of the cost of
+    the 2-D ``nonzero``.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        2-D array, C-contiguous.
+
+    Returns
+    -------
+    tuple of np.ndarray
+        Rows and columns (int64) of its non-zero pixels, in raster order.
+    """
     return np.divmod(np.flatnonzero(image), image.shape[1])
 
 
 def longest_path(skel: np.ndarray) -> np.ndarray:
-    """(M, 2) row, col of the skeleton's geodesic diameter, from ``a`` to ``b`` (module docstring)."""
+    """The skeleton's geodesic diameter, from ``a`` to ``b`` (module docstring).
+
+    Parameters
+    ----------
+    skel : np.ndarray
+        (H, W) bool skeleton, C-contiguous.
+
+    Returns
+    -------
+    np.ndarray
+        (M, 2) int64 row, col of the path's pixels in order (one pixel, or none, for such a skeleton).
+    """
     rr, cc = raster_pixels(skel)
     n = rr.size
     if n <= 1:
@@ -104,12 +125,25 @@ def _simple_path(nbr: np.ndarray, linked: np.ndarray, rr: np.ndarray, cc: np.nda
 
 
 def edt_at(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
-    """``scipy.ndimage.distance_transform_edt(image)[rows, cols]`` to the last bit, px, without
-    the transform of the whole array; None when ``image`` (2-D bool) has no background pixel.
+    """``scipy.ndimage.distance_transform_edt(image)[rows, cols]`` to the last bit, without the
+    transform of the whole array.
 
     The nearest background pixel of a foreground one has a foreground 4-neighbour (one step
     from it towards the pixel is nearer, so foreground); the distances between integer
     coordinates are the square roots of the same integers.
+
+    Parameters
+    ----------
+    image : np.ndarray
+        (H, W) bool, C-contiguous.
+    rows, cols : np.ndarray
+        Pixels (int) where the transform is wanted.
+
+    Returns
+    -------
+    np.ndarray or None
+        Distance (float64, px) from each pixel's centre to the nearest background pixel's centre
+        (0 on the background); None when ``image`` has no background pixel.
     """
     h, w = image.shape
     width = w + 2
@@ -125,8 +159,3 @@ def edt_at(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray 
     d, _ = cKDTree(np.stack([bc, br], axis=1).astype(np.float64), balanced_tree=False, compact_nodes=False).query(
         np.stack([cols, rows], axis=1).astype(np.float64))
     return np.asarray(d, dtype=np.float64) * np.asarray(image[rows, cols], dtype=np.float64)
-
-
-def edt_max(image: np.ndarray) -> float:
-    """Largest value of ``scipy.ndimage.distance_transform_edt(image)``, px."""
-    return float(ndimage.distance_transform_edt(image).max())

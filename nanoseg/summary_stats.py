@@ -94,8 +94,19 @@ def weighted_stats(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def median_last(x: np.ndarray) -> np.ndarray:
-    """``np.median(x, axis=-1)`` of finite values (the same values): one sort along the last axis,
-    which for many short rows (bootstrap resamples) is several times faster than its partition."""
+    """``np.median(x, axis=-1)``, the same values, by one sort along the last axis (for many short
+    rows, e.g. bootstrap resamples, several times faster than its partition).
+
+    Parameters
+    ----------
+    x : np.ndarray
+        Finite values, the last axis not empty.
+
+    Returns
+    -------
+    np.ndarray
+        The medians, ``x``'s shape without its last axis.
+    """
     n = x.shape[-1]
     s = np.sort(x, axis=-1)
     k = n // 2
