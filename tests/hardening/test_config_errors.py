@@ -121,11 +121,17 @@ def test_nanoseg_serve_exits_2_naming_the_field_and_starts_nothing(
     procs["environment"] = (serve(None, NANOSEG__QUEUE__SIZE="ten"), None, "queue.size")
 
     failures = []
-    for name, (proc, config, expected) in procs.items():
-        _, err = proc.communicate(timeout=180)
-        if proc.returncode != 2 or "nanoseg serve: error: " not in err or expected not in err:
-            failures.append(f"{name}: exit {proc.returncode}, stderr {err.strip()[-400:]!r}")
-        elif name in CASES:
-            assert str(config) in err  # the file is named too
-            assert not (tmp_path / name / "state").exists()  # nothing started
+    try:
+        for name, (proc, config, expected) in procs.items():
+            _, err = proc.communicate(timeout=180)
+            if proc.returncode != 2 or "nanoseg serve: error: " not in err or expected not in err:
+                failures.append(f"{name}: exit {proc.returncode}, stderr {err.strip()[-400:]!r}")
+            elif name in CASES:
+                assert str(config) in err  # the file is named too
+                assert not (tmp_path / name / "state").exists()  # nothing started
+    finally:  # none left running into the next tests
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
     assert not failures, "\n".join(failures)
