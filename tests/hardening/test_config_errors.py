@@ -116,8 +116,8 @@ def test_nanoseg_serve_exits_2_naming_the_field_and_starts_nothing(
 ) -> None:
     procs: dict[str, tuple[subprocess.Popen[str], Path | None, str]] = {}
     for name in IN_SUBPROCESS:
-        config = write_case(tmp_path, name, trained_model_path, server_key)
-        procs[name] = (serve(config), config, CASES[name][1])
+        written = write_case(tmp_path, name, trained_model_path, server_key)
+        procs[name] = (serve(written), written, CASES[name][1])
     procs["environment"] = (serve(None, NANOSEG__QUEUE__SIZE="ten"), None, "queue.size")
 
     failures = []
