@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -24,12 +24,14 @@ from nanoseg.config_io import (
     parse_config,
     read_yaml_mapping,
 )
-from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
 from nanoseg_daemon.queueing import Policy
+
+if TYPE_CHECKING:  # the engines import torchvision (seconds): a config is checked without them
+    from nanoseg.engines.triton_engine import TritonTarget
 
 ENV_PREFIX = "NANOSEG__"
 
@@ -75,6 +77,8 @@ class ModelSection(StrictModel):
         """The server and model of engine triton; None for the local engines."""
         if self.engine != "triton" or not self.triton_url or not self.triton_model:
             return None
+        from nanoseg.engines.triton_engine import TritonTarget
+
         return TritonTarget(self.triton_url, self.triton_model)
 
 
