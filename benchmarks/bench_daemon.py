@@ -2,10 +2,11 @@
 
 Ingest ceiling (the null engine returns fixed detections at once, so everything around the
 network does its real work: decoding, optical density, tiling, mask pasting, statistics, the
-SQLite store, bluesky documents and JSON summaries)::
+SQLite store, bluesky documents and JSON summaries; ``--null-detections 0``: no rods, so no
+per-particle work, while every stage still runs and every frame's result is stored and published)::
 
     .venv/bin/python benchmarks/bench_daemon.py --engine null [--sizes 128 512 2048]
-        [--inputs raw bluesky] [--frames 2000] [--out results.json]
+        [--inputs raw bluesky] [--frames 2000] [--null-detections 0] [--out results.json]
 
 A real ``Service`` (raw PULL input and bluesky SUB input, store, bluesky documents on a bound
 socket, JSON summaries on another) runs in this process; a client process feeds it uint16
@@ -88,6 +89,8 @@ def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | 
         "control.address": "tcp://127.0.0.1:*", "metrics.port": "0", "log.level": "warning",
         "ingest.bluesky.enabled": "false" if bluesky_address is None else "true",
     }
+    if args.engine == "null":
+        overrides["model.null_detections"] = str(args.null_detections)
     if bluesky_address is not None:
         overrides |= {"ingest.bluesky.address": bluesky_address, "ingest.bluesky.prefix": RAW_PREFIX.decode()}
     svc = Service(load_daemon_config(None, overrides, environ={}))
@@ -419,6 +422,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--null-detections", type=int, default=6,
+                    help="null engine: rods per model input, 0-6 (0: the path without per-particle work)")
     ap.add_argument("--frames", type=int, default=30,
                     help="frames per saturated run (null engine: at 512^2 and below; fewer at 2048^2)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048], help="null engine: frame sides, px")
@@ -434,9 +439,11 @@ def main() -> None:
     if not args.model.exists():
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
+                               "null_detections": args.null_detections if args.engine == "null" else None,
                                "threads": args.threads, "queue_size": args.queue_size,
                                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
-    print(f"model {args.model} ({results['model']['name']}), engine {args.engine}, {args.threads} threads, batching "
+    engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
+    print(f"model {args.model} ({results['model']['name']}), engine {engine}, {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
           f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}", flush=True)
     if args.engine == "null":

@@ -237,7 +237,7 @@ class Service:
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
                                        req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
-                                       m.max_detections)
+                                       m.max_detections, m.null_detections)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

@@ -1,0 +1,81 @@
+"""The daemon's path without per-particle work: engine null with no detections, over real sockets.
+
+Every frame still passes every stage and comes back as a stored and published result, with zero
+particles; with the default (six rods) the same frames come back with particles, so the
+zero is the setting's doing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from nanoseg.codec import msgpack_loads
+from nanoseg.config_io import ConfigError
+from nanoseg_daemon.config import load_daemon_config
+from nanoseg_daemon.store import ResultReader, default_path
+from tests.daemon.service_fixtures import DOSE, Client, raw_header, start_service
+
+FRAMES = 12
+
+
+def frame(k: int) -> np.ndarray:
+    """A 128 x 128 uint16 transmission frame: a bright background, a little noise."""
+    rng = np.random.default_rng(k)
+    return rng.poisson(DOSE, (128, 128)).astype(np.uint16)
+
+
+def events(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 20000) -> list[dict[str, Any]]:
+    """The first ``n`` event documents published on the bluesky socket (other documents skipped)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n and sock.poll(timeout_ms):
+        _prefix, name, body = sock.recv().split(b" ", 2)
+        if name == b"event":
+            out.append(msgpack_loads(body))
+    return out
+
+
+@pytest.mark.parametrize("detections", [0, None])
+def test_every_frame_comes_back_stored_and_published(tmp_path: Path, trained_model_path: Path,
+                                                     detections: int | None) -> None:
+    extra = {"model.engine": "null"} | ({} if detections is None else {"model.null_detections": detections})
+    svc = start_service(tmp_path, trained_model_path, **extra)
+    client = Client(svc)
+    assert svc.doc_pub is not None
+    docs = client.ctx.socket(zmq.SUB)
+    docs.linger = 0
+    docs.connect(svc.doc_pub.address)
+    docs.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        assert svc.doc_pub.wait_for_subscriber(10.0)
+        for k in range(FRAMES):
+            client.send([raw_header(k, frame(k), run="n1", pixel_size_nm=8.0, i0=DOSE), frame(k).tobytes()])
+        summaries = list(client.summaries(FRAMES, timeout_s=60))
+        published = events(docs, FRAMES)
+    finally:
+        docs.close(0)
+        client.close()
+        assert svc.stop()
+    assert [s["seq_num"] for s in summaries] == list(range(1, FRAMES + 1))
+    assert [e["data"]["raw_seq_num"] for e in published] == list(range(1, FRAMES + 1))
+    stored = ResultReader(default_path(tmp_path)).frames("raw:detector:n1")
+    assert [r.seq_num for r in stored] == list(range(1, FRAMES + 1))
+    counts = {s["count"] for s in summaries} | {e["data"]["count"] for e in published} | {r.count for r in stored}
+    if detections == 0:
+        assert counts == {0}
+        assert all(e["data"]["masks"] == "[]" and np.isnan(e["data"]["length_nm_mean"]) for e in published)
+        assert ResultReader(default_path(tmp_path)).particles("raw:detector:n1") == []
+    else:  # the same frames with the engine's rods: particles on every frame, the same on each
+        assert len(counts) == 1 and counts.pop() > 0
+
+
+def test_null_detections_is_checked_and_only_for_the_null_engine() -> None:
+    assert load_daemon_config(None, {"model.engine": "null"}, environ={}).model.null_detections == 6
+    with pytest.raises(ConfigError, match="null_detections"):
+        load_daemon_config(None, {"model.engine": "null", "model.null_detections": "7"}, environ={})
+    with pytest.raises(ConfigError, match="null_detections"):
+        load_daemon_config(None, {"model.engine": "torch", "model.null_detections": "0"}, environ={})
