@@ -55,7 +55,7 @@ class Service:
                              StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
                                             lambda: self._paused.is_set() and not self._stopping.is_set(),
                                             self.metrics.batch_size.observe),
-                             batching=cfg.batching, statistics=cfg.statistics)
+                             batching=cfg.batching, statistics=cfg.statistics, source_many=self.intake.next_items)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
