@@ -24,6 +24,7 @@ from nanoseg.config_io import (
     parse_config,
     read_yaml_mapping,
 )
+from nanoseg.engines.null_engine import DETECTIONS
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.growth import GrowthConfig
@@ -56,6 +57,10 @@ class ModelSection(StrictModel):
                                          "particles. Not with an exported onnx_path or engine triton, whose "
                                          "graphs fix it.")
 
+    null_detections: int = Field(
+        len(DETECTIONS), ge=0, le=len(DETECTIONS), description="engine null: rods per model input, the first N of its six (0: none, every "
+                                   "stage still runs; measures the path without per-particle work).")
+
     @field_validator("engine", mode="before")
     @classmethod
     def _yaml_null_is_the_null_engine(cls, value: Any) -> Any:
@@ -65,6 +70,12 @@ class ModelSection(StrictModel):
     def _max_detections_where_the_graph_is_built(self) -> ModelSection:
         if self.max_detections is not None and (self.onnx_path or self.engine == "triton"):
             raise ValueError("max_detections needs a graph built from the checkpoint (no onnx_path, not triton)")
+        return self
+
+    @model_validator(mode="after")
+    def _null_detections_with_the_null_engine(self) -> ModelSection:
+        if "null_detections" in self.model_fields_set and self.engine != "null":
+            raise ValueError("null_detections is for engine null only")
         return self
 
     @model_validator(mode="after")
