@@ -177,10 +177,15 @@ def rasterise(g: WireGeometry, shape: tuple[int, int]) -> WireColumns | None:
     ys = (np.arange(y0, y1, dtype=np.float64) + 0.5)[:, None]
     xs = (np.arange(x0, x1, dtype=np.float64) + 0.5)[None, :]
     s, u = local_coordinates(g, ys, xs)
-    hw = half_width_along(g, s)
-    thick, offset = profile(g, u, hw)
-    inside = (s >= 0.0) & (s <= g.length)
-    thick = np.where(inside, thick, 0.0)
+    # The profile is computed only where material can be: along the axis and within the widest
+    # half width (a long diagonal wire covers a small part of its box). The values there are the
+    # same, element by element, as over the whole box; outside, thickness and offset are 0.
+    reach = g.max_half_width() * (1.0 + 1e-9) + 1e-9
+    near = (s >= 0.0) & (s <= g.length) & (np.abs(u) <= reach)
+    thick = np.zeros_like(s)
+    offset = np.zeros_like(s)
+    hw = half_width_along(g, s[near])
+    thick[near], offset[near] = profile(g, u[near], hw)
     return WireColumns(box=box, s=s, bottom_offset=offset, thickness=thick)
 
 
