@@ -54,8 +54,41 @@ def smooth_background(shape: tuple[int, int], cfg: Background, rng: np.random.Ge
     coarse_shape = (shape[0] // step + 2 + 2 * pad, shape[1] // step + 2 + 2 * pad)
     field = ndimage.gaussian_filter(rng.normal(size=coarse_shape), sigma, mode="constant", truncate=4.0)
     field = field[pad:-pad, pad:-pad] / filtered_noise_std(sigma)
-    field = ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+    field = zoom_linear(field, step, shape)
     return (offset + amp * field).astype(np.float32)
+
+
+def zoom_linear(field: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
+    """``ndimage.zoom(field, step, order=1)[:shape[0], :shape[1]]``, bit for bit, in a quarter of the time.
+
+    Linear interpolation is separable: each row of the output mixes two rows of the coarse
+    ``field`` (float64), each column two columns. The products and sums are taken in
+    ``ndimage``'s own order, ((d00 wy0) wx0 + (d01 wy0) wx1) + (d10 wy1) wx0 + (d11 wy1) wx1,
+    with its weights (1 - frac, then 1 minus that) on its coordinates (output index times
+    (coarse size - 1) / (zoomed size - 1)), so the values are identical; ``ndimage`` loops over
+    every output pixel and computes the columns it then crops away. Falls back to ``ndimage``
+    where the kept part reaches the coarse grid's last row or column (its border rule applies).
+    """
+    axes = []
+    for n_in, n_keep in zip(field.shape, shape):
+        n_out = n_in * step
+        factor = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+        cc = np.arange(n_keep, dtype=np.float64) * factor
+        start = np.floor(cc)
+        w0 = 1.0 - (cc - start)
+        index = start.astype(np.intp)
+        if n_keep > n_out or index[-1] + 1 >= n_in:
+            return ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+        axes.append((index, w0, 1.0 - w0))
+    (iy, wy0, wy1), (ix, wx0, wx1) = axes
+    upper = field[iy] * wy0[:, None]  # (rows kept, coarse columns): d wy, for both columns
+    lower = field[iy + 1] * wy1[:, None]
+    out = upper[:, ix] * wx0
+    out += 0.0  # ndimage starts its sum at 0.0: -0.0 becomes 0.0 as there
+    out += upper[:, ix + 1] * wx1
+    out += lower[:, ix] * wx0
+    out += lower[:, ix + 1] * wx1
+    return out
 
 
 def filtered_noise_std(sigma: float) -> float:
