@@ -165,11 +165,9 @@ def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float
     a voxel) still rests on what lies below it; the feasible heights are then one interval.
     """
     y0, y1, x0, x1 = cols.box
-    occupied = cols.thickness > 0
-    if not occupied.any():
+    if not cols.occupied.any():
         return 0.0
-    rise = cols.s * math.tan(math.radians(tilt_deg)) + cols.bottom_offset
-    need = top[y0:y1, x0:x1][occupied] - rise[occupied]
+    need = top[y0:y1, x0:x1][cols.occupied] - cols.bottom(0.0, tilt_deg)
     return max(0.0, float(need.max()))
 
 
@@ -187,11 +185,10 @@ def place_wire(
     if cols is None:
         return None
     z0 = resting_height(cols, top, g.tilt_deg)
-    counts = cols.voxel_counts(z0, g.tilt_deg)
+    counts, lowest = cols.voxel_runs(z0, g.tilt_deg)
     occ = counts > 0
     if int(np.count_nonzero(occ)) < cfg.wires.min_visible_area:
         return None
-    lowest = cols.lowest_voxel(z0, g.tilt_deg)
     if int((lowest + counts)[occ].max()) > cfg.domain.height:
         return None
     y0, y1, x0, x1 = cols.box

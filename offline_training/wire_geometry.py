@@ -80,31 +80,35 @@ class WireColumns:
     """A wire's columns inside its bounding box ``box`` = (y0, y1, x0, x1)."""
 
     box: tuple[int, int, int, int]
-    s: np.ndarray  # distance along the axis, px (float32, box-shaped)
+    s: np.ndarray  # distance along the axis, px (float64, box-shaped)
     bottom_offset: np.ndarray  # z of the local bottom above the cross-section's lowest point
     thickness: np.ndarray  # continuous z extent of the column, voxels (0 outside)
+    occupied: np.ndarray  # thickness > 0 (bool, box-shaped)
 
     def bottom(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """z of the column bottoms for a wire resting at ``z0``, voxels."""
-        return (z0 + self.s * math.tan(math.radians(tilt_deg)) + self.bottom_offset).astype(np.float64)
+        """z of the occupied columns' bottoms (1-D, in ``occupied`` order) at rest at ``z0``, voxels."""
+        occ = self.occupied
+        return z0 + self.s[occ] * math.tan(math.radians(tilt_deg)) + self.bottom_offset[occ]
 
-    def voxel_counts(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """Voxels per column whose centre k + 0.5 lies in [bottom, bottom + thickness)."""
+    def voxel_runs(self, z0: float, tilt_deg: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per column (box-shaped int32): the count of voxels whose centre k + 0.5 lies in
+        [bottom, bottom + thickness), and the index of the lowest of them (0 where the count is 0).
+        """
         zb = self.bottom(z0, tilt_deg)
-        counts = np.ceil(zb + self.thickness - 0.5) - np.ceil(zb - 0.5)
-        counts[self.thickness <= 0] = 0
-        return np.maximum(counts, 0).astype(np.int32)
+        low = np.ceil(zb - 0.5)
+        counts = np.zeros(self.occupied.shape, np.int32)
+        lowest = np.zeros(self.occupied.shape, np.int32)
+        counts[self.occupied] = np.maximum(np.ceil(zb + self.thickness[self.occupied] - 0.5) - low, 0)
+        lowest[self.occupied] = low
+        lowest[counts == 0] = 0
+        return counts, lowest
 
     def footprint(self, shape: tuple[int, int]) -> np.ndarray:
         """The columns holding material, as a boolean mask of the full field ``shape`` (H, W)."""
         m = np.zeros(shape, dtype=bool)
         y0, y1, x0, x1 = self.box
-        m[y0:y1, x0:x1] = self.thickness > 0
+        m[y0:y1, x0:x1] = self.occupied
         return m
-
-    def lowest_voxel(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """Index of the lowest voxel of each column (meaningful where counts > 0)."""
-        return np.ceil(self.bottom(z0, tilt_deg) - 0.5).astype(np.int32)
 
 
 def half_width_along(g: WireGeometry, s: np.ndarray) -> np.ndarray:
@@ -186,7 +190,7 @@ def rasterise(g: WireGeometry, shape: tuple[int, int]) -> WireColumns | None:
     offset = np.zeros_like(s)
     hw = half_width_along(g, s[near])
     thick[near], offset[near] = profile(g, u[near], hw)
-    return WireColumns(box=box, s=s, bottom_offset=offset, thickness=thick)
+    return WireColumns(box=box, s=s, bottom_offset=offset, thickness=thick, occupied=thick > 0)
 
 
 def centreline_length(g: WireGeometry, samples: int = 2001) -> float:

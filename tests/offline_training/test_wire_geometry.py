@@ -74,8 +74,7 @@ def analytic_counts(g: WireGeometry) -> tuple[np.ndarray, np.ndarray]:
     cols = rasterise(g, SHAPE)
     if cols is not None:
         y0, y1, x0, x1 = cols.box
-        counts[y0:y1, x0:x1] = cols.voxel_counts(g.z0, g.tilt_deg)
-        lowest[y0:y1, x0:x1] = cols.lowest_voxel(g.z0, g.tilt_deg)
+        counts[y0:y1, x0:x1], lowest[y0:y1, x0:x1] = cols.voxel_runs(g.z0, g.tilt_deg)
     return counts, lowest
 
 
