@@ -107,8 +107,12 @@ def transmission_counts(
 
     The shared physics of the generator's noise and the simulated microscope's camera.
     """
-    expected = dose * np.exp(-od.astype(np.float64))
-    counts = rng.poisson(expected).astype(np.float64) + dark
+    expected = od.astype(np.float64)  # in place from here on: the same values, fewer full-frame copies
+    np.negative(expected, out=expected)
+    np.exp(expected, out=expected)
+    expected *= dose
+    counts = rng.poisson(expected).astype(np.float64)
+    counts += dark
     if read_noise > 0:
         counts += rng.normal(0.0, read_noise, size=od.shape)
     return counts
@@ -118,7 +122,10 @@ def noisy_od(od: np.ndarray, cfg: Noise, rng: np.random.Generator) -> tuple[np.n
     """Simulate counting statistics and convert back with OD = -ln(I / I0), floor at half a photon."""
     dose = draw(cfg.dose, rng)
     counts = transmission_counts(od, dose, draw(cfg.read_noise, rng), rng)
-    return (-np.log(np.maximum(counts, 0.5) / dose)).astype(np.float32), dose
+    np.maximum(counts, 0.5, out=counts)
+    counts /= dose
+    np.log(counts, out=counts)
+    return np.negative(counts, out=counts).astype(np.float32), dose
 
 
 def sem_signal(scene: Scene, edge_gain: float) -> np.ndarray:
