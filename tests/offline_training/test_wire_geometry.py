@@ -74,7 +74,8 @@ def analytic_counts(g: WireGeometry) -> tuple[np.ndarray, np.ndarray]:
     cols = rasterise(g, SHAPE)
     if cols is not None:
         y0, y1, x0, x1 = cols.box
-        counts[y0:y1, x0:x1], lowest[y0:y1, x0:x1] = cols.voxel_runs(g.z0, g.tilt_deg)
+        runs, low = cols.voxel_runs(g.z0, g.tilt_deg)
+        counts[y0:y1, x0:x1], lowest[y0:y1, x0:x1] = cols.box_map(runs, np.int32), cols.box_map(low, np.int32)
     return counts, lowest
 
 
