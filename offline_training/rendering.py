@@ -59,7 +59,7 @@ def smooth_background(shape: tuple[int, int], cfg: Background, rng: np.random.Ge
 
 
 def zoom_linear(field: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
-    """``ndimage.zoom(field, step, order=1)[:shape[0], :shape[1]]``, bit for bit, in a quarter of the time.
+    """``ndimage.zoom(field, step, order=1)[:shape[0], :shape[1]]``, bit for bit, in about half the time.
 
     Linear interpolation is separable: each row of the output mixes two rows of the coarse
     ``field`` (float64), each column two columns. The products and sums are taken in
@@ -83,11 +83,14 @@ def zoom_linear(field: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndar
     (iy, wy0, wy1), (ix, wx0, wx1) = axes
     upper = field[iy] * wy0[:, None]  # (rows kept, coarse columns): d wy, for both columns
     lower = field[iy + 1] * wy1[:, None]
-    out = upper[:, ix] * wx0
+    out = np.take(upper, ix, axis=1)
+    out *= wx0
     out += 0.0  # ndimage starts its sum at 0.0: -0.0 becomes 0.0 as there
-    out += upper[:, ix + 1] * wx1
-    out += lower[:, ix] * wx0
-    out += lower[:, ix + 1] * wx1
+    term = np.empty_like(out)  # one buffer for the other three products
+    for rows, cols, weight in ((upper, ix + 1, wx1), (lower, ix, wx0), (lower, ix + 1, wx1)):
+        np.take(rows, cols, axis=1, out=term)
+        term *= weight
+        out += term
     return out
 
 
