@@ -96,9 +96,9 @@ class WireColumns:
         y0, y1, x0, x1 = self.box
         return y1 - y0, x1 - x0
 
-    def box_map(self, values: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-        """``values`` (one per material column) on the box, 0 elsewhere."""
-        out = np.zeros(self.shape, dtype)
+    def box_map(self, values: np.ndarray | bool, dtype: type = np.float64) -> np.ndarray:
+        """``values`` (one per material column, or one for all) on the box, 0 elsewhere."""
+        out: np.ndarray = np.zeros(self.shape, dtype)
         out[self.rows, self.cols] = values
         return out
 
