@@ -2,10 +2,11 @@
 
 Ingest ceiling (the null engine returns fixed detections at once, so everything around the
 network does its real work: decoding, optical density, tiling, mask pasting, statistics, the
-SQLite store, bluesky documents and JSON summaries)::
+SQLite store, bluesky documents and JSON summaries; ``--null-detections 0``: no rods, so no
+per-particle work, while every stage still runs and every frame's result is stored and published)::
 
     .venv/bin/python benchmarks/bench_daemon.py --engine null [--sizes 128 512 2048]
-        [--inputs raw bluesky] [--frames 2000] [--out results.json]
+        [--inputs raw bluesky] [--frames 2000] [--null-detections 0] [--out results.json]
 
 A real ``Service`` (raw PULL input and bluesky SUB input, store, bluesky documents on a bound
 socket, JSON summaries on another) runs in this process; a client process feeds it uint16
@@ -13,7 +14,10 @@ transmission frames of each size as fast as it takes them (queue policy block) a
 is published back: the JSON summaries for raw frames (``[header, buffer]`` messages), the
 analysis runs' event documents for bluesky input (start, descriptor, then events with the image
 inline, sent by bluesky's own ``Publisher`` through bluesky's ``Proxy``, msgpack). Frames per
-second are counted between the first and the last result received (steady state).
+second are counted between the first and the last result received (steady state). The daemon's
+CPU time per frame (``time.process_time`` of the process the service runs in, all its threads,
+the client apart) says what the path costs whatever else the machine is doing: 1000 / that is
+the frames per second one free core would allow.
 
 Real model (``--engine onnxruntime`` or ``torch``): three measurements on the same loaded model,
 against the daemon's throughput:
@@ -88,6 +92,8 @@ def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | 
         "control.address": "tcp://127.0.0.1:*", "metrics.port": "0", "log.level": "warning",
         "ingest.bluesky.enabled": "false" if bluesky_address is None else "true",
     }
+    if args.engine == "null":
+        overrides["model.null_detections"] = str(args.null_detections)
     if bluesky_address is not None:
         overrides |= {"ingest.bluesky.address": bluesky_address, "ingest.bluesky.prefix": RAW_PREFIX.decode()}
     svc = Service(load_daemon_config(None, overrides, environ={}))
@@ -241,10 +247,12 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 for kind in args.inputs:
                     for run, count in ((f"warm-{kind}-{size}", min(50, n)), (f"{kind}-{size}", n)):
                         load, stages_before = os.getloadavg()[0], stage_sums(svc)
+                        cpu0 = time.process_time()
                         conn.send((kind, size, count, run))
                         got = receive(conn, 600)
                         processed += count
                         _wait_processed(svc, processed)
+                        cpu_ms = 1000 * (time.process_time() - cpu0) / count
                         if run.startswith("warm"):
                             continue
                         rec = got["received"]
@@ -254,11 +262,12 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                                  for st in STAGES}
                         rows.append({"input": kind, "size": size, "frames": count, "results_received": len(rec),
                                      "steady_frames_per_second": steady, "stage_mean_ms": means,
+                                     "daemon_cpu_ms_per_frame": cpu_ms,
                                      "overall_frames_per_second": len(rec) / (rec[-1] - got["sent_at"]) if rec else 0.0,
                                      "load_average_1m_before": round(load, 2)})
                         print(f"  {kind:8s} {size:5d}^2: {steady:8.1f} frames/s ({len(rec)}/{count} results back), "
-                              f"load {load:.2f}; ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()),
-                              flush=True)
+                              f"load {load:.2f}; daemon CPU {cpu_ms:.2f} ms per frame; stage ms per frame: "
+                              + ", ".join(f"{k} {v:.2f}" for k, v in means.items()), flush=True)
             results["batch_size_mean"] = sample(svc, "nanoseg_batch_size_frames_sum") / max(
                 sample(svc, "nanoseg_batch_size_frames_count"), 1)
             results["counters"] = counters(svc)
@@ -419,6 +428,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--null-detections", type=int, default=6,
+                    help="null engine: rods per model input, 0-6 (0: the path without per-particle work)")
     ap.add_argument("--frames", type=int, default=30,
                     help="frames per saturated run (null engine: at 512^2 and below; fewer at 2048^2)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048], help="null engine: frame sides, px")
@@ -434,9 +445,11 @@ def main() -> None:
     if not args.model.exists():
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
+                               "null_detections": args.null_detections if args.engine == "null" else None,
                                "threads": args.threads, "queue_size": args.queue_size,
                                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
-    print(f"model {args.model} ({results['model']['name']}), engine {args.engine}, {args.threads} threads, batching "
+    engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
+    print(f"model {args.model} ({results['model']['name']}), engine {engine}, {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
           f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}", flush=True)
     if args.engine == "null":
@@ -450,10 +463,12 @@ def main() -> None:
 
 def report(r: dict[str, Any]) -> None:
     if "ingest" in r:
-        print_table("daemon ceiling, null engine: results published back per second; stage means, ms per frame",
-                    ["input", "frame", "frames/s", "frames", "results back", "load before", *STAGES],
+        print_table("daemon ceiling, null engine: results published back per second; the daemon's CPU time (all its "
+                    "threads) and stage means, ms per frame",
+                    ["input", "frame", "frames/s", "frames", "results back", "load before", "CPU ms", *STAGES],
                     [[x["input"], f"{x['size']}^2", x["steady_frames_per_second"], x["frames"],
-                      x["results_received"], x["load_average_1m_before"], *x["stage_mean_ms"].values()]
+                      x["results_received"], x["load_average_1m_before"], x["daemon_cpu_ms_per_frame"],
+                      *x["stage_mean_ms"].values()]
                      for x in r["ingest"]])
         print(f"\nmean frames per engine batch: {r['batch_size_mean']:.2f}")
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -24,12 +24,15 @@ from nanoseg.config_io import (
     parse_config,
     read_yaml_mapping,
 )
-from nanoseg.engines.triton_engine import TritonTarget
+from nanoseg.engines.null_engine import DETECTIONS
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.growth import GrowthConfig
 from nanoseg_daemon.ingest_config import CurveConfig, IngestConfig
 from nanoseg_daemon.queueing import Policy
+
+if TYPE_CHECKING:  # the engines import torchvision (seconds): a config is checked without them
+    from nanoseg.engines.triton_engine import TritonTarget
 
 ENV_PREFIX = "NANOSEG__"
 
@@ -54,6 +57,10 @@ class ModelSection(StrictModel):
                                          "particles. Not with an exported onnx_path or engine triton, whose "
                                          "graphs fix it.")
 
+    null_detections: int = Field(
+        len(DETECTIONS), ge=0, le=len(DETECTIONS), description="engine null: rods per model input, the first N of its six (0: none, every "
+                                   "stage still runs; measures the path without per-particle work).")
+
     @field_validator("engine", mode="before")
     @classmethod
     def _yaml_null_is_the_null_engine(cls, value: Any) -> Any:
@@ -66,6 +73,12 @@ class ModelSection(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _null_detections_with_the_null_engine(self) -> ModelSection:
+        if "null_detections" in self.model_fields_set and self.engine != "null":
+            raise ValueError("null_detections is for engine null only")
+        return self
+
+    @model_validator(mode="after")
     def _triton_needs_a_target(self) -> ModelSection:
         if self.engine == "triton" and not (self.triton_url and self.triton_model):
             raise ValueError("engine triton needs model.triton_url (HOST:PORT) and model.triton_model")
@@ -75,6 +88,8 @@ class ModelSection(StrictModel):
         """The server and model of engine triton; None for the local engines."""
         if self.engine != "triton" or not self.triton_url or not self.triton_model:
             return None
+        from nanoseg.engines.triton_engine import TritonTarget
+
         return TritonTarget(self.triton_url, self.triton_model)
 
 

@@ -15,11 +15,14 @@ frame of a multi-frame event), or ``raw:<source>:<run>:<frame_id>``. The store r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 
+from nanoseg.codec import json_safe
 from nanoseg.instances import Instances
 from nanoseg.particle_stats import FrameSummary, ParticleTable
 
@@ -104,6 +107,12 @@ class FrameResult:
     metadata: dict[str, Any]  # FrameMetadata.extra plus pixel size and profile used
     received_monotonic: float = 0.0  # FrameJob.received_monotonic, for ingest-to-published latency
     instances_capped: int = 0  # instances beyond PostprocessConfig.max_instances, dropped
+
+    @cached_property
+    def summary_json(self) -> str:
+        """``summary.to_dict()`` as strict compact JSON (missing values null), encoded once for
+        the store and the summary topic, which both carry it."""
+        return json.dumps(json_safe(self.summary.to_dict()), allow_nan=False, separators=(",", ":"))
 
 
 ANALYSIS_PLAN_NAME = "nanoseg_analysis"

@@ -50,10 +50,12 @@ class LoadedModel:
 def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, post: PostprocessConfig,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None,
-               mask_tta: int | None = None, max_detections: int | None = None) -> LoadedModel:
+               mask_tta: int | None = None, max_detections: int | None = None,
+               null_detections: int | None = None) -> LoadedModel:
     """Load, verify (optional sha256) and warm up a model; raises on any failure. ``mask_tta``
     replaces the view count of the model's mask decoding (None keeps it); ``max_detections`` the
-    model's cap of detections per input (``with_max_detections``; None keeps it)."""
+    model's cap of detections per input (``with_max_detections``; None keeps it);
+    ``null_detections`` the rods per input of engine null (None: all)."""
     p = Path(path)
     digest = file_sha256(p)
     if expected_sha256 and digest != expected_sha256:
@@ -62,7 +64,8 @@ def load_model(path: str | Path, engine: EngineKind, device: str, threads: int, 
     if max_detections is not None:
         ckpt = with_max_detections(ckpt, max_detections)
     eng: Engine = engine_from_checkpoint(ckpt, engine, device, threads, onnx_path, cache_dir, triton,
-                                         with_decoding(ckpt.mask_decoding, tta=mask_tta))
+                                         with_decoding(ckpt.mask_decoding, tta=mask_tta),
+                                         null_detections=null_detections)
     seg = Segmenter.for_checkpoint(eng, ckpt, post)
     t0 = time.perf_counter()
     _, h, w = input_shape(ckpt)
@@ -85,7 +88,7 @@ def load_configured(m: ModelSection, post: PostprocessConfig, cache_dir: Path) -
     """``load_model`` with the config's ``model`` section (relative paths from the repository root)."""
     return load_model(repo_relative(m.path), m.engine, m.device, m.threads, post,
                       repo_relative(m.onnx_path) if m.onnx_path else None, m.sha256, cache_dir,
-                      m.triton_target(), m.mask_tta, m.max_detections)
+                      m.triton_target(), m.mask_tta, m.max_detections, m.null_detections)
 
 
 class ModelSlot:
@@ -123,10 +126,11 @@ class ModelSlot:
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None,
-               mask_tta: int | None = None, max_detections: int | None = None) -> LoadedModel:
+               mask_tta: int | None = None, max_detections: int | None = None,
+               null_detections: int | None = None) -> LoadedModel:
         """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
         with self._lock:
             new = load_model(path, engine, device, threads, self._configured, onnx_path,
-                             expected_sha256, cache_dir, triton, mask_tta, max_detections)
+                             expected_sha256, cache_dir, triton, mask_tta, max_detections, null_detections)
             self._model = new
             return new

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, cast
@@ -254,6 +254,13 @@ class Intake:
         self.metrics.queue_depth.set(len(self.queue))
         return item
 
+    def next_items(self, timeout: float, n: int) -> list[Item]:
+        """Up to ``n`` of the items waiting for the stages, in order, or the first to come within
+        ``timeout`` (s; []: idle); raises ``Closed`` once closed and empty."""
+        items = self.queue.get_many(n, timeout)
+        self.metrics.queue_depth.set(len(self.queue))
+        return items
+
     def dropped(self, item: Item, reason: str) -> None:
         self.metrics.frames_dropped.labels(reason).inc()
         if isinstance(item, FrameJob):
@@ -286,6 +293,12 @@ STOP = object()
 class Stages:
     """prepare -> infer -> measure -> output threads. ``source`` yields items; ``None`` means idle.
 
+    ``source_many(timeout, n)``, where given, takes up to ``n`` of the items already waiting at
+    once (or the first to come; [] when idle), so a busy daemon hands frames from thread to
+    thread in groups rather than one at a time: each hand-off wakes a thread and passes Python's
+    interpreter lock, which costs as much as the work on a small frame. Items travel between the
+    stages as lists.
+
     The infer stage takes the prepared frames waiting for it, up to ``batching.max_batch``, the
     first waiting at most ``batching.max_wait_ms`` for more, and runs the engine once on them
     (``detect_batch``); a batch holds frames prepared for one model and ends at a run event, so
@@ -294,20 +307,24 @@ class Stages:
 
     def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
                  cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None,
-                 statistics: StatisticsConfig | None = None) -> None:
+                 statistics: StatisticsConfig | None = None,
+                 source_many: Callable[[float, int], list[Item]] | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
+        self.source_many = source_many
         self.statistics = statistics
         self.batching = batching or BatchingSection()
-        size = max(inner_queue, self.batching.max_batch)
-        self.q_infer: queue.Queue[object] = queue.Queue(size)
-        self.q_measure: queue.Queue[object] = queue.Queue(size)
-        self.q_out: queue.Queue[Item | FrameResult | object] = queue.Queue(inner_queue)
+        # lists of up to max_batch items; about as many frames waiting between stages as one batch
+        lists = max(1, max(inner_queue, self.batching.max_batch) // self.batching.max_batch)
+        self.q_infer: queue.Queue[list[Item | Prepared] | object] = queue.Queue(lists)
+        self.q_measure: queue.Queue[list[Item | Detected] | object] = queue.Queue(lists)
+        self.q_out: queue.Queue[list[Item | FrameResult] | object] = queue.Queue(
+            max(1, inner_queue // self.batching.max_batch))
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
                         threading.Thread(target=self._measure_loop, name="stage-measure", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
         self.heartbeat = time.monotonic()
-        self._stop = threading.Event()
+        self._infer_stopped = False  # the infer stage has taken STOP
         self.scales = RunScales()
 
     def start(self) -> None:
@@ -317,6 +334,13 @@ class Stages:
     def alive(self) -> bool:
         return all(t.is_alive() for t in self.threads)
 
+    def _take(self, timeout: float) -> list[Item]:
+        """The items waiting at the source, up to one batch ([] when idle); raises ``Closed``."""
+        if self.source_many is not None:
+            return self.source_many(timeout, self.batching.max_batch)
+        item = self.source(timeout)
+        return [] if item is None else [item]
+
     def _prepare_loop(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
@@ -324,54 +348,65 @@ class Stages:
                 time.sleep(0.05)
                 continue
             try:
-                item = self.source(0.2)
+                items = self._take(0.2)
             except Closed:
                 break
-            if item is None:
-                continue
-            if isinstance(item, FrameJob):
-                try:
-                    self.q_infer.put(prepare(item, self.cb.model(), self.profiles, self.scales))
-                except FrameError as err:
-                    self.cb.failed(item, err.reason, str(err))
-                except Exception as err:  # a bug must not kill the service: count and log it
-                    self.cb.failed(item, "internal_error", f"{type(err).__name__}: {err}")
-            else:
-                if isinstance(item, RunStopped):
-                    self.scales.forget(item.run_uid)
-                self.q_infer.put(item)
+            out: list[Item | Prepared] = []
+            for item in items:
+                if isinstance(item, FrameJob):
+                    try:
+                        out.append(prepare(item, self.cb.model(), self.profiles, self.scales))
+                    except FrameError as err:
+                        self.cb.failed(item, err.reason, str(err))
+                    except Exception as err:  # a bug must not kill the service: count and log it
+                        self.cb.failed(item, "internal_error", f"{type(err).__name__}: {err}")
+                else:
+                    if isinstance(item, RunStopped):
+                        self.scales.forget(item.run_uid)
+                    out.append(item)
+            if out:
+                self.q_infer.put(out)
         self.q_infer.put(STOP)
 
     def _infer_loop(self) -> None:
-        held: object = None  # an item taken while gathering a batch that does not belong to it
-        while True:
-            item, held = (held if held is not None else self.q_infer.get()), None
-            if item is STOP:
-                break
-            if not isinstance(item, Prepared):
-                self.q_measure.put(item)
-                continue
-            batch, held = self._gather(item)
-            self.cb.batched(len(batch))
-            for p, d in zip(batch, detect_batch(batch)):
-                if isinstance(d, Detected):
-                    self.q_measure.put(d)
-                else:
-                    self._failed(p.job, d)
+        pending: deque[object] = deque()  # items taken from q_infer, in order
+        while pending or not self._infer_stopped:
+            if not pending:
+                got = self.q_infer.get()
+                if got is STOP:
+                    break
+                pending.extend(cast("list[object]", got))
+            out: list[object] = []
+            while pending and not isinstance(pending[0], Prepared):
+                out.append(pending.popleft())  # run events pass in order
+            if pending:
+                batch = self._gather(pending)
+                self.cb.batched(len(batch))
+                for p, d in zip(batch, detect_batch(batch)):
+                    if isinstance(d, Detected):
+                        out.append(d)
+                    else:
+                        self._failed(p.job, d)
+            if out:
+                self.q_measure.put(out)
         self.q_measure.put(STOP)
 
     def _measure_loop(self) -> None:
         while True:
-            item = self.q_measure.get()
-            if item is STOP:
+            items = self.q_measure.get()
+            if items is STOP:
                 break
-            if isinstance(item, Detected):
-                try:
-                    self.q_out.put(measure(item, self.statistics))
-                except Exception as err:
-                    self._failed(item.prepared.job, err)
-            else:
-                self.q_out.put(item)
+            out: list[object] = []
+            for item in cast("list[object]", items):
+                if isinstance(item, Detected):
+                    try:
+                        out.append(measure(item, self.statistics))
+                    except Exception as err:
+                        self._failed(item.prepared.job, err)
+                else:
+                    out.append(item)
+            if out:
+                self.q_out.put(out)
         self.q_out.put(STOP)
 
     def _failed(self, job: FrameJob, err: Exception) -> None:
@@ -380,28 +415,38 @@ class Stages:
         else:  # a bug must not kill the service: count and log it
             self.cb.failed(job, "internal_error", f"{type(err).__name__}: {err}")
 
-    def _gather(self, first: Prepared) -> tuple[list[Prepared], object]:
-        """``first`` and the prepared frames for its model that follow within the wait, up to
-        ``max_batch``; and the item that ended the batch early (a run event, another model's
-        frame, STOP), or None."""
+    def _gather(self, pending: deque[object]) -> list[Prepared]:
+        """The prepared frame first in ``pending`` and those for its model that follow, taken
+        from ``pending`` and, within the wait, from the queue, up to ``max_batch``; the batch ends
+        early at a run event or another model's frame (left first in ``pending``), or at STOP."""
+        first = cast(Prepared, pending.popleft())
         batch = [first]
         deadline = time.monotonic() + self.batching.max_wait_ms / 1000
         while len(batch) < self.batching.max_batch:
-            try:
-                nxt = self.q_infer.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                break
+            if not pending:
+                if self._infer_stopped:
+                    break
+                try:
+                    got = self.q_infer.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+                if got is STOP:
+                    self._infer_stopped = True
+                    break
+                pending.extend(cast("list[object]", got))
+            nxt = pending[0]
             if not (isinstance(nxt, Prepared) and nxt.model is first.model):
-                return batch, nxt
-            batch.append(nxt)
-        return batch, None
+                break
+            batch.append(cast(Prepared, pending.popleft()))
+        return batch
 
     def _output_loop(self) -> None:
         while True:
-            item = self.q_out.get()
-            if item is STOP:
+            items = self.q_out.get()
+            if items is STOP:
                 break
-            self.cb.output(cast("Item | FrameResult", item))  # STOP is the only other object
+            for item in cast("list[Item | FrameResult]", items):
+                self.cb.output(item)
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -129,7 +129,11 @@ Document = tuple[str, dict[str, Any]]
 
 
 class AnalysisRun:
-    """The analysis run of one raw run, as (name, doc) pairs; validated by event-model as composed."""
+    """The analysis run of one raw run, as (name, doc) pairs; validated by event-model as composed.
+
+    Events are checked against the schema and the descriptor's keys once per run, on its first:
+    every event is built by ``event_data`` with the same keys and value types, and the check
+    (jsonschema, about half a millisecond per event) would otherwise run on every frame."""
 
     def __init__(
         self,
@@ -177,6 +181,7 @@ class AnalysisRun:
         self.compose_descriptor = bundle.compose_descriptor
         """Further streams of this run (growth alarms): the stop counts their events too."""
         self.events = published
+        self._event_validated = False  # the schema check runs on this run's first event (see class)
         self._last_seq_num = -math.inf
         self.stop_doc: dict[str, Any] | None = None
 
@@ -197,7 +202,9 @@ class AnalysisRun:
         self._last_seq_num = result.seq_num
         data = event_data(result, rles)
         doc = self._compose_event(data=data, timestamps=dict.fromkeys(data, result.timestamp),
-                                  seq_num=self.events + 1)  # explicit: a resumed run goes on numbering
+                                  seq_num=self.events + 1,  # explicit: a resumed run goes on numbering
+                                  validate=not self._event_validated)
+        self._event_validated = True
         self.events += 1
         return "event", cast(dict[str, Any], doc)
 
@@ -357,9 +364,9 @@ class DocumentPublisher(_SocketPublisher):
         return self._sock.send([b" ".join([self._prefix, name.encode(), self._serializer(doc)])])
 
 
-def summary_message(result: FrameResult, published_at: float | None = None) -> dict[str, Any]:
-    """The JSON summary of one frame (strict JSON: missing values are null)."""
-    msg: dict[str, Any] = json_safe({
+def _summary_parts(result: FrameResult, published_at: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary message's fields before and after ``summary``, JSON-safe."""
+    head = json_safe({
         "run_uid": result.run_uid,
         "frame_uid": result.frame_uid,
         "seq_num": result.seq_num,
@@ -367,11 +374,28 @@ def summary_message(result: FrameResult, published_at: float | None = None) -> d
         "model_version": result.model_version,
         "timestamp": result.timestamp,
         "published_at": time.time() if published_at is None else published_at,
-        "summary": result.summary.to_dict(),
-        "invalid_pixels": result.invalid_pixels,
-        "timings": result.timings,
     })
+    tail = json_safe({"invalid_pixels": result.invalid_pixels, "timings": result.timings})
+    return head, tail
+
+
+def summary_message(result: FrameResult, published_at: float | None = None) -> dict[str, Any]:
+    """The JSON summary of one frame (strict JSON: missing values are null)."""
+    head, tail = _summary_parts(result, published_at)
+    msg: dict[str, Any] = {**head, "summary": json_safe(result.summary.to_dict()), **tail}
     return msg
+
+
+def summary_body(result: FrameResult, published_at: float | None = None) -> str:
+    """``summary_message`` as compact strict JSON, the same text as ``json.dumps(summary_message(...),
+    allow_nan=False, separators=(",", ":"))``, with the frame summary as the result encoded it
+    once for the store too (``FrameResult.summary_json``)."""
+    head, tail = _summary_parts(result, published_at)
+    return f'{_compact(head)[:-1]},"summary":{result.summary_json},{_compact(tail)[1:]}'
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"))
 
 
 class SummaryPublisher(_SocketPublisher):
@@ -392,6 +416,5 @@ class SummaryPublisher(_SocketPublisher):
         self.address = self._sock.address
 
     def publish(self, result: FrameResult) -> bool:
-        body = json.dumps(summary_message(result), allow_nan=False, separators=(",", ":"))
-        return self._sock.send([SUMMARY_TOPIC, body.encode()])
+        return self._sock.send([SUMMARY_TOPIC, summary_body(result).encode()])
 

@@ -84,6 +84,21 @@ class FrameQueue(Generic[T]):
             self._cond.notify_all()
             return item
 
+    def get_many(self, n: int, timeout: float | None = None) -> list[T]:
+        """Up to ``n`` items, in order, of those waiting at the call; when none was, the first to
+        come (within ``timeout``; [] when none came), as ``get``. Raises Closed once closed and
+        drained."""
+        with self._cond:
+            if not self._items:
+                n = 1  # what arrives while the caller waits is taken as it comes, one at a time
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+                return []
+            if not self._items:
+                raise Closed
+            items = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+            self._cond.notify_all()
+            return items
+
     def close(self) -> None:
         """No more puts; gets drain what is queued, then raise Closed."""
         with self._cond:

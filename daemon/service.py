@@ -55,7 +55,7 @@ class Service:
                              StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
                                             lambda: self._paused.is_set() and not self._stopping.is_set(),
                                             self.metrics.batch_size.observe),
-                             batching=cfg.batching, statistics=cfg.statistics)
+                             batching=cfg.batching, statistics=cfg.statistics, source_many=self.intake.next_items)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
@@ -237,7 +237,7 @@ class Service:
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
                                        req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
-                                       m.max_detections)
+                                       m.max_detections, m.null_detections)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

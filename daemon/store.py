@@ -389,7 +389,7 @@ class ResultStore(ResultReader):
         rows = particle_rows(result, rles)
         frame = (
             result.frame_uid, result.run_uid, result.seq_num, result.timestamp, time.time(),
-            result.model_version, len(result.table), _json(result.summary.to_dict()),
+            result.model_version, len(result.table), result.summary_json,
             _json(result.invalid_pixels), _json(result.timings), _json(result.metadata),
         )  # fmt: skip
         with self._write(f"add_frame {result.frame_uid}") as conn:

@@ -68,7 +68,11 @@ def check_input(frame: np.ndarray, expected: InputKind | Literal["auto"] = "auto
     A frame without contrast (1 % and 99 % percentiles equal) counts as a dark background
     (position 0): it has no objects to show either way.
     """
-    img = np.asarray(frame, dtype=np.float64)
+    img: np.ndarray = np.asarray(frame, dtype=np.float64)
+    if img.size and img.min() >= 0 and img.max() <= np.iinfo(np.uint16).max:
+        counts = img.astype(np.uint16)
+        if np.array_equal(counts, img):  # detector counts: the same values, sorted twice as fast as integers
+            img = counts
     lo, hi = np.percentile(img, _RANGE_PERCENTILES)
     if hi <= lo:
         return InputCheck("optical_density", 0.0, expected)

@@ -24,29 +24,31 @@ EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton", "null"]
 def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cpu", threads: int = 2,
                            onnx_path: str | Path | None = None, cache_dir: Path | None = None,
                            triton: TritonTarget | None = None, decoding: MaskDecoding | None = None,
-                           max_batch: int = 1) -> Engine:
+                           max_batch: int = 1, null_detections: int | None = None) -> Engine:
     """An engine of ``kind`` for ``ckpt``, predicting masks with ``decoding`` (default: the
     checkpoint's own) and saying so in its ``mask_decoding``. ONNX is exported on the fly when no
     file is given, taking up to ``max_batch`` images per run (a given file says its own); a given
     file must have been exported with that decoding. Engine ``triton`` needs ``triton`` (the
-    server must serve this checkpoint's model, exported with its decoding)."""
+    server must serve this checkpoint's model, exported with its decoding). Engine ``null``
+    returns ``null_detections`` of its fixed rods per input (None: all)."""
     decoding = decoding or ckpt.mask_decoding
-    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding, max_batch)
+    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding, max_batch, null_detections)
     eng.mask_decoding = decoding
     return eng
 
 
 def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_path: str | Path | None,
-            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding, max_batch: int) -> Engine:
+            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding, max_batch: int,
+            null_detections: int | None = None) -> Engine:
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
 
         return TorchEngine(ckpt.build(), input_shape(ckpt), device=device, threads=threads, decoding=decoding,
                            model_config=ckpt.model_config)
     if kind == "null":
-        from nanoseg.engines.null_engine import NullEngine
+        from nanoseg.engines.null_engine import DETECTIONS, NullEngine
 
-        return NullEngine(input_shape(ckpt))
+        return NullEngine(input_shape(ckpt), detections=len(DETECTIONS) if null_detections is None else null_detections)
     if kind == "triton":
         from nanoseg.engines.triton_engine import TritonEngine
 

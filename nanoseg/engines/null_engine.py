@@ -4,7 +4,8 @@
 daemon with it, so decoding, optical density, tiling, mask pasting, statistics, the store and
 publishing do their real work on every frame while inference costs nothing.
 
-Every model input gets the same ``DETECTIONS`` wires: thin rods of several orientations and
+Every model input gets the same ``DETECTIONS`` wires (or the first N of them, ``detections``; 0:
+none, which measures the path without per-particle work): thin rods of several orientations and
 lengths in the input's top-left 128 x 128 px (so a 128 x 128 frame shows all of them), each with
 an M x M grid of mask probabilities that is high along the rod's axis and falls off across it.
 """
@@ -38,7 +39,8 @@ def rod_probabilities(m: int, diagonal: bool, width: float = 0.18) -> np.ndarray
 
 
 class NullEngine:
-    """Returns ``DETECTIONS`` for every input, with no computation (``Engine`` interface).
+    """Returns ``DETECTIONS`` (the first ``detections`` of them) for every input, with no
+    computation (``Engine`` interface).
 
     Parameters
     ----------
@@ -48,24 +50,30 @@ class NullEngine:
         M of the mask grids.
     max_batch : int, optional
         Most inputs per ``infer`` call.
+    detections : int, optional
+        How many of the ``DETECTIONS`` rods each input gets, 0 to ``len(DETECTIONS)`` (default: all).
     """
 
     name = "null"
 
-    def __init__(self, input_shape: tuple[int, int, int], mask_resolution: int = 28, max_batch: int = 64) -> None:
+    def __init__(self, input_shape: tuple[int, int, int], mask_resolution: int = 28, max_batch: int = 64,
+                 detections: int = len(DETECTIONS)) -> None:
+        if not 0 <= detections <= len(DETECTIONS):
+            raise EngineError(f"null engine: detections must be 0 to {len(DETECTIONS)}, got {detections}")
         self.device = "cpu"
         self.input_shape = input_shape
         self.max_batch = max_batch
         self.mask_decoding = MaskDecoding()
         scale = min(input_shape[1], input_shape[2]) / 128.0 if min(input_shape[1:]) < 128 else 1.0
-        table = np.asarray(DETECTIONS, np.float32)
+        table = np.asarray(DETECTIONS, np.float32)[:detections]
         boxes = table[:, :4] * scale
         probs = []
         for x0, y0, x1, y1 in boxes:
             w, h = x1 - x0, y1 - y0
             grid = rod_probabilities(mask_resolution, diagonal=max(w, h) < 3 * min(w, h))
             probs.append(grid if h <= w else grid.T)
-        arrays = (boxes, table[:, 4].copy(), np.stack(probs))
+        arrays = (boxes, table[:, 4].copy(),
+                  np.stack(probs) if probs else np.zeros((0, mask_resolution, mask_resolution), np.float32))
         for a in arrays:
             a.flags.writeable = False  # shared by every result: nothing may change them in place
         self._detections = RawDetections(*arrays)

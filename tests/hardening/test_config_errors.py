@@ -1,6 +1,10 @@
 """`nanoseg serve` refuses a bad configuration before starting anything: exit code 2, the field named.
 
-Each case is a real subprocess on a YAML file (all started at once, they only parse and exit).
+Every case goes through ``load_daemon_config`` and ``check_files``, the two calls ``nanoseg serve``
+makes first, in this process (each `nanoseg serve` process imports torch to parse its config, a
+few seconds of CPU apiece). Three of them (a field of the file, a file it names, the environment)
+also run as real `nanoseg serve` subprocesses, all started at once: those prove the exit code, the
+message on stderr and that nothing started.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nanoseg.config_io import ConfigError
+from nanoseg_daemon.config import check_files, load_daemon_config
 from tests.hardening.hardening_fixtures import make_certificates
 
-# name -> (config fragment merged over a valid base, text that must appear on stderr)
+# name -> (config fragment merged over a valid base, text that must appear in the error)
 CASES: dict[str, tuple[dict, str]] = {
     "queue_size_text": ({"queue": {"size": "many"}}, "queue.size: Input should be a valid integer"),
     "threads_fraction": ({"model": {"threads": 1.5}}, "model.threads: Input should be a valid integer"),
@@ -42,6 +48,8 @@ CASES: dict[str, tuple[dict, str]] = {
     "sink_listed_but_disabled": ({"sinks": ["store", "bluesky"], "publish": {"bluesky": {"enabled": False}}},
                                  "sinks: bluesky listed but publish.bluesky.enabled is false"),
 }
+# a field of the file, a file it names: these also run as `nanoseg serve` subprocesses
+IN_SUBPROCESS = ("queue_size_text", "model_missing")
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -51,50 +59,79 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def serve(config: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOSEG__")}
-    return subprocess.Popen([sys.executable, "-m", "nanoseg.cli", "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def write_case(directory: Path, name: str, model: Path, server_key: Path) -> Path:
+    """The daemon YAML of case ``name``: a valid base with the case's fragment merged over it."""
+    base = {"model": {"path": str(model), "engine": "torch", "threads": 1},
+            "store": {"state_dir": str(directory / name / "state")}, "ingest": {"bluesky": {"enabled": False}},
+            "metrics": {"port": 0}}
+    config = directory / name / "daemon.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump(merge(base, CASES[name][0])).replace("KEY", str(server_key)))
+    return config
 
 
-def test_bad_configs_fail_at_start_naming_the_field(tmp_path: Path, trained_model_path: Path) -> None:
-    keys = make_certificates(tmp_path / "keys", "server")
-    procs = {}
-    for name, (fragment, _) in CASES.items():
-        state = tmp_path / name / "state"
-        base = {"model": {"path": str(trained_model_path), "engine": "torch", "threads": 1},
-                "store": {"state_dir": str(state)}, "ingest": {"bluesky": {"enabled": False}},
-                "metrics": {"port": 0}}
-        text = yaml.safe_dump(merge(base, fragment)).replace("KEY", str(keys["server"][1]))
-        config = tmp_path / name / "daemon.yaml"
-        config.parent.mkdir()
-        config.write_text(text)
-        procs[name] = (serve(config), config)
+def refusal(config: Path | None, environ: dict[str, str] | None = None) -> str:
+    """The ConfigError text of what `nanoseg serve --config CONFIG` checks before starting."""
+    with pytest.raises(ConfigError) as err:
+        check_files(load_daemon_config(config, environ=environ or {}), str(config or "<defaults>"))
+    return str(err.value)
+
+
+@pytest.fixture(scope="module")
+def server_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certificates(tmp_path_factory.mktemp("keys"), "server")["server"][1]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_config_is_refused_naming_the_field_and_the_file(
+    name: str, tmp_path: Path, trained_model_path: Path, server_key: Path
+) -> None:
+    config = write_case(tmp_path, name, trained_model_path, server_key)
+    text = refusal(config)
+    assert CASES[name][1] in text and str(config) in text
+
+
+def test_missing_or_broken_config_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "no_such.yaml"
-    procs["config_file_missing"] = (serve(missing), missing)
+    assert f"{missing}: cannot read config: No such file or directory" in refusal(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: {path: [unclosed\n")
-    procs["config_not_yaml"] = (serve(broken), broken)
-    expected = {name: text for name, (_, text) in CASES.items()}
-    expected["config_file_missing"] = f"{missing}: cannot read config: No such file or directory"
-    expected["config_not_yaml"] = f"{broken}: not valid YAML"
-
-    failures = []
-    for name, (proc, config) in procs.items():
-        _, err = proc.communicate(timeout=120)
-        if proc.returncode != 2 or expected[name] not in err:
-            failures.append(f"{name}: exit {proc.returncode}, stderr {err.strip()[-400:]!r}")
-        elif name in CASES:
-            assert str(config) in err  # the file is named too
-            assert not (tmp_path / name / "state").exists()  # nothing started
-    assert not failures, "\n".join(failures)
+    assert f"{broken}: not valid YAML" in refusal(broken)
 
 
 @pytest.mark.parametrize("value", ["ten", "-3"])
-def test_bad_override_fails_naming_the_field(tmp_path: Path, value: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOSEG__")}
-    env["NANOSEG__QUEUE__SIZE"] = value
-    proc = subprocess.run([sys.executable, "-m", "nanoseg.cli", "serve"], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 2
-    assert "queue.size" in proc.stderr
+def test_bad_override_in_the_environment_is_refused_naming_the_field(value: str) -> None:
+    assert "queue.size" in refusal(None, {"NANOSEG__QUEUE__SIZE": value})
+
+
+def serve(config: Path | None, **env: str) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NANOSEG__")}
+    args = ["--config", str(config)] if config is not None else []
+    return subprocess.Popen([sys.executable, "-m", "nanoseg.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**environ, **env})
+
+
+def test_nanoseg_serve_exits_2_naming_the_field_and_starts_nothing(
+    tmp_path: Path, trained_model_path: Path, server_key: Path
+) -> None:
+    procs: dict[str, tuple[subprocess.Popen[str], Path | None, str]] = {}
+    for name in IN_SUBPROCESS:
+        written = write_case(tmp_path, name, trained_model_path, server_key)
+        procs[name] = (serve(written), written, CASES[name][1])
+    procs["environment"] = (serve(None, NANOSEG__QUEUE__SIZE="ten"), None, "queue.size")
+
+    failures = []
+    try:
+        for name, (proc, config, expected) in procs.items():
+            _, err = proc.communicate(timeout=180)
+            if proc.returncode != 2 or "nanoseg serve: error: " not in err or expected not in err:
+                failures.append(f"{name}: exit {proc.returncode}, stderr {err.strip()[-400:]!r}")
+            elif name in CASES:
+                assert str(config) in err  # the file is named too
+                assert not (tmp_path / name / "state").exists()  # nothing started
+    finally:  # none left running into the next tests
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+    assert not failures, "\n".join(failures)

@@ -1,13 +1,21 @@
-"""The soak test's 2-minute variant: scripts/soak.py against a `nanoseg serve` subprocess.
+"""The soak test, short: scripts/soak.py against a `nanoseg serve` subprocess.
 
-Takes about 2.5 minutes (120 s of driving, 40 s of it warm-up, plus start and drain); marked
-``slow`` so ``-m "not slow"`` can leave it out, but it runs in the default suite. The full soak
-is ``scripts/soak.py`` (one hour by default).
+The default run drives the daemon for 48 s (16 s of it warm-up, a sample every 4 s, a new run every
+25 frames), about a minute in all. The 2-minute variant is marked ``slow``: the default run leaves
+it out, ``bash scripts/test.sh -m slow`` runs it. The full soak is ``scripts/soak.py`` (one hour by
+default).
+
+The daemon runs with glibc's allocator told to keep what it frees (one arena, no mmap, no trim):
+otherwise inference buffers go back to the system and come again, and RSS read during a frame or
+between two differs by 6-10 % (measured: 1090 and 1210 MiB in turn), which alone decides the 5 %
+growth criterion. Kept, RSS is the daemon's high-water mark (flat within 0.5 MiB over 30 s, measured),
+so what makes it grow is memory that is never freed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +24,34 @@ import pytest
 
 from nanoseg.paths import REPO_ROOT
 
-DURATION_S, WARMUP_S, INTERVAL_S = 120, 40, 5
+KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
-@pytest.mark.slow
-def test_two_minute_soak_passes(tmp_path: Path, trained_model_path: Path) -> None:
+def soak(tmp_path: Path, model: Path, duration_s: int, warmup_s: int, interval_s: int, frames_per_run: int) -> None:
+    """Run scripts/soak.py; assert it passes every criterion with every sample taken."""
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "soak.py"), "--duration", str(DURATION_S),
-         "--warmup", str(WARMUP_S), "--interval", str(INTERVAL_S), "--engine", "torch", "--threads", "1",
-         "--frame-size", "128", "--model", str(trained_model_path), "--json", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=DURATION_S + 300)
+        [sys.executable, str(REPO_ROOT / "scripts" / "soak.py"), "--duration", str(duration_s),
+         "--warmup", str(warmup_s), "--interval", str(interval_s), "--engine", "torch", "--threads", "1",
+         "--frame-size", "128", "--frames-per-run", str(frames_per_run), "--model", str(model),
+         "--json", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=duration_s + 300, env={**os.environ, **KEEP_FREED_MEMORY})
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     failed = {k: v for k, v in result["criteria"].items() if not v["pass"]}
     assert result["pass"] and proc.returncode == 0, f"{failed}\n{proc.stdout[-3000:]}"
     samples = result["samples"]
-    assert len(samples) >= DURATION_S // INTERVAL_S - 1
+    assert len(samples) >= duration_s // interval_s - 1
     assert set(result["criteria"]) >= {"rss_growth", "fd_growth", "queue_bounded", "latency_not_growing",
                                        "every_frame_analysed", "clean_exit"}
     assert result["final"]["processed"] > 0 and result["final"]["processed"] == result["final"]["sent"]
     assert all(s["rss_mb"] > 0 and s["fds"] > 0 for s in samples)
+
+
+def test_short_soak_passes(tmp_path: Path, trained_model_path: Path) -> None:
+    soak(tmp_path, trained_model_path, duration_s=48, warmup_s=16, interval_s=4, frames_per_run=25)
+
+
+@pytest.mark.slow
+def test_two_minute_soak_passes(tmp_path: Path, trained_model_path: Path) -> None:
+    soak(tmp_path, trained_model_path, duration_s=120, warmup_s=40, interval_s=5, frames_per_run=50)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from torchvision.ops import roi_align
 
 from nanoseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, without_refiner
-from nanoseg.engines import EngineError
+from nanoseg.engines import Engine, EngineError
 from nanoseg.engines.detection_core import DetectionCore
 from nanoseg.engines.factory import engine_from_checkpoint, load_engine
 from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
@@ -114,6 +115,21 @@ def checkpoint(trained_model_path: Path) -> Checkpoint:
     return replace(ckpt, meta={**ckpt.meta, "operating_point": plain})
 
 
+@pytest.fixture(scope="module")
+def engine_of(checkpoint: Checkpoint) -> Callable[[str, MaskDecoding], Engine]:
+    """``engine_of(kind, decoding)``: the checkpoint's engine, made once per module for each kind and
+    decoding (an ONNX engine is an export of the graph, ~10 s; engines keep no state between calls)."""
+    made: dict[tuple[str, str], Engine] = {}
+
+    def get(kind: str, decoding: MaskDecoding) -> Engine:
+        key = (kind, decoding.model_dump_json())
+        if key not in made:
+            made[key] = engine_from_checkpoint(checkpoint, kind, threads=2, decoding=decoding)  # type: ignore[arg-type]
+        return made[key]
+
+    return get
+
+
 def test_plain_recompute_reproduces_the_networks_masks(checkpoint: Checkpoint, paper_samples: list) -> None:
     """The recomputing path with no margin and one view gives torchvision's own mask output."""
     gray = paper_samples[0][0]
@@ -130,12 +146,12 @@ def test_plain_recompute_reproduces_the_networks_masks(checkpoint: Checkpoint, p
 
 
 @pytest.mark.parametrize("refine", [0, 2])
-def test_tta_and_margin_in_onnx_match_torch(checkpoint: Checkpoint, paper_samples: list, refine: int) -> None:
+def test_tta_and_margin_in_onnx_match_torch(checkpoint: Checkpoint, engine_of: Callable[[str, MaskDecoding], Engine],
+                                            paper_samples: list, refine: int) -> None:
     """The exported graph carries the decoding (ops, metadata) and reproduces torch."""
     dec = MaskDecoding(margin_px=1.0, tta=8, refine_boxes=refine)
     gray = paper_samples[0][0]
-    t = engine_from_checkpoint(checkpoint, "torch", threads=2, decoding=dec)
-    o = engine_from_checkpoint(checkpoint, "onnxruntime", threads=2, decoding=dec)
+    t, o = engine_of("torch", dec), engine_of("onnxruntime", dec)
     assert t.mask_decoding == o.mask_decoding == dec
     x = gray[None, None].astype(np.float32)
     a, b = t.infer(x)[0], o.infer(x)[0]
@@ -211,10 +227,10 @@ def test_a_batch_decodes_as_its_images_alone(checkpoint: Checkpoint, paper_sampl
 
 
 @pytest.mark.parametrize("kind", ["torch", "onnxruntime"])
-def test_a_frame_without_detections_decodes_to_nothing(checkpoint: Checkpoint, kind: str) -> None:
+def test_a_frame_without_detections_decodes_to_nothing(engine_of: Callable[[str, MaskDecoding], Engine],
+                                                       kind: str) -> None:
     """Every decoding step copes with zero detections (an empty frame warms the daemon up)."""
-    eng = engine_from_checkpoint(checkpoint, kind, threads=2,  # type: ignore[arg-type]
-                                 decoding=MaskDecoding(margin_px=1.0, tta=8, refine_boxes=2))
+    eng = engine_of(kind, MaskDecoding(margin_px=1.0, tta=8, refine_boxes=2))
     (raw,) = eng.infer(np.zeros((1, 1, 512, 512), np.float32))
     assert len(raw) == 0 and raw.mask_probs.shape[1:] == (M, M)
 
