@@ -54,8 +54,44 @@ def smooth_background(shape: tuple[int, int], cfg: Background, rng: np.random.Ge
     coarse_shape = (shape[0] // step + 2 + 2 * pad, shape[1] // step + 2 + 2 * pad)
     field = ndimage.gaussian_filter(rng.normal(size=coarse_shape), sigma, mode="constant", truncate=4.0)
     field = field[pad:-pad, pad:-pad] / filtered_noise_std(sigma)
-    field = ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+    field = zoom_linear(field, step, shape)
     return (offset + amp * field).astype(np.float32)
+
+
+def zoom_linear(field: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
+    """``ndimage.zoom(field, step, order=1)[:shape[0], :shape[1]]``, bit for bit, in about half the time.
+
+    Linear interpolation is separable: each row of the output mixes two rows of the coarse
+    ``field`` (float64), each column two columns. The products and sums are taken in
+    ``ndimage``'s own order, ((d00 wy0) wx0 + (d01 wy0) wx1) + (d10 wy1) wx0 + (d11 wy1) wx1,
+    with its weights (1 - frac, then 1 minus that) on its coordinates (output index times
+    (coarse size - 1) / (zoomed size - 1)), so the values are identical; ``ndimage`` loops over
+    every output pixel and computes the columns it then crops away. Falls back to ``ndimage``
+    where the kept part reaches the coarse grid's last row or column (its border rule applies).
+    """
+    axes = []
+    for n_in, n_keep in zip(field.shape, shape):
+        n_out = n_in * step
+        factor = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+        cc = np.arange(n_keep, dtype=np.float64) * factor
+        start = np.floor(cc)
+        w0 = 1.0 - (cc - start)
+        index = start.astype(np.intp)
+        if n_keep > n_out or index[-1] + 1 >= n_in:
+            return ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+        axes.append((index, w0, 1.0 - w0))
+    (iy, wy0, wy1), (ix, wx0, wx1) = axes
+    upper = field[iy] * wy0[:, None]  # (rows kept, coarse columns): d wy, for both columns
+    lower = field[iy + 1] * wy1[:, None]
+    out = np.take(upper, ix, axis=1)
+    out *= wx0
+    out += 0.0  # ndimage starts its sum at 0.0: -0.0 becomes 0.0 as there
+    term = np.empty_like(out)  # one buffer for the other three products
+    for rows, cols, weight in ((upper, ix + 1, wx1), (lower, ix, wx0), (lower, ix + 1, wx1)):
+        np.take(rows, cols, axis=1, out=term)
+        term *= weight
+        out += term
+    return out
 
 
 def filtered_noise_std(sigma: float) -> float:
@@ -74,8 +110,12 @@ def transmission_counts(
 
     The shared physics of the generator's noise and the simulated microscope's camera.
     """
-    expected = dose * np.exp(-od.astype(np.float64))
-    counts = rng.poisson(expected).astype(np.float64) + dark
+    expected = od.astype(np.float64)  # in place from here on: the same values, fewer full-frame copies
+    np.negative(expected, out=expected)
+    np.exp(expected, out=expected)
+    expected *= dose
+    counts = rng.poisson(expected).astype(np.float64)
+    counts += dark
     if read_noise > 0:
         counts += rng.normal(0.0, read_noise, size=od.shape)
     return counts
@@ -85,7 +125,10 @@ def noisy_od(od: np.ndarray, cfg: Noise, rng: np.random.Generator) -> tuple[np.n
     """Simulate counting statistics and convert back with OD = -ln(I / I0), floor at half a photon."""
     dose = draw(cfg.dose, rng)
     counts = transmission_counts(od, dose, draw(cfg.read_noise, rng), rng)
-    return (-np.log(np.maximum(counts, 0.5) / dose)).astype(np.float32), dose
+    np.maximum(counts, 0.5, out=counts)
+    counts /= dose
+    np.log(counts, out=counts)
+    return np.negative(counts, out=counts).astype(np.float32), dose
 
 
 def sem_signal(scene: Scene, edge_gain: float) -> np.ndarray:

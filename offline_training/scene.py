@@ -164,12 +164,10 @@ def resting_height(cols: WireColumns, top: np.ndarray, tilt_deg: float) -> float
     the wire is solid, so a rim that holds no voxel of its own (a hexagon edge thinner than half
     a voxel) still rests on what lies below it; the feasible heights are then one interval.
     """
-    y0, y1, x0, x1 = cols.box
-    occupied = cols.thickness > 0
-    if not occupied.any():
+    if cols.s.size == 0:
         return 0.0
-    rise = cols.s * math.tan(math.radians(tilt_deg)) + cols.bottom_offset
-    need = top[y0:y1, x0:x1][occupied] - rise[occupied]
+    y0, _, x0, _ = cols.box
+    need = top[cols.rows + y0, cols.cols + x0] - cols.bottom(0.0, tilt_deg)
     return max(0.0, float(need.max()))
 
 
@@ -187,20 +185,22 @@ def place_wire(
     if cols is None:
         return None
     z0 = resting_height(cols, top, g.tilt_deg)
-    counts = cols.voxel_counts(z0, g.tilt_deg)
-    occ = counts > 0
-    if int(np.count_nonzero(occ)) < cfg.wires.min_visible_area:
+    counts, lowest = cols.voxel_runs(z0, g.tilt_deg)
+    has = counts > 0
+    visible = int(np.count_nonzero(has))
+    if visible == 0 or visible < cfg.wires.min_visible_area:
         return None
-    lowest = cols.lowest_voxel(z0, g.tilt_deg)
-    if int((lowest + counts)[occ].max()) > cfg.domain.height:
+    y0, _, x0, _ = cols.box
+    rows, columns = cols.rows[has] + y0, cols.cols[has] + x0  # in the field
+    surface = lowest[has] + counts[has]
+    if int(surface.max()) > cfg.domain.height:
         return None
-    y0, y1, x0, x1 = cols.box
-    top[y0:y1, x0:x1][occ] = (lowest + counts)[occ]
-    thickness[y0:y1, x0:x1] += counts
-    top_label[y0:y1, x0:x1][occ] = label
-    truncated = (y0 == 0 and occ[0].any()) or (x0 == 0 and occ[:, 0].any())
-    truncated = bool(truncated or (y1 == H and occ[-1].any()) or (x1 == W and occ[:, -1].any()))
-    return DepositedWire(replace(g, z0=z0), cols.box, counts, lowest, truncated)
+    top[rows, columns] = surface
+    thickness[rows, columns] += counts[has]
+    top_label[rows, columns] = label
+    truncated = bool(rows.min() == 0 or columns.min() == 0 or rows.max() == H - 1 or columns.max() == W - 1)
+    return DepositedWire(replace(g, z0=z0), cols.box, cols.box_map(counts, np.int32),
+                         cols.box_map(lowest, np.int32), truncated)
 
 
 def _empty_maps(cfg: SceneConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

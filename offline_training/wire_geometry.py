@@ -77,34 +77,61 @@ class WireGeometry:
 
 @dataclass(frozen=True)
 class WireColumns:
-    """A wire's columns inside its bounding box ``box`` = (y0, y1, x0, x1)."""
+    """The columns holding a wire's material, inside its bounding box ``box`` = (y0, y1, x0, x1).
+
+    One entry per column with material, in row-major order: its row and column in the box and
+    the column's geometry. Only those columns are ever computed (they are a fifth of the box on
+    average), so the box-shaped maps (``thickness``, ``occupied``) are built on request.
+    """
 
     box: tuple[int, int, int, int]
-    s: np.ndarray  # distance along the axis, px (float32, box-shaped)
-    bottom_offset: np.ndarray  # z of the local bottom above the cross-section's lowest point
-    thickness: np.ndarray  # continuous z extent of the column, voxels (0 outside)
+    rows: np.ndarray  # row of each material column in the box (intp)
+    cols: np.ndarray  # its column in the box (intp)
+    s: np.ndarray  # its distance along the axis, px (float64)
+    bottom_offset: np.ndarray  # z of its bottom above the cross-section's lowest point, voxels
+    extent: np.ndarray  # its continuous z extent, voxels (> 0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        y0, y1, x0, x1 = self.box
+        return y1 - y0, x1 - x0
+
+    def box_map(self, values: np.ndarray | bool, dtype: type = np.float64) -> np.ndarray:
+        """``values`` (one per material column, or one for all) on the box, 0 elsewhere."""
+        out: np.ndarray = np.zeros(self.shape, dtype)
+        out[self.rows, self.cols] = values
+        return out
+
+    @property
+    def thickness(self) -> np.ndarray:
+        """Continuous z extent of every column of the box, voxels (0 outside the wire)."""
+        return self.box_map(self.extent)
+
+    @property
+    def occupied(self) -> np.ndarray:
+        """The box's columns holding material (bool)."""
+        return self.box_map(True, bool)
 
     def bottom(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """z of the column bottoms for a wire resting at ``z0``, voxels."""
-        return (z0 + self.s * math.tan(math.radians(tilt_deg)) + self.bottom_offset).astype(np.float64)
+        """z of the material columns' bottoms, in order, for a wire resting at ``z0``, voxels."""
+        return z0 + self.s * math.tan(math.radians(tilt_deg)) + self.bottom_offset
 
-    def voxel_counts(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """Voxels per column whose centre k + 0.5 lies in [bottom, bottom + thickness)."""
+    def voxel_runs(self, z0: float, tilt_deg: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per material column (1-D int32): the count of voxels whose centre k + 0.5 lies in
+        [bottom, bottom + extent), and the index of the lowest of them (0 where the count is 0).
+        """
         zb = self.bottom(z0, tilt_deg)
-        counts = np.ceil(zb + self.thickness - 0.5) - np.ceil(zb - 0.5)
-        counts[self.thickness <= 0] = 0
-        return np.maximum(counts, 0).astype(np.int32)
+        low = np.ceil(zb - 0.5)
+        counts = np.maximum(np.ceil(zb + self.extent - 0.5) - low, 0).astype(np.int32)
+        lowest = np.where(counts > 0, low, 0).astype(np.int32)
+        return counts, lowest
 
     def footprint(self, shape: tuple[int, int]) -> np.ndarray:
         """The columns holding material, as a boolean mask of the full field ``shape`` (H, W)."""
         m = np.zeros(shape, dtype=bool)
         y0, y1, x0, x1 = self.box
-        m[y0:y1, x0:x1] = self.thickness > 0
+        m[y0:y1, x0:x1] = self.occupied
         return m
-
-    def lowest_voxel(self, z0: float, tilt_deg: float) -> np.ndarray:
-        """Index of the lowest voxel of each column (meaningful where counts > 0)."""
-        return np.ceil(self.bottom(z0, tilt_deg) - 0.5).astype(np.int32)
 
 
 def half_width_along(g: WireGeometry, s: np.ndarray) -> np.ndarray:
@@ -168,20 +195,55 @@ def profile(g: WireGeometry, u: np.ndarray, hw: np.ndarray) -> tuple[np.ndarray,
     return thick, 0.5 * (t_local - thick)
 
 
+def band_pixels(g: WireGeometry, box: tuple[int, int, int, int], reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) in ``box`` of the pixels whose centre lies within ``reach`` + |sagitta| + 1 px
+    of the straight axis and between 1 px before its start and 1 px after its end, row-major.
+
+    Each row of the box meets this band in one run of columns (two slabs, linear in x), so the
+    pixels are listed without visiting the rest of the box; the margin of 1 px keeps every pixel
+    the exact test in ``rasterise`` can accept.
+    """
+    y0, y1, x0, x1 = box
+    ux, uy = g.direction
+    dy = np.arange(y0, y1, dtype=np.float64) + 0.5 - g.start[1]
+    lo = np.full(dy.shape, -np.inf)  # bounds on dx = x centre - start x, per row
+    hi = np.full(dy.shape, np.inf)
+    across = reach + abs(g.sagitta) + 1.0
+    # along the axis s = dx ux + dy uy, across it u = -dx uy + dy ux
+    for slope, offset, low, high in ((ux, dy * uy, -1.0, g.length + 1.0), (-uy, dy * ux, -across, across)):
+        if abs(slope) > 1e-9:
+            a, b = (low - offset) / slope, (high - offset) / slope
+            lo = np.maximum(lo, np.minimum(a, b))
+            hi = np.minimum(hi, np.maximum(a, b))
+        else:  # the slab does not depend on x (the margin covers the slope's effect)
+            hi = np.where((offset < low) | (offset > high), -np.inf, hi)
+    first = np.clip(np.ceil(lo + g.start[0] - 0.5), x0, x1).astype(np.intp) - x0
+    last = np.clip(np.floor(hi + g.start[0] - 0.5), x0 - 1, x1 - 1).astype(np.intp) - x0
+    run = np.maximum(last - first + 1, 0)
+    rows = np.repeat(np.arange(y1 - y0), run)
+    cols = np.repeat(first - np.cumsum(run) + run, run) + np.arange(int(run.sum()))
+    return rows, cols
+
+
 def rasterise(g: WireGeometry, shape: tuple[int, int]) -> WireColumns | None:
-    """The wire's continuous column thickness inside its bounding box; None if it misses the field."""
+    """The wire's material columns inside its bounding box; None if it misses the field.
+
+    Only pixels near the axis are visited (``band_pixels``); each one's geometry is computed
+    element by element as over the whole box, so the columns and their values do not depend on
+    which other pixels were visited.
+    """
     box = g.bounding_box(shape)
     if box is None:
         return None
-    y0, y1, x0, x1 = box
-    ys = (np.arange(y0, y1, dtype=np.float64) + 0.5)[:, None]
-    xs = (np.arange(x0, x1, dtype=np.float64) + 0.5)[None, :]
-    s, u = local_coordinates(g, ys, xs)
-    hw = half_width_along(g, s)
-    thick, offset = profile(g, u, hw)
-    inside = (s >= 0.0) & (s <= g.length)
-    thick = np.where(inside, thick, 0.0)
-    return WireColumns(box=box, s=s, bottom_offset=offset, thickness=thick)
+    y0, _, x0, _ = box
+    reach = g.max_half_width() * (1.0 + 1e-9) + 1e-9
+    rows, cols = band_pixels(g, box, reach)
+    s, u = local_coordinates(g, rows + (y0 + 0.5), cols + (x0 + 0.5))
+    near = (s >= 0.0) & (s <= g.length) & (np.abs(u) <= reach)
+    rows, cols, s, u = rows[near], cols[near], s[near], u[near]
+    thick, offset = profile(g, u, half_width_along(g, s))
+    m = thick > 0
+    return WireColumns(box, rows[m], cols[m], s[m], offset[m], thick[m])
 
 
 def centreline_length(g: WireGeometry, samples: int = 2001) -> float:

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from nanoseg_training.rendering import render, smooth_background, to_gray
+from nanoseg_training.rendering import render, smooth_background, to_gray, zoom_linear
 from nanoseg_training.scene import Scene, deposit, generate_scene
 from nanoseg_training.synthetic_config import Background
 from nanoseg_training.wire_geometry import WireGeometry
@@ -137,3 +138,15 @@ def test_background_has_the_configured_amplitude_at_any_image_size(size: int, le
     assert max(float(np.abs(f).max()) for f in fields) < 0.6
     # Smooth: neighbouring pixels differ by far less than the amplitude.
     assert max(float(np.abs(np.diff(f, axis=1)).max()) for f in fields) < 0.05
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 12, 20, 37])
+@pytest.mark.parametrize("shape", [(96, 96), (512, 512), (200, 333)])
+def test_zoom_linear_equals_ndimage_zoom_bit_for_bit(step: int, shape: tuple[int, int]) -> None:
+    """The background's separable zoom gives ndimage's values exactly (sign of zero included),
+    on the coarse grids ``smooth_background`` makes (2 cells more than the image needs)."""
+    field = np.random.default_rng(step).normal(size=(shape[0] // step + 2, shape[1] // step + 2))
+    expected = ndimage.zoom(field, step, order=1)[: shape[0], : shape[1]]
+    got = zoom_linear(field, step, shape)
+    assert got.shape == expected.shape == shape
+    np.testing.assert_array_equal(got.view(np.int64), expected.view(np.int64))

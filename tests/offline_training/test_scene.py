@@ -49,7 +49,7 @@ def test_each_wire_rests_on_the_substrate_or_on_earlier_wires(small_config) -> N
             y0, y1, x0, x1 = w.box
             material = cols.thickness > 0
             below = surface[y0:y1, x0:x1][material]
-            gap = cols.bottom(g.z0, g.tilt_deg)[material] - below
+            gap = cols.bottom(g.z0, g.tilt_deg) - below  # bottoms of the material columns
             assert gap.min() >= -1e-9  # nowhere below the earlier surface
             if below.max() == 0:
                 assert g.z0 == 0.0  # nothing under it: on the substrate
