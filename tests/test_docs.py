@@ -28,6 +28,8 @@ NUMPYDOC_MODULES = [
     "nanoseg/mask_decoding.py",
     "nanoseg/mask_refiner.py",
     "nanoseg/masks.py",
+    "nanoseg/particle_outline.py",
+    "nanoseg/particle_skeleton.py",
     "nanoseg/model.py",
     "nanoseg/optical_density.py",
     "nanoseg/paths.py",
