@@ -14,17 +14,7 @@ frames per event; ``<stream_datum uid>/<k>`` when the datum's seq_nums are unset
 they were read as timestamp (a stream datum carries none). Rejections are also counted per run
 and travel in ``RunStopped.rejected``, so an analysis run that lost every frame can say why.
 
-Start-document metadata (names are canonical; ``metadata_keys`` renames the document keys, see
-ingest_config.DEFAULT_METADATA_KEYS; ``a.b`` reads ``doc["a"]["b"]``):
-
-- ``pixel_size_nm`` (positive number) -> FrameMetadata.pixel_size_nm
-- ``i0`` (positive number, counts) -> FrameMetadata.i0
-- ``dark`` (2-D numeric array) -> FrameMetadata.dark_frame
-- ``profile`` (document key ``nanoseg_profile``, a string) -> FrameMetadata.profile
-- ``scan_id``, ``sample`` and any other configured name -> FrameMetadata.extra (JSON-safe)
-- ``flat_field_key`` (default ``flat_field``; 2-D numeric) -> FrameMetadata.flat_field; a
-  descriptor's configuration data or an event's data with that key replaces it for the frames
-  that follow (and for the frames of that same event).
+Start-document metadata: run_metadata.py.
 
 A wrong-typed value is reported as ``bad_metadata`` and left out. A document that comes before
 what it refers to (event before descriptor, descriptor or stop before start, datum or
@@ -71,7 +61,6 @@ from event_model import (
     unpack_event_page,
 )
 
-from nanoseg.codec import json_safe
 from nanoseg_daemon.contracts import (
     ANALYSIS_PLAN_NAME,
     FrameJob,
@@ -92,6 +81,7 @@ from nanoseg_daemon.image_fields import (
 )
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig
 from nanoseg_daemon.logs import log
+from nanoseg_daemon.run_metadata import image_array, metadata_from_start
 from nanoseg_daemon.stream_readers import StreamReader, StreamReadError, load_stream_readers
 from nanoseg_daemon.wire import RejectReason
 
@@ -139,79 +129,6 @@ def _close_handler(_key: Any, handler: Any) -> None:
             close()
         except Exception:  # a handler that fails to close must not stop ingest
             logger.exception("closing asset handler %r failed", handler)
-
-
-def _lookup(doc: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def _positive_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        return None
-    f = float(value)
-    return f if math.isfinite(f) and f > 0 else None
-
-
-def _image_array(value: Any) -> np.ndarray | None:
-    """A 2-D numeric array from an array-like (squeezing one leading axis of length 1)."""
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError):
-        return None
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2 or arr.dtype.kind not in "biuf" or arr.size == 0:
-        return None
-    return arr
-
-
-def metadata_from_start(
-    doc: Mapping[str, Any], keys: dict[str, str], flat_field_key: str
-) -> tuple[FrameMetadata, list[str]]:
-    """FrameMetadata from a start document, and the problems found (one line each).
-
-    ``keys``: canonical name -> document key (dotted for nested), e.g. the resolved
-    ``BlueskyIngestConfig.metadata_keys``.
-    """
-    problems: list[str] = []
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for name, key in keys.items():
-        raw = _lookup(doc, key)
-        if raw is None:
-            continue
-        if name in ("pixel_size_nm", "i0"):
-            num = _positive_number(raw)
-            if num is None:
-                problems.append(f"start[{key!r}] for {name}: not a positive number: {raw!r:.80}")
-            else:
-                values[name] = num
-        elif name == "dark":
-            arr = _image_array(raw)
-            if arr is None:
-                problems.append(f"start[{key!r}] for dark: not a 2-D numeric array")
-            else:
-                values["dark_frame"] = arr
-        elif name == "profile":
-            if isinstance(raw, str) and raw:
-                values["profile"] = raw
-            else:
-                problems.append(f"start[{key!r}] for profile: not a string: {raw!r:.80}")
-        else:
-            extra[name] = json_safe(raw, max_array_size=1024)
-    flat = doc.get(flat_field_key)
-    if flat is not None:
-        arr = _image_array(flat)
-        if arr is None:
-            problems.append(f"start[{flat_field_key!r}]: not a 2-D numeric array")
-        else:
-            values["flat_field"] = arr
-    return FrameMetadata(extra=extra, **values), problems
 
 
 def load_handlers(paths: dict[str, str]) -> dict[str, Any]:
@@ -793,7 +710,7 @@ class BlueskyRouter(DocumentRouter):
             raise _Reject("fill_failed", f"event {uid}: {cause!r:.300}") from None
 
     def _set_flat(self, run: _Run, value: Any, where: str) -> None:
-        arr = _image_array(value)
+        arr = image_array(value)
         if arr is None:
             self._reject(
                 "bad_metadata", f"run {run.uid}: {where}: flat field is not a 2-D numeric array"

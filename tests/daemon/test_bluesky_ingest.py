@@ -8,8 +8,9 @@ import pytest
 from bluesky import RunEngine
 from event_model import compose_run, pack_event_page
 
-from nanoseg_daemon.bluesky_ingest import BlueskyRouter, metadata_from_start
+from nanoseg_daemon.bluesky_ingest import BlueskyRouter
 from nanoseg_daemon.ingest_config import DEFAULT_METADATA_KEYS, BlueskyIngestConfig
+from nanoseg_daemon.run_metadata import metadata_from_start
 from tests.daemon.ingest_fixtures import HDF5Camera, ImageCamera, RecordingSink, test_frames
 
 H, W = 24, 32

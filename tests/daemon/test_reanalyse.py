@@ -17,11 +17,11 @@ import pytest
 from bluesky import RunEngine
 
 from nanoseg.postprocess import PostprocessConfig
-from nanoseg_daemon.bluesky_ingest import metadata_from_start
 from nanoseg_daemon.contracts import FrameJob
 from nanoseg_daemon.ingest_config import DEFAULT_METADATA_KEYS
 from nanoseg_daemon.model_slot import load_model
 from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
+from nanoseg_daemon.run_metadata import metadata_from_start
 from nanoseg_daemon.tiled_sink import analysis_runs
 from tests.daemon.ingest_fixtures import ImageCamera, blob_detector
 from tests.daemon.service_fixtures import DOSE, transmission_frame
