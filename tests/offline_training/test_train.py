@@ -332,3 +332,17 @@ def test_fine_tuning_on_a_users_own_coco_export(dataset: WrittenDataset, tmp_pat
     assert train(cfg, tmp_path / "tuned", progress=False).name == "model_final.pt"
     with pytest.raises(ConfigError, match="pixel_size_nm needs a profile"):
         parse_config({"train": str(own), "pixel_size_nm": 5.0}, MixSource)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs" / "training").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_training_config_is_valid(path: Path) -> None:
+    """A config a lent GPU is to run (``CONFIG=... scripts/gpu_train.sh``) must not fail there on
+    a field: each file under configs/training loads as the config it is for."""
+    from nanoseg.config_io import load_yaml
+    from nanoseg_training.train_config import TrainConfig
+    from nanoseg_training.train_refiner import RefinerTrainConfig
+
+    kind = RefinerTrainConfig if path.stem.startswith("refiner") else TrainConfig
+    cfg = load_yaml(path, kind)
+    assert cfg.name
