@@ -37,6 +37,7 @@ from skimage.morphology import skeletonize
 from nanoseg.particle_outline import convex_hull, hull_candidates
 from nanoseg.particle_outline import padded as _padded
 from nanoseg.particle_skeleton import edt_at, longest_path, raster_pixels
+from nanoseg.summary_stats import median_last
 
 SKELETON_PX_PER_BLOCK = 6  # skeleton grid: one block per 6 px of half width (1 px up to 12 px wide)
 SPUR_CUT = 1.5  # corner spurs cut back by this many local half widths (measured best, 1.0-2.5 tried)
@@ -127,15 +128,6 @@ def _ray_exits(mask: np.ndarray, rays: list[tuple[np.ndarray, np.ndarray]], n: i
     return out
 
 
-def _median(values: np.ndarray) -> float:
-    """``np.median`` of a non-empty 1-D float array (the same value), without its overhead."""
-    k = values.size // 2
-    if values.size % 2:
-        return float(np.partition(values, k)[k])
-    part = np.partition(values, (k - 1, k))
-    return float((part[k - 1] + part[k]) / 2)
-
-
 def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
                framed: np.ndarray | None = None) -> Centreline | None:
     """Centreline and width profile of one particle ``mask`` (H, W) bool, ideally its box crop.
@@ -170,7 +162,7 @@ def centreline(mask: np.ndarray, width_hint_px: float | None = None, *,
     arc = _arc(xy)
     total = arc[-1]
     # cut the corner spurs: the last ~half width at each end is the skeleton's fork into corners
-    half_median = _median(half)
+    half_median = float(median_last(half))
     cut = min(SPUR_CUT * half_median, 0.3 * total)
     keep = (arc >= cut) & (arc <= total - cut)
     if keep.sum() < 2:
@@ -247,14 +239,9 @@ def _distance_to_outside(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
 def _indices_at(points: np.ndarray, distance: float) -> tuple[int, int]:
     """Index of the first point at least ``distance`` along ``points`` from the first, and that
     of the reversed points from the last (each at most the last index)."""
-    steps = np.zeros(len(points))
-    if len(points) > 1:
-        d = points[1:] - points[:-1]
-        np.hypot(d[:, 0], d[:, 1], out=steps[1:])
-    forward = np.cumsum(steps)
-    backward = np.cumsum(np.concatenate([[0.0], steps[:0:-1]]))  # the reversed polyline's steps
     end = len(points) - 1
-    return min(int(np.searchsorted(forward, distance)), end), min(int(np.searchsorted(backward, distance)), end)
+    return (min(int(np.searchsorted(_arc(points), distance)), end),
+            min(int(np.searchsorted(_arc(points[::-1]), distance)), end))
 
 
 def _majority_blocks(mask: np.ndarray, s: int) -> np.ndarray:

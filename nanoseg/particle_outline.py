@@ -201,9 +201,9 @@ def convex_hull(points: np.ndarray) -> np.ndarray | None:
     return _monotone_chain(_unique_rows(points))
 
 
-def _monotone_chain(points: np.ndarray) -> np.ndarray | None:
-    """Convex hull of ``points`` sorted by x then y (Andrew's algorithm), collinear points dropped."""
-    pts = points[np.lexsort((points[:, 1], points[:, 0]))]
+def _monotone_chain(pts: np.ndarray) -> np.ndarray | None:
+    """Convex hull (Andrew's algorithm) of distinct points already sorted by x then y
+    (``_unique_rows``'), collinear points dropped."""
     if len(pts) < 3:
         return None
 
