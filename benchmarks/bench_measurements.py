@@ -246,7 +246,7 @@ def model_chain(fields: dict[str, list[Any]], args: argparse.Namespace) -> dict[
     from nanoseg_training.rendering import render
 
     ckpt = load_checkpoint(args.model)
-    engine = engine_from_checkpoint(ckpt, "onnxruntime" if args.engine == "onnx" else args.engine, "cpu", args.threads)
+    engine = engine_from_checkpoint(ckpt, args.engine, "cpu", args.threads)
     seg = Segmenter.for_checkpoint(engine, ckpt, PostprocessConfig())
     per_kind = max(1, args.model_images // 3)
     rows: list[list[Any]] = []
@@ -391,7 +391,7 @@ def stats_timing(seed: int, repeats: int, baseline: Path | None) -> dict[str, An
 
 def cost_frames(args: argparse.Namespace) -> dict[str, list[tuple[Any, np.ndarray]]]:
     """The daemon benchmark's frames as (box masks, optical density) per set (``--statistics-cost``)."""
-    from bench_common import synthetic_frame
+    from bench_common import DOSE, synthetic_frame
 
     from nanoseg.checkpoint import load_checkpoint
     from nanoseg.engines.factory import engine_from_checkpoint
@@ -401,7 +401,7 @@ def cost_frames(args: argparse.Namespace) -> dict[str, list[tuple[Any, np.ndarra
     from nanoseg.segmenter import Segmenter
 
     ckpt = load_checkpoint(args.model)
-    profile = FrameProfile(name="bench", mode="optical_density", i0=ScalarI0(policy="scalar", value=4000.0),
+    profile = FrameProfile(name="bench", mode="optical_density", i0=ScalarI0(policy="scalar", value=DOSE),
                            pixel_size_nm=8.0)
     base = synthetic_frame(11, 0).counts
     size = int(ckpt.input_spec["size"])
@@ -410,7 +410,7 @@ def cost_frames(args: argparse.Namespace) -> dict[str, list[tuple[Any, np.ndarra
     for side in (128, 512):
         prepared = null.prepare(np.ascontiguousarray(base[:side, :side]), profile)
         sets[f"null engine, {side} x {side}"] = [(null.analyse(prepared, 8.0).instances.box_masks, prepared.image)]
-    engine = engine_from_checkpoint(ckpt, "onnxruntime" if args.engine == "onnx" else args.engine, "cpu", args.threads)
+    engine = engine_from_checkpoint(ckpt, args.engine, "cpu", args.threads)
     model = Segmenter.for_checkpoint(engine, ckpt, PostprocessConfig())
     frames = []
     for i in range(args.model_frames):
@@ -478,6 +478,7 @@ def main() -> None:
     ap.add_argument("--model-frames", type=int, default=8, help="--statistics-cost: generated frames through the model")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    args.engine = "onnxruntime" if args.engine == "onnx" else args.engine  # the engine factory's name
     if args.baseline_rev:
         import tempfile
 
