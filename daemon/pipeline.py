@@ -248,12 +248,6 @@ class Intake:
         with self._losses_lock:
             return self._losses.pop(run_uid, Counter())
 
-    def next_item(self, timeout: float) -> Item | None:
-        """The next item for the stages (None: idle); raises ``Closed`` once closed and empty."""
-        item = self.queue.get(timeout)
-        self.metrics.queue_depth.set(len(self.queue))
-        return item
-
     def next_items(self, timeout: float, n: int) -> list[Item]:
         """Up to ``n`` of the items waiting for the stages, in order, or the first to come within
         ``timeout`` (s; []: idle); raises ``Closed`` once closed and empty."""
@@ -291,13 +285,13 @@ STOP = object()
 
 
 class Stages:
-    """prepare -> infer -> measure -> output threads. ``source`` yields items; ``None`` means idle.
+    """prepare -> infer -> measure -> output threads.
 
-    ``source_many(timeout, n)``, where given, takes up to ``n`` of the items already waiting at
-    once (or the first to come; [] when idle), so a busy daemon hands frames from thread to
-    thread in groups rather than one at a time: each hand-off wakes a thread and passes Python's
-    interpreter lock, which costs as much as the work on a small frame. Items travel between the
-    stages as lists.
+    ``source(timeout, n)`` takes up to ``n`` of the items already waiting at once (or the first
+    to come within ``timeout`` s; [] when idle; raises ``Closed`` once closed and empty), so a
+    busy daemon hands frames from thread to thread in groups rather than one at a time: each
+    hand-off wakes a thread and passes Python's interpreter lock, which costs as much as the
+    work on a small frame. Items travel between the stages as lists.
 
     The infer stage takes the prepared frames waiting for it, up to ``batching.max_batch``, the
     first waiting at most ``batching.max_wait_ms`` for more, and runs the engine once on them
@@ -305,12 +299,10 @@ class Stages:
     results leave in the order the frames came. The measure stage (mask pasting, filters,
     statistics) runs beside it, so the engine never waits for them."""
 
-    def __init__(self, source: Callable[[float], Item | None], profiles: ProfileBook,
+    def __init__(self, source: Callable[[float, int], list[Item]], profiles: ProfileBook,
                  cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None,
-                 statistics: StatisticsConfig | None = None,
-                 source_many: Callable[[float, int], list[Item]] | None = None) -> None:
+                 statistics: StatisticsConfig | None = None) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
-        self.source_many = source_many
         self.statistics = statistics
         self.batching = batching or BatchingSection()
         # lists of up to max_batch items; about as many frames waiting between stages as one batch
@@ -334,13 +326,6 @@ class Stages:
     def alive(self) -> bool:
         return all(t.is_alive() for t in self.threads)
 
-    def _take(self, timeout: float) -> list[Item]:
-        """The items waiting at the source, up to one batch ([] when idle); raises ``Closed``."""
-        if self.source_many is not None:
-            return self.source_many(timeout, self.batching.max_batch)
-        item = self.source(timeout)
-        return [] if item is None else [item]
-
     def _prepare_loop(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
@@ -348,7 +333,7 @@ class Stages:
                 time.sleep(0.05)
                 continue
             try:
-                items = self._take(0.2)
+                items = self.source(0.2, self.batching.max_batch)  # up to one batch
             except Closed:
                 break
             out: list[Item | Prepared] = []

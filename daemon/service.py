@@ -51,11 +51,11 @@ class Service:
         self._paused = threading.Event()
         self._stopping = threading.Event()
         self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
-        self.stages = Stages(self.intake.next_item, self.profiles,
+        self.stages = Stages(self.intake.next_items, self.profiles,
                              StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
                                             lambda: self._paused.is_set() and not self._stopping.is_set(),
                                             self.metrics.batch_size.observe),
-                             batching=cfg.batching, statistics=cfg.statistics, source_many=self.intake.next_items)
+                             batching=cfg.batching, statistics=cfg.statistics)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)

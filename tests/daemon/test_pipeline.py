@@ -77,8 +77,8 @@ def test_a_reload_between_preparation_and_inference_leaves_the_frame_on_the_mode
     items.close()  # the stages end once the frame is through
     out: list[object] = []
     failed: list[tuple[str, str]] = []
-    stages = Stages(items.get, profiles, StageCallbacks(out.append, lambda j, r, d: failed.append((r, d)), current,
-                                                     lambda: False))
+    stages = Stages(lambda timeout, n: items.get_many(n, timeout), profiles,
+                    StageCallbacks(out.append, lambda j, r, d: failed.append((r, d)), current, lambda: False))
     stages.start()
     assert stages.join(120.0), "stages did not finish"
     assert not failed
