@@ -44,11 +44,15 @@ Item: TypeAlias = RunStarted | FrameJob | RunStopped
 
 
 class ProfileBook:
-    """Frame profiles by name (configs/profiles or paths), validated once and cached."""
+    """Frame profiles by name (configs/profiles or paths), validated once and cached, and the
+    runs' versions of them with their own I0 (``profile_for``)."""
+
+    _MAX_VARIANTS = 256  # profiles with a run's I0; forgotten all at once beyond this
 
     def __init__(self, default: str) -> None:
         self.default = default
         self._cache: dict[str, FrameProfile] = {}
+        self._variants: dict[tuple[str, float | None], FrameProfile] = {}
         self.get(default)  # fail at start, not at the first frame
 
     def get(self, name: str | None) -> FrameProfile:
@@ -60,6 +64,19 @@ class ProfileBook:
                 raise FrameError("unknown_profile", str(err)) from None
         return self._cache[key]
 
+    def with_i0(self, name: str | None, i0: float | None) -> FrameProfile:
+        """Profile ``name`` with I0 from a flat field (``i0`` None) or the scalar ``i0`` (counts)."""
+        key = (name or self.default, i0)
+        prof = self._variants.get(key)
+        if prof is None:
+            base = self.get(name)
+            policy = FlatFieldI0(policy="flat_field") if i0 is None else ScalarI0(policy="scalar", value=i0)
+            prof = base.model_copy(update={"i0": policy})
+            if len(self._variants) >= self._MAX_VARIANTS:
+                self._variants.clear()
+            self._variants[key] = prof
+        return prof
+
 
 def profile_for(job: FrameJob, profiles: ProfileBook) -> FrameProfile:
     """The job's profile, with I0 taken from the run's metadata when it supplies one."""
@@ -67,9 +84,9 @@ def profile_for(job: FrameJob, profiles: ProfileBook) -> FrameProfile:
     if prof.mode != "optical_density" or prof.expected_input == "optical_density":
         return prof
     if job.metadata.flat_field is not None:
-        return prof.model_copy(update={"i0": FlatFieldI0(policy="flat_field")})
+        return profiles.with_i0(job.metadata.profile, None)
     if job.metadata.i0 is not None:
-        return prof.model_copy(update={"i0": ScalarI0(policy="scalar", value=job.metadata.i0)})
+        return profiles.with_i0(job.metadata.profile, job.metadata.i0)
     return prof
 
 
@@ -274,7 +291,7 @@ class Intake:
 class StageCallbacks:
     """What the stages report to the service."""
 
-    output: Callable[[Item | FrameResult], None]  # run events and results, in order
+    output: Callable[[list[Item | FrameResult]], None]  # run events and results, in order, as they come
     failed: Callable[[FrameJob, str, str], None]  # job, reason, detail
     model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
@@ -430,8 +447,7 @@ class Stages:
             items = self.q_out.get()
             if items is STOP:
                 break
-            for item in cast("list[Item | FrameResult]", items):
-                self.cb.output(item)
+            self.cb.output(cast("list[Item | FrameResult]", items))
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ Arrays are (H, W), row-major, y down; values in the frame's own units.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,20 +66,72 @@ def check_input(frame: np.ndarray, expected: InputKind | Literal["auto"] = "auto
     """Classify a frame (finite values, any shape: a subsample will do) by where its background
     (mode) lies in its 1-99 % range.
 
-    A frame without contrast (1 % and 99 % percentiles equal) counts as a dark background
-    (position 0): it has no objects to show either way.
+    The values are sorted once (detector counts as uint16, a radix sort); the percentiles, the
+    values inside the range and their mode come from that one sorted copy, with the values
+    ``np.percentile`` and ``densest_mode`` give. A frame without contrast (1 % and 99 %
+    percentiles equal) counts as a dark background (position 0): it has no objects to show
+    either way.
     """
-    img: np.ndarray = np.asarray(frame, dtype=np.float64)
-    if img.size and img.min() >= 0 and img.max() <= np.iinfo(np.uint16).max:
-        counts = img.astype(np.uint16)
-        if np.array_equal(counts, img):  # detector counts: the same values, sorted twice as fast as integers
-            img = counts
-    lo, hi = np.percentile(img, _RANGE_PERCENTILES)
+    x = np.sort(_as_counts(np.asarray(frame)).ravel(), kind="stable")
+    if x.size == 0:
+        raise ValueError("check_input needs at least one value")
+    lo, hi = sorted_percentiles(x, _RANGE_PERCENTILES)
     if hi <= lo:
         return InputCheck("optical_density", 0.0, expected)
-    inside = img[(img >= lo) & (img <= hi)]
-    position = float(np.clip((densest_mode(inside) - lo) / (hi - lo), 0.0, 1.0))
+    if x.dtype == np.uint16:  # x >= lo and x <= hi, on integers, without casting x to float
+        first = int(np.searchsorted(x, np.uint16(math.ceil(lo)), "left"))
+        end = int(np.searchsorted(x, np.uint16(math.floor(hi)), "right"))
+    else:
+        first, end = int(np.searchsorted(x, lo, "left")), int(np.searchsorted(x, hi, "right"))
+    position = float(np.clip((densest_mode(x[first:end], presorted=True) - lo) / (hi - lo), 0.0, 1.0))
     return InputCheck("transmission" if position >= 0.5 else "optical_density", position, expected)
+
+
+def _as_counts(values: np.ndarray) -> np.ndarray:
+    """``values`` as uint16 when they are detector counts (integers in 0-65535, of any dtype),
+    which sort about 3x faster (radix); else as float64."""
+    if values.size and values.dtype.kind in "uif":
+        if values.dtype in (np.uint8, np.uint16):
+            return values.astype(np.uint16, copy=False)
+        if values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max:
+            counts = values.astype(np.uint16)
+            if values.dtype.kind in "ui" or np.array_equal(counts, values):
+                return counts
+    return values.astype(np.float64, copy=False)
+
+
+def sorted_percentiles(x: np.ndarray, percentiles: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile(x, percentiles)`` (linear interpolation, the same values to the last bit)
+    of an already sorted 1-D array, without numpy's partition.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N,)
+        Sorted ascending, N >= 1, no NaN.
+    percentiles : tuple of float
+        In percent, 0-100.
+
+    Returns
+    -------
+    tuple of float
+        One value per percentile, in the units of ``x``.
+    """
+    q = np.true_divide(np.asarray(percentiles, np.float64), 100)
+    virtual = (x.size - 1) * q
+    previous = np.floor(virtual)
+    nxt = previous + 1
+    above = virtual >= x.size - 1
+    previous[above] = -1
+    nxt[above] = -1
+    previous[virtual < 0] = 0
+    nxt[virtual < 0] = 0
+    prev_i, next_i = previous.astype(np.intp), nxt.astype(np.intp)
+    gamma = np.asarray(virtual - prev_i, dtype=virtual.dtype)
+    a, b = x[prev_i], x[next_i]
+    diff = b - a
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=out.dtype.type)
+    return tuple(float(v) for v in out)
 
 
 def background_surface(image: np.ndarray, bright_background: bool, iterations: int = 6) -> np.ndarray:

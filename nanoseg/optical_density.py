@@ -15,6 +15,7 @@ replaced by a documented value; nothing non-finite leaves this module:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -80,8 +81,32 @@ class IntensityResult:
     replaced: np.ndarray
 
 
+def validate_frame(frame: np.ndarray, what: str = "frame") -> None:
+    """Raise FrameError unless ``frame`` is a non-empty 2-D integer or real-float array.
+
+    Parameters
+    ----------
+    frame : ndarray
+        The frame, as received.
+    what : str, optional
+        Name used in error messages.
+
+    Raises
+    ------
+    FrameError
+        ``bad_dtype`` (bool, complex, object, strings, datetimes), ``bad_shape`` (not 2-D),
+        ``empty_frame`` (no pixels).
+    """
+    if frame.dtype.kind not in "iuf":
+        raise FrameError("bad_dtype", f"{what} has dtype {frame.dtype}; expected integer or float")
+    if frame.ndim != 2:
+        raise FrameError("bad_shape", f"{what} must be 2-D (H, W), got shape {frame.shape}")
+    if frame.size == 0:
+        raise FrameError("empty_frame", f"{what} has no pixels (shape {frame.shape})")
+
+
 def as_frame(frame: ArrayLike, what: str = "frame") -> np.ndarray:
-    """Validate a frame and return it as float64.
+    """Validate a frame (``validate_frame``) and return it as float64.
 
     Parameters
     ----------
@@ -98,16 +123,10 @@ def as_frame(frame: ArrayLike, what: str = "frame") -> np.ndarray:
     Raises
     ------
     FrameError
-        ``bad_dtype`` (bool, complex, object, strings, datetimes), ``bad_shape`` (not 2-D),
-        ``empty_frame`` (no pixels).
+        As ``validate_frame``.
     """
     arr = np.asarray(frame)
-    if arr.dtype.kind not in "iuf":
-        raise FrameError("bad_dtype", f"{what} has dtype {arr.dtype}; expected integer or float")
-    if arr.ndim != 2:
-        raise FrameError("bad_shape", f"{what} must be 2-D (H, W), got shape {arr.shape}")
-    if arr.size == 0:
-        raise FrameError("empty_frame", f"{what} has no pixels (shape {arr.shape})")
+    validate_frame(arr, what)
     return arr.astype(np.float64)
 
 
@@ -138,7 +157,7 @@ def fill_nearest(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return np.asarray(values[tuple(idx)])
 
 
-def densest_mode(values: np.ndarray, fraction: float = 1 / 16) -> float:
+def densest_mode(values: np.ndarray, fraction: float = 1 / 16, presorted: bool = False) -> float:
     """Mode of a sample: the mean of its densest ``fraction``, found by repeated halving.
 
     Half-sample-mode search (Bickel & Frühwirth 2006): keep the shortest window holding half the
@@ -152,13 +171,15 @@ def densest_mode(values: np.ndarray, fraction: float = 1 / 16) -> float:
         Any shape, flattened; finite values.
     fraction : float, optional
         Share of the sample the search stops at (at least 3 values).
+    presorted : bool, optional
+        ``values`` is 1-D and sorted ascending already (not sorted again).
 
     Returns
     -------
     float
         The mode, in the units of ``values``.
     """
-    x = np.sort(values.ravel())
+    x = values if presorted else np.sort(values.ravel())
     if x.size > _MODE_MAX_SAMPLES:
         x = x[:: -(-x.size // _MODE_MAX_SAMPLES)]
     target = max(3, math.ceil(fraction * x.size))
@@ -238,9 +259,13 @@ def optical_density(
     """
     if not 0 < floor < 1:
         raise ValueError(f"floor must be in (0, 1), got {floor}")
+    arr = np.asarray(frame)
+    if arr.dtype in (np.uint8, np.uint16) and _is_number(i0) and (dark is None or _is_number(dark)):
+        validate_frame(arr)
+        return _od_by_table(arr, float(i0), 0.0 if dark is None else float(dark), floor)  # type: ignore[arg-type]
     # One pass per step over the frame, and none for what cannot occur: an integer frame has no
     # NaN or inf, a scalar reference no bad pixel (masks stay None then).
-    kind = np.asarray(frame).dtype.kind
+    kind = arr.dtype.kind
     img = as_frame(frame)
     nan = inf = finite = None
     if kind == "f":
@@ -309,6 +334,45 @@ def optical_density(
         bad_reference=0 if ref_bad is None else int(np.count_nonzero(ref_bad if finite is None else ref_bad & finite)),
     )
     return ODResult(od, reference, invalid, low if unmeasured is None else unmeasured | low)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=8)
+def _od_table(dtype: np.dtype, dark: float, ref: float, floor: float) -> tuple[np.ndarray, int, int]:
+    """``optical_density``'s arithmetic on every value of an 8- or 16-bit unsigned dtype: (OD per
+    value, float32; how many of the smallest values are below the floor; how many have no
+    signal). Transmission grows with the count, so both sets are a prefix of the values."""
+    t = np.arange(np.iinfo(dtype).max + 1, dtype=np.float64)
+    if dark != 0.0:
+        np.subtract(t, dark, out=t)
+    np.divide(t, ref, out=t)
+    low = int(np.count_nonzero(t < floor))
+    no_signal = int(np.count_nonzero(t <= 0))
+    np.maximum(t, floor, out=t)
+    od = np.log(t, out=np.empty(t.shape, np.float32))
+    np.negative(od, out=od)
+    od.flags.writeable = False
+    return od, low, no_signal
+
+
+def _od_by_table(frame: np.ndarray, i0: float, dark: float, floor: float) -> ODResult:
+    """``optical_density`` of an 8- or 16-bit counting frame with scalar I0 and dark: the same
+    values, looked up per count (``_od_table``) rather than computed per pixel."""
+    ref = i0 - dark
+    if not (np.isfinite(ref) and ref > 0):
+        raise FrameError("non_positive_reference", f"I0 - dark = {ref:g} is not positive")
+    table, n_below, n_none = _od_table(frame.dtype, dark, ref, floor)
+    low = frame < n_below
+    n_low = int(np.count_nonzero(low))
+    n_non_positive = int(np.count_nonzero(frame < n_none)) if n_none else 0
+    if n_non_positive == frame.size:
+        raise FrameError("no_signal", "no pixel has a signal above the dark level")
+    od = np.take(table, frame)
+    invalid = InvalidPixels(non_positive=n_non_positive, below_floor=n_low - n_non_positive)
+    return ODResult(od, ref, invalid, low)
 
 
 def _and(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:

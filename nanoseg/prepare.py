@@ -33,6 +33,7 @@ from nanoseg.optical_density import (
     fill_nearest,
     intensity_image,
     optical_density,
+    validate_frame,
 )
 from nanoseg.scale import ScaleChoice, choose_scale
 from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
@@ -218,9 +219,13 @@ def prepare_frame(
 
 def _check_sample(arr: np.ndarray) -> np.ndarray:
     """The finite values of a regular subsample of at most ~16 000 pixels, for ``check_input``
-    (cheap on large frames). Raises FrameError as ``as_frame``, or ``non_finite``."""
-    step = max(1, math.ceil(math.sqrt(arr.size / 16384))) if arr.ndim == 2 else 1
-    sample = as_frame(arr[::step, ::step] if arr.ndim == 2 else arr)
+    (cheap on large frames; integer frames keep their dtype). Raises FrameError as
+    ``as_frame``, or ``non_finite``."""
+    validate_frame(arr)
+    step = max(1, math.ceil(math.sqrt(arr.size / 16384)))
+    sample = arr[::step, ::step]
+    if sample.dtype.kind != "f":
+        return sample
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         raise FrameError("non_finite", "every pixel is NaN or inf")

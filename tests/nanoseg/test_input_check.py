@@ -91,3 +91,47 @@ def test_background_surface_recovers_a_quadratic_under_objects(bright: bool) -> 
     img[120:180, 100:140] += -60 if bright else 60
     fit = background_surface(img, bright_background=bright)
     assert np.abs(fit - surface).max() < 3.0  # of a 100-180 background; the objects are 60 off it
+
+
+def _reference_check(values: np.ndarray) -> tuple[float, str]:
+    """The check as first written: float64, np.percentile, a boolean selection, densest_mode's own sort."""
+    from nanoseg.optical_density import densest_mode
+
+    img = np.asarray(values, np.float64).ravel()
+    lo, hi = np.percentile(img, (1.0, 99.0))
+    if hi <= lo:
+        return 0.0, "optical_density"
+    position = float(np.clip((densest_mode(img[(img >= lo) & (img <= hi)]) - lo) / (hi - lo), 0.0, 1.0))
+    return position, "transmission" if position >= 0.5 else "optical_density"
+
+
+@pytest.mark.parametrize("lam", [3, 4000, 60000])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.float64])
+def test_the_input_check_on_counts_is_the_float_check(lam: int, dtype: type) -> None:
+    """Counts of any dtype take the fast path (sorted once, as uint16); the result is the float64
+    reference's, bit for bit."""
+    rng = np.random.default_rng(lam)
+    counts = np.minimum(rng.poisson(lam, (128, 128)), 65535)
+    counts[:40] //= 2  # darker objects on a bright background
+    check = check_input(counts.astype(dtype))
+    assert (check.background_position, check.looks_like) == _reference_check(counts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_input_check_on_real_values_is_the_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    img = rng.gamma(2.0, 1.0, size=int(rng.integers(1, 20000))) * rng.choice([1e-3, 1.0, 1e4])
+    if seed % 2:
+        img = -img  # negative values: not counts
+    check = check_input(img)
+    assert (check.background_position, check.looks_like) == _reference_check(img)
+
+
+def test_sorted_percentiles_are_numpys() -> None:
+    from nanoseg.input_check import sorted_percentiles
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 7, 100, 101, 16384, 16385):
+        for x in (np.sort(rng.integers(0, 65536, n).astype(np.uint16)), np.sort(rng.normal(0, 1e3, n))):
+            q = (0.0, 0.5, 1.0, 12.5, 50.0, 99.0, 99.5, 100.0)
+            assert sorted_percentiles(x, q) == tuple(float(v) for v in np.percentile(x, q))
