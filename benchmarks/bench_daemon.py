@@ -221,6 +221,21 @@ def _wait_processed(svc: Service, n: float, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system, s) of each live thread of this process, by thread name (threads
+    of one name summed; Linux ``/proc``; empty elsewhere)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = t.name.split(" (")[0]
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -247,12 +262,14 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 for kind in args.inputs:
                     for run, count in ((f"warm-{kind}-{size}", min(50, n)), (f"{kind}-{size}", n)):
                         load, stages_before = os.getloadavg()[0], stage_sums(svc)
-                        cpu0 = time.process_time()
+                        cpu0, threads0 = time.process_time(), thread_cpu_seconds()
                         conn.send((kind, size, count, run))
                         got = receive(conn, 600)
                         processed += count
                         _wait_processed(svc, processed)
                         cpu_ms = 1000 * (time.process_time() - cpu0) / count
+                        threads1 = thread_cpu_seconds()
+                        per_thread = {k: round(1000 * (v - threads0.get(k, 0.0)) / count, 3) for k, v in threads1.items()}
                         if run.startswith("warm"):
                             continue
                         rec = got["received"]
@@ -263,11 +280,14 @@ def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:
                         rows.append({"input": kind, "size": size, "frames": count, "results_received": len(rec),
                                      "steady_frames_per_second": steady, "stage_mean_ms": means,
                                      "daemon_cpu_ms_per_frame": cpu_ms,
+                                     "thread_cpu_ms_per_frame": {k: v for k, v in per_thread.items() if v >= 0.01},
                                      "overall_frames_per_second": len(rec) / (rec[-1] - got["sent_at"]) if rec else 0.0,
                                      "load_average_1m_before": round(load, 2)})
                         print(f"  {kind:8s} {size:5d}^2: {steady:8.1f} frames/s ({len(rec)}/{count} results back), "
                               f"load {load:.2f}; daemon CPU {cpu_ms:.2f} ms per frame; stage ms per frame: "
                               + ", ".join(f"{k} {v:.2f}" for k, v in means.items()), flush=True)
+                        print("      CPU ms per frame by thread: " + ", ".join(
+                            f"{k} {v:.2f}" for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]) if v >= 0.01))
             results["batch_size_mean"] = sample(svc, "nanoseg_batch_size_frames_sum") / max(
                 sample(svc, "nanoseg_batch_size_frames_count"), 1)
             results["counters"] = counters(svc)

@@ -15,14 +15,13 @@ frame of a multi-frame event), or ``raw:<source>:<run>:<frame_id>``. The store r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 
-from nanoseg.codec import json_safe
+from nanoseg.codec import json_text
 from nanoseg.instances import Instances
 from nanoseg.particle_stats import FrameSummary, ParticleTable
 
@@ -112,7 +111,7 @@ class FrameResult:
     def summary_json(self) -> str:
         """``summary.to_dict()`` as strict compact JSON (missing values null), encoded once for
         the store and the summary topic, which both carry it."""
-        return json.dumps(json_safe(self.summary.to_dict()), allow_nan=False, separators=(",", ":"))
+        return json_text(self.summary.to_dict())
 
 
 ANALYSIS_PLAN_NAME = "nanoseg_analysis"

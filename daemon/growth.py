@@ -263,6 +263,10 @@ class GrowthMonitor:
         self.cfg = cfg
         self.metrics = metrics
         self._runs: OrderedDict[str, RunGrowth] = OrderedDict()
+        # per quantity, its three gauges' children (looked up once: ``labels`` costs per call)
+        self._gauges = [] if metrics is None else [
+            (q, metrics.growth_ewma.labels(q), metrics.growth_rate_per_frame.labels(q),
+             metrics.growth_rate_per_second.labels(q)) for q in QUANTITIES]
 
     def run(self, run_uid: str) -> RunGrowth | None:
         return self._runs.get(run_uid)
@@ -309,10 +313,10 @@ class GrowthMonitor:
         m = self.metrics
         if m is None:
             return
-        for q in QUANTITIES:
-            for gauge, value in ((m.growth_ewma, point.ewma[q]), (m.growth_rate_per_frame, point.rate_per_frame[q]),
-                                 (m.growth_rate_per_second, point.rate_per_s[q])):
-                gauge.labels(q).set(value)
+        for q, ewma, per_frame, per_s in self._gauges:
+            ewma.set(point.ewma[q])
+            per_frame.set(point.rate_per_frame[q])
+            per_s.set(point.rate_per_s[q])
         for a in alarms:
             m.growth_alarm_active.labels(a.rule).set(1 if a.state == "raised" else 0)
             if a.state == "raised":

@@ -41,7 +41,7 @@ from typing import Any, Literal, cast
 import zmq
 from event_model import compose_run
 
-from nanoseg.codec import json_safe, msgpack_dumps
+from nanoseg.codec import json_safe, json_text, msgpack_dumps
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.contracts import ANALYSIS_PLAN_NAME, FrameResult
@@ -365,8 +365,8 @@ class DocumentPublisher(_SocketPublisher):
 
 
 def _summary_parts(result: FrameResult, published_at: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The summary message's fields before and after ``summary``, JSON-safe."""
-    head = json_safe({
+    """The summary message's fields before and after ``summary``."""
+    head = {
         "run_uid": result.run_uid,
         "frame_uid": result.frame_uid,
         "seq_num": result.seq_num,
@@ -374,28 +374,22 @@ def _summary_parts(result: FrameResult, published_at: float | None) -> tuple[dic
         "model_version": result.model_version,
         "timestamp": result.timestamp,
         "published_at": time.time() if published_at is None else published_at,
-    })
-    tail = json_safe({"invalid_pixels": result.invalid_pixels, "timings": result.timings})
+    }
+    tail = {"invalid_pixels": result.invalid_pixels, "timings": result.timings}
     return head, tail
 
 
 def summary_message(result: FrameResult, published_at: float | None = None) -> dict[str, Any]:
     """The JSON summary of one frame (strict JSON: missing values are null)."""
     head, tail = _summary_parts(result, published_at)
-    msg: dict[str, Any] = {**head, "summary": json_safe(result.summary.to_dict()), **tail}
-    return msg
+    return cast(dict[str, Any], json_safe({**head, "summary": result.summary.to_dict(), **tail}))
 
 
 def summary_body(result: FrameResult, published_at: float | None = None) -> str:
-    """``summary_message`` as compact strict JSON, the same text as ``json.dumps(summary_message(...),
-    allow_nan=False, separators=(",", ":"))``, with the frame summary as the result encoded it
-    once for the store too (``FrameResult.summary_json``)."""
+    """``summary_message`` as compact strict JSON (``nanoseg.codec.json_text``), with the frame
+    summary as the result encoded it once for the store too (``FrameResult.summary_json``)."""
     head, tail = _summary_parts(result, published_at)
-    return f'{_compact(head)[:-1]},"summary":{result.summary_json},{_compact(tail)[1:]}'
-
-
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    return f'{json_text(head)[:-1]},"summary":{result.summary_json},{json_text(tail)[1:]}'
 
 
 class SummaryPublisher(_SocketPublisher):

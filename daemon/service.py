@@ -68,13 +68,14 @@ class Service:
         self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
         self.notifier = SystemdNotifier()
 
-    def _output(self, item: Item | FrameResult) -> None:
+    def _output(self, items: list[Item | FrameResult]) -> None:
         """The output stage: note a frame that does not look like its profile's input, then the sinks."""
-        if isinstance(item, FrameResult) and item.metadata.get("input_mismatch"):
-            self._input_mismatch(item)
-        elif isinstance(item, RunStopped):
-            self._mismatch_logged.discard(item.run_uid)
-        self.sinks.put(item)
+        for item in items:
+            if isinstance(item, FrameResult) and item.metadata.get("input_mismatch"):
+                self._input_mismatch(item)
+            elif isinstance(item, RunStopped):
+                self._mismatch_logged.discard(item.run_uid)
+        self.sinks.put_many(items)
 
     def _input_mismatch(self, result: FrameResult) -> None:
         """Count a frame that does not look like its profile's input; log it once per run."""

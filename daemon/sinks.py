@@ -11,6 +11,9 @@ order (default: ``store``, then ``bluesky`` and ``summary`` where enabled).
   it has succeeded, so results are stored before they are published. Beyond ``max_pending``
   waiting items the oldest is lost: a frame is counted failed (``<sink>_overflow``), a run start
   or stop still goes on to the later sinks, so no analysis run is left open.
+* Frames that arrive together (``put_many``) go to a first sink that can take several at once
+  (``write_frames``: the store, one transaction and one commit for the group) together, then
+  each on to the later sinks: still stored before published, with one commit per group.
 * A frame counts as processed (``frames_processed_total`` and the per-frame metrics) once every
   durable sink has it, before the others see it: counters never lag what subscribers see.
 * ``write_frame`` returning False means the frame was already written (a replay): it is counted
@@ -27,7 +30,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
@@ -93,6 +96,13 @@ class StoreSink:
     def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
         try:
             return self.store.add_frame(result, rles)
+        except StoreError as err:
+            raise self._failed(err) from err
+
+    def write_frames(self, results: Sequence[FrameResult], rles: Sequence[Sequence[RLE]]) -> list[bool]:
+        """``write_frame`` for several frames, one transaction (nothing of any stored on error)."""
+        try:
+            return self.store.add_frames(results, rles)
         except StoreError as err:
             raise self._failed(err) from err
 
@@ -215,6 +225,7 @@ class _Pending:
     item: RunStarted | _Frame | RunStopped
     next: int = 0  # index of the sink it goes to next
     counted: bool = False
+    duplicate: bool = False  # a sink said it had it already: it goes no further
 
     def describe(self) -> str:
         it = self.item
@@ -238,27 +249,37 @@ class SinkChain:
         self._with_frames: set[str] = set()  # open runs with a frame written since this chain began
         self._lock = threading.Lock()
         self._closed = False
+        self._stage_seconds: dict[str, Any] = {}  # stage -> its histogram child (``labels`` costs per call)
 
     def put(self, item: RunStarted | FrameResult | RunStopped | FrameJob) -> None:
         """Take one item from the stages (output thread)."""
+        self.put_many([item])
+
+    def put_many(self, items: Sequence[RunStarted | FrameResult | RunStopped | FrameJob]) -> None:
+        """Take the items the stages passed on together, in order (output thread): consecutive
+        frames among them go to the first sink as one group where it takes groups (module)."""
         with self._lock:
-            now = time.monotonic()
-            if isinstance(item, RunStarted):
-                self._open.add(item.run_uid)
-                self._activity[item.run_uid] = now
-                self.metrics.open_runs.set(len(self._open))
-                self._pending.append(_Pending(item))
-            elif isinstance(item, FrameResult):
-                self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.box_masks))))
-            elif isinstance(item, RunStopped):
-                self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
-                # every frame of the run has passed the stages: its losses are all counted by now
-                losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
-                self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses),
-                                                         item.reason)))
-            else:
-                raise TypeError(f"not an output item: {type(item).__name__}")
+            for item in items:
+                self._enqueue(item)
             self._flush()
+
+    def _enqueue(self, item: RunStarted | FrameResult | RunStopped | FrameJob) -> None:
+        now = time.monotonic()
+        if isinstance(item, RunStarted):
+            self._open.add(item.run_uid)
+            self._activity[item.run_uid] = now
+            self.metrics.open_runs.set(len(self._open))
+            self._pending.append(_Pending(item))
+        elif isinstance(item, FrameResult):
+            self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.box_masks))))
+        elif isinstance(item, RunStopped):
+            self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
+            # every frame of the run has passed the stages: its losses are all counted by now
+            losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
+            self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses),
+                                                     item.reason)))
+        else:
+            raise TypeError(f"not an output item: {type(item).__name__}")
 
     def retry(self) -> None:
         """Retry what waits for a durable sink (housekeeping)."""
@@ -302,11 +323,45 @@ class SinkChain:
 
     def _flush(self) -> None:
         while self._pending:
-            if not self._advance(self._pending[0]):
+            head = self._pending[0]
+            if head.next == 0 and isinstance(head.item, _Frame) and not self._write_group():
+                stuck = True
+            else:
+                stuck = not self._advance(head)
+            if stuck:
                 while len(self._pending) > self.max_pending:
                     self._lose(self._pending.popleft())
                 return
             self._pending.popleft()
+
+    def _write_group(self) -> bool:
+        """The frames first in line that no sink has seen, to the first sink at once when it is
+        durable and takes groups (``write_frames``); False when it failed (they wait). Any other
+        error leaves them to go one by one (``_advance``), so a bad frame fails alone."""
+        sink = self.sinks[0]
+        write_frames = getattr(sink, "write_frames", None)
+        if not sink.durable or write_frames is None:
+            return True
+        group: list[_Pending] = []
+        for p in self._pending:
+            if p.next != 0 or not isinstance(p.item, _Frame):
+                break
+            group.append(p)
+        if len(group) < 2:
+            return True
+        frames = [cast(_Frame, p.item) for p in group]
+        try:
+            written = write_frames([f.result for f in frames], [f.rles for f in frames])
+        except SinkError as err:
+            self._sink_error(sink, err.reason, str(err), group[0])
+            return False
+        except Exception as err:  # a bug: one by one, so that it fails alone
+            log("sink_group_failed", logging.WARNING, sink=sink.name, error=f"{type(err).__name__}: {err}")
+            return True
+        for p, new in zip(group, written):
+            p.next = 1
+            p.duplicate = not new
+        return True
 
     def _write(self, sink: Sink, item: RunStarted | _Frame | RunStopped) -> bool:
         if isinstance(item, _Frame):
@@ -319,6 +374,9 @@ class SinkChain:
 
     def _advance(self, p: _Pending) -> bool:
         """Write ``p`` to its remaining sinks; False when a durable sink failed (``p`` waits)."""
+        if p.duplicate:
+            self.metrics.frames_dropped.labels("duplicate").inc()
+            return True
         while p.next < len(self.sinks):
             if p.next == self._count_at:
                 self._count(p)
@@ -364,7 +422,10 @@ class SinkChain:
             log("instances_capped", logging.WARNING, run=r.run_uid, frame=r.frame_uid, dropped=r.instances_capped)
         m.last_frame.set(time.time())
         for stage, seconds in r.timings.items():
-            m.stage_seconds.labels(stage).observe(seconds)
+            child = self._stage_seconds.get(stage)
+            if child is None:
+                child = self._stage_seconds[stage] = m.stage_seconds.labels(stage)
+            child.observe(seconds)
 
     def _done(self, p: _Pending) -> None:
         it = p.item

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from nanoseg.codec import json_safe
+from nanoseg.codec import json_safe, json_text
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import COLUMNS_FLAG, COLUMNS_NM, COLUMNS_PX
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
@@ -118,7 +118,7 @@ def _store_error(err: sqlite3.Error, what: str) -> StoreError:
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"), default=str)
+    return json_text(obj)
 
 
 def _run_metadata(ev: RunStarted) -> dict[str, Any]:
@@ -386,25 +386,35 @@ class ResultStore(ResultReader):
         announced creates a placeholder run (started_at = frame timestamp, no metadata).
         Raises StoreError (nothing stored; retry later with the same result).
         """
-        rows = particle_rows(result, rles)
-        frame = (
-            result.frame_uid, result.run_uid, result.seq_num, result.timestamp, time.time(),
-            result.model_version, len(result.table), result.summary_json,
-            _json(result.invalid_pixels), _json(result.timings), _json(result.metadata),
-        )  # fmt: skip
-        with self._write(f"add_frame {result.frame_uid}") as conn:
-            conn.execute(
-                "INSERT INTO runs (run_uid, started_at, metadata) VALUES (?, ?, '{}') ON CONFLICT DO NOTHING",
-                (result.run_uid, result.timestamp),
-            )
-            cur = conn.execute(
-                f"INSERT INTO frames VALUES ({', '.join('?' * len(frame))}) ON CONFLICT DO NOTHING", frame
-            )
-            if cur.rowcount == 0:
-                return False
-            if rows:
-                conn.executemany(f"INSERT INTO particles VALUES ({', '.join('?' * len(rows[0]))})", rows)
-        return True
+        return self.add_frames([result], [rles])[0]
+
+    def add_frames(self, results: Sequence[FrameResult],
+                   rles: Sequence[Sequence[RLE] | None] | None = None) -> list[bool]:
+        """Store several frames (each as ``add_frame``) in one transaction: one commit for all.
+
+        Returns, per frame, False where its ``frame_uid`` was already stored (nothing of it
+        written). Raises StoreError with nothing of any of them stored.
+        """
+        now = time.time()
+        todo = [(r, particle_rows(r, None if rles is None else rles[i]),
+                 (r.frame_uid, r.run_uid, r.seq_num, r.timestamp, now, r.model_version, len(r.table), r.summary_json,
+                  _json(r.invalid_pixels), _json(r.timings), _json(r.metadata)))
+                for i, r in enumerate(results)]  # fmt: skip
+        added: list[bool] = []
+        what = f"add_frame {results[0].frame_uid}" + (f" (+{len(results) - 1})" if len(results) > 1 else "")
+        with self._write(what) as conn:
+            for result, rows, frame in todo:
+                conn.execute(
+                    "INSERT INTO runs (run_uid, started_at, metadata) VALUES (?, ?, '{}') ON CONFLICT DO NOTHING",
+                    (result.run_uid, result.timestamp),
+                )
+                cur = conn.execute(
+                    f"INSERT INTO frames VALUES ({', '.join('?' * len(frame))}) ON CONFLICT DO NOTHING", frame
+                )
+                added.append(cur.rowcount != 0)
+                if cur.rowcount and rows:
+                    conn.executemany(f"INSERT INTO particles VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        return added
 
     def stop_run(self, ev: RunStopped) -> None:
         """Record a run's end (a run never announced gets a placeholder row); it is no longer open.

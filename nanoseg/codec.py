@@ -9,12 +9,14 @@ decode with ``pickle.loads`` (running the sender's code).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import msgpack
 import msgpack_numpy
 import numpy as np
+import orjson
 
 
 class CodecError(ValueError):
@@ -60,6 +62,46 @@ def json_safe(obj: Any, max_array_size: int | None = None) -> Any:
     if obj is None or isinstance(obj, str | int | bool):
         return obj
     return str(obj)
+
+
+_ORJSON_OPTIONS = (orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+                   | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
+def _orjson_default(obj: Any) -> Any:
+    """What orjson does not write itself, as ``json_safe`` would have it."""
+    if isinstance(obj, np.ndarray | np.generic):
+        return obj.tolist()
+    for plain in (bool, int, float, str):
+        if isinstance(obj, plain):
+            return plain(obj)
+    if isinstance(obj, dict):
+        return {str(k): v for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    return str(obj)
+
+
+def json_text(obj: Any) -> str:
+    """Compact strict JSON of ``obj``: the values of
+    ``json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))``, written by orjson
+    (about 20x faster on a frame summary; numbers may be spelled differently, e.g. ``1e16`` for
+    ``1e+16``).
+
+    Parameters
+    ----------
+    obj
+        As ``json_safe`` takes.
+
+    Returns
+    -------
+    str
+        JSON text; non-finite floats as null, NumPy values as Python values, dict keys as strings.
+    """
+    try:
+        return orjson.dumps(obj, default=_orjson_default, option=_ORJSON_OPTIONS).decode()
+    except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits
+        return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))
 
 
 def msgpack_dumps(doc: Any) -> bytes:

@@ -25,7 +25,7 @@ longest piece's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -431,6 +431,21 @@ def frame_summary(
     -------
     FrameSummary
     """
+    if len(table) == 0:  # a frame with no particle: the same summary every time, but for its shape
+        key = (edge_rule, resamples, seed, target_precision, bool(table.pixel_size_nm), *table.columns())
+        empty = _EMPTY_SUMMARIES.get(key)
+        if empty is None:
+            empty = _EMPTY_SUMMARIES[key] = _frame_summary(table, edge_rule, resamples, seed, target_precision)
+        return replace(empty, frame_shape=table.frame_shape, pixel_size_nm=table.pixel_size_nm)
+    return _frame_summary(table, edge_rule, resamples, seed, target_precision)
+
+
+_EMPTY_SUMMARIES: dict[tuple[object, ...], FrameSummary] = {}
+
+
+def _frame_summary(table: ParticleTable, edge_rule: EdgeRule, resamples: int, seed: int,
+                   target_precision: float) -> FrameSummary:
+    """``frame_summary``, computed."""
     weights = edge_weights(edge_rule, table.touches_edge, table.bbox_width_px, table.bbox_height_px,
                            table.frame_shape)  # fmt: skip
     counted = weights > 0

@@ -78,7 +78,7 @@ def test_a_reload_between_preparation_and_inference_leaves_the_frame_on_the_mode
     out: list[object] = []
     failed: list[tuple[str, str]] = []
     stages = Stages(lambda timeout, n: items.get_many(n, timeout), profiles,
-                    StageCallbacks(out.append, lambda j, r, d: failed.append((r, d)), current, lambda: False))
+                    StageCallbacks(out.extend, lambda j, r, d: failed.append((r, d)), current, lambda: False))
     stages.start()
     assert stages.join(120.0), "stages did not finish"
     assert not failed

@@ -142,3 +142,70 @@ def test_a_run_without_start_or_frame_for_the_timeout_is_reported_once() -> None
     chain.put(start("r"))
     assert chain.stale_runs(3600.0) == []
     assert chain.stale_runs(0.0) == ["r"] and chain.stale_runs(0.0) == []
+
+
+def test_frames_that_come_together_are_stored_in_one_commit_before_any_is_published(tmp_path: Path) -> None:
+    m = DaemonMetrics()
+    store = ResultStore(tmp_path / "results.sqlite")
+    commits: list[str] = []
+    write = store._write
+
+    def counted(what: str):  # type: ignore[no-untyped-def]
+        commits.append(what)
+        return write(what)
+
+    store._write = counted  # type: ignore[method-assign]
+
+    class Checker(Recorder):
+        def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+            assert result.frame_uid in {f.frame_uid for f in store.frames(result.run_uid)}  # stored first
+            return super().write_frame(result, rles)
+
+    rec = Checker("bluesky")
+    chain = SinkChain([StoreSink(store, lambda: "m@1", m), rec], m, max_pending=10)
+    chain.put(result("r", 1))
+    chain.put_many([start("r"), result("r", 1), result("r", 2, n_wires=0), result("r", 3, n_wires=3),
+                    RunStopped("r", "success", 1010.0)])
+    assert rec.got == ["r/1", "open r", "r/2", "r/3", "close r success"]  # r/1 again: a duplicate
+    assert [c.split()[0] for c in commits] == ["add_frame", "add_run", "add_frame", "stop_run"]
+    assert commits[2] == "add_frame r/1 (+2)"  # one transaction for the three frames
+    assert value(m, "nanoseg_frames_dropped_total", reason="duplicate") == 1
+    assert chain.processed == 3 and [p["frame_uid"] for p in store.particles("r")] == ["r/1"] + ["r/3"] * 3
+
+
+class GroupRecorder(Recorder):
+    """A durable sink that also takes frames in groups (as the store does)."""
+
+    def __init__(self, name: str, fail: int = 0) -> None:
+        super().__init__(name, durable=True, fail=fail)
+        self.groups: list[int] = []
+
+    def write_frames(self, results: Sequence[FrameResult], rles: Sequence[Sequence[RLE]]) -> list[bool]:
+        self._take(f"group of {len(results)}")
+        self.groups.append(len(results))
+        return [True] * len(results)
+
+
+def test_a_group_the_durable_sink_refuses_waits_whole_and_goes_on_in_order() -> None:
+    m = DaemonMetrics()
+    durable, after = GroupRecorder("archive", fail=1), Recorder("summary")
+    chain = SinkChain([durable, after], m, max_pending=10)
+    chain.put_many([result("r", 1), result("r", 2)])  # refused: nothing goes on
+    assert after.got == [] and chain.pending == 2 and chain.processed == 0
+    chain.put_many([result("r", 3)])
+    assert durable.groups == [3] and after.got == ["r/1", "r/2", "r/3"] and chain.processed == 3
+    assert value(m, "nanoseg_sink_errors_total", sink="archive", reason="unreachable") == 1
+
+
+def test_a_bad_frame_in_a_group_fails_alone(tmp_path: Path) -> None:
+    m = DaemonMetrics()
+    store = ResultStore(tmp_path / "results.sqlite")
+    rec = Recorder("summary")
+    chain = SinkChain([StoreSink(store, lambda: "m@1", m), rec], m, max_pending=10)
+    good = result("r", 2)
+    bad = FrameResult(**{**good.__dict__, "frame_uid": "r/bad", "table": result("r", 1, n_wires=2).table})
+    bad.__dict__.pop("summary_json", None)
+    chain.put_many([result("r", 1), bad, result("r", 3)])  # table of 2 particles, 1 instance: a bug
+    assert [f.frame_uid for f in store.frames("r")] == ["r/1", "r/3"]
+    assert value(m, "nanoseg_sink_errors_total", sink="store", reason="internal_error") == 1
+    assert rec.got == ["r/1", "r/bad", "r/3"]  # counted, and passed on as any sink's bug is

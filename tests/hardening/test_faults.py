@@ -246,7 +246,7 @@ def test_disk_full_keeps_results_and_run_events_pending_and_stores_them_once_spa
         client.send(end_of_run("r1"))
         wait_for(lambda: svc.status()["pending_store"] == 8, 60, "run start, 6 results and run stop waiting")
         m = svc_metrics(svc)
-        assert by_reason(m, "nanoseg_store_errors_total").get("disk_full", 0) >= 8
+        assert by_reason(m, "nanoseg_store_errors_total").get("disk_full", 0) >= 1  # retried oldest first
         assert processed(m) == 0 and not client.summaries(1, timeout_s=0.5)  # nothing published before stored
         assert svc.status()["open_runs"] == ["raw:detector:r1"]
         with sqlite3.connect(default_path(tmp_path), timeout=10) as conn:  # an operator frees space
@@ -372,8 +372,8 @@ def serve_process(state_dir: Path, model: Path, **extra: Any) -> Iterator[tuple[
 
 def test_sigterm_mid_frame_drains_and_exits_0(tmp_path: Path, trained_model_path: Path) -> None:
     state = tmp_path / "state"
-    n = 8
-    with serve_process(state, trained_model_path) as (proc, sockets):
+    n = 16  # batches of 4 are stored (and counted) together: the signal lands with 3 of them to go
+    with serve_process(state, trained_model_path, **{"batching.max_batch": 4}) as (proc, sockets):
         client = Pusher(f"ipc://{sockets}/raw", f"ipc://{sockets}/summary")
         try:
             for i in range(n):

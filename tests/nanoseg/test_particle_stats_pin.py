@@ -49,3 +49,16 @@ def test_statistics_equal_the_pinned_results(name: str) -> None:
     for rule in EDGE_RULES:
         assert json.loads(json.dumps(frame_summary(table, rule).to_dict())) == exp["summaries"][rule], rule
     assert len(table) > 0
+
+
+@pytest.mark.parametrize("pixel_size_nm", [None, 8.0, 2.5])
+@pytest.mark.parametrize("edge_rule", ["include", "exclude"])
+def test_a_frame_without_particles_has_the_computed_summary(pixel_size_nm: float | None, edge_rule: str) -> None:
+    """Empty frames take a cached summary: equal to the one computed, with their own shape and pixel size."""
+    from nanoseg.particle_stats import _frame_summary
+
+    for shape, od in (((128, 128), True), ((7, 300), False), ((128, 128), True), ((7, 300), True)):
+        table = particle_table(np.zeros((0, *shape), bool), np.zeros(shape, np.float32) if od else None, pixel_size_nm)
+        got = frame_summary(table, edge_rule)  # type: ignore[arg-type]
+        assert got == _frame_summary(table, edge_rule, 1000, 0, 0.05)  # type: ignore[arg-type]
+        assert got.frame_shape == shape and got.pixel_size_nm == pixel_size_nm and got.count == 0
