@@ -25,7 +25,16 @@ against the daemon's throughput:
 1. engine only: ``engine.infer`` on the frame's prepared model input, in a loop; and model only:
    ``daemon.pipeline.analyse_frame`` (prepare, inference, post-processing, statistics);
 2. unloaded: one frame at a time; latency = summary received - frame sent;
-3. saturated: ``--frames`` frames pushed as fast as the daemon takes them.
+3. saturated: ``--frames`` frames pushed as fast as the daemon takes them;
+4. offered (``--offered F``): ``--frames`` frames paced at F times the saturated rate (its
+   frames over the time from the first sent to the last summary back), latency
+   (p50, p95, p99) from each frame's timestamp to its summary's publication.
+
+Each at every ``--sizes`` side (default 512; frames cropped or tiled from the 512 x 512 one).
+On a lent GPU, the issue's end-to-end check is one command::
+
+    python benchmarks/bench_daemon.py --engine torch --device cuda --sizes 128 512 \
+        --frames 3000 --model-only 50 --offered 0.5 --out daemon_gpu.json
 
 The daemon's mean time per stage (prepare, infer, postprocess, stats) comes from its metrics;
 the statistics' share is stats / their sum. Nothing may be dropped or fail: the script checks
@@ -84,6 +93,7 @@ def test_frame(size: int, base: np.ndarray) -> np.ndarray:
 def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | None) -> Service:
     overrides = {
         "model.path": str(args.model), "model.engine": args.engine, "model.threads": str(args.threads),
+        "model.device": args.device,
         "store.state_dir": str(state), "ingest.raw.enabled": "true", "ingest.raw.bind": "tcp://127.0.0.1:*",
         "queue.policy": "block", "queue.size": str(args.queue_size), "queue.block_timeout_s": "600",
         "batching.max_batch": str(args.max_batch), "batching.max_wait_ms": str(args.max_wait_ms),
@@ -363,19 +373,20 @@ def model_only(svc: Service, frames: list[np.ndarray], n: int) -> tuple[list[flo
     return engine_s, model_s
 
 
-def unloaded(client: Client, frames: list[np.ndarray], n: int, timeout_s: float) -> list[float]:
+def unloaded(client: Client, frames: list[np.ndarray], n: int, timeout_s: float, run: str = "unloaded") -> list[float]:
     out = []
     for k in range(n):
-        sent = client.send(k, frames[k % len(frames)], "unloaded")
+        sent = client.send(k, frames[k % len(frames)], run)
         _summary, received = client.receive(timeout_s)
         out.append(received - sent)
     return out
 
 
-def saturated(client: Client, frames: list[np.ndarray], n: int, timeout_s: float) -> dict[str, Any]:
+def saturated(client: Client, frames: list[np.ndarray], n: int, timeout_s: float,
+              run: str = "saturated") -> dict[str, Any]:
     def sender() -> None:
         for k in range(n):
-            client.send(k, frames[k % len(frames)], "saturated")
+            client.send(k, frames[k % len(frames)], run)
 
     t_start = time.time()
     thread = threading.Thread(target=sender, daemon=True)
@@ -391,34 +402,65 @@ def saturated(client: Client, frames: list[np.ndarray], n: int, timeout_s: float
             "latency": summarise(latencies)}
 
 
+def offered(client: Client, frames: list[np.ndarray], n: int, rate: float, timeout_s: float,
+            run: str = "offered") -> dict[str, Any]:
+    """``n`` frames sent at ``rate`` frames/s (paced, not in bursts); latency from each frame's
+    timestamp to its summary's ``published_at``."""
+    def sender() -> None:
+        t0 = time.monotonic()
+        for k in range(n):
+            time.sleep(max(0.0, t0 + k / rate - time.monotonic()))
+            client.send(k, frames[k % len(frames)], run)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    received = [client.receive(timeout_s) for _ in range(n)]
+    thread.join()
+    span = received[-1][1] - received[0][1]
+    return {"frames": n, "offered_frames_per_second": rate,
+            "delivered_frames_per_second": (n - 1) / span if span > 0 else 0.0,
+            "latency": summarise([s["published_at"] - s["timestamp"] for s, _ in received])}
+
+
 def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    frames = [synthetic_frame(11, i).counts for i in range(4)]
+    """Per frame size: engine only and model only, the daemon one frame at a time, saturated,
+    and (``--offered F``) paced at F x its saturated rate."""
+    results["runs"] = []
     with tempfile.TemporaryDirectory(prefix="bench_daemon_") as state:
         svc = start_service(Path(state), args, None)
         client = Client(svc)
         try:
-            eo, mo = model_only(svc, frames, args.model_only)
-            ul = unloaded(client, frames, args.unloaded, args.timeout)
-            sat = saturated(client, frames, args.frames, args.timeout)
-            _wait_processed(svc, total(svc, "nanoseg_frames_received_total"), 10)
-            stage_means = {st: 1000 * sample(svc, "nanoseg_stage_seconds_sum", stage=st)
-                           / max(sample(svc, "nanoseg_stage_seconds_count", stage=st), 1)
-                           for st in STAGES}
+            for size in args.sizes:
+                frames = [test_frame(size, synthetic_frame(11, i).counts) for i in range(4)]
+                before = stage_sums(svc)
+                eo, mo = model_only(svc, frames, args.model_only)
+                ul = unloaded(client, frames, args.unloaded, args.timeout, f"unloaded-{size}")  # a run per size:
+                sat = saturated(client, frames, args.frames, args.timeout, f"saturated-{size}")  # new frame uids
+                _wait_processed(svc, total(svc, "nanoseg_frames_received_total"), 10)
+                after = stage_sums(svc)
+                stage_means = {st: 1000 * (after[st][0] - before[st][0]) / max(after[st][1] - before[st][1], 1)
+                               for st in STAGES}
+                eo_s, mo_s, ul_s = summarise(eo), summarise(mo), summarise(ul)
+                engine_fps, model_fps = 1000 / eo_s["median_ms"], 1000 / mo_s["median_ms"]
+                run: dict[str, Any] = {
+                    "size": size,
+                    "engine_only": eo_s | {"frames_per_second": engine_fps},
+                    "model_only": mo_s | {"frames_per_second": model_fps},
+                    "unloaded_latency": ul_s, "saturated": sat,
+                    "throughput_ratio_daemon_over_engine_only": sat["steady_frames_per_second"] / engine_fps,
+                    "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
+                    "daemon_stage_mean_ms": stage_means,
+                    "statistics_share_of_frame": stage_means["stats"] / max(sum(stage_means.values()), 1e-9),
+                }
+                if args.offered:
+                    rate = args.offered * sat["overall_frames_per_second"]  # first sent to last back:
+                    # the steady rate reads high over a few frames that come back in batches
+                    run["offered"] = offered(client, frames, args.frames, rate, args.timeout, f"offered-{size}")
+                results["runs"].append(run)
             results["counters"] = counters(svc)
         finally:
             client.close()
             results["stopped_cleanly"] = svc.stop()
-    eo_s, mo_s, ul_s = summarise(eo), summarise(mo), summarise(ul)
-    engine_fps, model_fps = 1000 / eo_s["median_ms"], 1000 / mo_s["median_ms"]
-    results.update({
-        "engine_only": eo_s | {"frames_per_second": engine_fps},
-        "model_only": mo_s | {"frames_per_second": model_fps},
-        "unloaded_latency": ul_s, "saturated": sat,
-        "throughput_ratio_daemon_over_engine_only": sat["steady_frames_per_second"] / engine_fps,
-        "throughput_ratio_daemon_over_model_only": sat["steady_frames_per_second"] / model_fps,
-        "daemon_stage_mean_ms": stage_means,
-        "statistics_share_of_frame": stage_means["stats"] / max(sum(stage_means.values()), 1e-9),
-    })
 
 
 STAGES = ("prepare", "infer", "postprocess", "stats")
@@ -448,11 +490,15 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="model.device: cpu, cuda or cuda:N")
     ap.add_argument("--null-detections", type=int, default=6,
                     help="null engine: rods per model input, 0-6 (0: the path without per-particle work)")
     ap.add_argument("--frames", type=int, default=30,
                     help="frames per saturated run (null engine: at 512^2 and below; fewer at 2048^2)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048], help="null engine: frame sides, px")
+    ap.add_argument("--sizes", type=int, nargs="+",
+                    help="frame sides, px (default: 128 512 2048 with the null engine, 512 with a model)")
+    ap.add_argument("--offered", type=float, default=0.0,
+                    help="a model: also send --frames frames paced at this fraction of the saturated rate (latency)")
     ap.add_argument("--inputs", nargs="+", default=["raw", "bluesky"], choices=["raw", "bluesky"])
     ap.add_argument("--unloaded", type=int, default=5, help="frames sent one at a time")
     ap.add_argument("--model-only", type=int, default=10, help="frames through the engine and analyse_frame alone")
@@ -462,6 +508,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one summary")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    if args.sizes is None:
+        args.sizes = [128, 512, 2048] if args.engine == "null" else [512]
     if not args.model.exists():
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
@@ -469,7 +517,7 @@ def main() -> None:
                                "threads": args.threads, "queue_size": args.queue_size,
                                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
     engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
-    print(f"model {args.model} ({results['model']['name']}), engine {engine}, {args.threads} threads, batching "
+    print(f"model {args.model} ({results['model']['name']}), engine {engine} on {args.device}, {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
           f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}", flush=True)
     if args.engine == "null":
@@ -491,19 +539,25 @@ def report(r: dict[str, Any]) -> None:
                       *x["stage_mean_ms"].values()]
                      for x in r["ingest"]])
         print(f"\nmean frames per engine batch: {r['batch_size_mean']:.2f}")
-    else:
-        eo, mo, ul, sat = r["engine_only"], r["model_only"], r["unloaded_latency"], r["saturated"]
-        print_table("frames per second and latency per frame", ["measurement", "frames/s", "p50 ms", "p95 ms", "n"], [
-            ["engine only (engine.infer)", eo["frames_per_second"], eo["median_ms"], eo["p95_ms"], eo["n"]],
-            ["model only (analyse_frame)", mo["frames_per_second"], mo["median_ms"], mo["p95_ms"], mo["n"]],
-            ["daemon, one frame at a time", 1000 / ul["median_ms"], ul["median_ms"], ul["p95_ms"], ul["n"]],
+    for run in r.get("runs", []):
+        eo, mo, ul, sat = run["engine_only"], run["model_only"], run["unloaded_latency"], run["saturated"]
+        rows = [
+            ["engine only (engine.infer)", eo["frames_per_second"], eo["median_ms"], eo["p95_ms"], eo["p99_ms"], eo["n"]],
+            ["model only (analyse_frame)", mo["frames_per_second"], mo["median_ms"], mo["p95_ms"], mo["p99_ms"], mo["n"]],
+            ["daemon, one frame at a time", 1000 / ul["median_ms"], ul["median_ms"], ul["p95_ms"], ul["p99_ms"], ul["n"]],
             ["daemon, saturated (block)", sat["steady_frames_per_second"], sat["latency"]["median_ms"],
-             sat["latency"]["p95_ms"], sat["frames"]],
-        ])
-        print(f"\nthroughput daemon / engine only: {r['throughput_ratio_daemon_over_engine_only']:.3f}; "
-              f"daemon / model only: {r['throughput_ratio_daemon_over_model_only']:.3f}")
-        print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in r["daemon_stage_mean_ms"].items())
-              + f"; statistics (table and summary) {100 * r['statistics_share_of_frame']:.1f} % of the frame's time")
+             sat["latency"]["p95_ms"], sat["latency"]["p99_ms"], sat["frames"]],
+        ]
+        if "offered" in run:
+            o = run["offered"]
+            rows.append([f"daemon, offered {o['offered_frames_per_second']:.1f} frames/s", o["delivered_frames_per_second"],
+                         o["latency"]["median_ms"], o["latency"]["p95_ms"], o["latency"]["p99_ms"], o["frames"]])
+        print_table(f"{run['size']}^2 frames: frames per second and latency per frame",
+                    ["measurement", "frames/s", "p50 ms", "p95 ms", "p99 ms", "n"], rows)
+        print(f"\nthroughput daemon / engine only: {run['throughput_ratio_daemon_over_engine_only']:.3f}; "
+              f"daemon / model only: {run['throughput_ratio_daemon_over_model_only']:.3f}")
+        print("daemon stage means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in run["daemon_stage_mean_ms"].items())
+              + f"; statistics (table and summary) {100 * run['statistics_share_of_frame']:.1f} % of the frame's time")
     c = r["counters"]
     print(f"counters: received {c['received']:.0f}, processed {c['processed']:.0f}, dropped {c['dropped']:.0f}, "
           f"failed {c['failed']:.0f}; clean stop: {r['stopped_cleanly']}")

@@ -11,36 +11,22 @@
 # The schedule must end inside the budget (the learning-rate steps are fractions of max_iter), so
 # a 60-iteration calibration run measures the seconds per iteration first and max_iter is set to
 # fit. Works in an environment that has torch/torchvision but not nanoseg installed (a lent GPU
-# machine): wheels in .whl/ are installed to /tmp/site and the packages are put on PYTHONPATH.
+# machine): see scripts/device_env.sh (wheels from scripts/device_wheels.sh in .whl/).
 # OUT_DIR gets: model.pt (float16 nanoseg checkpoint, split in <16 MB parts when SPLIT=1),
 # config.yaml and metrics.csv of the run, eval.json, gpu_check.json, log.txt.
 set -uo pipefail
 out=${1:?usage: gpu_train.sh OUT_DIR [TRAIN_SECONDS]}
 budget=${2:-420}
-repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
-export NANOSEG_CACHE=${NANOSEG_CACHE:-/tmp/nanoseg-cache} PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+# shellcheck source=scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
 # ROI heads see a different number of boxes every iteration: let the allocator grow segments.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-py=${PYTHON:-python3}
 t0=$(date +%s)
 stamp() { echo "[gpu_train +$(( $(date +%s) - t0 ))s] $*"; }
 
 config=${CONFIG:-$repo/configs/training/gpu_default.yaml}
-if [ -n "${FORCE_PATHS:-}" ] || ! $py -c "import nanoseg_training" 2>/dev/null; then
-    if [ -d "$repo/.whl" ] && [ -z "${NO_WHEELS:-}" ]; then
-        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$repo"/.whl/*.whl || exit 1
-        export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-    fi
-    mkdir -p /tmp/pkgs
-    ln -sfn "$repo/nanoseg" /tmp/pkgs/nanoseg
-    ln -sfn "$repo/offline_training" /tmp/pkgs/nanoseg_training
-    ln -sfn "$repo/daemon" /tmp/pkgs/nanoseg_daemon
-    ln -sfn "$repo/simulator" /tmp/pkgs/nanoseg_sim
-    export PYTHONPATH=/tmp/pkgs:$repo:${PYTHONPATH:-}
-fi
-nanoseg() { $py -m nanoseg.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The daemon on a lent GPU, end to end, with the shipped model (issue "Throughput at the edge"):
+# the CUDA engines against the CPU on 20 test frames (mask IoU) and their speed
+# (benchmarks/gpu_check.py), then the daemon over raw frames at 128² and 512² with the torch
+# engine on the device: engine only, saturated frames/s, and p50/p95/p99 latency at half the
+# saturated rate (benchmarks/bench_daemon.py). About 6 minutes on an H200.
+#
+#   bash scripts/device_wheels.sh            # here, before: the wheels the machine lacks, in .whl/
+#   bash scripts/gpu_daemon_check.sh OUT_DIR [DEVICE]     # on the lent machine (DEVICE: cuda)
+#
+# OUT_DIR gets gpu_check.json, daemon_gpu.json and log.txt. DEVICE=cpu is a dry run (fewer frames).
+set -uo pipefail
+out=${1:?usage: gpu_daemon_check.sh OUT_DIR [DEVICE]}
+device=${2:-cuda}
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+# shellcheck source=scripts/device_env.sh
+source "$(dirname "$0")/device_env.sh"
+t0=$(date +%s)
+stamp() { echo "[gpu_daemon_check +$(( $(date +%s) - t0 ))s] $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+model=${MODEL:-$repo/models/default/model.pt}
+frames=3000 model_only=50 repeats=30
+[ "$device" = cpu ] && { frames=12; model_only=3; repeats=2; }
+
+test_set=$NANOSEG_CACHE/data/paper-test-s2-n20
+stamp "generate 20 test frames"
+[ -f "$test_set/annotations.json" ] || nanoseg generate paper --count 20 --seed 2 --quiet --out "$test_set" || exit 1
+stamp "engines: agreement with the CPU and speed"
+$py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --device "$device" \
+    --repeats "$repeats" --out "$out/gpu_check.json"
+stamp "daemon end to end"
+$py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 512 \
+    --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 --out "$out/daemon_gpu.json"
+stamp "done"
