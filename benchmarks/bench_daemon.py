@@ -97,6 +97,7 @@ def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | 
         "store.state_dir": str(state), "ingest.raw.enabled": "true", "ingest.raw.bind": "tcp://127.0.0.1:*",
         "queue.policy": "block", "queue.size": str(args.queue_size), "queue.block_timeout_s": "600",
         "batching.max_batch": str(args.max_batch), "batching.max_wait_ms": str(args.max_wait_ms),
+        "batching.pack_small_frames": str(args.pack).lower(),
         "publish.bluesky.bind": "true", "publish.bluesky.address": "tcp://127.0.0.1:*",
         "publish.summary.address": "tcp://127.0.0.1:*", "publish.send_hwm": "100000",
         "control.address": "tcp://127.0.0.1:*", "metrics.port": "0", "log.level": "warning",
@@ -505,6 +506,7 @@ def main() -> None:
     ap.add_argument("--queue-size", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=8, help="batching.max_batch")
     ap.add_argument("--max-wait-ms", type=float, default=2.0, help="batching.max_wait_ms")
+    ap.add_argument("--pack", action="store_true", help="batching.pack_small_frames: small frames share model inputs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one summary")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
@@ -515,7 +517,7 @@ def main() -> None:
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
                                "null_detections": args.null_detections if args.engine == "null" else None,
                                "threads": args.threads, "queue_size": args.queue_size,
-                               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
+                               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "pack": args.pack}
     engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
     print(f"model {args.model} ({results['model']['name']}), engine {engine} on {args.device}, {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "

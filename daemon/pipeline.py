@@ -191,13 +191,19 @@ class Detected:
     seconds: float  # the frame's share of the engine's time on its batch, s
 
 
-def detect_batch(batch: Sequence[Prepared]) -> list[Detected | Exception]:
-    """The engine once on the tiles of frames prepared for one model (``Segmenter.detect_frames``):
-    per frame, in order, its detections, or the exception it raised. When the engine fails on
-    the batch, each frame runs alone, so a bad frame fails alone."""
+def detect_batch(batch: Sequence[Prepared], pack_gap_px: int | None = None) -> list[Detected | Exception]:
+    """The engine once on the tiles of frames prepared for one model (``Segmenter.detect_frames``;
+    with ``pack_gap_px``, small frames packed several to a model input, ``detect_packed``): per
+    frame, in order, its detections, or the exception it raised. When the engine fails on the
+    batch, each frame runs alone, so a bad frame fails alone."""
     t0 = time.perf_counter()
+    segmenter = batch[0].model.segmenter
     try:
-        raws = batch[0].model.segmenter.detect_frames([p.frame.tiles for p in batch])
+        if pack_gap_px is None or len(batch) == 1:
+            raws = segmenter.detect_frames([p.frame.tiles for p in batch])
+        else:
+            raws = segmenter.detect_packed([p.frame.tiles for p in batch], [p.frame.model_shape for p in batch],
+                                           pack_gap_px)
     except Exception as err:
         if len(batch) == 1:
             return [err]
@@ -384,7 +390,8 @@ class Stages:
             if pending:
                 batch = self._gather(pending)
                 self.cb.batched(len(batch))
-                for p, d in zip(batch, detect_batch(batch)):
+                gap = self.batching.pack_gap_px if self.batching.pack_small_frames else None
+                for p, d in zip(batch, detect_batch(batch, gap)):
                     if isinstance(d, Detected):
                         out.append(d)
                     else:

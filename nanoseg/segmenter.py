@@ -23,6 +23,7 @@ from nanoseg.frame_profile import FrameProfile
 from nanoseg.input_spec import FrameMode, InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
+from nanoseg.mosaic import pack_mosaic, plan_mosaics, split_detections
 from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_summary, particle_table
 from nanoseg.postprocess import (
     PostprocessConfig,
@@ -115,6 +116,40 @@ class Segmenter:
         for frame in tiles:
             out.append(raw[k: k + len(frame)])
             k += len(frame)
+        return out
+
+    def detect_packed(self, tiles: Sequence[np.ndarray], shapes: Sequence[tuple[int, int] | None],
+                      gap: int) -> list[list[RawDetections]]:
+        """``detect_frames``, with the frames small enough packed several to a model input
+        (``nanoseg.mosaic``): the network runs once per mosaic instead of once per frame.
+
+        Parameters
+        ----------
+        tiles : sequence of ndarray
+            Per frame, its tiles ((T_i, size, size), padded at the bottom and right).
+        shapes : sequence of (int, int) or None
+            Per frame, its content's (height, width) at model scale, px, when it is one tile;
+            None for a frame of several tiles (it runs alone).
+        gap : int
+            Padding kept right of and below each packed frame, px.
+
+        Returns
+        -------
+        list of list of RawDetections
+            Per frame, one per tile (a packed frame: its share of the mosaic's detections, in
+            its own tile's coordinates).
+        """
+        mosaics = plan_mosaics([s if len(t) == 1 else None for t, s in zip(tiles, shapes)], self.spec.size, gap)
+        packed = {i for m in mosaics for i in m.frames}
+        alone = [i for i in range(len(tiles)) if i not in packed]
+        inputs = [tiles[i] for i in alone] + [pack_mosaic(m, [tiles[i][0] for i in m.frames])[None] for m in mosaics]
+        raws = self.detect_frames(inputs)
+        out: list[list[RawDetections]] = [[] for _ in tiles]
+        for i, raw in zip(alone, raws):
+            out[i] = raw
+        for m, raw in zip(mosaics, raws[len(alone):]):
+            for i, det in zip(m.frames, split_detections(m, raw[0])):
+                out[i] = [det]
         return out
 
     def prepare(self, frame: ArrayLike, profile: FrameProfile, *, flat_field: ArrayLike | None = None,

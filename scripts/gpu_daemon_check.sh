@@ -8,7 +8,7 @@
 #   bash scripts/device_wheels.sh            # here, before: the wheels the machine lacks, in .whl/
 #   bash scripts/gpu_daemon_check.sh OUT_DIR [DEVICE]     # on the lent machine (DEVICE: cuda)
 #
-# OUT_DIR gets gpu_check.json, daemon_gpu.json and log.txt. DEVICE=cpu is a dry run (fewer frames).
+# OUT_DIR gets gpu_check.json, daemon_gpu.json, daemon_gpu_packed.json and log.txt. DEVICE=cpu is a dry run (fewer frames).
 set -uo pipefail
 out=${1:?usage: gpu_daemon_check.sh OUT_DIR [DEVICE]}
 device=${2:-cuda}
@@ -32,4 +32,8 @@ $py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --dev
 stamp "daemon end to end"
 $py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 512 \
     --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 --out "$out/daemon_gpu.json"
+stamp "daemon end to end, 128² frames packed 4 to a model input"
+$py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 --pack \
+    --max-batch 16 --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 \
+    --out "$out/daemon_gpu_packed.json"
 stamp "done"

@@ -99,3 +99,31 @@ def test_a_frame_the_engine_fails_on_fails_alone(tmp_path: Path, trained_model_p
     finally:
         svc.stop()
 
+
+
+def test_small_frames_packed_several_to_a_model_input_each_get_their_result(tmp_path: Path,
+                                                                            trained_model_path: Path) -> None:
+    """``batching.pack_small_frames``: 128 x 128 frames share the engine's inputs; every frame
+    gets its own result, in order, with about the particles it gets alone."""
+    small = [np.ascontiguousarray(f[:128, :128]) for f in FRAMES] * 2
+    counts = {}
+    for pack in (False, True):
+        svc = start_service(tmp_path / f"pack-{pack}", trained_model_path, **{
+            "batching.max_batch": 16, "batching.max_wait_ms": 500, "batching.pack_small_frames": str(pack).lower()})
+        client = Client(svc)
+        try:
+            assert control_request(svc.control.address, {"command": "pause"})["ok"]
+            for i, f in enumerate(small):
+                client.send([raw_header(i, f, run="p", pixel_size_nm=8.0, i0=DOSE), f.tobytes()])
+            deadline = time.monotonic() + 10
+            while sample(svc, "nanoseg_frames_received_total") < len(small) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert control_request(svc.control.address, {"command": "resume"})["ok"]
+            summaries = list(client.summaries(len(small), timeout_s=120))
+        finally:
+            client.close()
+            assert svc.stop()
+        assert [s["seq_num"] for s in summaries] == list(range(1, len(small) + 1))
+        counts[pack] = [s["count"] for s in summaries]
+    assert sum(counts[False]) > 0
+    assert sum(abs(a - b) for a, b in zip(counts[False], counts[True])) <= 2, counts
