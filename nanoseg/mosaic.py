@@ -31,7 +31,18 @@ class Mosaic:
     size: int
 
     def origin(self, slot: int) -> tuple[int, int]:
-        """(y0, x0) of the ``slot``-th cell's top-left, model px."""
+        """Where a cell starts.
+
+        Parameters
+        ----------
+        slot : int
+            The cell's place in row-major order (the ``slot``-th frame of ``frames``).
+
+        Returns
+        -------
+        (int, int)
+            (y0, x0) of the cell's top-left, model px.
+        """
         return (slot // self.k) * self.cell, (slot % self.k) * self.cell
 
 

@@ -19,6 +19,7 @@ NUMPYDOC_MODULES = [
     "nanoseg/checkpoint.py",
     "nanoseg/config_io.py",
     "nanoseg/detectron2_compat.py",
+    "nanoseg/mosaic.py",
     "nanoseg/engines/__init__.py",
     "nanoseg/engines/detection_core.py",
     "nanoseg/engines/onnx_engine.py",
