@@ -33,25 +33,33 @@ def sample(svc: Service, name: str) -> float:
     return svc.metrics.registry.get_sample_value(name) or 0.0
 
 
-def run_frames(state: Path, model: Path, max_batch: int) -> tuple[list[dict[str, Any]], list[Any], Service]:
-    """Pause, queue every frame (and a bad one), resume: the summaries, the stored rows, the service."""
-    svc = start_service(state, model, **{"batching.max_batch": max_batch, "batching.max_wait_ms": 500})
+def queued_then_analysed(svc: Service, frames: list[np.ndarray], run: str,
+                         bad_after: int | None = None) -> list[dict[str, Any]]:
+    """Pause, queue every frame (and, after frame ``bad_after``, one without signal), resume: the
+    good frames' summaries. Stops the service."""
     client = Client(svc)
     try:
         assert control_request(svc.control.address, {"command": "pause"})["ok"]
-        for i, f in enumerate(FRAMES):
-            client.send([raw_header(i, f, run="b", pixel_size_nm=8.0, i0=DOSE), f.tobytes()])
-            if i == 2:  # a frame without signal (all zero counts): counted as failed, the others go on
+        for i, f in enumerate(frames):
+            client.send([raw_header(i, f, run=run, pixel_size_nm=8.0, i0=DOSE), f.tobytes()])
+            if i == bad_after:  # a frame without signal (all zero counts): counted as failed, the others go on
                 dark = np.zeros((64, 64), np.uint16)
-                client.send([raw_header("dark", dark, run="b", pixel_size_nm=8.0, i0=DOSE), dark.tobytes()])
+                client.send([raw_header("dark", dark, run=run, pixel_size_nm=8.0, i0=DOSE), dark.tobytes()])
+        queued = len(frames) + (bad_after is not None)
         deadline = time.monotonic() + 10
-        while sample(svc, "nanoseg_frames_received_total") < len(FRAMES) + 1 and time.monotonic() < deadline:
+        while sample(svc, "nanoseg_frames_received_total") < queued and time.monotonic() < deadline:
             time.sleep(0.05)
         assert control_request(svc.control.address, {"command": "resume"})["ok"]
-        summaries = list(client.summaries(len(FRAMES), timeout_s=120))
+        return list(client.summaries(len(frames), timeout_s=120))
     finally:
         client.close()
         assert svc.stop()
+
+
+def run_frames(state: Path, model: Path, max_batch: int) -> tuple[list[dict[str, Any]], list[Any], Service]:
+    """The frames and a bad one, batched up to ``max_batch``: the summaries, the stored rows, the service."""
+    svc = start_service(state, model, **{"batching.max_batch": max_batch, "batching.max_wait_ms": 500})
+    summaries = queued_then_analysed(svc, FRAMES, "b", bad_after=2)
     return summaries, ResultReader(default_path(state)).particles("raw:detector:b"), svc
 
 
@@ -110,20 +118,17 @@ def test_small_frames_packed_several_to_a_model_input_each_get_their_result(tmp_
     for pack in (False, True):
         svc = start_service(tmp_path / f"pack-{pack}", trained_model_path, **{
             "batching.max_batch": 16, "batching.max_wait_ms": 500, "batching.pack_small_frames": str(pack).lower()})
-        client = Client(svc)
-        try:
-            assert control_request(svc.control.address, {"command": "pause"})["ok"]
-            for i, f in enumerate(small):
-                client.send([raw_header(i, f, run="p", pixel_size_nm=8.0, i0=DOSE), f.tobytes()])
-            deadline = time.monotonic() + 10
-            while sample(svc, "nanoseg_frames_received_total") < len(small) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert control_request(svc.control.address, {"command": "resume"})["ok"]
-            summaries = list(client.summaries(len(small), timeout_s=120))
-        finally:
-            client.close()
-            assert svc.stop()
+        engine = svc.slot.current.segmenter.engine
+        infer, inputs = engine.infer, []
+
+        def counted(batch: np.ndarray, infer: Any = infer, inputs: list[int] = inputs) -> Any:
+            inputs.append(len(batch))
+            return infer(batch)
+
+        engine.infer = counted  # type: ignore[method-assign]
+        summaries = queued_then_analysed(svc, small, "p")
         assert [s["seq_num"] for s in summaries] == list(range(1, len(small) + 1))
         counts[pack] = [s["count"] for s in summaries]
+        assert sum(inputs) == (3 if pack else 10)  # 128 px frames with a 64 px gap: 4 to an input
     assert sum(counts[False]) > 0
     assert sum(abs(a - b) for a, b in zip(counts[False], counts[True])) <= 2, counts
