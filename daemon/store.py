@@ -395,6 +395,8 @@ class ResultStore(ResultReader):
         Returns, per frame, False where its ``frame_uid`` was already stored (nothing of it
         written). Raises StoreError with nothing of any of them stored.
         """
+        if not results:
+            return []
         now = time.time()
         todo = [(r, particle_rows(r, None if rles is None else rles[i]),
                  (r.frame_uid, r.run_uid, r.seq_num, r.timestamp, now, r.model_version, len(r.table), r.summary_json,

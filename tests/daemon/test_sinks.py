@@ -171,6 +171,7 @@ def test_frames_that_come_together_are_stored_in_one_commit_before_any_is_publis
     assert commits[2] == "add_frame r/1 (+2)"  # one transaction for the three frames
     assert value(m, "nanoseg_frames_dropped_total", reason="duplicate") == 1
     assert chain.processed == 3 and [p["frame_uid"] for p in store.particles("r")] == ["r/1"] + ["r/3"] * 3
+    assert store.add_frames([]) == []
 
 
 class GroupRecorder(Recorder):
