@@ -34,7 +34,7 @@ Each at every ``--sizes`` side (default 512; frames cropped or tiled from the 51
 On a lent GPU, the issue's end-to-end check is one command::
 
     python benchmarks/bench_daemon.py --engine torch --device cuda --sizes 128 512 \
-        --frames 3000 --model-only 50 --offered 0.5 --out daemon_gpu.json
+        --frames 2000 --model-only 50 --offered 0.5 --out daemon_gpu.json
 
 The daemon's mean time per stage (prepare, infer, postprocess, stats) comes from its metrics;
 the statistics' share is stats / their sum. Nothing may be dropped or fail: the script checks

@@ -3,7 +3,8 @@
 # the CUDA engines against the CPU on 20 test frames (mask IoU) and their speed
 # (benchmarks/gpu_check.py), then the daemon over raw frames at 128² and 512² with the torch
 # engine on the device: engine only, saturated frames/s, and p50/p95/p99 latency at half the
-# saturated rate (benchmarks/bench_daemon.py). About 6 minutes on an H200.
+# saturated rate (benchmarks/bench_daemon.py); 128² again with frames packed 4 to a model input.
+# Estimated 6-8 minutes on an H200 (not yet run on one).
 #
 #   bash scripts/device_wheels.sh            # here, before: the wheels the machine lacks, in .whl/
 #   bash scripts/gpu_daemon_check.sh OUT_DIR [DEVICE]     # on the lent machine (DEVICE: cuda)
@@ -20,7 +21,7 @@ t0=$(date +%s)
 stamp() { echo "[gpu_daemon_check +$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 model=${MODEL:-$repo/models/default/model.pt}
-frames=3000 model_only=50 repeats=30
+frames=2000 model_only=50 repeats=30
 [ "$device" = cpu ] && { frames=12; model_only=3; repeats=2; }
 
 test_set=$NANOSEG_CACHE/data/paper-test-s2-n20
