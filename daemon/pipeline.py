@@ -199,7 +199,7 @@ def detect_batch(batch: Sequence[Prepared], pack_gap_px: int | None = None) -> l
     t0 = time.perf_counter()
     segmenter = batch[0].model.segmenter
     try:
-        if pack_gap_px is None or len(batch) == 1:
+        if pack_gap_px is None:
             raws = segmenter.detect_frames([p.frame.tiles for p in batch])
         else:
             raws = segmenter.detect_packed([p.frame.tiles for p in batch], [p.frame.model_shape for p in batch],

@@ -117,10 +117,6 @@ def _store_error(err: sqlite3.Error, what: str) -> StoreError:
     return StoreError(reason, f"{what}: {err} ({name or type(err).__name__})")
 
 
-def _json(obj: Any) -> str:
-    return json_text(obj)
-
-
 def _run_metadata(ev: RunStarted) -> dict[str, Any]:
     m = ev.metadata
     return {
@@ -163,7 +159,7 @@ def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> lis
     for i in range(len(inst)):
         values = [None if c is None else json_safe(c[i].item()) for c in cols]
         box = [float(v) for v in inst.boxes[i]]
-        rows.append((result.frame_uid, i, float(inst.scores[i]), *box, *values, _json(rles[i])))
+        rows.append((result.frame_uid, i, float(inst.scores[i]), *box, *values, json_text(rles[i])))
     return rows
 
 
@@ -375,7 +371,7 @@ class ResultStore(ResultReader):
                 """INSERT INTO runs (run_uid, started_at, metadata, model_version) VALUES (?, ?, ?, ?)
                    ON CONFLICT(run_uid) DO UPDATE SET started_at = MIN(started_at, excluded.started_at),
                    metadata = excluded.metadata, model_version = excluded.model_version""",
-                (ev.run_uid, ev.time, _json(_run_metadata(ev)), model_version),
+                (ev.run_uid, ev.time, json_text(_run_metadata(ev)), model_version),
             )
 
     def add_frame(self, result: FrameResult, rles: Sequence[RLE] | None = None) -> bool:
@@ -400,7 +396,7 @@ class ResultStore(ResultReader):
         now = time.time()
         todo = [(r, particle_rows(r, None if rles is None else rles[i]),
                  (r.frame_uid, r.run_uid, r.seq_num, r.timestamp, now, r.model_version, len(r.table), r.summary_json,
-                  _json(r.invalid_pixels), _json(r.timings), _json(r.metadata)))
+                  json_text(r.invalid_pixels), json_text(r.timings), json_text(r.metadata)))
                 for i, r in enumerate(results)]  # fmt: skip
         added: list[bool] = []
         what = f"add_frame {results[0].frame_uid}" + (f" (+{len(results) - 1})" if len(results) > 1 else "")
@@ -440,7 +436,7 @@ class ResultStore(ResultReader):
         uid = str(start_doc["uid"])
         with self._write(f"run_opened {uid}") as conn:
             conn.execute("INSERT INTO open_runs (run_uid, start_doc) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                         (uid, _json(start_doc)))
+                         (uid, json_text(start_doc)))
 
     def descriptor_added(self, run_uid: str, descriptor: dict[str, Any]) -> None:
         """Add a descriptor to an open run (a run not recorded open is left alone)."""
@@ -449,13 +445,13 @@ class ResultStore(ResultReader):
                 """UPDATE open_runs SET descriptors = json_insert(descriptors, '$[#]', json(?))
                    WHERE run_uid = ? AND NOT EXISTS (SELECT 1 FROM json_each(descriptors) d
                                                     WHERE json_extract(d.value, '$.uid') = ?)""",
-                (_json(descriptor), run_uid, descriptor["uid"]))
+                (json_text(descriptor), run_uid, descriptor["uid"]))
 
     def analysis_opened(self, run_uid: str, analysis_start: dict[str, Any], descriptor_uid: str) -> None:
         """Record the analysis run published for an open raw run (to continue it after a restart)."""
         with self._write(f"analysis_opened {run_uid}") as conn:
             conn.execute("UPDATE open_runs SET analysis_start = ?, analysis_descriptor_uid = ? WHERE run_uid = ?",
-                         (_json(analysis_start), descriptor_uid, run_uid))
+                         (json_text(analysis_start), descriptor_uid, run_uid))
 
     def close(self) -> None:
         """Close the writer connection (SQLite checkpoints the WAL into the main file)."""

@@ -220,7 +220,7 @@ def prepare_frame(
 def _check_sample(arr: np.ndarray) -> np.ndarray:
     """The finite values of a regular subsample of at most ~16 000 pixels, for ``check_input``
     (cheap on large frames; integer frames keep their dtype). Raises FrameError as
-    ``as_frame``, or ``non_finite``."""
+    ``validate_frame``, or ``non_finite``."""
     validate_frame(arr)
     step = max(1, math.ceil(math.sqrt(arr.size / 16384)))
     sample = arr[::step, ::step]
