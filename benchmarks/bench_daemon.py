@@ -486,7 +486,8 @@ def counters(svc: Service) -> dict[str, float]:
     return {name: total(svc, f"nanoseg_frames_{name}_total") for name in ("received", "processed", "dropped", "failed")}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """This benchmark's options; ``service_args`` takes their defaults for other scripts."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
@@ -509,7 +510,21 @@ def main() -> None:
     ap.add_argument("--pack", action="store_true", help="batching.pack_small_frames: small frames share model inputs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one summary")
     ap.add_argument("--out", help="write the results as JSON here")
-    args = ap.parse_args()
+    return ap
+
+
+def service_args(**changes: Any) -> argparse.Namespace:
+    """The options ``start_service`` reads, at this benchmark's defaults but for ``changes``."""
+    args = parser().parse_args([])
+    for key, value in changes.items():
+        if not hasattr(args, key):
+            raise AttributeError(f"bench_daemon has no option {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.sizes is None:
         args.sizes = [128, 512, 2048] if args.engine == "null" else [512]
     if not args.model.exists():

@@ -48,7 +48,9 @@ def crops(dataset: Path, n: int, side: int) -> tuple[list[np.ndarray], dict[str,
     """The top-left ``side`` px square of the first ``n`` images, and a COCO set of their masks."""
     coco = load_coco(dataset)
     truth = gt_instances(coco)
-    images, anns, grays = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    grays: list[np.ndarray] = []
     for image_id, gray in iter_images(dataset, coco, n, progress=False):
         grays.append(np.ascontiguousarray(gray[:side, :side]))
         images.append({"id": image_id, "height": side, "width": side, "file_name": f"{image_id}.png"})
