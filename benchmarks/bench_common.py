@@ -74,6 +74,23 @@ def machine_facts() -> dict[str, Any]:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
+def steady_rate(arrivals: list[float]) -> float:
+    """Results per second from the first result's arrival to the last's (s, any order).
+
+    A daemon that hands frames on in groups publishes a group's results together, so the
+    results that arrive with the first one were analysed before it: only those after its group
+    count (a group: arrivals closer than a quarter of the mean gap). 0.0 when all came together.
+    """
+    t = sorted(arrivals)
+    if len(t) < 2 or t[-1] <= t[0]:
+        return 0.0
+    close = 0.25 * (t[-1] - t[0]) / (len(t) - 1)
+    first_group = 1
+    while first_group < len(t) and t[first_group] - t[first_group - 1] < close:
+        first_group += 1
+    return (len(t) - first_group) / (t[-1] - t[0]) if first_group < len(t) else 0.0
+
+
 def summarise(seconds: list[float]) -> dict[str, float]:
     """median, p95, p99, mean, min and max of a list of durations, in milliseconds."""
     ms = sorted(s * 1000 for s in seconds)
