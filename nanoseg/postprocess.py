@@ -142,14 +142,35 @@ def paste_mask(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], thres
     ndarray, shape (H, W), bool
     """
     out = np.zeros(shape, dtype=bool)
+    pasted = paste_crop(probs, box, shape, threshold, offset_px, margin_px)
+    if pasted is not None:
+        (r0, c0), crop = pasted
+        out[r0:r0 + crop.shape[0], c0:c0 + crop.shape[1]] = crop
+    return out
+
+
+def paste_crop(probs: np.ndarray, box: np.ndarray, shape: tuple[int, int], threshold: float,
+               offset_px: float = 0.0, margin_px: float = 0.0) -> tuple[tuple[int, int], np.ndarray] | None:
+    """``paste_mask`` kept box-local: the pixels of the canvas the detection's grid can cover.
+
+    Parameters
+    ----------
+    probs, box, shape, threshold, offset_px, margin_px
+        As in :func:`paste_mask`.
+
+    Returns
+    -------
+    ((int, int), ndarray) or None
+        The window's top-left (row, column) on the canvas, px, and its bool mask (rows along y;
+        it may have empty margins); None where the box covers no pixel centre.
+    """
     win = paste_window(box, shape, probs.shape, offset_px, margin_px)
     if win is None:
-        return out
-    r0, r1, c0, c1 = win.rows_cols
+        return None
+    r0, _, c0, _ = win.rows_cols
     yy, xx = np.meshgrid(win.grid_y, win.grid_x, indexing="ij")
     vals = ndimage.map_coordinates(probs.astype(np.float32), [yy, xx], order=1, mode="grid-constant", cval=0.0)
-    out[r0:r1, c0:c1] = vals >= threshold
-    return out
+    return (r0, c0), vals >= threshold
 
 
 @dataclass(frozen=True)
@@ -270,16 +291,21 @@ def to_instances(raw: RawDetections, shape: tuple[int, int], cfg: PostprocessCon
     Returns
     -------
     Instances
-        The detections scoring at or above ``score_threshold``, in their order.
+        The detections scoring at or above ``score_threshold``, in their order; masks box-local
+        (``BoxMasks``), the same pixels as ``paste_mask`` gives.
     """
     scores = instance_scores(raw, cfg)
     keep = np.flatnonzero(scores >= cfg.score_threshold)
     if keep.size == 0:
         return Instances.empty(*shape)
-    masks = np.stack([paste_mask(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px,
-                                  mask_margin_px)
-                      for i in keep])
-    return Instances(raw.boxes[keep], scores[keep], masks)
+    offsets: list[tuple[int, int]] = []
+    crops: list[np.ndarray] = []
+    for i in keep:  # box-local: no canvas-sized mask per detection
+        pasted = paste_crop(raw.mask_probs[i], raw.boxes[i], shape, cfg.mask_threshold, mask_offset_px, mask_margin_px)
+        offset, crop = pasted if pasted is not None else ((0, 0), np.zeros((0, 0), bool))
+        offsets.append(offset)
+        crops.append(crop)
+    return Instances(raw.boxes[keep], scores[keep], BoxMasks.tight(shape, offsets, crops))
 
 
 def nested_to_drop(masks: np.ndarray | BoxMasks, cfg: NestedSuppression) -> np.ndarray:

@@ -9,7 +9,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 from torchvision.ops import roi_align
 
 from nanoseg.engines import RawDetections
-from nanoseg.instances import Instances, mask_boxes
+from nanoseg.instances import BoxMasks, Instances, mask_boxes
 from nanoseg.model import ModelConfig, mask_grid_offset_px
 from nanoseg.postprocess import (
     NestedSuppression,
@@ -81,6 +81,26 @@ def test_to_instances_thresholds_scores_and_pastes_with_the_offset() -> None:
     ys, xs = np.nonzero(inst.masks[0])
     # cells 10..17 of a 1 px grid starting at 10.5 px: pixel centres 20.5..28.5 sample >= 0.5
     assert (ys.min(), ys.max(), xs.min(), xs.max()) == (20, 28, 20, 28)
+
+
+@pytest.mark.parametrize("offset, margin", [(0.5, 0.0), (0.0, 1.0)])
+def test_to_instances_keeps_masks_box_local_with_the_pixels_of_paste_mask(offset: float, margin: float) -> None:
+    rng = np.random.default_rng(3)
+    shape = (96, 80)
+    x0, y0 = rng.uniform(-30, 75, 40), rng.uniform(-30, 90, 40)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(0.2, 60, 40), y0 + rng.uniform(0.2, 60, 40)], axis=1)
+    boxes[0] = (200, 200, 230, 230)  # off the canvas: an empty mask
+    probs = rng.uniform(0, 1, (40, 28, 28)).astype(np.float32)
+    raw = RawDetections(boxes.astype(np.float32), rng.uniform(0, 1, 40).astype(np.float32), probs)
+    cfg = PostprocessConfig(score_threshold=0.3, mask_threshold=0.6)
+    inst = to_instances(raw, shape, cfg, mask_offset_px=offset, mask_margin_px=margin)
+    keep = np.flatnonzero(raw.scores >= 0.3)
+    dense = np.stack([paste_mask(probs[i], boxes[i].astype(np.float32), shape, 0.6, offset, margin) for i in keep])
+    local = inst.box_masks
+    assert inst.box_masks is local  # stored box-local, not cut from a dense stack
+    assert local.crops[0].size == 0
+    assert np.array_equal(np.asarray(local), dense)
+    assert np.array_equal(local.offsets, BoxMasks.from_dense(dense).offsets)
 
 
 def test_mask_rescoring_multiplies_scores_by_maskness() -> None:
