@@ -98,6 +98,11 @@ def peer_frame(model: torch.nn.Module, gray: np.ndarray) -> int:
     return n
 
 
+def one_at_a_time(seconds: list[float]) -> dict[str, float]:
+    """``summarise`` of per-frame times (s), with the frames per second they add up to."""
+    return {**summarise(seconds), "frames_per_second": len(seconds) / sum(seconds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -124,7 +129,6 @@ def main() -> None:
             peer_frame(peer, g)
             times.append(time.perf_counter() - t0)
         del peer
-    peer_s = peer_by_side[args.peer_short_side[0]]
 
     from nanoseg_daemon.contracts import FrameJob, FrameMetadata
     from nanoseg_daemon.pipeline import analyse_frame
@@ -151,10 +155,9 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": machine_facts(), "model": model_facts(args.model), "frames": len(frames),
         "peer_short_side_px": args.peer_short_side[0],
-        "peer": {**summarise(peer_s), "frames_per_second": len(peer_s) / sum(peer_s)},
-        "peer_by_short_side_px": {str(k): {**summarise(v), "frames_per_second": len(v) / sum(v)}
-                                  for k, v in peer_by_side.items()},
-        "eager_shipped": {**summarise(eager_s), "frames_per_second": len(eager_s) / sum(eager_s)},
+        "peer": one_at_a_time(peer_by_side[args.peer_short_side[0]]),
+        "peer_by_short_side_px": {str(k): one_at_a_time(v) for k, v in peer_by_side.items()},
+        "eager_shipped": one_at_a_time(eager_s),
         "daemon": {"engine": args.engine, "frames_per_second": sat["steady_frames_per_second"],
                    "latency": sat["latency"]},
     }

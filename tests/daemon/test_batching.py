@@ -108,7 +108,6 @@ def test_a_frame_the_engine_fails_on_fails_alone(tmp_path: Path, trained_model_p
         svc.stop()
 
 
-
 def test_small_frames_packed_several_to_a_model_input_each_get_their_result(tmp_path: Path,
                                                                             trained_model_path: Path) -> None:
     """``batching.pack_small_frames``: 128 x 128 frames share the engine's inputs; every frame
