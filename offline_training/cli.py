@@ -54,6 +54,51 @@ def frame_args(p: argparse.ArgumentParser, profile_default: str | None) -> None:
                         "model's); raise it for fields of hundreds of small particles")
 
 
+def alpha_list(text: str) -> list[float]:
+    """``--alphas``: comma-separated weights in [0, 1], sorted, with 0 (the start) added."""
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()} | {0.0})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alphas: not a comma-separated list of numbers: {text!r}") from None
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"--alphas: values must lie in [0, 1]: {text!r}")
+    return values
+
+
+def add_interpolate(models: Any) -> None:
+    """Register ``nanoseg models interpolate`` under the ``models`` sub-commands."""
+    p = models.add_parser("interpolate", help="weights between a model and a fine-tune of it (WiSE-FT), "
+                                              "alpha given or chosen on synthetic validation sets")
+    p.add_argument("start", help="the model the fine-tune began from (e.g. models/default/model.pt)")
+    p.add_argument("tuned", help="the fine-tuned checkpoint (e.g. RUN/model_refined.pt)")
+    p.add_argument("--out", required=True, help="the interpolated checkpoint (.pt)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--alpha", type=float, help="weight of the fine-tune, 0 (start) to 1 (fine-tune)")
+    how.add_argument("--alphas", type=alpha_list, help="comma-separated weights to evaluate (0 is added); "
+                                                    "needs --keep-set and --gain-set")
+    p.add_argument("--keep-set", help="COCO set whose mask AP may fall by at most --keep-within "
+                                      "(e.g. the start's own validation set)")
+    p.add_argument("--gain-set", help="COCO set whose mask AP is maximised (e.g. a randomised validation set)")
+    p.add_argument("--keep-within", type=float, default=1.0, help="mask AP points (default 1.0)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=lazy("nanoseg_training.interpolate:cmd_interpolate"))
+
+
+def add_compare(models: Any) -> None:
+    """Register ``nanoseg models compare`` (before/after overlays of two or more models)."""
+    p = models.add_parser("compare", help="the same images through two or more models: a grid of overlays, "
+                                          "one row per model")
+    p.add_argument("images", nargs="+", help="PNG, TIFF or .npy files, one column each")
+    p.add_argument("--model", dest="models", action="append", required=True,
+                   help="a nanoseg checkpoint; give it once per model, the first becomes the top row")
+    p.add_argument("--profile", default="ptychography", help="frame profile in configs/profiles or a YAML path")
+    p.add_argument("--pixel-size", type=pixel_size_arg, metavar="NM|auto", help="default: the profile's")
+    p.add_argument("--out", required=True, help="the grid (.png); each model's segment outputs go beside it")
+    p.add_argument("--tile-height", type=int, default=256, help="px (default 256)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=lazy("nanoseg_training.compare_models:cmd_compare"))
+
+
 def add_commands(sub: Any) -> None:
     """Add generate, preview, train, train-refiner, export, evaluate, calibrate, sweep, segment
     and models to the ``nanoseg`` subparsers."""
@@ -207,3 +252,5 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--pixel-size-nm", type=float, help="pixel size of the training images, nm (default 1)")
     q.set_defaults(handler=lazy("nanoseg_training.import_detectron2:cmd_import_detectron2"))
     add_registry(models)  # list, register, show, promote, rollback, export-triton
+    add_interpolate(models)
+    add_compare(models)

@@ -156,6 +156,41 @@ def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
 """
 
 
+def interpolation_text(ckpt_meta: dict[str, Any]) -> str:
+    """The card's lines on interpolated weights (``nanoseg models interpolate``; empty otherwise).
+
+    Parameters
+    ----------
+    ckpt_meta : dict
+        The checkpoint's ``meta`` (``meta["interpolation"]``: alpha, both parents' sha256, the
+        fine-tune's run and, when alpha was chosen, the sets, the rule and every candidate).
+
+    Returns
+    -------
+    str
+        A Markdown list item and, when alpha was chosen, a table of the candidates (mask AP).
+    """
+    rec = ckpt_meta.get("interpolation")
+    if not rec:
+        return ""
+    tuned = (f"`{rec.get('tuned_config') or rec.get('tuned_name') or 'a fine-tune'}` "
+             f"({rec.get('tuned_iterations') or '?'} iterations, `{rec['tuned_sha256'][:12]}`)")
+    text = (f"- Weights interpolated (WiSE-FT): {1 - rec['alpha']:g} x the network above (`{rec['start_sha256'][:12]}`) "
+            f"+ {rec['alpha']:g} x its fine-tune {tuned}, by `nanoseg models interpolate`; the start's "
+            "mask refiner, config and input spec.\n")
+    chosen = rec.get("chosen_on")
+    if not chosen:
+        return text
+    rows = "\n".join(f"| {c['alpha']:g} | {c['keep_ap']:.1f} | {c['gain_ap']:.1f} |" for c in rec["candidates"])
+    return text + f"""  Alpha chosen on synthetic validation sets only: the best mask AP on `{chosen['gain_set']}` among
+  the alphas that keep `{chosen['keep_set']}` within {chosen['keep_within']:g} of the start's (alpha 0).
+
+| alpha | `{chosen['keep_set']}` mask AP | `{chosen['gain_set']}` mask AP |
+|---|---|---|
+{rows}
+"""
+
+
 def _row(label: str, m: dict[str, Any]) -> str:
     return (f"| {label} | {m['images']} | {m['segm']['AP']:.1f} | {m['segm']['AP75']:.1f} | {m['bbox']['AP']:.1f} | "
             f"{m['accuracy']['foreground']:.3f} | {m['count']['mean_absolute']:.2f} | "
@@ -295,7 +330,7 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
   crops {tc['data']['crop_sizes']} px; augmentation: {", ".join(tc['augment'])}.
 - `nanoseg train configs/training/{tc['name']}.yaml`: {ckpt_meta.get('iterations')} iterations of batch
   {tc['solver']['batch_size']} on {device}.
-{refiner_text(ckpt_meta, model_cfg)}{lineage_text(ckpt_meta)}
+{refiner_text(ckpt_meta, model_cfg)}{interpolation_text(ckpt_meta)}{lineage_text(ckpt_meta)}
 ## Evaluation
 
 {evaluation_text(metrics, Path(args.test_set), model, tta, bool(real_table))}

@@ -36,6 +36,8 @@ NUMPYDOC_MODULES = [
     "nanoseg/paths.py",
     "nanoseg/postprocess.py",
     "nanoseg/tiling.py",
+    "offline_training/compare_models.py",
+    "offline_training/interpolate.py",
 ]
 
 SESSION = re.compile(r"\bsession\s+\d", re.IGNORECASE)

@@ -1,0 +1,175 @@
+"""Weight interpolation between a model and a fine-tune of it (WiSE-FT, Wortsman et al., CVPR 2022).
+
+A network fine-tuned from another stays in the same basin of the loss, so the straight line
+between the two sets of weights passes through models that keep much of the start's accuracy on
+its own data while gaining much of the fine-tune's robustness::
+
+    nanoseg models interpolate models/default/model.pt RUN/model_refined.pt --alpha 0.5 --out M.pt
+
+``alpha`` 0 is the start, 1 the fine-tune. The start's architecture, input spec, operating point
+and mask refiner are kept (a transplanted refiner is the same in both); the interpolation is
+recorded in ``meta.interpolation``. Choose ``alpha`` on synthetic validation sets only
+(``--alphas`` evaluates a list and picks by the rule in :func:`choose_alpha`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from nanoseg.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str, torch.Tensor]:
+    """The weights ``(1 - alpha) * start + alpha * tuned``, key by key.
+
+    Parameters
+    ----------
+    start : Checkpoint
+        The model the fine-tune began from; its keys and shapes define the result.
+    tuned : Checkpoint
+        The fine-tuned model. Keys it lacks (e.g. ``num_batches_tracked`` after a run with
+        frozen batch norm) and integer buffers keep the start's values.
+    alpha : float
+        Weight of ``tuned``, 0 to 1.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        A float32 state dict for ``start.model_config``.
+
+    Raises
+    ------
+    CheckpointError
+        If ``alpha`` is outside [0, 1] or a shared key has another shape.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise CheckpointError(f"alpha: {alpha} is outside [0, 1]")
+    out: dict[str, torch.Tensor] = {}
+    for key, a in start.state_dict.items():
+        b = tuned.state_dict.get(key)
+        if b is None or not a.is_floating_point():
+            out[key] = a
+            continue
+        if b.shape != a.shape:
+            raise CheckpointError(f"{key}: shape {tuple(b.shape)} in the fine-tune, {tuple(a.shape)} in the start")
+        out[key] = torch.lerp(a.float(), b.float(), alpha)
+    return out
+
+
+def interpolated_checkpoint(start_path: Path, tuned_path: Path, alpha: float) -> Checkpoint:
+    """The start checkpoint with interpolated weights and the interpolation recorded in its meta.
+
+    Parameters
+    ----------
+    start_path, tuned_path : Path
+        nanoseg checkpoints; the fine-tune must have been trained from the start's weights.
+    alpha : float
+        Weight of the fine-tune, 0 to 1.
+
+    Returns
+    -------
+    Checkpoint
+        ``meta.interpolation``: ``alpha``, both files' sha256 and the fine-tune's run name,
+        iterations and training config name.
+    """
+    start, tuned = load_checkpoint(start_path), load_checkpoint(tuned_path)
+    record = {"alpha": alpha, "start_sha256": file_sha256(start_path), "tuned_sha256": file_sha256(tuned_path),
+              "tuned_name": tuned.meta.get("name"), "tuned_iterations": tuned.meta.get("iterations"),
+              "tuned_config": (tuned.meta.get("train_config") or {}).get("name")}
+    return replace(start, state_dict=interpolate(start, tuned, alpha), meta=start.meta | {"interpolation": record})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One interpolation measured on the validation sets (mask AP x100)."""
+
+    alpha: float
+    keep_ap: float
+    gain_ap: float
+
+
+def choose_alpha(candidates: list[Candidate], keep_within: float) -> Candidate:
+    """The candidate with the best ``gain_ap`` among those that keep ``keep_ap`` near the start's.
+
+    Parameters
+    ----------
+    candidates : list of Candidate
+        Must include ``alpha`` 0 (the start), whose ``keep_ap`` is the reference.
+    keep_within : float
+        Largest loss of ``keep_ap`` against the start allowed, mask AP points.
+
+    Returns
+    -------
+    Candidate
+        Highest ``gain_ap`` with ``keep_ap >= start.keep_ap - keep_within``; ties go to the
+        smaller ``alpha``. The start itself qualifies, so there is always an answer.
+    """
+    start = next((c for c in candidates if c.alpha == 0.0), None)
+    if start is None:
+        raise ValueError("candidates: alpha 0 (the start) is needed as the reference")
+    allowed = [c for c in candidates if c.keep_ap >= start.keep_ap - keep_within]
+    return max(allowed, key=lambda c: (c.gain_ap, -c.alpha))
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    """``nanoseg models interpolate``: one alpha, or a list chosen between on validation sets.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``start``, ``tuned``, ``out``; ``alpha``, or ``alphas`` with ``keep_set``, ``gain_set``,
+        ``keep_within`` and ``threads``.
+
+    Returns
+    -------
+    int
+        0, or 2 when a checkpoint, alpha or set is unusable (named on standard error).
+    """
+    from nanoseg_training.evaluate import EvaluationError, evaluate_model
+
+    out = Path(args.out)
+    try:
+        if args.alpha is not None:
+            save_checkpoint(interpolated_checkpoint(Path(args.start), Path(args.tuned), args.alpha), out, half=True)
+            print(f"wrote {out} (alpha {args.alpha})")
+            return 0
+        if not (args.keep_set and args.gain_set):
+            raise CheckpointError("--alphas needs --keep-set and --gain-set")
+        work = out.with_suffix("")
+        work.mkdir(parents=True, exist_ok=True)
+        rows: list[Candidate] = []
+        for alpha in args.alphas:
+            path = work / f"alpha_{alpha:g}.pt"
+            save_checkpoint(interpolated_checkpoint(Path(args.start), Path(args.tuned), alpha), path, half=True)
+            aps = [evaluate_model(path, s, work / f"alpha_{alpha:g}" / Path(s).name, engine="torch",
+                                  threads=args.threads, progress=False, plots=False)["segm"]["AP"]
+                   for s in (args.keep_set, args.gain_set)]
+            rows.append(Candidate(alpha, *aps))
+            print(f"alpha {alpha:g}: {Path(args.keep_set).name} {aps[0]:.1f}, {Path(args.gain_set).name} {aps[1]:.1f}",
+                  flush=True)
+        best = choose_alpha(rows, args.keep_within)
+        chosen = interpolated_checkpoint(Path(args.start), Path(args.tuned), best.alpha)
+        record = chosen.meta["interpolation"] | {
+            "chosen_on": {"keep_set": Path(args.keep_set).name, "gain_set": Path(args.gain_set).name,
+                          "keep_within": args.keep_within},
+            "candidates": [asdict(c) for c in rows]}
+        save_checkpoint(replace(chosen, meta=chosen.meta | {"interpolation": record}), out, half=True)
+        (work / "choice.json").write_text(json.dumps(record, indent=1))
+        print(f"wrote {out} (alpha {best.alpha:g}, chosen on {Path(args.keep_set).name} within "
+              f"{args.keep_within} and {Path(args.gain_set).name})")
+    except (CheckpointError, EvaluationError) as err:
+        print(f"nanoseg models interpolate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
