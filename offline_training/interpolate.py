@@ -29,6 +29,7 @@ from nanoseg.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from nanoseg_training.train import lineage
 
 
 def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str, torch.Tensor]:
@@ -81,13 +82,18 @@ def interpolated_checkpoint(start_path: Path, tuned_path: Path, alpha: float) ->
     Returns
     -------
     Checkpoint
-        ``meta.interpolation``: ``alpha``, both files' sha256 and the fine-tune's run name,
-        iterations and training config name.
+        ``meta.interpolation``: ``alpha``, both files' sha256, the fine-tune's run name,
+        iterations and training config name, and its runs after the start's (``tuned_runs``:
+        name and iterations of each, from ``meta.lineage``).
     """
     start, tuned = load_checkpoint(start_path), load_checkpoint(tuned_path)
+    before = len(lineage(start.meta))
+    runs = lineage(tuned.meta)
+    runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
     record = {"alpha": alpha, "start_sha256": file_sha256(start_path), "tuned_sha256": file_sha256(tuned_path),
               "tuned_name": tuned.meta.get("name"), "tuned_iterations": tuned.meta.get("iterations"),
-              "tuned_config": (tuned.meta.get("train_config") or {}).get("name")}
+              "tuned_config": (tuned.meta.get("train_config") or {}).get("name"),
+              "tuned_runs": [{"name": r.get("name"), "iterations": r.get("iterations")} for r in runs]}
     return replace(start, state_dict=interpolate(start, tuned, alpha), meta=start.meta | {"interpolation": record})
 
 

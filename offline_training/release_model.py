@@ -173,8 +173,10 @@ def interpolation_text(ckpt_meta: dict[str, Any]) -> str:
     rec = ckpt_meta.get("interpolation")
     if not rec:
         return ""
-    tuned = (f"`{rec.get('tuned_config') or rec.get('tuned_name') or 'a fine-tune'}` "
-             f"({rec.get('tuned_iterations') or '?'} iterations, `{rec['tuned_sha256'][:12]}`)")
+    runs = rec.get("tuned_runs") or [{"name": rec.get("tuned_config") or rec.get("tuned_name") or "a fine-tune",
+                                      "iterations": rec.get("tuned_iterations")}]
+    tuned = (" then ".join(f"`{r['name']}` ({r.get('iterations') or '?'} iterations)" for r in runs)
+             + f", `{rec['tuned_sha256'][:12]}`")
     text = (f"- Weights interpolated (WiSE-FT): {1 - rec['alpha']:g} x the network above (`{rec['start_sha256'][:12]}`) "
             f"+ {rec['alpha']:g} x its fine-tune {tuned}, by `nanoseg models interpolate`; the start's "
             "mask refiner, config and input spec.\n")

@@ -65,6 +65,7 @@ def test_interpolate_cli_one_alpha(trained_model_path: Path, tuned_path: Path, t
     ckpt, start = load_checkpoint(out), load_checkpoint(trained_model_path)
     rec = ckpt.meta["interpolation"]
     assert rec["alpha"] == 0.5 and rec["tuned_name"] == "noisy" and rec["tuned_iterations"] == 7
+    assert rec["tuned_runs"] == [{"name": "noisy", "iterations": 7}]  # no lineage of its own: its one run
     assert rec["start_sha256"] == file_sha256(trained_model_path) and rec["tuned_sha256"] == file_sha256(tuned_path)
     assert ckpt.meta["operating_point"] == start.meta["operating_point"]  # the start's, with its refiner
     assert ckpt.model_config == start.model_config and ckpt.stored_half
@@ -102,7 +103,10 @@ def test_the_model_card_says_how_the_weights_were_interpolated_and_chosen() -> N
     rec = {"alpha": 0.4, "start_sha256": "a" * 64, "tuned_sha256": "b" * 64, "tuned_name": "run",
            "tuned_iterations": 800, "tuned_config": "default_variety_cpu"}
     one = interpolation_text({"interpolation": rec})
-    assert "0.6 x the network above (`aaaaaaaaaaaa`)" in one and "`default_variety_cpu` (800 iterations" in one
+    assert "0.6 x the network above (`aaaaaaaaaaaa`)" in one and "`default_variety_cpu` (800 iterations), `bbbbbbbbbbbb`" in one
+    two = interpolation_text({"interpolation": rec | {"tuned_runs": [{"name": "a", "iterations": 800},
+                                                                      {"name": "b", "iterations": 600}]}})
+    assert "`a` (800 iterations) then `b` (600 iterations), `bbbbbbbbbbbb`" in two
     chosen = rec | {"chosen_on": {"keep_set": "paper-val", "gain_set": "randomised-val", "keep_within": 1.5},
                     "candidates": [{"alpha": 0.0, "keep_ap": 84.7, "gain_ap": 2.3},
                                    {"alpha": 0.4, "keep_ap": 83.9, "gain_ap": 5.0}]}
