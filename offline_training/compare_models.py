@@ -84,7 +84,7 @@ def compare(models: list[Path], images: list[Path], out: Path, profile: str, pix
     """
     from nanoseg.cli import main as cli_main
 
-    tiles: list[np.ndarray] = []
+    lines: list[np.ndarray] = []
     labels: list[str] = []
     for model in models:
         label = model_label(model)
@@ -94,15 +94,13 @@ def compare(models: list[Path], images: list[Path], out: Path, profile: str, pix
         argv = ["segment", *map(str, images), "--model", str(model), "--profile", profile, "--out", str(seg_out),
                 "--threads", str(threads), "--quiet"]
         cli_main(argv + (["--pixel-size", str(pixel_size)] if pixel_size else []))
-        tiles.append(_label_tile(label, tile_height))
+        row = [_label_tile(label, tile_height)]
         for image in images:
             overlay = seg_out / f"{image.stem}_overlay.png"
             if not overlay.exists():
                 raise RuntimeError(f"{label} did not segment {image.name}")
-            tiles.append(_scaled_tile(overlay, tile_height))
-    rows = [tiles[i:i + len(images) + 1] for i in range(0, len(tiles), len(images) + 1)]
-    lines = [np.concatenate([np.pad(t, ((0, 0), (0, 4), (0, 0)), constant_values=32) for t in row], axis=1)
-             for row in rows]
+            row.append(_scaled_tile(overlay, tile_height))
+        lines.append(np.concatenate([np.pad(t, ((0, 0), (0, 4), (0, 0)), constant_values=32) for t in row], axis=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(montage(lines, 1)).save(out)
     return out

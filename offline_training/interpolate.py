@@ -19,6 +19,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,15 +87,34 @@ def interpolated_checkpoint(start_path: Path, tuned_path: Path, alpha: float) ->
         iterations and training config name, and its runs after the start's (``tuned_runs``:
         name and iterations of each, from ``meta.lineage``).
     """
-    start, tuned = load_checkpoint(start_path), load_checkpoint(tuned_path)
-    before = len(lineage(start.meta))
-    runs = lineage(tuned.meta)
-    runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
-    record = {"alpha": alpha, "start_sha256": file_sha256(start_path), "tuned_sha256": file_sha256(tuned_path),
-              "tuned_name": tuned.meta.get("name"), "tuned_iterations": tuned.meta.get("iterations"),
-              "tuned_config": (tuned.meta.get("train_config") or {}).get("name"),
-              "tuned_runs": [{"name": r.get("name"), "iterations": r.get("iterations")} for r in runs]}
-    return replace(start, state_dict=interpolate(start, tuned, alpha), meta=start.meta | {"interpolation": record})
+    return _Parents.load(start_path, tuned_path).at(alpha)
+
+
+@dataclass(frozen=True)
+class _Parents:
+    """Both checkpoints and their record, read once for every alpha of a grid."""
+
+    start: Checkpoint
+    tuned: Checkpoint
+    record: dict[str, Any]
+
+    @classmethod
+    def load(cls, start_path: Path, tuned_path: Path) -> _Parents:
+        start, tuned = load_checkpoint(start_path), load_checkpoint(tuned_path)
+        before = len(lineage(start.meta))
+        runs = lineage(tuned.meta)
+        runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
+        record = {"start_sha256": file_sha256(start_path), "tuned_sha256": file_sha256(tuned_path),
+                  "tuned_name": tuned.meta.get("name"), "tuned_iterations": tuned.meta.get("iterations"),
+                  "tuned_config": (tuned.meta.get("train_config") or {}).get("name"),
+                  "tuned_runs": [{"name": r.get("name"), "iterations": r.get("iterations")} for r in runs]}
+        return cls(start, tuned, record)
+
+    def at(self, alpha: float, **extra: Any) -> Checkpoint:
+        """The start with the weights at ``alpha``; ``extra`` joins the record (how alpha was chosen)."""
+        record = {"alpha": alpha} | self.record | extra
+        return replace(self.start, state_dict=interpolate(self.start, self.tuned, alpha),
+                       meta=self.start.meta | {"interpolation": record})
 
 
 @dataclass(frozen=True)
@@ -155,10 +175,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
             raise CheckpointError("--alphas needs --keep-set and --gain-set")
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)
+        parents = _Parents.load(Path(args.start), Path(args.tuned))
         rows: list[Candidate] = []
         for alpha in args.alphas:
             path = work / f"alpha_{alpha:g}.pt"
-            save_checkpoint(interpolated_checkpoint(Path(args.start), Path(args.tuned), alpha), path, half=True)
+            save_checkpoint(parents.at(alpha), path, half=True)
             aps = [evaluate_model(path, s, work / f"alpha_{alpha:g}" / Path(s).name, engine="torch",
                                   threads=args.threads, progress=False, plots=False)["segm"]["AP"]
                    for s in (args.keep_set, args.gain_set)]
@@ -166,13 +187,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
             print(f"alpha {alpha:g}: {Path(args.keep_set).name} {aps[0]:.1f}, {Path(args.gain_set).name} {aps[1]:.1f}",
                   flush=True)
         best = choose_alpha(rows, args.keep_within)
-        chosen = interpolated_checkpoint(Path(args.start), Path(args.tuned), best.alpha)
-        record = chosen.meta["interpolation"] | {
-            "chosen_on": {"keep_set": Path(args.keep_set).name, "gain_set": Path(args.gain_set).name,
-                          "keep_within": args.keep_within},
-            "candidates": [asdict(c) for c in rows]}
-        save_checkpoint(replace(chosen, meta=chosen.meta | {"interpolation": record}), out, half=True)
-        (work / "choice.json").write_text(json.dumps(record, indent=1))
+        chosen = parents.at(best.alpha, chosen_on={"keep_set": Path(args.keep_set).name,
+                                                   "gain_set": Path(args.gain_set).name,
+                                                   "keep_within": args.keep_within},
+                            candidates=[asdict(c) for c in rows])
+        save_checkpoint(chosen, out, half=True)
+        (work / "choice.json").write_text(json.dumps(chosen.meta["interpolation"], indent=1))
         print(f"wrote {out} (alpha {best.alpha:g}, chosen on {Path(args.keep_set).name} within "
               f"{args.keep_within} and {Path(args.gain_set).name})")
     except (CheckpointError, EvaluationError) as err:
