@@ -70,7 +70,8 @@ def add_interpolate(models: Any) -> None:
     p = models.add_parser("interpolate", help="weights between a model and a fine-tune of it (WiSE-FT), "
                                               "alpha given or chosen on synthetic validation sets")
     p.add_argument("start", help="the model the fine-tune began from (e.g. models/default/model.pt)")
-    p.add_argument("tuned", help="the fine-tuned checkpoint (e.g. RUN/model_refined.pt)")
+    p.add_argument("tuned", nargs="+", help="the fine-tuned checkpoint (e.g. RUN/model_refined.pt); several "
+                                            "fine-tunes of the start are averaged first (a model soup)")
     p.add_argument("--out", required=True, help="the interpolated checkpoint (.pt)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--alpha", type=float, help="weight of the fine-tune, 0 (start) to 1 (fine-tune)")

@@ -6,7 +6,9 @@ its own data while gaining much of the fine-tune's robustness::
 
     nanoseg models interpolate models/default/model.pt RUN/model_refined.pt --alpha 0.5 --out M.pt
 
-``alpha`` 0 is the start, 1 the fine-tune. The start's architecture, input spec, operating point
+``alpha`` 0 is the start, 1 the fine-tune. Several fine-tunes of the same start (other data
+mixes, other seeds) are averaged first, uniformly (a "model soup", Wortsman et al., ICML 2022),
+and the line runs from the start to their average. The start's architecture, input spec, operating point
 and mask refiner are kept (a transplanted refiner is the same in both); the interpolation is
 recorded in ``meta.interpolation``. Choose ``alpha`` on synthetic validation sets only
 (``--alphas`` evaluates a list and picks by the rule in :func:`choose_alpha`).
@@ -70,24 +72,73 @@ def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str,
     return out
 
 
-def interpolated_checkpoint(start_path: Path, tuned_path: Path, alpha: float) -> Checkpoint:
-    """The start checkpoint with interpolated weights and the interpolation recorded in its meta.
+def soup(tuned: list[Checkpoint]) -> Checkpoint:
+    """The uniform average of fine-tunes of one start (a "model soup"), key by key.
 
     Parameters
     ----------
-    start_path, tuned_path : Path
-        nanoseg checkpoints; the fine-tune must have been trained from the start's weights.
-    alpha : float
-        Weight of the fine-tune, 0 to 1.
+    tuned : list of Checkpoint
+        One or more fine-tunes of the same network. A float key is averaged where every one has
+        it with one shape; otherwise (a key some lack, integer buffers) the first one's value
+        is kept.
 
     Returns
     -------
     Checkpoint
-        ``meta.interpolation``: ``alpha``, both files' sha256, the fine-tune's run name,
-        iterations and training config name, and its runs after the start's (``tuned_runs``:
-        name and iterations of each, from ``meta.lineage``).
+        The first fine-tune with the averaged float32 weights (its meta unchanged).
+
+    Raises
+    ------
+    CheckpointError
+        If ``tuned`` is empty or a shared key has two shapes.
     """
-    return _Parents.load(start_path, tuned_path).at(alpha)
+    if not tuned:
+        raise CheckpointError("tuned: at least one fine-tune is needed")
+    if len(tuned) == 1:
+        return tuned[0]
+    out: dict[str, torch.Tensor] = {}
+    for key, a in tuned[0].state_dict.items():
+        others = [t.state_dict.get(key) for t in tuned[1:]]
+        if not a.is_floating_point() or any(b is None for b in others):
+            out[key] = a
+            continue
+        for b in others:
+            if b is not None and b.shape != a.shape:
+                raise CheckpointError(f"{key}: shapes {tuple(a.shape)} and {tuple(b.shape)} among the fine-tunes")
+        out[key] = torch.stack([a.float()] + [b.float() for b in others if b is not None]).mean(dim=0)
+    return replace(tuned[0], state_dict=out)
+
+
+def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: float) -> Checkpoint:
+    """The start checkpoint with interpolated weights and the interpolation recorded in its meta.
+
+    Parameters
+    ----------
+    start_path : Path
+        nanoseg checkpoint of the start.
+    tuned_paths : list of Path
+        One or more fine-tunes trained from the start's weights (several are averaged, ``soup``).
+    alpha : float
+        Weight of the fine-tune (or of the average of the fine-tunes), 0 to 1.
+
+    Returns
+    -------
+    Checkpoint
+        ``meta.interpolation``: ``alpha``, the start's sha256 and, for each fine-tune
+        (``tuned``), its sha256, run name, iterations, training config name and its runs after
+        the start's (``runs``: name and iterations of each, from ``meta.lineage``).
+    """
+    return _Parents.load(start_path, tuned_paths).at(alpha)
+
+
+def tuned_record(path: Path, ckpt: Checkpoint, start: Checkpoint) -> dict[str, Any]:
+    """One fine-tune as ``meta.interpolation.tuned`` lists it (see ``interpolated_checkpoint``)."""
+    before = len(lineage(start.meta))
+    runs = lineage(ckpt.meta)
+    runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
+    return {"sha256": file_sha256(path), "name": ckpt.meta.get("name"), "iterations": ckpt.meta.get("iterations"),
+            "config": (ckpt.meta.get("train_config") or {}).get("name"),
+            "runs": [{"name": r.get("name"), "iterations": r.get("iterations")} for r in runs]}
 
 
 @dataclass(frozen=True)
@@ -99,16 +150,12 @@ class _Parents:
     record: dict[str, Any]
 
     @classmethod
-    def load(cls, start_path: Path, tuned_path: Path) -> _Parents:
-        start, tuned = load_checkpoint(start_path), load_checkpoint(tuned_path)
-        before = len(lineage(start.meta))
-        runs = lineage(tuned.meta)
-        runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
-        record = {"start_sha256": file_sha256(start_path), "tuned_sha256": file_sha256(tuned_path),
-                  "tuned_name": tuned.meta.get("name"), "tuned_iterations": tuned.meta.get("iterations"),
-                  "tuned_config": (tuned.meta.get("train_config") or {}).get("name"),
-                  "tuned_runs": [{"name": r.get("name"), "iterations": r.get("iterations")} for r in runs]}
-        return cls(start, tuned, record)
+    def load(cls, start_path: Path, tuned_paths: list[Path]) -> _Parents:
+        start = load_checkpoint(start_path)
+        tuned = [load_checkpoint(p) for p in tuned_paths]
+        record = {"start_sha256": file_sha256(start_path),
+                  "tuned": [tuned_record(p, t, start) for p, t in zip(tuned_paths, tuned, strict=True)]}
+        return cls(start, soup(tuned), record)
 
     def at(self, alpha: float, **extra: Any) -> Checkpoint:
         """The start with the weights at ``alpha``; ``extra`` joins the record (how alpha was chosen)."""
@@ -155,7 +202,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        ``start``, ``tuned``, ``out``; ``alpha``, or ``alphas`` with ``keep_set``, ``gain_set``,
+        ``start``, ``tuned`` (a list), ``out``; ``alpha``, or ``alphas`` with ``keep_set``, ``gain_set``,
         ``keep_within`` and ``threads``.
 
     Returns
@@ -166,16 +213,17 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     from nanoseg_training.evaluate import EvaluationError, evaluate_model
 
     out = Path(args.out)
+    tuned = [Path(t) for t in args.tuned]
     try:
         if args.alpha is not None:
-            save_checkpoint(interpolated_checkpoint(Path(args.start), Path(args.tuned), args.alpha), out, half=True)
+            save_checkpoint(interpolated_checkpoint(Path(args.start), tuned, args.alpha), out, half=True)
             print(f"wrote {out} (alpha {args.alpha})")
             return 0
         if not (args.keep_set and args.gain_set):
             raise CheckpointError("--alphas needs --keep-set and --gain-set")
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)
-        parents = _Parents.load(Path(args.start), Path(args.tuned))
+        parents = _Parents.load(Path(args.start), tuned)
         rows: list[Candidate] = []
         for alpha in args.alphas:
             path = work / f"alpha_{alpha:g}.pt"

@@ -162,8 +162,8 @@ def interpolation_text(ckpt_meta: dict[str, Any]) -> str:
     Parameters
     ----------
     ckpt_meta : dict
-        The checkpoint's ``meta`` (``meta["interpolation"]``: alpha, both parents' sha256, the
-        fine-tune's run and, when alpha was chosen, the sets, the rule and every candidate).
+        The checkpoint's ``meta`` (``meta["interpolation"]``: alpha, the parents' sha256, each
+        fine-tune's runs and, when alpha was chosen, the sets, the rule and every candidate).
 
     Returns
     -------
@@ -173,12 +173,16 @@ def interpolation_text(ckpt_meta: dict[str, Any]) -> str:
     rec = ckpt_meta.get("interpolation")
     if not rec:
         return ""
-    runs = rec.get("tuned_runs") or [{"name": rec.get("tuned_config") or rec.get("tuned_name") or "a fine-tune",
-                                      "iterations": rec.get("tuned_iterations")}]
-    tuned = (" then ".join(f"`{r['name']}` ({r.get('iterations') or '?'} iterations)" for r in runs)
-             + f", `{rec['tuned_sha256'][:12]}`")
+    tuned = rec.get("tuned") or [{  # the record's older, one-fine-tune form
+        "sha256": rec["tuned_sha256"], "runs": rec.get("tuned_runs") or [
+            {"name": rec.get("tuned_config") or rec.get("tuned_name") or "a fine-tune",
+             "iterations": rec.get("tuned_iterations")}]}]
+    each = [" then ".join(f"`{r['name']}` ({r.get('iterations') or '?'} iterations)" for r in t["runs"])
+            + f", `{t['sha256'][:12]}`" for t in tuned]
+    what = (f"its fine-tune {each[0]}" if len(each) == 1 else
+            f"the average of its {len(each)} fine-tunes ({'; '.join(each)}; a model soup)")
     text = (f"- Weights interpolated (WiSE-FT): {1 - rec['alpha']:g} x the network above (`{rec['start_sha256'][:12]}`) "
-            f"+ {rec['alpha']:g} x its fine-tune {tuned}, by `nanoseg models interpolate`; the start's "
+            f"+ {rec['alpha']:g} x {what}, by `nanoseg models interpolate`; the start's "
             "mask refiner, config and input spec.\n")
     chosen = rec.get("chosen_on")
     if not chosen:

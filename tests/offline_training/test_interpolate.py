@@ -14,7 +14,7 @@ from nanoseg.cli import main
 from nanoseg.config_io import load_yaml
 from nanoseg.paths import resolve_config
 from nanoseg_training.coco_dataset import write_dataset
-from nanoseg_training.interpolate import Candidate, choose_alpha, interpolate
+from nanoseg_training.interpolate import Candidate, choose_alpha, interpolate, soup
 from nanoseg_training.synthetic_config import SceneConfig
 
 
@@ -47,6 +47,39 @@ def test_interpolate_is_the_straight_line_between_the_weights(trained_model_path
         interpolate(start, bad, 0.5)
 
 
+def test_a_soup_is_the_mean_of_the_fine_tunes(trained_model_path: Path, tuned_path: Path) -> None:
+    start, tuned = load_checkpoint(trained_model_path), load_checkpoint(tuned_path)
+    assert soup([tuned]) is tuned
+    mean = soup([start, tuned])
+    halfway = interpolate(start, tuned, 0.5)
+    for key, value in mean.state_dict.items():
+        torch.testing.assert_close(value, halfway[key])  # the counters only the first has: the first's
+    assert mean.meta == start.meta
+    with pytest.raises(CheckpointError, match="at least one"):
+        soup([])
+    key = "backbone.body.conv1.weight"
+    with pytest.raises(CheckpointError, match=key):
+        soup([start, dataclasses.replace(tuned, state_dict=tuned.state_dict | {key: torch.zeros(1)})])
+
+
+def test_interpolate_cli_averages_several_fine_tunes(trained_model_path: Path, tuned_path: Path,
+                                                      tmp_path: Path) -> None:
+    """Two fine-tunes on the command line: the line runs to their mean, and the card names both."""
+    from nanoseg_training.release_model import interpolation_text
+
+    out = tmp_path / "soup.pt"
+    assert main(["models", "interpolate", str(trained_model_path), str(tuned_path), str(trained_model_path),
+                 "--alpha", "0.5", "--out", str(out)]) == 0
+    start, tuned, ckpt = load_checkpoint(trained_model_path), load_checkpoint(tuned_path), load_checkpoint(out)
+    key = "backbone.body.conv1.weight"  # 0.5 start + 0.5 * (tuned + start) / 2, stored as float16
+    torch.testing.assert_close(ckpt.state_dict[key].float(),
+                               0.75 * start.state_dict[key].float() + 0.25 * tuned.state_dict[key].float(),
+                               atol=2e-3, rtol=1e-2)
+    rec = ckpt.meta["interpolation"]
+    assert [t["sha256"] for t in rec["tuned"]] == [file_sha256(tuned_path), file_sha256(trained_model_path)]
+    assert "the average of its 2 fine-tunes (`noisy` (7 iterations)" in interpolation_text(ckpt.meta)
+
+
 def test_choose_alpha_keeps_the_start_s_accuracy_within_the_margin() -> None:
     rows = [Candidate(0.0, 86.0, 5.0), Candidate(0.25, 85.5, 6.0), Candidate(0.5, 84.0, 7.5),
             Candidate(0.75, 80.0, 9.0)]
@@ -64,9 +97,9 @@ def test_interpolate_cli_one_alpha(trained_model_path: Path, tuned_path: Path, t
                  "--out", str(out)]) == 0
     ckpt, start = load_checkpoint(out), load_checkpoint(trained_model_path)
     rec = ckpt.meta["interpolation"]
-    assert rec["alpha"] == 0.5 and rec["tuned_name"] == "noisy" and rec["tuned_iterations"] == 7
-    assert rec["tuned_runs"] == [{"name": "noisy", "iterations": 7}]  # no lineage of its own: its one run
-    assert rec["start_sha256"] == file_sha256(trained_model_path) and rec["tuned_sha256"] == file_sha256(tuned_path)
+    assert rec["alpha"] == 0.5 and rec["start_sha256"] == file_sha256(trained_model_path)
+    assert rec["tuned"] == [{"sha256": file_sha256(tuned_path), "name": "noisy", "iterations": 7, "config": None,
+                             "runs": [{"name": "noisy", "iterations": 7}]}]  # no lineage of its own: its one run
     assert ckpt.meta["operating_point"] == start.meta["operating_point"]  # the start's, with its refiner
     assert ckpt.model_config == start.model_config and ckpt.stored_half
     ckpt.build()
@@ -100,6 +133,7 @@ def test_the_model_card_says_how_the_weights_were_interpolated_and_chosen() -> N
     from nanoseg_training.release_model import interpolation_text
 
     assert interpolation_text({}) == ""
+    # the shipped default's record is in the older one-fine-tune form; the card reads both
     rec = {"alpha": 0.4, "start_sha256": "a" * 64, "tuned_sha256": "b" * 64, "tuned_name": "run",
            "tuned_iterations": 800, "tuned_config": "default_variety_cpu"}
     one = interpolation_text({"interpolation": rec})
