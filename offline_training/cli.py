@@ -55,13 +55,13 @@ def frame_args(p: argparse.ArgumentParser, profile_default: str | None) -> None:
 
 
 def alpha_list(text: str) -> list[float]:
-    """``--alphas``: comma-separated weights in [0, 1], sorted, with 0 (the start) added."""
+    """``--alphas``, ``--body-alphas``: comma-separated weights in [0, 1], sorted, with 0 (the start) added."""
     try:
         values = sorted({float(v) for v in text.split(",") if v.strip()} | {0.0})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas: not a comma-separated list of numbers: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
     if any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"--alphas: values must lie in [0, 1]: {text!r}")
+        raise argparse.ArgumentTypeError(f"values must lie in [0, 1]: {text!r}")
     return values
 
 
@@ -77,6 +77,10 @@ def add_interpolate(models: Any) -> None:
     how.add_argument("--alpha", type=float, help="weight of the fine-tune, 0 (start) to 1 (fine-tune)")
     how.add_argument("--alphas", type=alpha_list, help="comma-separated weights to evaluate (0 is added); "
                                                     "needs --keep-set and --gain-set")
+    p.add_argument("--body-alpha", type=float, help="with --alpha: the backbone body's own weight "
+                                                    "(the ResNet stages; default --alpha)")
+    p.add_argument("--body-alphas", type=alpha_list, help="with --alphas: the backbone body's own weights; "
+                                                          "every pair with --alphas is a candidate")
     p.add_argument("--keep-set", help="COCO set whose mask AP may fall by at most --keep-within "
                                       "(e.g. the start's own validation set)")
     p.add_argument("--gain-set", help="COCO set whose mask AP is maximised (e.g. a randomised validation set)")

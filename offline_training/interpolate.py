@@ -8,7 +8,9 @@ its own data while gaining much of the fine-tune's robustness::
 
 ``alpha`` 0 is the start, 1 the fine-tune. Several fine-tunes of the same start (other data
 mixes, other seeds) are averaged first, uniformly (a "model soup", Wortsman et al., ICML 2022),
-and the line runs from the start to their average. The start's architecture, input spec, operating point
+and the line runs from the start to their average. The backbone's body (the ResNet, ``backbone.body``:
+the low-level features, where a new look of the input is learned) may take its own alpha
+(``body_alpha``), so that the input's new looks are learned further than the heads move. The start's architecture, input spec, operating point
 and mask refiner are kept (a transplanted refiner is the same in both); the interpolation is
 recorded in ``meta.interpolation``. Choose ``alpha`` on synthetic validation sets only
 (``--alphas`` evaluates a list and picks by the rule in :func:`choose_alpha`).
@@ -34,8 +36,12 @@ from nanoseg.checkpoint import (
 )
 from nanoseg_training.train import lineage
 
+BODY_PREFIX = "backbone.body."
+"""Keys that ``body_alpha`` applies to: the backbone's ResNet stages, before the FPN."""
 
-def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str, torch.Tensor]:
+
+def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float,
+                body_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """The weights ``(1 - alpha) * start + alpha * tuned``, key by key.
 
     Parameters
@@ -47,6 +53,9 @@ def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str,
         frozen batch norm) and integer buffers keep the start's values.
     alpha : float
         Weight of ``tuned``, 0 to 1.
+    body_alpha : float, optional
+        Weight of ``tuned`` for the backbone's body (keys starting with ``BODY_PREFIX``);
+        default ``alpha``.
 
     Returns
     -------
@@ -56,10 +65,12 @@ def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str,
     Raises
     ------
     CheckpointError
-        If ``alpha`` is outside [0, 1] or a shared key has another shape.
+        If ``alpha`` or ``body_alpha`` is outside [0, 1] or a shared key has another shape.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise CheckpointError(f"alpha: {alpha} is outside [0, 1]")
+    body = alpha if body_alpha is None else body_alpha
+    for name, value in (("alpha", alpha), ("body_alpha", body)):
+        if not 0.0 <= value <= 1.0:
+            raise CheckpointError(f"{name}: {value} is outside [0, 1]")
     out: dict[str, torch.Tensor] = {}
     for key, a in start.state_dict.items():
         b = tuned.state_dict.get(key)
@@ -68,7 +79,7 @@ def interpolate(start: Checkpoint, tuned: Checkpoint, alpha: float) -> dict[str,
             continue
         if b.shape != a.shape:
             raise CheckpointError(f"{key}: shape {tuple(b.shape)} in the fine-tune, {tuple(a.shape)} in the start")
-        out[key] = torch.lerp(a.float(), b.float(), alpha)
+        out[key] = torch.lerp(a.float(), b.float(), body if key.startswith(BODY_PREFIX) else alpha)
     return out
 
 
@@ -109,7 +120,8 @@ def soup(tuned: list[Checkpoint]) -> Checkpoint:
     return replace(tuned[0], state_dict=out)
 
 
-def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: float) -> Checkpoint:
+def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: float,
+                            body_alpha: float | None = None) -> Checkpoint:
     """The start checkpoint with interpolated weights and the interpolation recorded in its meta.
 
     Parameters
@@ -120,15 +132,17 @@ def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: fl
         One or more fine-tunes trained from the start's weights (several are averaged, ``soup``).
     alpha : float
         Weight of the fine-tune (or of the average of the fine-tunes), 0 to 1.
+    body_alpha : float, optional
+        The backbone body's own weight (``interpolate``); default ``alpha``.
 
     Returns
     -------
     Checkpoint
-        ``meta.interpolation``: ``alpha``, the start's sha256 and, for each fine-tune
+        ``meta.interpolation``: ``alpha``, ``body_alpha`` where given, the start's sha256 and, for each fine-tune
         (``tuned``), its sha256, run name, iterations, training config name and its runs after
         the start's (``runs``: name and iterations of each, from ``meta.lineage``).
     """
-    return _Parents.load(start_path, tuned_paths).at(alpha)
+    return _Parents.load(start_path, tuned_paths).at(alpha, body_alpha)
 
 
 def tuned_record(path: Path, ckpt: Checkpoint, start: Checkpoint) -> dict[str, Any]:
@@ -157,10 +171,11 @@ class _Parents:
                   "tuned": [tuned_record(p, t, start) for p, t in zip(tuned_paths, tuned, strict=True)]}
         return cls(start, soup(tuned), record)
 
-    def at(self, alpha: float, **extra: Any) -> Checkpoint:
-        """The start with the weights at ``alpha``; ``extra`` joins the record (how alpha was chosen)."""
-        record = {"alpha": alpha} | self.record | extra
-        return replace(self.start, state_dict=interpolate(self.start, self.tuned, alpha),
+    def at(self, alpha: float, body_alpha: float | None = None, **extra: Any) -> Checkpoint:
+        """The start with the weights at ``alpha`` (the body at ``body_alpha``); ``extra`` joins the
+        record (how alpha was chosen)."""
+        record = {"alpha": alpha} | ({} if body_alpha is None else {"body_alpha": body_alpha}) | self.record | extra
+        return replace(self.start, state_dict=interpolate(self.start, self.tuned, alpha, body_alpha),
                        meta=self.start.meta | {"interpolation": record})
 
 
@@ -171,6 +186,18 @@ class Candidate:
     alpha: float
     keep_ap: float
     gain_ap: float
+    body_alpha: float | None = None
+    """The backbone body's own alpha; None: ``alpha``."""
+
+    @property
+    def body(self) -> float:
+        """The alpha the backbone's body is at."""
+        return self.alpha if self.body_alpha is None else self.body_alpha
+
+    @property
+    def name(self) -> str:
+        """``alpha A`` or ``alpha A body B``, as printed and in file names (with ``_``)."""
+        return f"alpha {self.alpha:g}" + ("" if self.body_alpha is None else f" body {self.body_alpha:g}")
 
 
 def choose_alpha(candidates: list[Candidate], keep_within: float) -> Candidate:
@@ -179,7 +206,7 @@ def choose_alpha(candidates: list[Candidate], keep_within: float) -> Candidate:
     Parameters
     ----------
     candidates : list of Candidate
-        Must include ``alpha`` 0 (the start), whose ``keep_ap`` is the reference.
+        Must include the start (``alpha`` 0, its body at 0), whose ``keep_ap`` is the reference.
     keep_within : float
         Largest loss of ``keep_ap`` against the start allowed, mask AP points.
 
@@ -187,13 +214,14 @@ def choose_alpha(candidates: list[Candidate], keep_within: float) -> Candidate:
     -------
     Candidate
         Highest ``gain_ap`` with ``keep_ap >= start.keep_ap - keep_within``; ties go to the
-        smaller ``alpha``. The start itself qualifies, so there is always an answer.
+        smaller ``alpha``, then the smaller body alpha. The start itself qualifies, so there is
+        always an answer.
     """
-    start = next((c for c in candidates if c.alpha == 0.0), None)
+    start = next((c for c in candidates if c.alpha == 0.0 and c.body == 0.0), None)
     if start is None:
         raise ValueError("candidates: alpha 0 (the start) is needed as the reference")
     allowed = [c for c in candidates if c.keep_ap >= start.keep_ap - keep_within]
-    return max(allowed, key=lambda c: (c.gain_ap, -c.alpha))
+    return max(allowed, key=lambda c: (c.gain_ap, -c.alpha, -c.body))
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -202,8 +230,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        ``start``, ``tuned`` (a list), ``out``; ``alpha``, or ``alphas`` with ``keep_set``, ``gain_set``,
-        ``keep_within`` and ``threads``.
+        ``start``, ``tuned`` (a list), ``out``; ``alpha`` (and ``body_alpha``), or ``alphas`` (and
+        ``body_alphas``: every pair is a candidate) with ``keep_set``, ``gain_set``, ``keep_within``
+        and ``threads``.
 
     Returns
     -------
@@ -216,32 +245,38 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     tuned = [Path(t) for t in args.tuned]
     try:
         if args.alpha is not None:
-            save_checkpoint(interpolated_checkpoint(Path(args.start), tuned, args.alpha), out, half=True)
-            print(f"wrote {out} (alpha {args.alpha})")
+            save_checkpoint(interpolated_checkpoint(Path(args.start), tuned, args.alpha, args.body_alpha),
+                            out, half=True)
+            print(f"wrote {out} ({Candidate(args.alpha, 0.0, 0.0, args.body_alpha).name})")
             return 0
+        if args.body_alpha is not None:
+            raise CheckpointError("--body-alpha goes with --alpha; with --alphas give --body-alphas")
         if not (args.keep_set and args.gain_set):
             raise CheckpointError("--alphas needs --keep-set and --gain-set")
         work = out.with_suffix("")
         work.mkdir(parents=True, exist_ok=True)
         parents = _Parents.load(Path(args.start), tuned)
+        grid = ([(a, None) for a in args.alphas] if args.body_alphas is None else
+                sorted({(0.0, 0.0)} | {(a, b) for a in args.alphas for b in args.body_alphas}))
         rows: list[Candidate] = []
-        for alpha in args.alphas:
-            path = work / f"alpha_{alpha:g}.pt"
-            save_checkpoint(parents.at(alpha), path, half=True)
-            aps = [evaluate_model(path, s, work / f"alpha_{alpha:g}" / Path(s).name, engine="torch",
+        for alpha, body_alpha in grid:
+            name = Candidate(alpha, 0.0, 0.0, body_alpha).name.replace(" ", "_")
+            path = work / f"{name}.pt"
+            save_checkpoint(parents.at(alpha, body_alpha), path, half=True)
+            aps = [evaluate_model(path, s, work / name / Path(s).name, engine="torch",
                                   threads=args.threads, progress=False, plots=False)["segm"]["AP"]
                    for s in (args.keep_set, args.gain_set)]
-            rows.append(Candidate(alpha, *aps))
-            print(f"alpha {alpha:g}: {Path(args.keep_set).name} {aps[0]:.1f}, {Path(args.gain_set).name} {aps[1]:.1f}",
-                  flush=True)
+            rows.append(Candidate(alpha, aps[0], aps[1], body_alpha))
+            print(f"{rows[-1].name}: {Path(args.keep_set).name} {aps[0]:.1f}, {Path(args.gain_set).name} "
+                  f"{aps[1]:.1f}", flush=True)
         best = choose_alpha(rows, args.keep_within)
-        chosen = parents.at(best.alpha, chosen_on={"keep_set": Path(args.keep_set).name,
+        chosen = parents.at(best.alpha, best.body_alpha, chosen_on={"keep_set": Path(args.keep_set).name,
                                                    "gain_set": Path(args.gain_set).name,
                                                    "keep_within": args.keep_within},
                             candidates=[asdict(c) for c in rows])
         save_checkpoint(chosen, out, half=True)
         (work / "choice.json").write_text(json.dumps(chosen.meta["interpolation"], indent=1))
-        print(f"wrote {out} (alpha {best.alpha:g}, chosen on {Path(args.keep_set).name} within "
+        print(f"wrote {out} ({best.name}, chosen on {Path(args.keep_set).name} within "
               f"{args.keep_within} and {Path(args.gain_set).name})")
     except (CheckpointError, EvaluationError) as err:
         print(f"nanoseg models interpolate: error: {err}", file=sys.stderr)

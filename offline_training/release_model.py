@@ -181,18 +181,23 @@ def interpolation_text(ckpt_meta: dict[str, Any]) -> str:
             + f", `{t['sha256'][:12]}`" for t in tuned]
     what = (f"its fine-tune {each[0]}" if len(each) == 1 else
             f"the average of its {len(each)} fine-tunes ({'; '.join(each)}; a model soup)")
+    body = rec.get("body_alpha")
+    body_text = "" if body is None else f" (the backbone's ResNet stages at {body:g})"
     text = (f"- Weights interpolated (WiSE-FT): {1 - rec['alpha']:g} x the network above (`{rec['start_sha256'][:12]}`) "
-            f"+ {rec['alpha']:g} x {what}, by `nanoseg models interpolate`; the start's "
+            f"+ {rec['alpha']:g} x {what}{body_text}, by `nanoseg models interpolate`; the start's "
             "mask refiner, config and input spec.\n")
     chosen = rec.get("chosen_on")
     if not chosen:
         return text
-    rows = "\n".join(f"| {c['alpha']:g} | {c['keep_ap']:.1f} | {c['gain_ap']:.1f} |" for c in rec["candidates"])
+    bodies = any(c.get("body_alpha") is not None for c in rec["candidates"])
+    rows = "\n".join(f"| {c['alpha']:g} |" + (f" {c['body_alpha']:g} |" if bodies else "")
+                     + f" {c['keep_ap']:.1f} | {c['gain_ap']:.1f} |" for c in rec["candidates"])
+    head = "| alpha |" + (" backbone alpha |" if bodies else "")
     return text + f"""  Alpha chosen on synthetic validation sets only: the best mask AP on `{chosen['gain_set']}` among
-  the alphas that keep `{chosen['keep_set']}` within {chosen['keep_within']:g} of the start's (alpha 0).
+  the candidates that keep `{chosen['keep_set']}` within {chosen['keep_within']:g} of the start's (alpha 0).
 
-| alpha | `{chosen['keep_set']}` mask AP | `{chosen['gain_set']}` mask AP |
-|---|---|---|
+{head} `{chosen['keep_set']}` mask AP | `{chosen['gain_set']}` mask AP |
+|---|{"---|" if bodies else ""}---|---|
 {rows}
 """
 

@@ -42,9 +42,19 @@ def test_interpolate_is_the_straight_line_between_the_weights(trained_model_path
         assert torch.equal(w[counter], start.state_dict[counter])
     with pytest.raises(CheckpointError, match="alpha"):
         interpolate(start, tuned, 1.5)
+    with pytest.raises(CheckpointError, match="body_alpha"):
+        interpolate(start, tuned, 0.5, body_alpha=-0.1)
     bad = dataclasses.replace(tuned, state_dict=tuned.state_dict | {key: torch.zeros(1)})
     with pytest.raises(CheckpointError, match=key):
         interpolate(start, bad, 0.5)
+
+
+def test_the_backbone_body_may_take_its_own_alpha(trained_model_path: Path, tuned_path: Path) -> None:
+    start, tuned = load_checkpoint(trained_model_path), load_checkpoint(tuned_path)
+    w = interpolate(start, tuned, 0.2, body_alpha=0.7)
+    for key, alpha in (("backbone.body.conv1.weight", 0.7), ("backbone.body.layer4.0.conv1.weight", 0.7),
+                       ("backbone.fpn.inner_blocks.0.0.weight", 0.2), ("roi_heads.mask_predictor.mask_fcn_logits.weight", 0.2)):
+        torch.testing.assert_close(w[key], torch.lerp(start.state_dict[key].float(), tuned.state_dict[key].float(), alpha))
 
 
 def test_a_soup_is_the_mean_of_the_fine_tunes(trained_model_path: Path, tuned_path: Path) -> None:
@@ -87,6 +97,12 @@ def test_choose_alpha_keeps_the_start_s_accuracy_within_the_margin() -> None:
     assert choose_alpha(rows, 2.0).alpha == 0.5
     assert choose_alpha(rows, 0.0).alpha == 0.0  # nothing else keeps it: the start
     assert choose_alpha([Candidate(0.0, 86.0, 6.0), Candidate(0.5, 86.0, 6.0)], 1.0).alpha == 0.0  # tie: smaller
+    pairs = [Candidate(0.0, 86.0, 5.0, 0.0), Candidate(0.0, 85.0, 6.5, 0.5), Candidate(0.2, 85.2, 6.5, 0.5),
+             Candidate(0.2, 84.0, 8.0, 0.8)]
+    assert choose_alpha(pairs, 1.0) == pairs[1]  # the body alone; a tie with (0.2, 0.5) goes to the smaller alpha
+    assert choose_alpha(pairs, 2.0) == pairs[3]
+    with pytest.raises(ValueError, match="alpha 0"):
+        choose_alpha(pairs[1:], 1.0)  # (0, body 0.5) is not the start
     with pytest.raises(ValueError, match="alpha 0"):
         choose_alpha(rows[1:], 1.0)
 
@@ -127,6 +143,17 @@ def test_interpolate_cli_chooses_alpha_on_validation_sets(trained_model_path: Pa
     assert json.loads((tmp_path / "chosen" / "choice.json").read_text())["alpha"] == rec["alpha"]
     assert main(["models", "interpolate", str(trained_model_path), str(tuned_path), "--alphas", "0.5",
                  "--out", str(out)]) == 2  # no validation sets
+    # the backbone body's own alphas: every pair is a candidate, the start (0, 0) among them
+    assert main(["models", "interpolate", str(trained_model_path), str(tuned_path), "--alphas", "0.5",
+                 "--body-alphas", "0.2", "--keep-set", str(val), "--gain-set", str(val), "--keep-within", "0.5",
+                 "--out", str(out), "--threads", "1"]) == 0
+    rec = load_checkpoint(out).meta["interpolation"]
+    rows = [Candidate(**c) for c in rec["candidates"]]
+    assert [(c.alpha, c.body_alpha) for c in rows] == [(0.0, 0.0), (0.0, 0.2), (0.5, 0.0), (0.5, 0.2)]
+    best = choose_alpha(rows, 0.5)
+    assert (rec["alpha"], rec["body_alpha"]) == (best.alpha, best.body_alpha)
+    assert main(["models", "interpolate", str(trained_model_path), str(tuned_path), "--alphas", "0.5",
+                 "--body-alpha", "0.2", "--keep-set", str(val), "--gain-set", str(val), "--out", str(out)]) == 2
 
 
 def test_the_model_card_says_how_the_weights_were_interpolated_and_chosen() -> None:
@@ -146,3 +173,8 @@ def test_the_model_card_says_how_the_weights_were_interpolated_and_chosen() -> N
                                    {"alpha": 0.4, "keep_ap": 83.9, "gain_ap": 5.0}]}
     text = interpolation_text({"interpolation": chosen})
     assert "within 1.5 of the start's" in text and "| 0.4 | 83.9 | 5.0 |" in text
+    pairs = chosen | {"body_alpha": 0.6, "candidates": [{"alpha": 0.0, "body_alpha": 0.0, "keep_ap": 84.7, "gain_ap": 2.3},
+                                                        {"alpha": 0.2, "body_alpha": 0.6, "keep_ap": 83.5, "gain_ap": 7.0}]}
+    text = interpolation_text({"interpolation": pairs})
+    assert "(the backbone's ResNet stages at 0.6)" in text and "| alpha | backbone alpha |" in text
+    assert "| 0.2 | 0.6 | 83.5 | 7.0 |" in text
