@@ -54,15 +54,21 @@ def frame_args(p: argparse.ArgumentParser, profile_default: str | None) -> None:
                         "model's); raise it for fields of hundreds of small particles")
 
 
-def alpha_list(text: str) -> list[float]:
-    """``--alphas``, ``--body-alphas``: comma-separated weights in [0, 1], sorted, with 0 (the start) added."""
+def alpha_list(text: str, start: bool = True) -> list[float]:
+    """``--alphas``: comma-separated weights in [0, 1], sorted, with 0 (the start) added unless
+    ``start`` is false (``--body-alphas``: see ``body_alpha_list``)."""
     try:
-        values = sorted({float(v) for v in text.split(",") if v.strip()} | {0.0})
+        values = sorted({float(v) for v in text.split(",") if v.strip()} | ({0.0} if start else set()))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if any(not 0.0 <= v <= 1.0 for v in values):
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"values must lie in [0, 1]: {text!r}")
     return values
+
+
+def body_alpha_list(text: str) -> list[float]:
+    """``--body-alphas``: comma-separated weights in [0, 1], sorted (the start is added as a pair)."""
+    return alpha_list(text, start=False)
 
 
 def add_interpolate(models: Any) -> None:
@@ -79,8 +85,9 @@ def add_interpolate(models: Any) -> None:
                                                     "needs --keep-set and --gain-set")
     p.add_argument("--body-alpha", type=float, help="with --alpha: the backbone body's own weight "
                                                     "(the ResNet stages; default --alpha)")
-    p.add_argument("--body-alphas", type=alpha_list, help="with --alphas: the backbone body's own weights; "
-                                                          "every pair with --alphas is a candidate")
+    p.add_argument("--body-alphas", type=body_alpha_list, help="with --alphas: the backbone body's own weights; "
+                                                               "every pair with --alphas is a candidate, "
+                                                               "beside the start")
     p.add_argument("--keep-set", help="COCO set whose mask AP may fall by at most --keep-within "
                                       "(e.g. the start's own validation set)")
     p.add_argument("--gain-set", help="COCO set whose mask AP is maximised (e.g. a randomised validation set)")

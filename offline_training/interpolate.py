@@ -231,7 +231,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     ----------
     args : argparse.Namespace
         ``start``, ``tuned`` (a list), ``out``; ``alpha`` (and ``body_alpha``), or ``alphas`` (and
-        ``body_alphas``: every pair is a candidate) with ``keep_set``, ``gain_set``, ``keep_within``
+        ``body_alphas``: every pair is a candidate, and the start) with ``keep_set``, ``gain_set``, ``keep_within``
         and ``threads``.
 
     Returns
