@@ -146,7 +146,23 @@ def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: fl
 
 
 def tuned_record(path: Path, ckpt: Checkpoint, start: Checkpoint) -> dict[str, Any]:
-    """One fine-tune as ``meta.interpolation.tuned`` lists it (see ``interpolated_checkpoint``)."""
+    """One fine-tune as ``meta.interpolation.tuned`` lists it.
+
+    Parameters
+    ----------
+    path : Path
+        The fine-tune's file (hashed).
+    ckpt : Checkpoint
+        The fine-tune, read from ``path``.
+    start : Checkpoint
+        The start: its runs are left out of the fine-tune's ``runs``.
+
+    Returns
+    -------
+    dict
+        ``sha256``, ``name``, ``iterations``, ``config`` (training config name) and ``runs``
+        (name and iterations of each run after the start's).
+    """
     before = len(lineage(start.meta))
     runs = lineage(ckpt.meta)
     runs = runs[before:] if len(runs) > before else runs[-1:]  # the fine-tune's own runs, after the start's
