@@ -89,9 +89,9 @@ def soup(tuned: list[Checkpoint]) -> Checkpoint:
     Parameters
     ----------
     tuned : list of Checkpoint
-        One or more fine-tunes of the same network. A float key is averaged where every one has
-        it with one shape; otherwise (a key some lack, integer buffers) the first one's value
-        is kept.
+        One or more fine-tunes of the same network, averaged as a running mean (``interpolate``
+        with weight 1/k for the k-th): integer buffers keep the first one's values, and a
+        fine-tune that lacks a key leaves the mean of that key as it stands.
 
     Returns
     -------
@@ -105,19 +105,10 @@ def soup(tuned: list[Checkpoint]) -> Checkpoint:
     """
     if not tuned:
         raise CheckpointError("tuned: at least one fine-tune is needed")
-    if len(tuned) == 1:
-        return tuned[0]
-    out: dict[str, torch.Tensor] = {}
-    for key, a in tuned[0].state_dict.items():
-        others = [t.state_dict.get(key) for t in tuned[1:]]
-        if not a.is_floating_point() or any(b is None for b in others):
-            out[key] = a
-            continue
-        for b in others:
-            if b is not None and b.shape != a.shape:
-                raise CheckpointError(f"{key}: shapes {tuple(a.shape)} and {tuple(b.shape)} among the fine-tunes")
-        out[key] = torch.stack([a.float()] + [b.float() for b in others if b is not None]).mean(dim=0)
-    return replace(tuned[0], state_dict=out)
+    mean = tuned[0]
+    for k, t in enumerate(tuned[1:], start=2):  # a running mean: the k-th joins with weight 1/k
+        mean = replace(mean, state_dict=interpolate(mean, t, 1.0 / k))
+    return mean
 
 
 def interpolated_checkpoint(start_path: Path, tuned_paths: list[Path], alpha: float,
@@ -212,8 +203,24 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        """``alpha A`` or ``alpha A body B``, as printed and in file names (with ``_``)."""
-        return f"alpha {self.alpha:g}" + ("" if self.body_alpha is None else f" body {self.body_alpha:g}")
+        """``alpha A`` or ``alpha A body B`` (``pair_name``)."""
+        return pair_name(self.alpha, self.body_alpha)
+
+
+def pair_name(alpha: float, body_alpha: float | None) -> str:
+    """``alpha A`` or ``alpha A body B``, as printed and in file names (with ``_``).
+
+    Parameters
+    ----------
+    alpha, body_alpha : float
+        The interpolation's alpha and the backbone body's own (None: the same).
+
+    Returns
+    -------
+    str
+        The name.
+    """
+    return f"alpha {alpha:g}" + ("" if body_alpha is None else f" body {body_alpha:g}")
 
 
 def choose_alpha(candidates: list[Candidate], keep_within: float) -> Candidate:
@@ -263,7 +270,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
         if args.alpha is not None:
             save_checkpoint(interpolated_checkpoint(Path(args.start), tuned, args.alpha, args.body_alpha),
                             out, half=True)
-            print(f"wrote {out} ({Candidate(args.alpha, 0.0, 0.0, args.body_alpha).name})")
+            print(f"wrote {out} ({pair_name(args.alpha, args.body_alpha)})")
             return 0
         if args.body_alpha is not None:
             raise CheckpointError("--body-alpha goes with --alpha; with --alphas give --body-alphas")
@@ -276,7 +283,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
                 sorted({(0.0, 0.0)} | {(a, b) for a in args.alphas for b in args.body_alphas}))
         rows: list[Candidate] = []
         for alpha, body_alpha in grid:
-            name = Candidate(alpha, 0.0, 0.0, body_alpha).name.replace(" ", "_")
+            name = pair_name(alpha, body_alpha).replace(" ", "_")
             path = work / f"{name}.pt"
             save_checkpoint(parents.at(alpha, body_alpha), path, half=True)
             aps = [evaluate_model(path, s, work / name / Path(s).name, engine="torch",
