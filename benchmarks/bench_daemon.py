@@ -531,6 +531,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-wait-ms", type=float, default=2.0, help="batching.max_wait_ms")
     ap.add_argument("--pack", action="store_true", help="batching.pack_small_frames: small frames share model inputs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one summary")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="Python's thread switch interval in the daemon's process (sys.setswitchinterval; default 5)")
     ap.add_argument("--out", help="write the results as JSON here")
     return ap
 
@@ -547,6 +549,8 @@ def service_args(**changes: Any) -> argparse.Namespace:
 
 def main() -> None:
     args = parser().parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.sizes is None:
         args.sizes = [128, 512, 2048] if args.engine == "null" else [512]
     if not args.model.exists():
@@ -554,7 +558,8 @@ def main() -> None:
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
                                "null_detections": args.null_detections if args.engine == "null" else None,
                                "threads": args.threads, "queue_size": args.queue_size,
-                               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "pack": args.pack}
+                               "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "pack": args.pack,
+                               "switch_interval_ms": 1000 * sys.getswitchinterval()}
     engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
     print(f"model {args.model} ({results['model']['name']}), engine {engine} on {args.device}, {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
