@@ -188,6 +188,16 @@ class TiledSection(StrictModel):
                                      "this many runs under raw_path are searched for an unknown descriptor.")
 
 
+class DaemonStatistics(StatisticsConfig):
+    """The core's summary settings plus where the daemon measures particles."""
+
+    workers: int = Field(0, ge=0, le=256, description="Processes that compute particle statistics (tables and "
+                         "summaries) beside the daemon, each frame in one of them (0: in the daemon's measure "
+                         "thread, one core at most). For machines with cores to spare, e.g. a GPU server, "
+                         "where the statistics would otherwise limit the frames per second. A worker that "
+                         "dies is replaced; its frames are measured in the daemon, nothing is lost.")
+
+
 SinkName = Literal["store", "bluesky", "summary", "tiled"]
 """The daemon's sinks (``daemon/sinks.py``, ``daemon/tiled_sink.py``); their settings are the
 sections ``store``, ``publish.bluesky``, ``publish.summary`` and ``tiled``."""
@@ -202,10 +212,11 @@ class DaemonConfig(StrictModel):
     postprocess: PostprocessConfig = Field(
         default_factory=PostprocessConfig,
         description="Fields set here override the model's own operating point (its checkpoint's thresholds).")
-    statistics: StatisticsConfig = Field(
-        default_factory=StatisticsConfig,
+    statistics: DaemonStatistics = Field(
+        default_factory=lambda: DaemonStatistics(),
         description="Frame summaries: edge_rule (include, exclude, miles_lantuejoul), bootstrap_resamples, "
-                    "target_precision; the rule is stated in every summary.")
+                    "target_precision (the rule is stated in every summary); workers: processes that "
+                    "measure particles beside the daemon.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     queue: QueueSection = Field(default_factory=QueueSection)
     batching: BatchingSection = Field(default_factory=BatchingSection)

@@ -6,7 +6,7 @@ density + scale/tile (``nanoseg.prepare``), then ``Segmenter.analyse`` (engine a
 
 ``Stages`` runs prepare, infer (batched), measure (post-processing and statistics) and output in
 four threads joined by small bounded queues, so the model never waits on preparation, statistics
-or I/O. Run start/stop items travel through the same queues, so every consumer sees start ->
+or I/O; with ``statistics.workers`` the statistics run in worker processes (``stats_pool``). Run start/stop items travel through the same queues, so every consumer sees start ->
 frames in order -> stop. A frame carries the model it
 was prepared for into inference, so a reload between the two never splits a frame across models.
 """
@@ -29,6 +29,8 @@ from nanoseg.engines import RawDetections
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.input_spec import FrameMode
+from nanoseg.instances import Instances
+from nanoseg.particle_stats import FrameStatistics, FrameSummary, ParticleTable
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, ScaleChooser
 from nanoseg.scale import ScaleChoice
@@ -39,6 +41,7 @@ from nanoseg_daemon.logs import log
 from nanoseg_daemon.metrics import DaemonMetrics
 from nanoseg_daemon.model_slot import LoadedModel
 from nanoseg_daemon.queueing import Closed, FrameQueue
+from nanoseg_daemon.stats_pool import Pending, StatisticsPool
 
 Item: TypeAlias = RunStarted | FrameJob | RunStopped
 
@@ -146,16 +149,45 @@ def infer_and_measure(p: Prepared, detections: Sequence[RawDetections] | None = 
     ``detections``: its tiles' raw detections when the engine ran already, with the frame's share
     of that run (``infer_seconds``, s); summarised as ``statistics`` says (the config's
     ``statistics`` section; None: its defaults)."""
-    px = p.frame.stated_pixel_size_nm
     timings = {"prepare": p.seconds, "infer": infer_seconds}
-    a = p.model.segmenter.analyse(p.frame, px, timings, detections, statistics)
+    a = p.model.segmenter.analyse(p.frame, p.frame.stated_pixel_size_nm, timings, detections, statistics)
+    return _result(p, a.instances, a.table, a.summary, a.instances_capped, timings)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A frame's instances, its statistics still to come (``statistics.workers``)."""
+
+    prepared: Prepared
+    instances: Instances
+    capped: int
+    timings: dict[str, float]  # prepare, infer, postprocess so far, s
+
+
+def find_instances(d: Detected) -> Found:
+    """Post-processing of a frame whose detections are known: its instances (``measured`` then
+    adds the statistics, wherever they ran)."""
+    timings = {"prepare": d.prepared.seconds, "infer": d.seconds}
+    inst, capped = d.prepared.model.segmenter.detected_instances(d.prepared.frame, d.detections, timings)
+    return Found(d.prepared, inst, capped, timings)
+
+
+def measured(f: Found, stats: FrameStatistics) -> FrameResult:
+    """The frame's result from its instances and their statistics (``frame_statistics``)."""
+    return _result(f.prepared, f.instances, stats.table, stats.summary, f.capped,
+                   {**f.timings, "stats": stats.seconds})
+
+
+def _result(p: Prepared, instances: Instances, table: ParticleTable, summary: FrameSummary, capped: int,
+            timings: dict[str, float]) -> FrameResult:
+    px = p.frame.stated_pixel_size_nm
     return FrameResult(
         run_uid=p.job.run_uid, frame_uid=p.job.frame_uid, seq_num=p.job.seq_num,
-        timestamp=p.job.timestamp, instances=a.instances, table=a.table, summary=a.summary,
+        timestamp=p.job.timestamp, instances=instances, table=table, summary=summary,
         model_version=p.model.version, invalid_pixels=p.frame.invalid.to_dict(), timings=timings,
         metadata={**p.job.metadata.extra, "pixel_size_nm": px, "profile": p.profile.name,
                   **_preparation(p.frame)},
-        received_monotonic=p.job.received_monotonic, instances_capped=a.instances_capped,
+        received_monotonic=p.job.received_monotonic, instances_capped=capped,
     )
 
 
@@ -302,6 +334,7 @@ class StageCallbacks:
     model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
     batched: Callable[[int], None] = lambda frames: None  # frames per engine batch
+    statistics_lost: Callable[[int], None] = lambda frames: None  # frames re-measured after a worker died
 
 
 STOP = object()
@@ -320,13 +353,19 @@ class Stages:
     first waiting at most ``batching.max_wait_ms`` for more, and runs the engine once on them
     (``detect_batch``); a batch holds frames prepared for one model and ends at a run event, so
     results leave in the order the frames came. The measure stage (mask pasting, filters,
-    statistics) runs beside it, so the engine never waits for them."""
+    statistics) runs beside it, so the engine never waits for them.
+
+    With ``statistics_workers`` N > 0 the measure stage post-processes and hands each frame's
+    statistics to a pool of N processes (``stats_pool``), and a fifth thread, collect, takes
+    the results in the frames' order and passes them on: N frames are measured at once."""
 
     def __init__(self, source: Callable[[float, int], list[Item]], profiles: ProfileBook,
                  cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None,
-                 statistics: StatisticsConfig | None = None) -> None:
+                 statistics: StatisticsConfig | None = None, statistics_workers: int = 0) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.statistics = statistics
+        self.pool = (StatisticsPool(statistics_workers, statistics, cb.statistics_lost)
+                     if statistics_workers > 0 else None)
         self.batching = batching or BatchingSection()
         # lists of up to max_batch items; about as many frames waiting between stages as one batch
         lists = max(1, max(inner_queue, self.batching.max_batch) // self.batching.max_batch)
@@ -338,6 +377,10 @@ class Stages:
                         threading.Thread(target=self._infer_loop, name="stage-infer", daemon=True),
                         threading.Thread(target=self._measure_loop, name="stage-measure", daemon=True),
                         threading.Thread(target=self._output_loop, name="stage-output", daemon=True)]
+        # frames whose statistics are in the pool's hands, in order: about two batches
+        self.q_collect: queue.Queue[list[tuple[object, Pending | None]] | object] = queue.Queue(2)
+        if self.pool is not None:
+            self.threads.append(threading.Thread(target=self._collect_loop, name="stage-collect", daemon=True))
         self.heartbeat = time.monotonic()
         self._infer_stopped = False  # the infer stage has taken STOP
         self.scales = RunScales()
@@ -401,6 +444,9 @@ class Stages:
         self.q_measure.put(STOP)
 
     def _measure_loop(self) -> None:
+        if self.pool is not None:
+            self._measure_in_pool_loop(self.pool)
+            return
         while True:
             items = self.q_measure.get()
             if items is STOP:
@@ -416,6 +462,50 @@ class Stages:
                     out.append(item)
             if out:
                 self.q_out.put(out)
+        self.q_out.put(STOP)
+
+    def _measure_in_pool_loop(self, pool: StatisticsPool) -> None:
+        """Post-processing here, statistics handed to the pool; the collect stage waits for them."""
+        while True:
+            items = self.q_measure.get()
+            if items is STOP:
+                break
+            out: list[tuple[object, Pending | None]] = []
+            for item in cast("list[object]", items):
+                if isinstance(item, Detected):
+                    try:
+                        f = find_instances(item)
+                        frame = f.prepared.frame
+                        out.append((f, pool.submit(f.instances.box_masks, frame.optical_density,
+                                                   frame.stated_pixel_size_nm)))
+                    except Exception as err:
+                        self._failed(item.prepared.job, err)
+                else:
+                    out.append((item, None))
+            if out:
+                self.q_collect.put(out)
+        self.q_collect.put(STOP)
+
+    def _collect_loop(self) -> None:
+        """Each frame's statistics from the pool, in the frames' order, then on to the output."""
+        pool = cast(StatisticsPool, self.pool)
+        while True:
+            entries = self.q_collect.get()
+            if entries is STOP:
+                break
+            out: list[object] = []
+            for item, pending in cast("list[tuple[object, Pending | None]]", entries):
+                if pending is None:
+                    out.append(item)
+                    continue
+                f = cast(Found, item)
+                try:
+                    out.append(measured(f, pool.result(pending)))
+                except Exception as err:
+                    self._failed(f.prepared.job, err)
+            if out:
+                self.q_out.put(out)
+        pool.close()
         self.q_out.put(STOP)
 
     def _failed(self, job: FrameJob, err: Exception) -> None:

@@ -54,8 +54,10 @@ class Service:
         self.stages = Stages(self.intake.next_items, self.profiles,
                              StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
                                             lambda: self._paused.is_set() and not self._stopping.is_set(),
-                                            self.metrics.batch_size.observe),
-                             batching=cfg.batching, statistics=cfg.statistics)
+                                            self.metrics.batch_size.observe,
+                                            self.metrics.statistics_remeasured.inc),
+                             batching=cfg.batching, statistics=cfg.statistics,
+                             statistics_workers=cfg.statistics.workers)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
@@ -223,7 +225,8 @@ class Service:
                 "postprocess_configured": self.slot.configured.model_dump(mode="json", exclude_unset=True),
                 "queue_depth": len(self.intake.queue), "sinks": self.cfg.sink_names,
                 "open_runs": self.sinks.open_runs, "processed": self.sinks.processed,
-                "pending_store": self.sinks.pending, "stages_alive": self.stages.alive()}
+                "pending_store": self.sinks.pending, "stages_alive": self.stages.alive(),
+                "statistics_workers": self.stages.pool.worker_pids() if self.stages.pool else []}
 
     def handle_control(self, req: BaseModel) -> dict[str, Any]:
         if isinstance(req, ctl.PauseRequest):

@@ -25,6 +25,7 @@ longest piece's.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -40,6 +41,7 @@ from nanoseg.summary_stats import (
     EdgeRule,
     Histogram,
     Stat,
+    StatisticsConfig,
     axial_stat,
     column_stats,
     edge_weights,
@@ -441,6 +443,43 @@ def frame_summary(
 
 
 _EMPTY_SUMMARIES: dict[tuple[object, ...], FrameSummary] = {}
+
+
+@dataclass(frozen=True)
+class FrameStatistics:
+    """A frame's particle table and its summary, and the time they took (s, wall, where they ran)."""
+
+    table: ParticleTable
+    summary: FrameSummary
+    seconds: float
+
+
+def frame_statistics(masks: np.ndarray | BoxMasks, od: np.ndarray | None, pixel_size_nm: float | None,
+                     statistics: StatisticsConfig | None = None) -> FrameStatistics:
+    """Frame -> particles: the particle table of ``masks`` and its summary, as ``statistics`` says.
+
+    The one function every caller measures a frame's particles with (``Segmenter.analyse``, a
+    process of its own beside a service), so the table and summary are the same wherever it runs.
+
+    Parameters
+    ----------
+    masks : (N, H, W) bool, or box-local masks (``BoxMasks``), the frame's particles.
+    od : (H, W) optical density of the frame for the mean OD column; None: no such column.
+    pixel_size_nm : size of one frame pixel, nm, for the ``*_nm`` columns; None: px only.
+    statistics : edge rule, bootstrap resamples and target precision of the summary; None:
+        ``StatisticsConfig()``.
+
+    Returns
+    -------
+    FrameStatistics
+        The table, the summary and the seconds both took.
+    """
+    t0 = time.perf_counter()
+    st = statistics or StatisticsConfig()
+    table = particle_table(masks, od, pixel_size_nm)
+    summary = frame_summary(table, st.edge_rule, resamples=st.bootstrap_resamples,
+                            target_precision=st.target_precision)
+    return FrameStatistics(table, summary, time.perf_counter() - t0)
 
 
 def _frame_summary(table: ParticleTable, edge_rule: EdgeRule, resamples: int, seed: int,

@@ -107,6 +107,12 @@ class PreparedFrame:
     auto_scale: ScaleChoice | None = None
 
     @property
+    def optical_density(self) -> np.ndarray | None:
+        """``image`` (H, W) float32 when the frame was prepared as optical density, else None:
+        the mean-OD column's source (``particle_stats.frame_statistics``)."""
+        return self.image if self.mode == "optical_density" else None
+
+    @property
     def stated_pixel_size_nm(self) -> float | None:
         """The frame pixel size a run or profile stated, nm, for particle sizes in nm; None when
         there was none or it was chosen by ``auto`` (a resampling, not a measurement)."""

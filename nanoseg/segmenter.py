@@ -24,7 +24,7 @@ from nanoseg.input_spec import FrameMode, InputSpec
 from nanoseg.instances import Instances
 from nanoseg.model import mask_grid_offset_px
 from nanoseg.mosaic import pack_mosaic, plan_mosaics, split_detections
-from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_summary, particle_table
+from nanoseg.particle_stats import FrameSummary, ParticleTable, frame_statistics
 from nanoseg.postprocess import (
     PostprocessConfig,
     cap_instances,
@@ -281,15 +281,31 @@ class Segmenter:
             from ``prepared.image`` when the frame was prepared as optical density.
         """
         inst, capped = self._segment(prepared, timings, detections=detections)
-        t0 = time.perf_counter()
-        od = prepared.image if prepared.mode == "optical_density" else None
-        table = particle_table(inst.box_masks, od, pixel_size_nm)  # box-local: never N x H x W
-        st = statistics or StatisticsConfig()
-        summary = frame_summary(table, st.edge_rule, resamples=st.bootstrap_resamples,
-                                target_precision=st.target_precision)
+        stats = frame_statistics(inst.box_masks, prepared.optical_density, pixel_size_nm, statistics)
         if timings is not None:
-            timings["stats"] = time.perf_counter() - t0
-        return FrameAnalysis(inst, table, summary, capped)
+            timings["stats"] = stats.seconds
+        return FrameAnalysis(inst, stats.table, stats.summary, capped)
+
+    def detected_instances(self, prepared: PreparedFrame, detections: Sequence[RawDetections],
+                           timings: dict[str, float] | None = None) -> tuple[Instances, int]:
+        """``analyse`` up to the instances, for a caller that measures them elsewhere
+        (``particle_stats.frame_statistics`` on ``inst.box_masks`` and ``prepared.optical_density``).
+
+        Parameters
+        ----------
+        prepared
+            The frame from ``nanoseg.prepare.prepare_frame`` with this segmenter's ``spec``.
+        detections
+            The frame's raw detections per tile (``detect_frames``).
+        timings
+            When given, receives ``infer`` (added to) and ``postprocess`` seconds.
+
+        Returns
+        -------
+        tuple of (Instances, int)
+            The frame's instances in original frame pixels, and how many the cap removed.
+        """
+        return self._segment(prepared, timings, detections=detections)
 
     def segment_gray(self, gray: np.ndarray) -> Instances:
         """A 0–255 image already at the model's scale and mapping (e.g. a synthetic data set image)."""

@@ -3,7 +3,8 @@
 # the CUDA engines against the CPU on 20 test frames (mask IoU) and their speed
 # (benchmarks/gpu_check.py), then the daemon over raw frames at 128² and 512² with the torch
 # engine on the device: engine only, saturated frames/s, and p50/p95/p99 latency at half the
-# saturated rate (benchmarks/bench_daemon.py); 128² again with frames packed 4 to a model input.
+# saturated rate (benchmarks/bench_daemon.py), the statistics in STATS_WORKERS processes (default:
+# the cores less 3); 128² again with frames packed 4 to a model input.
 # Estimated 6-8 minutes on an H200 (not yet run on one).
 #
 #   bash scripts/device_wheels.sh            # here, before: the wheels the machine lacks, in .whl/
@@ -22,7 +23,9 @@ stamp() { echo "[gpu_daemon_check +$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 model=${MODEL:-$repo/models/default/model.pt}
 frames=2000 model_only=50 repeats=30
-[ "$device" = cpu ] && { frames=12; model_only=3; repeats=2; }
+# the particle statistics in worker processes on the cores the engine leaves (statistics.workers)
+workers=${STATS_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 3 : 1 ))}
+[ "$device" = cpu ] && { frames=12; model_only=3; repeats=2; workers=1; }
 
 test_set=$NANOSEG_CACHE/data/paper-test-s2-n20
 stamp "generate 20 test frames"
@@ -32,9 +35,10 @@ $py "$repo/benchmarks/gpu_check.py" --model "$model" --dataset "$test_set" --dev
     --repeats "$repeats" --out "$out/gpu_check.json"
 stamp "daemon end to end"
 $py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 512 \
-    --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 --out "$out/daemon_gpu.json"
+    --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 --stats-workers "$workers" \
+    --out "$out/daemon_gpu.json"
 stamp "daemon end to end, 128² frames packed 4 to a model input"
 $py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 --pack \
     --max-batch 16 --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 \
-    --out "$out/daemon_gpu_packed.json"
+    --stats-workers "$workers" --out "$out/daemon_gpu_packed.json"
 stamp "done"

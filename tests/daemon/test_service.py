@@ -184,3 +184,29 @@ def test_the_configured_edge_rule_summarises_published_and_stored_frames(tmp_pat
     for s in (published["summary"], row.summary):
         assert s["edge_rule"] == "exclude" and s["count"] > 0
         assert s["touching_edge"] > 0 and s["counted"] == s["count"] - s["touching_edge"]  # the rule counted
+
+
+def test_statistics_in_worker_processes_give_the_same_summaries(tmp_path: Path, trained_model_path: Path) -> None:
+    """``statistics.workers: 2``: the frames' summaries, over real sockets, are those of the
+    daemon's own thread (the same model, frames and settings), and status lists the workers."""
+    from nanoseg.postprocess import PostprocessConfig
+    from nanoseg_daemon.contracts import FrameJob, FrameMetadata
+    from nanoseg_daemon.model_slot import load_model
+    from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
+
+    model = load_model(trained_model_path, "torch", "cpu", 2, PostprocessConfig())
+    expected = [json.loads(json.dumps(analyse_frame(
+        FrameJob("r1", str(i), i + 1, f.counts, 0.0, FrameMetadata(pixel_size_nm=8.0, i0=DOSE), 0.0),
+        model, ProfileBook("ptychography")).summary.to_dict())) for i, f in enumerate(FRAMES)]
+    svc = start_service(tmp_path, trained_model_path, **{"statistics.workers": 2})
+    client = Client(svc)
+    try:
+        send_frames(client)
+        summaries = list(client.summaries(3))
+        status = control_request(svc.control.address, {"command": "status"})
+        assert status["ok"] and status["result"]["statistics_workers"]
+    finally:
+        client.close()
+        assert svc.stop()
+    assert [s["seq_num"] for s in summaries] == [1, 2, 3]
+    assert [s["summary"] for s in summaries] == expected
