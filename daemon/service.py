@@ -136,6 +136,9 @@ class Service:
         if self.metrics_server:
             self.metrics_server.start()
         self.stages.start()
+        if self.stages.pool is not None and not self.stages.pool.wait_ready(60.0):
+            log("statistics_workers_slow", logging.WARNING, workers=self.stages.pool.workers,
+                detail="the statistics workers did not start within 60 s; frames wait for them")
         self.control.start()
         self.ingest.start()
         threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()

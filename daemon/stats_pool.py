@@ -21,7 +21,7 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -78,6 +78,7 @@ class StatisticsPool:
         self.statistics = StatisticsConfig(**st.model_dump(include=set(StatisticsConfig.model_fields)))
         self.on_lost = on_lost
         self.restarts = 0
+        self._warming: list[Future[int]] = []
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = self._started()
 
@@ -85,9 +86,14 @@ class StatisticsPool:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
         ex = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_exit_with, initargs=(os.getpid(),))
-        for _ in range(self.workers):  # each start asked for now, not with the first frames (seconds)
-            ex.submit(os.getpid)
+        # each start asked for now, not with the first frames (a worker takes seconds to start)
+        self._warming = [ex.submit(os.getpid) for _ in range(self.workers)]
         return ex
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` s for the workers' start; True when they have all started."""
+        done, _ = wait(self._warming, timeout=timeout_s)
+        return len(done) == len(self._warming)
 
     def _replace(self, broken: ProcessPoolExecutor | None) -> ProcessPoolExecutor:
         """The running executor; a new one when ``broken`` is still the current one."""

@@ -154,6 +154,7 @@ def test_the_pool_measures_on_after_its_workers_died(null_model: LoadedModel, pr
     lost: list[int] = []
     pool = StatisticsPool(1, SUMMARY, lost.append)
     try:
+        assert pool.wait_ready(120) and len(pool.worker_pids()) == 1
         first = pool.result(pool.submit(masks, od, 8.0))
         (pid,) = pool.worker_pids()
         os.kill(pid, signal.SIGKILL)
