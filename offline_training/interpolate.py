@@ -286,9 +286,10 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
             name = pair_name(alpha, body_alpha).replace(" ", "_")
             path = work / f"{name}.pt"
             save_checkpoint(parents.at(alpha, body_alpha), path, half=True)
-            aps = [evaluate_model(path, s, work / name / Path(s).name, engine="torch",
-                                  threads=args.threads, progress=False, plots=False)["segm"]["AP"]
-                   for s in (args.keep_set, args.gain_set)]
+            sets = {Path(s).resolve(): Path(s) for s in (args.keep_set, args.gain_set)}  # one set named twice: once
+            ap_of = {key: evaluate_model(path, s, work / name / s.name, engine="torch", threads=args.threads,
+                                         progress=False, plots=False)["segm"]["AP"] for key, s in sets.items()}
+            aps = [ap_of[Path(s).resolve()] for s in (args.keep_set, args.gain_set)]
             rows.append(Candidate(alpha, aps[0], aps[1], body_alpha))
             print(f"{rows[-1].name}: {Path(args.keep_set).name} {aps[0]:.1f}, {Path(args.gain_set).name} "
                   f"{aps[1]:.1f}", flush=True)

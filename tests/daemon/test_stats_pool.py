@@ -172,6 +172,22 @@ def test_the_pool_measures_on_after_its_workers_died(null_model: LoadedModel, pr
     assert pool.restarts == 1 and sum(lost) <= 1
 
 
+def test_an_error_in_a_worker_is_the_frames_own_not_a_lost_worker() -> None:
+    """What ``frame_statistics`` raises in a worker reaches the caller as such (the stages count
+    the frame failed with its reason); the worker lives on and nothing is re-measured."""
+    lost: list[int] = []
+    pool = StatisticsPool(1, on_lost=lost.append)
+    try:
+        with pytest.raises(ValueError, match="masks must be"):
+            pool.result(pool.submit(np.zeros((1, 4, 4), np.uint8), None, None))  # type: ignore[arg-type]
+        mask = np.zeros((1, 20, 20), bool)
+        mask[0, 5:15, 8:11] = True
+        assert len(pool.result(pool.submit(mask, None, None)).table) == 1  # type: ignore[arg-type]
+    finally:
+        pool.close()
+    assert pool.restarts == 0 and not lost
+
+
 def test_statistics_workers_is_checked_by_name() -> None:
     assert DaemonConfig().statistics.workers == 0
     assert DaemonConfig.model_validate({"statistics": {"workers": 3}}).statistics.workers == 3
