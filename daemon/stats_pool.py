@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoseg.instances import BoxMasks
-from nanoseg.particle_stats import FrameStatistics, frame_statistics
+from nanoseg.particle_stats import BoxValues, FrameStatistics, frame_statistics
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.logs import log
 
@@ -41,7 +41,7 @@ class Pending:
 
     future: Future[FrameStatistics]
     executor: ProcessPoolExecutor
-    args: tuple[BoxMasks, np.ndarray | None, float | None, StatisticsConfig]
+    args: tuple[BoxMasks, BoxValues | None, float | None, StatisticsConfig]
 
 
 def _exit_with(pid: int) -> None:
@@ -109,8 +109,9 @@ class StatisticsPool:
             return self._executor
 
     def submit(self, masks: BoxMasks, od: np.ndarray | None, pixel_size_nm: float | None) -> Pending:
-        """Start measuring one frame in a worker (arguments of ``frame_statistics``)."""
-        args = (masks, od, pixel_size_nm, self.statistics)
+        """Start measuring one frame in a worker (arguments of ``frame_statistics``; the optical
+        density travels cut to the masks' boxes, ``BoxValues``)."""
+        args = (masks, None if od is None else BoxValues.of(od, masks), pixel_size_nm, self.statistics)
         ex = self._executor
         try:
             if ex is None:

@@ -290,10 +290,28 @@ def _one_piece(rr: np.ndarray, rows: np.ndarray, first: np.ndarray, last: np.nda
     return bool(runs_whole and consecutive and np.all((first[1:] <= last[:-1]) & (first[:-1] <= last[1:])))
 
 
+@dataclass(frozen=True)
+class BoxValues:
+    """An (H, W) image's values in each mask's box only: all that the mean-OD column reads of a
+    frame's optical density, at a fraction of its size (``of``). ``crops[i]``: the image under
+    mask i's box (``mask_boxes``), float as the image."""
+
+    shape: tuple[int, int]
+    crops: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, image: np.ndarray, masks: np.ndarray | BoxMasks) -> BoxValues:
+        """``image`` (H, W) cut to the boxes of ``masks`` (N, H, W) bool or box-local."""
+        boxes = mask_boxes(masks).astype(int)
+        return cls((image.shape[0], image.shape[1]),
+                   tuple(np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes))
+
+
 def particle_table(
-    masks: np.ndarray | BoxMasks, od: np.ndarray | None = None, pixel_size_nm: float | None = None
+    masks: np.ndarray | BoxMasks, od: np.ndarray | BoxValues | None = None, pixel_size_nm: float | None = None
 ) -> ParticleTable:
-    """Statistics of each mask of ``masks`` (N, H, W) bool or box-local; ``od`` (H, W) for the mean OD.
+    """Statistics of each mask of ``masks`` (N, H, W) bool or box-local; ``od`` (H, W) for the mean OD
+    (or ``BoxValues.of`` it: the same table).
 
     Masks may overlap (each is a particle's full footprint). Each particle is measured on its
     bounding-box crop only (skeleton, distance transform and hulls included).
@@ -329,7 +347,8 @@ def particle_table(
         touches[i] = x0 == 0 or y0 == 0 or x1 == w or y1 == h
         lines.append(None if cl is None else _shifted(cl, x0, y0))
         if od is not None and mean_od is not None:
-            mean_od[i] = float(od[y0:y1, x0:x1][crop].mean())
+            under = od.crops[i] if isinstance(od, BoxValues) else od[y0:y1, x0:x1]
+            mean_od[i] = float(under[crop].mean())
     area = np.nan_to_num(cols["area_px"], nan=0.0).astype(np.int64)
     nm = pixel_size_nm
     scaled: dict[str, Any] = {
@@ -454,7 +473,7 @@ class FrameStatistics:
     seconds: float
 
 
-def frame_statistics(masks: np.ndarray | BoxMasks, od: np.ndarray | None, pixel_size_nm: float | None,
+def frame_statistics(masks: np.ndarray | BoxMasks, od: np.ndarray | BoxValues | None, pixel_size_nm: float | None,
                      statistics: StatisticsConfig | None = None) -> FrameStatistics:
     """Frame -> particles: the particle table of ``masks`` and its summary, as ``statistics`` says.
 
@@ -464,7 +483,8 @@ def frame_statistics(masks: np.ndarray | BoxMasks, od: np.ndarray | None, pixel_
     Parameters
     ----------
     masks : (N, H, W) bool, or box-local masks (``BoxMasks``), the frame's particles.
-    od : (H, W) optical density of the frame for the mean OD column; None: no such column.
+    od : (H, W) optical density of the frame for the mean OD column, or ``BoxValues.of`` it (the
+        same table; what a process of its own is handed); None: no such column.
     pixel_size_nm : size of one frame pixel, nm, for the ``*_nm`` columns; None: px only.
     statistics : edge rule, bootstrap resamples and target precision of the summary; None:
         ``StatisticsConfig()``.

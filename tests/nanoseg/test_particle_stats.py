@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from nanoseg.config_io import parse_config
+from nanoseg.instances import BoxMasks
 from nanoseg.particle_stats import (
     HISTOGRAM_EDGES,
+    BoxValues,
     Histogram,
     frame_summary,
     orientation_from_skimage,
@@ -122,6 +124,24 @@ def test_overlap_coverage_mean_od_and_physical_units() -> None:
     assert t.width_nm[1] == pytest.approx(80.0, rel=0.05)
     bare = particle_table(masks, None, None)
     assert bare.area_nm2 is None and bare.mean_od is None and "area_nm2" not in bare.columns()
+
+
+def test_the_od_cut_to_the_boxes_gives_the_same_table() -> None:
+    """``BoxValues.of(od, masks)`` (what a statistics worker is handed) for the whole OD image:
+    the same table to the last bit, dense or box-local masks, an empty mask among them."""
+    a = _wire_mask(0.0, 150, 20)
+    b = _wire_mask(90.0, 150, 10)
+    masks = np.stack([a, np.zeros_like(a), b])
+    od = np.random.default_rng(0).random(SHAPE, dtype=np.float32) + 0.1 * a
+    for m in (masks, BoxMasks.from_dense(masks)):
+        cut = BoxValues.of(od, m)
+        assert cut.shape == SHAPE and sum(c.size for c in cut.crops) < od.size / 2
+        whole, boxed = particle_table(m, od, 8.0), particle_table(m, cut, 8.0)
+        assert whole.mean_od is not None and boxed.mean_od is not None
+        assert np.array_equal(whole.mean_od, boxed.mean_od, equal_nan=True)
+        assert json.dumps(whole.to_dict()) == json.dumps(boxed.to_dict())
+    with pytest.raises(ValueError, match="od shape"):
+        particle_table(masks, BoxValues.of(od[:100], masks[:, :100]), None)
 
 
 def test_empty_mask_row_is_kept_and_serialises_as_null() -> None:
