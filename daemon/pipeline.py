@@ -6,9 +6,10 @@ density + scale/tile (``nanoseg.prepare``), then ``Segmenter.analyse`` (engine a
 
 ``Stages`` runs prepare, infer (batched), measure (post-processing and statistics) and output in
 four threads joined by small bounded queues, so the model never waits on preparation, statistics
-or I/O; with ``statistics.workers`` the statistics run in worker processes (``stats_pool``). Run start/stop items travel through the same queues, so every consumer sees start ->
-frames in order -> stop. A frame carries the model it
-was prepared for into inference, so a reload between the two never splits a frame across models.
+or I/O; with ``statistics.workers`` the statistics run in worker processes (``stats_pool``). Run
+start/stop items travel through the same queues, so every consumer sees start -> frames in order
+-> stop. A frame carries the model it was prepared for into inference, so a reload between the
+two never splits a frame across models.
 """
 
 from __future__ import annotations
@@ -334,7 +335,7 @@ class StageCallbacks:
     model: Callable[[], LoadedModel]  # looked up once per frame, at preparation
     paused: Callable[[], bool]
     batched: Callable[[int], None] = lambda frames: None  # frames per engine batch
-    statistics_lost: Callable[[int], None] = lambda frames: None  # frames re-measured after a worker died
+    statistics_remeasured: Callable[[int], None] = lambda frames: None  # frames re-measured after a worker died
 
 
 STOP = object()
@@ -364,7 +365,7 @@ class Stages:
                  statistics: StatisticsConfig | None = None, statistics_workers: int = 0) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.statistics = statistics
-        self.pool = (StatisticsPool(statistics_workers, statistics, cb.statistics_lost)
+        self.pool = (StatisticsPool(statistics_workers, statistics, cb.statistics_remeasured)
                      if statistics_workers > 0 else None)
         self.batching = batching or BatchingSection()
         # lists of up to max_batch items; about as many frames waiting between stages as one batch
@@ -495,6 +496,9 @@ class Stages:
                 break
             out: list[object] = []
             for item, pending in cast("list[tuple[object, Pending | None]]", entries):
+                if pending is not None and out and not pending.future.done():
+                    self.q_out.put(out)  # the results ready go on while the next one is measured
+                    out = []
                 if pending is None:
                     out.append(item)
                     continue

@@ -8,9 +8,9 @@ machine with cores to spare (a GPU server, where the engine needs little CPU) me
 at once. The results are the same function's, to the last bit.
 
 A worker that dies (killed, out of memory) loses nothing: the frames it held are measured again
-in the calling thread, the pool is started afresh for the next ones, and both are counted
-(``on_lost``). Workers are started by a fork server (the daemon's threads are never forked), and
-end with the daemon's process even when it is killed.
+in the calling thread (told to ``on_remeasured``), the pool is started afresh for the next ones
+(logged). Workers are started by a fork server (the daemon's threads are never forked), and end
+with the daemon's process even when it is killed.
 """
 
 from __future__ import annotations
@@ -64,19 +64,19 @@ class StatisticsPool:
     """``frame_statistics`` in ``workers`` processes, results in the order asked for by the caller.
 
     ``submit`` hands a frame's masks to a worker and returns at once; ``result`` waits for it.
-    ``on_lost(n)`` is told when a worker died and ``n`` frames were measured in the caller's
+    ``on_remeasured(n)`` is told when a worker died and ``n`` frames were measured in the caller's
     thread instead.
     """
 
     def __init__(self, workers: int, statistics: StatisticsConfig | None = None,
-                 on_lost: Callable[[int], None] = lambda n: None) -> None:
+                 on_remeasured: Callable[[int], None] = lambda n: None) -> None:
         if workers < 1:
             raise ValueError(f"statistics.workers: a pool needs at least 1 worker, got {workers}")
         self.workers = workers
         st = statistics or StatisticsConfig()
         # the summary's own settings only (the daemon's section adds ``workers``): a plain core model
         self.statistics = StatisticsConfig(**st.model_dump(include=set(StatisticsConfig.model_fields)))
-        self.on_lost = on_lost
+        self.on_remeasured = on_remeasured
         self.restarts = 0
         self._warming: list[Future[int]] = []
         self._lock = threading.Lock()
@@ -127,7 +127,7 @@ class StatisticsPool:
             return pending.future.result()
         except BrokenProcessPool:
             self._replace(pending.executor)
-            self.on_lost(1)
+            self.on_remeasured(1)
             return frame_statistics(*pending.args)
 
     def worker_pids(self) -> list[int]:

@@ -80,10 +80,10 @@ def run_stages(model: LoadedModel, profiles: ProfileBook, frames: int, workers: 
     items.close()
     out: list[object] = []
     failed: list[tuple[str, str]] = []
-    lost: list[int] = []
+    remeasured: list[int] = []
     stages = Stages(lambda timeout, n: items.get_many(n, timeout), profiles,
                     StageCallbacks(out.extend, lambda j, r, d: failed.append((r, d)), lambda: model,
-                                   lambda: False, statistics_lost=lost.append),
+                                   lambda: False, statistics_remeasured=remeasured.append),
                     statistics=SUMMARY, statistics_workers=workers)
     stages.start()
     if callable(during):
@@ -91,14 +91,14 @@ def run_stages(model: LoadedModel, profiles: ProfileBook, frames: int, workers: 
     assert stages.join(300.0), "stages did not finish"
     results = [r for r in out if isinstance(r, FrameResult)]
     assert len(results) == len(out)  # frames only: no run events were sent
-    return results, failed, lost, stages
+    return results, failed, remeasured, stages
 
 
 def test_the_pool_gives_the_same_statistics_as_the_thread_in_the_frames_order(
         null_model: LoadedModel, profiles: ProfileBook) -> None:
     here, failed, _, _ = run_stages(null_model, profiles, 12, workers=0)
-    pooled, failed_pooled, lost, stages = run_stages(null_model, profiles, 12, workers=2)
-    assert not failed and not failed_pooled and not lost
+    pooled, failed_pooled, remeasured, stages = run_stages(null_model, profiles, 12, workers=2)
+    assert not failed and not failed_pooled and not remeasured
     assert [r.frame_uid for r in pooled] == [f"r/{i}" for i in range(1, 13)]
     assert all(len(r.table) == 6 for r in pooled)
     assert [fingerprint(r) for r in pooled] == [fingerprint(r) for r in here]
@@ -137,11 +137,11 @@ def test_a_worker_killed_while_it_holds_frames_loses_no_result(model: LoadedMode
             killed.append(pid)
 
     here, _, _, _ = run_stages(model, profiles, 6, workers=0)
-    out, failed, lost, stages = run_stages(model, profiles, 6, workers=2, during=kill_workers)
+    out, failed, remeasured, stages = run_stages(model, profiles, 6, workers=2, during=kill_workers)
     assert killed and not failed
     assert [r.frame_uid for r in out] == [f"r/{i}" for i in range(1, 7)]
     assert [fingerprint(r) for r in out] == [fingerprint(r) for r in here]
-    assert stages.pool is not None and stages.pool.restarts == 1 and sum(lost) >= 1
+    assert stages.pool is not None and stages.pool.restarts == 1 and sum(remeasured) >= 1
 
 
 def test_the_pool_measures_on_after_its_workers_died(null_model: LoadedModel, profiles: ProfileBook) -> None:
@@ -151,8 +151,8 @@ def test_the_pool_measures_on_after_its_workers_died(null_model: LoadedModel, pr
     f = find_instances(d)
     masks, od = f.instances.box_masks, p.frame.optical_density
     expected = frame_statistics(masks, od, 8.0, SUMMARY)
-    lost: list[int] = []
-    pool = StatisticsPool(1, SUMMARY, lost.append)
+    remeasured: list[int] = []
+    pool = StatisticsPool(1, SUMMARY, remeasured.append)
     try:
         assert pool.wait_ready(120) and len(pool.worker_pids()) == 1
         first = pool.result(pool.submit(masks, od, 8.0))
@@ -169,14 +169,14 @@ def test_the_pool_measures_on_after_its_workers_died(null_model: LoadedModel, pr
         assert got.summary.to_dict() == expected.summary.to_dict()
         assert got.table.mean_od is not None and expected.table.mean_od is not None
         assert np.array_equal(got.table.mean_od, expected.table.mean_od)
-    assert pool.restarts == 1 and sum(lost) <= 1
+    assert pool.restarts == 1 and sum(remeasured) <= 1
 
 
 def test_an_error_in_a_worker_is_the_frames_own_not_a_lost_worker() -> None:
     """What ``frame_statistics`` raises in a worker reaches the caller as such (the stages count
     the frame failed with its reason); the worker lives on and nothing is re-measured."""
-    lost: list[int] = []
-    pool = StatisticsPool(1, on_lost=lost.append)
+    remeasured: list[int] = []
+    pool = StatisticsPool(1, on_remeasured=remeasured.append)
     try:
         with pytest.raises(ValueError, match="masks must be"):
             pool.result(pool.submit(np.zeros((1, 4, 4), np.uint8), None, None))  # type: ignore[arg-type]
@@ -185,7 +185,7 @@ def test_an_error_in_a_worker_is_the_frames_own_not_a_lost_worker() -> None:
         assert len(pool.result(pool.submit(mask, None, None)).table) == 1  # type: ignore[arg-type]
     finally:
         pool.close()
-    assert pool.restarts == 0 and not lost
+    assert pool.restarts == 0 and not remeasured
 
 
 def test_statistics_workers_is_checked_by_name() -> None:
