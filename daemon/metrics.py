@@ -39,6 +39,8 @@ class DaemonMetrics:
             ["looks_like"], registry=r)
         self.frames_converted = Counter("nanoseg_frames_converted_total", "Frames accepted after a conversion (rgb_to_gray)", ["reason"], registry=r)
         self.instances_dropped = Counter("nanoseg_instances_dropped_total", "Instances dropped from analysed frames", ["reason"], registry=r)
+        self.statistics_workers = Gauge("nanoseg_statistics_workers", "Statistics worker processes running "
+                                        "(statistics.workers)", registry=r)
         self.statistics_remeasured = Counter(
             "nanoseg_statistics_remeasured_frames_total",
             "Frames measured in the daemon's thread because their statistics worker died", registry=r)

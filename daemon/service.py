@@ -208,6 +208,8 @@ class Service:
         while not self._stopping.wait(min(interval, 1.0)):
             if self.stages.alive():
                 self.notifier.watchdog()
+            if self.stages.pool is not None:
+                self.metrics.statistics_workers.set(len(self.stages.pool.worker_pids()))
             self._close_unresumed()
             for uid in self.sinks.stale_runs(self.cfg.publish.run_stop_timeout_s):
                 self.intake.queue.put(RunStopped(uid, "timeout", time.time()))

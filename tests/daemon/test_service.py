@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -204,7 +205,11 @@ def test_statistics_in_worker_processes_give_the_same_summaries(tmp_path: Path, 
         send_frames(client)
         summaries = list(client.summaries(3))
         status = control_request(svc.control.address, {"command": "status"})
-        assert status["ok"] and status["result"]["statistics_workers"]
+        assert status["ok"] and len(status["result"]["statistics_workers"]) == 2
+        deadline = time.monotonic() + 10  # the housekeeping sets the gauge once a second
+        while metric(svc, "nanoseg_statistics_workers") != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(svc, "nanoseg_statistics_workers") == 2
     finally:
         client.close()
         assert svc.stop()
