@@ -50,6 +50,8 @@ def _exit_with(pid: int) -> None:
     children) would wait for frames for ever."""
     try:
         fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # the daemon ended while this worker started
+        os._exit(0)
     except (AttributeError, OSError):  # not Linux >= 5.3: the pool's own shutdown still ends them
         return
 

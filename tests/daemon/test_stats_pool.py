@@ -202,20 +202,23 @@ def test_statistics_workers_is_checked_by_name() -> None:
 WORKER_HOST = """
 import sys, time
 import numpy as np
-from nanoseg_daemon.stats_pool import Pending, StatisticsPool
+from nanoseg_daemon.stats_pool import StatisticsPool
 pool = StatisticsPool(2)
-mask = np.zeros((1, 20, 20), bool)
-mask[0, 5:15, 8:11] = True
-pool.result(pool.submit(mask, None, None))
+if sys.argv[1] == "measured":
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 5:15, 8:11] = True
+    pool.result(pool.submit(mask, None, None))
 print(*pool.worker_pids(), flush=True)
 time.sleep(600)
 """
 
 
-def test_the_workers_end_with_a_daemon_killed_by_sigkill() -> None:
+@pytest.mark.parametrize("when", ["starting", "measured"])
+def test_the_workers_end_with_a_daemon_killed_by_sigkill(when: str) -> None:
     """Killed with SIGKILL the daemon closes nothing: its workers (the fork server's children)
-    must notice by themselves, not wait for frames for ever."""
-    host = subprocess.Popen([sys.executable, "-c", WORKER_HOST], stdout=subprocess.PIPE, text=True)
+    must notice by themselves, not wait for frames for ever: whether they were still starting
+    (``starting``: killed as soon as the pool has its processes) or had measured a frame."""
+    host = subprocess.Popen([sys.executable, "-c", WORKER_HOST, when], stdout=subprocess.PIPE, text=True)
     try:
         assert host.stdout is not None
         pids = [int(p) for p in host.stdout.readline().split()]
@@ -223,7 +226,7 @@ def test_the_workers_end_with_a_daemon_killed_by_sigkill() -> None:
     finally:
         host.send_signal(signal.SIGKILL)
         host.wait()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids), "a statistics worker outlived its daemon"
