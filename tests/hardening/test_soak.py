@@ -42,10 +42,30 @@ def soak(tmp_path: Path, model: Path, duration_s: int, warmup_s: int, interval_s
     assert result["pass"] and proc.returncode == 0, f"{failed}\n{proc.stdout[-3000:]}"
     samples = result["samples"]
     assert len(samples) >= duration_s // interval_s - 1
-    assert set(result["criteria"]) >= {"rss_growth", "fd_growth", "queue_bounded", "latency_not_growing",
+    assert set(result["criteria"]) >= {"rss_growth", "rss_step", "fd_growth", "queue_bounded", "latency_not_growing",
                                        "every_frame_analysed", "clean_exit"}
     assert result["final"]["processed"] > 0 and result["final"]["processed"] == result["final"]["sent"]
     assert all(s["rss_mb"] > 0 and s["fds"] > 0 for s in samples)
+
+
+def test_rss_growth_is_judged_on_its_trend_a_one_off_rise_within_bounds() -> None:
+    """A steady climb of 6 % over the run fails (a leak), a one-off rise of 9 % late in the run
+    (a new high-water mark of the heap, seen under load) passes, and one of 20 % fails."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from soak import Sample, judge
+
+    def run(rss: list[float]) -> dict[str, bool]:
+        samples = [Sample(16.0 + 4 * i, r, 23, 14, 0, 5 * i, 1.5, 2.2, 2.3, 0, 0, 0) for i, r in enumerate(rss)]
+        final = {"processed": 60, "sent": 60, "received": 60, "exit_code": 0}
+        return {k: v["pass"] for k, v in judge(samples, 16.0, 16, final).items()}
+
+    flat = [1117.5] * 9
+    assert all(run(flat).values())
+    leak = [1117.5 * (1 + 0.06 * i / 8) for i in range(9)]
+    assert not run(leak)["rss_growth"]
+    step = [*flat[:7], 1213.8, 1214.0]
+    assert run(step)["rss_growth"] and run(step)["rss_step"]
+    assert not run([*flat[:7], 1345.0, 1345.0])["rss_step"]
 
 
 def test_short_soak_passes(tmp_path: Path, trained_model_path: Path) -> None:
