@@ -235,32 +235,32 @@ def _wait_processed(svc: Service, n: float, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+def stat_cpu_seconds(stat_path: str) -> float | None:
+    """CPU time (user + system, s) from a Linux ``/proc/.../stat`` file; None when unreadable."""
+    try:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu_seconds() -> dict[str, float]:
     """CPU time (user + system, s) of each live thread of this process, by thread name (threads
     of one name summed; Linux ``/proc``; empty elsewhere)."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for t in threading.enumerate():
-        try:
-            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        name = t.name.split(" (")[0]
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        cpu = stat_cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
+        if cpu is not None:
+            name = t.name.split(" (")[0]
+            out[name] = out.get(name, 0.0) + cpu
     return out
 
 
 def workers_cpu_seconds(svc: Service) -> float:
     """CPU time (user + system, s) of the statistics pool's worker processes so far (0 without
     a pool; Linux ``/proc``); a worker replaced meanwhile is not counted."""
-    pool, tick, total = svc.stages.pool, os.sysconf("SC_CLK_TCK"), 0.0
-    for pid in pool.worker_pids() if pool is not None else []:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    pids = svc.stages.pool.worker_pids() if svc.stages.pool is not None else []
+    return sum(cpu for pid in pids if (cpu := stat_cpu_seconds(f"/proc/{pid}/stat")) is not None)
 
 
 def ingest_ceiling(args: argparse.Namespace, results: dict[str, Any]) -> None:

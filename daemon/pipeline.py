@@ -30,8 +30,8 @@ from nanoseg.engines import RawDetections
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FlatFieldI0, FrameProfile, ScalarI0
 from nanoseg.input_spec import FrameMode
-from nanoseg.instances import Instances
-from nanoseg.particle_stats import FrameStatistics, FrameSummary, ParticleTable
+from nanoseg.instances import BoxMasks, Instances
+from nanoseg.particle_stats import FrameStatistics, FrameSummary, ParticleTable, frame_statistics
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, ScaleChooser
 from nanoseg.scale import ScaleChoice
@@ -144,14 +144,12 @@ def prepare(job: FrameJob, model: LoadedModel, profiles: ProfileBook, scales: Ru
     return Prepared(job, frame, prof, model, time.perf_counter() - t0)
 
 
-def infer_and_measure(p: Prepared, detections: Sequence[RawDetections] | None = None,
-                      infer_seconds: float = 0.0, statistics: StatisticsConfig | None = None) -> FrameResult:
-    """Inference and statistics of a prepared frame, on the model it was prepared for.
-    ``detections``: its tiles' raw detections when the engine ran already, with the frame's share
-    of that run (``infer_seconds``, s); summarised as ``statistics`` says (the config's
-    ``statistics`` section; None: its defaults)."""
-    timings = {"prepare": p.seconds, "infer": infer_seconds}
-    a = p.model.segmenter.analyse(p.frame, p.frame.stated_pixel_size_nm, timings, detections, statistics)
+def infer_and_measure(p: Prepared, statistics: StatisticsConfig | None = None) -> FrameResult:
+    """Inference and statistics of a prepared frame, on the model it was prepared for, one frame
+    alone (the stages batch the engine: ``detect_batch``, then ``measure``); summarised as
+    ``statistics`` says (the config's ``statistics`` section; None: its defaults)."""
+    timings = {"prepare": p.seconds, "infer": 0.0}
+    a = p.model.segmenter.analyse(p.frame, p.frame.stated_pixel_size_nm, timings, None, statistics)
     return _result(p, a.instances, a.table, a.summary, a.instances_capped, timings)
 
 
@@ -163,6 +161,12 @@ class Found:
     instances: Instances
     capped: int
     timings: dict[str, float]  # prepare, infer, postprocess so far, s
+
+    @property
+    def statistics_inputs(self) -> tuple[BoxMasks, np.ndarray | None, float | None]:
+        """``frame_statistics``'s masks, optical density and pixel size (nm) for this frame."""
+        frame = self.prepared.frame
+        return self.instances.box_masks, frame.optical_density, frame.stated_pixel_size_nm
 
 
 def find_instances(d: Detected) -> Found:
@@ -247,8 +251,9 @@ def detect_batch(batch: Sequence[Prepared], pack_gap_px: int | None = None) -> l
 
 def measure(d: Detected, statistics: StatisticsConfig | None = None) -> FrameResult:
     """Post-processing and statistics (summarised as ``statistics`` says) of a frame whose
-    detections are known."""
-    return infer_and_measure(d.prepared, d.detections, d.seconds, statistics)
+    detections are known: ``find_instances`` and ``frame_statistics`` here, in this thread."""
+    f = find_instances(d)
+    return measured(f, frame_statistics(*f.statistics_inputs, statistics))
 
 
 def analyse_batch(batch: Sequence[Prepared], statistics: StatisticsConfig | None = None
@@ -476,9 +481,7 @@ class Stages:
                 if isinstance(item, Detected):
                     try:
                         f = find_instances(item)
-                        frame = f.prepared.frame
-                        out.append((f, pool.submit(f.instances.box_masks, frame.optical_density,
-                                                   frame.stated_pixel_size_nm)))
+                        out.append((f, pool.submit(*f.statistics_inputs)))
                     except Exception as err:
                         self._failed(item.prepared.job, err)
                 else:

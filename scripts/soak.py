@@ -206,11 +206,11 @@ def judge(samples: list[Sample], warmup_s: float, queue_size: int, final: dict[s
     p95_first = statistics.median(s.latency_p95_s for s in after[:third])
     p95_last = statistics.median(s.latency_p95_s for s in after[-third:])
     step = (rss1 - rss0) / rss0
-    span = after[-1].t_s - after[0].t_s
-    trend = rss_slope(after) * span / rss0
+    span, slope = after[-1].t_s - after[0].t_s, rss_slope(after)
+    trend = slope * span / rss0
     return {
         "rss_growth": {"value": round(trend, 4), "limit": "<= 0.05", "pass": trend <= 0.05,
-                       "detail": f"trend {rss_slope(after) * 60:+.2f} MiB/min over {span:g} s"},
+                       "detail": f"trend {slope * 60:+.2f} MiB/min over {span:g} s"},
         "rss_step": {"value": round(step, 4), "limit": "<= 0.15", "pass": step <= 0.15,
                      "detail": f"{rss0:.1f} -> {rss1:.1f} MiB"},
         "fd_growth": {"value": fd1 - fd0, "limit": "<= 0", "pass": fd1 <= fd0, "detail": f"{fd0:g} -> {fd1:g}"},
