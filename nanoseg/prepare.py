@@ -36,6 +36,7 @@ from nanoseg.optical_density import (
     validate_frame,
 )
 from nanoseg.scale import ScaleChoice, choose_scale
+from nanoseg.summary_stats import median_all
 from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
 
 ScaleChooser = Callable[[np.ndarray, FrameMode], ScaleChoice]
@@ -206,7 +207,7 @@ def prepare_frame(
         tiles = gray[None]  # the frame is the one model input: no copy
     else:
         padded = any(t.valid_height < t.size or t.valid_width < t.size for t in plan)
-        tiles = extract_tiles(gray, plan, fill=float(np.median(gray)) if padded else 0.0)
+        tiles = extract_tiles(gray, plan, fill=median_all(gray) if padded else 0.0)
     return PreparedFrame(
         tiles=tiles,
         tile_plan=tuple(plan),

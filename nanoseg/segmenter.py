@@ -42,7 +42,7 @@ from nanoseg.prepare import (
     to_model_input,
 )
 from nanoseg.scale import CONFIDENCE_SCALES, ScaleChoice, pick_confident_scale, top_k_confidence
-from nanoseg.summary_stats import StatisticsConfig
+from nanoseg.summary_stats import StatisticsConfig, median_all
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class Segmenter:
             y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
             view = resample_to_model_scale(gray[y0: y0 + side, x0: x0 + side], self.spec.pixel_size_nm * s,
                                            self.spec)[0][:size, :size]
-            tile = np.full((size, size), float(np.median(view)), np.float32)
+            tile = np.full((size, size), median_all(view), np.float32)
             tile[: view.shape[0], : view.shape[1]] = view
             views.append(tile)
         raws = self.detect_tiles(np.stack(views))

@@ -135,3 +135,15 @@ def test_sorted_percentiles_are_numpys() -> None:
         for x in (np.sort(rng.integers(0, 65536, n).astype(np.uint16)), np.sort(rng.normal(0, 1e3, n))):
             q = (0.0, 0.5, 1.0, 12.5, 50.0, 99.0, 99.5, 100.0)
             assert sorted_percentiles(x, q) == tuple(float(v) for v in np.percentile(x, q))
+
+
+@pytest.mark.parametrize("span", [0, 1, 600, 65535])
+@pytest.mark.parametrize("n", [1, 5, 16384])
+def test_counts_are_sorted_as_numpy_sorts_them(span: int, n: int) -> None:
+    """The counting sort of narrow uint16 samples (and numpy's sort of wide ones) is numpy's."""
+    from nanoseg.input_check import _sorted
+
+    rng = np.random.default_rng(span + n)
+    x = (rng.integers(0, span + 1, n) + (65535 - span) // 2).astype(np.uint16)
+    got = _sorted(x)
+    assert got.dtype == np.uint16 and np.array_equal(got, np.sort(x))

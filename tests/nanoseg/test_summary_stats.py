@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nanoseg.particle_stats import frame_summary, particle_table
-from nanoseg.summary_stats import edge_weights, stat_with_interval, weighted_stats
+from nanoseg.summary_stats import edge_weights, median_all, stat_with_interval, weighted_stats
 from nanoseg_training.wire_geometry import WireGeometry, rasterise
 
 FIELD = (256, 256)
@@ -104,3 +104,21 @@ def test_summary_intervals_in_nm_are_the_px_intervals_scaled() -> None:
     assert s.stats["solidity"].median_lo is None  # intervals only where they are reported
     json.dumps(s.to_dict(), allow_nan=False)
     assert frame_summary(particle_table(masks, pixel_size_nm=4.0)).to_dict() == s.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int32])
+@pytest.mark.parametrize("shape", [(1,), (2,), (7, 5), (128, 128), (129, 131), (3, 4, 5), (300, 301), (300, 300)])
+def test_median_all_is_numpys_median_to_the_last_bit(dtype: type, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    a = (rng.normal(1000.0, 300.0, shape) if np.dtype(dtype).kind == "f" else rng.integers(0, 4000, shape)).astype(dtype)
+    a.flat[: a.size // 3] = a.flat[0]  # ties, as in a padded or saturated image
+    got, want = median_all(a), float(np.median(a))
+    assert got == want and type(got) is float
+
+
+def test_median_all_propagates_nan_and_refuses_empty() -> None:
+    a = np.arange(10, dtype=np.float32)
+    a[3] = np.nan
+    assert math.isnan(median_all(a)) and math.isnan(float(np.median(a)))
+    with pytest.raises(ValueError, match="at least one value"):
+        median_all(np.zeros((0, 4), np.float32))
