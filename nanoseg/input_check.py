@@ -128,6 +128,8 @@ def sorted_percentiles(x: np.ndarray, percentiles: tuple[float, ...]) -> tuple[f
     tuple of float
         One value per percentile, in the units of ``x``.
     """
+    if x.dtype in (np.uint8, np.uint16, np.float64):  # Python's float arithmetic is numpy's here
+        return tuple(_sorted_percentile(x, float(p)) for p in percentiles)
     q = np.true_divide(np.asarray(percentiles, np.float64), 100)
     virtual = (x.size - 1) * q
     previous = np.floor(virtual)
@@ -144,6 +146,23 @@ def sorted_percentiles(x: np.ndarray, percentiles: tuple[float, ...]) -> tuple[f
     out = np.add(a, diff * gamma)
     np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=out.dtype.type)
     return tuple(float(v) for v in out)
+
+
+def _sorted_percentile(x: np.ndarray, percentile: float) -> float:
+    """One of ``sorted_percentiles`` in scalar arithmetic, the same IEEE operations (x uint8,
+    uint16 or float64; a few microseconds instead of a dozen small numpy calls)."""
+    virtual = (x.size - 1) * (percentile / 100)
+    if virtual >= x.size - 1:
+        i = j = -1
+    elif virtual < 0:
+        i = j = 0
+    else:
+        i = math.floor(virtual)
+        j = i + 1
+    gamma = virtual - i
+    a, b = x[i].item(), x[j].item()
+    diff = b - a
+    return float(b - diff * (1 - gamma)) if gamma >= 0.5 else float(a + diff * gamma)
 
 
 def background_surface(image: np.ndarray, bright_background: bool, iterations: int = 6) -> np.ndarray:

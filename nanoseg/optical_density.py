@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -53,7 +53,8 @@ class InvalidPixels:
         dict of str to int
             ``nan``, ``inf``, ``non_positive``, ``below_floor``, ``bad_reference``: pixels per kind.
         """
-        return asdict(self)
+        return {"nan": self.nan, "inf": self.inf, "non_positive": self.non_positive,
+                "below_floor": self.below_floor, "bad_reference": self.bad_reference}
 
 
 @dataclass(frozen=True, eq=False)

@@ -328,7 +328,7 @@ def particle_table(
     cover = np.zeros((h, w), np.int32)  # summed box by box: a frame-sized pass per mask is not needed
     for crop, (x0, y0, x1, y1) in zip(crops, boxes):
         cover[y0:y1, x0:x1] += crop
-    cols = {name: np.full(n, np.nan) for name in COLUMNS_PX}
+    cols = dict(zip(COLUMNS_PX, np.full((len(COLUMNS_PX), n), np.nan)))  # rows of one block
     touches = np.zeros(n, dtype=bool)
     mean_od = np.full(n, np.nan) if od is not None else None
     lines: list[Centreline | None] = []

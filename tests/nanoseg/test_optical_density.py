@@ -169,3 +169,12 @@ def test_counting_frames_by_table_are_computed_frames(dtype: type, i0: float, da
     assert fast.reference == slow.reference
     with pytest.raises(FrameError, match="no_signal"):
         optical_density(np.zeros((4, 4), dtype), i0, dark, floor=floor)
+
+
+def test_invalid_pixel_counts_as_a_dict_name_every_kind() -> None:
+    import dataclasses
+
+    from nanoseg.optical_density import InvalidPixels
+
+    counts = InvalidPixels(nan=1, inf=2, non_positive=3, below_floor=4, bad_reference=5)
+    assert counts.to_dict() == dataclasses.asdict(counts)
