@@ -24,6 +24,7 @@ longest piece's.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -151,10 +152,10 @@ class ParticleTable:
     def columns(self) -> dict[str, np.ndarray]:
         """The per-particle columns that are present, by name."""
         out: dict[str, np.ndarray] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for name in _table_fields():
+            v = getattr(self, name)
             if isinstance(v, np.ndarray):
-                out[f.name] = v
+                out[name] = v
         return out
 
     def to_records(self, rounded: bool = False) -> list[dict[str, float | int | bool | None]]:
@@ -172,6 +173,12 @@ class ParticleTable:
             "covered_px": self.covered_px,
             "columns": {k: [_json_number(x) for x in v.tolist()] for k, v in self.columns().items()},
         }
+
+
+@functools.cache
+def _table_fields() -> tuple[str, ...]:
+    """``ParticleTable``'s field names in order (``dataclasses.fields`` once, not per call)."""
+    return tuple(f.name for f in fields(ParticleTable))
 
 
 def round_value(column: str, value: Any) -> Any:
@@ -349,7 +356,7 @@ def particle_table(
         if od is not None and mean_od is not None:
             under = od.crops[i] if isinstance(od, BoxValues) else od[y0:y1, x0:x1]
             mean_od[i] = float(under[crop].mean())
-    area = np.nan_to_num(cols["area_px"], nan=0.0).astype(np.int64)
+    area = np.where(np.isnan(cols["area_px"]), 0.0, cols["area_px"]).astype(np.int64)  # a count: never inf
     nm = pixel_size_nm
     scaled: dict[str, Any] = {
         c: (cols[c.removesuffix("_nm") + "_px"] * nm if nm else None) for c in COLUMNS_NM if c != "area_nm2"
@@ -358,7 +365,7 @@ def particle_table(
         area_px=area,
         **{k: v for k, v in cols.items() if k != "area_px"},
         touches_edge=touches,
-        overlapped=np.nan_to_num(cols["overlap_fraction"]) > 0,
+        overlapped=cols["overlap_fraction"] > 0,  # NaN (no crop) is not > 0
         mean_od=mean_od,
         area_nm2=area * nm**2 if nm else None,
         **scaled,
