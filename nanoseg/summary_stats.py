@@ -104,7 +104,7 @@ def median_all(a: np.ndarray) -> float:
     Parameters
     ----------
     a : np.ndarray
-        Any shape and numeric dtype, not empty; NaN gives NaN, as ``np.median``.
+        Any shape, an integer or real dtype, not empty; NaN gives NaN, as ``np.median``.
 
     Returns
     -------
@@ -114,15 +114,20 @@ def median_all(a: np.ndarray) -> float:
     flat = np.asarray(a).ravel()
     if flat.size == 0:
         raise ValueError("median_all needs at least one value")
-    if flat.dtype.kind in "fc" and bool(np.isnan(flat).any()):
+    if flat.dtype.kind == "f" and bool(np.isnan(flat).any()):
         return float("nan")
     half = flat.size // 2
     # Up to 64 kpx a sort (vectorised) is faster than a partition, and stays fast where the
     # partition slows 4-8x: an image half of one value (a flat background, zeros, a padding).
-    part = np.sort(flat) if flat.size <= _SORT_MEDIAN_MAX else np.partition(flat, half)
+    if flat.size <= _SORT_MEDIAN_MAX:
+        part = np.sort(flat)
+        below = part[half - 1] if half else part[0]
+    else:
+        part = np.partition(flat, half)
+        below = part[:half].max()
     if flat.size % 2:
         return float(part[half])
-    return float(np.mean(np.array([part[:half].max(), part[half]], dtype=part.dtype)))
+    return float(np.mean(np.array([below, part[half]], dtype=part.dtype)))
 
 
 def median_last(x: np.ndarray) -> np.ndarray:
