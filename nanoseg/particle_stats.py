@@ -24,7 +24,6 @@ longest piece's.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -152,7 +151,7 @@ class ParticleTable:
     def columns(self) -> dict[str, np.ndarray]:
         """The per-particle columns that are present, by name."""
         out: dict[str, np.ndarray] = {}
-        for name in _table_fields():
+        for name in _TABLE_FIELDS:
             v = getattr(self, name)
             if isinstance(v, np.ndarray):
                 out[name] = v
@@ -175,10 +174,8 @@ class ParticleTable:
         }
 
 
-@functools.cache
-def _table_fields() -> tuple[str, ...]:
-    """``ParticleTable``'s field names in order (``dataclasses.fields`` once, not per call)."""
-    return tuple(f.name for f in fields(ParticleTable))
+_TABLE_FIELDS = tuple(f.name for f in fields(ParticleTable))
+"""``ParticleTable``'s field names in order (``dataclasses.fields`` once, not per ``columns`` call)."""
 
 
 def round_value(column: str, value: Any) -> Any:
