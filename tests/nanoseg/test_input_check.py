@@ -133,7 +133,8 @@ def test_sorted_percentiles_are_numpys() -> None:
     rng = np.random.default_rng(3)
     for n in (1, 2, 3, 7, 100, 101, 16384, 16385):
         for x in (np.sort(rng.integers(0, 65536, n).astype(np.uint16)), np.sort(rng.normal(0, 1e3, n)),
-                  np.sort(rng.integers(0, 256, n).astype(np.uint8)), np.sort(rng.normal(0, 1e3, n).astype(np.float32))):
+                  np.sort(rng.integers(0, 256, n).astype(np.uint8)), np.sort(rng.normal(0, 1e3, n).astype(np.float32)),
+                  np.sort(rng.normal(0, 1e3, n).astype(np.float16)), np.sort(rng.integers(-2**40, 2**40, n))):
             q = (0.0, 0.5, 1.0, 12.5, 50.0, 99.0, 99.5, 100.0)
             assert sorted_percentiles(x, q) == tuple(float(v) for v in np.percentile(x, q))
 
