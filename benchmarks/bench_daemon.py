@@ -96,6 +96,7 @@ def test_frame(size: int, base: np.ndarray) -> np.ndarray:
 def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | None) -> Service:
     overrides = {
         "model.path": str(args.model), "model.engine": args.engine, "model.threads": str(args.threads),
+        "model.instances": str(args.instances),
         "model.device": args.device,
         "store.state_dir": str(state), "ingest.raw.enabled": "true", "ingest.raw.bind": "tcp://127.0.0.1:*",
         "queue.policy": "block", "queue.size": str(args.queue_size), "queue.block_timeout_s": "600",
@@ -370,19 +371,26 @@ def _jobs(frames: list[np.ndarray]) -> list[FrameJob]:
 
 def engine_only(svc: Service, frames: list[np.ndarray], n: int) -> list[float]:
     """engine.infer alone on the frames' prepared inputs, ``n`` timed calls (s each), in a worker
-    thread like the daemon's infer stage."""
+    thread like the daemon's infer stage; with ``model.instances`` N, N threads at once, each on
+    its own instance (n / N calls each): N calls take a call's time."""
     model, engine_s = svc.slot.current, []
+    c = model.segmenter.engine.input_shape[0]
+    inputs = [np.repeat(prepare(j, model, svc.profiles).frame.tiles[:, None], c, axis=1) for j in _jobs(frames)]
+    for seg in (model.segmenter, *model.replicas):
+        seg.engine.infer(inputs[0])  # an untimed first run each
 
-    def engine_loop() -> None:
-        c = model.segmenter.engine.input_shape[0]
-        inputs = [np.repeat(prepare(j, model, svc.profiles).frame.tiles[:, None], c, axis=1) for j in _jobs(frames)]
-        for k in range(-1, n):  # k = -1: an untimed first run
+    def engine_loop(seg: Any) -> None:
+        for k in range(-(-n // model.instances)):
             t0 = time.perf_counter()
-            model.segmenter.engine.infer(inputs[k % len(inputs)])
-            if k >= 0:
-                engine_s.append(time.perf_counter() - t0)
+            seg.engine.infer(inputs[k % len(inputs)])
+            engine_s.append(time.perf_counter() - t0)
 
-    in_worker(engine_loop)
+    workers = [threading.Thread(target=engine_loop, args=(seg,), name="bench-worker")
+               for seg in (model.segmenter, *model.replicas)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     return engine_s
 
 
@@ -474,8 +482,9 @@ def real_model(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 stage_means = {st: 1000 * (after[st][0] - before[st][0]) / max(after[st][1] - before[st][1], 1)
                                for st in STAGES}
                 eo_s, mo_s, ul_s = summarise(eo), summarise(mo), summarise(ul)
-                engine_fps, model_fps = 1000 / eo_s["median_ms"], 1000 / mo_s["median_ms"]
-                engine_after_fps = 1000 / eo_after["median_ms"]
+                instances = svc.slot.current.instances  # engine only: this many calls at once
+                engine_fps, model_fps = instances * 1000 / eo_s["median_ms"], 1000 / mo_s["median_ms"]
+                engine_after_fps = instances * 1000 / eo_after["median_ms"]
                 engine_mean_fps = (engine_fps + engine_after_fps) / 2
                 run: dict[str, Any] = {
                     "size": size,
@@ -526,7 +535,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="nanoseg checkpoint (default %(default)s)")
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="model.threads: CPU threads per instance")
+    ap.add_argument("--instances", type=int, default=1, help="model.instances: engines that run batches at once")
     ap.add_argument("--device", default="cpu", help="model.device: cpu, cuda or cuda:N")
     ap.add_argument("--null-detections", type=int, default=6,
                     help="null engine: rods per model input, 0-6 (0: the path without per-particle work)")
@@ -572,12 +582,12 @@ def main() -> None:
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
                                "null_detections": args.null_detections if args.engine == "null" else None,
-                               "threads": args.threads, "queue_size": args.queue_size,
+                               "threads": args.threads, "instances": args.instances, "queue_size": args.queue_size,
                                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "pack": args.pack,
                                "stats_workers": args.stats_workers,
                                "switch_interval_ms": 1000 * sys.getswitchinterval()}
     engine = f"null ({args.null_detections} detections)" if args.engine == "null" else args.engine
-    print(f"model {args.model} ({results['model']['name']}), engine {engine} on {args.device}, {args.threads} threads, batching "
+    print(f"model {args.model} ({results['model']['name']}), engine {engine} on {args.device}, {args.instances} x {args.threads} threads, batching "
           f"{args.max_batch} frames / {args.max_wait_ms:g} ms; {results['machine']['cpu']}, "
           f"{results['machine']['affinity']} cores, load average {results['machine']['load_average_1m']}", flush=True)
     if args.engine == "null":

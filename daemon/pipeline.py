@@ -19,7 +19,8 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
@@ -35,6 +36,7 @@ from nanoseg.particle_stats import FrameStatistics, FrameSummary, ParticleTable,
 from nanoseg.paths import resolve_config
 from nanoseg.prepare import PreparedFrame, ScaleChooser
 from nanoseg.scale import ScaleChoice
+from nanoseg.segmenter import Segmenter
 from nanoseg.summary_stats import StatisticsConfig
 from nanoseg_daemon.config import BatchingSection, QueueSection
 from nanoseg_daemon.contracts import FrameJob, FrameResult, RunStarted, RunStopped
@@ -230,11 +232,16 @@ class Detected:
 
 def detect_batch(batch: Sequence[Prepared], pack_gap_px: int | None = None) -> list[Detected | Exception]:
     """The engine once on the tiles of frames prepared for one model (``Segmenter.detect_frames``;
-    with ``pack_gap_px``, small frames packed several to a model input, ``detect_packed``): per
-    frame, in order, its detections, or the exception it raised. When the engine fails on the
-    batch, each frame runs alone, so a bad frame fails alone."""
+    with ``pack_gap_px``, small frames packed several to a model input, ``detect_packed``), on an
+    instance of the model no other batch holds (``LoadedModel.instance``): per frame, in order, its
+    detections, or the exception it raised. When the engine fails on the batch, each frame runs
+    alone, so a bad frame fails alone."""
+    with batch[0].model.instance() as segmenter:
+        return _detect(segmenter, batch, pack_gap_px)
+
+
+def _detect(segmenter: Segmenter, batch: Sequence[Prepared], pack_gap_px: int | None) -> list[Detected | Exception]:
     t0 = time.perf_counter()
-    segmenter = batch[0].model.segmenter
     try:
         if pack_gap_px is None:
             raws = segmenter.detect_frames([p.frame.tiles for p in batch])
@@ -244,9 +251,18 @@ def detect_batch(batch: Sequence[Prepared], pack_gap_px: int | None = None) -> l
     except Exception as err:
         if len(batch) == 1:
             return [err]
-        return [out for p in batch for out in detect_batch([p])]
+        return [out for p in batch for out in _detect(segmenter, [p], pack_gap_px)]
     seconds, tiles = time.perf_counter() - t0, max(sum(len(p.frame.tiles) for p in batch), 1)
     return [Detected(p, r, seconds * len(p.frame.tiles) / tiles) for p, r in zip(batch, raws)]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch on one of the model's other instances (``model.instances`` > 1): its frames and
+    what ``detect_batch`` will return for them."""
+
+    batch: list[Prepared]
+    future: Future[list[Detected | Exception]]
 
 
 def measure(d: Detected, statistics: StatisticsConfig | None = None) -> FrameResult:
@@ -361,13 +377,19 @@ class Stages:
     results leave in the order the frames came. The measure stage (mask pasting, filters,
     statistics) runs beside it, so the engine never waits for them.
 
+    With ``engine_instances`` N > 1 (``model.instances``) the infer stage hands each batch to
+    one of N threads, each running it on an instance of the model that no other holds, and goes
+    on to gather the next: N batches run at once. The measure stage takes them in the frames'
+    order, waiting for a batch still running.
+
     With ``statistics_workers`` N > 0 the measure stage post-processes and hands each frame's
     statistics to a pool of N processes (``stats_pool``), and a fifth thread, collect, takes
     the results in the frames' order and passes them on: N frames are measured at once."""
 
     def __init__(self, source: Callable[[float, int], list[Item]], profiles: ProfileBook,
                  cb: StageCallbacks, inner_queue: int = 2, batching: BatchingSection | None = None,
-                 statistics: StatisticsConfig | None = None, statistics_workers: int = 0) -> None:
+                 statistics: StatisticsConfig | None = None, statistics_workers: int = 0,
+                 engine_instances: int = 1) -> None:
         self.source, self.profiles, self.cb = source, profiles, cb
         self.statistics = statistics
         self.pool = (StatisticsPool(statistics_workers, statistics, cb.statistics_remeasured)
@@ -376,7 +398,11 @@ class Stages:
         # lists of up to max_batch items; about as many frames waiting between stages as one batch
         lists = max(1, max(inner_queue, self.batching.max_batch) // self.batching.max_batch)
         self.q_infer: queue.Queue[list[Item | Prepared] | object] = queue.Queue(lists)
-        self.q_measure: queue.Queue[list[Item | Detected] | object] = queue.Queue(lists)
+        # batches running at once, beyond the one the measure stage waits for: one per instance
+        self.q_measure: queue.Queue[list[Item | Detected | InFlight] | object] = queue.Queue(
+            max(lists, engine_instances))
+        self.engines = (ThreadPoolExecutor(engine_instances, thread_name_prefix="stage-infer-instance")
+                        if engine_instances > 1 else None)
         self.q_out: queue.Queue[list[Item | FrameResult] | object] = queue.Queue(
             max(1, inner_queue // self.batching.max_batch))
         self.threads = [threading.Thread(target=self._prepare_loop, name="stage-prepare", daemon=True),
@@ -440,14 +466,37 @@ class Stages:
                 batch = self._gather(pending)
                 self.cb.batched(len(batch))
                 gap = self.batching.pack_gap_px if self.batching.pack_small_frames else None
-                for p, d in zip(batch, detect_batch(batch, gap)):
-                    if isinstance(d, Detected):
-                        out.append(d)
-                    else:
-                        self._failed(p.job, d)
+                if self.engines is not None and batch[0].model.instances > 1:
+                    out.append(InFlight(batch, self.engines.submit(detect_batch, batch, gap)))
+                else:
+                    out.extend(self._detected(batch, detect_batch(batch, gap)))
             if out:
                 self.q_measure.put(out)
         self.q_measure.put(STOP)
+        if self.engines is not None:
+            self.engines.shutdown(wait=False)
+
+    def _detected(self, batch: Sequence[Prepared], found: list[Detected | Exception]) -> list[Detected]:
+        """The frames of ``batch`` the engine ran on (``detect_batch``'s ``found``); the others failed."""
+        out: list[Detected] = []
+        for p, d in zip(batch, found):
+            if isinstance(d, Detected):
+                out.append(d)
+            else:
+                self._failed(p.job, d)
+        return out
+
+    def _landed(self, items: list[object]) -> Iterator[object]:
+        """``items`` in order, each batch in flight as its frames' detections once it is done."""
+        for item in items:
+            if not isinstance(item, InFlight):
+                yield item
+                continue
+            try:
+                found = item.future.result()
+            except Exception as err:  # a bug must not kill the service: the batch's frames fail, counted
+                found = [err] * len(item.batch)
+            yield from self._detected(item.batch, found)
 
     def _measure_loop(self) -> None:
         if self.pool is not None:
@@ -458,7 +507,7 @@ class Stages:
             if items is STOP:
                 break
             out: list[object] = []
-            for item in cast("list[object]", items):
+            for item in self._landed(cast("list[object]", items)):
                 if isinstance(item, Detected):
                     try:
                         out.append(measure(item, self.statistics))
@@ -477,7 +526,7 @@ class Stages:
             if items is STOP:
                 break
             out: list[tuple[object, Pending | None]] = []
-            for item in cast("list[object]", items):
+            for item in self._landed(cast("list[object]", items)):
                 if isinstance(item, Detected):
                     try:
                         f = find_instances(item)

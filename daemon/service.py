@@ -57,7 +57,7 @@ class Service:
                                             self.metrics.batch_size.observe,
                                             self.metrics.statistics_remeasured.inc),
                              batching=cfg.batching, statistics=cfg.statistics,
-                             statistics_workers=cfg.statistics.workers)
+                             statistics_workers=cfg.statistics.workers, engine_instances=m.instances)
         self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
                                          on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
         self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
@@ -218,13 +218,15 @@ class Service:
     # -- control ---------------------------------------------------------------------------
     def _model_info(self) -> None:
         m = self.slot.current
-        self.metrics.model_info.info({"version": m.version, "engine": m.engine, "device": m.device, "path": m.path})
+        self.metrics.model_info.info({"version": m.version, "engine": m.engine, "device": m.device, "path": m.path,
+                                      "instances": str(m.instances)})
 
     def status(self) -> dict[str, Any]:
         m = self.slot.current
         return {"name": self.cfg.name, "uptime_s": round(time.time() - self.started, 1),
                 "paused": self._paused.is_set(), "model": {"version": m.version, "engine": m.engine,
                                                            "device": m.device, "path": m.path,
+                                                           "instances": m.instances,
                                                            "mask_decoding": m.segmenter.engine.mask_decoding.model_dump()},
                 "postprocess": m.segmenter.post.model_dump(mode="json"),
                 "postprocess_configured": self.slot.configured.model_dump(mode="json", exclude_unset=True),
@@ -246,7 +248,7 @@ class Service:
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
                                        req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
-                                       m.max_detections, m.null_detections)
+                                       m.max_detections, m.null_detections, m.instances)
             except Exception as err:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",

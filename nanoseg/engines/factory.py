@@ -31,14 +31,54 @@ def engine_from_checkpoint(ckpt: Checkpoint, kind: EngineKind, device: str = "cp
     file must have been exported with that decoding. Engine ``triton`` needs ``triton`` (the
     server must serve this checkpoint's model, exported with its decoding). Engine ``null``
     returns ``null_detections`` of its fixed rods per input (None: all)."""
+    return engine_instances(ckpt, kind, 1, device, threads, onnx_path, cache_dir, triton, decoding, max_batch,
+                            null_detections)[0]
+
+
+def engine_instances(ckpt: Checkpoint, kind: EngineKind, instances: int, device: str = "cpu", threads: int = 2,
+                     onnx_path: str | Path | None = None, cache_dir: Path | None = None,
+                     triton: TritonTarget | None = None, decoding: MaskDecoding | None = None,
+                     max_batch: int = 1, null_detections: int | None = None) -> list[Engine]:
+    """``instances`` engines as ``engine_from_checkpoint`` makes one (same arguments), each with
+    its own session, context or module, so that several threads run the network at once; an ONNX
+    graph is exported (or read and checked) once for all of them.
+
+    Parameters
+    ----------
+    instances : int
+        Engines wanted, >= 1.
+
+    Returns
+    -------
+    list of Engine
+        ``instances`` independent engines, the same model and decoding.
+    """
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
     decoding = decoding or ckpt.mask_decoding
-    eng = _engine(ckpt, kind, device, threads, onnx_path, cache_dir, triton, decoding, max_batch, null_detections)
-    eng.mask_decoding = decoding
-    return eng
+    graph = _onnx_graph(ckpt, onnx_path, decoding, max_batch) if kind in ("onnxruntime", "tensorrt") else None
+    out: list[Engine] = []
+    for _ in range(instances):
+        eng = _engine(ckpt, kind, device, threads, graph, cache_dir, triton, decoding, null_detections)
+        eng.mask_decoding = decoding
+        out.append(eng)
+    return out
 
 
-def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_path: str | Path | None,
-            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding, max_batch: int,
+def _onnx_graph(ckpt: Checkpoint, onnx_path: str | Path | None, decoding: MaskDecoding, max_batch: int) -> bytes:
+    """The graph in ``onnx_path`` (checked to be exported with ``decoding``), else exported now."""
+    if not onnx_path:
+        return export_checkpoint_onnx(ckpt, decoding, max_batch=max_batch)
+    onnx_bytes = Path(onnx_path).read_bytes()
+    exported = decoding_from_metadata(read_onnx_metadata(onnx_bytes))
+    if exported != decoding:
+        raise EngineError(f"{onnx_path}: exported with mask decoding {exported.model_dump()}, the model "
+                          f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
+    return onnx_bytes
+
+
+def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_bytes: bytes | None,
+            cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding,
             null_detections: int | None = None) -> Engine:
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
@@ -62,19 +102,11 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
             raise EngineError(f"triton: {remote.device} takes {remote.input_shape}, "
                               f"the checkpoint's model {input_shape(ckpt)}")
         return remote
-    if onnx_path:
-        onnx_bytes = Path(onnx_path).read_bytes()
-        exported = decoding_from_metadata(read_onnx_metadata(onnx_bytes))
-        if exported != decoding:
-            raise EngineError(f"{onnx_path}: exported with mask decoding {exported.model_dump()}, the model "
-                              f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
-    else:
-        onnx_bytes = export_checkpoint_onnx(ckpt, decoding, max_batch=max_batch)
-    if kind == "onnxruntime":
+    if onnx_bytes is not None and kind == "onnxruntime":
         from nanoseg.engines.onnx_engine import OnnxEngine
 
         return OnnxEngine(onnx_bytes, device=device, threads=threads)
-    if kind == "tensorrt":
+    if onnx_bytes is not None and kind == "tensorrt":
         from nanoseg.engines.tensorrt_engine import TensorRTEngine
 
         return TensorRTEngine.from_onnx(onnx_bytes, cache_dir=cache_dir)

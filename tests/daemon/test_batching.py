@@ -5,6 +5,7 @@ Real sockets, a real Service with the torch engine (which takes batches) on the 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -131,3 +132,42 @@ def test_small_frames_packed_several_to_a_model_input_each_get_their_result(tmp_
         assert sum(inputs) == (3 if pack else 10)  # 128 px frames with a 64 px gap: 4 to an input
     assert sum(counts[False]) > 0
     assert sum(abs(a - b) for a, b in zip(counts[False], counts[True])) <= 2, counts
+
+
+def test_two_engine_instances_run_batches_at_once_with_the_same_results_in_order(tmp_path: Path,
+                                                                                 trained_model_path: Path) -> None:
+    """``model.instances: 2``: two batches on two engines at once, the results those of one
+    engine, in the frames' order."""
+    one, one_rows, _ = run_frames(tmp_path / "one", trained_model_path, max_batch=1)
+    svc = start_service(tmp_path / "two", trained_model_path, **{
+        "batching.max_batch": 1, "batching.max_wait_ms": 500, "model.instances": 2, "model.threads": 1})
+    model = svc.slot.current
+    assert model.instances == 2
+    assert control_request(svc.control.address, {"command": "status"})["result"]["model"]["instances"] == 2
+    active, most, calls, lock = [0], [0], [0, 0], threading.Lock()
+    for k, seg in enumerate((model.segmenter, *model.replicas)):
+        infer = seg.engine.infer
+
+        def watched(batch: np.ndarray, infer: Any = infer, k: int = k) -> Any:
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+                calls[k] += 1
+            try:
+                return infer(batch)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        seg.engine.infer = watched  # type: ignore[method-assign]
+    two = queued_then_analysed(svc, FRAMES, "b", bad_after=2)
+    two_rows = ResultReader(default_path(tmp_path / "two")).particles("raw:detector:b")
+
+    assert most[0] == 2 and min(calls) >= 1, (most, calls)  # both engines, at once
+    assert svc.metrics.registry.get_sample_value("nanoseg_frames_failed_total", {"reason": "no_signal"}) == 1
+    assert [s["seq_num"] for s in two] == [s["seq_num"] for s in one] == [1, 2, 3, 5, 6]
+    assert [s["count"] for s in two] == [s["count"] for s in one]
+    assert len(two_rows) == len(one_rows) == sum(s["count"] for s in one) > 0
+    for a, b in zip(one_rows, two_rows):
+        assert (a["seq_num"], a["idx"], a["mask_rle"]) == (b["seq_num"], b["idx"], b["mask_rle"])
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4)

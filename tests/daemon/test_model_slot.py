@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,3 +97,32 @@ def test_max_detections_raises_or_lowers_the_models_cap(trained_model_path: Path
     assert len(few.segmenter.infer_tiles(tile)[0]) <= 3 < len(many.segmenter.infer_tiles(tile)[0])
     with pytest.raises(ConfigError, match="max_detections"):
         parse_config({"engine": "onnxruntime", "onnx_path": "m.onnx", "max_detections": 100}, ModelSection)
+
+
+def test_instances_are_separate_engines_lent_one_caller_at_a_time(trained_model_path: Path) -> None:
+    slot = ModelSlot(load_model(trained_model_path, "onnxruntime", "cpu", 1, PostprocessConfig(), instances=2))
+    model = slot.current
+    assert model.instances == 2
+    engines = [model.segmenter.engine, model.replicas[0].engine]
+    assert engines[0] is not engines[1] and engines[0].session is not engines[1].session  # type: ignore[attr-defined]
+
+    held: list[object] = []
+
+    def third() -> None:
+        with model.instance() as c:
+            held.append(c)
+
+    with model.instance() as a, model.instance() as b:
+        assert {id(a.engine), id(b.engine)} == {id(e) for e in engines}
+        waiter = threading.Thread(target=third)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and not held  # both lent: a third caller waits
+    waiter.join(5)
+    assert len(held) == 1  # one came back; it got it
+
+    # the operator's "set" keeps the engines (and their lending) and changes every instance's point
+    slot.set_postprocess({"score_threshold": 0.65})
+    assert slot.current.instances == 2
+    assert [s.post.score_threshold for s in (slot.current.segmenter, *slot.current.replicas)] == [0.65, 0.65]
+    assert slot.current.replicas[0].engine is engines[1]
