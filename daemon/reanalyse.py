@@ -129,7 +129,8 @@ def reanalyse(cfg: DaemonConfig, run_uid: str, profile: str | None = None) -> Re
         raise ReanalysisError(f"run {run_uid} is not in Tiled under {'/'.join(cfg.tiled.raw_path) or 'the root'}")
     if not raw.stopped:
         raise ReanalysisError(f"run {run_uid} has no stop in Tiled yet: reanalyse a finished run")
-    model = load_configured(cfg.model, cfg.postprocess, cfg.engine_cache)
+    # frames one after the other: one instance of the network whatever model.instances says
+    model = load_configured(cfg.model.model_copy(update={"instances": 1}), cfg.postprocess, cfg.engine_cache)
     profiles = ProfileBook(profile or cfg.profile)
     sink = TiledSink(cfg.tiled, lambda: model.describe(profiles.default))
     out = Reanalysis(run_uid)

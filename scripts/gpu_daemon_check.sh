@@ -4,17 +4,17 @@
 # (benchmarks/gpu_check.py), then the daemon over raw frames at 128² and 512² with the torch
 # engine on the device: engine only, saturated frames/s, and p50/p95/p99 latency at half the
 # saturated rate (benchmarks/bench_daemon.py), the statistics in STATS_WORKERS processes (default:
-# the cores less 3); 128² again with frames packed 4 to a model input; the daemon's own ceiling
-# on this machine (null engine, 0 detections), and, where py-spy is at hand (device_wheels.sh
-# brings it), who holds Python's interpreter lock in a 128² run on the device
-# (benchmarks/gil_share.py): one daemon process is capped near 1 / (lock ms per frame).
-# Estimated 7-9 minutes on an H200 (not yet run on one).
+# the cores less 3); 128² again with frames packed 4 to a model input; 512² with two engine
+# instances; the daemon's own ceiling on this machine (null engine, 0 detections), and, where
+# py-spy is at hand (device_wheels.sh brings it), who holds Python's interpreter lock in a 128²
+# run on the device (benchmarks/gil_share.py): one daemon process is capped near 1 / (lock ms
+# per frame). Estimated 8-10 minutes on an H200 (not yet run on one).
 #
 #   bash scripts/device_wheels.sh            # here, before: the wheels the machine lacks, in .whl/
 #   bash scripts/gpu_daemon_check.sh OUT_DIR [DEVICE]     # on the lent machine (DEVICE: cuda)
 #
-# OUT_DIR gets gpu_check.json, daemon_gpu.json, daemon_gpu_packed.json, daemon_null.json, gil.txt
-# (py-spy's recording), gil_share.txt and log.txt. DEVICE=cpu is a dry run (fewer frames).
+# OUT_DIR gets gpu_check.json, daemon_gpu.json, daemon_gpu_packed.json, daemon_gpu_instances2.json,
+# daemon_null.json, gil.txt (py-spy's recording), gil_share.txt and log.txt. DEVICE=cpu is a dry run (fewer frames).
 set -uo pipefail
 out=${1:?usage: gpu_daemon_check.sh OUT_DIR [DEVICE]}
 device=${2:-cuda}
@@ -45,6 +45,10 @@ stamp "daemon end to end, 128² frames packed 4 to a model input"
 $py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 128 --pack \
     --max-batch 16 --frames "$frames" --model-only "$model_only" --offered 0.5 --timeout 120 \
     --stats-workers "$workers" --out "$out/daemon_gpu_packed.json"
+stamp "daemon end to end at 512², two engine instances (model.instances: concurrent batches on the device)"
+$py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine torch --device "$device" --sizes 512 --instances 2 \
+    --frames "$(( frames / 2 ))" --model-only "$model_only" --unloaded 2 --timeout 120 --stats-workers "$workers" \
+    --out "$out/daemon_gpu_instances2.json"
 stamp "the daemon's own ceiling on this machine: null engine, no detections"
 $py "$repo/benchmarks/bench_daemon.py" --model "$model" --engine null --null-detections 0 --sizes 128 512 --frames "$frames" \
     --timeout 120 --out "$out/daemon_null.json"
