@@ -1,4 +1,10 @@
-"""Eager PyTorch engine (CPU or CUDA)."""
+"""Eager PyTorch engine (CPU or CUDA).
+
+On CUDA each engine runs the network on a stream of its own and hands its outputs to the
+caller's stream, so that several engines of one model (the daemon's ``model.instances``), each
+called from its own thread, run their kernels at the same time; the caller's later work on the
+outputs (``nanoseg.device_postprocess``) waits for them. Not yet run on a GPU here.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class TorchEngine:
         self.max_batch = max_batch
         self.core = DetectionCore(model, decoding, model_config).to(device).eval()
         self.mask_decoding = self.core.decoding
+        self.stream = torch.cuda.Stream(device=device) if str(device).startswith("cuda") else None
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
@@ -47,6 +54,16 @@ class TorchEngine:
             (B, K, 4) xyxy input px, (B, K), (B, K, M, M) probabilities, (B,) real detections
             per image (``engines.split_outputs``'s inputs), on the engine's device.
         """
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        boxes, scores, masks, num = self.core(x)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.stream is None:
+            boxes, scores, masks, num = self.core(x.to(self.device))
+            return boxes, scores, masks, num
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # whatever the caller queued before (weights, inputs) first
+        with torch.cuda.stream(self.stream):
+            outputs = self.core(x.to(self.device))
+        caller.wait_stream(self.stream)  # the caller's next work on the outputs waits for them
+        for t in outputs:
+            t.record_stream(caller)  # their memory is not reused before the caller is done with them
+        boxes, scores, masks, num = outputs
         return boxes, scores, masks, num

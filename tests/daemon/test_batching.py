@@ -35,9 +35,9 @@ def sample(svc: Service, name: str) -> float:
 
 
 def queued_then_analysed(svc: Service, frames: list[np.ndarray], run: str,
-                         bad_after: int | None = None) -> list[dict[str, Any]]:
+                         bad_after: int | None = None, expected: int | None = None) -> list[dict[str, Any]]:
     """Pause, queue every frame (and, after frame ``bad_after``, one without signal), resume: the
-    good frames' summaries. Stops the service."""
+    good frames' summaries (``expected`` of them; default: one per frame). Stops the service."""
     client = Client(svc)
     try:
         assert control_request(svc.control.address, {"command": "pause"})["ok"]
@@ -51,7 +51,7 @@ def queued_then_analysed(svc: Service, frames: list[np.ndarray], run: str,
         while sample(svc, "nanoseg_frames_received_total") < queued and time.monotonic() < deadline:
             time.sleep(0.05)
         assert control_request(svc.control.address, {"command": "resume"})["ok"]
-        return list(client.summaries(len(frames), timeout_s=120))
+        return list(client.summaries(len(frames) if expected is None else expected, timeout_s=120))
     finally:
         client.close()
         assert svc.stop()
@@ -171,3 +171,26 @@ def test_two_engine_instances_run_batches_at_once_with_the_same_results_in_order
     for a, b in zip(one_rows, two_rows):
         assert (a["seq_num"], a["idx"], a["mask_rle"]) == (b["seq_num"], b["idx"], b["mask_rle"])
         assert a["score"] == pytest.approx(b["score"], rel=1e-4)
+
+
+def test_an_instance_that_fails_fails_its_frame_alone_and_the_others_go_on(tmp_path: Path,
+                                                                           trained_model_path: Path) -> None:
+    """An engine instance that raises (a device fault) fails its batch's frame, counted; the
+    other frames keep their order through both instances."""
+    svc = start_service(tmp_path, trained_model_path, **{
+        "model.engine": "null", "model.instances": 2, "batching.max_batch": 1, "batching.max_wait_ms": 200})
+    replica = svc.slot.current.replicas[0].engine
+    infer, calls = replica.infer, [0]
+
+    def faulty(batch: np.ndarray) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("device fault")
+        return infer(batch)
+
+    replica.infer = faulty  # type: ignore[method-assign]
+    summaries = queued_then_analysed(svc, FRAMES + FRAMES, "f", expected=2 * len(FRAMES) - 1)
+    assert calls[0] >= 2  # the faulty instance ran again after its fault
+    assert svc.metrics.registry.get_sample_value("nanoseg_frames_failed_total", {"reason": "internal_error"}) == 1
+    seqs = [s["seq_num"] for s in summaries]
+    assert len(seqs) == 2 * len(FRAMES) - 1 and seqs == sorted(seqs)
