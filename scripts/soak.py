@@ -68,7 +68,8 @@ class Sample:
 def daemon_config(state: Path, sockets: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "name": "soak",
-        "model": {"path": str(args.model), "engine": args.engine, "threads": args.threads},
+        "model": {"path": str(args.model), "engine": args.engine, "threads": args.threads,
+                  "instances": args.instances},
         "ingest": {"bluesky": {"enabled": False}, "raw": {"enabled": True, "bind": f"ipc://{sockets}/raw"}},
         "queue": {"size": args.queue_size, "policy": "block"},
         "publish": {"bluesky": {"enabled": True, "bind": True, "address": f"ipc://{sockets}/docs"},
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between samples")
     p.add_argument("--model", type=Path, default=REPO / "models" / "default" / "model.pt")
     p.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime"])
-    p.add_argument("--threads", type=int, default=2, help="inference threads")
+    p.add_argument("--threads", type=int, default=2, help="inference threads, per instance")
+    p.add_argument("--instances", type=int, default=1, help="model.instances: engines that run batches at once")
     p.add_argument("--frame-size", type=int, default=512, help="square frame side, pixels")
     p.add_argument("--window", type=int, default=4, help="frames in flight (sent, summary not yet received)")
     p.add_argument("--queue-size", type=int, default=16)
