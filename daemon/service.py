@@ -145,7 +145,7 @@ class Service:
         self.metrics.set_ready(True)
         self.notifier.ready(f"serving {self.slot.current.version}")
         log("service_started", name=self.cfg.name, model=self.slot.current.version,
-            engine=self.slot.current.engine, control=self.control.address, sinks=self.cfg.sink_names,
+            engine=self.slot.current.engine, instances=self.slot.current.instances, control=self.control.address, sinks=self.cfg.sink_names,
             metrics_port=self.metrics_server.port if self.metrics_server else None)
 
     def stop(self, drain_timeout_s: float | None = None) -> bool:
