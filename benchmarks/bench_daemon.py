@@ -109,6 +109,8 @@ def start_service(state: Path, args: argparse.Namespace, bluesky_address: str | 
     }
     if args.engine == "null":
         overrides["model.null_detections"] = str(args.null_detections)
+    if args.onnx_file:
+        overrides["model.onnx_path"] = str(args.onnx_file)
     if bluesky_address is not None:
         overrides |= {"ingest.bluesky.address": bluesky_address, "ingest.bluesky.prefix": RAW_PREFIX.decode()}
     svc = Service(load_daemon_config(None, overrides, environ={}))
@@ -537,6 +539,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--engine", default="onnxruntime", choices=["torch", "onnxruntime", "null"])
     ap.add_argument("--threads", type=int, default=2, help="model.threads: CPU threads per instance")
     ap.add_argument("--instances", type=int, default=1, help="model.instances: engines that run batches at once")
+    ap.add_argument("--onnx-file", type=Path, help="model.onnx_path: an exported graph (e.g. nanoseg export --int8)")
     ap.add_argument("--device", default="cpu", help="model.device: cpu, cuda or cuda:N")
     ap.add_argument("--null-detections", type=int, default=6,
                     help="null engine: rods per model input, 0-6 (0: the path without per-particle work)")
@@ -582,7 +585,8 @@ def main() -> None:
         sys.exit(f"bench_daemon: model {args.model} not found (use --model)")
     results: dict[str, Any] = {"model": model_facts(args.model), "machine": machine_facts(), "engine": args.engine,
                                "null_detections": args.null_detections if args.engine == "null" else None,
-                               "threads": args.threads, "instances": args.instances, "queue_size": args.queue_size,
+                               "threads": args.threads, "instances": args.instances,
+                               "onnx_file": str(args.onnx_file) if args.onnx_file else None, "queue_size": args.queue_size,
                                "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "pack": args.pack,
                                "stats_workers": args.stats_workers,
                                "switch_interval_ms": 1000 * sys.getswitchinterval()}

@@ -136,7 +136,9 @@ class DetectionCore(nn.Module):
         # ONNX Runtime cannot do for N = 0 (a frame without detections).
         decoded = heads.box_coder.decode_single(deltas[:, -4:], torch.cat(rois)).reshape(len(views), -1, 4)
         mean = torch.stack([unview_boxes(decoded[i], hw, v, self.offset_px) for i, v in enumerate(views)]).mean(0)
-        mean = box_ops.clip_boxes_to_image(mean, hw)
+        # clipped to the image as box_ops.clip_boxes_to_image clips, without its stack and reshape:
+        # ONNX Runtime's optimised int8 graph cannot reshape that stack for a frame without detections
+        mean = torch.min(torch.max(mean, mean.new_zeros(4)), mean.new_tensor([hw[1], hw[0], hw[1], hw[0]]))
         score = scores.mean(0)
         if len(boxes) == 1:
             return [(mean, score)]
