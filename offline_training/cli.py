@@ -162,6 +162,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--calibration-images", type=int, default=20, help="--int8: images of DIR used (default 20)")
     p.add_argument("--keep-float", action="append", metavar="PART",
                    help="--int8: node-name fragment kept float32 (e.g. /mask_refiner/); repeatable")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="--int8: 7-bit weights, for x86 CPUs without VNNI (whose int8 products saturate)")
     decoding_args(p, margin=False)
     p.set_defaults(handler=lazy("nanoseg_training.export_model:cmd_export"))
 

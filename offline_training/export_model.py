@@ -30,17 +30,19 @@ def calibration_frames(ckpt: Checkpoint, dataset: Path, count: int) -> Iterator[
 
 def export(model_path: Path, fmt: str, out: Path, cache_dir: Path | None = None, mask_tta: int | None = None,
            max_batch: int = 1, calibration: Path | None = None, calibration_images: int = 20,
-           keep_float: tuple[str, ...] = ()) -> Path:
+           keep_float: tuple[str, ...] = (), reduce_range: bool = False) -> Path:
     """Write ``out``; the graph predicts masks with the model's mask decoding (``mask_tta``
     replaces its view count) on up to ``max_batch`` images per run; with ``calibration`` (a
-    synthetic validation set) its convolutions are quantised to int8 (``nanoseg_training.quantize``)."""
+    synthetic validation set) its convolutions are quantised to int8 (``nanoseg_training.quantize``;
+    ``reduce_range``: 7-bit weights, for CPUs without VNNI)."""
     ckpt = load_checkpoint(model_path)
     onnx_bytes = export_checkpoint_onnx(ckpt, with_decoding(ckpt.mask_decoding, tta=mask_tta),
                                         str(ckpt.meta.get("name", "")), max_batch=max_batch)
     if calibration is not None:
         from nanoseg_training.quantize import quantize_int8
 
-        onnx_bytes = quantize_int8(onnx_bytes, calibration_frames(ckpt, calibration, calibration_images), keep_float)
+        onnx_bytes = quantize_int8(onnx_bytes, calibration_frames(ckpt, calibration, calibration_images), keep_float,
+                                   reduce_range)
     if fmt == "onnx":
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(onnx_bytes)
@@ -55,6 +57,9 @@ def export(model_path: Path, fmt: str, out: Path, cache_dir: Path | None = None,
 
 def cmd_export(args: argparse.Namespace) -> int:
     model = Path(args.model)
+    if args.reduce_range and not args.int8:
+        print("nanoseg export: error: --reduce-range is an --int8 option", file=sys.stderr)
+        return 2
     if args.int8 and (args.format != "onnx" or not args.calibration):
         print("nanoseg export: error: --int8 needs --format onnx and --calibration DIR "
               "(a synthetic validation set, not the test set)", file=sys.stderr)
@@ -64,7 +69,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         path = export(model, args.format, out, mask_tta=args.mask_tta, max_batch=args.max_batch,
                       calibration=Path(args.calibration) if args.int8 else None,
-                      calibration_images=args.calibration_images, keep_float=tuple(args.keep_float or ()))
+                      calibration_images=args.calibration_images, keep_float=tuple(args.keep_float or ()),
+                      reduce_range=args.reduce_range)
     except ValueError as err:
         print(f"nanoseg export: error: {err}", file=sys.stderr)
         return 2

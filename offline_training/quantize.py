@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoseg.engines.detection_core import INPUT_NAME
-from nanoseg.engines.onnx_engine import PRECISION_KEY
+from nanoseg.engines.onnx_engine import INT8_REDUCE_RANGE_KEY, PRECISION_KEY
 
 QUANTISED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -68,7 +68,8 @@ class _Frames:
         return None if x is None else {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
 
 
-def quantize_int8(onnx_bytes: bytes, frames: Iterable[np.ndarray], keep_float: Iterable[str] = ()) -> bytes:
+def quantize_int8(onnx_bytes: bytes, frames: Iterable[np.ndarray], keep_float: Iterable[str] = (),
+                  reduce_range: bool = False) -> bytes:
     """The graph with its convolutions and fully connected layers in int8 (see the module docstring).
 
     Parameters
@@ -79,6 +80,9 @@ def quantize_int8(onnx_bytes: bytes, frames: Iterable[np.ndarray], keep_float: I
         Calibration model inputs, 0–255 at the model's scale: synthetic validation frames.
     keep_float : iterable of str
         Node-name fragments kept float32 (``float_nodes``).
+    reduce_range : bool
+        Weights in 7 bits: for x86 CPUs without int8 dot-product instructions (VNNI), whose
+        uint8 x int8 products can saturate 16-bit sums (``INT8_REDUCE_RANGE_KEY`` says so).
 
     Returns
     -------
@@ -96,10 +100,10 @@ def quantize_int8(onnx_bytes: bytes, frames: Iterable[np.ndarray], keep_float: I
         quantize_static(str(src), str(dst), _Frames(iter(frames)), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=exclude,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
         proto = onnx.load(str(dst))
     del proto.metadata_props[:]
-    for key, value in {**meta, PRECISION_KEY: "int8"}.items():
+    for key, value in {**meta, PRECISION_KEY: "int8", INT8_REDUCE_RANGE_KEY: str(reduce_range).lower()}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     return bytes(proto.SerializeToString())

@@ -26,7 +26,6 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.ops import boxes as box_ops
 
 from nanoseg.detectron2_compat import rebuilt_roi_heads
 from nanoseg.mask_decoding import (

@@ -10,7 +10,7 @@ import pytest
 
 from nanoseg.checkpoint import load_checkpoint
 from nanoseg.cli import main
-from nanoseg.engines.onnx_engine import OnnxEngine
+from nanoseg.engines.onnx_engine import OnnxEngine, int8_saturation_risk
 from nanoseg.export import export_checkpoint_onnx
 from nanoseg_training.quantize import float_nodes, quantize_int8
 
@@ -63,8 +63,29 @@ def test_int8_graph_runs_a_frame_without_detections(graphs: tuple[bytes, bytes])
         assert len(raw.scores) == 0
 
 
+def test_seven_bit_weights_are_recorded_and_spare_cpus_without_vnni(graphs: tuple[bytes, bytes],
+                                                                     paper_samples: list) -> None:
+    """``--reduce-range``: the graph says its weights use 7 bits; only a full-range int8 graph on
+    an x86 CPU without VNNI is at risk of saturating (BENCHMARKS.md: -2.3 mask AP there)."""
+    fp32, int8 = graphs
+    seven = quantize_int8(fp32, (gray[None, None] for gray, _ in paper_samples[:2]), reduce_range=True)
+    engines = [OnnxEngine(g, threads=1) for g in (fp32, int8, seven)]
+    assert [(e.precision, e.int8_reduce_range) for e in engines] == [("float32", False), ("int8", False),
+                                                                      ("int8", True)]
+    x = paper_samples[2][0][None, None]
+    assert len(engines[2].infer(x)[0].scores) > 0
+    without_vnni, with_vnni, arm = {"sse4_1", "avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}, {"asimd", "asimddp"}
+    assert int8_saturation_risk("int8", False, without_vnni)
+    assert not int8_saturation_risk("int8", True, without_vnni)
+    assert not int8_saturation_risk("float32", False, without_vnni)
+    assert not int8_saturation_risk("int8", False, with_vnni)
+    assert not int8_saturation_risk("int8", False, {"avx2", "avx_vnni"})
+    assert not int8_saturation_risk("int8", False, arm) and not int8_saturation_risk("int8", False, set())
+
+
 def test_export_int8_needs_a_calibration_set(trained_model_path: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(trained_model_path), "--int8", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", str(trained_model_path), "--reduce-range", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "--int8 needs --format onnx and --calibration DIR" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
