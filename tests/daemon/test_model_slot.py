@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from daemon.model_slot import ModelSlot, load_model
 from nanoseg.checkpoint import load_checkpoint, save_checkpoint
+from nanoseg.engines import onnx_engine
+from nanoseg.export import export_checkpoint_onnx
 from nanoseg.postprocess import PostprocessConfig
+from nanoseg_training.quantize import quantize_int8
+from tests.daemon.service_fixtures import start_service
 
 
 def thresholds(slot: ModelSlot) -> tuple[float, float]:
@@ -128,3 +135,26 @@ def test_instances_are_separate_engines_lent_one_caller_at_a_time(trained_model_
     assert slot.current.replicas[0].engine is engines[1]
     slot.reload(trained_model_path, "onnxruntime", "cpu", 1, instances=3)  # a reload brings its own instances
     assert slot.current.instances == 3 and slot.current.segmenter.post.score_threshold == 0.65
+
+
+def test_an_int8_graph_is_served_and_a_cpu_without_vnni_is_named(trained_model_path: Path, tmp_path: Path,
+                                                                  paper_samples: list,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon serves an int8 graph (its warm-up on a blank input failed before the clipping
+    fix) and logs ``int8_saturation_risk`` where the CPU has no VNNI (flags set for the test)."""
+    fp32 = export_checkpoint_onnx(load_checkpoint(trained_model_path))
+    int8 = tmp_path / "model.int8.onnx"
+    int8.write_bytes(quantize_int8(fp32, (gray[None, None] for gray, _ in paper_samples[:2])))
+    monkeypatch.setattr(onnx_engine, "_cpu_flags", lambda: {"sse4_1", "avx2"})
+    events: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("nanoseg.daemon").addHandler(handler)
+    try:
+        svc = start_service(tmp_path / "state", trained_model_path, **{
+            "model.engine": "onnxruntime", "model.onnx_path": str(int8), "model.threads": 1})
+        svc.stop()
+    finally:
+        logging.getLogger("nanoseg.daemon").removeHandler(handler)
+    assert svc.slot.current.segmenter.engine.precision == "int8"  # type: ignore[attr-defined]
+    assert "int8_saturation_risk" in events
