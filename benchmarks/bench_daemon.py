@@ -378,7 +378,7 @@ def engine_only(svc: Service, frames: list[np.ndarray], n: int) -> list[float]:
     model, engine_s = svc.slot.current, []
     c = model.segmenter.engine.input_shape[0]
     inputs = [np.repeat(prepare(j, model, svc.profiles).frame.tiles[:, None], c, axis=1) for j in _jobs(frames)]
-    for seg in (model.segmenter, *model.replicas):
+    for seg in model.segmenters:
         seg.engine.infer(inputs[0])  # an untimed first run each
 
     def engine_loop(seg: Any) -> None:
@@ -388,7 +388,7 @@ def engine_only(svc: Service, frames: list[np.ndarray], n: int) -> list[float]:
             engine_s.append(time.perf_counter() - t0)
 
     workers = [threading.Thread(target=engine_loop, args=(seg,), name="bench-worker")
-               for seg in (model.segmenter, *model.replicas)]
+               for seg in model.segmenters]
     for w in workers:
         w.start()
     for w in workers:

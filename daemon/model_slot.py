@@ -58,6 +58,11 @@ class LoadedModel:
         return self.segmenter.spec
 
     @property
+    def segmenters(self) -> tuple[Segmenter, ...]:
+        """Every instance: ``segmenter`` first, then the ``replicas``."""
+        return (self.segmenter, *self.replicas)
+
+    @property
     def instances(self) -> int:
         """Engines of this model that can run at once."""
         return 1 + len(self.replicas)
@@ -68,7 +73,7 @@ class LoadedModel:
         free = cast("queue.SimpleQueue[int]", self._free)
         i = free.get()
         try:
-            yield self.segmenter if i == 0 else self.replicas[i - 1]
+            yield self.segmenters[i]
         finally:
             free.put(i)
 

@@ -145,7 +145,7 @@ def test_two_engine_instances_run_batches_at_once_with_the_same_results_in_order
     assert model.instances == 2
     assert control_request(svc.control.address, {"command": "status"})["result"]["model"]["instances"] == 2
     active, most, calls, lock = [0], [0], [0, 0], threading.Lock()
-    for k, seg in enumerate((model.segmenter, *model.replicas)):
+    for k, seg in enumerate(model.segmenters):
         infer = seg.engine.infer
 
         def watched(batch: np.ndarray, infer: Any = infer, k: int = k) -> Any:

@@ -131,7 +131,7 @@ def test_instances_are_separate_engines_lent_one_caller_at_a_time(trained_model_
     # the operator's "set" keeps the engines (and their lending) and changes every instance's point
     slot.set_postprocess({"score_threshold": 0.65})
     assert slot.current.instances == 2
-    assert [s.post.score_threshold for s in (slot.current.segmenter, *slot.current.replicas)] == [0.65, 0.65]
+    assert [s.post.score_threshold for s in slot.current.segmenters] == [0.65, 0.65]
     assert slot.current.replicas[0].engine is engines[1]
     slot.reload(trained_model_path, "onnxruntime", "cpu", 1, instances=3)  # a reload brings its own instances
     assert slot.current.instances == 3 and slot.current.segmenter.post.score_threshold == 0.65
