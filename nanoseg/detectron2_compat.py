@@ -69,7 +69,7 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
                 self.sampling_ratio, True,
             )
         levels = self.map_levels(boxes)
-        num_rois = len(rois)
+        num_rois = rois.shape[0]  # traced: ``len`` would freeze the trace image's proposal count
         c = x_filtered[0].shape[1]
         result = torch.zeros((num_rois, c, *self.output_size), dtype=x_filtered[0].dtype, device=rois.device)
         for level, (feat, scale) in enumerate(zip(x_filtered, self.scales)):

@@ -34,6 +34,8 @@ from nanoseg.detectron2_import import (
     read_weights,
 )
 from nanoseg.engines.detection_core import DetectionCore
+from nanoseg.engines.onnx_engine import OnnxEngine
+from nanoseg.export import export_checkpoint_onnx
 from nanoseg.model import build_model
 
 _SHARED = Path(os.environ.get("NANOSEG_SHARED", Path(__file__).resolve().parents[3] / "shared"))
@@ -143,6 +145,28 @@ def test_final_instances_match(run: Run, ref: dict[str, np.ndarray]) -> None:
     want = ref["masks"][rows]
     mask_iou = (masks & want).sum((1, 2)) / np.maximum((masks | want).sum((1, 2)), 1)
     assert mask_iou.min() >= 0.95
+
+
+def test_onnx_graph_matches_torch_on_images_with_other_proposal_counts(
+    imported: tuple[Any, dict[str, Any]],
+) -> None:
+    """The exported graph keeps every count dynamic: on inputs whose RPN keeps another number of
+    proposals than the trace image did (a blank frame, noise), it runs and agrees with torch."""
+    ckpt = imported[0]
+    model = ckpt.build().eval()
+    engine = OnnxEngine(export_checkpoint_onnx(ckpt), threads=1)
+    gray = np.asarray(Image.open(FIXTURE / "input.png"), dtype=np.float32)
+    noise = np.random.default_rng(0).uniform(0, 255, gray.shape).astype(np.float32)
+    torch.set_num_threads(1)
+    for image in (gray, np.zeros_like(gray), noise):
+        x = np.repeat(image[None, None], 3, axis=1)
+        with torch.no_grad():
+            boxes, scores, _, num = DetectionCore(model)(torch.from_numpy(x))
+        n = int(num[0])
+        (raw,) = engine.infer(x)
+        assert len(raw) == n
+        np.testing.assert_allclose(raw.boxes, boxes[0, :n].numpy(), rtol=0, atol=0.05)
+        np.testing.assert_allclose(raw.scores, scores[0, :n].numpy(), rtol=0, atol=1e-3)
 
 
 def _r50_config() -> dict[str, Any]:
