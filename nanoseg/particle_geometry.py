@@ -62,8 +62,9 @@ class Centreline:
 
     @property
     def tortuosity(self) -> float:
-        """Centreline length / end-to-end distance (1 for a straight wire, > 1 when bent)."""
-        return self.length_px / self.chord_px if self.chord_px > 0 else math.nan
+        """Centreline length / end-to-end distance (1 for a straight wire, > 1 when bent; never
+        below 1, which rounding of a straight one's could give)."""
+        return max(self.length_px / self.chord_px, 1.0) if self.chord_px > 0 else math.nan
 
     def max_deviation_px(self) -> float:
         """Largest distance of the centreline from the straight line joining its ends, px."""
@@ -295,9 +296,14 @@ def feret(mask: np.ndarray, hull: np.ndarray | None = None) -> Feret:
     across = hull @ normals.T
     widths = across.max(axis=0) - across.min(axis=0)
     k = int(np.argmin(widths))
+    min_px = float(widths[k]) + _pixel_extent(normals[k], float(dist[i, j]))
+    # the object spans at least its pixel centres' extent + 1 px along x and along y (its
+    # bounding box), and no caliper is wider than the largest: where the corner estimate
+    # falls short of either (short axis-aligned shapes: a 2 x 10 px bar), those stand
+    span_x, span_y = np.ptp(hull, axis=0).tolist()
     return Feret(
-        max_px=float(dist[i, j]) + FERET_CORNER_PX,
-        min_px=float(widths[k]) + _pixel_extent(normals[k], float(dist[i, j])),
+        max_px=max(float(dist[i, j]) + FERET_CORNER_PX, span_x + 1.0, span_y + 1.0, min_px),
+        min_px=min_px,
         angle_deg=_angle(hull[j] - hull[i]),
     )
 

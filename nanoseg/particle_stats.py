@@ -15,11 +15,14 @@ Second moments (ImageJ's fitted ellipse): the mask's inertia eigenvalues l1 >= l
 centres) plus 1/12 (the pixel's own inertia) give ``major_px`` = 4 sqrt(l1 + 1/12) and
 ``minor_px`` = 4 sqrt(l2 + 1/12), the axes of the ellipse with the mask's moments; the rectangle
 with those moments (the length and width of earlier versions) is sqrt(3) / 2 of them.
-``orientation_deg`` is the major axis's direction. For a stubby particle (major < 2.5 minor) the
-skeleton is mostly corner spurs, so its length is that rectangle's, sqrt(12 l1 + 1). A mask in
-several pieces (a wire seen in parts, e.g. under a crossing wire) has the sum of its pieces'
+``orientation_deg`` is the major axis's direction. For a stubby particle (major < 2.5 minor, and
+a centreline under 5 mean widths long) the skeleton is mostly corner spurs, so its length is that
+rectangle's, sqrt(12 l1 + 1), or sqrt(area) where that is longer (a disk: length = width), and its
+centreline is scaled to that length about the centroid. Low moment aspect with a long centreline
+is a bent wire (an L, a V, an arc): its centreline's length stands. A mask in several pieces
+(8-connected; a wire seen in parts, e.g. under a crossing wire) has the sum of its pieces'
 centreline lengths (the hidden gaps are not counted); its profile, tortuosity and bow are its
-longest piece's.
+longest piece's. An empty mask has no statistics and counts in no summary.
 """
 
 from __future__ import annotations
@@ -64,7 +67,12 @@ MIN_PIECE_SHARE = 0.1
 HULL_PASSES = 2
 """Passes of the hull candidates' reduction before the monotone chain (measured fastest; the hull is the same)."""
 STUBBY_ASPECT = 2.5
-"""Below this moment aspect ratio (major / minor) length is the moment rectangle's, not the skeleton's."""
+"""Below this moment aspect ratio (major / minor) length is the moment rectangle's, not the skeleton's
+(unless the centreline is at least ``BENT_ASPECT`` mean widths long)."""
+BENT_ASPECT = 5.0
+"""A particle stubby by its moments whose centreline is at least this many mean widths long
+(length^2 >= BENT_ASPECT x area) is a bent wire, not a stubby one: its centreline's length stands."""
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def orientation_from_vector(dx: float, dy: float) -> float:
@@ -88,7 +96,7 @@ class ParticleTable:
 
     Columns (float64 unless noted; NaN where a particle's mask is empty, whose area is 0), see
     the module for definitions: ``area_px`` (int64), ``length_px``, ``width_px``,
-    ``width_min_px``, ``width_max_px``, ``aspect_ratio`` (length / width), ``feret_px``,
+    ``width_min_px``, ``width_max_px``, ``aspect_ratio`` (length / width, >= 1), ``feret_px``,
     ``min_feret_px``, ``feret_angle_deg``, ``tortuosity``, ``bow_px``, ``major_px``,
     ``minor_px``, ``orientation_deg``, ``centroid_x``, ``centroid_y`` (px, pixel-edge
     coordinates), ``bbox_width_px``, ``bbox_height_px`` (bounding box), ``perimeter_px`` (scikit-image ``perimeter``), ``circularity``
@@ -249,19 +257,23 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
     hull = convex_hull(hull_candidates(crop, ends, HULL_PASSES))
     hull_area = _corner_hull_area(hull) if hull is not None else float(area)
     f = feret(crop, hull)
-    pieces, n = (None, 1) if _one_piece(rr, *ends) else ndimage.label(crop)
+    # 8-connected pieces: a thin oblique wire is a chain of pixels touching at their corners
+    pieces, n = (None, 1) if _one_piece(rr, *ends) else ndimage.label(crop, _EIGHT_CONNECTED)
     if pieces is not None and n > 1:  # a wire seen in pieces (e.g. under a crossing one): their centrelines add up
         sizes = np.bincount(pieces.ravel())[1:]
-        lines = [centreline(pieces == k + 1) for k in np.flatnonzero(sizes >= MIN_PIECE_SHARE * area)]
+        kept = sizes >= MIN_PIECE_SHARE * area
+        kept[int(np.argmax(sizes))] = True  # the largest piece always (many small ones: dust around a speck)
+        lines = [centreline(pieces == k + 1) for k in np.flatnonzero(kept)]
         found = [c for c in lines if c is not None]
         cl = max(found, key=lambda c: c.length_px) if found else None
         length = sum(c.length_px for c in found) if found else math.nan
     else:
         cl = centreline(crop, min(math.sqrt(12 * l2 + 1), area / math.sqrt(12 * l1 + 1)), framed=framed)
-        if cl is not None and major < STUBBY_ASPECT * minor:
+        if cl is not None and major < STUBBY_ASPECT * minor and cl.length_px**2 < BENT_ASPECT * area:
             # a stubby rod or blob: its skeleton is mostly end spurs; the moment rectangle is
-            # exact for a straight prism and has no spurs to cut
-            cl = _rescaled(cl, math.sqrt(12 * l1 + 1))
+            # exact for a straight prism and has no spurs to cut (sqrt(area) for a round blob,
+            # whose rectangle is shorter than it is wide)
+            cl = _rescaled(cl, max(math.sqrt(12 * l1 + 1), math.sqrt(area)), (cx + 0.5, cy + 0.5))
         length = cl.length_px if cl else math.nan
     width = float(area) / length if cl and length > 0 else math.nan
     row = {
@@ -270,7 +282,7 @@ def _measure(crop: np.ndarray) -> tuple[dict[str, float], Centreline | None]:
         "width_px": width,
         "width_min_px": float(cl.width_px.min()) if cl else math.nan,
         "width_max_px": float(cl.width_px.max()) if cl else math.nan,
-        "aspect_ratio": length / width if width > 0 else math.nan,
+        "aspect_ratio": max(length / width, 1.0) if width > 0 else math.nan,  # >= 1 (round: 1, to the last bit)
         "feret_px": f.max_px,
         "min_feret_px": f.min_px,
         "feret_angle_deg": f.angle_deg,
@@ -373,11 +385,15 @@ def particle_table(
     )
 
 
-def _rescaled(cl: Centreline, length: float) -> Centreline:
-    """``cl`` with its length replaced (the profile keeps its shape and its mean = area / length)."""
+def _rescaled(cl: Centreline, length: float, centre: tuple[float, float]) -> Centreline:
+    """``cl`` scaled about ``centre`` (x, y px) to ``length`` px: its points, chord and length
+    together (so its tortuosity stays, >= 1); the profile keeps its shape and its mean = area /
+    length."""
     scale = cl.length_px / length if length > 0 else 1.0
     mean = float(cl.width_px.mean())
-    return Centreline(cl.points, mean * scale + (cl.width_px - mean), length, cl.chord_px)
+    c = np.array(centre, dtype=np.float64)
+    points = c + (cl.points - c) / scale
+    return Centreline(points, mean * scale + (cl.width_px - mean), length, cl.chord_px / scale)
 
 
 def _shifted(cl: Centreline, x0: int, y0: int) -> Centreline:
@@ -509,8 +525,9 @@ def frame_statistics(masks: np.ndarray | BoxMasks, od: np.ndarray | BoxValues | 
 def _frame_summary(table: ParticleTable, edge_rule: EdgeRule, resamples: int, seed: int,
                    target_precision: float) -> FrameSummary:
     """``frame_summary``, computed."""
+    particle = table.area_px > 0  # an empty mask is no particle: no weight, no histogram count
     weights = edge_weights(edge_rule, table.touches_edge, table.bbox_width_px, table.bbox_height_px,
-                           table.frame_shape)  # fmt: skip
+                           table.frame_shape) * particle  # fmt: skip
     counted = weights > 0
     stats: dict[str, Stat] = {}
     order: float | None = None
@@ -531,7 +548,7 @@ def _frame_summary(table: ParticleTable, edge_rule: EdgeRule, resamples: int, se
         else:
             stats[name] = plain_stats[name]
     histograms = {
-        name: Histogram.of(values.astype(np.float64), HISTOGRAM_EDGES[name])
+        name: Histogram.of(values[particle].astype(np.float64), HISTOGRAM_EDGES[name])
         for name, values in table.columns().items()
         if name in HISTOGRAM_EDGES
     }

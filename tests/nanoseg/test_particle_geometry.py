@@ -94,3 +94,14 @@ def test_a_wire_seen_in_two_pieces_adds_their_lengths() -> None:
     t = particle_table(m[None])
     assert t.length_px[0] == pytest.approx(110, abs=2.0) and t.width_px[0] == pytest.approx(12, abs=0.5)
     assert t.tortuosity[0] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize(("h", "w"), [(2, 2), (2, 10), (3, 10), (10, 150), (1, 10)])
+def test_feret_spans_the_bounding_box_and_the_min_feret(h: int, w: int) -> None:
+    """No caliper is wider than the largest, and the largest spans the pixels' box (short
+    axis-aligned bars, where the corner estimate alone fell short of both)."""
+    mask = np.zeros((h + 4, w + 4), bool)
+    mask[2:2 + h, 2:2 + w] = True
+    f = feret(mask)
+    assert f.max_px >= max(h, w) and f.max_px >= f.min_px
+    assert f.max_px <= math.hypot(h, w) + 1e-9

@@ -156,6 +156,73 @@ def test_empty_mask_row_is_kept_and_serialises_as_null() -> None:
     assert s.stats["length_px"].mean == pytest.approx(t.length_px[0])
 
 
+def test_an_empty_mask_counts_in_no_summary() -> None:
+    """Under every edge rule a frame of one wire and one empty mask summarises as the wire alone."""
+    wire = _wire_mask(10.0, 80, 12)
+    with_empty = particle_table(np.stack([wire, np.zeros(SHAPE, bool)]), None, 5.0)
+    alone = particle_table(wire[None], None, 5.0)
+    for rule in ("include", "exclude", "miles_lantuejoul"):
+        got, want = frame_summary(with_empty, rule), frame_summary(alone, rule)
+        assert (got.count, got.counted) == (2, want.counted)
+        assert got.stats["area_px"].mean == want.stats["area_px"].mean
+        assert got.histograms == want.histograms
+
+
+def _segment(a: tuple[float, float], b: tuple[float, float], width: float) -> np.ndarray:
+    """A stroke of ``width`` px from a to b (x, y px): pixels whose centre is within width / 2."""
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]] + 0.5
+    (ax, ay), (bx, by) = a, b
+    dx, dy = bx - ax, by - ay
+    t = np.clip(((xx - ax) * dx + (yy - ay) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.hypot(xx - ax - t * dx, yy - ay - t * dy) <= width / 2
+
+
+@pytest.mark.parametrize(("name", "arms", "width"), [
+    ("L", (((30, 30), (30, 130)), ((30, 130), (130, 130))), 6.0),
+    ("V", (((60, 200), (140, 200)), ((140, 200), (100, 130.7))), 8.0),
+])
+def test_a_sharply_bent_wire_keeps_its_centreline_length(name: str, arms: tuple, width: float) -> None:
+    """An L or a V has a low moment aspect ratio (like a stubby rod) but a long centreline: its
+    length follows the bend, its width is the stroke's and its tortuosity is well above 1."""
+    mask = _segment(arms[0][0], arms[0][1], width) | _segment(arms[1][0], arms[1][1], width)
+    truth = sum(math.dist(a, b) for a, b in arms)
+    t = particle_table(mask[None])
+    assert t.major_px[0] < 2.5 * t.minor_px[0]  # stubby by its moments
+    assert t.length_px[0] == pytest.approx(truth, rel=0.03)
+    assert t.width_px[0] == pytest.approx(width, abs=0.6)
+    assert t.tortuosity[0] == pytest.approx(truth / math.dist(arms[0][0], arms[1][1]), rel=0.05)
+
+
+@pytest.mark.parametrize("n", [10, 11, 40])
+def test_a_one_pixel_diagonal_wire_is_one_piece(n: int) -> None:
+    """Pixels touching at their corners are one wire (8-connected), not n one-pixel pieces."""
+    mask = np.zeros(SHAPE, bool)
+    mask[np.arange(n) + 20, np.arange(n) + 20] = True
+    t = particle_table(mask[None])
+    assert t.length_px[0] == pytest.approx(n * math.sqrt(2), rel=0.05)
+    assert t.width_px[0] == pytest.approx(1 / math.sqrt(2), rel=0.05)
+
+
+@pytest.mark.parametrize("shape", ["square", "disk", "stubby rod"])
+def test_a_stubby_particle_centreline_is_consistent(shape: str) -> None:
+    """A stubby particle's centreline is scaled to its length: the polyline is that long, its
+    tortuosity >= 1, and its length is never below its mean width (a disk: aspect ratio 1)."""
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]] + 0.5
+    mask = {"square": (abs(xx - 100) < 10) & (abs(yy - 100) < 10),
+            "disk": np.hypot(xx - 100, yy - 100) <= 30,
+            "stubby rod": _wire_mask(30.0, 40, 20)}[shape]
+    t = particle_table(mask[None])
+    cl = t.centrelines[0]
+    assert cl is not None
+    assert float(np.sum(np.hypot(*np.diff(cl.points, axis=0).T))) == pytest.approx(t.length_px[0], rel=1e-9)
+    assert t.tortuosity[0] >= 1.0 and t.aspect_ratio[0] >= 1.0
+    assert t.length_px[0] >= t.width_px[0]
+    if shape == "disk":
+        assert t.aspect_ratio[0] == 1.0 and t.length_px[0] == pytest.approx(math.sqrt(t.area_px[0]))
+    if shape == "square":
+        assert t.length_px[0] == pytest.approx(20.0)
+
+
 def test_frame_summary_statistics_and_fixed_histograms() -> None:
     masks = np.stack(
         [

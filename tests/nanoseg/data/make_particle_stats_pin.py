@@ -3,12 +3,14 @@ table and frame summaries ``nanoseg.particle_stats`` gave for them, so that a fa
 the statistics is held to the same results (``tests/nanoseg/test_particle_stats_pin.py``).
 
     python tests/nanoseg/data/make_particle_stats_pin.py [--model-frames INSTANCES.pkl]
+    python tests/nanoseg/data/make_particle_stats_pin.py --stored-masks   # results only (a deliberate change)
 
 Frames: one generated field per kind of ``benchmarks/bench_measurements.py`` (straight, bent,
 tapered, field of view: overlapping and edge-cut wires, widths 12-40 px), hand-made masks (tiny,
 one-row, one-column, two-piece, ring, empty), and, with ``--model-frames``, the shipped model's
 masks of the daemon benchmark's frames (a pickled list of ``Instances``). Masks are stored
-box-local (crops and offsets). Run it with the code whose results are to be kept.
+box-local (crops and offsets). Run it with the code whose results are to be kept;
+``--stored-masks`` keeps the stored masks (the model's among them) and writes their results anew.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def frames(model_frames: Path | None) -> list[tuple[str, BoxMasks, np.ndarray | 
     return out
 
 
+def stored() -> list[tuple[str, BoxMasks, np.ndarray | None, float | None]]:
+    """The masks of the stored pin, with their OD images and pixel sizes."""
+    pinned = json.loads(gzip.decompress((HERE / "particle_stats_pin.json.gz").read_bytes()))
+    out: list[tuple[str, BoxMasks, np.ndarray | None, float | None]] = []
+    with np.load(HERE / "particle_stats_pin.npz") as z:
+        for name, exp in pinned.items():
+            shape = tuple(int(v) for v in z[f"{name}/shape"])
+            crops = []
+            for i in range(len(z[f"{name}/offsets"])):
+                crop_shape = tuple(int(v) for v in z[f"{name}/crop{i}_shape"])
+                bits = np.unpackbits(z[f"{name}/crop{i}"], count=int(np.prod(crop_shape)))
+                crops.append(bits.astype(bool).reshape(crop_shape))
+            od = np.random.default_rng(1).random(shape) if exp["od"] else None
+            out.append((name, BoxMasks(shape, z[f"{name}/offsets"], crops), od, exp["pixel_size_nm"]))
+    return out
+
+
 def expected(masks: BoxMasks, od: np.ndarray | None, nm: float | None) -> dict[str, object]:
     table = particle_table(masks, od, nm)  # type: ignore[arg-type]
     lines = [None if c is None else {"points": c.points.tolist(), "width_px": c.width_px.tolist(),
@@ -74,10 +93,11 @@ def expected(masks: BoxMasks, od: np.ndarray | None, nm: float | None) -> dict[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-frames", type=Path, default=None)
+    ap.add_argument("--stored-masks", action="store_true", help="the stored pin's masks, results written anew")
     args = ap.parse_args()
     arrays: dict[str, np.ndarray] = {}
     results: dict[str, object] = {}
-    for name, bm, od, nm in frames(args.model_frames):
+    for name, bm, od, nm in stored() if args.stored_masks else frames(args.model_frames):
         arrays[f"{name}/shape"] = np.array(bm.image_shape)
         arrays[f"{name}/offsets"] = bm.offsets
         for i, c in enumerate(bm.crops):
