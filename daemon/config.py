@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import EnvSettingsSource
+from pydantic_settings import EnvSettingsSource, SettingsError
 
 from nanoseg.config_io import (
     ConfigError,
@@ -321,7 +321,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     source = EnvSettingsSource(DaemonConfig, case_sensitive=False, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
                                env_nested_delimiter="__")
     source.env_vars = {k.lower(): v for k, v in ours.items()}
-    found = source()
+    try:
+        found = source()
+    except SettingsError as err:  # e.g. NANOSEG__INGEST__RAW=x: a section given one value
+        raise ConfigError(f"environment: {err} (a section's keys are set one by one: "
+                          f"{ENV_PREFIX}SECTION__KEY=value)") from None
     for name in sorted(ours):
         node: Any = found
         for key in name[len(ENV_PREFIX):].lower().split("__"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,6 +13,33 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read, bytes (1 MiB): a config is a page of YAML."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (the first would be ignored)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
 class StrictModel(BaseModel):
@@ -99,10 +128,10 @@ def yaml_mapping(text: str, source: str = "<config>") -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        If the text is not YAML or its root is not a mapping.
+        If the text is not YAML, gives a key twice in one mapping, or its root is not a mapping.
     """
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
@@ -124,13 +153,28 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        If the file cannot be read or holds no mapping; the message names the file.
+        If the file cannot be read, is not a regular file (a FIFO or device would block or never
+        end) or is over ``MAX_CONFIG_BYTES``, or holds no mapping; the message names the file.
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        # non-blocking: opening a FIFO for reading would wait for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{p}: cannot read config: not a regular file")
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{p}: cannot read config: {st.st_size} bytes, over {MAX_CONFIG_BYTES}")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{p}: cannot read config: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: cannot read config: over {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: cannot read config: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return yaml_mapping(text, str(p))
 
 

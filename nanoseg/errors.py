@@ -13,6 +13,7 @@ FrameErrorReason = Literal[
     "non_positive_reference",  # I0 - dark <= 0 (scalar, estimate, or every flat-field pixel)
     "missing_reference",  # the profile asks for a flat field and none was supplied
     "unknown_profile",  # the frame names a profile that cannot be loaded (the daemon's profile book)
+    "too_large",  # resampled to the model's pixel size, a side would exceed the profile's max_model_side_px
 ]
 
 

@@ -77,6 +77,10 @@ class FrameProfile(StrictModel):
     """Overlap of neighbouring tiles at the model's scale, px; must be below the model input size."""
     merge_iou: float = Field(0.5, gt=0, le=1)
     """Instances of neighbouring tiles merge when their IoU inside the tiles' overlap reaches this."""
+    max_model_side_px: int = Field(16384, ge=1)
+    """Largest height or width of a frame at the model's scale, px: a frame whose pixel size would
+    resample it beyond this is refused (``too_large``) before any work, as a small frame with a
+    large pixel size would otherwise cost (pixel size / model pixel size)^2 times its own size."""
 
     @model_validator(mode="after")
     def _mode_fields(self) -> FrameProfile:

@@ -180,6 +180,8 @@ def to_model_scale(
     if px == "auto":
         auto = scale_chooser(image, profile.mode) if scale_chooser else choose_scale(image, spec.pixel_size_nm)
         px = auto.pixel_size_nm
+    if px is not None:
+        _check_model_side(image.shape, px, spec, profile.max_model_side_px)
     scaled = resample_to_model_scale(image, px, spec)[0] if px is not None else image
     gray = to_model_input(scaled, spec, profile.mode)
     return ModelScaleImage(gray, image, invalid, reference, check, px, auto)
@@ -222,6 +224,17 @@ def prepare_frame(
         pixel_size_nm=m.pixel_size_nm,
         auto_scale=m.auto_scale,
     )
+
+
+def _check_model_side(shape: tuple[int, ...], pixel_size_nm: float, spec: InputSpec, limit: int) -> None:
+    """Raise FrameError ``too_large`` when a frame of ``shape`` (px) at ``pixel_size_nm`` would
+    have a side over ``limit`` px at the model's pixel size (``resample_to_model_scale``'s
+    rounding)."""
+    scale = pixel_size_nm / spec.pixel_size_nm
+    side = max(round(n * scale) for n in shape)
+    if side > limit:
+        raise FrameError("too_large", f"{shape[0]}x{shape[1]} px at {pixel_size_nm:g} nm would be {side} px a side "
+                                      f"at the model's {spec.pixel_size_nm:g} nm (max_model_side_px {limit})")
 
 
 def _check_sample(arr: np.ndarray) -> np.ndarray:

@@ -31,7 +31,13 @@ from bluesky.callbacks.zmq import Publisher
 from event_model import DocumentRouter
 
 from nanoseg.codec import json_safe, msgpack_dumps
-from nanoseg.config_io import ConfigError, apply_overrides, load_yaml, parse_config, parse_sets
+from nanoseg.config_io import (
+    apply_overrides,
+    load_yaml,
+    parse_config,
+    parse_sets,
+    read_yaml_mapping,
+)
 from nanoseg.paths import resolve_config
 from nanoseg_sim.config import SimulatorConfig
 from nanoseg_sim.devices import Microscope, build_microscope
@@ -44,15 +50,8 @@ TRUTH_FIELDS = ("truth_count", "truth_length_nm_mean", "truth_visible_length_nm_
 
 def load_simulator_config(name_or_path: str, overrides: Mapping[str, str] | None = None) -> SimulatorConfig:
     """A config from configs/simulator (or a path), with dotted ``key=value`` overrides."""
-    import yaml
-
     path = resolve_config(name_or_path, "simulator")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: <root>: expected a mapping")
+    data = read_yaml_mapping(path)
     return parse_config(apply_overrides(data, overrides or {}, f"{path} (--set)"), SimulatorConfig, str(path))
 
 

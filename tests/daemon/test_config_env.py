@@ -30,6 +30,7 @@ def test_file_then_environment_then_set(tmp_path: Path) -> None:
     ("NANOSEG__QUEUES", "1", "queues"),
     ("NANOSEG__MODEL__ENGINE", "[torch", "model.engine"),
     ("NANOSEG__STATISTICS__EDGE_RULE", "clip", "statistics.edge_rule"),
+    ("NANOSEG__INGEST__RAW", "x", "ingest"),  # a section given one value (was a SettingsError traceback)
 ])
 def test_a_bad_variable_fails_naming_the_field(name: str, value: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field):

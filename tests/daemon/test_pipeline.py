@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -87,3 +89,25 @@ def test_a_reload_between_preparation_and_inference_leaves_the_frame_on_the_mode
     assert isinstance(r, FrameResult)
     assert r.model_version == first  # inference ran on the model the frame was prepared for
     assert looked_up == [first]  # the model is looked up once per frame
+
+
+def test_a_profile_named_by_a_frame_that_is_a_fifo_fails_the_frame_at_once(tmp_path: Path) -> None:
+    """A frame's ``metadata.profile`` may be a path: one naming a FIFO (or a device) fails that
+    frame as ``unknown_profile`` instead of blocking the prepare stage until someone writes to it."""
+    from nanoseg.errors import FrameError
+
+    fifo = tmp_path / "profile.yaml"
+    os.mkfifo(fifo)
+    book = ProfileBook("ptychography")
+    errors: list[FrameError] = []
+
+    def get() -> None:
+        with pytest.raises(FrameError) as info:
+            book.get(str(fifo))
+        errors.append(info.value)
+
+    t = threading.Thread(target=get, daemon=True)  # before the fix: blocked for ever in the read
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1
+    assert errors[0].reason == "unknown_profile" and "not a regular file" in str(errors[0])

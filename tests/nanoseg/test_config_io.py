@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
 from pydantic import Field, model_validator
 
 from nanoseg.config_io import (
+    MAX_CONFIG_BYTES,
     ConfigError,
     StrictModel,
     dump_yaml,
     load_yaml,
     parse_config,
     parse_yaml,
+    read_yaml_mapping,
+    yaml_mapping,
 )
 
 
@@ -82,3 +87,39 @@ def test_dump_round_trips() -> None:
     cfg = Daemon(name="y", queue=Queue(size=5))
     assert parse_yaml(dump_yaml(cfg), Daemon) == cfg
     assert dump_yaml(cfg).splitlines()[0] == "name: y"  # field order kept, not sorted
+
+
+@pytest.mark.parametrize("text", ["queue: {size: 8}\nqueue: {size: 16}\n", "queue:\n  size: 8\n  size: 16\n"])
+def test_a_key_given_twice_is_an_error_naming_it(text: str) -> None:
+    """PyYAML keeps the last of two equal keys, so the first setting would be silently ignored."""
+    assert "given twice" in message(text) and ("'queue'" in message(text) or "'size'" in message(text))
+
+
+def test_anchors_and_merge_keys_still_load() -> None:
+    """A merge key's keys may be overridden: not a key given twice."""
+    assert yaml_mapping("a: &q {size: 3}\nb: {<<: *q, size: 4}\nc: *q\n") == {
+        "a": {"size": 3}, "b": {"size": 4}, "c": {"size": 3}}
+
+
+def test_a_config_that_is_no_regular_file_or_too_large_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO would block the reader until some writer came (a profile named by a frame: the
+    daemon's prepare stage), /dev/zero would never end; neither is opened for reading."""
+    fifo = tmp_path / "profile.yaml"
+    os.mkfifo(fifo)
+    done: list[str] = []
+
+    def read(path: Path) -> None:
+        with pytest.raises(ConfigError) as info:
+            read_yaml_mapping(path)
+        done.append(str(info.value))
+
+    for path in (fifo, Path("/dev/zero")):
+        t = threading.Thread(target=read, args=(path,), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"reading {path} blocked"
+    assert len(done) == 2 and all("not a regular file" in m for m in done)
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="bytes"):
+        read_yaml_mapping(big)

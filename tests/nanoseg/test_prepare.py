@@ -127,3 +127,18 @@ def test_flat_field_profile_needs_a_flat_field() -> None:
         prepare_frame(frame.astype(bool), profile, spec, flat_field=np.ones((32, 32)))
     with pytest.raises(ValueError, match="tile_overlap_px"):
         prepare_frame(frame, profile.model_copy(update={"tile_overlap_px": 64}), spec, flat_field=frame)
+
+
+def test_a_frame_that_would_resample_beyond_the_limit_is_refused_before_any_work() -> None:
+    """8 kB of frame at 512 nm would be 4096 px a side at 8 nm: refused (``too_large``) by a
+    profile's ``max_model_side_px``; within it the frame is prepared."""
+    spec = InputSpec(pixel_size_nm=8.0, size=64)
+    profile = FrameProfile.model_validate({"name": "f", "mode": "optical_density", "tile_overlap_px": 16,
+                                           "max_model_side_px": 2048})
+    frame = np.random.default_rng(0).uniform(500, 1000, (64, 64))
+    with pytest.raises(FrameError) as info:
+        prepare_frame(frame, profile, spec, pixel_size_nm=512.0)
+    assert info.value.reason == "too_large" and "4096 px" in str(info.value)
+    prep = prepare_frame(frame, profile, spec, pixel_size_nm=256.0)
+    assert prep.model_shape == (2048, 2048)
+    assert FrameProfile.model_validate({"name": "f", "mode": "intensity"}).max_model_side_px == 16384
