@@ -10,7 +10,8 @@ Flow::
 
 Identifiers: ``run_uid`` is the raw bluesky run's start uid, or ``raw:<source>:<run>`` for the raw
 frame input. ``frame_uid`` is unique per frame: the event uid (``<event uid>/<k>`` for the k-th
-frame of a multi-frame event), or ``raw:<source>:<run>:<frame_id>``. The store refuses a frame_uid twice.
+frame of a multi-frame event), or ``raw:<source>:<run>:<frame_id>`` (each part with ``%`` and ``:`` percent-encoded,
+``raw_ingest.uid_part``). The store refuses a frame_uid twice.
 """
 
 from __future__ import annotations

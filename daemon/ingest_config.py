@@ -193,7 +193,7 @@ class RawIngestConfig(FrameSizeLimits):
         min_length=1,
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Name of this input in identifiers: run 'raw:<source>:<run>', "
-        "frame 'raw:<source>:<run>:<frame_id>'.",
+        "frame 'raw:<source>:<run>:<frame_id>' ('%' and ':' in each part percent-encoded).",
     )
     reject_all_nan: bool = Field(
         True, description="Reject a float frame with no number at all (reason nan_frame)."

@@ -9,7 +9,14 @@ For detectors that don't speak bluesky. The header is UTF-8 JSON matching ``RawF
 The buffer holds ``prod(shape) * itemsize`` bytes, C order (row-major, y down), little-endian.
 ``{"run": "scan-42", "timestamp": ..., "end_of_run": true}`` with an empty buffer closes a run.
 The first frame of a run id produces a RunStarted before its FrameJob. Identifiers follow
-contracts.py: run ``raw:<source>:<run>``, frame ``raw:<source>:<run>:<frame_id>``.
+contracts.py: run ``raw:<source>:<run>``, frame ``raw:<source>:<run>:<frame_id>``, each part with
+``%`` and ``:`` percent-encoded (``uid_part``), so distinct (source, run, frame id) give distinct
+uids; ids without those characters appear as they are. Frame ids are compared as text: 7 and "7"
+are the same frame.
+
+``timestamp`` is POSIX time in seconds, 0 < t < 2**32 (1970 to 2106; milliseconds are refused).
+``metadata.extra`` must be JSON-like data msgpack can encode: integers within int64/uint64,
+finite floats, text, booleans, null, lists and objects, at most ``EXTRA_MAX_DEPTH`` levels deep.
 
 Every malformed message raises ``WireError`` with a reason: bad_framing (not exactly 2 parts, or
 a buffer with end_of_run), bad_header (not UTF-8, not JSON, not the schema), bad_dtype, bad_shape,
@@ -28,7 +35,16 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from nanoseg.config_io import StrictModel
 from nanoseg_daemon.contracts import FrameJob, FrameMetadata, IngestSink, RunStarted, RunStopped
@@ -38,8 +54,69 @@ from nanoseg_daemon.wire import RejectReason, WireError
 RawDtype = Literal["uint8", "uint16", "uint32", "int16", "int32", "float32", "float64"]
 
 MAX_HEADER_BYTES = 64 * 1024
+EXTRA_MAX_DEPTH = 16
+"""Levels of lists and objects allowed inside ``metadata.extra`` (the object itself is level 1)."""
+MAX_TIMESTAMP = 2.0**32
+"""Exclusive upper bound of a header's timestamp, s since the epoch (2106-02-07)."""
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack encodes: int64 and uint64
 
 Buffer = bytes | bytearray | memoryview
+
+
+def _not_text(value: str) -> str | None:
+    """Why ``value`` cannot be written as UTF-8 (a lone surrogate from a JSON escape), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"text with a lone surrogate {value[err.start]!r} (not encodable as UTF-8)"
+    return None
+
+
+def json_like_problem(
+    value: Any, max_depth: int = EXTRA_MAX_DEPTH
+) -> tuple[tuple[str | int, ...], str] | None:
+    """Where (path of keys and indexes) and why ``value`` is not JSON-like data msgpack can encode.
+
+    Allowed: None, bool, int in [-2**63, 2**64 - 1], finite float, str (valid Unicode), lists and
+    dicts with str keys, at most ``max_depth`` levels of containers. Returns None if ``value``
+    is allowed. Iterative, so any depth is safe to inspect.
+    """
+    stack: list[tuple[tuple[str | int, ...], Any, int]] = [((), value, 0)]
+    while stack:
+        path, v, depth = stack.pop()
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not _INT_MIN <= v <= _INT_MAX:
+                return path, f"integer of {v.bit_length()} bits is outside int64/uint64"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return path, f"number {v} is not finite"
+        elif isinstance(v, str):
+            if (why := _not_text(v)) is not None:
+                return path, why
+        elif isinstance(v, list | dict):
+            if depth >= max_depth:
+                return path, f"nested deeper than {max_depth} levels"
+            if isinstance(v, list):
+                items: list[tuple[str | int, Any]] = list(enumerate(v))
+            else:
+                items = list(v.items())
+                for k, _ in items:
+                    if not isinstance(k, str):
+                        return path, f"key {k!r} is not text"
+                    if (why := _not_text(k)) is not None:
+                        return path, f"key: {why}"
+            stack.extend(((*path, k), item, depth + 1) for k, item in reversed(items))
+        else:
+            return path, f"a {type(v).__name__} is not JSON-like data"
+    return None
+
+
+def uid_part(value: str | int) -> str:
+    """``value`` as one ``:``-separated part of a raw identifier: ``%`` and ``:`` percent-encoded
+    (``%25``, ``%3A``), so that distinct parts stay distinct; other text is unchanged."""
+    return str(value).replace("%", "%25").replace(":", "%3A")
 
 
 class RawFrameMetadata(StrictModel):
@@ -49,24 +126,68 @@ class RawFrameMetadata(StrictModel):
     i0: float | None = Field(None, gt=0, allow_inf_nan=False, description="Incident intensity.")
     profile: str | None = Field(None, min_length=1, description="Frame-preparation profile.")
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="Copied into the results verbatim (scan id, sample...)."
+        default_factory=dict,
+        description="Copied into the results verbatim (scan id, sample...): JSON-like data "
+        "msgpack can encode (integers within int64/uint64, finite numbers, text, true/false, "
+        f"null, lists, objects), at most {EXTRA_MAX_DEPTH} levels deep.",
     )
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_text(cls, value: str | None) -> str | None:
+        if value is not None and (why := _not_text(value)) is not None:
+            raise ValueError(why)
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_json_like(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = json_like_problem(value, EXTRA_MAX_DEPTH)
+        if problem is not None:
+            path, why = problem
+            # ctx["path"] extends the error's location (parse_raw_header names the exact field)
+            raise PydanticCustomError("extra_not_encodable", "{why}", {"why": why, "path": path})
+        return value
 
 
 class RawFrameHeader(StrictModel):
     """The JSON header of a raw frame message (or of an end-of-run message)."""
 
-    frame_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | StrictInt | None = Field(
-        None, description="Unique per source; required for frames."
+    frame_id: (
+        Annotated[StrictStr, Field(min_length=1, max_length=256)]
+        | Annotated[StrictInt, Field(ge=_INT_MIN, le=_INT_MAX)]
+        | None
+    ) = Field(
+        None,
+        description="Unique per source (text, or an int64/uint64 integer); required for frames.",
     )
     run: str = Field("default", min_length=1, max_length=256, description="Run id of the sender.")
     dtype: RawDtype | None = Field(None, description="Pixel type; required for frames.")
     shape: tuple[PositiveInt, PositiveInt] | None = Field(
         None, description="[H, W], pixels; required for frames."
     )
-    timestamp: float = Field(allow_inf_nan=False, description="Acquisition time, s since epoch.")
+    timestamp: float = Field(
+        allow_inf_nan=False,
+        description="Acquisition time, POSIX seconds since the epoch: 0 < t < 2**32 "
+        "(1970 to 2106); milliseconds are refused.",
+    )
     metadata: RawFrameMetadata = Field(default_factory=RawFrameMetadata)
     end_of_run: bool = Field(False, description="Close the run; the buffer must be empty.")
+
+    @field_validator("run", "frame_id")
+    @classmethod
+    def _id_text(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, str) and (why := _not_text(value)) is not None:
+            raise ValueError(why)
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _posix_seconds(cls, value: float) -> float:
+        if not 0 < value < MAX_TIMESTAMP:
+            hint = " (milliseconds?)" if MAX_TIMESTAMP <= value < MAX_TIMESTAMP * 1000 else ""
+            raise ValueError(f"must be seconds since the epoch, 0 < t < 2**32, got {value!r}{hint}")
+        return value
 
     @model_validator(mode="after")
     def _frame_fields(self) -> RawFrameHeader:
@@ -84,6 +205,11 @@ def _header_reason(err: ValidationError) -> RejectReason:
     return "bad_header"
 
 
+def _where(error: Any) -> tuple[Any, ...]:
+    """An error's location, extended by the path inside the field where the validator gave one."""
+    return (*error["loc"], *error.get("ctx", {}).get("path", ()))
+
+
 def parse_raw_header(data: Buffer) -> RawFrameHeader:
     """Validate the header part; raises WireError (bad_header, bad_dtype, bad_shape)."""
     if len(data) > MAX_HEADER_BYTES:
@@ -94,7 +220,9 @@ def parse_raw_header(data: Buffer) -> RawFrameHeader:
         raise WireError("bad_header", f"header is not UTF-8: {err}") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as err:
+    except RecursionError:
+        raise WireError("bad_header", "header JSON is nested too deeply to parse") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of more digits than int() reads
         raise WireError("bad_header", f"header is not JSON: {err}") from None
     if not isinstance(obj, dict):
         raise WireError("bad_header", f"header is a JSON {type(obj).__name__}, not an object")
@@ -102,7 +230,7 @@ def parse_raw_header(data: Buffer) -> RawFrameHeader:
         return RawFrameHeader.model_validate(obj)
     except ValidationError as err:
         detail = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '<header>'}: {e['msg']}" for e in err.errors()
+            f"{'.'.join(map(str, _where(e))) or '<header>'}: {e['msg']}" for e in err.errors()
         )
         raise WireError(_header_reason(err), f"header: {detail}") from None
 
@@ -132,7 +260,12 @@ class RawFrameDecoder:
         return list(self._runs)
 
     def run_uid(self, run: str) -> str:
-        return f"raw:{self._config.source}:{run}"
+        """``raw:<source>:<run>``, each part escaped by ``uid_part``."""
+        return f"raw:{uid_part(self._config.source)}:{uid_part(run)}"
+
+    def frame_uid(self, run: str, frame_id: str | int) -> str:
+        """``raw:<source>:<run>:<frame_id>``, each part escaped by ``uid_part``."""
+        return f"{self.run_uid(run)}:{uid_part(frame_id)}"
 
     def pop_run_events(self) -> list[RunStarted | RunStopped]:
         """Run events caused by the last decode, to deliver before its result."""
@@ -154,6 +287,7 @@ class RawFrameDecoder:
             del self._runs[run_uid]
             return RunStopped(run_uid, "success", header.timestamp)
         frame = self._frame(header, buffer)
+        assert header.frame_id is not None  # the header validator
         metadata = FrameMetadata(
             pixel_size_nm=header.metadata.pixel_size_nm,
             i0=header.metadata.i0,
@@ -166,7 +300,7 @@ class RawFrameDecoder:
         self._runs[run_uid] += 1
         return FrameJob(
             run_uid=run_uid,
-            frame_uid=f"{run_uid}:{header.frame_id}",
+            frame_uid=self.frame_uid(header.run, header.frame_id),
             seq_num=self._runs[run_uid],
             frame=frame,
             timestamp=header.timestamp,

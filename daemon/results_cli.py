@@ -96,7 +96,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def _time(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    """``t`` (s since the epoch) as UTC date and time; as stored where no date can show it (a
+    store written by an older daemon may hold milliseconds, NaN...), so one run never hides all."""
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError, TypeError):
+        return repr(t)
 
 
 def _list(reader: ResultReader, as_json: bool) -> None:

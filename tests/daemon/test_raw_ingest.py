@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from nanoseg.codec import msgpack_dumps
 from nanoseg_daemon.contracts import FrameJob, RunStopped
 from nanoseg_daemon.ingest_config import RawIngestConfig
-from nanoseg_daemon.raw_ingest import RawFrameDecoder, RawFrameHeader
+from nanoseg_daemon.raw_ingest import MAX_HEADER_BYTES, RawFrameDecoder, RawFrameHeader
 from nanoseg_daemon.wire import WireError
 from tests.daemon.ingest_fixtures import RecordingSink
 
@@ -177,3 +178,111 @@ def test_header_model_forbids_unknown_keys_and_documents_its_fields():
     assert RawFrameHeader.model_config["extra"] == "forbid"
     for name, f in RawFrameHeader.model_fields.items():
         assert f.description or name == "metadata", name
+
+
+def rejection(decoder: RawFrameDecoder, parts) -> WireError:
+    with pytest.raises(WireError) as err:
+        decoder.decode(parts)
+    return err.value
+
+
+def nested(depth: int, leaf=1):
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"count": 2**70}, "metadata.extra.count"),
+        ({"count": 2**64}, "metadata.extra.count"),
+        ({"count": -(2**63) - 1}, "metadata.extra.count"),
+        ({"scan": {"ids": [1, 2, 10**30]}}, "metadata.extra.scan.ids.2"),
+        ({"gain": float("nan")}, "metadata.extra.gain"),  # json.loads reads NaN
+        ({"gain": float("-inf")}, "metadata.extra.gain"),
+        ({"sample": "\ud800"}, "metadata.extra.sample"),  # a lone surrogate: not UTF-8
+        ({"\udfff": 1}, "metadata.extra"),
+        ({"deep": nested(16)}, "metadata.extra.deep" + ".0" * 15),  # 17 levels with extra itself
+    ],
+)
+def test_metadata_extra_must_be_data_msgpack_can_encode(extra, field):
+    err = rejection(RawFrameDecoder(), [header(metadata={"extra": extra}), b"\x00" * 24])
+    assert err.reason == "bad_header"
+    assert f"{field}: " in err.detail, err.detail
+
+
+def test_metadata_extra_at_the_limits_reaches_the_run_start_and_encodes():
+    extra = {"big": 2**64 - 1, "small": -(2**63), "f": 1e308, "t": "V₂O₅ 😀", "n": None,
+             "b": True, "deep": nested(15)}  # fmt: skip
+    sink = RecordingSink()
+    RawFrameDecoder().handle([header(metadata={"extra": extra}), b"\x00" * 24], sink)
+    assert not sink.rejections
+    (started,), (job,) = sink.started, sink.frames
+    assert started.start_doc["metadata"]["extra"] == extra
+    assert job.metadata.extra["big"] == 2**64 - 1
+    msgpack_dumps(started.start_doc)  # what the analysis run's start needs (it raised for 2**70)
+    msgpack_dumps(job.metadata.extra)
+
+
+def test_frame_ids_and_run_ids_must_be_encodable():
+    dec = RawFrameDecoder()
+    for fields in ({"frame_id": 2**64}, {"frame_id": -(2**63) - 1}, {"run": "\ud800"},
+                   {"frame_id": "a\udc00"}, {"metadata": {"profile": "\ud800"}}):  # fmt: skip
+        assert rejected(dec, [header(**fields), b"\x00" * 24]) == "bad_header", fields
+    assert isinstance(dec.decode([header(frame_id=2**64 - 1), b"\x00" * 24]), FrameJob)
+
+
+@pytest.mark.parametrize("t", [1767225600500.0, 2.0**32, 1e300, 10**20, 0.0, -1.0])
+def test_timestamp_must_be_plausible_posix_seconds(t):
+    dec = RawFrameDecoder()
+    for fields in ({}, {"end_of_run": True, "frame_id": None, "dtype": None, "shape": None}):
+        h = header(timestamp=1, **fields)
+        h = h.replace(b'"timestamp": 1,', f'"timestamp": {t!r},'.encode())  # 10**20 stays an int
+        buffer = b"" if fields else b"\x00" * 24
+        err = rejection(dec, [h, buffer])
+        assert err.reason == "bad_header"
+        assert "timestamp: " in err.detail and "seconds since the epoch" in err.detail, err.detail
+    assert dec.open_runs == []
+
+
+def test_timestamp_bounds_are_documented_and_inclusive_of_small_and_2106_times():
+    assert "2**32" in (RawFrameHeader.model_fields["timestamp"].description or "")
+    dec = RawFrameDecoder()
+    for t in (5.0, 1767225600.25, 2.0**32 - 1):
+        job = dec.decode([header(timestamp=t), b"\x00" * 24])
+        assert isinstance(job, FrameJob) and job.timestamp == t
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 60_000,
+        b'{"frame_id": ' + b"[" * 30_000,
+        b'{"frame_id": 1, "metadata": {"extra": {"a": ' + b"[" * 5_000 + b"]" * 5_000 + b"}}}",
+        b'{"frame_id": ' + b"7" * 5_000 + b"}",  # more digits than int() reads
+    ],
+)
+def test_headers_too_deep_or_too_long_a_number_are_bad_headers(data):
+    assert len(data) <= MAX_HEADER_BYTES
+    sink = RecordingSink()
+    RawFrameDecoder().handle([data, b"\x00" * 24], sink)
+    assert sink.reasons == ["bad_header"] and not sink.frames
+
+
+def test_distinct_source_run_frame_ids_give_distinct_uids():
+    dec = RawFrameDecoder(RawIngestConfig(source="det"))
+    ids = [("a", "b:1"), ("a:b", 1), ("a:b", "1"), ("a%3Ab", 1), ("a", "b%3A1"), ("a", "b%253A1"),
+           ("a:b:1", "x"), ("a", "b:1:x"), ("%", "%"), ("%25", "%25"), (":", ":"), ("%3A", "%3A")]  # fmt: skip
+    uids = []
+    for run, frame_id in ids:
+        job = dec.decode([header(run=run, frame_id=frame_id), b"\x00" * 24])
+        assert isinstance(job, FrameJob)
+        assert job.run_uid == dec.run_uid(run) and job.frame_uid.startswith(job.run_uid + ":")
+        assert job.frame_uid.count(":") == 3 and job.metadata.extra["raw_run"] == run
+        uids.append(job.frame_uid)
+    assert len(set(uids)) == len(uids) - 1  # only ("a:b", 1) and ("a:b", "1"): ids compare as text
+    run_uids = {dec.run_uid(run) for run, _ in ids}
+    assert len(run_uids) == len({run for run, _ in ids})
+    assert uids[0] == "raw:det:a:b%3A1" and uids[1] == "raw:det:a%3Ab:1"
+    assert dec.run_uid("scan-1.2_x") == "raw:det:scan-1.2_x"  # ids without ':' or '%' as before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sqlite3
 import sys
 
 import numpy as np
@@ -41,6 +42,22 @@ def test_list_shows_runs_with_counts(state_dir, capsys):
     assert main(["results", "list", "--db", str(default_path(state_dir)), "--json"]) == 0
     runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["run_uid"], r["frames"], r["particles"]) for r in runs] == [("aaaa-1111", 3, 6), ("bbbb-2222", 1, 1)]
+
+
+def test_list_shows_a_time_it_cannot_format_as_stored(state_dir, capsys):
+    """A store written by an older daemon may hold a start time in ms (or any huge value): list
+    prints it raw and still lists every run, instead of dying on the whole store."""
+    store = ResultStore(default_path(state_dir))
+    store.add_run(RunStarted("cccc-ms", FrameMetadata(), {"uid": "cccc-ms"}, 1_700_000_900.0), "m")
+    store.close()
+    with sqlite3.connect(default_path(state_dir)) as conn:
+        conn.execute("UPDATE runs SET started_at = 1767225600500.0, stopped_at = 1e300 WHERE run_uid = 'cccc-ms'")
+    conn.close()
+    assert main(["results", "list", "--state-dir", str(state_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["aaaa-1111", "bbbb-2222", "cccc-ms"]
+    assert lines[1].split()[1:3] == ["2023-11-14", "22:13:20"]
+    assert lines[3].split()[1:3] == ["1767225600500.0", "1e+300"]
 
 
 def test_export_csv(state_dir, tmp_path, capsys):
