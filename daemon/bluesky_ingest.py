@@ -16,14 +16,22 @@ and travel in ``RunStopped.rejected``, so an analysis run that lost every frame 
 
 Start-document metadata: run_metadata.py.
 
-A wrong-typed value is reported as ``bad_metadata`` and left out. A document that comes before
-what it refers to (event before descriptor, descriptor or stop before start, datum or
-stream_datum before its resource) is held for ``early_documents_s`` and replayed when that comes
-(early_documents.py); a run never seen is looked up in Tiled where configured (tiled_runs.py: a
-daemon that joined late); what stays unresolved, duplicate uids and other faults are reported
-through ``sink.rejected`` and never raise (unresolved documents logged once per run, or per
-descriptor where only events came). ``resume`` takes up a run open before a restart from the
-journal's documents. Memory is bounded: a stopped run is forgotten, at most
+A wrong-typed value is reported as ``bad_metadata`` and left out. A start, stop or event (page)
+whose ``time``, or an event whose image timestamp, is not a finite number (NaN, +-inf, an integer
+too large for a float, a string) is refused as ``bad_document`` naming the field (a refused stop
+leaves its run open for a good stop); so is an event_page whose columns differ in length, and a
+stream_datum whose indices or seq_nums are not integers or that claims more rows than
+``max_datums_per_run`` (a stream datum stands for one datum per frame). A stream datum whose
+resource cannot be read is counted once (``fill_failed``, its row count in the detail); its rows
+not written in time are counted one each (``frames_not_written``), the first one logged.
+
+A document that comes before what it refers to (event before descriptor, descriptor or stop
+before start, datum or stream_datum before its resource) is held for ``early_documents_s`` and
+replayed when that comes (early_documents.py); a run never seen is looked up in Tiled where
+configured (tiled_runs.py: a daemon that joined late); what stays unresolved, duplicate uids and
+other faults are reported through ``sink.rejected`` and never raise (unresolved documents logged
+once per run, or per descriptor where only events came). ``resume`` takes up a run open before a
+restart from the journal's documents. Memory is bounded: a stopped run is forgotten, at most
 ``max_open_runs`` runs are open (a further start evicts the least active one with a
 ``too_many_runs`` rejection and a RunStopped with exit status ``fail``), and resources and datums
 are capped per run. Not thread-safe: one ingest thread calls it.
@@ -35,6 +43,7 @@ import dataclasses
 import importlib
 import logging
 import math
+import numbers
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -104,6 +113,56 @@ class _Reject(Exception):
 
 # what a document may be waiting for: held for it (early_documents.py), or looked up in Tiled
 _WAITING = frozenset({"unknown_run", "unknown_descriptor", "unknown_resource"})
+
+
+def _shown(value: Any) -> str:
+    """A short repr of a document value for a rejection's detail (a huge integer by its size)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {value.bit_length() * math.log10(2):.0f} digits"
+    return f"{value!r:.60}"
+
+
+def _finite_time(value: Any, what: str) -> float:
+    """``value`` (a document's time or timestamp) as a finite float; a ``bad_document`` rejection
+    naming ``what`` when it is not a number, NaN, +-inf or an integer too large for a float
+    (the store could never write it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Reject("bad_document", f"{what} is not a number: {_shown(value)}")
+    try:
+        out = float(value)
+    except (OverflowError, ValueError, TypeError):
+        out = math.nan
+    if not math.isfinite(out):
+        raise _Reject("bad_document", f"{what} is not a finite number: {_shown(value)}")
+    return out
+
+
+def _integer(value: Any, what: str) -> int:
+    """``value`` (a stream datum's index or seq_num) as an int; a ``bad_document`` rejection
+    naming ``what`` when it is not an integer (a float with a fraction, +-inf, NaN, a string)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(float(value))  # 3.0; inf and NaN are not integers
+    raise _Reject("bad_document", f"{what} is not an integer: {_shown(value)}")
+
+
+def _column_lengths(doc: Mapping[str, Any]) -> dict[str, int | None]:
+    """The length of each column of an event_page (``uid``, ``time``, ``seq_num``, and each key of
+    ``data``, ``timestamps``, ``filled``); None for one that is not a sequence."""
+    columns: dict[str, Any] = {k: doc[k] for k in ("uid", "time", "seq_num")}
+    for group in ("data", "timestamps", "filled"):
+        values = doc.get(group) or {}
+        if not isinstance(values, Mapping):
+            raise _Reject("bad_document", f"event_page: {group} is not a mapping")
+        columns.update({f"{group}[{k!r}]": v for k, v in values.items()})
+    lengths: dict[str, int | None] = {}
+    for name, column in columns.items():
+        try:
+            lengths[name] = None if isinstance(column, str | bytes | Mapping) else len(column)
+        except TypeError:
+            lengths[name] = None
+    return lengths
 
 
 class BoundedDict(OrderedDict[Any, Any]):
@@ -268,7 +327,7 @@ class BlueskyRouter(DocumentRouter):
         except _Reject as rej:
             self._unresolved(rej, name, doc, since)
             return
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
             self._reject("bad_document", f"{name}: malformed document: {err!r:.200}")
         except Exception as err:  # a bug here must not stop ingest; it is logged in full
             logger.exception("bluesky router failed on a %s document", name)
@@ -361,12 +420,13 @@ class BlueskyRouter(DocumentRouter):
         log("run_recovered", run=uid, descriptors=len(raw.descriptors), held=len(self._early),
             detail="start and descriptors read from Tiled (the daemon joined after the run started)")
 
-    def _reject(self, reason: str, detail: str, logged: bool = True) -> None:
-        """Report a rejection, counted against the run the current document belongs to."""
+    def _reject(self, reason: str, detail: str, logged: bool = True, count: int = 1) -> None:
+        """Report a rejection (``count`` frames lost to it, logged once), counted against the run
+        the current document belongs to."""
         run = self._runs.get(self._current_run) if self._current_run is not None else None
         if run is not None:
-            run.rejected[reason] = run.rejected.get(reason, 0) + 1
-        self._sink.rejected(reason, detail, logged=logged)
+            run.rejected[reason] = run.rejected.get(reason, 0) + count
+        self._sink.rejected(reason, detail, logged=logged, count=count)
 
     @property
     def open_runs(self) -> list[str]:
@@ -426,9 +486,10 @@ class BlueskyRouter(DocumentRouter):
     # -- documents ---------------------------------------------------------------------------
 
     def start(self, doc: RunStart) -> None:
-        uid, start_time = doc["uid"], float(doc["time"])
+        uid = doc["uid"]
         if not isinstance(uid, str):
             raise _Reject("bad_document", "start: uid is not a string")
+        start_time = _finite_time(doc["time"], f"start {uid}: time")
         if doc.get("plan_name") == ANALYSIS_PLAN_NAME or "raw_run_uid" in doc:
             self._analysis_runs[uid] = None  # never analyse an analysis run (a feedback loop)
             return
@@ -557,12 +618,18 @@ class BlueskyRouter(DocumentRouter):
             raise _Reject("unknown_descriptor", f"stream_datum {uid} for unknown descriptor {descriptor}", descriptor)
         if resource.doc["data_key"] != stream.image_key:
             return  # another detector field (a sum, a timestamp): not an image
-        first, last = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
-        start, stop = int(doc["indices"]["start"]), int(doc["indices"]["stop"])
+        seq_nums, indices = doc["seq_nums"], doc["indices"]
+        first, last = (_integer(seq_nums[k], f"stream_datum {uid}: seq_nums.{k}") for k in ("start", "stop"))
+        start, stop = (_integer(indices[k], f"stream_datum {uid}: indices.{k}") for k in ("start", "stop"))
         if not 0 <= start <= stop or last - first not in (0, stop - start):  # 0: seq_nums unset
             raise _Reject("bad_document", f"stream_datum {uid}: indices {start}:{stop} "
                                           f"do not match seq_nums {first}:{last}")
         per_event, frame_shape = frame_axis(stream.image_shape)
+        limit = self._config.max_datums_per_run  # a stream datum stands for one datum per frame
+        if (stop - start) * per_event > limit:
+            raise _Reject("bad_document", f"stream_datum {uid}: indices {start}:{stop} claim "
+                                          f"{(stop - start) * per_event} rows, more than max_datums_per_run "
+                                          f"({limit}); nothing read")
         rows = self._read_rows(run, resource, start * per_event, stop * per_event, f"stream_datum {uid}")
         for k, row in enumerate(rows):
             seq, j = first + k // per_event, k % per_event
@@ -578,7 +645,9 @@ class BlueskyRouter(DocumentRouter):
 
     def _read_rows(self, run: _Run, resource: _StreamResource, start: int, stop: int,
                    where: str) -> np.ndarray:
-        """Rows ``start:stop`` of a stream resource; frames that never came are counted."""
+        """Rows ``start:stop`` of a stream resource. A resource that cannot be read counts each
+        row as ``fill_failed``, and each row that never came as ``frames_not_written``; one log
+        line each way, with the count."""
         want = stop - start
         try:
             if resource.reader is None:
@@ -589,15 +658,22 @@ class BlueskyRouter(DocumentRouter):
                                           wait_s=self._config.stream_wait_s)
             rows = resource.reader.read(start, stop)
         except StreamReadError as err:
-            for _ in range(want):
-                self._reject("fill_failed", f"{where}: {err}")
+            self._reject("fill_failed", f"{where}: {want} rows ({start}:{stop}) not read: {err}", count=want)
             return np.empty((0,))
-        for k in range(len(rows), want):
-            self._reject("frames_not_written", f"{where}: row {start + k} of {resource.doc['uri']} "
-                                f"not written within {self._config.stream_wait_s:g} s")
+        missing = want - len(rows)
+        if missing > 0:
+            self._reject("frames_not_written", f"{where}: rows {start + len(rows)}:{stop} of {resource.doc['uri']} "
+                         f"({missing}) not written within {self._config.stream_wait_s:g} s", count=missing)
         return rows
 
     def event_page(self, doc: EventPage) -> EventPage:
+        lengths = _column_lengths(doc)
+        n = lengths["uid"]
+        if n is None or any(length != n for length in lengths.values()):
+            self._current_run = self._descriptor_run.get(doc["descriptor"])  # counted against its run
+            odd = ", ".join(f"{k} {'not a list' if v is None else v}" for k, v in lengths.items() if v != n)
+            raise _Reject("bad_document", f"event_page: columns differ in length: uid "
+                                          f"{'not a list' if n is None else n}, {odd}"[:400])
         for event in unpack_event_page(doc):
             self._handle("event", dict(event))  # one event held or refused does not lose the rest
         return doc
@@ -618,8 +694,12 @@ class BlueskyRouter(DocumentRouter):
         run = self._run(run_uid, f"event {uid}")
         if uid in run.recent_events:
             raise _Reject("duplicate_uid", f"event {uid} seen before")
-        run.recent_events[uid] = None
         stream = run.streams[descriptor]
+        ts = _finite_time(doc["time"], f"event {uid}: time") if "time" in doc else None
+        timestamps = doc.get("timestamps") or {}
+        if stream.image_key is not None and stream.image_key in doc["data"] and stream.image_key in timestamps:
+            ts = _finite_time(timestamps[stream.image_key], f"event {uid}: timestamps[{stream.image_key!r}]")
+        run.recent_events[uid] = None
         flat_key = self._config.flat_field_key
         wanted = {k for k in (stream.image_key, flat_key) if k is not None and k in doc["data"]}
         if stream.image_key is not None and stream.image_key not in wanted \
@@ -639,8 +719,8 @@ class BlueskyRouter(DocumentRouter):
             self._set_flat(run, doc["data"][flat_key], f"event {uid}")
         if stream.image_key is None or stream.image_key not in doc["data"]:
             return
-        timestamps = doc.get("timestamps") or {}
-        ts = float(timestamps[stream.image_key] if stream.image_key in timestamps else doc["time"])
+        if ts is None:
+            raise _Reject("bad_document", f"event {uid}: no time and no timestamp of {stream.image_key!r}")
         for frame in self._frames(doc["data"][stream.image_key], stream.image_shape, f"event {uid}"):
             self._emit(run, uid if frame.index is None else f"{uid}/{frame.index}", frame, ts)
 
@@ -672,6 +752,7 @@ class BlueskyRouter(DocumentRouter):
         if doc["run_start"] in self._analysis_runs:
             return
         run = self._run(doc["run_start"], f"stop {doc['uid']}")
+        stop_time = _finite_time(doc["time"], f"stop {doc['uid']}: time")  # refused: the run stays open
         label = "missed_before_join" if run.joined_late else "missed_while_down"
         rejected = dict(run.rejected) | ({label: run.missed} if run.missed else {})
         reason = ""
@@ -680,7 +761,7 @@ class BlueskyRouter(DocumentRouter):
                       + (f"; {run.missed} frames sent before it joined not analysed" if run.missed else ""))
         elif run.missed:
             reason = f"resumed after a restart; {run.missed} frames missed while the daemon was down"
-        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), float(doc["time"]), rejected, reason)
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), stop_time, rejected, reason)
         self._forget(run)
         self._sink.run_stopped(stopped)
 

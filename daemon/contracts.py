@@ -79,10 +79,11 @@ class IngestSink(Protocol):
     def run_started(self, ev: RunStarted) -> None: ...
     def frame(self, job: FrameJob) -> None: ...
     def run_stopped(self, ev: RunStopped) -> None: ...
-    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
+    def rejected(self, reason: str, detail: str, logged: bool = True, count: int = 1) -> None:
         """A malformed input: ``reason`` is a short metric label, ``detail`` a log line (counted,
         not logged, when ``logged`` is False: the same fault again, e.g. each event of a run
-        whose start was missed)."""
+        whose start was missed); ``count`` frames lost to it at once (a stream resource's rows
+        that cannot be read), counted each, logged once."""
         ...
 
     def converted(self, reason: str, detail: str) -> None:

@@ -307,8 +307,8 @@ class Intake:
     def run_stopped(self, ev: RunStopped) -> None:
         self.queue.put(ev)
 
-    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
-        self.metrics.messages_rejected.labels(reason).inc()
+    def rejected(self, reason: str, detail: str, logged: bool = True, count: int = 1) -> None:
+        self.metrics.messages_rejected.labels(reason).inc(count)
         if logged:
             log("message_rejected", logging.WARNING, reason=reason, detail=detail[:500])
 

@@ -91,7 +91,8 @@ class _Analyse:
         self.out.exit_status, self.out.reason = stop_status(ev.exit_status, ev.reason, self.out.frames, losses)
         self.sink.close_run(dataclasses.replace(ev, rejected=dict(losses)))
 
-    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:  # counted in the run's stop
+    def rejected(self, reason: str, detail: str, logged: bool = True,  # counted in the run's stop
+                 count: int = 1) -> None:
         if logged:
             log("message_rejected", logging.WARNING, reason=reason, detail=detail[:300])
 

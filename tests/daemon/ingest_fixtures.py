@@ -50,9 +50,9 @@ class RecordingSink:
             self.order.append(("stop", ev.run_uid))
             self._cond.notify_all()
 
-    def rejected(self, reason: str, detail: str, logged: bool = True) -> None:
+    def rejected(self, reason: str, detail: str, logged: bool = True, count: int = 1) -> None:
         with self._cond:
-            self.rejections.append((reason, detail))
+            self.rejections += [(reason, detail)] * count
             if logged:
                 self.logged.append(reason)
             self._cond.notify_all()

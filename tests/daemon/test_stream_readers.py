@@ -101,7 +101,7 @@ def test_frames_not_yet_flushed_are_waited_for_and_those_never_written_counted(t
     for job, frame in zip(sink.frames, frames):
         np.testing.assert_array_equal(job.frame, frame)
     assert sink.reasons == ["frames_not_written"]  # one per frame that never came
-    assert "row 2" in sink.rejections[0][1]
+    assert "rows 2:3" in sink.rejections[0][1]
 
 
 def test_unreadable_stream_resources_are_counted_per_frame(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_unreadable_stream_resources_are_counted_per_frame(tmp_path: Path) -> No
     for name, doc in (("start", run.start_doc), ("descriptor", desc.descriptor_doc),
                       ("stream_resource", resource), ("stream_datum", datum)):
         router(name, doc)
-    assert sink.reasons == ["fill_failed", "fill_failed"]
+    assert sink.reasons == ["fill_failed", "fill_failed"] and sink.logged == ["fill_failed"]  # each frame, one line
     router("stream_datum", {**datum, "uid": "x", "stream_resource": "nope"})
     assert sink.reasons[-1] == "unknown_resource" and not sink.frames
 
