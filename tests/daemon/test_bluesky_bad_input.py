@@ -163,13 +163,19 @@ def test_a_stream_datum_that_cannot_be_read_is_counted_per_row_in_one_call(tmp_p
     assert sink.stopped[0].rejected == {"fill_failed": 50_000} and not sink.frames
 
 
-def test_rows_never_written_are_counted_each_and_logged_once(tmp_path: Path) -> None:
-    path = tmp_path / "short.h5"
+def h5_stream(tmp_path: Path, frames: np.ndarray, **config: Any) -> tuple[RecordingSink, BlueskyRouter, Any, Any, Any]:
+    """``frames`` in a real HDF5 file, a router with ``config`` (no wait for rows by default), and
+    a run whose stream resource is that file: (sink, router, run, descriptor, resource)."""
+    path = tmp_path / "frames.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("data", data=test_frames(2, (8, 8)))
+        f.create_dataset("data", data=frames)
     sink = RecordingSink()
-    router = BlueskyRouter(sink, BlueskyIngestConfig(stream_wait_s=0.0))
-    _run, desc, res = stream_run(router, f"file://localhost{path}")
+    router = BlueskyRouter(sink, BlueskyIngestConfig(**{"stream_wait_s": 0.0, **config}))
+    return (sink, router, *stream_run(router, f"file://localhost{path}"))
+
+
+def test_rows_never_written_are_counted_each_and_logged_once(tmp_path: Path) -> None:
+    sink, router, _run, desc, res = h5_stream(tmp_path, test_frames(2, (8, 8)))
     router("stream_datum", stream_datum(res, desc, 0, 5, 1, 6))
     assert len(sink.frames) == 2 and sink.reasons == ["frames_not_written"] * 3
     assert sink.logged == ["frames_not_written"] and "rows 2:5" in sink.rejections[0][1]
@@ -177,13 +183,8 @@ def test_rows_never_written_are_counted_each_and_logged_once(tmp_path: Path) -> 
 
 @pytest.mark.timeout(60)  # before the fix this counted 10**9 rejections, one by one
 def test_a_stream_datum_claiming_more_rows_than_max_datums_per_run_is_refused_unread(tmp_path: Path) -> None:
-    path = tmp_path / "frames.h5"
     frames = test_frames(200, (8, 8))
-    with h5py.File(path, "w") as f:
-        f.create_dataset("data", data=frames)
-    sink = RecordingSink()
-    router = BlueskyRouter(sink, BlueskyIngestConfig(max_datums_per_run=100, stream_wait_s=0.0))
-    _run, desc, res = stream_run(router, f"file://localhost{path}")
+    sink, router, _run, desc, res = h5_stream(tmp_path, frames, max_datums_per_run=100)
     router("stream_datum", stream_datum(res, desc, 0, 101, 1, 102))
     assert sink.reasons == ["bad_document"] and not sink.frames
     assert "101 rows" in sink.rejections[0][1] and "max_datums_per_run (100)" in sink.rejections[0][1]
@@ -207,12 +208,7 @@ def test_a_stream_datum_claiming_more_rows_than_max_datums_per_run_is_refused_un
                                               ("indices.stop", math.inf), ("indices.start", "0")])
 def test_stream_datum_indices_that_are_not_integers_are_bad_documents(
         tmp_path: Path, field: str, value: Any) -> None:
-    path = tmp_path / "frames.h5"
-    with h5py.File(path, "w") as f:
-        f.create_dataset("data", data=test_frames(2, (8, 8)))
-    sink = RecordingSink()
-    router = BlueskyRouter(sink, BlueskyIngestConfig(stream_wait_s=0.0))
-    run, desc, res = stream_run(router, f"file://localhost{path}")
+    sink, router, run, desc, res = h5_stream(tmp_path, test_frames(2, (8, 8)))
     datum = stream_datum(res, desc, 0, 2, 1, 3)
     group, end = field.split(".")
     datum[group] = {**datum[group], end: value}
