@@ -62,6 +62,14 @@ class DaemonMetrics:
         self.sink_errors = Counter("nanoseg_sink_errors_total", "Failed sink writes (store, publishers)",
                                    ["sink", "reason"], registry=r)
         self.publish_dropped = Counter("nanoseg_publish_dropped_total", "Messages not published", ["channel"], registry=r)
+        self.closed_run_items = Counter(
+            "nanoseg_closed_run_items_total",
+            "Items of a run closed already (late_stop: a second stop, ignored; late_frame: a frame, stored "
+            "but not published)", ["reason"], registry=r)
+        self.published_values_replaced = Counter(
+            "nanoseg_published_values_replaced_total",
+            "Metadata values published as their repr because the wire formats cannot carry them "
+            "(int_beyond_64_bits, not_utf8)", ["reason"], registry=r)
         self.paused = Gauge("nanoseg_paused", "1 while analysis is paused", registry=r)
         self.ready = Gauge("nanoseg_ready", "1 when serving", registry=r)
         # growth monitoring (daemon/growth.py); the quantity label carries the unit (length_nm, count, ...)

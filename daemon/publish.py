@@ -35,6 +35,7 @@ import copy
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -116,12 +117,35 @@ def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[s
     }
 
 
-def _start_safe(obj: Any) -> Any:
-    """JSON-safe, with '.' and '/' replaced in mapping keys (the start schema forbids them)."""
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what msgpack (and BSON, mostly) can hold
+
+
+def _wire_str(text: str, replaced: Counter[str]) -> str:
+    """``text``, or its repr where it is not valid UTF-8 (lone surrogates), counted ``not_utf8``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        replaced["not_utf8"] += 1
+        return repr(text)
+    return text
+
+
+def _start_safe(obj: Any, replaced: Counter[str] | None = None) -> Any:
+    """JSON-safe, with '.' and '/' replaced in mapping keys (the start schema forbids them), and
+    values no wire format can carry as their repr, counted by reason in ``replaced``: integers
+    beyond 64 bits (``int_beyond_64_bits``), strings that are not UTF-8 (``not_utf8``)."""
+    if replaced is None:
+        replaced = Counter()
     if isinstance(obj, dict):
-        return {str(k).replace(".", "_").replace("/", "_"): _start_safe(v) for k, v in obj.items()}
+        return {_wire_str(str(k), replaced).replace(".", "_").replace("/", "_"): _start_safe(v, replaced)
+                for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_start_safe(v) for v in obj]
+        return [_start_safe(v, replaced) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool) and not _INT_RANGE[0] <= obj <= _INT_RANGE[1]:
+        replaced["int_beyond_64_bits"] += 1
+        return repr(obj)
+    if isinstance(obj, str):
+        return _wire_str(obj, replaced)
     return obj
 
 
@@ -150,12 +174,14 @@ class AnalysisRun:
         published before a restart: the run goes on with the same uids and event numbering, and
         ``opening`` is empty (its start and descriptor are out already)."""
         self.raw_run_uid = raw_run_uid
+        self.replaced: Counter[str] = Counter()
+        """Start metadata values published as their repr (``_start_safe``), by reason."""
         metadata = {
             "plan_name": ANALYSIS_PLAN_NAME,
             "raw_run_uid": raw_run_uid,
             "model_version": model_version,
-            "processing": _start_safe(json_safe(dict(processing))),
-            "raw_metadata": _start_safe(json_safe(dict(raw_metadata or {}))),
+            "processing": _start_safe(json_safe(dict(processing)), self.replaced),
+            "raw_metadata": _start_safe(json_safe(dict(raw_metadata or {})), self.replaced),
             "hints": {"dimensions": [[["time"], stream_name]]},
         }
         self.resumed = resume is not None
@@ -176,6 +202,8 @@ class AnalysisRun:
             time=self.start_doc["time"],
         )
         self.descriptor_doc: dict[str, Any] = cast(dict[str, Any], desc.descriptor_doc)
+        if published:  # resumed: the stop's num_events counts the events published before the restart
+            desc.compose_event.event_counters[stream_name] = published + 1
         self._compose_event = desc.compose_event
         self._compose_stop = bundle.compose_stop
         self.compose_descriptor = bundle.compose_descriptor

@@ -170,24 +170,39 @@ class Service:
 
     def _resume_runs(self) -> None:
         """Take up the runs the store lists open (the daemon stopped or was killed during them):
-        later frames go into the same analysis run. A run that cannot be taken up (no bluesky
-        ingest) is closed at once, exit status ``abort``, with the reason."""
+        later frames go into the same analysis run, and ``resume_timeout_s`` closes one of which
+        nothing comes. A run that cannot be taken up is closed at once, exit status ``abort``,
+        with the reason (``_close_left_open``): a raw input run (the raw input cannot continue
+        its frame numbering), any run while bluesky ingest is off, and a run the store holds
+        unstopped without its start (rows that frames made for a start never stored). No run the
+        store holds is left open; an analysis run published before the restart is closed with
+        its own stop document."""
         if self.store is None:
             return
         bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
         router = self.ingest.router
         for run in self.store.open_runs():
-            if router is None:
-                self.intake.run_stopped(RunStopped(run.run_uid, "abort", time.time(),
-                                                   reason="open when the daemon stopped; bluesky ingest is off now"))
-                log("run_not_resumed", logging.WARNING, run=run.run_uid, reason="bluesky ingest disabled")
-                continue
             if bluesky_sink is not None and run.analysis_start is not None and run.analysis_descriptor_uid:
                 bluesky_sink.resume(run.run_uid, run.analysis_start, run.analysis_descriptor_uid, run.frames)
+            if run.start_doc.get("nanoseg_input") == "raw":
+                self._close_left_open(run.run_uid, "raw_input", "a raw input run is not taken up after a restart")
+                continue
+            if router is None:
+                self._close_left_open(run.run_uid, "bluesky_ingest_disabled", "bluesky ingest is off now")
+                continue
             router.resume(run.start_doc, run.descriptors, run.last_seq_num)
             self._resumed[run.run_uid] = time.monotonic()
             log("run_resumed", run=run.run_uid, stored_frames=run.frames,
                 analysis_run=None if run.analysis_start is None else run.analysis_start.get("uid"))
+        for uid in self.store.unlisted_open_runs():
+            self._close_left_open(uid, "start_not_stored", "its start was not stored, so it cannot be taken up")
+
+    def _close_left_open(self, run_uid: str, why: str, detail: str) -> None:
+        """Close a run the store lists open that this daemon cannot take up: exit status
+        ``abort``, the stop reason naming ``detail``; logged ``run_not_resumed`` with ``why``."""
+        self.intake.run_stopped(RunStopped(run_uid, "abort", time.time(),
+                                           reason=f"open when the daemon stopped; {detail}"))
+        log("run_not_resumed", logging.WARNING, run=run_uid, reason=why, detail=detail)
 
     def _close_unresumed(self) -> None:
         """Close resumed runs that sent nothing within ``resume_timeout_s``: their stop came while down."""

@@ -11,6 +11,17 @@ order (default: ``store``, then ``bluesky`` and ``summary`` where enabled).
   it has succeeded, so results are stored before they are published. Beyond ``max_pending``
   waiting items the oldest is lost: a frame is counted failed (``<sink>_overflow``), a run start
   or stop still goes on to the later sinks, so no analysis run is left open.
+* A durable sink's ``SinkError`` with ``permanent`` True (the store's ``rejected``: a value SQLite
+  can never take, such as a NaN time) is the item's fault, not the sink's: that item alone is
+  given up at once (logged, ``sink_errors_total{sink, reason}``), the same way as an overflow
+  (a frame counted failed, ``<sink>_rejected``, and among its run's losses; a run start or stop
+  goes on to the later sinks), and the items behind it go on.
+* A run's stop closes it: a second stop of a run closed (or closing), e.g. the run's own stop
+  after the service closed it for inactivity, is ignored and counted
+  (``closed_run_items_total{reason="late_stop"}``); a frame of a closed run is stored (a result
+  is never lost) but goes to no other sink, since its run is closed there
+  (``closed_run_items_total{reason="late_frame"}``). Only a new start of the run opens it again.
+  The chain remembers the last ``RECENT_CLOSED_RUNS`` closed runs.
 * Frames that arrive together (``put_many``) go to a first sink that can take several at once
   (``write_frames``: the store, one transaction and one commit for the group) together, then
   each on to the later sinks: still stored before published, with one commit per group.
@@ -27,7 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -40,14 +51,19 @@ from nanoseg_daemon.metrics import DaemonMetrics
 from nanoseg_daemon.publish import AnalysisRun, DocumentPublisher, SummaryPublisher
 from nanoseg_daemon.store import ResultStore, StoreError
 
+RECENT_CLOSED_RUNS = 1024
+"""Closed runs remembered (by the chain and the bluesky sink) to recognise their late items."""
+
 
 class SinkError(Exception):
-    """A sink could not take an item; ``reason`` is a metric label. A durable sink's item is retried."""
+    """A sink could not take an item; ``reason`` is a metric label. A durable sink's item is
+    retried, unless ``permanent``: the item itself can never be taken (it is given up)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, permanent: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.permanent = permanent
 
 
 class Sink(Protocol):
@@ -85,7 +101,7 @@ class StoreSink:
 
     def _failed(self, err: StoreError) -> SinkError:
         self._metrics.store_errors.labels(err.reason).inc()
-        return SinkError(err.reason, err.detail)
+        return SinkError(err.reason, err.detail, permanent=err.permanent)
 
     def open_run(self, run: RunStarted) -> None:
         try:
@@ -122,6 +138,15 @@ class BlueskySink:
     A run's analysis opens (start, descriptor) at its first frame or at its stop, so an analysis
     run exists only once something of it was stored; ``describe`` gives the model version and
     the processing settings recorded in its start document.
+
+    Subscribers never get documents of an analysis run they did not see start: when its opening
+    documents cannot be sent (the serializer refuses them), its events are withheld and so is its
+    stop unless the start went out, each counted (``sink_errors_total{sink="bluesky",
+    reason="run_unpublished"}``; the opening failure itself ``reason="start_not_published"``).
+    Start metadata the wire formats cannot carry (integers beyond 64 bits, strings that are not
+    UTF-8) is published as its repr, counted (``published_values_replaced_total``). A run once
+    closed stays closed: a late stop of it publishes nothing, a late frame raises ``SinkError``
+    (``run_closed``); only a new start opens it again.
     """
 
     name = "bluesky"
@@ -136,6 +161,8 @@ class BlueskySink:
         self.journal = journal
         self._runs: dict[str, AnalysisRun] = {}
         self._raw: dict[str, RunStarted] = {}
+        self._unpublished: dict[str, bool] = {}  # run uid -> whether its start went out (its descriptor did not)
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed run uids, oldest first
 
     def _send(self, name: str, doc: dict[str, Any]) -> None:
         if not self.publisher(name, doc):
@@ -148,40 +175,83 @@ class BlueskySink:
             raw = self._raw.get(run_uid)
             run = AnalysisRun(run_uid, version, processing, raw_metadata=raw.metadata.extra if raw else None)
             self._runs[run_uid] = run
+            if run.replaced:
+                for reason, n in run.replaced.items():
+                    self._metrics.published_values_replaced.labels(reason).inc(n)
+                log("start_metadata_replaced", logging.WARNING, run=run_uid, replaced=dict(run.replaced),
+                    detail="values the wire formats cannot carry are published as their repr")
+            sent: list[str] = []
+            try:
+                for name, doc in run.opening():
+                    self._send(name, doc)
+                    sent.append(name)
+            except Exception as err:  # its later documents would belong to a run subscribers never saw
+                self._unpublished[run_uid] = "start" in sent
+                self._metrics.sink_errors.labels(self.name, "start_not_published").inc()
+                log("analysis_not_published", logging.ERROR, run=run_uid, sent=sent,
+                    error=f"{type(err).__name__}: {err}"[:500],
+                    detail="its events are not published" + ("" if sent else ", nor its stop"))
+                return run
             if self.journal is not None:
                 try:
                     self.journal(run_uid, run.start_doc, run.descriptor_doc["uid"])
                 except Exception as err:  # published all the same; only a restart could not continue it
                     log("analysis_not_journalled", logging.WARNING, run=run_uid, error=f"{type(err).__name__}: {err}")
-            for name, doc in run.opening():
-                self._send(name, doc)
         return run
+
+    def _withheld(self, run_uid: str, what: str) -> None:
+        """Count a document of an analysis run whose opening was not published."""
+        self._metrics.sink_errors.labels(self.name, "run_unpublished").inc()
+        log("analysis_document_withheld", logging.WARNING, run=run_uid, document=what,
+            detail="the analysis run's start or descriptor was not published")
 
     def resume(self, run_uid: str, start_doc: dict[str, Any], descriptor_uid: str, events: int) -> None:
         """Continue the analysis run published before a restart (same start and descriptor uids,
         event numbers after ``events``)."""
         version, processing = self._describe()
         self._runs[run_uid] = AnalysisRun(run_uid, version, processing, resume=(start_doc, descriptor_uid, events))
+        self._closed.pop(run_uid, None)
 
     def open_run(self, run: RunStarted) -> None:
         self._raw[run.run_uid] = run
+        self._closed.pop(run.run_uid, None)  # a new start opens a closed run again
 
     def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
+        if result.run_uid in self._closed:
+            raise SinkError("run_closed", f"frame {result.frame_uid}: its analysis run is closed")
         run = self._analysis(result.run_uid)
-        try:
-            self._send(*run.event(result, rles))
-        except ValueError as err:  # out of order within a run: stored, not published as an event
-            log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
+        published = result.run_uid not in self._unpublished
+        if published:
+            try:
+                self._send(*run.event(result, rles))
+            except ValueError as err:  # out of order within a run: stored, not published as an event
+                log("event_not_published", logging.WARNING, frame=result.frame_uid, detail=str(err))
+        else:
+            self._withheld(result.run_uid, "event")
         for name, doc in self._growth.observe(result, run.compose_descriptor):  # alarms stream of the analysis run
-            self._send(name, doc)
+            if published:
+                self._send(name, doc)
         return True
 
     def close_run(self, stop: RunStopped) -> None:
-        doc = self._analysis(stop.run_uid).stop(stop.exit_status, stop.reason, losses=stop.rejected)
-        if doc is not None:
-            self._send(*doc)
-        self._runs.pop(stop.run_uid, None)
-        self._raw.pop(stop.run_uid, None)
+        if stop.run_uid in self._closed:  # closed already (the chain counts a late stop)
+            log("late_stop_ignored", logging.WARNING, sink=self.name, run=stop.run_uid, exit_status=stop.exit_status)
+            return
+        try:
+            run = self._analysis(stop.run_uid)
+            start_sent = self._unpublished.get(stop.run_uid, True)
+            doc = run.stop(stop.exit_status, stop.reason, losses=stop.rejected)
+            if doc is not None and start_sent:
+                self._send(*doc)  # a run whose start went out is closed, even without its descriptor
+            elif doc is not None:
+                self._withheld(stop.run_uid, "stop")
+        finally:
+            self._runs.pop(stop.run_uid, None)
+            self._raw.pop(stop.run_uid, None)
+            self._unpublished.pop(stop.run_uid, None)
+            self._closed[stop.run_uid] = None
+            while len(self._closed) > RECENT_CLOSED_RUNS:
+                self._closed.popitem(last=False)
 
     def close(self) -> None:
         self.publisher.close()
@@ -226,6 +296,8 @@ class _Pending:
     next: int = 0  # index of the sink it goes to next
     counted: bool = False
     duplicate: bool = False  # a sink said it had it already: it goes no further
+    late: bool = False  # a frame of a run closed already: to the durable sinks only
+    alone: bool = False  # its group failed for an item's fault or a bug: it goes one by one
 
     def describe(self) -> str:
         it = self.item
@@ -247,6 +319,9 @@ class SinkChain:
         self._open: set[str] = set()  # runs started and not yet closed by every sink
         self._activity: dict[str, float] = {}  # run uid -> monotonic time of its last start or frame
         self._with_frames: set[str] = set()  # open runs with a frame written since this chain began
+        # runs whose stop the chain took (closed or closing), oldest first -> a late frame was logged
+        self._recent_closed: OrderedDict[str, bool] = OrderedDict()
+        self._lost: dict[str, Counter[str]] = {}  # run uid -> its frames the chain gave up, for its stop
         self._lock = threading.Lock()
         self._closed = False
         self._stage_seconds: dict[str, Any] = {}  # stage -> its histogram child (``labels`` costs per call)
@@ -266,20 +341,47 @@ class SinkChain:
     def _enqueue(self, item: RunStarted | FrameResult | RunStopped | FrameJob) -> None:
         now = time.monotonic()
         if isinstance(item, RunStarted):
+            self._recent_closed.pop(item.run_uid, None)  # only a new start opens a closed run again
             self._open.add(item.run_uid)
             self._activity[item.run_uid] = now
             self.metrics.open_runs.set(len(self._open))
             self._pending.append(_Pending(item))
         elif isinstance(item, FrameResult):
-            self._pending.append(_Pending(_Frame(item, encode_rle_batch(item.instances.box_masks))))
+            p = _Pending(_Frame(item, encode_rle_batch(item.instances.box_masks)))
+            if item.run_uid in self._recent_closed:
+                p.late = True
+                self._late_frame(item)
+            self._pending.append(p)
         elif isinstance(item, RunStopped):
+            if item.run_uid in self._recent_closed:
+                self._late_stop(item)
+                return
             self._activity.pop(item.run_uid, None)  # closing: the timeout must not close it again
+            self._recent_closed[item.run_uid] = False
+            while len(self._recent_closed) > RECENT_CLOSED_RUNS:
+                self._recent_closed.popitem(last=False)
             # every frame of the run has passed the stages: its losses are all counted by now
-            losses = Counter(item.rejected) + Counter(self._losses(item.run_uid))
+            losses = (Counter(item.rejected) + Counter(self._losses(item.run_uid))
+                      + self._lost.pop(item.run_uid, Counter()))
             self._pending.append(_Pending(RunStopped(item.run_uid, item.exit_status, time.time(), dict(losses),
                                                      item.reason)))
         else:
             raise TypeError(f"not an output item: {type(item).__name__}")
+
+    def _late_stop(self, stop: RunStopped) -> None:
+        """A stop of a run closed already: ignored (its first stop stands), counted and logged."""
+        self.metrics.closed_run_items.labels("late_stop").inc()
+        log("late_stop", logging.WARNING, run=stop.run_uid, exit_status=stop.exit_status, reason=stop.reason,
+            detail="the run was closed already (its first stop stands); this stop is ignored")
+
+    def _late_frame(self, result: FrameResult) -> None:
+        """A frame of a run closed already: stored, not published (counted; logged once per run)."""
+        self.metrics.closed_run_items.labels("late_frame").inc()
+        if not self._recent_closed.get(result.run_uid):
+            self._recent_closed[result.run_uid] = True
+            log("late_frame", logging.WARNING, run=result.run_uid, frame=result.frame_uid,
+                detail="a frame of a run closed already: stored, not published (its run is closed "
+                       "there); logged once per run")
 
     def retry(self) -> None:
         """Retry what waits for a durable sink (housekeeping)."""
@@ -330,21 +432,23 @@ class SinkChain:
                 stuck = not self._advance(head)
             if stuck:
                 while len(self._pending) > self.max_pending:
-                    self._lose(self._pending.popleft())
+                    lost = self._pending.popleft()
+                    self._lose(lost, f"{self.sinks[lost.next].name}_overflow")
                 return
             self._pending.popleft()
 
     def _write_group(self) -> bool:
         """The frames first in line that no sink has seen, to the first sink at once when it is
-        durable and takes groups (``write_frames``); False when it failed (they wait). Any other
-        error leaves them to go one by one (``_advance``), so a bad frame fails alone."""
+        durable and takes groups (``write_frames``); False when it failed (they wait). An error
+        that is not the sink's (a permanent ``SinkError``: an item it can never take; any other
+        exception: a bug) leaves them to go one by one (``_advance``), so a bad frame fails alone."""
         sink = self.sinks[0]
         write_frames = getattr(sink, "write_frames", None)
         if not sink.durable or write_frames is None:
             return True
         group: list[_Pending] = []
         for p in self._pending:
-            if p.next != 0 or not isinstance(p.item, _Frame):
+            if p.next != 0 or not isinstance(p.item, _Frame) or p.alone:
                 break
             group.append(p)
         if len(group) < 2:
@@ -353,14 +457,19 @@ class SinkChain:
         try:
             written = write_frames([f.result for f in frames], [f.rles for f in frames])
         except SinkError as err:
-            self._sink_error(sink, err.reason, str(err), group[0])
-            return False
-        except Exception as err:  # a bug: one by one, so that it fails alone
+            if not err.permanent:
+                self._sink_error(sink, err.reason, str(err), group[0])
+                return False
+            log("sink_group_refused", logging.WARNING, sink=sink.name, error=str(err)[:500])
+        except Exception as err:  # a bug
             log("sink_group_failed", logging.WARNING, sink=sink.name, error=f"{type(err).__name__}: {err}")
+        else:
+            for p, new in zip(group, written):
+                p.next = 1
+                p.duplicate = not new
             return True
-        for p, new in zip(group, written):
-            p.next = 1
-            p.duplicate = not new
+        for p in group:  # one of them cannot be taken: one by one, so that it fails alone
+            p.alone = True
         return True
 
     def _write(self, sink: Sink, item: RunStarted | _Frame | RunStopped) -> bool:
@@ -381,10 +490,16 @@ class SinkChain:
             if p.next == self._count_at:
                 self._count(p)
             sink = self.sinks[p.next]
+            if p.late and not sink.durable:  # its run is closed: stored, not passed on
+                p.next += 1
+                continue
             try:
                 written = self._write(sink, p.item)
             except SinkError as err:
                 self._sink_error(sink, err.reason, str(err), p)
+                if sink.durable and err.permanent:  # the item's fault: it alone is given up
+                    self._lose(p, f"{sink.name}_rejected")
+                    return True
                 if sink.durable:
                     return False
                 written = True
@@ -411,8 +526,9 @@ class SinkChain:
             return
         p.counted = True
         r = p.item.result
-        self._activity[r.run_uid] = time.monotonic()
-        self._with_frames.add(r.run_uid)
+        if r.run_uid not in self._recent_closed:  # a closed (or closing) run is not timed out again
+            self._activity[r.run_uid] = time.monotonic()
+            self._with_frames.add(r.run_uid)
         self.processed += 1
         m = self.metrics
         m.frames_processed.inc()
@@ -435,16 +551,18 @@ class SinkChain:
             self._open.discard(it.run_uid)
             self._with_frames.discard(it.run_uid)
             self._activity.pop(it.run_uid, None)
+            self._lost.pop(it.run_uid, None)
             self.metrics.open_runs.set(len(self._open))
             log("run_closed", run=it.run_uid, exit_status=it.exit_status)
 
-    def _lose(self, p: _Pending) -> None:
-        """Give up on an item a durable sink cannot take: frames are lost, run starts and stops
-        still go on to the later sinks."""
-        sink = self.sinks[p.next]
-        log("result_lost", logging.ERROR, item=p.describe(), reason=f"{sink.name}_overflow")
+    def _lose(self, p: _Pending, reason: str) -> None:
+        """Give up on an item a durable sink cannot take (``reason``: ``<sink>_overflow`` or
+        ``<sink>_rejected``): frames are lost, counted failed and among their run's losses; run
+        starts and stops still go on to the later sinks."""
+        log("result_lost", logging.ERROR, item=p.describe(), reason=reason)
         if isinstance(p.item, _Frame):
-            self.metrics.frames_failed.labels(f"{sink.name}_overflow").inc()
+            self.metrics.frames_failed.labels(reason).inc()
+            self._count_lost(p.item.result.run_uid, reason)
             return
         p.next += 1
         while p.next < len(self.sinks):
@@ -455,3 +573,12 @@ class SinkChain:
                 self._sink_error(sink, getattr(err, "reason", "internal_error"), f"{type(err).__name__}: {err}", p)
             p.next += 1
         self._done(p)
+
+    def _count_lost(self, run_uid: str, reason: str) -> None:
+        """Add a frame given up to its run's losses: on its stop waiting here, else for its stop to come."""
+        for q in self._pending:
+            if isinstance(q.item, RunStopped) and q.item.run_uid == run_uid and q.next == 0:
+                q.item.rejected[reason] = q.item.rejected.get(reason, 0) + 1
+                return
+        if run_uid not in self._recent_closed:  # closed: it was a late frame, its stop is out already
+            self._lost.setdefault(run_uid, Counter())[reason] += 1

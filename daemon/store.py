@@ -12,7 +12,10 @@ Errors: every failed write raises ``StoreError`` with a short ``reason`` (``disk
 ``read_only``, ``io_error``, ``locked``, ...; a metric label) after rolling its transaction back,
 so nothing of that frame is stored and earlier rows are intact. The caller keeps the result and
 retries ``add_frame`` later; because a stored frame_uid is refused (``add_frame`` returns False),
-a retry or a replay after restart never duplicates.
+a retry or a replay after restart never duplicates. An item SQLite can never take (a constraint
+it violates, e.g. a NaN time in a NOT NULL column; a value that cannot be bound: an integer
+beyond 64 bits, a string that is not UTF-8, an unsupported type) raises ``StoreError`` with
+reason ``rejected`` and ``permanent`` True: retrying it cannot succeed, the caller gives it up.
 
 Threads: one writer connection per ``ResultStore``, to be used from one writer thread (a lock
 guards it all the same). Every read opens its own short read-only connection, so reads may come
@@ -79,7 +82,9 @@ _SCHEMA = (
 )
 
 # Runs open at ingest, so a restarted daemon can resume them (added to schema 2 stores on open:
-# the table is new, nothing existing changes). A run's row goes when its stop is stored.
+# the table is new, nothing existing changes). Bluesky ingest writes a run's row as the run opens
+# (``run_opened``), ``add_run`` any other started run's (raw input), so a restarted daemon finds
+# every run it left open; a run's row goes when its stop is stored.
 _OPEN_RUNS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS open_runs (
         run_uid TEXT PRIMARY KEY,
@@ -103,18 +108,39 @@ _REASONS = {
 
 
 class StoreError(Exception):
-    """A write (or open) failed; nothing of the operation was stored. ``reason`` is a metric label."""
+    """A write (or open) failed; nothing of the operation was stored. ``reason`` is a metric label.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    ``permanent``: the item itself is at fault (reason ``rejected``), so a retry cannot succeed;
+    otherwise the failure is the store's (disk full, locked, I/O) and a retry may."""
+
+    def __init__(self, reason: str, detail: str, permanent: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.permanent = permanent
 
 
 def _store_error(err: sqlite3.Error, what: str) -> StoreError:
     name = getattr(err, "sqlite_errorname", "") or ""
+    if _refused_item(err):
+        return StoreError("rejected", f"{what}: {err} ({name or type(err).__name__})", permanent=True)
     reason = next((r for k, r in _REASONS.items() if name.startswith(k)), "sqlite_error")
     return StoreError(reason, f"{what}: {err} ({name or type(err).__name__})")
+
+
+def _refused_item(err: BaseException) -> bool:
+    """Whether ``err``, raised inside a write, is the item's fault: retrying it cannot succeed.
+
+    A constraint the values violate (``IntegrityError``: NOT NULL with a NaN, ...), a value too
+    big (``DataError``), a value the driver cannot bind (``ProgrammingError: Error binding
+    parameter``; ``OverflowError``: an integer beyond 64 bits; ``ValueError``: a string with lone
+    surrogates; ``TypeError``) or encode. Not: locked, disk full, I/O errors (``OperationalError``
+    and the like), which a later retry may get past."""
+    if isinstance(err, sqlite3.IntegrityError | sqlite3.DataError):
+        return True
+    if isinstance(err, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return "binding" in str(err)
+    return isinstance(err, ValueError | TypeError | OverflowError)
 
 
 def _run_metadata(ev: RunStarted) -> dict[str, Any]:
@@ -258,6 +284,15 @@ class ResultReader:
                 for u, s, d, a, du, n, q in conn.execute(sql)
             ]
 
+    def unlisted_open_runs(self) -> list[str]:
+        """Runs never stopped that ``open_runs`` does not list (oldest first): rows that frames or
+        a stop made for a run whose start was not stored (``add_frame``'s placeholder run)."""
+        with self._read() as conn:
+            has_open = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'open_runs'").fetchone()
+            sql = "SELECT run_uid FROM runs r WHERE stopped_at IS NULL" + (
+                " AND NOT EXISTS (SELECT 1 FROM open_runs o WHERE o.run_uid = r.run_uid)" if has_open else "")
+            return [u for (u,) in conn.execute(sql + " ORDER BY started_at, run_uid")]
+
     def frames(self, run_uid: str) -> list[FrameRecord]:
         """The run's frames in frame order (seq_num)."""
         sql = """SELECT frame_uid, run_uid, seq_num, timestamp, stored_at, model_version, count,
@@ -360,12 +395,15 @@ class ResultStore(ResultReader):
                         conn.execute("ROLLBACK")
                 if isinstance(err, sqlite3.Error):
                     raise _store_error(err, what) from err
+                if isinstance(err, Exception) and _refused_item(err):  # binding or encoding the item's values
+                    raise StoreError("rejected", f"{what}: {type(err).__name__}: {err}", permanent=True) from err
                 raise
 
     def add_run(self, ev: RunStarted, model_version: str) -> None:
         """Record a run start. Idempotent: a repeated start (replay, restart) keeps the earliest
         ``started_at`` and replaces metadata and model version; it also fills in a run that
-        frames created before its start was seen."""
+        frames created before its start was seen. The run is recorded open (``open_runs``, its
+        start document) unless ingest recorded it already (``run_opened``), until its stop."""
         with self._write(f"add_run {ev.run_uid}") as conn:
             conn.execute(
                 """INSERT INTO runs (run_uid, started_at, metadata, model_version) VALUES (?, ?, ?, ?)
@@ -373,6 +411,8 @@ class ResultStore(ResultReader):
                    metadata = excluded.metadata, model_version = excluded.model_version""",
                 (ev.run_uid, ev.time, json_text(_run_metadata(ev)), model_version),
             )
+            conn.execute("INSERT INTO open_runs (run_uid, start_doc) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                         (ev.run_uid, json_text({"uid": ev.run_uid, **ev.start_doc})))
 
     def add_frame(self, result: FrameResult, rles: Sequence[RLE] | None = None) -> bool:
         """Store one frame and its particles in one transaction.

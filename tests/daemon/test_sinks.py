@@ -6,18 +6,24 @@ would be); the store is the real SQLite ``ResultStore`` behind ``StoreSink``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import zmq
 
+from nanoseg.codec import msgpack_dumps, msgpack_loads
 from nanoseg.instances import Instances
 from nanoseg.masks import RLE
 from nanoseg.particle_stats import frame_summary, particle_table
 from nanoseg_daemon.contracts import FrameMetadata, FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.growth import GrowthConfig, GrowthMonitor
 from nanoseg_daemon.metrics import DaemonMetrics
-from nanoseg_daemon.sinks import SinkChain, SinkError, StoreSink
+from nanoseg_daemon.publish import DocumentPublisher
+from nanoseg_daemon.sinks import BlueskySink, SinkChain, SinkError, StoreSink
 from nanoseg_daemon.store import ResultStore
 
 
@@ -43,6 +49,7 @@ class Recorder:
         self.name, self.durable, self.fail, self.bug = name, durable, fail, bug
         self.got: list[str] = []
         self.rle_counts: list[int] = []
+        self.stops: list[RunStopped] = []
         self.closed = False
 
     def _take(self, what: str) -> None:
@@ -63,6 +70,7 @@ class Recorder:
 
     def close_run(self, stop: RunStopped) -> None:
         self._take(f"close {stop.run_uid} {stop.exit_status}")
+        self.stops.append(stop)
 
     def close(self) -> None:
         self.closed = True
@@ -210,3 +218,196 @@ def test_a_bad_frame_in_a_group_fails_alone(tmp_path: Path) -> None:
     assert [f.frame_uid for f in store.frames("r")] == ["r/1", "r/3"]
     assert value(m, "nanoseg_sink_errors_total", sink="store", reason="internal_error") == 1
     assert rec.got == ["r/1", "r/bad", "r/3"]  # counted, and passed on as any sink's bug is
+
+
+# -- items the store can never take ----------------------------------------------------------
+
+
+def with_(r: FrameResult, **changes: Any) -> FrameResult:
+    """``r`` with some fields changed (a frame the stages could hand on)."""
+    return FrameResult(**{**{k: v for k, v in r.__dict__.items() if k != "summary_json"}, **changes})
+
+
+def test_an_item_the_store_can_never_take_is_given_up_alone_and_the_rest_goes_on(tmp_path: Path) -> None:
+    """A run start with a NaN time and frames with a NaN timestamp or a seq_num beyond 64 bits
+    (SQLite: NOT NULL constraint / cannot bind): each is refused at once, counted and logged, and
+    never holds the good items behind it, alone or in a group; the run's stop counts its lost frame."""
+    m = DaemonMetrics()
+    store = ResultStore(tmp_path / "results.sqlite")
+    rec = Recorder("bluesky")
+    chain = SinkChain([StoreSink(store, lambda: "m@1", m), rec], m, max_pending=10)
+    chain.put(RunStarted("nan", FrameMetadata(), {"uid": "nan"}, math.nan))  # refused, passed on
+    chain.put(result("nan", 1))  # stored: the frame makes the run's row
+    chain.put(RunStopped("nan", "success", 1010.0))
+    chain.put(start("r"))
+    chain.put(with_(result("r", 1), timestamp=math.nan))  # alone
+    chain.put(result("r", 2))
+    chain.put_many([result("r", 3), with_(result("r", 4), seq_num=2**70), result("r", 5)])  # in a group
+    chain.put(RunStopped("r", "success", 1020.0))
+    assert chain.pending == 0
+    assert rec.got == ["open nan", "nan/1", "close nan success", "open r", "r/2", "r/3", "r/5", "close r success"]
+    assert rec.stops[-1].rejected == {"store_rejected": 2}  # the run's losses, for its analysis stop
+    assert [f.frame_uid for f in store.frames("r")] == ["r/2", "r/3", "r/5"]
+    runs = {r.run_uid: r for r in store.runs()}
+    assert runs["nan"].exit_status == runs["r"].exit_status == "success" and runs["nan"].frame_count == 1
+    assert value(m, "nanoseg_sink_errors_total", sink="store", reason="rejected") == 3
+    assert value(m, "nanoseg_store_errors_total", reason="rejected") == 4  # and the group's transaction
+    assert value(m, "nanoseg_frames_failed_total", reason="store_rejected") == 2
+    assert value(m, "nanoseg_frames_processed_total") == 4 == chain.processed
+    assert chain.open_runs == [] and chain.close() == 0
+
+
+def test_a_durable_sink_error_that_a_retry_may_cure_still_holds_the_items() -> None:
+    m = DaemonMetrics()
+    durable, after = Recorder("archive", durable=True, fail=1), Recorder("summary")
+    chain = SinkChain([durable, after], m, max_pending=10)
+    chain.put(result("r", 1))
+    assert chain.pending == 1 and after.got == [] and value(m, "nanoseg_frames_failed_total", reason="archive_rejected") == 0
+    chain.retry()
+    assert after.got == ["r/1"] and chain.pending == 0
+
+
+# -- the bluesky sink on a real socket --------------------------------------------------------
+
+
+class Bus:
+    """A real DocumentPublisher (bound on loopback) and a SUB that collects what it sends."""
+
+    def __init__(self, serializer: Any = "msgpack") -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.pub = DocumentPublisher("tcp://127.0.0.1:*", bind=True, serializer=serializer, context=self.ctx)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.linger = 0
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(self.pub.address)
+        assert self.pub.wait_for_subscriber(10.0)
+
+    def docs(self, until: int, timeout_s: float = 10.0) -> list[tuple[str, dict[str, Any]]]:
+        """The documents sent, once ``until`` have come (or the timeout)."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < until and time.monotonic() < deadline:
+            if self.sub.poll(100):
+                _prefix, name, body = self.sub.recv().split(b" ", 2)
+                out.append((name.decode(), msgpack_loads(body)))
+        while self.sub.poll(300):  # and nothing more
+            _prefix, name, body = self.sub.recv().split(b" ", 2)
+            out.append((name.decode(), msgpack_loads(body)))
+        return out
+
+    def close(self) -> None:
+        self.sub.close(0)
+        self.pub.close()
+        self.ctx.term()
+
+
+def bluesky_sink(bus: Bus, m: DaemonMetrics) -> BlueskySink:
+    return BlueskySink(bus.pub, GrowthMonitor(GrowthConfig(), m), lambda: ("m@1", {"profile": "test"}), m)
+
+
+def test_a_late_stop_or_frame_of_a_run_closed_for_inactivity_does_not_open_it_again(tmp_path: Path) -> None:
+    """The service closes a run for inactivity (exit status timeout); its own stop, and a frame,
+    come later: no second analysis run, the first exit status stays, the frame is stored only.
+    A new start of the run opens it again."""
+    m = DaemonMetrics()
+    store = ResultStore(tmp_path / "results.sqlite")
+    bus = Bus()
+    chain = SinkChain([StoreSink(store, lambda: "m@1", m), bluesky_sink(bus, m)], m, max_pending=10)
+    try:
+        chain.put_many([start("r"), result("r", 1)])
+        chain.put(RunStopped("r", "timeout", time.time()))  # the service's (run_stop_timeout_s)
+        chain.put(result("r", 2))  # late frame
+        chain.put(RunStopped("r", "success", time.time()))  # the run's own, late
+        chain.put(RunStopped("r", "success", time.time()))  # and again
+        assert chain.open_runs == [] and chain.stale_runs(0.0) == [] and chain.pending == 0
+        docs = bus.docs(until=4)
+        assert [n for n, _ in docs] == ["start", "descriptor", "event", "stop"], docs
+        assert docs[-1][1]["exit_status"] == "fail" and "timeout" in docs[-1][1]["reason"]
+        (run,) = store.runs()
+        assert run.exit_status == "timeout" and [f.frame_uid for f in store.frames("r")] == ["r/1", "r/2"]
+        assert value(m, "nanoseg_closed_run_items_total", reason="late_stop") == 2
+        assert value(m, "nanoseg_closed_run_items_total", reason="late_frame") == 1
+        assert value(m, "nanoseg_frames_processed_total") == 2  # stored: processed
+        chain.put_many([start("r"), result("r", 3), RunStopped("r", "success", time.time())])  # opened again
+        again = bus.docs(until=4)
+        assert [n for n, _ in again] == ["start", "descriptor", "event", "stop"]
+        assert again[-1][1]["exit_status"] == "success" and store.runs()[0].exit_status == "success"
+    finally:
+        chain.close()
+        bus.close()
+
+
+def test_the_bluesky_sink_alone_never_opens_a_closed_run_again() -> None:
+    m = DaemonMetrics()
+    bus = Bus()
+    sink = bluesky_sink(bus, m)
+    try:
+        sink.open_run(start("r"))
+        sink.write_frame(result("r", 1), [])
+        sink.close_run(RunStopped("r", "timeout", time.time()))
+        sink.close_run(RunStopped("r", "success", time.time()))
+        try:
+            sink.write_frame(result("r", 2), [])
+            raise AssertionError("a frame of a closed run was taken")
+        except SinkError as err:
+            assert err.reason == "run_closed"
+        assert [n for n, _ in bus.docs(until=4)] == ["start", "descriptor", "event", "stop"]
+    finally:
+        sink.close()
+        bus.close()
+
+
+def big_int_start(run: str) -> RunStarted:
+    return RunStarted(run, FrameMetadata(extra={"sample": "V2O5", "count": 2**70, "ok": 2**63}), {"uid": run}, 1000.0)
+
+
+def test_start_metadata_msgpack_cannot_carry_is_published_as_its_repr_and_counted() -> None:
+    m = DaemonMetrics()
+    bus = Bus()
+    chain = SinkChain([bluesky_sink(bus, m)], m, max_pending=10)
+    try:
+        chain.put_many([big_int_start("big"), result("big", 1), RunStopped("big", "success", time.time())])
+        docs = bus.docs(until=4)
+        assert [n for n, _ in docs] == ["start", "descriptor", "event", "stop"]
+        raw = docs[0][1]["raw_metadata"]
+        assert raw["count"] == repr(2**70) and raw["ok"] == 2**63 and raw["sample"] == "V2O5"
+        assert value(m, "nanoseg_published_values_replaced_total", reason="int_beyond_64_bits") == 1
+        assert value(m, "nanoseg_sink_errors_total", sink="bluesky", reason="internal_error") == 0
+    finally:
+        chain.close()
+        bus.close()
+
+
+def test_an_analysis_run_whose_opening_cannot_be_sent_publishes_nothing_after_it() -> None:
+    """A serializer that refuses the start (or only the descriptor): no event of that run goes
+    out, its stop only where its start did, each counted; the next run is published whole."""
+    refuse: set[str] = set()
+
+    def serializer(doc: Any) -> bytes:
+        kind = "start" if "plan_name" in doc else "descriptor" if "data_keys" in doc else ""
+        if kind in refuse and doc.get("raw_run_uid", doc.get("run_start")) is not None:
+            raise OverflowError(f"cannot encode this {kind}")
+        return msgpack_dumps(doc)
+
+    m = DaemonMetrics()
+    bus = Bus(serializer)
+    chain = SinkChain([bluesky_sink(bus, m)], m, max_pending=10)
+    try:
+        refuse.add("start")
+        chain.put_many([start("a"), result("a", 1), result("a", 2), RunStopped("a", "success", time.time())])
+        assert bus.docs(until=0) == []
+        refuse.clear()
+        refuse.add("descriptor")
+        chain.put_many([start("b"), result("b", 1), RunStopped("b", "success", time.time())])
+        docs = bus.docs(until=2)
+        assert [n for n, _ in docs] == ["start", "stop"]  # the run subscribers saw start is closed
+        assert docs[1][1]["run_start"] == docs[0][1]["uid"] and docs[0][1]["raw_run_uid"] == "b"
+        refuse.clear()
+        chain.put_many([start("c"), result("c", 1), RunStopped("c", "success", time.time())])
+        assert [n for n, _ in bus.docs(until=4)] == ["start", "descriptor", "event", "stop"]
+        assert value(m, "nanoseg_sink_errors_total", sink="bluesky", reason="start_not_published") == 2
+        assert value(m, "nanoseg_sink_errors_total", sink="bluesky", reason="run_unpublished") == 4  # a: 2 events + stop; b: 1 event
+        assert value(m, "nanoseg_sink_errors_total", sink="bluesky", reason="internal_error") == 0
+    finally:
+        chain.close()
+        bus.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sqlite3
 import threading
 
@@ -101,6 +103,7 @@ def test_disk_full_raises_store_error_and_keeps_earlier_rows(tmp_path):
             break
         stored.append(r.frame_uid)
     assert err is not None and err.reason == "disk_full", err
+    assert not err.permanent  # the store's fault: a retry may succeed
     assert len(stored) >= 1
     assert not s.has_frame(failed.frame_uid)  # the transaction was rolled back whole
     assert s.frame_count("run-a") == len(stored)
@@ -189,3 +192,46 @@ def test_open_runs_are_kept_until_their_stop(store, tmp_path):
     assert store.open_runs() == []
     (run,) = store.runs()
     assert run.exit_status == "abort" and run.metadata["stop_reason"] == "nothing came after the restart"
+
+
+def test_an_item_sqlite_can_never_take_is_refused_as_permanent(store: ResultStore) -> None:
+    """A NaN time (NOT NULL), an integer beyond 64 bits, a string that is not UTF-8: reason
+    ``rejected``, ``permanent`` (a retry cannot help), nothing of it stored, the store usable."""
+    good = frame_result("run-a", 1)
+    with pytest.raises(StoreError) as info:
+        store.add_run(dataclasses.replace(_started("run-nan"), time=math.nan), "m1")
+    assert info.value.reason == "rejected" and info.value.permanent, info.value
+    bad = [dataclasses.replace(good, frame_uid="nan-time", timestamp=math.nan),
+           dataclasses.replace(good, frame_uid="big-seq", seq_num=2**70),
+           dataclasses.replace(good, frame_uid="bad-\ud800")]
+    for frame in bad:
+        with pytest.raises(StoreError) as info:
+            store.add_frame(frame)
+        assert info.value.reason == "rejected" and info.value.permanent, info.value
+    with pytest.raises(StoreError) as info:  # in a group: the group's transaction, whole
+        store.add_frames([good, bad[0]])
+    assert info.value.permanent and not store.has_frame(good.frame_uid)
+    assert store.runs() == [] and store.open_runs() == []
+    assert store.add_frame(good) is True and store.frame_count("run-a") == 1
+
+
+def test_a_started_run_is_listed_open_until_its_stop_and_runs_left_open_without_start_are_found(
+        store: ResultStore) -> None:
+    raw = RunStarted("raw:det:scan", FrameMetadata(), {"uid": "raw:det:scan", "nanoseg_input": "raw"}, 1.0)
+    store.add_run(raw, "m1")
+    store.add_frame(frame_result("raw:det:scan", 1))
+    store.analysis_opened("raw:det:scan", {"uid": "a1", "time": 2.0}, "ad1")  # the raw run's analysis, journalled
+    store.run_opened({"uid": "blue", "time": 1.0, "dark": [[1, 2], [3, 4]]})  # bluesky ingest's whole start
+    store.add_run(_started("blue"), "m1")  # ingest's record stands
+    store.add_frame(frame_result("no-start", 1))  # a run whose start was never stored
+    store.add_frame(frame_result("stopped", 1))
+    store.stop_run(RunStopped("stopped", "success", 3.0))
+    opened = {o.run_uid: o for o in store.open_runs()}
+    assert set(opened) == {"raw:det:scan", "blue"}
+    assert opened["raw:det:scan"].start_doc["nanoseg_input"] == "raw" and opened["raw:det:scan"].frames == 1
+    assert opened["raw:det:scan"].analysis_start == {"uid": "a1", "time": 2.0}
+    assert opened["blue"].start_doc["dark"] == [[1, 2], [3, 4]]
+    assert store.unlisted_open_runs() == ["no-start"]
+    store.stop_run(RunStopped("raw:det:scan", "abort", 4.0, reason="open when the daemon stopped"))
+    store.stop_run(RunStopped("no-start", "abort", 4.0))
+    assert [o.run_uid for o in store.open_runs()] == ["blue"] and store.unlisted_open_runs() == []
