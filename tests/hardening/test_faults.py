@@ -26,8 +26,7 @@ from event_model import compose_run
 
 from nanoseg.codec import msgpack_dumps, msgpack_loads
 from nanoseg.control_client import control_request
-from nanoseg_daemon.contracts import FrameMetadata, RunStarted
-from nanoseg_daemon.store import ResultReader, ResultStore, StoreError, default_path
+from nanoseg_daemon.store import ResultReader, ResultStore, default_path
 from nanoseg_sim.demo import free_ports
 from tests.hardening.hardening_fixtures import (
     Pusher,
@@ -212,21 +211,25 @@ def test_slow_result_consumer_never_blocks_analysis(tmp_path: Path, trained_mode
 
 
 def fill_store(path: Path, max_bytes: int) -> int:
-    """Fill a store to its size cap with padding runs; returns how many."""
-    store = ResultStore(path, max_bytes=max_bytes)
+    """Fill a store to its size cap with padding runs, finished ones (earlier runs' history: a
+    run left open would be closed by the next daemon); returns how many."""
+    ResultStore(path, max_bytes=max_bytes).close()  # the schema
     k = 0
-    try:
+    with sqlite3.connect(path) as conn:
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")  # as the store caps it
         for chunk in (65536, 8192, 1024, 128, 16):
             while True:
                 try:
-                    store.add_run(RunStarted(f"padding-{k}", FrameMetadata(extra={"pad": "x" * chunk}), {}, 0.0),
-                                  "padding")
-                except StoreError as err:
-                    assert err.reason == "disk_full"
+                    conn.execute("""INSERT INTO runs (run_uid, started_at, stopped_at, exit_status, metadata,
+                                    model_version) VALUES (?, 0, 0, 'success', ?, 'padding')""",
+                                 (f"padding-{k}", json.dumps({"pad": "x" * chunk})))
+                    conn.commit()
+                except sqlite3.OperationalError as err:
+                    assert "full" in str(err)
+                    conn.rollback()
                     break
                 k += 1
-    finally:
-        store.close()
     return k
 
 
