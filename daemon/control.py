@@ -10,11 +10,19 @@ Requests (``command`` selects the kind)::
 
 Replies: ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. With CurveZMQ
 configured, only clients whose public key is in the authorised directory get through at all.
+
+A request is one message part of at most ``MAX_REQUEST_BYTES``; anything else (several parts, too
+large, not UTF-8 JSON, nested too deeply, not a valid request) is refused with a reply and counted
+as ``nanoseg_messages_rejected_total{reason="bad_control_request"}``. A request the handler fails
+on unexpectedly, or a reply that cannot be sent, is logged and counted as ``control_error``; the
+control thread goes on serving. A well-formed command that fails (a reload of a broken model) raises
+``CommandFailed``: the handler counts it itself, and the reply says why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -26,6 +34,25 @@ from nanoseg.config_io import StrictModel, format_validation_error
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg_daemon.curve_auth import curve_server
 from nanoseg_daemon.ingest_config import CurveConfig
+from nanoseg_daemon.logs import log
+
+MAX_REQUEST_BYTES = 1024 * 1024
+"""The largest control request served (1 MiB; real requests are well under 1 KiB). Up to twice
+this still arrives and is refused with a reply and counted; beyond that 0MQ drops the client's
+connection without telling us (the socket's ``MAXMSGSIZE``), so that no request, however large,
+is taken into memory whole."""
+
+BAD_REQUEST = "bad_control_request"
+"""The rejection reason of a malformed control request."""
+
+CONTROL_ERROR = "control_error"
+"""The rejection reason of a request the control loop failed on (an unexpected handler error, a
+reply that could not be encoded or sent)."""
+
+
+class CommandFailed(Exception):
+    """A well-formed request whose command failed (e.g. a reload of a broken model): the reply
+    carries the message; the handler counts the failure, so the request is not counted as bad."""
 
 
 class StatusRequest(StrictModel):
@@ -47,8 +74,9 @@ class ReloadRequest(StrictModel):
 
 
 class SetRequest(BaseModel):
-    """Any subset of ``PostprocessConfig``'s fields, validated by that one schema (errors name the
-    field); ``updates`` holds them."""
+    """Any subset of ``PostprocessConfig``'s fields, validated by that one schema in strict mode
+    (errors name the field): numbers must be JSON numbers (a bool or a string such as ``"0.6"`` is
+    refused, an integer field takes no fraction), flags JSON booleans; ``updates`` holds them."""
 
     model_config = ConfigDict(extra="allow")
     command: Literal["set"]
@@ -63,7 +91,7 @@ class SetRequest(BaseModel):
         if unknown:
             raise ValueError(f"unknown post-processing field(s): {', '.join(unknown)}")
         try:
-            PostprocessConfig.model_validate(self.updates)
+            PostprocessConfig.model_validate(self.updates, strict=True)
         except ValidationError as err:
             raise ValueError(format_validation_error(err, "postprocess")) from None
         return self
@@ -76,15 +104,31 @@ REQUEST = TypeAdapter(ControlRequest)
 
 
 def parse_request(raw: bytes) -> BaseModel:
+    """The request in ``raw`` (one message part); raises ``ValueError`` saying what is wrong with it
+    (naming the field where one is)."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ValueError(f"request: {len(raw)} bytes, more than the {MAX_REQUEST_BYTES} a control request may have")
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        raise ValueError("request: JSON nested too deeply") from None
+    except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, an integer of too many digits
         raise ValueError(f"request is not UTF-8 JSON: {err}") from None
     try:
         request: BaseModel = REQUEST.validate_python(data)
         return request
+    except RecursionError:
+        raise ValueError("request: nested too deeply") from None
     except ValidationError as err:
         raise ValueError(format_validation_error(err, "request")) from None
+
+
+def parse_parts(parts: list[bytes]) -> BaseModel:
+    """The request in a received message: exactly one part (``parse_request``); raises
+    ``ValueError`` otherwise."""
+    if len(parts) != 1:
+        raise ValueError(f"request: {len(parts)} message parts; a control request is one part (one JSON object)")
+    return parse_request(parts[0])
 
 
 def apply_curve_server(sock: zmq.Socket, ctx: zmq.Context, curve: CurveConfig) -> Any:
@@ -104,6 +148,7 @@ class ControlServer:
                  curve: CurveConfig | None = None, on_reject: Callable[[str], None] | None = None) -> None:
         self.sock = ctx.socket(zmq.REP)
         self.sock.linger = 0
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 2 * MAX_REQUEST_BYTES)  # see MAX_REQUEST_BYTES
         self.auth = apply_curve_server(self.sock, ctx, curve) if curve else None
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -118,22 +163,61 @@ class ControlServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         while not self._stop.is_set():
-            if not dict(poller.poll(100)):
-                continue
             try:
-                raw = self.sock.recv(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                continue
+                if dict(poller.poll(100)):
+                    self._serve_one()
+            except zmq.ContextTerminated:
+                return  # the daemon is stopping; the socket is gone
+            except Exception as err:  # nothing may end the control thread: log, count, go on
+                self._count(CONTROL_ERROR)
+                log("control_error", logging.ERROR, error=f"{type(err).__name__}: {err}")
+                self._stop.wait(0.01)  # a socket failing at once on every poll must not spin
+
+    def _serve_one(self) -> None:
+        """Receive one request (all its parts), reply to it; a reply that cannot be encoded is
+        replaced by an error reply, so the REP socket always answers what it received."""
+        try:
+            parts = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        reply = self._reply(parts)
+        try:
+            body = json.dumps(reply, default=str).encode()
+        except Exception as err:  # e.g. a circular result; the request is answered all the same
+            self._count(CONTROL_ERROR)
+            log("control_error", logging.ERROR, error=f"reply not encodable: {type(err).__name__}: {err}")
+            body = json.dumps({"ok": False, "error": f"reply could not be encoded: {type(err).__name__}"}).encode()
+        try:
+            self.sock.send(body)
+        except zmq.ZMQError as err:
+            if err.errno in (zmq.EFSM, zmq.ETERM):
+                raise
+            # the REP socket still owes this client a reply and takes no request before it: a short one
+            self.sock.send(json.dumps({"ok": False, "error": f"reply not sent: {err}"}).encode())
+            raise  # counted and logged by the loop
+
+    def _reply(self, parts: list[bytes]) -> dict[str, Any]:
+        """The reply to a received message; counts a bad request and an unexpected handler error."""
+        try:
+            req = parse_parts(parts)
+            return {"ok": True, "result": self.handler(req)}
+        except CommandFailed as err:  # well-formed, failed: counted by the handler
+            return {"ok": False, "error": str(err)}
+        except ValueError as err:
+            self._count(BAD_REQUEST)
+            return {"ok": False, "error": str(err)}
+        except Exception as err:  # a failing command must not kill the control thread
+            self._count(CONTROL_ERROR)
+            log("control_error", logging.ERROR, error=f"{type(err).__name__}: {err}")
+            return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+
+    def _count(self, reason: str) -> None:
+        """Count a rejected request as ``reason`` (``on_reject``); a failing counter is only logged."""
+        if self.on_reject:
             try:
-                req = parse_request(raw)
-                reply: dict[str, Any] = {"ok": True, "result": self.handler(req)}
-            except ValueError as err:
-                if self.on_reject:
-                    self.on_reject("bad_control_request")
-                reply = {"ok": False, "error": str(err)}
-            except Exception as err:  # a failing command must not kill the control thread
-                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-            self.sock.send(json.dumps(reply, default=str).encode())
+                self.on_reject(reason)
+            except Exception as err:
+                log("control_count_failed", logging.ERROR, reason=reason, error=f"{type(err).__name__}: {err}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -137,6 +137,16 @@ def load_configured(m: ModelSection, post: PostprocessConfig, cache_dir: Path) -
                       m.triton_target(), m.mask_tta, m.max_detections, m.null_detections, m.instances)
 
 
+def merged(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``updates`` on top, sub-dicts merged key by key (at any depth), so that a
+    partial update of a sub-object keeps its other keys; neither argument is changed."""
+    out = dict(base)
+    for key, value in updates.items():
+        old = out.get(key)
+        out[key] = merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
 class ModelSlot:
     """Holds the current model; ``reload`` builds a new one off the hot path and swaps it in.
 
@@ -160,9 +170,12 @@ class ModelSlot:
 
     def set_postprocess(self, updates: dict[str, Any]) -> PostprocessConfig:
         """Set post-processing fields on the serving model (and on later reloads); returns the
-        post-processing now in effect. Raises ``ValueError`` naming a bad field."""
-        configured = PostprocessConfig.model_validate({**self._configured.model_dump(exclude_unset=True), **updates})
-        post = PostprocessConfig.model_validate({**self._model.segmenter.post.model_dump(), **updates})
+        post-processing now in effect. Raises ``ValueError`` naming a bad field.
+
+        A sub-object (``nested``) is merged field by field, like the top level: setting one of its
+        fields keeps the others as they were set before."""
+        configured = PostprocessConfig.model_validate(merged(self._configured.model_dump(exclude_unset=True), updates))
+        post = PostprocessConfig.model_validate(merged(self._model.segmenter.post.model_dump(), updates))
         self._configured = configured
         self._model = self._model.with_post(post)
         return post

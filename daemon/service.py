@@ -276,7 +276,8 @@ class Service:
                 self.metrics.model_reloads.labels("failed").inc()
                 log("model_reload_failed", logging.ERROR, path=req.path, error=f"{type(err).__name__}: {err}",
                     serving=old)
-                raise ValueError(f"reload failed, still serving {old}: {type(err).__name__}: {err}") from None
+                # counted here as the failed reload; the request itself was well-formed
+                raise ctl.CommandFailed(f"reload failed, still serving {old}: {type(err).__name__}: {err}") from None
             self.metrics.model_reloads.labels("ok").inc()
             self._model_info()
             log("model_reloaded", old=old, new=new.version, warmup_s=round(new.warmup_seconds, 3))

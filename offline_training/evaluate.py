@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-from PIL import Image
 from pydantic import ValidationError
 from scipy.stats import wasserstein_distance
 from tqdm import tqdm
 
 from nanoseg.checkpoint import CheckpointError
+from nanoseg.config_io import ConfigError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.instances import Instances, mask_boxes
 from nanoseg.masks import decode_segmentation, encode_rle_batch
@@ -70,14 +70,33 @@ class EvaluationError(ValueError):
     """The model and the data set cannot be evaluated together (the message says why)."""
 
 
+GT_IMAGE_KEYS = ("id", "height", "width")
+"""Keys every ground-truth image record needs (a data set's files also ``file_name``)."""
+
+
 def load_coco(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A COCO dict from a dict, an ``annotations.json`` path or a data set directory."""
+    """A COCO dict from a dict, an ``annotations.json`` path or a data set directory.
+
+    Raises
+    ------
+    BadSampleError
+        (a ``ConfigError``) If the file is no valid JSON, lacks ``images``, has a record without a
+        needed key or two images of one id (``index_coco``); the message names file and record.
+    """
+    from nanoseg_training.train_data import BadSampleError, index_coco
+
     if isinstance(source, dict):
+        index_coco(source, "ground truth", GT_IMAGE_KEYS)
         return source
     p = Path(source)
     if p.is_dir():
         p = p / "annotations.json"
-    return dict(json.loads(p.read_text()))
+    try:
+        coco = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise BadSampleError(f"{p}: not valid JSON: {err}") from None
+    index_coco(coco, p, (*GT_IMAGE_KEYS, "file_name"))
+    return dict(coco)
 
 
 def _anns_by_image(coco: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
@@ -132,9 +151,11 @@ def predict_dataset(segmenter: Segmenter, dataset_dir: str | Path, limit: int | 
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """(H, W) float32 0–255 of an image file."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"), dtype=np.float32)
+    """(H, W) float32 0–255 of an 8-bit image file (``read_gray8``: raises ``UnreadableImage``,
+    naming the file, for a broken or non-8-bit one)."""
+    from nanoseg_training.image_files import read_gray8
+
+    return read_gray8(path)
 
 
 def at_operating_point(inst: Instances, post: PostprocessConfig) -> Instances:
@@ -456,9 +477,19 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     from nanoseg.engines.factory import input_spec_of, load_engine
     from nanoseg_training import frame_eval
     from nanoseg_training.eval_report import write_report
+    from nanoseg_training.train_data import index_coco
 
     if onnx_path is not None and engine != "onnxruntime":
         raise EvaluationError(f"an exported graph (--onnx) runs on engine onnxruntime, not {engine}")
+    if limit is not None and limit < 0:
+        raise EvaluationError(f"--limit {limit}: must be 0 or more")
+    coco = load_coco(dataset)
+    if not coco["images"][:limit]:
+        raise EvaluationError(f"{dataset}: no images to evaluate"
+                              f"{'' if limit is None or not coco['images'] else f' (--limit {limit})'}")
+    note = index_coco(coco, dataset, GT_IMAGE_KEYS).warning(dataset)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     eng, ckpt = load_engine(model, cast("EngineKind", engine), device=device, threads=threads, onnx_path=onnx_path,
                             mask_margin_px=mask_margin_px, mask_tta=mask_tta, refine_boxes=refine_boxes,
                             max_detections=max_detections)
@@ -468,7 +499,6 @@ def evaluate_model(model: str | Path, dataset: str | Path, out: str | Path, engi
     ap_post = post.model_copy(update={"score_threshold": score_threshold})
     raw_post = ap_post.model_copy(update={"nested": post.nested.model_copy(update={"enabled": False})})
     spec = input_spec_of(ckpt)
-    coco = load_coco(dataset)
     images = {int(im["id"]): im for im in coco["images"]}
     for im in images.values() if profile is None else ():
         px = im.get("pixel_size_nm")
@@ -526,7 +556,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                            mask_margin_px=args.mask_margin, mask_tta=args.mask_tta, refine_boxes=args.refine_boxes,
                            profile=profile, pixel_size=args.pixel_size, max_detections=args.max_detections,
                            group_by=args.group_by or None, onnx_path=args.onnx)
-    except (EvaluationError, CheckpointError, ValidationError) as err:
+    except (EvaluationError, CheckpointError, ValidationError, ConfigError) as err:
+        # ConfigError: also a bad data set record or image file (BadSampleError, UnreadableImage)
         print(f"nanoseg evaluate: error: {err}", file=sys.stderr)
         return 2
     print(f"mask AP {_fmt(m['segm']['AP'])}  box AP {_fmt(m['bbox']['AP'])}  "

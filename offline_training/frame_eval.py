@@ -45,7 +45,9 @@ def iter_prepared_predictions(segmenter: Segmenter, profile: FrameProfile, datas
 
 def preparation_record(prepared: PreparedFrame) -> dict[str, Any]:
     """How a frame was prepared, flat for a CSV row or a JSON summary: its input check, the pixel
-    size used (nm) and, with ``auto``, the objects' width measured (frame px) and the scale."""
+    size used (nm), with ``auto`` the objects' width measured (frame px) and the scale, and the
+    pixels replaced in conversion per kind (``invalid_nan``, ``invalid_inf``, ...; see
+    ``InvalidPixels``) with their total ``invalid_pixels``."""
     check, auto = prepared.input_check, prepared.auto_scale
     return {"looks_like": check.looks_like if check else None,
             "input_used": check.used if check else None,
@@ -53,4 +55,6 @@ def preparation_record(prepared: PreparedFrame) -> dict[str, Any]:
             "pixel_size_nm": None if prepared.pixel_size_nm is None else round(float(prepared.pixel_size_nm), 4),
             "auto_width_px": None if auto is None or auto.object_width_px is None else round(auto.object_width_px, 2),
             "auto_confidence": None if auto is None or auto.confidence is None else round(auto.confidence, 4),
-            "auto_scale_limited": bool(auto and auto.limited)}
+            "auto_scale_limited": bool(auto and auto.limited),
+            "invalid_pixels": int(prepared.invalid.total),
+            **{f"invalid_{kind}": int(n) for kind, n in prepared.invalid.to_dict().items()}}

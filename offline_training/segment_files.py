@@ -5,7 +5,8 @@ its input check and pixel size), distribution plots (area, aspect ratio, orienta
 paper's Fig. 8) and the masks found as a uint16 label TIFF (0 = background, particle i of the
 CSV is label i + 1). For all images together: ``results.json``, the masks as COCO results
 (RLE, score, image id), and ``images.json``, the COCO image records those ids refer to (image
-ids count from 1 in the order the files were given). Accepts PNG, TIFF (8/16-bit, float) and NumPy
+ids count from 1 in the order the files were given; ``output_stem``: the prefix of the image's
+files, its stem, with the suffix and a counter where stems collide, see ``output_stems``). Accepts PNG, TIFF (8/16-bit, float) and NumPy
 ``.npy`` files. An unreadable file is reported by name and the others still run; the exit
 status is 1 when any file failed.
 """
@@ -57,6 +58,26 @@ def label_image(inst: Instances) -> np.ndarray:
     return labels
 
 
+def output_stems(paths: list[Path]) -> list[str]:
+    """A distinct output name prefix per input file: its stem, or, where stems collide
+    (case-insensitively: a/same.png, b/same.png, same.tif), stem and suffix (``same_png``,
+    ``same_tif``) and, where those still collide, a counter (``same_png_2``)."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path.stem.lower()] = counts.get(path.stem.lower(), 0) + 1
+    stems: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        base = path.stem if counts[path.stem.lower()] == 1 else f"{path.stem}_{path.suffix.lstrip('.')}".rstrip("_")
+        stem, n = base, 1
+        while stem.lower() in taken:
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
 def write_outputs(out: Path, stem: str, result: SegmentResult, gray: np.ndarray,
                   preparation: dict[str, object] | None = None) -> None:
     from PIL import Image
@@ -87,6 +108,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from nanoseg_training.evaluate import coco_results
     from nanoseg_training.frame_eval import preparation_record
 
+    try:
+        flat = read_image(Path(args.flat_field)) if args.flat_field else None
+    except UnreadableImage as err:
+        print(f"nanoseg segment: error: --flat-field {err}", file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else DEFAULT_MODEL
     engine, ckpt = load_engine(model, args.engine, threads=args.threads, mask_tta=args.mask_tta,
                                max_detections=args.max_detections)
@@ -99,24 +125,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     seg = Segmenter.for_checkpoint(engine, ckpt, post)
     statistics = StatisticsConfig(edge_rule=args.edge_rule)
-    flat = read_image(Path(args.flat_field)) if args.flat_field else None
     out = Path(args.out)
     failed = 0
     images: list[dict[str, object]] = []
     results: list[dict[str, object]] = []
-    for image_id, path in enumerate(tqdm([Path(p) for p in args.images], desc="segment", unit="img",
-                                         disable=args.quiet), start=1):
+    paths = [Path(p) for p in args.images]
+    stems = output_stems(paths)
+    for image_id, (path, stem) in enumerate(tqdm(list(zip(paths, stems)), desc="segment", unit="img",
+                                                 disable=args.quiet), start=1):
         try:
             frame = read_image(path)
             prepared = seg.prepare(frame, profile, flat_field=flat, pixel_size_nm=args.pixel_size)
             analysis = seg.analyse(prepared, prepared.stated_pixel_size_nm, statistics=statistics)
             inst = analysis.instances
-            record = {"image_id": image_id, "file": path.name, **preparation_record(prepared)}
-            write_outputs(out, path.stem, SegmentResult(inst, analysis.table, analysis.summary, prepared.image),
+            record = {"image_id": image_id, "file": path.name, "output_stem": stem, **preparation_record(prepared)}
+            write_outputs(out, stem, SegmentResult(inst, analysis.table, analysis.summary, prepared.image),
                           prepared.image, record)
             if prepared.input_check is not None and prepared.input_check.mismatch:
                 print(f"nanoseg segment: {path.name}: {prepared.input_check.message()}", file=sys.stderr)
-            images.append({"id": image_id, "file_name": path.name, "height": prepared.frame_shape[0],
+            if prepared.invalid.total:
+                kinds = ", ".join(f"{n} {k}" for k, n in prepared.invalid.to_dict().items() if n)
+                print(f"nanoseg segment: {path.name}: {prepared.invalid.total} pixels replaced ({kinds})", file=sys.stderr)
+            images.append({"id": image_id, "file_name": path.name, "path": str(path), "output_stem": stem,
+                           "height": prepared.frame_shape[0],
                            "width": prepared.frame_shape[1]})
             results.extend(coco_results([(image_id, inst)]))
         except UnreadableImage as err:

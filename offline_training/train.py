@@ -16,10 +16,12 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import nn
@@ -31,7 +33,15 @@ from nanoseg.input_spec import InputSpec
 from nanoseg.model import build_model
 from nanoseg.paths import REPO_ROOT, cache_dir, resolve_config
 from nanoseg_training.train_config import DataConfig, GenerateSpec, MixSource, TrainConfig
-from nanoseg_training.train_data import BatchDataset, CocoSource, FramePreparation, MixedSource
+from nanoseg_training.train_data import (
+    BadSampleError,
+    BatchDataset,
+    CocoSource,
+    FramePreparation,
+    MixedSource,
+)
+
+T = TypeVar("T")
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 MAX_NONFINITE_STREAK = 10
@@ -154,7 +164,6 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     torch.manual_seed(cfg.seed + dist.rank)
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(run_dir) if run_dir else cache_dir() / "runs" / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "last.pt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
@@ -164,9 +173,15 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
         torch.distributed.barrier()
     data_sets: list[DataConfig | MixSource] = [cfg.data, *cfg.data.mix]
     preps = [frame_preparation(d.profile, d.pixel_size_nm, cfg.input_spec) for d in data_sets]
-    source: CocoSource | MixedSource = CocoSource(roots[0], preps[0])
+    sources = [CocoSource(r, p) for r, p in zip(roots, preps)]
+    for src in sources:  # before anything is written: a missing file stops the run here, not mid-way
+        for note in src.check(cfg.data.on_bad_sample):
+            if dist.main:
+                print(f"warning: {note}", file=sys.stderr)
+    source: CocoSource | MixedSource = sources[0]
     if cfg.data.mix:
-        source = MixedSource([CocoSource(r, p) for r, p in zip(roots, preps)], [w for _, _, w in sets])
+        source = MixedSource(sources, [w for _, _, w in sets])
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_model(cfg.model)
     if cfg.init_from and not (resume and last.exists()):
@@ -219,7 +234,7 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
         total=cfg.solver.max_iter, initial=start, desc=cfg.name, disable=not (progress and dist.main),
         dynamic_ncols=True,
     ) as bar:
-        for it, (images, targets, bad) in enumerate(loader, start=start):
+        for it, (images, targets, bad) in enumerate(_worker_errors_as_raised(loader), start=start):
             skipped += bad
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, it)
@@ -368,6 +383,18 @@ def describe_device(device: torch.device, world: int = 1) -> str:
     if device.type == "cuda":
         return f"{world} x {torch.cuda.get_device_name(device)} (CUDA, mixed precision)"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _worker_errors_as_raised(batches: Iterable[T]) -> Iterator[T]:
+    """``batches``, with a ``BadSampleError`` of a DataLoader worker re-raised as the worker raised
+    it: one line naming the file (torch re-raises it with the worker's traceback in the message)."""
+    try:
+        yield from batches
+    except BadSampleError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) <= 1:
+            raise
+        raise BadSampleError(lines[-1].split("BadSampleError: ", 1)[-1]) from None
 
 
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, iteration: int, device: str) -> None:

@@ -7,15 +7,15 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 
+from nanoseg.config_io import ConfigError
 from nanoseg.errors import FrameError
 from nanoseg.frame_profile import FrameProfile
 from nanoseg.input_spec import InputSpec
@@ -24,8 +24,106 @@ from nanoseg.prepare import to_model_scale
 from nanoseg_training.train_config import AugmentConfig, DataConfig
 
 
-class BadSampleError(ValueError):
-    """A data set entry cannot be used; the message names the file."""
+class BadSampleError(ConfigError):
+    """A data set entry cannot be used; the message names the file (and the record).
+
+    A ``ConfigError``: the ``nanoseg`` CLI reports it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class CocoIndex:
+    """The checked records of a COCO annotations file (``index_coco``)."""
+
+    images: list[dict[str, Any]]
+    anns: dict[int, list[dict[str, Any]]]
+    """Annotations per image id (every image id has an entry)."""
+    orphans: list[int] = field(default_factory=list)
+    """Positions in ``annotations`` of those whose ``image_id`` names no image (ignored)."""
+    outside: list[int] = field(default_factory=list)
+    """Positions in ``annotations`` of polygons wholly outside their image (0 pixels, ignored)."""
+
+    def warning(self, source: str | Path) -> str | None:
+        """One line counting the annotations that are ignored, or None when none is."""
+        parts = []
+        if self.orphans:
+            a = self.orphans[0]
+            parts.append(f"{len(self.orphans)} annotation(s) name no image (first: annotations[{a}])")
+        if self.outside:
+            parts.append(f"{len(self.outside)} polygon annotation(s) lie wholly outside their image "
+                         f"(first: annotations[{self.outside[0]}])")
+        return f"{source}: ignored: {'; '.join(parts)}" if parts else None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _polygon_outside(segmentation: Any, height: Any, width: Any) -> bool:
+    """Whether a polygon segmentation (list of flat x, y lists) has no point inside the image."""
+    if not (isinstance(segmentation, list) and _is_id(height) and _is_id(width)):
+        return False
+    try:
+        xy = np.concatenate([np.asarray(poly, dtype=np.float64).reshape(-1, 2) for poly in segmentation])
+    except (ValueError, TypeError):
+        return False  # a malformed polygon: decode_segmentation names it when the image is loaded
+    if not len(xy):
+        return True
+    x, y = xy[:, 0], xy[:, 1]
+    return bool(x.max() <= 0 or x.min() >= width or y.max() <= 0 or y.min() >= height)
+
+
+def index_coco(coco: Any, source: str | Path, image_keys: tuple[str, ...] = ("id", "file_name")) -> CocoIndex:
+    """Check the structure of a COCO dict and index its annotations by image.
+
+    Parameters
+    ----------
+    coco : Any
+        The parsed JSON.
+    source : str | Path
+        Named in the errors (the annotations file).
+    image_keys : tuple[str, ...]
+        Keys every image record must have.
+
+    Raises
+    ------
+    BadSampleError
+        No ``images`` list, a record without a required key, a non-integer or duplicate image id,
+        an annotation without ``image_id`` or ``segmentation``; the message names the record.
+    """
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise BadSampleError(f"{source}: no 'images' list (not a COCO annotations file?)")
+    ann_list = coco.get("annotations", [])
+    if not isinstance(ann_list, list):
+        raise BadSampleError(f"{source}: 'annotations' is not a list")
+    first: dict[int, int] = {}
+    for i, im in enumerate(coco["images"]):
+        if not isinstance(im, dict):
+            raise BadSampleError(f"{source}: images[{i}] is not an object")
+        for key in image_keys:
+            if key not in im:
+                raise BadSampleError(f"{source}: images[{i}] has no '{key}'")
+        if not _is_id(im["id"]):
+            raise BadSampleError(f"{source}: images[{i}]: id {im['id']!r} is not an integer")
+        if im["id"] in first:
+            raise BadSampleError(f"{source}: images[{i}] and images[{first[im['id']]}] have the same id {im['id']}")
+        first[im["id"]] = i
+    anns: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in first}
+    orphans: list[int] = []
+    outside: list[int] = []
+    for j, a in enumerate(ann_list):
+        if not isinstance(a, dict):
+            raise BadSampleError(f"{source}: annotations[{j}] is not an object")
+        for key in ("image_id", "segmentation"):
+            if key not in a:
+                raise BadSampleError(f"{source}: annotations[{j}] (id {a.get('id')}) has no '{key}'")
+        if a["image_id"] not in anns:
+            orphans.append(j)
+            continue
+        im = coco["images"][first[a["image_id"]]]
+        if _polygon_outside(a["segmentation"], im.get("height"), im.get("width")):
+            outside.append(j)
+        anns[a["image_id"]].append(a)
+    return CocoIndex(list(coco["images"]), anns, orphans, outside)
 
 
 @dataclass(frozen=True)
@@ -60,7 +158,10 @@ class CocoSource:
 
     Without ``prepare`` the images are the generator's 8-bit gray, at the model's scale. With it,
     images in any format ``nanoseg segment`` reads (PNG, TIFF, .npy; any size and contrast) are
-    prepared as frames, and masks may also be polygons (a CVAT or labelme COCO export)."""
+    prepared as frames, and masks may also be polygons (a CVAT or labelme COCO export).
+
+    The annotations are checked at construction (``index_coco``); ``missing`` lists the images
+    whose file does not exist, ``warning()`` says what is ignored."""
 
     def __init__(self, root: Path, prepare: FramePreparation | None = None) -> None:
         self.root = Path(root)
@@ -72,12 +173,32 @@ class CocoSource:
             raise BadSampleError(f"{ann_file}: no such file (is {self.root} a data set?)") from None
         except json.JSONDecodeError as err:
             raise BadSampleError(f"{ann_file}: not valid JSON: {err}") from None
-        self.images: list[dict[str, Any]] = coco["images"]
-        self.anns: dict[int, list[dict[str, Any]]] = {}
-        for a in coco["annotations"]:
-            self.anns.setdefault(a["image_id"], []).append(a)
+        self.ann_file = ann_file
+        self.index = index_coco(coco, ann_file)
+        self.images: list[dict[str, Any]] = self.index.images
+        self.anns: dict[int, list[dict[str, Any]]] = self.index.anns
         if not self.images:
             raise BadSampleError(f"{ann_file}: data set has no images")
+        self.missing: list[Path] = [p for p in (self.root / im["file_name"] for im in self.images) if not p.is_file()]
+        """Image files named by the annotations that do not exist (checked once, here)."""
+
+    def check(self, on_bad_sample: Literal["error", "skip"]) -> list[str]:
+        """Refuse missing image files (``error``), or lines (none when all is well) counting what
+        is skipped or ignored (missing files under ``skip``, annotations of no image, polygons outside theirs).
+
+        Raises
+        ------
+        BadSampleError
+            Under ``error`` when an image file is missing; under either when all are.
+        """
+        n = len(self.images)
+        if self.missing and (on_bad_sample == "error" or len(self.missing) == n):
+            raise BadSampleError(f"{self.missing[0]}: no such image file ({len(self.missing)} of {n} images of "
+                                 f"{self.ann_file} are missing{'' if len(self.missing) < n else ': all'})")
+        notes = [] if not self.missing else [
+            f"{self.ann_file}: skipped: {len(self.missing)} of {n} image files are missing (first: {self.missing[0]})"]
+        warning = self.index.warning(self.ann_file)
+        return notes + ([warning] if warning else [])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -114,11 +235,12 @@ class CocoSource:
                 return read_image(path)
             except UnreadableImage as err:
                 raise BadSampleError(str(err)) from None
+        from nanoseg_training.image_files import UnreadableImage, read_gray8
+
         try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("L"), dtype=np.float32)
-        except (OSError, ValueError) as err:
-            raise BadSampleError(f"{path}: cannot read image: {err}") from None
+            return read_gray8(path)
+        except UnreadableImage as err:
+            raise BadSampleError(str(err)) from None
 
 
 class MixedSource:
