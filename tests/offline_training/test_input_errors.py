@@ -188,3 +188,17 @@ def test_evaluate_with_no_images_exits_2(limit: int | None, tmp_path: Path,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no images to evaluate" in err[0], err
+
+
+def test_the_preparation_record_counts_the_pixels_replaced() -> None:
+    """A frame half NaN: the segment/evaluate record says how many pixels were replaced, by kind."""
+    from nanoseg.frame_profile import FrameProfile
+    from nanoseg.input_spec import InputSpec
+    from nanoseg.prepare import prepare_frame
+    from nanoseg_training.frame_eval import preparation_record
+
+    frame = np.random.default_rng(0).uniform(500, 1000, (64, 64))
+    frame[:32] = np.nan
+    profile = FrameProfile.model_validate({"name": "f", "mode": "optical_density", "tile_overlap_px": 16})
+    record = preparation_record(prepare_frame(frame, profile, InputSpec(pixel_size_nm=8.0, size=64)))
+    assert record["invalid_nan"] == 32 * 64 and record["invalid_pixels"] >= 32 * 64
