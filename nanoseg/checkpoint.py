@@ -12,13 +12,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torchvision.models.detection import MaskRCNN
 
+from nanoseg.config_io import ConfigError, format_validation_error
+from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding
 from nanoseg.model import ModelConfig, build_model
 from nanoseg.postprocess import OperatingPoint
@@ -26,8 +30,11 @@ from nanoseg.postprocess import OperatingPoint
 FORMAT = "nanoseg-checkpoint/1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated, of the wrong format or does not fit its config."""
+class CheckpointError(ConfigError):
+    """A checkpoint file is missing, truncated, of the wrong format or does not fit its config.
+
+    A ``ConfigError`` (so a ``ValueError``): the ``nanoseg`` command reports it in one line, exit 2.
+    """
 
 
 @dataclass(frozen=True)
@@ -127,19 +134,51 @@ def from_dict(obj: Any, source: str = "<checkpoint>") -> Checkpoint:
     Raises
     ------
     CheckpointError
-        If ``obj`` is not a nanoseg checkpoint or a part of it is malformed.
+        If ``obj`` is not a nanoseg checkpoint or a part of it is malformed (a field missing, a
+        ``model_config``, ``input_spec`` or ``meta.operating_point`` that does not validate, a
+        ``state_dict`` entry that is not a tensor); the message names ``source`` and the field.
     """
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not a {FORMAT} file")
+    missing = [k for k in ("model_config", "input_spec", "state_dict") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{source}: malformed checkpoint: missing {', '.join(missing)}")
+    cfg = _validated(ModelConfig, obj["model_config"], source, "model_config")
+    spec = obj["input_spec"]
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{source}: malformed checkpoint: input_spec is of type {type(spec).__name__}, "
+                              "not a mapping")
+    _validated(InputSpec, spec, source, "input_spec")
+    stored = obj["state_dict"]
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{source}: malformed checkpoint: state_dict is of type {type(stored).__name__}, "
+                              "not a mapping")
+    for key, value in stored.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: malformed checkpoint: state_dict key {key!r} is not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: malformed checkpoint: state_dict[{key!r}] is "
+                                  f"of type {type(value).__name__}, not a tensor")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: malformed checkpoint: meta is of type {type(meta).__name__}, not a mapping")
+    if meta.get("operating_point") is not None:
+        _validated(OperatingPoint, meta["operating_point"], source, "meta.operating_point")
+    # Weights may be stored as float16 to halve the file; the model always runs in float32.
+    half = any(v.dtype == torch.float16 for v in stored.values())
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in stored.items()}
+    return Checkpoint(cfg, dict(spec), state, dict(meta), half)
+
+
+def _validated(model: type[Any], data: Any, source: str, field_name: str) -> Any:
+    """``model.model_validate(data)``; CheckpointError naming ``source`` and the field on failure."""
     try:
-        cfg = ModelConfig.model_validate(obj["model_config"])
-        # Weights may be stored as float16 to halve the file; the model always runs in float32.
-        stored = dict(obj["state_dict"])
-        half = any(v.dtype == torch.float16 for v in stored.values())
-        state = {k: v.float() if v.dtype == torch.float16 else v for k, v in stored.items()}
-        return Checkpoint(cfg, dict(obj["input_spec"]), state, dict(obj.get("meta", {})), half)
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{source}: malformed checkpoint: {err}") from None
+        return model.model_validate(data)
+    except ValidationError as err:
+        detail = "; ".join(format_validation_error(err, field_name).splitlines())
+        raise CheckpointError(f"{source}: malformed checkpoint: {detail}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: malformed checkpoint: {field_name}: {err}") from None
 
 
 def without_refiner(ckpt: Checkpoint) -> Checkpoint:
@@ -182,12 +221,55 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     p = Path(path)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        f = _open_regular(p)
     except FileNotFoundError:
         raise CheckpointError(f"{p}: no such file") from None
+    except OSError as err:
+        raise CheckpointError(f"{p}: cannot read checkpoint ({type(err).__name__}: {err.strerror or err})") from None
+    try:
+        with f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, bad pickle opcode, ...
         raise CheckpointError(f"{p}: cannot read checkpoint ({type(err).__name__}: {err})") from None
     return from_dict(obj, str(p))
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for error messages)."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """``path`` opened for binary reading, refused at once unless it is a regular file.
+
+    A FIFO or a device would block the reader for ever (no writer, no end of file): the path is
+    ``stat``-ed first and such a file is never opened; the opened file is checked again (``fstat``,
+    opened non-blocking) in case it was replaced in between.
+
+    Raises
+    ------
+    CheckpointError
+        If ``path`` (after symlinks) is a directory, FIFO, socket or device; the message names it.
+    FileNotFoundError, OSError
+        If it does not exist or cannot be opened.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: {_file_kind(mode)}, not a regular file; refusing to read it")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{path}: {_file_kind(mode)}, not a regular file; refusing to read it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -201,9 +283,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     -------
     str
         64 lowercase hex digits.
+
+    Raises
+    ------
+    CheckpointError
+        If ``path`` is not a regular file (a FIFO or device would block for ever; a directory);
+        it is refused before it is opened.
+    FileNotFoundError, OSError
+        If it does not exist or cannot be read.
     """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(Path(path)) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -143,7 +143,7 @@ def read_onnx_metadata(onnx_bytes: bytes) -> dict[str, str]:
 
 
 
-def max_batch_of(metadata: dict[str, str], input_dims: list[int | str | None]) -> int:
+def max_batch_of(metadata: dict[str, str], input_dims: list[int | str | None], source: str = "<graph>") -> int:
     """The most images a graph takes per run: its ``nanoseg.max_batch`` metadata, else (a graph
     exported before it had a batch dimension) its static first input dimension.
 
@@ -153,13 +153,31 @@ def max_batch_of(metadata: dict[str, str], input_dims: list[int | str | None]) -
         The graph's metadata_props.
     input_dims : list
         The ``image`` input's dimensions (int where static, a name or None where not).
+    source : str, optional
+        Where the graph came from (a file path), for error messages.
 
     Returns
     -------
     int
+        >= 1.
+
+    Raises
+    ------
+    ValueError
+        If ``nanoseg.max_batch`` is not an integer >= 1 (a graph that would run no image), or it is
+        absent and the batch dimension is not static; the message names ``source`` and the key.
     """
     if MAX_BATCH_KEY in metadata:
-        return int(metadata[MAX_BATCH_KEY])
+        raw = metadata[MAX_BATCH_KEY]
+        try:
+            value = int(raw.strip())
+        except (AttributeError, ValueError):
+            value = 0
+        if value < 1:
+            raise ValueError(f"{source}: metadata {MAX_BATCH_KEY} is {raw!r}, expected an integer >= 1 "
+                             "(images per run); export the graph again (nanoseg export)")
+        return value
     if isinstance(input_dims[0], int) and input_dims[0] > 0:
         return input_dims[0]
-    raise ValueError(f"the graph's batch dimension {input_dims[0]!r} is dynamic and its metadata lacks {MAX_BATCH_KEY}")
+    raise ValueError(f"{source}: the graph's batch dimension {input_dims[0]!r} is dynamic and its metadata "
+                     f"lacks {MAX_BATCH_KEY}")

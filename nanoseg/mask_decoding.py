@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError
 from torch import Tensor
 
 from nanoseg.config_io import StrictModel
@@ -86,21 +86,35 @@ METADATA_KEY = "nanoseg.mask_decoding"
 """The ONNX metadata_props key of the decoding an exported graph runs."""
 
 
-def decoding_from_metadata(metadata: dict[str, str]) -> MaskDecoding:
+def decoding_from_metadata(metadata: dict[str, str], source: str = "<graph>") -> MaskDecoding:
     """The mask decoding an exported graph was built with, from its metadata.
 
     Parameters
     ----------
     metadata : dict of str to str
         The ONNX file's metadata properties.
+    source : str, optional
+        Where the graph came from (a file path), for error messages.
 
     Returns
     -------
     MaskDecoding
         The plain decoding when the metadata names none (files exported before decodings existed).
+
+    Raises
+    ------
+    ValueError
+        If the ``nanoseg.mask_decoding`` entry is not a valid decoding (not JSON, an unknown or
+        out-of-range field); one line naming ``source``, the key and the field.
     """
     raw = metadata.get(METADATA_KEY)
-    return MaskDecoding() if raw is None else MaskDecoding.model_validate_json(raw)
+    if raw is None:
+        return MaskDecoding()
+    try:
+        return MaskDecoding.model_validate_json(raw)
+    except ValidationError as err:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{source}: metadata {METADATA_KEY} is not a valid mask decoding ({detail})") from None
 
 
 def with_decoding(decoding: MaskDecoding, margin_px: float | None = None, tta: int | None = None,

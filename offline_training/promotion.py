@@ -12,11 +12,14 @@ its model and says so in its reply, which ends up in the result.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import zmq
 
 from nanoseg.control_client import control_request
 from nanoseg_training.registry import (
@@ -108,21 +111,56 @@ def gate(candidate: Evaluation, baseline: Evaluation | None, margin: float) -> s
     return None
 
 
+_ADDRESS_RE = re.compile(r"^(?:tcp|ws|wss)://(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})(?:/\S*)?$"
+                         r"|^(?:ipc|inproc)://\S+$")
+
+
+def check_addresses(addresses: list[str]) -> None:
+    """Refuse daemon control addresses ZeroMQ cannot connect to, before anything is switched.
+
+    Parameters
+    ----------
+    addresses : list of str
+        ``tcp://host:port`` (port 1-65535; also ``ws``/``wss``), ``ipc://path`` or ``inproc://name``.
+
+    Raises
+    ------
+    RegistryError
+        Naming every malformed address (e.g. ``localhost:5580``, no ``tcp://``).
+    """
+    bad = []
+    for addr in addresses:
+        m = _ADDRESS_RE.match(addr)
+        if m is None or (m.group(1) is not None and not 1 <= int(m.group(1)) <= 65535):
+            bad.append(addr)
+    if bad:
+        raise RegistryError(f"--notify: malformed daemon address {', '.join(repr(a) for a in bad)} "
+                            "(expected tcp://HOST:PORT, ipc://PATH or inproc://NAME); nothing was switched")
+
+
 def notify(reg: Registry, man: Manifest, addresses: list[str], timeout_s: float) -> list[Notified]:
-    """Ask each daemon to hot-reload ``man``'s checkpoint (it checks the sha256 before loading)."""
+    """Ask each daemon to hot-reload ``man``'s checkpoint (it checks the sha256 before loading).
+
+    A daemon that cannot be reached or replies with an error is recorded as not notified and the
+    next one is asked all the same; nothing here raises for one daemon.
+    """
     path = str((reg.path(man.version) / "model.pt").resolve())
     request = {"command": "reload_model", "path": path, "sha256": man.artifacts["model.pt"].sha256}
     out = []
     for addr in addresses:
         try:
             reply = control_request(addr, request, timeout_s=timeout_s)
-        except (TimeoutError, OSError) as err:
-            out.append(Notified(addr, False, str(err)))
+        except (TimeoutError, OSError, ValueError, zmq.ZMQError) as err:  # ValueError: a reply not JSON
+            out.append(Notified(addr, False, f"{type(err).__name__}: {err}"))
+            log.error("notify %s: %s", addr, out[-1].detail)
             continue
-        if reply.get("ok"):
-            out.append(Notified(addr, True, str(reply["result"]["model"]["version"])))
-        else:
-            out.append(Notified(addr, False, str(reply.get("error"))))
+        try:
+            if reply.get("ok"):
+                out.append(Notified(addr, True, str(reply["result"]["model"]["version"])))
+            else:
+                out.append(Notified(addr, False, str(reply.get("error"))))
+        except (KeyError, TypeError):
+            out.append(Notified(addr, False, f"malformed reply {str(reply)[:200]}"))
         log.log(logging.INFO if out[-1].ok else logging.ERROR, "notify %s: %s", addr, out[-1].detail)
     return out
 
@@ -130,6 +168,7 @@ def notify(reg: Registry, man: Manifest, addresses: list[str], timeout_s: float)
 def promote(reg: Registry, version: str, val: ValidationSet, margin: float = DEFAULT_MARGIN_AP,
             force: bool = False, daemons: list[str] | None = None, timeout_s: float = 300.0) -> Switch:
     """Evaluate, gate, switch ``current`` to ``version`` and notify ``daemons``; RegistryError on refusal."""
+    check_addresses(daemons or [])
     version = reg.resolve(version)
     with reg.locked():
         previous = reg.current()
@@ -163,6 +202,7 @@ def promote(reg: Registry, version: str, val: ValidationSet, margin: float = DEF
 def rollback(reg: Registry, daemons: list[str] | None = None, timeout_s: float = 300.0) -> Switch:
     """Make the version that was current before the current one current again (no gate: it
     served before), after verifying its checksums; notify ``daemons``."""
+    check_addresses(daemons or [])
     with reg.locked():
         stack = reg.promotion_stack()
         if len(stack) < 2:

@@ -30,10 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from nanoseg.checkpoint import file_sha256, load_checkpoint
-from nanoseg.config_io import StrictModel
+from nanoseg.config_io import ConfigError, StrictModel, format_validation_error
 from nanoseg.paths import cache_dir
 
 MANIFEST_FORMAT: Literal["nanoseg-registry-manifest/1"] = "nanoseg-registry-manifest/1"
@@ -41,8 +41,11 @@ ARTIFACTS = ("model.pt", "model.onnx", "model.plan")
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-class RegistryError(ValueError):
-    """The registry refuses an operation (corrupt artifact, unknown version, nothing to roll back)."""
+class RegistryError(ConfigError):
+    """The registry refuses an operation (corrupt artifact, unknown version, nothing to roll back).
+
+    A ``ConfigError`` (so a ``ValueError``): the ``nanoseg`` command reports it in one line, exit 2.
+    """
 
 
 class Artifact(StrictModel):
@@ -158,6 +161,9 @@ class Registry:
         p = self.path(version) / "manifest.json"
         try:
             return Manifest.model_validate_json(p.read_bytes())
+        except ValidationError as err:  # truncated JSON, a field missing or malformed
+            detail = "; ".join(line.partition(": ")[2] for line in format_validation_error(err, "-").splitlines())
+            raise RegistryError(f"{p}: unreadable manifest ({detail})") from None
         except (OSError, ValueError) as err:
             raise RegistryError(f"{p}: unreadable manifest ({err})") from None
 
@@ -168,11 +174,47 @@ class Registry:
         return Path(os.readlink(link)).name
 
     def history(self) -> list[dict[str, Any]]:
+        """The entries of ``history.jsonl``, oldest first (none when there is no file).
+
+        Raises
+        ------
+        RegistryError
+            If the file cannot be read, or a line is not a JSON object with a string ``action``
+            and ``version`` (a torn last line from a crash mid-append, a hand edit); the message
+            names the file and the line.
+        """
         p = self.root / "history.jsonl"
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+        if not p.exists():
+            return []
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise RegistryError(f"{p}: unreadable history ({err})") from None
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as err:
+                raise RegistryError(f"{p}: line {number} is not valid JSON ({err}); a torn write? "
+                                    "repair or remove that line") from None
+            if not isinstance(entry, dict):
+                raise RegistryError(f"{p}: line {number} is not a JSON object")
+            for key in ("action", "version"):
+                if not isinstance(entry.get(key), str):
+                    raise RegistryError(f"{p}: line {number}: field {key!r} is missing or not a string")
+            entries.append(entry)
+        return entries
 
     def promotion_stack(self) -> list[str]:
-        """Versions that were current, oldest first: a promotion pushes, a rollback pops."""
+        """Versions that were current, oldest first: a promotion pushes, a rollback pops.
+
+        Raises
+        ------
+        RegistryError
+            If ``history.jsonl`` is malformed (``history``).
+        """
         stack: list[str] = []
         for entry in self.history():
             if entry["action"] == "promote":

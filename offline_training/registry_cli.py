@@ -25,15 +25,25 @@ def _refused(command: str, err: Exception) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``nanoseg models list``: one line per version; exit 2, one line naming the file, when a
+    manifest is unreadable."""
+    from nanoseg_training.registry import RegistryError
+
     reg = registry_of(args)
     cur = reg.current()
+    rows = []
+    try:
+        for v in reg.versions():
+            m = reg.manifest(v)
+            ev = m.evaluations[-1] if m.evaluations else None
+            ap = f"{ev.mask_ap:8.2f}" if ev and ev.mask_ap is not None else f"{'—':>8}"
+            box = f"{ev.box_ap:7.2f}" if ev and ev.box_ap is not None else f"{'—':>7}"
+            rows.append(f"{'*' if v == cur else ' ':2}{v:8} {m.created:21} {ap} {box}  {m.source}")
+    except (RegistryError, OSError) as err:
+        return _refused("list", err)
     print(f"{'':2}{'version':8} {'created':21} {'mask AP':>8} {'box AP':>7}  source")
-    for v in reg.versions():
-        m = reg.manifest(v)
-        ev = m.evaluations[-1] if m.evaluations else None
-        ap = f"{ev.mask_ap:8.2f}" if ev and ev.mask_ap is not None else f"{'—':>8}"
-        box = f"{ev.box_ap:7.2f}" if ev and ev.box_ap is not None else f"{'—':>7}"
-        print(f"{'*' if v == cur else ' ':2}{v:8} {m.created:21} {ap} {box}  {m.source}")
+    for row in rows:
+        print(row)
     return 0
 
 

@@ -7,16 +7,22 @@ measuring what surrounds inference.
 
 from __future__ import annotations
 
+import json
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 from nanoseg.checkpoint import Checkpoint, input_shape, load_checkpoint
 from nanoseg.engines import Engine, EngineError
+from nanoseg.engines.detection_core import INPUT_NAME
 from nanoseg.engines.triton_engine import TritonTarget
-from nanoseg.export import export_checkpoint_onnx, read_onnx_metadata
+from nanoseg.export import export_checkpoint_onnx, max_batch_of
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding, decoding_from_metadata, with_decoding
+
+MODEL_CONFIG_KEY = "nanoseg.model_config"
+INPUT_SPEC_KEY = "nanoseg.input_spec"
 
 EngineKind = Literal["torch", "onnxruntime", "tensorrt", "triton", "null"]
 
@@ -57,29 +63,129 @@ def engine_instances(ckpt: Checkpoint, kind: EngineKind, instances: int, device:
         raise ValueError(f"instances must be >= 1, got {instances}")
     decoding = decoding or ckpt.mask_decoding
     graph = _onnx_graph(ckpt, onnx_path, decoding, max_batch) if kind in ("onnxruntime", "tensorrt") else None
+    source = str(onnx_path) if onnx_path else None
     out: list[Engine] = []
     for _ in range(instances):
-        eng = _engine(ckpt, kind, device, threads, graph, cache_dir, triton, decoding, null_detections)
+        eng = _engine(ckpt, kind, device, threads, graph, cache_dir, triton, decoding, null_detections, source)
         eng.mask_decoding = decoding
         out.append(eng)
     return out
 
 
 def _onnx_graph(ckpt: Checkpoint, onnx_path: str | Path | None, decoding: MaskDecoding, max_batch: int) -> bytes:
-    """The graph in ``onnx_path`` (checked to be exported with ``decoding``), else exported now."""
+    """The graph in ``onnx_path`` (checked to fit ``ckpt`` and ``decoding``), else exported now."""
     if not onnx_path:
         return export_checkpoint_onnx(ckpt, decoding, max_batch=max_batch)
-    onnx_bytes = Path(onnx_path).read_bytes()
-    exported = decoding_from_metadata(read_onnx_metadata(onnx_bytes))
-    if exported != decoding:
-        raise EngineError(f"{onnx_path}: exported with mask decoding {exported.model_dump()}, the model "
-                          f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
+    onnx_bytes = _read_graph_file(Path(onnx_path))
+    check_graph_fits(onnx_bytes, ckpt, decoding, str(onnx_path))
     return onnx_bytes
+
+
+def _read_graph_file(path: Path) -> bytes:
+    """The bytes of an ONNX file; a FIFO, device or directory is refused before it is opened.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    EngineError
+        If it is not a regular file or cannot be read; the message names it.
+    """
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise EngineError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it "
+                              "as an ONNX graph")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise EngineError(f"{path}: cannot read the ONNX graph ({err.strerror or err})") from None
+
+
+def check_graph_fits(onnx_bytes: bytes, ckpt: Checkpoint, decoding: MaskDecoding, source: str) -> None:
+    """Refuse an ONNX graph that cannot serve as ``ckpt``'s model run with ``decoding``.
+
+    Parameters
+    ----------
+    onnx_bytes : bytes
+        The graph file's contents.
+    ckpt : Checkpoint
+        The model it is to be served as (its version is the checkpoint's).
+    decoding : MaskDecoding
+        The mask decoding the model is to run with.
+    source : str
+        The graph file's path, for error messages.
+
+    Raises
+    ------
+    EngineError
+        Naming ``source`` and the cause: an empty, truncated or corrupt file; no ``image(B, C, H, W)``
+        input with C, H, W static; an input shape other than the checkpoint's (both named);
+        malformed ``nanoseg.max_batch`` or ``nanoseg.mask_decoding`` metadata; another mask decoding.
+    """
+    import onnx
+
+    if not onnx_bytes:
+        raise EngineError(f"{source}: empty file (0 bytes), not an ONNX graph")
+    try:
+        proto = onnx.load_from_string(onnx_bytes)
+    except Exception as err:  # google.protobuf DecodeError: truncated or not ONNX at all
+        raise EngineError(f"{source}: not a readable ONNX graph, truncated or corrupt "
+                          f"({type(err).__name__}: {err})") from None
+    image = next((v for v in proto.graph.input if v.name == INPUT_NAME), None)
+    if image is None:
+        raise EngineError(f"{source}: the graph has no input {INPUT_NAME!r} (truncated, or not a nanoseg export)")
+    dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in image.type.tensor_type.shape.dim]
+    chw = [d for d in dims[1:] if isinstance(d, int) and d > 0]
+    if len(dims) != 4 or len(chw) != 3:
+        raise EngineError(f"{source}: expected input {INPUT_NAME}(B, C, H, W) with C, H, W static, got {dims}")
+    shape = (chw[0], chw[1], chw[2])
+    if shape != input_shape(ckpt):
+        raise EngineError(f"{source}: the graph takes input (C, H, W) {shape}, the checkpoint's model "
+                          f"{input_shape(ckpt)}; it is not this checkpoint's graph (export it again: nanoseg export)")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    _check_recorded_model(meta, ckpt, source)
+    try:
+        max_batch_of(meta, dims, source)
+        exported = decoding_from_metadata(meta, source)
+    except ValueError as err:
+        raise EngineError(str(err)) from None
+    if exported != decoding:
+        raise EngineError(f"{source}: exported with mask decoding {exported.model_dump()}, the model "
+                          f"is to run with {decoding.model_dump()}; export it again (nanoseg export)")
+
+
+def _check_recorded_model(meta: dict[str, str], ckpt: Checkpoint, source: str) -> None:
+    """Refuse a graph whose metadata records another model than ``ckpt``: another backbone or
+    channel count (``nanoseg.model_config``), or another input spec (``nanoseg.input_spec``).
+    Entries that are absent or unreadable (graphs from older exports) are not compared."""
+    try:
+        recorded = json.loads(meta.get(MODEL_CONFIG_KEY, "{}"))
+    except ValueError:
+        recorded = {}
+    ours = ckpt.model_config.model_dump(mode="json")
+    if isinstance(recorded, dict):
+        for key in ("backbone", "in_channels"):
+            if key in recorded and recorded[key] != ours.get(key):
+                raise EngineError(f"{source}: metadata {MODEL_CONFIG_KEY} has {key} {recorded[key]!r}, the "
+                                  f"checkpoint's model {ours.get(key)!r}; it is not this checkpoint's graph "
+                                  "(export it again: nanoseg export)")
+    try:
+        spec = InputSpec.model_validate_json(meta[INPUT_SPEC_KEY])
+        ckpt_spec = InputSpec.model_validate(ckpt.input_spec)
+    except (KeyError, ValueError):
+        return
+    if spec != ckpt_spec:
+        raise EngineError(f"{source}: metadata {INPUT_SPEC_KEY} is {spec.model_dump(mode='json')}, the checkpoint's "
+                          f"{ckpt_spec.model_dump(mode='json')}; it is not this checkpoint's graph "
+                          "(export it again: nanoseg export)")
 
 
 def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_bytes: bytes | None,
             cache_dir: Path | None, triton: TritonTarget | None, decoding: MaskDecoding,
-            null_detections: int | None = None) -> Engine:
+            null_detections: int | None = None, onnx_source: str | None = None) -> Engine:
     if kind == "torch":
         from nanoseg.engines.torch_engine import TorchEngine
 
@@ -105,7 +211,7 @@ def _engine(ckpt: Checkpoint, kind: EngineKind, device: str, threads: int, onnx_
     if onnx_bytes is not None and kind == "onnxruntime":
         from nanoseg.engines.onnx_engine import OnnxEngine
 
-        return OnnxEngine(onnx_bytes, device=device, threads=threads)
+        return OnnxEngine(onnx_bytes, device=device, threads=threads, source=onnx_source)
     if onnx_bytes is not None and kind == "tensorrt":
         from nanoseg.engines.tensorrt_engine import TensorRTEngine
 

@@ -63,8 +63,19 @@ def _cpu_flags() -> set[str]:
 class OnnxEngine:
     name = "onnxruntime"
 
-    def __init__(self, model: bytes | str, device: str = "cpu", threads: int = 2) -> None:
+    def __init__(self, model: bytes | str, device: str = "cpu", threads: int = 2, source: str | None = None) -> None:
+        """A session on ``model`` (ONNX bytes or a file path); ``source`` names it in errors
+        (default: the path, or ``<graph>`` for bytes).
+
+        Raises
+        ------
+        EngineError
+            If the graph cannot be loaded, its input is not ``image(B, C, H, W)`` with C, H, W
+            static, or its metadata (``nanoseg.max_batch``, ``nanoseg.mask_decoding``) is malformed.
+        """
         import onnxruntime as ort
+
+        src = source or (model if isinstance(model, str) else "<graph>")
 
         opts = ort.SessionOptions()
         # ORT sizes its pool from the host's cores and ignores cgroup limits: set it explicitly.
@@ -83,22 +94,23 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except Exception as err:
-            raise EngineError(f"onnxruntime: cannot load model: {err}") from None
+            raise EngineError(f"onnxruntime: {src}: cannot load model: {err}") from None
         if device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise EngineError(f"onnxruntime: the CUDA provider did not load (providers {self.session.get_providers()})")
         inp = self.session.get_inputs()[0]
         if inp.name != INPUT_NAME or len(inp.shape) != 4 or not all(isinstance(d, int) for d in inp.shape[1:]):
-            raise EngineError(f"onnxruntime: expected input {INPUT_NAME}(B,C,H,W), C, H, W static, got {inp.name}{inp.shape}")
+            raise EngineError(f"onnxruntime: {src}: expected input {INPUT_NAME}(B,C,H,W), C, H, W static, "
+                              f"got {inp.name}{inp.shape}")
         self.input_shape = (int(inp.shape[1]), int(inp.shape[2]), int(inp.shape[3]))
         self.device = device
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         try:
-            self.max_batch = max_batch_of(self.metadata, list(inp.shape))
+            self.max_batch = max_batch_of(self.metadata, list(inp.shape), src)
+            self.mask_decoding = decoding_from_metadata(self.metadata, src)
         except ValueError as err:
             raise EngineError(f"onnxruntime: {err}") from None
         self.precision = self.metadata.get(PRECISION_KEY, "float32")
         self.int8_reduce_range = self.metadata.get(INT8_REDUCE_RANGE_KEY) == "true"
-        self.mask_decoding = decoding_from_metadata(self.metadata)
 
     def infer(self, batch: np.ndarray) -> list[RawDetections]:
         """Run the graph on chunks of up to ``max_batch`` images, one ``session.run`` each.
