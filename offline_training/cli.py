@@ -15,6 +15,17 @@ from nanoseg.summary_stats import EDGE_RULES
 from nanoseg_training.registry_cli import add_parsers as add_registry
 
 
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse ``type`` for a number > 0 (argparse names the flag in its one-line error)."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def decoding_args(p: argparse.ArgumentParser, margin: bool = True) -> None:
     """--mask-tta (and --mask-margin, --refine-boxes): replace those of the model's mask decoding."""
     if margin:
@@ -136,9 +147,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("config", help="training config name in configs/training or a YAML path")
     p.add_argument("--run-dir", help="run directory (default <cache>/runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--max-iter", type=int, help="override solver.max_iter")
-    p.add_argument("--max-minutes", type=float, help="stop (resumably) after this wall time")
-    p.add_argument("--stop-after", type=int, help="stop (resumably) after this many iterations in total")
+    p.add_argument("--max-iter", type=positive(int), help="override solver.max_iter")
+    p.add_argument("--max-minutes", type=positive(float), help="stop (resumably) after this wall time")
+    p.add_argument("--stop-after", type=positive(int), help="stop (resumably) after this many iterations in total")
     p.add_argument("--data", help="use this COCO data set directory instead of the config's")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=lazy("nanoseg_training.train:cmd_train"))

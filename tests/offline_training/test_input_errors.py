@@ -202,3 +202,14 @@ def test_the_preparation_record_counts_the_pixels_replaced() -> None:
     profile = FrameProfile.model_validate({"name": "f", "mode": "optical_density", "tile_overlap_px": 16})
     record = preparation_record(prepare_frame(frame, profile, InputSpec(pixel_size_nm=8.0, size=64)))
     assert record["invalid_nan"] == 32 * 64 and record["invalid_pixels"] >= 32 * 64
+
+
+@pytest.mark.parametrize("flag", [["--max-iter", "-5"], ["--stop-after", "0"], ["--max-minutes", "nan"]])
+def test_train_limits_must_be_positive(flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused by name before anything is read or written (``--max-iter -5`` made a run directory
+    and then blamed the run's own config.yaml)."""
+    from nanoseg.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "no-such-config", *flag])
+    assert info.value.code == 2 and f"argument {flag[0]}: must be > 0" in capsys.readouterr().err
