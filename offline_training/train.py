@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint, save_checkpoint
-from nanoseg.config_io import dump_yaml, load_yaml
+from nanoseg.config_io import ConfigError, dump_yaml, load_yaml, read_yaml_mapping
 from nanoseg.input_spec import InputSpec
 from nanoseg.model import build_model
 from nanoseg.paths import REPO_ROOT, cache_dir, resolve_config
@@ -167,6 +167,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, resume: bool = False,
     last = run_dir / "last.pt"
     if not resume and last.exists():
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or another --run-dir")
+    if resume and last.exists() and (run_dir / "config.yaml").exists():
+        _check_resumable(run_dir / "config.yaml", cfg)
     sets = [(cfg.data.train, cfg.data.generate, cfg.data.weight)] + [(m.train, m.generate, m.weight) for m in cfg.data.mix]
     roots = [ensure_dataset(t, g, os.cpu_count() or cfg.threads) if dist.main else resolve_data_dir(t) for t, g, _ in sets]
     if dist.world > 1:
@@ -411,6 +413,33 @@ def _tensorboard(run_dir: Path) -> Any:
     except ImportError:  # tensorboard not installed: CSV only
         return None
     return SummaryWriter(str(run_dir / "tb"))
+
+
+RESUME_MAY_CHANGE = frozenset({"solver.max_iter", "threads", "workers", "checkpoint_period", "log_period"})
+"""Settings a resumed run may change (how long and how it runs, not what it learns)."""
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: value} (lists and scalars are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_resumable(stored: Path, cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the settings in which ``cfg`` differs from the run's own config
+    (``stored``), but for ``RESUME_MAY_CHANGE``: a resumed run must learn what it began with."""
+    was = _flat(TrainConfig.model_validate(read_yaml_mapping(stored)).model_dump(mode="json"))
+    now = _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if changed:
+        shown = ", ".join(f"{k} ({was.get(k)!r} -> {now.get(k)!r})" for k in changed[:6])
+        raise ConfigError(f"{stored.parent}: --resume with another config: {shown}"
+                          f"{' and more' if len(changed) > 6 else ''}; only {', '.join(sorted(RESUME_MAY_CHANGE))} "
+                          "may change (or train into another --run-dir)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

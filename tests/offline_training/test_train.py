@@ -56,6 +56,9 @@ def test_resume_continues_exactly(dataset: WrittenDataset, tmp_path: Path) -> No
     assert train(tiny_config(dataset.root, 10), split, progress=False, stop_after=5).name == "last.pt"
     with pytest.raises(FileExistsError):
         train(tiny_config(dataset.root, 10), split, progress=False)  # refuses to overwrite a run
+    other = tiny_config(dataset.root, 10).model_copy(update={"seed": 4})
+    with pytest.raises(ConfigError, match=r"another config: seed \(3 -> 4\)"):  # would learn something else
+        train(other, split, resume=True, progress=False)
     train(tiny_config(dataset.root, 10), split, resume=True, progress=False)
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(split / "last.pt", weights_only=True)["model"]
