@@ -100,7 +100,7 @@ def test_calibrate_without_write_leaves_the_checkpoint_and_bad_meta_is_named(
     assert main(["calibrate", str(model), str(paper_set), "--out", str(out), "--masks", "0.4,1.5", "--quiet"]) == 2
     ckpt = load_checkpoint(model)
     save_checkpoint(replace(ckpt, meta={**ckpt.meta, "operating_point": {"score_threshold": 2.0}}), model, half=True)
-    with pytest.raises(CheckpointError, match="operating.point"):
+    with pytest.raises(CheckpointError, match=r"operating.point"):
         _ = load_checkpoint(model).operating_point
     assert main(["calibrate", str(model), str(paper_set), "--out", str(tmp_path / "c2"), "--quiet"]) == 2
 
