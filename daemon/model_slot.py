@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from nanoseg.checkpoint import file_sha256, input_shape, load_checkpoint
+from nanoseg.config_io import merge
 from nanoseg.engines import Engine
 from nanoseg.engines.factory import EngineKind, engine_instances, with_max_detections
 from nanoseg.engines.triton_engine import TritonTarget
@@ -137,16 +138,6 @@ def load_configured(m: ModelSection, post: PostprocessConfig, cache_dir: Path) -
                       m.triton_target(), m.mask_tta, m.max_detections, m.null_detections, m.instances)
 
 
-def merged(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``updates`` on top, sub-dicts merged key by key (at any depth), so that a
-    partial update of a sub-object keeps its other keys; neither argument is changed."""
-    out = dict(base)
-    for key, value in updates.items():
-        old = out.get(key)
-        out[key] = merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
-    return out
-
-
 class ModelSlot:
     """Holds the current model; ``reload`` builds a new one off the hot path and swaps it in.
 
@@ -174,8 +165,8 @@ class ModelSlot:
 
         A sub-object (``nested``) is merged field by field, like the top level: setting one of its
         fields keeps the others as they were set before."""
-        configured = PostprocessConfig.model_validate(merged(self._configured.model_dump(exclude_unset=True), updates))
-        post = PostprocessConfig.model_validate(merged(self._model.segmenter.post.model_dump(), updates))
+        configured = PostprocessConfig.model_validate(merge(self._configured.model_dump(exclude_unset=True), updates))
+        post = PostprocessConfig.model_validate(merge(self._model.segmenter.post.model_dump(), updates))
         self._configured = configured
         self._model = self._model.with_post(post)
         return post
