@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from pydantic import ValidationError
@@ -25,6 +24,7 @@ from nanoseg.config_io import ConfigError, format_validation_error
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding
 from nanoseg.model import ModelConfig, build_model
+from nanoseg.paths import NotRegularFile, open_regular
 from nanoseg.postprocess import OperatingPoint
 
 FORMAT = "nanoseg-checkpoint/1"
@@ -234,42 +234,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return from_dict(obj, str(p))
 
 
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, in words (for error messages)."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _open_regular(path: Path) -> io.BufferedReader:
-    """``path`` opened for binary reading, refused at once unless it is a regular file.
-
-    A FIFO or a device would block the reader for ever (no writer, no end of file): the path is
-    ``stat``-ed first and such a file is never opened; the opened file is checked again (``fstat``,
-    opened non-blocking) in case it was replaced in between.
-
-    Raises
-    ------
-    CheckpointError
-        If ``path`` (after symlinks) is a directory, FIFO, socket or device; the message names it.
-    FileNotFoundError, OSError
-        If it does not exist or cannot be opened.
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: {_file_kind(mode)}, not a regular file; refusing to read it")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+def _open_regular(path: Path) -> BinaryIO:
+    """``paths.open_regular``, a non-regular file refused as a CheckpointError naming it."""
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(f"{path}: {_file_kind(mode)}, not a regular file; refusing to read it")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
+        return open_regular(path)
+    except NotRegularFile as err:
+        raise CheckpointError(f"{path}: {err.strerror}; refusing to read it") from None
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

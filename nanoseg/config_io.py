@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from nanoseg.paths import open_regular
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -158,12 +159,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        # non-blocking: opening a FIFO for reading would wait for a writer
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
+        with open_regular(p) as f:  # a FIFO would wait for a writer, a device never end
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"{p}: cannot read config: not a regular file")
             if st.st_size > MAX_CONFIG_BYTES:
                 raise ConfigError(f"{p}: cannot read config: {st.st_size} bytes, over {MAX_CONFIG_BYTES}")
             raw = f.read(MAX_CONFIG_BYTES + 1)

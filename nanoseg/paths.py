@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -52,3 +55,57 @@ def resolve_config(name_or_path: str | os.PathLike[str], kind: str) -> Path:
         return candidate
     known = sorted(q.stem for q in (CONFIGS / kind).glob("*.yaml"))
     raise FileNotFoundError(f"no {kind} config {str(name_or_path)!r}; known: {', '.join(known)}")
+
+
+class NotRegularFile(OSError):
+    """A path that names a directory, FIFO, socket or device where a file's contents are wanted;
+    ``strerror`` says which (``"a FIFO, not a regular file"``)."""
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for error messages)."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for binary reading, refused at once unless it is a regular file.
+
+    A FIFO or a device would block the reader for ever (no writer, no end of file): the path is
+    ``stat``-ed first and such a file is never opened; the opened file is checked again
+    (``fstat``, opened non-blocking) in case it was replaced in between.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    BinaryIO
+        The open file (blocking reads), to be closed by the caller.
+
+    Raises
+    ------
+    NotRegularFile
+        If ``path`` (after symlinks) is a directory, FIFO, socket or device.
+    FileNotFoundError, OSError
+        If it does not exist or cannot be opened.
+    """
+    def check(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = _file_kind(mode)
+            raise NotRegularFile(errno.EINVAL, kind if kind.endswith("regular file") else f"{kind}, not a regular file",
+                                 str(path))
+
+    check(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        check(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")

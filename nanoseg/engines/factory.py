@@ -8,7 +8,6 @@ measuring what surrounds inference.
 from __future__ import annotations
 
 import json
-import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ from nanoseg.engines.triton_engine import TritonTarget
 from nanoseg.export import export_checkpoint_onnx, max_batch_of
 from nanoseg.input_spec import InputSpec
 from nanoseg.mask_decoding import MaskDecoding, decoding_from_metadata, with_decoding
+from nanoseg.paths import NotRegularFile, open_regular
 
 MODEL_CONFIG_KEY = "nanoseg.model_config"
 INPUT_SPEC_KEY = "nanoseg.input_spec"
@@ -92,11 +92,10 @@ def _read_graph_file(path: Path) -> bytes:
         If it is not a regular file or cannot be read; the message names it.
     """
     try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise EngineError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it "
-                              "as an ONNX graph")
-        return path.read_bytes()
+        with open_regular(path) as f:
+            return f.read()
+    except NotRegularFile as err:
+        raise EngineError(f"{path}: {err.strerror}; refusing to read it as an ONNX graph") from None
     except FileNotFoundError:
         raise
     except OSError as err:
