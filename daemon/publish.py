@@ -42,7 +42,14 @@ from typing import Any, Literal, cast
 import zmq
 from event_model import compose_run
 
-from nanoseg.codec import json_safe, json_text, msgpack_dumps
+from nanoseg.codec import (
+    MSGPACK_INT_MAX,
+    MSGPACK_INT_MIN,
+    json_safe,
+    json_text,
+    msgpack_dumps,
+    utf8_problem,
+)
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import FrameSummary
 from nanoseg_daemon.contracts import ANALYSIS_PLAN_NAME, FrameResult
@@ -117,17 +124,12 @@ def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[s
     }
 
 
-_INT_RANGE = (-(2**63), 2**64 - 1)  # what msgpack (and BSON, mostly) can hold
-
-
 def _wire_str(text: str, replaced: Counter[str]) -> str:
     """``text``, or its repr where it is not valid UTF-8 (lone surrogates), counted ``not_utf8``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        replaced["not_utf8"] += 1
-        return repr(text)
-    return text
+    if utf8_problem(text) is None:
+        return text
+    replaced["not_utf8"] += 1
+    return repr(text)
 
 
 def _start_safe(obj: Any, replaced: Counter[str] | None = None) -> Any:
@@ -141,7 +143,7 @@ def _start_safe(obj: Any, replaced: Counter[str] | None = None) -> Any:
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [_start_safe(v, replaced) for v in obj]
-    if isinstance(obj, int) and not isinstance(obj, bool) and not _INT_RANGE[0] <= obj <= _INT_RANGE[1]:
+    if isinstance(obj, int) and not isinstance(obj, bool) and not MSGPACK_INT_MIN <= obj <= MSGPACK_INT_MAX:
         replaced["int_beyond_64_bits"] += 1
         return repr(obj)
     if isinstance(obj, str):

@@ -46,6 +46,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from nanoseg.codec import MSGPACK_INT_MAX, MSGPACK_INT_MIN, utf8_problem
 from nanoseg.config_io import StrictModel
 from nanoseg_daemon.contracts import FrameJob, FrameMetadata, IngestSink, RunStarted, RunStopped
 from nanoseg_daemon.ingest_config import RawIngestConfig
@@ -58,18 +59,8 @@ EXTRA_MAX_DEPTH = 16
 """Levels of lists and objects allowed inside ``metadata.extra`` (the object itself is level 1)."""
 MAX_TIMESTAMP = 2.0**32
 """Exclusive upper bound of a header's timestamp, s since the epoch (2106-02-07)."""
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack encodes: int64 and uint64
 
 Buffer = bytes | bytearray | memoryview
-
-
-def _not_text(value: str) -> str | None:
-    """Why ``value`` cannot be written as UTF-8 (a lone surrogate from a JSON escape), or None."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"text with a lone surrogate {value[err.start]!r} (not encodable as UTF-8)"
-    return None
 
 
 def json_like_problem(
@@ -87,13 +78,13 @@ def json_like_problem(
         if v is None or isinstance(v, bool):
             continue
         if isinstance(v, int):
-            if not _INT_MIN <= v <= _INT_MAX:
+            if not MSGPACK_INT_MIN <= v <= MSGPACK_INT_MAX:
                 return path, f"integer of {v.bit_length()} bits is outside int64/uint64"
         elif isinstance(v, float):
             if not math.isfinite(v):
                 return path, f"number {v} is not finite"
         elif isinstance(v, str):
-            if (why := _not_text(v)) is not None:
+            if (why := utf8_problem(v)) is not None:
                 return path, why
         elif isinstance(v, list | dict):
             if depth >= max_depth:
@@ -105,7 +96,7 @@ def json_like_problem(
                 for k, _ in items:
                     if not isinstance(k, str):
                         return path, f"key {k!r} is not text"
-                    if (why := _not_text(k)) is not None:
+                    if (why := utf8_problem(k)) is not None:
                         return path, f"key: {why}"
             stack.extend(((*path, k), item, depth + 1) for k, item in reversed(items))
         else:
@@ -135,7 +126,7 @@ class RawFrameMetadata(StrictModel):
     @field_validator("profile")
     @classmethod
     def _profile_text(cls, value: str | None) -> str | None:
-        if value is not None and (why := _not_text(value)) is not None:
+        if value is not None and (why := utf8_problem(value)) is not None:
             raise ValueError(why)
         return value
 
@@ -155,7 +146,7 @@ class RawFrameHeader(StrictModel):
 
     frame_id: (
         Annotated[StrictStr, Field(min_length=1, max_length=256)]
-        | Annotated[StrictInt, Field(ge=_INT_MIN, le=_INT_MAX)]
+        | Annotated[StrictInt, Field(ge=MSGPACK_INT_MIN, le=MSGPACK_INT_MAX)]
         | None
     ) = Field(
         None,
@@ -177,7 +168,7 @@ class RawFrameHeader(StrictModel):
     @field_validator("run", "frame_id")
     @classmethod
     def _id_text(cls, value: str | int | None) -> str | int | None:
-        if isinstance(value, str) and (why := _not_text(value)) is not None:
+        if isinstance(value, str) and (why := utf8_problem(value)) is not None:
             raise ValueError(why)
         return value
 

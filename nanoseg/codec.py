@@ -104,6 +104,30 @@ def json_text(obj: Any) -> str:
         return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))
 
 
+MSGPACK_INT_MIN, MSGPACK_INT_MAX = -(2**63), 2**64 - 1
+"""The integers msgpack can carry (int64 and uint64); beyond them ``msgpack_dumps`` fails."""
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (msgpack, JSON, SQLite), or None.
+
+    Parameters
+    ----------
+    text : str
+        E.g. a string from a JSON ``\\ud800`` escape, which Python holds as a lone surrogate.
+
+    Returns
+    -------
+    str or None
+        ``"text with a lone surrogate '\\ud800' (not encodable as UTF-8)"``, None when it encodes.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"text with a lone surrogate {text[err.start]!r} (not encodable as UTF-8)"
+    return None
+
+
 def msgpack_dumps(doc: Any) -> bytes:
     """msgpack bytes of ``doc``, NumPy arrays as ``msgpack_numpy.encode`` writes them."""
     return bytes(msgpack.packb(doc, default=msgpack_numpy.encode))
