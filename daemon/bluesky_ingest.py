@@ -18,8 +18,9 @@ Start-document metadata: run_metadata.py.
 
 A wrong-typed value is reported as ``bad_metadata`` and left out. A start, stop or event (page)
 whose ``time``, or an event whose image timestamp, is not a finite number (NaN, +-inf, an integer
-too large for a float, a string) is refused as ``bad_document`` naming the field (a refused stop
-leaves its run open for a good stop); so is an event_page whose columns differ in length, and a
+too large for a float, a string) is refused as ``bad_document`` naming the field (a stop whose
+``time`` is refused still stops its run, at the time it came, and says so in the stop's reason:
+the RunEngine sends no second stop); so is an event_page whose columns differ in length, and a
 stream_datum whose indices or seq_nums are not integers or that claims more rows than
 ``max_datums_per_run`` (a stream datum stands for one datum per frame). A stream datum whose
 resource cannot be read is counted once (``fill_failed``, its row count in the detail); its rows
@@ -120,6 +121,11 @@ def _shown(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of about {value.bit_length() * math.log10(2):.0f} digits"
     return f"{value!r:.60}"
+
+
+STREAM_READ_BYTES = 64 * 1024 * 1024
+"""About how many bytes of a stream datum's rows are read at once (64 MiB): a datum's frames are
+read and queued a part at a time, never all into memory together."""
 
 
 def _finite_time(value: Any, what: str) -> float:
@@ -630,25 +636,34 @@ class BlueskyRouter(DocumentRouter):
             raise _Reject("bad_document", f"stream_datum {uid}: indices {start}:{stop} claim "
                                           f"{(stop - start) * per_event} rows, more than max_datums_per_run "
                                           f"({limit}); nothing read")
-        rows = self._read_rows(run, resource, start * per_event, stop * per_event, f"stream_datum {uid}")
-        for k, row in enumerate(rows):
-            seq, j = first + k // per_event, k % per_event
-            where = f"stream_datum {uid} row {start * per_event + k}"
-            try:
-                frames = self._frames(row, frame_shape, where)
-            except _Reject as rej:  # one bad frame does not lose the rest of the datum
-                self._reject(rej.reason, rej.detail)
-                continue
-            name = f"{descriptor}/{seq}" if last > first else f"{uid}/{k // per_event}"
-            for frame in frames:
-                self._emit(run, name + (f"/{j}" if per_event > 1 else ""), frame, time.time())
+        begin, end = start * per_event, stop * per_event
+        lo, step = begin, 1  # the first read one row; then rows of about STREAM_READ_BYTES a read
+        while lo < end:
+            rows = self._read_rows(run, resource, lo, min(lo + step, end), end, f"stream_datum {uid}")
+            for i, row in enumerate(rows):
+                k = lo - begin + i
+                seq, j = first + k // per_event, k % per_event
+                where = f"stream_datum {uid} row {begin + k}"
+                try:
+                    frames = self._frames(row, frame_shape, where)
+                except _Reject as rej:  # one bad frame does not lose the rest of the datum
+                    self._reject(rej.reason, rej.detail)
+                    continue
+                name = f"{descriptor}/{seq}" if last > first else f"{uid}/{k // per_event}"
+                for frame in frames:
+                    self._emit(run, name + (f"/{j}" if per_event > 1 else ""), frame, time.time())
+            if len(rows) < min(lo + step, end) - lo:
+                return  # the rest never came, or could not be read: counted by _read_rows
+            lo += len(rows)
+            step = max(1, STREAM_READ_BYTES // max(rows[0].nbytes, 1))
 
-    def _read_rows(self, run: _Run, resource: _StreamResource, start: int, stop: int,
+    def _read_rows(self, run: _Run, resource: _StreamResource, start: int, stop: int, end: int,
                    where: str) -> np.ndarray:
-        """Rows ``start:stop`` of a stream resource. A resource that cannot be read counts each
-        row as ``fill_failed``, and each row that never came as ``frames_not_written``; one log
-        line each way, with the count."""
-        want = stop - start
+        """Rows ``start:stop`` of a stream resource whose datum ends at row ``end``. A resource
+        that cannot be read counts each row to ``end`` as ``fill_failed``; rows that never came,
+        to ``end``, are counted as ``frames_not_written`` (the datum's later rows are not waited
+        for again); one log line each way, with the count."""
+        want = end - start
         try:
             if resource.reader is None:
                 factory = self._stream_readers.get(resource.doc["mimetype"])
@@ -658,11 +673,11 @@ class BlueskyRouter(DocumentRouter):
                                           wait_s=self._config.stream_wait_s)
             rows = resource.reader.read(start, stop)
         except StreamReadError as err:
-            self._reject("fill_failed", f"{where}: {want} rows ({start}:{stop}) not read: {err}", count=want)
+            self._reject("fill_failed", f"{where}: {want} rows ({start}:{end}) not read: {err}", count=want)
             return np.empty((0,))
-        missing = want - len(rows)
-        if missing > 0:
-            self._reject("frames_not_written", f"{where}: rows {start + len(rows)}:{stop} of {resource.doc['uri']} "
+        if len(rows) < stop - start:
+            missing = end - start - len(rows)
+            self._reject("frames_not_written", f"{where}: rows {start + len(rows)}:{end} of {resource.doc['uri']} "
                          f"({missing}) not written within {self._config.stream_wait_s:g} s", count=missing)
         return rows
 
@@ -751,17 +766,23 @@ class BlueskyRouter(DocumentRouter):
     def stop(self, doc: RunStop) -> None:
         if doc["run_start"] in self._analysis_runs:
             return
-        run = self._run(doc["run_start"], f"stop {doc['uid']}")
-        stop_time = _finite_time(doc["time"], f"stop {doc['uid']}: time")  # refused: the run stays open
+        uid = doc.get("uid")
+        run = self._run(doc["run_start"], f"stop {uid}")
+        notes: list[str] = []
+        try:
+            stop_time = _finite_time(doc.get("time"), f"stop {uid}: time")
+        except _Reject as rej:  # the run still ends here: no second stop will come
+            self._reject(rej.reason, rej.detail)
+            stop_time = time.time()
+            notes.append(f"{rej.detail}; stopped at the time it came")
         label = "missed_before_join" if run.joined_late else "missed_while_down"
         rejected = dict(run.rejected) | ({label: run.missed} if run.missed else {})
-        reason = ""
         if run.joined_late:
-            reason = ("joined late (start and descriptors recovered from Tiled)"
-                      + (f"; {run.missed} frames sent before it joined not analysed" if run.missed else ""))
+            notes.append("joined late (start and descriptors recovered from Tiled)"
+                         + (f"; {run.missed} frames sent before it joined not analysed" if run.missed else ""))
         elif run.missed:
-            reason = f"resumed after a restart; {run.missed} frames missed while the daemon was down"
-        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), stop_time, rejected, reason)
+            notes.append(f"resumed after a restart; {run.missed} frames missed while the daemon was down")
+        stopped = RunStopped(run.uid, str(doc.get("exit_status", "success")), stop_time, rejected, "; ".join(notes))
         self._forget(run)
         self._sink.run_stopped(stopped)
 

@@ -126,7 +126,7 @@ def add_commands(sub: Any) -> None:
     """Add generate, preview, train, train-refiner, export, evaluate, calibrate, sweep, segment
     and models to the ``nanoseg`` subparsers."""
     p = sub.add_parser("generate", help="write a synthetic COCO data set")
-    p.add_argument("preset", help="preset name in configs/synthetic (paper, ptychography, stxm, sem) or a YAML path")
+    p.add_argument("preset", help="preset name in configs/synthetic (paper, ptychography, stxm, sem, randomised) or a YAML path")
     p.add_argument("--out", required=True, help="output data set directory")
     p.add_argument("--count", type=int, default=100, help="number of images")
     p.add_argument("--seed", type=int, default=0)

@@ -150,7 +150,7 @@ def refiner_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig) -> str:
              f"(donor `{donor[:12]}`) and measured on validation before release. It was trained"
              if donor else "the network (unchanged)")
     return f"""- Mask refiner ({ref.channels} channels, dilations {list(ref.dilations)}), trained after {whose}
-  by `nanoseg train-refiner configs/training/{tc['name']}.yaml --model <the network>` on that network's own
+  by `nanoseg train-refiner configs/training/{tc['name']}.yaml --model <the network> --out <refined>` on that network's own
   detections on {data} (the last {tc['holdout_images']} images held out): {info['samples']} detections,
   {tc['epochs']} epochs, {last.get('seconds', 0):.0f} s on the CPU; held-out mask IoU {info['holdout_iou_coarse']:.4f} -> {info['holdout_iou']:.4f}.
 """
@@ -322,8 +322,8 @@ def card_text(ckpt_meta: dict[str, Any], model_cfg: ModelConfig, metrics: dict[s
     name = Path(args.out).name
     model = f"{Path(args.out).as_posix()}/model.pt"
     spec = tc["input_spec"]
-    real_line = ("`real_overlay.png`: the model on `shared/real/ptychography_v2o5.png` (profile `ptychography_od`; "
-                 "no annotation, read by eye)." if real else "No real image was run.")
+    real_line = (f"`real_overlay.png`: the model on the real frame `{Path(args.real_image).name}` (profile "
+                 "`ptychography_od`; no annotation, read by eye)." if real else "No real image was run.")
     return f"""# Model card: nanoseg `{name}`
 
 ## Model details

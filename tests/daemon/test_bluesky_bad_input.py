@@ -22,8 +22,10 @@ import pytest
 from bluesky.callbacks.zmq import Publisher
 from event_model import compose_run, pack_event_page
 
+from nanoseg_daemon import bluesky_ingest
 from nanoseg_daemon.bluesky_ingest import BlueskyRouter
 from nanoseg_daemon.ingest_config import BlueskyIngestConfig, IngestConfig
+from nanoseg_daemon.stream_readers import HDF5StreamReader
 from nanoseg_daemon.zmq_ingest import ZmqIngest
 from tests.daemon.ingest_fixtures import (
     RecordingSink,
@@ -67,12 +69,28 @@ def test_start_and_stop_whose_time_is_not_a_finite_number_are_bad_documents(bad:
     sink.clear()
     router("start", run.start_doc)
     stop = run.compose_stop()
+    before = time.time()
     router("stop", {**stop, "time": bad})
     assert sink.reasons == ["bad_document"] and f"stop {stop['uid']}: time" in sink.rejections[0][1]
-    assert not sink.stopped and router.open_runs == [run.start_doc["uid"]]  # a good stop may follow
-    router("stop", stop)
+    # the run stops all the same (no second stop will come), at the time the stop came, saying why
     assert [s.run_uid for s in sink.stopped] == [run.start_doc["uid"]] and router.open_runs == []
-    assert math.isfinite(sink.stopped[0].time) and sink.stopped[0].rejected == {"bad_document": 1}
+    got = sink.stopped[0]
+    assert before <= got.time <= time.time() and got.rejected == {"bad_document": 1}
+    assert got.exit_status == "success" and f"stop {stop['uid']}: time" in got.reason
+    assert "stopped at the time it came" in got.reason
+    router("stop", stop)  # a second stop for the stopped run is refused, not a second close
+    assert sink.reasons[-1] == "run_closed" and len(sink.stopped) == 1
+
+
+def test_a_stop_without_time_or_uid_still_stops_its_run() -> None:
+    sink = RecordingSink()
+    router = BlueskyRouter(sink, BlueskyIngestConfig(early_documents_s=0))
+    run, _ = open_run(router)
+    stop = run.compose_stop()
+    del stop["time"], stop["uid"]
+    router("stop", stop)
+    assert sink.reasons == ["bad_document"] and "stop None: time is not a number: None" in sink.rejections[0][1]
+    assert [s.run_uid for s in sink.stopped] == [run.start_doc["uid"]] and router.open_runs == []
 
 
 @pytest.mark.parametrize("bad", BAD_TIMES, ids=BAD_IDS)
@@ -179,6 +197,33 @@ def test_rows_never_written_are_counted_each_and_logged_once(tmp_path: Path) -> 
     router("stream_datum", stream_datum(res, desc, 0, 5, 1, 6))
     assert len(sink.frames) == 2 and sink.reasons == ["frames_not_written"] * 3
     assert sink.logged == ["frames_not_written"] and "rows 2:5" in sink.rejections[0][1]
+
+
+def test_a_large_stream_datum_is_read_a_part_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its rows come from the file in reads of about STREAM_READ_BYTES, never all at once, and
+    every frame comes out once, in order (before: one read of the whole datum into memory)."""
+    frames = test_frames(40, (8, 8))
+    sink, router, _run, desc, res = h5_stream(tmp_path, frames)
+    monkeypatch.setattr(bluesky_ingest, "STREAM_READ_BYTES", 10 * frames[0].nbytes)  # ten rows a read
+    reads: list[tuple[int, int]] = []
+    original = HDF5StreamReader.read
+
+    def counted(self: HDF5StreamReader, start: int, stop: int) -> np.ndarray:
+        reads.append((start, stop))
+        return original(self, start, stop)
+
+    monkeypatch.setattr(HDF5StreamReader, "read", counted)
+    router("stream_datum", stream_datum(res, desc, 3, 40, 4, 41))
+    assert reads == [(3, 4), (4, 14), (14, 24), (24, 34), (34, 40)] and not sink.reasons
+    assert [j.frame_uid for j in sink.frames] == [f"{desc.descriptor_doc['uid']}/{s}" for s in range(4, 41)]
+    for job, want in zip(sink.frames, frames[3:]):
+        np.testing.assert_array_equal(job.frame, want)
+    # rows that stop coming part-way are counted to the datum's end, once, and not waited for again
+    sink.clear()
+    reads.clear()
+    router("stream_datum", stream_datum(res, desc, 30, 60, 31, 61))
+    assert reads == [(30, 31), (31, 41)] and len(sink.frames) == 10
+    assert sink.reasons == ["frames_not_written"] * 20 and "rows 40:60" in sink.rejections[0][1]
 
 
 @pytest.mark.timeout(60)  # before the fix this counted 10**9 rejections, one by one
