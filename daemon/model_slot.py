@@ -149,6 +149,7 @@ class ModelSlot:
         self._model = model
         self._configured = configured if configured is not None else PostprocessConfig()
         self._lock = threading.Lock()  # one reload at a time
+        self._swap = threading.Lock()  # a swap and a set_postprocess, one at a time (short)
 
     @property
     def current(self) -> LoadedModel:
@@ -165,21 +166,32 @@ class ModelSlot:
 
         A sub-object (``nested``) is merged field by field, like the top level: setting one of its
         fields keeps the others as they were set before."""
-        configured = PostprocessConfig.model_validate(merge(self._configured.model_dump(exclude_unset=True), updates))
-        post = PostprocessConfig.model_validate(merge(self._model.segmenter.post.model_dump(), updates))
-        self._configured = configured
-        self._model = self._model.with_post(post)
-        return post
+        with self._swap:
+            configured = PostprocessConfig.model_validate(merge(self._configured.model_dump(exclude_unset=True),
+                                                                updates))
+            post = PostprocessConfig.model_validate(merge(self._model.segmenter.post.model_dump(), updates))
+            self._configured = configured
+            self._model = self._model.with_post(post)
+            return post
 
     def reload(self, path: str | Path, engine: EngineKind, device: str, threads: int,
                onnx_path: str | Path | None = None, expected_sha256: str | None = None,
                cache_dir: Path | None = None, triton: TritonTarget | None = None,
                mask_tta: int | None = None, max_detections: int | None = None,
                null_detections: int | None = None, instances: int = 1) -> LoadedModel:
-        """Swap to the model at ``path``; on any error the old model stays and the error is raised."""
+        """Swap to the model at ``path``; on any error the old model stays and the error is raised.
+
+        ``set_postprocess`` may run while the new model loads: what it set is applied to the new
+        model at the swap, as to the old one."""
         with self._lock:
-            new = load_model(path, engine, device, threads, self._configured, onnx_path,
+            configured = self._configured
+            new = load_model(path, engine, device, threads, configured, onnx_path,
                              expected_sha256, cache_dir, triton, mask_tta, max_detections, null_detections,
                              instances)
-            self._model = new
+            with self._swap:
+                if self._configured is not configured:  # set during the load: over the new model's point too
+                    updates = self._configured.model_dump(exclude_unset=True)
+                    new = new.with_post(PostprocessConfig.model_validate(
+                        merge(new.segmenter.post.model_dump(), updates)))
+                self._model = new
             return new

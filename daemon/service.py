@@ -51,6 +51,8 @@ class Service:
                                self.intake.pop_losses)
         self._paused = threading.Event()
         self._stopping = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._reloading: tuple[str, float] | None = None  # (path, monotonic start) of the reload running
         self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
         self.stages = Stages(self.intake.next_items, self.profiles,
                              StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
@@ -245,6 +247,8 @@ class Service:
                        "nanoseg export --int8 --reduce-range")
 
     def status(self) -> dict[str, Any]:
+        """The daemon's state as the control ``status`` reply's result (``reloading``: the reload in
+        progress, or None)."""
         m = self.slot.current
         return {"name": self.cfg.name, "uptime_s": round(time.time() - self.started, 1),
                 "paused": self._paused.is_set(), "model": {"version": m.version, "engine": m.engine,
@@ -256,9 +260,20 @@ class Service:
                 "queue_depth": len(self.intake.queue), "sinks": self.cfg.sink_names,
                 "open_runs": self.sinks.open_runs, "processed": self.sinks.processed,
                 "pending_store": self.sinks.pending, "stages_alive": self.stages.alive(),
-                "statistics_workers": self.stages.pool.worker_pids() if self.stages.pool else []}
+                "statistics_workers": self.stages.pool.worker_pids() if self.stages.pool else [],
+                "reloading": self._reload_in_progress()}
 
-    def handle_control(self, req: BaseModel) -> dict[str, Any]:
+    def _reload_in_progress(self) -> dict[str, Any] | None:
+        """The reload running, ``{"path", "seconds"}`` (seconds so far), or None."""
+        running = self._reloading
+        if running is None:
+            return None
+        path, since = running
+        return {"path": path, "seconds": round(time.monotonic() - since, 1)}
+
+    def handle_control(self, req: BaseModel) -> dict[str, Any] | ctl.Deferred:
+        """Serve one control request: the status after it, or (``reload_model``) a ``Deferred``
+        the control server runs in a worker thread, so that other requests are served meanwhile."""
         if isinstance(req, ctl.PauseRequest):
             self._paused.set()
             self.metrics.paused.set(1)
@@ -266,8 +281,42 @@ class Service:
             self._paused.clear()
             self.metrics.paused.set(0)
         elif isinstance(req, ctl.ReloadRequest):
-            m = self.cfg.model
-            old = self.slot.current.version
+            return self._begin_reload(req)
+        elif isinstance(req, ctl.SetRequest):
+            updates = req.updates
+            self.slot.set_postprocess(updates)
+            log("postprocess_set", **updates)
+        return self.status()
+
+    def _begin_reload(self, req: ctl.ReloadRequest) -> ctl.Deferred:
+        """Admit ``req`` as the one reload in progress and hand its work to a control worker; a
+        reload while another runs is refused at once (``CommandFailed``), counted as
+        ``messages_rejected{reason="reload_in_progress"}``, and nothing is queued."""
+        with self._reload_lock:
+            running = self._reloading
+            if running is None:
+                self._reloading = (req.path, time.monotonic())
+        if running is not None:
+            path, since = running
+            seconds = round(time.monotonic() - since, 1)
+            self.metrics.messages_rejected.labels(ctl.RELOAD_IN_PROGRESS).inc()
+            log("model_reload_refused", logging.WARNING, path=req.path, reloading=path, seconds=seconds)
+            raise ctl.CommandFailed(f"a reload is in progress: {path}, {seconds:g} s so far; "
+                                    "send reload_model again when it has finished")
+        return ctl.Deferred(lambda: self._reload(req), name="model-reload", not_started=self._reload_ended)
+
+    def _reload_ended(self) -> None:
+        """The reload in progress has ended (or never started): the next one may begin."""
+        with self._reload_lock:
+            self._reloading = None
+
+    def _reload(self, req: ctl.ReloadRequest) -> dict[str, Any]:
+        """Load, verify and warm up ``req``'s model beside the serving one and swap it in (in a
+        control worker thread); the status after it. A failed reload is counted and logged, and
+        raises ``CommandFailed``; the old model goes on serving."""
+        m = self.cfg.model
+        old = self.slot.current.version
+        try:
             try:
                 new = self.slot.reload(repo_relative(req.path), m.engine, m.device, m.threads, None,
                                        req.sha256, self._engine_cache, m.triton_target(), m.mask_tta,
@@ -281,8 +330,8 @@ class Service:
             self.metrics.model_reloads.labels("ok").inc()
             self._model_info()
             log("model_reloaded", old=old, new=new.version, warmup_s=round(new.warmup_seconds, 3))
-        elif isinstance(req, ctl.SetRequest):
-            updates = req.updates
-            self.slot.set_postprocess(updates)
-            log("postprocess_set", **updates)
+        finally:
+            self._reload_ended()
+        if self._stopping.is_set():  # finished during or after stop: the stopped parts are not asked
+            return {"model": {"version": new.version}, "stopping": True}  # for a status
         return self.status()

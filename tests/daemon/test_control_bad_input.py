@@ -1,5 +1,5 @@
 """Bad input on the control socket: refused with a reply naming what is wrong, counted, and the
-control thread serves on. Real REQ/REP sockets on 127.0.0.1; a real Service on engine null (the
+control thread serves on. Real REQ (and ROUTER) sockets on 127.0.0.1; a real Service on engine null (the
 model is not the subject here)."""
 
 from __future__ import annotations
@@ -188,3 +188,18 @@ def test_no_error_in_the_control_loop_ends_the_thread() -> None:
     finally:
         server.stop()
         ctx.term()
+
+
+def test_a_message_without_the_req_envelope_is_dropped_counted_and_the_thread_serves_on(svc: Service) -> None:
+    """A DEALER that sends no empty delimiter frame: no reply can be addressed (a REP socket dropped
+    such a message too); it is counted as a bad request."""
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        dealer.connect(svc.control.address)
+        dealer.send(b'{"command":"status"}')
+        assert not dealer.poll(500)
+        assert metric(svc, REJECTED) == 1
+    finally:
+        dealer.close(0)
+    assert_serving(svc)
