@@ -16,6 +16,7 @@ postprocess, ingest.bluesky and the ``tiled`` section (``raw_path``: where the r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -118,6 +119,8 @@ def reanalyse(cfg: DaemonConfig, run_uid: str, profile: str | None = None) -> Re
     Reanalysis
         The new analysis run's uid, frames analysed, losses by reason, its exit status and reason.
     """
+    import httpx
+
     from nanoseg_daemon.tiled_runs import connect, raw_frames, read_run
 
     if cfg.tiled is None:
@@ -126,6 +129,8 @@ def reanalyse(cfg: DaemonConfig, run_uid: str, profile: str | None = None) -> Re
         raw = read_run(connect(cfg.tiled, cfg.tiled.raw_path), run_uid)
     except KeyError as err:
         raise ReanalysisError(f"tiled.raw_path {cfg.tiled.raw_path}: no such container ({err})") from None
+    except httpx.HTTPError as err:  # unreachable, not an http(s) URL, refused API key, server error
+        raise ReanalysisError(f"Tiled at {cfg.tiled.uri}: {_http_error(err)}; nothing was written") from None
     if raw is None:
         raise ReanalysisError(f"run {run_uid} is not in Tiled under {'/'.join(cfg.tiled.raw_path) or 'the root'}")
     if not raw.stopped:
@@ -140,14 +145,26 @@ def reanalyse(cfg: DaemonConfig, run_uid: str, profile: str | None = None) -> Re
     router("start", raw.start)
     if not out.analysis_uid:
         raise ReanalysisError(f"cannot write the analysis run into Tiled: {out.error or 'the start was refused'}")
-    for desc in raw.descriptors:
-        router("descriptor", desc)
-    for name, doc in raw_frames(raw, bluesky.image_key):
-        router(name, doc)
+    try:
+        for desc in raw.descriptors:
+            router("descriptor", desc)
+        for name, doc in raw_frames(raw, bluesky.image_key):
+            router(name, doc)
+    except httpx.HTTPError as err:  # Tiled went away while the raw frames were read
+        with contextlib.suppress(Exception):
+            sink.close()
+        raise ReanalysisError(f"Tiled at {cfg.tiled.uri} failed while reading run {run_uid} after "
+                              f"{out.frames} frames: {_http_error(err)}; the analysis run {out.analysis_uid} "
+                              "was left without a stop (reanalyse again)") from None
     stop = dict(raw.node.metadata["stop"])
     router("stop", {**stop, "run_start": run_uid, "time": time.time()})  # the analysis ends now
     sink.close()
     return out
+
+
+def _http_error(err: Exception) -> str:
+    """One line of an httpx error: its type and message (a refused connection, HTTP 401...)."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0].rstrip('.') if str(err) else 'no detail'}"
 
 
 def cmd_reanalyse(args: argparse.Namespace) -> int:

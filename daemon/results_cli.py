@@ -17,8 +17,11 @@ in nm where the run has a pixel size, else px (column ``Unit``), followed by eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import sqlite3
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -71,10 +74,17 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    """``nanoseg results list|export|report``: exit 0, or 2 with one line naming the store, the run
+    or the output that is at fault (not a result store, locked, another schema version, unknown
+    run, an ``--out`` that cannot be written)."""
     from nanoseg_daemon.store import ResultReader, StoreError, default_path
 
     path = Path(args.db) if args.db else default_path(args.state_dir)
+    with contextlib.suppress(AttributeError, ValueError):  # a run uid the terminal cannot show: escaped
+        cast(Any, sys.stdout).reconfigure(errors="backslashreplace")
     try:
+        if getattr(args, "out", None) is not None:
+            _check_out(Path(args.out))
         reader = ResultReader(path)
         if args.results_command == "list":
             _list(reader, args.json)
@@ -90,9 +100,28 @@ def cmd_results(args: argparse.Namespace) -> int:
             for line in export_run(reader, args.run_uid, args.format, Path(args.out), args.names, args.edge_rule):
                 print(line)
     except (ResultsError, StoreError) as err:
-        print(f"nanoseg results: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
+    except sqlite3.Error as err:  # a SQLite file but not a result store (empty, another program's)
+        what = "not a nanoseg result store" if "no such table" in str(err) else "cannot read it"
+        return _error(f"{path}: {what} ({err})")
+    except json.JSONDecodeError as err:
+        return _error(f"{path}: a stored JSON value is corrupt ({err})")
+    except OSError as err:
+        if err.filename is None:  # ResultReader: "no result store at ..."
+            return _error(str(err))
+        return _error(f"cannot write {err.filename}: {err.strerror or err}")
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"nanoseg results: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not a directory, before the store is read."""
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"--out {out}: exists and is not a directory")
 
 
 def _time(t: float | None) -> str:
@@ -272,11 +301,28 @@ def export_run(
     write = _write_parquet if fmt == "parquet" else _write_csv
     if fmt == "parquet":
         _pyarrow()  # fail before writing anything
+    _check_out(out)
+    for name in tables:
+        if (out / f"{name}.{fmt}").is_dir():
+            raise ResultsError(f"--out {out}: {name}.{fmt} there is a directory; nothing was written")
     out.mkdir(parents=True, exist_ok=True)
+    # Every table is written whole into a temp file first, then all are renamed into place: a
+    # failure part way (disk full, an unwritable --out) leaves no partial table and no mix of
+    # this export's tables with an earlier one's.
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, (rows, first) in tables.items():
+            staged.append((out / f".{name}.{fmt}.{os.getpid()}.tmp", out / f"{name}.{fmt}"))
+            write(staged[-1][0], rows, _columns(rows, first))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
     lines = []
-    for name, (rows, first) in tables.items():
-        path = out / f"{name}.{fmt}"
-        write(path, rows, _columns(rows, first))
+    for (name, (rows, _)), (_, path) in zip(tables.items(), staged):
         noun = "summary rows" if name == "run" else name
         lines.append(f"wrote {len(rows)} {noun} of run {run_uid} to {path}")
     return lines
@@ -293,7 +339,8 @@ def _rounded(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
+    """UTF-8 whatever the locale (run metadata may hold any character)."""
+    with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(_rounded(r) for r in rows)  # None -> empty field

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ class ValidationSet:
     def sha256(self) -> str:
         return file_sha256(self.path / "annotations.json")
 
+    def check(self) -> None:
+        """Refuse a ``--val`` that is not a COCO data set directory, before anything is written."""
+        if not (self.path / "annotations.json").is_file():
+            raise RegistryError(f"--val {self.path}: no annotations.json there (expected a COCO data set "
+                                "directory, as nanoseg generate writes)")
+
 
 @dataclass(frozen=True)
 class Notified:
@@ -81,10 +88,15 @@ def evaluate_version(reg: Registry, version: str, val: ValidationSet) -> Evaluat
     from nanoseg_training.evaluate import evaluate_model
 
     man = reg.verify(version)
+    val.check()
     out = Path(tempfile.mkdtemp(prefix=f"eval-{man.version}-", dir=_evaluations_dir(reg)))
     t0 = time.monotonic()
-    m = evaluate_model(reg.path(man.version) / "model.pt", val.path, out, engine=val.engine, limit=val.limit,
-                       plots=False, threads=val.threads, progress=False)
+    try:
+        m = evaluate_model(reg.path(man.version) / "model.pt", val.path, out, engine=val.engine, limit=val.limit,
+                           plots=False, threads=val.threads, progress=False)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no report of an evaluation that did not finish
+        raise
     ev = Evaluation(dataset=str(val.path.resolve()), dataset_sha256=val.sha256(), limit=val.limit,
                     engine=val.engine, mask_ap=m["segm"]["AP"], box_ap=m["bbox"]["AP"],
                     foreground_accuracy=float(m["accuracy"]["foreground"]), images=int(m["images"]),
@@ -167,8 +179,13 @@ def notify(reg: Registry, man: Manifest, addresses: list[str], timeout_s: float)
 
 def promote(reg: Registry, version: str, val: ValidationSet, margin: float = DEFAULT_MARGIN_AP,
             force: bool = False, daemons: list[str] | None = None, timeout_s: float = 300.0) -> Switch:
-    """Evaluate, gate, switch ``current`` to ``version`` and notify ``daemons``; RegistryError on refusal."""
+    """Evaluate, gate, switch ``current`` to ``version`` and notify ``daemons``; RegistryError on refusal.
+
+    A current version that cannot be evaluated (missing, corrupt) refuses like a failed gate, so
+    ``force`` can replace it (and so repair a registry whose ``current`` points at nothing).
+    """
     check_addresses(daemons or [])
+    val.check()
     version = reg.resolve(version)
     with reg.locked():
         previous = reg.current()
@@ -176,11 +193,14 @@ def promote(reg: Registry, version: str, val: ValidationSet, margin: float = DEF
             raise RegistryError(f"{version} is already current")
         t0 = time.monotonic()
         candidate = evaluate_version(reg, version, val)
-        baseline = None
+        baseline, unusable = None, None
         if previous is not None:
-            baseline = reg.manifest(previous).evaluation_on(candidate) or evaluate_version(reg, previous, val)
+            try:
+                baseline = reg.manifest(previous).evaluation_on(candidate) or evaluate_version(reg, previous, val)
+            except RegistryError as err:  # current missing or corrupt: a gate refusal --force can override
+                unusable = f"the current version {previous} cannot be evaluated to compare with ({err})"
         evaluate_s = time.monotonic() - t0
-        reason = gate(candidate, baseline, margin)
+        reason = unusable or gate(candidate, baseline, margin)
         if reason and not force:
             reg.log("refused", version, previous=previous, reason=reason, mask_ap=candidate.mask_ap)
             raise RegistryError(f"promotion of {version} refused: {reason}; --force overrides")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from nanoseg.checkpoint import file_sha256, load_checkpoint
+from nanoseg.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from nanoseg.config_io import ConfigError, StrictModel, format_validation_error
 from nanoseg.paths import cache_dir
 
@@ -109,10 +109,14 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def onnx_io(onnx_bytes: bytes) -> dict[str, Any]:
-    """{"inputs": {name: {dtype, shape}}, "outputs": {...}} of an ONNX model (static shapes)."""
+    """{"inputs": {name: {dtype, shape}}, "outputs": {...}} of an ONNX model (static shapes);
+    RegistryError where the bytes are not an ONNX model."""
     import onnx
 
-    proto = onnx.load_from_string(onnx_bytes)
+    try:
+        proto = onnx.load_from_string(onnx_bytes)
+    except Exception as err:  # protobuf's DecodeError and kin: the bytes are not a ModelProto
+        raise RegistryError(f"not a readable ONNX model ({type(err).__name__}: {err})") from None
 
     def describe(values: Any) -> dict[str, Any]:
         return {v.name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
@@ -128,6 +132,17 @@ def training_record(meta: dict[str, Any]) -> dict[str, Any]:
     generate = (tc.get("data") or {}).get("generate") or {}
     return {"name": meta.get("name"), "iterations": meta.get("iterations"), "seed": meta.get("seed", tc.get("seed")),
             "data_seed": generate.get("seed"), "train_seconds": meta.get("train_seconds"), "train_config": tc}
+
+
+def _manifest_format(path: Path) -> str | None:
+    """The ``format`` string of a manifest file; None where it cannot tell (unreadable, not a JSON
+    object, no string ``format``): ``Manifest`` validation then says what is wrong."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else None
 
 
 class Registry:
@@ -150,6 +165,9 @@ class Registry:
             cur = self.current()
             if cur is None:
                 raise RegistryError(f"{self.root}: no current version (promote one first)")
+            if cur not in self.versions():
+                raise RegistryError(f"{self.root / 'current'} points to {cur}, which is not in the registry; "
+                                    "promote a version (--force) to repair it")
             return cur
         m = re.match(r"^v?(\d+)$", version)
         name = f"v{int(m.group(1)):04d}" if m else version
@@ -158,7 +176,13 @@ class Registry:
         return name
 
     def manifest(self, version: str) -> Manifest:
+        """The manifest of ``version``; RegistryError naming the file when it is missing, not JSON,
+        malformed, or of another ``format`` (a registry written by a newer nanoseg)."""
         p = self.path(version) / "manifest.json"
+        fmt = _manifest_format(p)
+        if fmt is not None and fmt != MANIFEST_FORMAT:
+            raise RegistryError(f"{p}: manifest format {fmt!r}, this nanoseg reads {MANIFEST_FORMAT!r} "
+                                "(written by a newer nanoseg?); refusing to use it")
         try:
             return Manifest.model_validate_json(p.read_bytes())
         except ValidationError as err:  # truncated JSON, a field missing or malformed
@@ -168,8 +192,20 @@ class Registry:
             raise RegistryError(f"{p}: unreadable manifest ({err})") from None
 
     def current(self) -> str | None:
+        """The version ``current`` points to (None: no ``current`` yet); the version may be missing
+        (``resolve("current")`` refuses that).
+
+        Raises
+        ------
+        RegistryError
+            If ``current`` exists but is not a symlink (a hand-made file or directory), which
+            ``point_current`` could not replace.
+        """
         link = self.root / "current"
         if not link.is_symlink():
+            if link.exists():
+                raise RegistryError(f"{link}: not a symlink (a file or directory put there by hand?); "
+                                    "move it away, then promote a version")
             return None
         return Path(os.readlink(link)).name
 
@@ -267,11 +303,17 @@ class Registry:
 
     def point_current(self, version: str) -> None:
         """Switch ``current`` to ``version`` in one rename: readers see the old or the new target."""
+        self.current()  # refuses a ``current`` that is not a symlink, before anything is written
         tmp = self.root / f".current.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(Path("versions") / version, tmp)  # relative, so the registry can be moved
-        os.replace(tmp, self.root / "current")
+        try:
+            os.replace(tmp, self.root / "current")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -280,32 +322,44 @@ class Registry:
 
     def register(self, checkpoint: str | Path, plan: str | Path | None = None) -> Manifest:
         """Copy ``checkpoint`` (and a TensorRT ``plan``) into a new version, export its ONNX, write
-        the manifest. The version directory appears complete or not at all (rename of a temp dir)."""
-        from nanoseg.export import export_checkpoint_onnx
-        from nanoseg.model import describe
-
+        the manifest. The version directory appears complete or not at all (rename of a temp dir);
+        a failure part way (disk full, a ``plan`` that cannot be read) removes the temp dir."""
         src = Path(checkpoint)
         ckpt = load_checkpoint(src)  # refuses a file that is not a loadable nanoseg checkpoint
+        if plan is not None and not Path(plan).is_file():
+            raise RegistryError(f"--plan {plan}: no such file; nothing was registered")
         with self.locked():
             existing = self.versions()
             version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
             tmp = self.root / "versions" / f".{version}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            shutil.copyfile(src, tmp / "model.pt")
-            onnx_bytes = export_checkpoint_onnx(ckpt, version=f"{ckpt.meta.get('name', src.stem)}@{version}")
-            write_atomic(tmp / "model.onnx", onnx_bytes)
-            if plan is not None:
-                shutil.copyfile(plan, tmp / "model.plan")
-            artifacts = {n: Artifact(sha256=file_sha256(tmp / n), bytes=(tmp / n).stat().st_size)
-                         for n in ARTIFACTS if (tmp / n).exists()}
-            man = Manifest(version=version, created=utc_now(), source=str(src.resolve()), artifacts=artifacts,
-                           architecture=describe(ckpt.model_config),
-                           model_config=ckpt.model_config.model_dump(mode="json"), input_spec=dict(ckpt.input_spec),
-                           onnx_io=onnx_io(onnx_bytes), training=training_record(ckpt.meta))
-            write_atomic(tmp / "manifest.json", man.model_dump_json(by_alias=True, indent=2).encode() + b"\n")
-            for n in artifacts:
-                os.chmod(tmp / n, 0o444)
+            try:
+                man = self._fill(tmp, version, src, ckpt, plan)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # no half-written version stays behind
+                raise
             os.rename(tmp, self.root / "versions" / version)
-            self.log("register", version, source=man.source, sha256=artifacts["model.pt"].sha256)
+            self.log("register", version, source=man.source, sha256=man.artifacts["model.pt"].sha256)
+        return man
+
+    def _fill(self, tmp: Path, version: str, src: Path, ckpt: Checkpoint, plan: str | Path | None) -> Manifest:
+        """Write ``version``'s artifacts and manifest into the temporary directory ``tmp``."""
+        from nanoseg.export import export_checkpoint_onnx
+        from nanoseg.model import describe
+
+        shutil.copyfile(src, tmp / "model.pt")
+        onnx_bytes = export_checkpoint_onnx(ckpt, version=f"{ckpt.meta.get('name', src.stem)}@{version}")
+        write_atomic(tmp / "model.onnx", onnx_bytes)
+        if plan is not None:
+            shutil.copyfile(plan, tmp / "model.plan")
+        artifacts = {n: Artifact(sha256=file_sha256(tmp / n), bytes=(tmp / n).stat().st_size)
+                     for n in ARTIFACTS if (tmp / n).exists()}
+        man = Manifest(version=version, created=utc_now(), source=str(src.resolve()), artifacts=artifacts,
+                       architecture=describe(ckpt.model_config),
+                       model_config=ckpt.model_config.model_dump(mode="json"), input_spec=dict(ckpt.input_spec),
+                       onnx_io=onnx_io(onnx_bytes), training=training_record(ckpt.meta))
+        write_atomic(tmp / "manifest.json", man.model_dump_json(by_alias=True, indent=2).encode() + b"\n")
+        for n in artifacts:
+            os.chmod(tmp / n, 0o444)
         return man

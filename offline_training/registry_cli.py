@@ -13,15 +13,48 @@ from nanoseg.cli import lazy
 DEFAULT_REGISTRY_HELP = "registry directory (default $NANOSEG_REGISTRY or <cache>/registry)"
 
 
-def registry_of(args: argparse.Namespace) -> Any:
-    from nanoseg_training.registry import Registry, default_registry
+def registry_of(args: argparse.Namespace, existing: bool = True) -> Any:
+    """The registry of ``--registry``; unless ``existing`` is False (``register`` makes one),
+    RegistryError (exit 2) where there is no registry directory, so a mistyped path is named
+    rather than read as an empty registry (or made into one)."""
+    from nanoseg_training.registry import Registry, RegistryError, default_registry
 
-    return Registry(Path(args.registry) if args.registry else default_registry())
+    reg = Registry(Path(args.registry) if args.registry else default_registry())
+    if existing and (why := _missing_registry(reg)) is not None:
+        raise RegistryError(why)
+    return reg
 
 
 def _refused(command: str, err: Exception) -> int:
+    """One line on stderr, exit 2. An ``OSError`` names its file (a registry or ``--repo`` that
+    cannot be written, a ``current`` that cannot be replaced)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
+        err = RuntimeError(f"{target}: {err.strerror or err}")
     print(f"nanoseg models {command}: refused: {err}", file=sys.stderr)
     return 2
+
+
+def _not_notified(command: str, reg: Any, s: Any) -> int:
+    """Exit status of a switch: 0, or 1 with one line saying the registry's state when a daemon
+    did not reload (``current`` has been switched and logged all the same)."""
+    failed = [n for n in s.notified if not n.ok]
+    if not failed:
+        return 0
+    print(f"nanoseg models {command}: {s.version} is current now (switched and logged in "
+          f"{reg.root / 'history.jsonl'}), but {len(failed)} of {len(s.notified)} daemons did not reload "
+          "and keep serving their previous model: " + "; ".join(f"{n.address} ({n.detail})" for n in failed),
+          file=sys.stderr)
+    return 1
+
+
+def _missing_registry(reg: Any) -> str | None:
+    """Why ``reg.root`` is not a registry to read (None: it is one, perhaps still empty)."""
+    if not reg.root.exists():
+        return f"{reg.root}: no registry there (nanoseg models register CHECKPOINT --registry DIR makes one)"
+    if not reg.root.is_dir():
+        return f"{reg.root}: not a directory, so not a registry"
+    return None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -30,9 +63,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from nanoseg_training.registry import RegistryError
 
     reg = registry_of(args)
-    cur = reg.current()
     rows = []
     try:
+        cur = reg.current()
         for v in reg.versions():
             m = reg.manifest(v)
             ev = m.evaluations[-1] if m.evaluations else None
@@ -44,26 +77,40 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'':2}{'version':8} {'created':21} {'mask AP':>8} {'box AP':>7}  source")
     for row in rows:
         print(row)
+    if cur is not None and cur not in reg.versions():
+        print(f"nanoseg models list: {reg.root / 'current'} points to {cur}, which is not in the registry; "
+              "promote a version (--force) to repair it", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     from nanoseg.checkpoint import CheckpointError
+    from nanoseg_training.evaluate import EvaluationError
+    from nanoseg_training.promotion import ValidationSet, evaluate_version
     from nanoseg_training.registry import RegistryError
 
-    reg = registry_of(args)
+    reg = registry_of(args, existing=False)
+    val = ValidationSet(Path(args.val), args.limit, args.engine, args.threads) if args.val else None
     try:
+        if val is not None:
+            val.check()  # before registering: a bad --val registers nothing
         man = reg.register(args.checkpoint, args.plan)
-    except (CheckpointError, RegistryError) as err:
+    except (CheckpointError, RegistryError, OSError) as err:
         return _refused("register", err)
-    if args.val:
-        from nanoseg_training.promotion import ValidationSet, evaluate_version
-
-        ev = evaluate_version(reg, man.version, ValidationSet(Path(args.val), args.limit, args.engine, args.threads))
-        print(f"{man.version}: mask AP {ev.mask_ap} on {ev.images} validation images")
+    rc = 0
+    if val is not None:
+        try:
+            with reg.locked():  # one manifest writer at a time (a promotion evaluates too)
+                ev = evaluate_version(reg, man.version, val)
+            print(f"{man.version}: mask AP {ev.mask_ap} on {ev.images} validation images")
+        except (RegistryError, EvaluationError, CheckpointError, OSError) as err:
+            print(f"nanoseg models register: {man.version} is registered, but its evaluation on {val.path} "
+                  f"failed: {err}", file=sys.stderr)
+            rc = 1
     print(json.dumps({"version": man.version, "path": str(reg.path(man.version)),
                       "artifacts": {k: v.sha256 for k, v in man.artifacts.items()}}))
-    return 0
+    return rc
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -74,7 +121,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         man = reg.manifest(args.version)
         print(man.model_dump_json(by_alias=True, indent=2))
         reg.verify(man.version)
-    except RegistryError as err:
+    except (RegistryError, OSError) as err:
         return _refused("show", err)
     print(f"{man.version}: checksums ok{' (current)' if reg.current() == man.version else ''}")
     return 0
@@ -90,13 +137,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
     val = ValidationSet(Path(args.val), args.limit, args.engine, args.threads)
     try:
         s = promote(reg, args.version, val, args.margin, args.force, args.notify or [], args.timeout)
-    except (RegistryError, EvaluationError, CheckpointError) as err:
+    except (RegistryError, EvaluationError, CheckpointError, OSError) as err:
         return _refused("promote", err)
     if s.forced:
         print(f"nanoseg models promote: FORCED past the AP gate (logged in {reg.root / 'history.jsonl'})",
               file=sys.stderr)
     print(json.dumps(summary(s)))
-    return 0 if s.all_notified else 1
+    return _not_notified("promote", reg, s)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -106,24 +153,41 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     reg = registry_of(args)
     try:
         s = rollback(reg, args.notify or [], args.timeout)
-    except RegistryError as err:
+    except (RegistryError, OSError) as err:
         return _refused("rollback", err)
     print(json.dumps(summary(s)))
-    return 0 if s.all_notified else 1
+    return _not_notified("rollback", reg, s)
+
+
+def _gpu_ids(text: str | None) -> list[int]:
+    """``--gpus 0,1,3`` -> [0, 1, 3]; RegistryError naming the flag otherwise."""
+    if not text:
+        return [0]
+    from nanoseg_training.registry import RegistryError
+
+    ids = [g.strip() for g in text.split(",")]
+    if not all(g.isdigit() for g in ids):
+        raise RegistryError(f"--gpus {text!r}: expected GPU ids separated by commas, e.g. 0,1")
+    return [int(g) for g in ids]
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
+    from nanoseg.checkpoint import CheckpointError
     from nanoseg_training.registry import RegistryError
     from nanoseg_training.triton_repo import export_triton
 
     reg = registry_of(args)
-    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [0]
     try:
+        gpus = _gpu_ids(args.gpus)
+        for flag, value, least in (("--instances", args.instances, 1), ("--cpu-threads", args.cpu_threads, 1),
+                                   ("--max-batch", args.max_batch, 1), ("--queue-delay-us", args.queue_delay_us, 0)):
+            if value is not None and value < least:
+                raise RegistryError(f"{flag} {value}: must be {least} or more")
         paths = export_triton(reg, args.version, Path(args.repo), args.name, gpus, args.instances, args.cpu,
                               args.cpu_threads, args.max_batch, args.queue_delay_us)
-    except RegistryError as err:
+        man = reg.manifest(args.version)
+    except (RegistryError, CheckpointError, OSError) as err:
         return _refused("export-triton", err)
-    man = reg.manifest(args.version)
     skipped = "model.plan" in man.artifacts and args.cpu
     print(json.dumps({"version": man.version, "configs": [str(p) for p in paths],
                       "tensorrt": "skipped (--cpu)" if skipped else ("written" if "model.plan" in man.artifacts

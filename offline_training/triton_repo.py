@@ -22,6 +22,8 @@ Throughput across streams also comes from model instances (``count`` per GPU, on
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -122,10 +124,17 @@ def export_triton(reg: Registry, version: str, repo: Path, name: str = "nanoseg"
     """Write the model(s) of ``version`` into ``repo``; returns the config paths written.
 
     Checksums are verified first; a model directory is rewritten whole (older version
-    directories of the same model are removed, so the repository serves exactly ``version``).
+    directories of the same model are removed, so the repository serves exactly ``version``):
+    written complete into a hidden temp directory of ``repo``, then renamed into place, so a
+    failure part way (disk full, a model.pt that cannot be re-exported) leaves the repository as
+    it was.
     ``max_batch``: images per run of the onnxruntime model (None: the registry graph's own; another
     K re-exports the verified ``model.pt`` at K); ``queue_delay_us``: dynamic batching's delay.
     """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
+        raise RegistryError(f"--name {name!r}: a Triton model name is letters, digits, '_', '.' and '-'")
+    if repo.exists() and not repo.is_dir():
+        raise RegistryError(f"--repo {repo}: exists and is not a directory")
     man = reg.verify(version)
     number = int(man.version[1:])
     src = reg.path(man.version)
@@ -134,24 +143,39 @@ def export_triton(reg: Registry, version: str, repo: Path, name: str = "nanoseg"
     variants = [(name, "model.onnx", "onnxruntime")]
     if "model.plan" in man.artifacts and not cpu:
         variants.append((f"{name}_trt", "model.plan", "tensorrt_plan"))
-    written = []
-    for model_name, artifact, platform in variants:
-        d = repo / model_name
+    repo.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []  # (complete temp dir, model dir it becomes)
+    try:
+        for model_name, artifact, platform in variants:
+            tmp = repo / f".{model_name}.{os.getpid()}.tmp"
+            staged.append((tmp, repo / model_name))
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / str(number)).mkdir(parents=True)
+            data, note = registered, comment
+            if platform == "onnxruntime" and max_batch is not None and max_batch != graph_max_batch(registered):
+                data, note = _reexport(src / "model.pt", man.version, max_batch), f"{comment}, re-exported at max_batch {max_batch}"
+            if platform == "onnxruntime":
+                (tmp / str(number) / artifact).write_bytes(data)
+            else:
+                shutil.copyfile(src / artifact, tmp / str(number) / artifact)
+            try:
+                io = onnx_io(data)
+            except RegistryError as err:
+                raise RegistryError(f"{man.version}/model.onnx: {err}; the repository is left as it was") from None
+            text = config_pbtxt(model_name, io, number, gpus or [0], count, cpu, platform, cpu_threads,
+                                note, graph_max_batch(data), queue_delay_us)
+            (tmp / "config.pbtxt").write_text(text)
+    except BaseException:
+        for tmp, _ in staged:  # the repository keeps what it served before
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for tmp, d in staged:
+        old = repo / f".{d.name}.{os.getpid()}.old"
         if d.exists():
-            shutil.rmtree(d)
-        (d / str(number)).mkdir(parents=True)
-        data, note = registered, comment
-        if platform == "onnxruntime" and max_batch is not None and max_batch != graph_max_batch(registered):
-            data, note = _reexport(src / "model.pt", man.version, max_batch), f"{comment}, re-exported at max_batch {max_batch}"
-        if platform == "onnxruntime":
-            (d / str(number) / artifact).write_bytes(data)
-        else:
-            shutil.copyfile(src / artifact, d / str(number) / artifact)
-        text = config_pbtxt(model_name, onnx_io(data), number, gpus or [0], count, cpu, platform, cpu_threads, note,
-                            graph_max_batch(data), queue_delay_us)
-        (d / "config.pbtxt").write_text(text)
-        written.append(d / "config.pbtxt")
-    return written
+            os.rename(d, old)
+        os.rename(tmp, d)
+        shutil.rmtree(old, ignore_errors=True)
+    return [d / "config.pbtxt" for _, d in staged]
 
 
 def _reexport(model_pt: Path, version: str, max_batch: int) -> bytes:
