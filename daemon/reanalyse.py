@@ -53,6 +53,7 @@ class Reanalysis:
     exit_status: str = ""
     reason: str = ""
     error: str = ""  # why the analysis run could not be made in Tiled
+    stopped: bool = False  # the analysis run's stop is written
 
 
 class _Analyse:
@@ -91,6 +92,7 @@ class _Analyse:
         losses = Counter(ev.rejected) + self.out.losses
         self.out.exit_status, self.out.reason = stop_status(ev.exit_status, ev.reason, self.out.frames, losses)
         self.sink.close_run(dataclasses.replace(ev, rejected=dict(losses)))
+        self.out.stopped = True
 
     def rejected(self, reason: str, detail: str, logged: bool = True,  # counted in the run's stop
                  count: int = 1) -> None:
@@ -151,11 +153,15 @@ def reanalyse(cfg: DaemonConfig, run_uid: str, profile: str | None = None) -> Re
         for name, doc in raw_frames(raw, bluesky.image_key):
             router(name, doc)
     except httpx.HTTPError as err:  # Tiled went away while the raw frames were read
+        with contextlib.suppress(Exception):  # the analysis run ends `fail` where Tiled still takes it
+            router("stop", {"uid": f"{run_uid}-reanalysis-failed", "run_start": run_uid, "time": time.time(),
+                            "exit_status": "fail"})
         with contextlib.suppress(Exception):
             sink.close()
+        ended = "ended `fail`" if out.stopped else "left without a stop (Tiled did not take it)"
         raise ReanalysisError(f"Tiled at {cfg.tiled.uri} failed while reading run {run_uid} after "
                               f"{out.frames} frames: {_http_error(err)}; the analysis run {out.analysis_uid} "
-                              "was left without a stop (reanalyse again)") from None
+                              f"was {ended}; reanalyse again") from None
     stop = dict(raw.node.metadata["stop"])
     router("stop", {**stop, "run_start": run_uid, "time": time.time()})  # the analysis ends now
     sink.close()
