@@ -7,7 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from nanoseg_daemon.service import Service
+from tests.daemon.service_fixtures import start_service
 from tests.daemon.tiled_fixtures import tiled_serve
+
+
+@pytest.fixture
+def null_service(tmp_path: Path, trained_model_path: Path) -> Iterator[Service]:
+    """A running daemon on engine ``null`` (the tests' trained model's config), stopped cleanly after."""
+    service = start_service(tmp_path / "state", trained_model_path, **{"model.engine": "null"})
+    try:
+        yield service
+    finally:
+        assert service.stop()
 
 
 @pytest.fixture(scope="session")

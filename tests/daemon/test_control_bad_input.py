@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,13 @@ from pydantic import BaseModel
 from nanoseg.control_client import control_request
 from nanoseg_daemon import control as ctl
 from nanoseg_daemon.service import Service
-from tests.daemon.service_fixtures import start_service
 
 REJECTED = 'nanoseg_messages_rejected_total{reason="bad_control_request"}'
 
 
 @pytest.fixture
-def svc(tmp_path: Path, trained_model_path: Path) -> Iterator[Service]:
-    service = start_service(tmp_path / "state", trained_model_path, **{"model.engine": "null"})
-    try:
-        yield service
-    finally:
-        assert service.stop()
+def svc(null_service: Service) -> Service:
+    return null_service
 
 
 def metric(svc: Service, name: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,8 @@ QUICK_S = 2.0  # a request that does not wait for the reload is answered well wi
 
 
 @pytest.fixture
-def svc(tmp_path: Path, trained_model_path: Path) -> Iterator[Service]:
-    service = start_service(tmp_path / "state", trained_model_path, **{"model.engine": "null"})
-    try:
-        yield service
-    finally:
-        assert service.stop()
+def svc(null_service: Service) -> Service:
+    return null_service
 
 
 class Gate:
