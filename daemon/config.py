@@ -181,7 +181,8 @@ class TiledSection(StrictModel):
     api_key: str | None = Field(None, description="Tiled API key; better from the environment: NANOSEG__TILED__API_KEY.")
     path: list[str] = Field(default_factory=list, description="Container (keys from the root) that receives the "
                             "analysis runs; created where missing. Empty = the root.")
-    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per request; a slower server counts as a failed write.")
+    timeout_s: float = Field(10.0, gt=0, description="Time limit per Tiled call, s (wall clock, tiled's own retries included); a slower "
+                                                "server counts as a failed write and stalls the output once per outage at most.")
     retry_after_s: float = Field(30.0, ge=0, description="After the server was unreachable, items are counted failed "
                                  "without trying it for this long (a hung server must not stall the output).")
     raw_path: list[str] = Field(default_factory=list, description="Container (keys from the root) holding the raw "

@@ -15,7 +15,9 @@ frame covered, 0..1); ``length_nm_lo``/``length_nm_hi`` and ``width_nm_lo``/``wi
 Statistics a rule can watch: ``value`` (the frame's), ``ewma`` (exponentially weighted moving
 average, ``e_k = alpha * x_k + (1 - alpha) * e_(k-1)``, started at the first finite value; a NaN
 frame leaves it unchanged), ``rate_per_frame`` (``e_k - e_(k-1)`` of the EWMA, units per frame) and
-``rate_per_s`` (the same divided by the frames' acquisition-time difference, units per second).
+``rate_per_s`` (the same divided by the frames' acquisition-time difference, units per second;
+NaN when the time does not advance). Both rates are NaN for a frame without a finite value (the
+EWMA holds, but that is no information about growth, so a rule on a rate neither fires nor clears).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class GrowthPoint:
     timestamp: float
     value: Mapping[str, float]
     ewma: Mapping[str, float]
-    rate_per_frame: Mapping[str, float]  # NaN until two finite EWMA values
+    rate_per_frame: Mapping[str, float]  # NaN until two finite EWMA values, and for a frame without a value
     rate_per_s: Mapping[str, float]  # NaN also when the timestamps do not advance
 
     def get(self, statistic: Statistic, quantity: str) -> float:
@@ -119,8 +121,10 @@ class GrowthSeries:
         dt = timestamp - prev.timestamp if prev else math.nan
         for q in QUANTITIES:
             before = prev.ewma[q] if prev else math.nan
-            ewma[q] = self._ewma[q].update(float(values.get(q, math.nan)))
-            per_frame[q] = ewma[q] - before  # NaN while either is NaN
+            x = float(values.get(q, math.nan))
+            ewma[q] = self._ewma[q].update(x)
+            # NaN while either is NaN, and for a frame without a value: its held EWMA is no "no change"
+            per_frame[q] = ewma[q] - before if math.isfinite(x) else math.nan
             per_s[q] = per_frame[q] / dt if dt > 0 else math.nan
         point = GrowthPoint(seq_num, timestamp, dict(values), ewma, per_frame, per_s)
         self.points.append(point)
@@ -139,8 +143,8 @@ class AlarmRule(StrictModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="Alarm name, a metric label.")
     quantity: Quantity = Field(description="What is watched (see daemon/growth.py).")
     statistic: Statistic = Field("ewma", description="value, ewma, rate_per_frame or rate_per_s.")
-    above: float | None = Field(None, description="Alarm while the statistic is > this.")
-    below: float | None = Field(None, description="Alarm while the statistic is < this.")
+    above: float | None = Field(None, allow_inf_nan=False, description="Alarm while the statistic is > this.")
+    below: float | None = Field(None, allow_inf_nan=False, description="Alarm while the statistic is < this.")
     for_frames: int = Field(1, ge=1, description="Consecutive frames the condition must hold.")
     after_frames: int = Field(0, ge=0, description="Frames of a run ignored at its start.")
 

@@ -18,22 +18,35 @@ Signals (NaN where the frame has no particles or no pixel size): ``count``, ``le
 ``length_nm_mean_lo``/``length_nm_mean_hi`` (95 % interval of the mean length), ``min_feret_nm_median``,
 ``orientation_order`` (|<exp(2i theta)>|, 0 isotropic .. 1 aligned), ``coverage_fraction``
 (0..1), ``frame_uid``, ``run_uid`` (the raw run's), ``seq_num`` and ``model_version``. Reading
-timestamps are the time the daemon published the summary.
+timestamps are the time the device received the summary.
+
+Messages the device does not show are counted by reason in ``ignored`` (``SummaryRejected``) and
+logged (``stats_summary_ignored``, the first of each reason, then every 1000th): not the summary
+topic, over ``max_message_bytes``, not strict JSON (NaN/Infinity included), a field missing or of
+the wrong type (named), a frame of a run older than or the same as one already seen
+(``older_frame``, ``duplicate_frame``), and, while ``expect_run_uid`` is set, another run's
+summary (``other_run``: kept, so that a later trigger for that run finds it, but never shown as
+this run's). A trigger that sees nothing fitting within ``timeout_s`` fails with
+``NanosegStatsTimeout``, whose message names the address, the wait, the last summary received
+and the reasons messages were ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import threading
 import time
+from collections import Counter, OrderedDict
 from typing import Any
 
 import zmq
 from ophyd import Component, Device, Signal
 from ophyd.status import DeviceStatus
 
+from nanoseg_daemon.logs import log
 from nanoseg_daemon.publish import SUMMARY_TOPIC
 
 _STATS = {  # signal -> (summary stats column, statistic)
@@ -43,26 +56,101 @@ _STATS = {  # signal -> (summary stats column, statistic)
     "length_nm_mean_lo": ("length_nm", "mean_lo"), "length_nm_mean_hi": ("length_nm", "mean_hi"),
     "min_feret_nm_median": ("min_feret_nm", "median"),
 }
+MAX_MESSAGE_BYTES = 16 * 2**20
+"""Summaries larger than this are ignored unparsed (``too_large``); a real one is a few kB."""
+RUNS_KEPT = 8
+"""Runs whose latest summary the device keeps, to answer a trigger for a run that is not the newest."""
 
 
-def _number(v: Any) -> float:
-    return math.nan if v is None else float(v)
+class SummaryRejected(ValueError):
+    """A summary message the device ignores. ``reason``: why, one of ``bad_topic``, ``too_large``,
+    ``not_json``, ``non_finite``, ``not_an_object``, ``missing_field``, ``bad_field`` (these from
+    ``parse_summary``), ``older_frame``, ``duplicate_frame``, ``other_run`` (from the device) and
+    ``error`` (anything else that failed); the message names the field or the frames."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
-def signal_values(msg: dict[str, Any]) -> dict[str, Any]:
-    """Signal name -> value for one JSON summary message (see ``publish.summary_message``)."""
-    summary = msg.get("summary") or {}
-    stats = summary.get("stats") or {}
-    out: dict[str, Any] = {"count": int(msg["count"])}
+def _no_constant(token: str) -> float:
+    raise SummaryRejected("non_finite", f"{token} in the message (the daemon sends strict JSON: null for no value)")
+
+
+def _number(v: Any, where: str) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise SummaryRejected("bad_field", f"{where} is {type(v).__name__} {str(v)[:40]!r}, not a number or null")
+    x = float(v)
+    if not math.isfinite(x):  # e.g. 1e999
+        raise SummaryRejected("non_finite", f"{where} = {x}")
+    return x
+
+
+def _mapping(v: Any, where: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise SummaryRejected("bad_field", f"{where} is {type(v).__name__}, not an object or null")
+    return v
+
+
+def _required(msg: dict[str, Any], name: str, kind: type[Any], minimum: int | None = None) -> Any:
+    if name not in msg:
+        raise SummaryRejected("missing_field", f"no {name}")
+    v = msg[name]
+    if isinstance(v, bool) or not isinstance(v, kind) or (kind is str and not v):
+        raise SummaryRejected("bad_field", f"{name} = {str(v)[:40]!r} is not a {'non-empty string' if kind is str else kind.__name__}")
+    if minimum is not None and v < minimum:
+        raise SummaryRejected("bad_field", f"{name} = {v} is below {minimum}")
+    return v
+
+
+def signal_values(msg: Any) -> dict[str, Any]:
+    """Signal name -> value for one JSON summary message (see ``publish.summary_message``).
+
+    Raises ``SummaryRejected`` naming the field when the message is not such a summary: not an
+    object, ``run_uid``/``frame_uid`` not non-empty strings, ``count``/``seq_num`` not integers >= 0,
+    a statistic neither a finite number nor null.
+    """
+    if not isinstance(msg, dict):
+        raise SummaryRejected("not_an_object", f"the message is a JSON {type(msg).__name__}")
+    summary = _mapping(msg.get("summary"), "summary")
+    stats = _mapping(summary.get("stats"), "summary.stats")
+    out: dict[str, Any] = {"count": _required(msg, "count", int, 0)}
     for name, (col, stat) in _STATS.items():
-        out[name] = _number((stats.get(col) or {}).get(stat))
-    out["orientation_order"] = _number(summary.get("orientation_order"))
-    out["coverage_fraction"] = _number(summary.get("coverage_fraction"))
-    out["frame_uid"] = str(msg["frame_uid"])
-    out["run_uid"] = str(msg["run_uid"])
-    out["seq_num"] = int(msg["seq_num"])
-    out["model_version"] = str(msg.get("model_version", ""))
+        out[name] = _number(_mapping(stats.get(col), f"summary.stats.{col}").get(stat), f"summary.stats.{col}.{stat}")
+    out["orientation_order"] = _number(summary.get("orientation_order"), "summary.orientation_order")
+    out["coverage_fraction"] = _number(summary.get("coverage_fraction"), "summary.coverage_fraction")
+    out["frame_uid"] = _required(msg, "frame_uid", str)
+    out["run_uid"] = _required(msg, "run_uid", str)
+    out["seq_num"] = _required(msg, "seq_num", int, 0)
+    version = msg.get("model_version", "")
+    out["model_version"] = "" if version is None else str(version)
     return out
+
+
+def parse_summary(parts: list[bytes], max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """``signal_values`` of one received ``[SUMMARY_TOPIC, JSON]`` message; ``SummaryRejected``
+    (reason ``bad_topic``, ``too_large``, ``not_json``, ``non_finite``, ...) when it is not one."""
+    if len(parts) != 2 or parts[0] != SUMMARY_TOPIC:
+        raise SummaryRejected("bad_topic", f"{len(parts)} frames, topic {parts[0][:40]!r}")
+    if len(parts[1]) > max_bytes:
+        raise SummaryRejected("too_large", f"{len(parts[1])} bytes > {max_bytes}")
+    try:
+        msg = json.loads(parts[1], parse_constant=_no_constant)
+    except SummaryRejected:
+        raise
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise SummaryRejected("not_json", f"{type(err).__name__}: {str(err)[:80]}") from None
+    return signal_values(msg)
+
+
+class NanosegStatsTimeout(TimeoutError):
+    """A trigger saw no fitting summary within ``timeout_s``; the message names the address, the
+    wait, what was received and what was ignored."""
 
 
 class NanosegStats(Device):
@@ -88,81 +176,165 @@ class NanosegStats(Device):
     expect_seq_num = Component(Signal, value=0, kind="omitted")
 
     def __init__(self, address: str = "tcp://127.0.0.1:5590", *args: Any, name: str = "nanoseg",
-                 context: zmq.Context | None = None, **kwargs: Any) -> None:
+                 context: zmq.Context | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 **kwargs: Any) -> None:
         super().__init__(*args, name=name, **kwargs)
         self.address = address
+        self.max_message_bytes = max_message_bytes
         self._lock = threading.RLock()
-        self._latest: dict[str, Any] | None = None
-        self._received = 0
-        self._waiting: list[tuple[DeviceStatus, int, str, int]] = []  # status, received at trigger, run, seq
+        self._latest: dict[str, Any] | None = None  # the values the signals show
+        self._by_run: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()  # run -> latest, received at
+        self._received = 0  # summaries accepted
+        self._shown = 0  # summaries put into the signals
+        self._last_received_at = math.nan  # time.monotonic()
+        self._ignored: Counter[str] = Counter()
+        self._last_ignored = ""
+        self._waiting: list[tuple[DeviceStatus, int, str, int]] = []  # status, shown at trigger, run, seq
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
+        self._listen_error: Exception | None = None
         self._thread = threading.Thread(target=self._listen, name=f"{name}-summaries", daemon=True)
         self._subscribed = threading.Event()
         self._thread.start()
         if not self._subscribed.wait(5.0):
-            raise TimeoutError(f"could not subscribe to {address}")
+            raise TimeoutError(f"{name}: could not subscribe to {address} within 5 s")
+        if self._listen_error is not None:
+            raise ValueError(f"{name}: cannot subscribe to {address!r}: {self._listen_error}") from self._listen_error
 
     # -- the summary listener --------------------------------------------------------------
     def _listen(self) -> None:
         sock = self._context.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, SUMMARY_TOPIC)
-        sock.connect(self.address)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SUBSCRIBE, SUMMARY_TOPIC)
+            sock.connect(self.address)
+        except zmq.ZMQError as err:
+            self._listen_error = err
+            sock.close()
+            self._subscribed.set()
+            return
         self._subscribed.set()
         try:
             while not self._stop.is_set():
                 if not sock.poll(100):
                     continue
                 parts = sock.recv_multipart()
-                if len(parts) != 2 or parts[0] != SUMMARY_TOPIC:
-                    continue
                 try:
-                    values = signal_values(json.loads(parts[1]))
-                except (ValueError, KeyError, TypeError):
-                    continue  # not a summary this device understands: keep the last good one
-                self._apply(values, time.time())
+                    self._apply(parse_summary(parts, self.max_message_bytes), time.time())
+                except SummaryRejected as err:  # keep the last good summary
+                    self._ignore(err)
+                except Exception as err:  # the listener must outlive any one message
+                    self._ignore(SummaryRejected("error", f"{type(err).__name__}: {err}"))
         finally:
             sock.close()
 
-    def _apply(self, values: dict[str, Any], ts: float) -> None:
+    def _ignore(self, err: SummaryRejected) -> None:
         with self._lock:
-            for name, value in values.items():
-                getattr(self, name).put(value, timestamp=ts)
-            self._latest = values
+            self._ignored[err.reason] += 1
+            n = self._ignored[err.reason]
+            self._last_ignored = str(err)
+        if n == 1 or n % 1000 == 0:  # the first of each reason, then every 1000th
+            log("stats_summary_ignored", logging.WARNING, device=self.name, address=self.address,
+                reason=err.reason, detail=err.detail, times=n)
+
+    def _apply(self, values: dict[str, Any], ts: float) -> None:
+        run, seq = values["run_uid"], values["seq_num"]
+        with self._lock:
+            last = self._by_run.get(run)
+            if last is not None and seq <= last[0]["seq_num"]:
+                raise SummaryRejected("duplicate_frame" if seq == last[0]["seq_num"] else "older_frame",
+                                      f"run {run} frame {seq} after frame {last[0]['seq_num']}")
+            self._by_run[run] = (values, ts)
+            self._by_run.move_to_end(run)
+            while len(self._by_run) > RUNS_KEPT:
+                self._by_run.popitem(last=False)
             self._received += 1
+            self._last_received_at = time.monotonic()
+            expected = str(self.expect_run_uid.get())
+            if expected and run != expected:  # kept for a trigger on that run, never shown as this run's
+                raise SummaryRejected("other_run", f"run {run} frame {seq} while expecting run {expected}")
+            self._show(values, ts)
             done = [w for w in self._waiting if self._satisfies(values, *w[1:])]
             self._waiting = [w for w in self._waiting if w not in done and not w[0].done]
         for status, *_ in done:
             with contextlib.suppress(Exception):  # already timed out
                 status.set_finished()
 
-    def _satisfies(self, values: dict[str, Any], received_at_trigger: int, run_uid: str, seq_num: int) -> bool:
+    def _show(self, values: dict[str, Any], ts: float) -> None:
+        """Put one summary's values into the signals (under the lock)."""
+        for name, value in values.items():
+            getattr(self, name).put(value, timestamp=ts)
+        self._latest = values
+        self._shown += 1
+
+    def _satisfies(self, values: dict[str, Any], shown_at_trigger: int, run_uid: str, seq_num: int) -> bool:
         if seq_num > 0:
             return (not run_uid or values["run_uid"] == run_uid) and values["seq_num"] >= seq_num
-        return self._received > received_at_trigger
+        return self._shown > shown_at_trigger
 
     # -- ophyd -----------------------------------------------------------------------------
     @property
     def latest(self) -> dict[str, Any] | None:
-        """The values of the last summary received (None before the first)."""
+        """The values the signals show: the last summary accepted (None before the first)."""
         with self._lock:
             return None if self._latest is None else dict(self._latest)
 
+    @property
+    def ignored(self) -> dict[str, int]:
+        """Messages not shown, by reason (see ``SummaryRejected``)."""
+        with self._lock:
+            return dict(self._ignored)
+
     def trigger(self) -> DeviceStatus:
-        status = DeviceStatus(self, timeout=float(self.timeout_s.get()))
+        timeout = float(self.timeout_s.get())
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"{self.name}.timeout_s must be a finite number of seconds > 0, got {timeout}")
+        status = DeviceStatus(self)
         run_uid, seq_num = str(self.expect_run_uid.get()), int(self.expect_seq_num.get())
         with self._lock:
-            latest = self._latest
             if seq_num > 0:
-                ready = latest is not None and self._satisfies(latest, self._received, run_uid, seq_num)
+                kept = self._by_run.get(run_uid) if run_uid else None
+                candidate, ts = kept if kept is not None else (self._latest, math.nan)
+                ready = candidate is not None and self._satisfies(candidate, self._shown, run_uid, seq_num)
+                if ready and candidate is not None and candidate is not self._latest:  # arrived while another run's was shown
+                    self._show(candidate, ts)
             else:
-                ready = latest is not None and self.trigger_mode.get() == "latest"
+                ready = self._latest is not None and self.trigger_mode.get() == "latest"
             if not ready:
-                self._waiting.append((status, self._received, run_uid, seq_num))
+                self._waiting.append((status, self._shown, run_uid, seq_num))
         if ready:
             status.set_finished()
+            return status
+        timer = threading.Timer(timeout, self._time_out, (status, run_uid, seq_num, timeout))
+        timer.daemon = True
+        timer.start()
+        status.add_callback(lambda *_: timer.cancel())
         return status
+
+    def _time_out(self, status: DeviceStatus, run_uid: str, seq_num: int, timeout_s: float) -> None:
+        if status.done:
+            return
+        with contextlib.suppress(Exception):  # finished meanwhile
+            status.set_exception(NanosegStatsTimeout(self.timeout_message(run_uid, seq_num, timeout_s)))
+
+    def timeout_message(self, run_uid: str, seq_num: int, timeout_s: float) -> str:
+        """What a trigger that saw no fitting summary within ``timeout_s`` (s) says."""
+        if seq_num > 0:
+            what = f"of {'run ' + run_uid + ' ' if run_uid else ''}frame {seq_num} (or later)"
+        else:
+            what = "newer than the last"
+        with self._lock:
+            if self._received:
+                last = max(self._by_run.values(), key=lambda v: v[1])[0] if self._by_run else self._latest
+                ago = time.monotonic() - self._last_received_at
+                seen = (f"{self._received} summaries received, the last (run {last['run_uid'] if last else '?'} "
+                        f"frame {last['seq_num'] if last else '?'}) {ago:.1f} s ago")
+            else:
+                seen = "no summary received since the device connected: is the daemon running and publishing there?"
+            if self._ignored:
+                counts = ", ".join(f"{k} {v}" for k, v in sorted(self._ignored.items()))
+                seen += f"; ignored: {counts} (last: {self._last_ignored})"
+        return f"{self.name}: no summary {what} from {self.address} within {timeout_s:g} s (timeout_s); {seen}"
 
     def read(self) -> dict[str, Any]:
         with self._lock:  # one summary's values, never a mix of two

@@ -8,6 +8,11 @@ the stats Status time out (``stats.timeout_s``) and the plan fail, instead of de
 numbers.
 
 The decisions themselves are pure objects (``GrowthStop``, ``next_exposure``), testable alone.
+
+Arguments out of range are refused when the plan is made, before the RunEngine starts, with a
+``ValueError`` naming the argument (``check_number``). When the stats Status times out, the plan
+raises ``NanosegStatsTimeout``, whose message (the address, the wait, what was received) is also
+the ``reason`` of the run's stop document (``exit_status`` "fail").
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
+from bluesky.utils import FailedStatus
 
 from nanoseg_daemon.growth import Ewma
+from nanoseg_daemon.ophyd_stats import NanosegStatsTimeout
 
 STATS_STREAM = "nanoseg"
 Plan = Generator[Any, Any, Any]
@@ -47,6 +54,10 @@ class GrowthStop:
     smoothed: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_number("target_nm", self.target_nm, gt=0)
+        check_number("stall_rate_nm_per_frame", self.stall_rate_nm_per_frame, ge=0)
+        check_number("stall_frames", self.stall_frames, ge=1, integer=True)
+        check_number("smoothing", self.smoothing, gt=0, le=1)
         self._ewma = Ewma(self.smoothing)
 
     def update(self, length_nm: float, low_nm: float = math.nan) -> str | None:
@@ -64,11 +75,33 @@ class GrowthStop:
         return None
 
 
+def check_number(name: str, value: Any, *, gt: float | None = None, ge: float | None = None,
+                 le: float | None = None, integer: bool = False) -> None:
+    """Refuse a plan argument out of range: ``ValueError`` naming ``name``, its value and the range."""
+    bad = isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int))
+    x = math.nan if bad else float(value)
+    if (bad or not math.isfinite(x) or (gt is not None and not x > gt) or (ge is not None and not x >= ge)
+            or (le is not None and not x <= le)):
+        rng = " and ".join(f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<=", le)) if b is not None)
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind}{' ' + rng if rng else ''}, got {value!r}")
+
+
+def _check_stats(stats: Any) -> None:
+    timeout = stats.timeout_s.get()
+    check_number(f"{getattr(stats, 'name', 'stats')}.timeout_s", timeout, gt=0)
+
+
 def _analysed(stats: Any, run_uid: str, seq_num: int, extra: Sequence[Any] = ()) -> Plan:
     """Wait for the analysis of frame ``seq_num`` of ``run_uid`` and read it (and ``extra``) into
-    the stats stream."""
+    the stats stream; ``NanosegStatsTimeout`` when it does not come within ``stats.timeout_s``."""
     yield from bps.mv(stats.expect_run_uid, run_uid, stats.expect_seq_num, seq_num)
-    reading = yield from bps.trigger_and_read([stats, *extra], name=STATS_STREAM)
+    try:
+        reading = yield from bps.trigger_and_read([stats, *extra], name=STATS_STREAM)
+    except FailedStatus as err:
+        if isinstance(err.__cause__, NanosegStatsTimeout):  # its message, not the Status's repr
+            raise NanosegStatsTimeout(str(err.__cause__)) from err
+        raise
     return reading
 
 
@@ -87,7 +120,18 @@ def monitor_growth(detector: Any, stats: Any, target_mean_length_nm: float, stal
     ``GrowthStop`` decides (``significant``: the target counts only once the lower end of the
     frame's 95 % interval of the mean length, ``stats.length_nm_mean_lo``, reaches it). The run's stop document says why it ended (``reason``:
     ``target_reached``, ``stalled`` or ``max_frames``), which is also the plan's return value.
+
+    Refused before the RunEngine starts (``ValueError`` naming the argument): ``target_mean_length_nm``
+    <= 0, ``stall_rate_nm_per_frame`` < 0, ``stall_frames`` or ``max_frames`` < 1, ``interval_s`` < 0,
+    ``smoothing`` outside (0, 1], ``stats.timeout_s`` <= 0, any of them not finite.
     """
+    check_number("target_mean_length_nm", target_mean_length_nm, gt=0)
+    check_number("stall_rate_nm_per_frame", stall_rate_nm_per_frame, ge=0)
+    check_number("stall_frames", stall_frames, ge=1, integer=True)
+    check_number("max_frames", max_frames, ge=1, integer=True)
+    check_number("interval_s", interval_s, ge=0)
+    check_number("smoothing", smoothing, gt=0, le=1)
+    _check_stats(stats)
     decide = GrowthStop(target_mean_length_nm, stall_rate_nm_per_frame, stall_frames, smoothing, significant)
     _md = {"plan_name": "monitor_growth",
            "plan_args": {"detector": repr(detector), "stats": repr(stats),
@@ -117,7 +161,7 @@ def monitor_growth(detector: Any, stats: Any, target_mean_length_nm: float, stal
         yield from bps.close_run(exit_status="success", reason=reason)
         return reason
 
-    return (yield from inner())
+    return inner()
 
 
 def next_exposure(counts: Sequence[int], exposure_s: float, *, min_count: int, stable_frames: int = 2,
@@ -147,7 +191,21 @@ def adaptive_exposure(detector: Any, stats: Any, num: int, *, min_count: int = 3
     led to (configuration is recorded only once per run, and here it changes; a child signal read
     with its parent would be dropped by bluesky). Since the dose changes, do not give a fixed ``i0``
     in ``md``: the daemon then estimates I0 from each frame's substrate (profile policy background).
+
+    Refused before the RunEngine starts (``ValueError`` naming the argument): ``num`` or
+    ``stable_frames`` < 1, ``min_count`` or ``tolerance`` < 0, ``factor`` <= 1, ``limits`` not
+    0 < low <= high, ``stats.timeout_s`` <= 0.
     """
+    check_number("num", num, ge=1, integer=True)
+    check_number("min_count", min_count, ge=0, integer=True)
+    check_number("stable_frames", stable_frames, ge=1, integer=True)
+    check_number("tolerance", tolerance, ge=0)
+    check_number("factor", factor, gt=1)
+    if len(limits) != 2:
+        raise ValueError(f"limits must be (low, high) in s, got {limits!r}")
+    check_number("limits[0]", limits[0], gt=0)
+    check_number("limits[1]", limits[1], ge=limits[0])
+    _check_stats(stats)
     _md = {"plan_name": "adaptive_exposure",
            "plan_args": {"detector": repr(detector), "stats": repr(stats), "num": num, "min_count": min_count,
                          "stable_frames": stable_frames, "tolerance": tolerance, "limits": list(limits),
@@ -169,4 +227,4 @@ def adaptive_exposure(detector: Any, stats: Any, num: int, *, min_count: int = 3
         yield from bps.close_run()
         return counts
 
-    return (yield from inner())
+    return inner()

@@ -384,11 +384,15 @@ class SinkChain:
                        "there); logged once per run")
 
     def retry(self) -> None:
-        """Retry what waits for a durable sink (housekeeping)."""
-        if self._pending:
-            with self._lock:
+        """Retry what waits for a durable sink (housekeeping). Never waits: while the output stage
+        is writing (a slow sink), it will flush the waiting items itself, and the caller (the
+        housekeeping thread, which pings the systemd watchdog) must not stall with it."""
+        if self._pending and self._lock.acquire(blocking=False):
+            try:
                 if not self._closed:
                     self._flush()
+            finally:
+                self._lock.release()
 
     @property
     def pending(self) -> int:

@@ -16,6 +16,10 @@ a retry or a replay after restart never duplicates. An item SQLite can never tak
 it violates, e.g. a NaN time in a NOT NULL column; a value that cannot be bound: an integer
 beyond 64 bits, a string that is not UTF-8, an unsupported type) raises ``StoreError`` with
 reason ``rejected`` and ``permanent`` True: retrying it cannot succeed, the caller gives it up.
+Before each write the file at the path is checked to be the one open (SQLite would go on writing
+into a deleted file): one removed, with its directory or alone, is made again from the open
+connection with every row (logged ``store_recreated``; reason ``file_missing`` where it cannot
+be); one replaced by another file raises reason ``file_replaced`` and is not written.
 
 Threads: one writer connection per ``ResultStore``, to be used from one writer thread (a lock
 guards it all the same). Every read opens its own short read-only connection, so reads may come
@@ -25,6 +29,7 @@ from any thread or process (``nanoseg results``) while the daemon writes.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -41,6 +46,7 @@ from nanoseg.codec import json_safe, json_text
 from nanoseg.masks import RLE, encode_rle_batch
 from nanoseg.particle_stats import COLUMNS_FLAG, COLUMNS_NM, COLUMNS_PX
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.logs import log
 
 SCHEMA_VERSION = 2  # 2: wire geometry columns and edge/overlap flags (nanoseg 0.2)
 DB_FILENAME = "results.sqlite3"
@@ -352,24 +358,10 @@ class ResultStore(ResultReader):
     ) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._synchronous, self._max_bytes = synchronous, max_bytes
+        self._conn, self._file_id = self._connect()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        except OSError as err:
-            raise StoreError("cant_open", f"open {self.path}: {err}") from err
-        except sqlite3.Error as err:
-            raise _store_error(err, f"open {self.path}") from err
-        self._conn = conn
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError("no_wal", f"{self.path}: journal_mode is {mode}, WAL is required")
-            conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            if max_bytes is not None:
-                page = conn.execute("PRAGMA page_size").fetchone()[0]
-                conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
-            with self._write("create schema"):
+            with self._write("create schema") as conn:
                 if _check_version(conn, self.path) is None:
                     for stmt in _SCHEMA:
                         conn.execute(stmt)
@@ -377,13 +369,80 @@ class ResultStore(ResultReader):
                 for stmt in _OPEN_RUNS_SCHEMA:
                     conn.execute(stmt)
         except BaseException:
+            self._conn.close()
+            raise
+
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """The writer connection to ``self.path`` (created with its directory where missing), WAL,
+        and the file's identity (st_dev, st_ino), to notice the file being removed or replaced."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        except OSError as err:
+            raise StoreError("cant_open", f"open {self.path}: {err}") from err
+        except sqlite3.Error as err:
+            raise _store_error(err, f"open {self.path}") from err
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError("no_wal", f"{self.path}: journal_mode is {mode}, WAL is required")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if self._max_bytes is not None:
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page)}")
+            st = self.path.stat()
+        except sqlite3.Error as err:
+            conn.close()
+            raise _store_error(err, f"open {self.path}") from err
+        except OSError as err:
+            conn.close()
+            raise StoreError("cant_open", f"open {self.path}: {err}") from err
+        except BaseException:
             conn.close()
             raise
+        return conn, (st.st_dev, st.st_ino)
+
+    def _check_file(self) -> None:
+        """Before a write: the file written is still the one at ``self.path`` (one stat, ~µs).
+
+        SQLite in WAL mode goes on writing into a file that was deleted (its directory removed) or
+        replaced, so every later result would be lost without an error. A file gone from its
+        path is made again there from the open connection (SQLite's backup: every row stored so
+        far, then the writer moves to it; logged ``store_recreated``). A file replaced by another
+        raises ``StoreError("file_replaced")`` (the store will not write over what someone put
+        there, nor into the old file): results wait in the chain, and are lost beyond its
+        ``max_pending``, until the file is moved back or the daemon restarted."""
+        try:
+            st = self.path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError as err:
+            raise StoreError("io_error", f"stat {self.path}: {err}") from err
+        if st is not None and (st.st_dev, st.st_ino) == self._file_id:
+            return
+        if st is not None:
+            raise StoreError("file_replaced", f"{self.path} is another file than the one the daemon opened; "
+                             "results are held (not written) until it is moved back or the daemon restarted")
+        old = self._conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path)) as copy:
+                old.backup(copy)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreError("file_missing", f"{self.path} was removed and cannot be made again: {err}") from err
+        self._conn, self._file_id = self._connect()
+        with suppress(sqlite3.Error):
+            old.close()
+        log("store_recreated", logging.ERROR, path=str(self.path),
+            detail="the result store's file was removed while the daemon wrote it; made again from the "
+                   "open connection, with every result stored so far")
 
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction; rolled back on any error, sqlite errors become StoreError."""
         with self._lock:
+            self._check_file()
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")

@@ -19,17 +19,26 @@ The sink is not durable: a Tiled outage is counted (``sink_errors_total{sink="ti
 ``tiled_unreachable``, ``tiled_rejected``) and never holds back the store. After an unreachable
 server the sink does not try it again for ``tiled.retry_after_s`` (items in between are counted
 ``tiled_unreachable`` at once), so a server that times out does not slow the output stage at
-every item. tiled's client itself retries a failed request (its environment variables
-``TILED_RETRY_ATTEMPTS``, default 10, within ``TILED_RETRY_TIMEOUT``, 45 s): set them low in the
-daemon's environment (``TILED_RETRY_ATTEMPTS=2``) to bound the one stall per outage. A frame
-whose run's container could not be made is counted ``tiled_no_run``; an outage in the middle of a
-run leaves that run's container without the frames in between (the store has them).
+every item. Every client call runs in the sink's own worker thread and is given up after
+``tiled.timeout_s`` (wall clock, tiled's own retries included: its client retries a failed request
+up to ``TILED_RETRY_ATTEMPTS``, default 10, within ``TILED_RETRY_TIMEOUT``, 45 s), so one outage
+stalls the output stage, and with it the store and the bus, ``tiled.timeout_s`` at most. A call
+given up on is counted ``tiled_unreachable``; while it is still unanswered no other is started
+(one thread, no backlog), and it may still complete on the server (a frame counted failed may be
+there all the same). A frame whose run's container could not be made is counted
+``tiled_no_run``; an outage in the middle of a run leaves that run's container without the frames
+in between (the store has them).
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -38,6 +47,7 @@ from nanoseg.codec import json_safe
 from nanoseg.masks import RLE
 from nanoseg_daemon.config import TiledSection
 from nanoseg_daemon.contracts import FrameResult, RunStarted, RunStopped
+from nanoseg_daemon.logs import log
 from nanoseg_daemon.publish import AnalysisRun, stop_status
 from nanoseg_daemon.sinks import SinkError
 
@@ -88,6 +98,35 @@ def particle_frame(result: FrameResult) -> Any:
     return pd.DataFrame(cols)
 
 
+class _CallThread:
+    """One daemon thread that runs the sink's client calls, so that the caller can give one up
+    after a deadline (a hung server) while the call goes on here; a daemon thread, so a call still
+    hanging never holds up the process's exit."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` in the thread (started at first use); its result or exception in the future."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tiled-sink", daemon=True)
+            self._thread.start()
+        fut: Future[Any] = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            fn, fut = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as err:  # handed to the caller, or dropped with a call given up on
+                fut.set_exception(err)
+
+
 class TiledSink:
     """Analysis runs into a Tiled catalog (see module); ``durable`` False.
 
@@ -109,16 +148,32 @@ class TiledSink:
         self._runs: dict[str, Any] = {}  # raw run uid -> its analysis container
         self._frames: dict[str, int] = {}  # raw run uid -> frames written
         self._down_until = 0.0  # monotonic time before which the server is not tried again
+        self._calls = _CallThread()
+        self._given_up: Future[Any] | None = None  # the last call given up on, maybe still running
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run one client call; failures become ``SinkError`` with a reason label."""
+        """Run one client call in the call thread, for ``cfg.timeout_s`` (s, wall clock) at most;
+        failures become ``SinkError`` with a reason label."""
         import httpx
 
         wait = self._down_until - time.monotonic()
         if wait > 0:  # a server that timed out would stall the output stage on every item
             raise SinkError("tiled_unreachable", f"{what}: not tried, server unreachable (next try in {wait:.0f} s)")
+        if self._given_up is not None and not self._given_up.done():
+            raise SinkError("tiled_unreachable", f"{what}: not tried, a request given up on is still unanswered")
+        self._given_up = None
+        fut = self._calls.submit(fn)
         try:
-            return fn()
+            return fut.result(timeout=self.cfg.timeout_s)
+        except FutureTimeout:
+            self._given_up = fut
+            self._root = None
+            self._down_until = time.monotonic() + self.cfg.retry_after_s
+            log("tiled_call_given_up", logging.WARNING, call=what, timeout_s=self.cfg.timeout_s,
+                retry_after_s=self.cfg.retry_after_s,
+                detail="no answer within tiled.timeout_s (tiled's own retries included); the request may "
+                       "still complete on the server")
+            raise SinkError("tiled_unreachable", f"{what}: no answer within {self.cfg.timeout_s:g} s") from None
         except httpx.TransportError as err:  # no server, timeout, connection reset
             self._root = None
             self._down_until = time.monotonic() + self.cfg.retry_after_s

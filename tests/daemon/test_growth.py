@@ -179,3 +179,28 @@ def test_growth_series_carries_the_interval_and_tells_change_from_noise() -> Non
     state = RuleState(rule)
     fired = [state.evaluate(p, k) for k, p in enumerate(points, start=1)]
     assert [a.state if a else None for a in fired] == [None, None, "raised"]
+
+
+def test_frames_without_a_value_have_no_rate_and_raise_no_stall_alarm() -> None:
+    """A frame without particles holds the EWMA; its rate is NaN, not 0 (no "stalled" from empty frames)."""
+    rule = AlarmRule(name="stall", quantity="length_nm", statistic="rate_per_frame", below=1.0, for_frames=2)
+    state = RuleState(rule)
+    s = GrowthSeries(alpha=1.0)
+    alarms = []
+    for k, length in enumerate([100.0, 200.0, math.nan, math.nan, math.nan, 400.0], 1):
+        point = s.observe(k, 10.0 * k, {"length_nm": length})
+        alarms.append(state.evaluate(point, s.frames))
+        if math.isnan(length):
+            assert math.isnan(point.rate_per_frame["length_nm"]) and math.isnan(point.rate_per_s["length_nm"])
+    assert alarms == [None] * 6
+    # the same rule still fires on frames that really do not grow
+    for k, length in enumerate([400.0, 400.5], 7):
+        point = s.observe(k, 10.0 * k, {"length_nm": length})
+        alarms.append(state.evaluate(point, s.frames))
+    assert alarms[-1] is not None and alarms[-1].state == "raised" and "below 1 for 2 frames" in alarms[-1].message
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_non_finite_threshold_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"rules\.0\.above: Input should be a finite number"):
+        parse_config({"rules": [{"name": "r", "quantity": "count", "above": float(bad)}]}, GrowthConfig, "growth")
