@@ -9,10 +9,13 @@ endpoint, systemd notifications and the housekeeping (watchdog, run timeouts, st
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import zmq
 from pydantic import BaseModel
@@ -32,6 +35,40 @@ from nanoseg_daemon.store import ResultStore, default_path
 from nanoseg_daemon.systemd_notify import SystemdNotifier
 from nanoseg_daemon.zmq_ingest import ZmqIngest
 
+STATE_LOCK = "daemon.lock"
+"""The file in the state directory that one daemon holds locked (``flock``) while it runs."""
+
+
+class StateDirInUse(RuntimeError):
+    """Another daemon holds the state directory (its store and its open runs)."""
+
+
+def lock_state_dir(state: Path) -> IO[str]:
+    """Hold ``state``/daemon.lock exclusively (``flock``) for as long as the returned file stays
+    open; the kernel releases it when the process ends, however it ends (SIGKILL included). The
+    file holds the holder's pid, for the message.
+
+    Raises
+    ------
+    StateDirInUse
+        If another daemon (process, or a Service in this process) holds it: two daemons on one
+        store would each close and take up the other's open runs at a restart.
+    """
+    f = open(state / STATE_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the daemon's life
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read(64).strip() or "unknown"
+        f.close()
+        raise StateDirInUse(f"{state} is in use by another nanoseg daemon (pid {holder}); give each daemon "
+                            "its own store.state_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
 
 class Service:
     def __init__(self, cfg: DaemonConfig) -> None:
@@ -42,36 +79,41 @@ class Service:
         self.profiles = ProfileBook(cfg.profile)
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True)
-        m = cfg.model
-        self._engine_cache = cfg.engine_cache
-        self.slot = ModelSlot(load_configured(m, cfg.postprocess, self._engine_cache), cfg.postprocess)
-        self._model_info()
-        self.intake = Intake(cfg.queue, self.metrics)
-        self.sinks = SinkChain([self._sink(name) for name in cfg.sink_names], self.metrics, cfg.store.max_pending,
-                               self.intake.pop_losses)
-        self._paused = threading.Event()
-        self._stopping = threading.Event()
-        self._reload_lock = threading.Lock()
-        self._reloading: tuple[str, float] | None = None  # (path, monotonic start) of the reload running
-        self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
-        self.stages = Stages(self.intake.next_items, self.profiles,
-                             StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
-                                            lambda: self._paused.is_set() and not self._stopping.is_set(),
-                                            self.metrics.batch_size.observe,
-                                            self.metrics.statistics_remeasured.inc),
-                             batching=cfg.batching, statistics=cfg.statistics,
-                             statistics_workers=cfg.statistics.workers, engine_instances=m.instances)
-        self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
-                                         on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
-        self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
-        bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
-        if bluesky_sink is not None and self.store is not None:
-            bluesky_sink.journal = self.store.analysis_opened
-        self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store,
-                                run_lookup=self._run_lookup())
-        self._resumed: dict[str, float] = {}  # runs taken up after a restart -> monotonic time then
-        self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
-        self.notifier = SystemdNotifier()
+        self._state_lock = lock_state_dir(state)  # one daemon per state dir: its store, its open runs
+        try:
+            m = cfg.model
+            self._engine_cache = cfg.engine_cache
+            self.slot = ModelSlot(load_configured(m, cfg.postprocess, self._engine_cache), cfg.postprocess)
+            self._model_info()
+            self.intake = Intake(cfg.queue, self.metrics)
+            self.sinks = SinkChain([self._sink(name) for name in cfg.sink_names], self.metrics, cfg.store.max_pending,
+                                   self.intake.pop_losses)
+            self._paused = threading.Event()
+            self._stopping = threading.Event()
+            self._reload_lock = threading.Lock()
+            self._reloading: tuple[str, float] | None = None  # (path, monotonic start) of the reload running
+            self._mismatch_logged: set[str] = set()  # runs whose input mismatch is logged already
+            self.stages = Stages(self.intake.next_items, self.profiles,
+                                 StageCallbacks(self._output, self.intake.failed, lambda: self.slot.current,
+                                                lambda: self._paused.is_set() and not self._stopping.is_set(),
+                                                self.metrics.batch_size.observe,
+                                                self.metrics.statistics_remeasured.inc),
+                                 batching=cfg.batching, statistics=cfg.statistics,
+                                 statistics_workers=cfg.statistics.workers, engine_instances=m.instances)
+            self.control = ctl.ControlServer(self.ctx, cfg.control.address, self.handle_control, cfg.control.curve,
+                                             on_reject=lambda r: self.metrics.messages_rejected.labels(r).inc())
+            self.store = next((s.store for s in self.sinks.sinks if isinstance(s, StoreSink)), None)
+            bluesky_sink = next((s for s in self.sinks.sinks if isinstance(s, BlueskySink)), None)
+            if bluesky_sink is not None and self.store is not None:
+                bluesky_sink.journal = self.store.analysis_opened
+            self.ingest = ZmqIngest(cfg.ingest, self.intake, context=self.ctx, journal=self.store,
+                                    run_lookup=self._run_lookup())
+            self._resumed: dict[str, float] = {}  # runs taken up after a restart -> monotonic time then
+            self.metrics_server = MetricsServer(self.metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
+            self.notifier = SystemdNotifier()
+        except BaseException:
+            self._state_lock.close()  # a daemon that did not start holds nothing
+            raise
 
     def _output(self, items: list[Item | FrameResult]) -> None:
         """The output stage: note a frame that does not look like its profile's input, then the sinks."""
@@ -167,6 +209,7 @@ class Service:
         if self.metrics_server:
             self.metrics_server.stop()
         self.ctx.term()
+        self._state_lock.close()  # the state directory is free for the next daemon
         log("service_stopped", drained=drained, unstored_results=lost, processed=self.sinks.processed)
         return drained and lost == 0
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 from bluesky.callbacks.zmq import Publisher
 from event_model import compose_run
@@ -435,3 +436,33 @@ def test_sigkill_and_restart_keeps_stored_frames_and_never_duplicates(tmp_path: 
     assert {f.frame_uid: f.stored_at for f in after if f.frame_uid in before} == before  # untouched
     with sqlite3.connect(default_path(state)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_at_once(tmp_path: Path, trained_model_path: Path) -> None:
+    """Two daemons on one store would each close and take up the other's open runs at a restart:
+    the second is refused naming the first's pid, in a process (exit 2) and in the same process;
+    the directory is free again once the first stops, or is killed (the kernel drops the lock)."""
+    from nanoseg_daemon.service import StateDirInUse
+
+    state = tmp_path / "state"
+    with serve_process(state, trained_model_path) as (first, _sockets):
+        sockets = Path(tempfile.mkdtemp(prefix="ns-", dir="/tmp"))
+        try:
+            config = write_config(tmp_path / "second.yaml", serve_overrides(state, trained_model_path, sockets))
+            second = ServeProcess(config, tmp_path / "second.log")
+            assert second.proc.wait(120) == 2
+            log = (tmp_path / "second.log").read_text()
+            assert f"is in use by another nanoseg daemon (pid {first.proc.pid})" in log
+            with pytest.raises(StateDirInUse, match=f"pid {first.proc.pid}"):
+                start_lean_service(state, trained_model_path)
+        finally:
+            shutil.rmtree(sockets, ignore_errors=True)
+        first.signal(signal.SIGKILL)
+        assert first.proc.wait(30) == -signal.SIGKILL
+    svc = start_lean_service(state, trained_model_path)  # the killed daemon's lock went with it
+    try:
+        with pytest.raises(StateDirInUse):
+            start_lean_service(state, trained_model_path)
+    finally:
+        assert svc.stop()
+    assert start_lean_service(state, trained_model_path).stop()  # stopped: free again
