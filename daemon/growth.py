@@ -14,10 +14,13 @@ frame covered, 0..1); ``length_nm_lo``/``length_nm_hi`` and ``width_nm_lo``/``wi
 ``GrowthPoint.changed_significantly`` compares two frames' intervals.
 Statistics a rule can watch: ``value`` (the frame's), ``ewma`` (exponentially weighted moving
 average, ``e_k = alpha * x_k + (1 - alpha) * e_(k-1)``, started at the first finite value; a NaN
-frame leaves it unchanged), ``rate_per_frame`` (``e_k - e_(k-1)`` of the EWMA, units per frame) and
-``rate_per_s`` (the same divided by the frames' acquisition-time difference, units per second;
-NaN when the time does not advance). Both rates are NaN for a frame without a finite value (the
-EWMA holds, but that is no information about growth, so a rule on a rate neither fires nor clears).
+frame leaves it unchanged), ``rate_per_frame`` (the EWMA's change since the last frame with a
+value, divided by the frames since: units per frame) and ``rate_per_s`` (the EWMA's change since
+the latest earlier frame acquired at least ``rate_window_s`` before, divided by the time between
+them: units per second; NaN until there is one, so frames read microseconds apart, as the frames
+of one stream datum are, give no rate of millions per second). Both rates are NaN for a frame
+without a finite value (the EWMA holds, but that is no information about growth, so a rule on a
+rate neither fires nor clears).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class GrowthPoint:
     value: Mapping[str, float]
     ewma: Mapping[str, float]
     rate_per_frame: Mapping[str, float]  # NaN until two finite EWMA values, and for a frame without a value
-    rate_per_s: Mapping[str, float]  # NaN also when the timestamps do not advance
+    rate_per_s: Mapping[str, float]  # NaN also until a frame rate_window_s older is kept
 
     def get(self, statistic: Statistic, quantity: str) -> float:
         return float(getattr(self, statistic)[quantity])
@@ -108,28 +111,52 @@ class GrowthPoint:
 class GrowthSeries:
     """A run's time series (the last ``max_points`` frames are kept; the EWMA covers them all)."""
 
-    def __init__(self, alpha: float, max_points: int = 1_000) -> None:
+    def __init__(self, alpha: float, max_points: int = 1_000, rate_window_s: float = 1.0) -> None:
         self._ewma = {q: Ewma(alpha) for q in QUANTITIES}
         self.points: deque[GrowthPoint] = deque(maxlen=max_points)
         self.frames = 0
+        self.rate_window_s = rate_window_s
+        self._last: dict[str, tuple[int, float]] = {}  # quantity -> (frame index, EWMA) at its last value
+        # the points a per-second rate may start from: one per ~rate_window_s / 8 of acquisition
+        # time (every point of a slower series), so that finding the start reads a few dozen at most
+        self._anchors: deque[GrowthPoint] = deque(maxlen=64)
 
     def observe(self, seq_num: int, timestamp: float, values: Mapping[str, float]) -> GrowthPoint:
-        prev = self.points[-1] if self.points else None
+        """Add the frame ``seq_num`` acquired at ``timestamp`` (s) with ``values`` (quantity ->
+        value in its unit; NaN or absent: none); returns its point with the EWMA and the rates."""
         ewma: dict[str, float] = {}
         per_frame: dict[str, float] = {}
         per_s: dict[str, float] = {}
-        dt = timestamp - prev.timestamp if prev else math.nan
         for q in QUANTITIES:
-            before = prev.ewma[q] if prev else math.nan
             x = float(values.get(q, math.nan))
             ewma[q] = self._ewma[q].update(x)
-            # NaN while either is NaN, and for a frame without a value: its held EWMA is no "no change"
-            per_frame[q] = ewma[q] - before if math.isfinite(x) else math.nan
-            per_s[q] = per_frame[q] / dt if dt > 0 else math.nan
+            per_frame[q] = per_s[q] = math.nan  # a frame without a value: its held EWMA is no "no change"
+            if not math.isfinite(x):
+                continue
+            last = self._last.get(q)
+            if last is not None:
+                per_frame[q] = (ewma[q] - last[1]) / (self.frames - last[0])
+            self._last[q] = (self.frames, ewma[q])
+            base = self._rate_base(timestamp, q)
+            if base is not None:
+                per_s[q] = (ewma[q] - base.ewma[q]) / (timestamp - base.timestamp)
         point = GrowthPoint(seq_num, timestamp, dict(values), ewma, per_frame, per_s)
         self.points.append(point)
+        if not self._anchors or not timestamp - self._anchors[-1].timestamp < self.rate_window_s / 8:
+            self._anchors.append(point)
         self.frames += 1
         return point
+
+    def _rate_base(self, timestamp: float, quantity: str) -> GrowthPoint | None:
+        """The latest anchor point with a value of ``quantity`` acquired at least ``rate_window_s``
+        before ``timestamp`` (s; at most ~1/8 of the window more where frames come faster); None
+        when none is kept or the time is not finite."""
+        if not math.isfinite(timestamp):
+            return None
+        for point in reversed(self._anchors):
+            if timestamp - point.timestamp >= self.rate_window_s and math.isfinite(point.value.get(quantity, math.nan)):
+                return point
+        return None
 
 
 class AlarmRule(StrictModel):
@@ -172,6 +199,8 @@ class GrowthConfig(StrictModel):
     ewma_alpha: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest frame.")
     max_points: int = Field(1_000, ge=1, description="Frames of a run's series kept in memory (~2 kB each, for every one of max_runs runs).")
     max_runs: int = Field(16, ge=1, description="Runs tracked at once; the least recent is forgotten.")
+    rate_window_s: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                 description="Shortest acquisition time a per-second rate is taken over, s.")
     rules: list[AlarmRule] = Field(default_factory=list, description="Alarm rules; none by default.")
 
     @model_validator(mode="after")
@@ -278,7 +307,7 @@ class GrowthMonitor:
     def _run(self, run_uid: str) -> RunGrowth:
         run = self._runs.get(run_uid)
         if run is None:
-            run = RunGrowth(GrowthSeries(self.cfg.ewma_alpha, self.cfg.max_points),
+            run = RunGrowth(GrowthSeries(self.cfg.ewma_alpha, self.cfg.max_points, self.cfg.rate_window_s),
                             [RuleState(r) for r in self.cfg.rules])
             self._runs[run_uid] = run
             while len(self._runs) > self.cfg.max_runs:

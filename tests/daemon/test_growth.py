@@ -45,8 +45,30 @@ def test_series_rates_per_frame_and_per_second() -> None:
     assert p2.rate_per_s["length_nm"] == pytest.approx(6.0)
     assert p2.rate_per_frame["count"] == pytest.approx(2.0)
     assert math.isnan(p2.ewma["width_nm"])  # never given
-    p3 = s.observe(3, 110.0, {"length_nm": 300.0})  # same timestamp: no rate per second
-    assert p3.rate_per_frame["length_nm"] == pytest.approx(40.0) and math.isnan(p3.rate_per_s["length_nm"])
+    p3 = s.observe(3, 110.0, {"length_nm": 300.0})  # same timestamp: the rate from the frame 10 s before
+    assert p3.rate_per_frame["length_nm"] == pytest.approx(40.0) and p3.rate_per_s["length_nm"] == pytest.approx(10.0)
+
+
+def test_frames_read_microseconds_apart_give_no_runaway_rate_per_second() -> None:
+    """The frames of one stream datum are read (and stamped) microseconds apart: the rate per
+    second is taken over at least ``rate_window_s``, not over those microseconds (before: 1e6/s)."""
+    s = GrowthSeries(alpha=1.0, rate_window_s=1.0)
+    rates = []
+    for k in range(40):  # 2 nm a frame; a datum of 8 frames 10 us apart every 2 s: 8 nm/s on average
+        t = 100.0 + 2.0 * (k // 8) + 1e-5 * (k % 8)
+        rates.append(s.observe(k + 1, t, {"length_nm": 100.0 + 2.0 * k}).rate_per_s["length_nm"])
+    assert all(math.isnan(r) for r in rates[:8])  # nothing a second older yet
+    # taken over ~2 s (from the previous datum's first frame): 8-15 nm/s here, never 2 nm / 10 us = 2e5/s
+    assert all(8.0 <= r <= 15.0 for r in rates[8:]), rates
+    assert rates[8] == pytest.approx(16.0 / 2.0)
+
+
+def test_a_gap_of_frames_without_a_value_spreads_the_change_per_frame() -> None:
+    s = GrowthSeries(alpha=1.0)
+    for k, length in enumerate([100.0, math.nan, math.nan, 130.0], 1):
+        point = s.observe(k, 10.0 * k, {"length_nm": length})
+    assert point.rate_per_frame["length_nm"] == pytest.approx(10.0)  # 30 nm over 3 frames, not 30 in one
+    assert point.rate_per_s["length_nm"] == pytest.approx(30.0 / 30.0)  # from the last frame with a value
 
 
 def test_series_smooths_with_alpha() -> None:
