@@ -18,12 +18,14 @@ the ``reason`` of the run's stop document (``exit_status`` "fail").
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
+import numpy as np
 from bluesky.utils import FailedStatus
 
 from nanoseg_daemon.growth import Ewma
@@ -78,7 +80,9 @@ class GrowthStop:
 def check_number(name: str, value: Any, *, gt: float | None = None, ge: float | None = None,
                  le: float | None = None, integer: bool = False) -> None:
     """Refuse a plan argument out of range: ``ValueError`` naming ``name``, its value and the range."""
-    bad = isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int))
+    # numpy scalars count (np.int64, np.float32: a session's np.arange), bools do not
+    bad = (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real)
+           or (integer and not isinstance(value, numbers.Integral)))
     x = math.nan if bad else float(value)
     if (bad or not math.isfinite(x) or (gt is not None and not x > gt) or (ge is not None and not x >= ge)
             or (le is not None and not x <= le)):

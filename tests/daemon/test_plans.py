@@ -51,3 +51,20 @@ def test_growth_stop_ignores_frames_without_particles() -> None:
 def test_next_exposure(counts: list[int], exposure: float, expected: float) -> None:
     got = next_exposure(counts, exposure, min_count=3, stable_frames=2, tolerance=1, limits=(0.005, 1.0))
     assert got == pytest.approx(expected)
+
+
+def test_plan_arguments_may_be_numpy_numbers_but_not_bools() -> None:
+    """A session's ``np.arange`` gives np.int64 and np.float32: valid values pass the checks (they
+    were refused as "not an integer"); a bool is still no number."""
+    import numpy as np
+
+    from nanoseg_daemon.plans import GrowthStop, check_number
+
+    check_number("max_frames", np.int64(3), ge=1, integer=True)
+    check_number("target_nm", np.float32(500.0), gt=0)
+    GrowthStop(np.float32(500.0), np.float64(1.0), np.int64(3))
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match="max_frames must be an integer"):
+            check_number("max_frames", bad, ge=1, integer=True)
+    with pytest.raises(ValueError, match="must be an integer"):
+        check_number("max_frames", np.float64(3.0), ge=1, integer=True)
