@@ -31,6 +31,12 @@ order (default: ``store``, then ``bluesky`` and ``summary`` where enabled).
   as dropped (``duplicate``) and goes no further.
 * A non-durable sink's ``SinkError``, and any other exception of any sink (a bug), is counted in
   ``sink_errors_total{sink, reason}`` and logged; the item goes on to the next sink.
+* Error lines are rate-limited, so that an error that repeats (a full disk, a server down, at
+  hundreds of frames/s) does not flood the log: per (sink, reason) for ``<sink>_error``, per
+  reason for ``result_lost``, the first occurrence is logged at once, then at most one line per
+  ``ERROR_LOG_EVERY_S`` (s), whose field ``occurrences`` is the number of occurrences since the
+  last line, this one included (``first_suppressed_ago_s``: how long ago the oldest of them
+  was). The metrics count every occurrence.
 """
 
 from __future__ import annotations
@@ -53,6 +59,44 @@ from nanoseg_daemon.store import ResultStore, StoreError
 
 RECENT_CLOSED_RUNS = 1024
 """Closed runs remembered (by the chain and the bluesky sink) to recognise their late items."""
+
+ERROR_LOG_EVERY_S = 10.0
+"""At most one log line per this many seconds for an error that repeats (per sink and reason)."""
+
+
+class LogLimiter:
+    """Rate limit for log lines of repeated events: per key, the first occurrence is logged at once,
+    then at most one line per ``every_s`` (s, ``clock`` time) carrying the count since the last.
+
+    Parameters
+    ----------
+    every_s
+        Least time between two lines of one key, s.
+    clock
+        Monotonic time source, s.
+    """
+
+    def __init__(self, every_s: float = ERROR_LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._last: dict[Any, float] = {}  # key -> time of its last line
+        self._held: dict[Any, tuple[int, float]] = {}  # key -> (occurrences not logged, time of the first)
+
+    def occurred(self, key: Any) -> dict[str, Any] | None:
+        """Count one occurrence of ``key``. None: do not log it; else log it, with these fields
+        (``occurrences``: since the last line of ``key``, this one included; and, where some were
+        not logged, ``first_suppressed_ago_s``, s)."""
+        now = self._clock()
+        held, first = self._held.get(key, (0, now))
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._held[key] = (held + 1, first)
+            return None
+        self._last[key] = now
+        self._held.pop(key, None)
+        fields: dict[str, Any] = {"occurrences": held + 1}
+        if held:
+            fields["first_suppressed_ago_s"] = round(now - first, 3)
+        return fields
 
 
 class SinkError(Exception):
@@ -325,6 +369,7 @@ class SinkChain:
         self._lock = threading.Lock()
         self._closed = False
         self._stage_seconds: dict[str, Any] = {}  # stage -> its histogram child (``labels`` costs per call)
+        self.log_limiter = LogLimiter()  # error lines of the chain, per (event, sink, reason)
 
     def put(self, item: RunStarted | FrameResult | RunStopped | FrameJob) -> None:
         """Take one item from the stages (output thread)."""
@@ -520,9 +565,12 @@ class SinkChain:
         return True
 
     def _sink_error(self, sink: Sink, reason: str, detail: str, p: _Pending) -> None:
+        """Count a sink's error; log it, rate-limited per (sink, reason) (module)."""
         self.metrics.sink_errors.labels(sink.name, reason).inc()
-        log(f"{sink.name}_error", logging.ERROR, reason=reason, detail=detail[:500], item=p.describe(),
-            pending=len(self._pending))
+        repeats = self.log_limiter.occurred(("sink_error", sink.name, reason))
+        if repeats is not None:
+            log(f"{sink.name}_error", logging.ERROR, reason=reason, detail=detail[:500], item=p.describe(),
+                pending=len(self._pending), **repeats)
 
     def _count(self, p: _Pending) -> None:
         """Count a frame every durable sink has: processed, particles, stage times."""
@@ -563,7 +611,9 @@ class SinkChain:
         """Give up on an item a durable sink cannot take (``reason``: ``<sink>_overflow`` or
         ``<sink>_rejected``): frames are lost, counted failed and among their run's losses; run
         starts and stops still go on to the later sinks."""
-        log("result_lost", logging.ERROR, item=p.describe(), reason=reason)
+        repeats = self.log_limiter.occurred(("result_lost", reason))
+        if repeats is not None:
+            log("result_lost", logging.ERROR, item=p.describe(), reason=reason, **repeats)
         if isinstance(p.item, _Frame):
             self.metrics.frames_failed.labels(reason).inc()
             self._count_lost(p.item.result.run_uid, reason)

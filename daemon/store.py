@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -425,18 +426,33 @@ class ResultStore(ResultReader):
             raise StoreError("file_replaced", f"{self.path} is another file than the one the daemon opened; "
                              "results are held (not written) until it is moved back or the daemon restarted")
         old = self._conn
+        t0 = time.monotonic()
+        # copied beside the path, then renamed onto it: a copy that fails half way (disk full) leaves
+        # nothing at the path (which the next write would take for a replaced file), and readers
+        # never open a half-written store
+        tmp = self.path.with_name(f".{self.path.name}.recreate.tmp")
+        placed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path)) as copy:
+            with closing(sqlite3.connect(tmp)) as copy:
                 old.backup(copy)
-        except (OSError, sqlite3.Error) as err:
+            os.replace(tmp, self.path)
+            placed = True
+            self._conn, self._file_id = self._connect()
+        except (OSError, sqlite3.Error, StoreError) as err:
+            leftovers = [tmp, tmp.with_name(tmp.name + "-journal")]
+            if placed:  # not opened: the next write makes it again, rather than take it for another's file
+                leftovers += [self.path, *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm"))]
+            for leftover in leftovers:
+                with suppress(OSError):
+                    leftover.unlink()
             raise StoreError("file_missing", f"{self.path} was removed and cannot be made again: {err}") from err
-        self._conn, self._file_id = self._connect()
         with suppress(sqlite3.Error):
             old.close()
-        log("store_recreated", logging.ERROR, path=str(self.path),
+        log("store_recreated", logging.ERROR, path=str(self.path), seconds=round(time.monotonic() - t0, 3),
             detail="the result store's file was removed while the daemon wrote it; made again from the "
-                   "open connection, with every result stored so far")
+                   "open connection, with every result stored so far (the copy holds up the output for "
+                   "as long as it takes: about 2 s per GB)")
 
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:

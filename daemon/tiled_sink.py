@@ -28,6 +28,14 @@ given up on is counted ``tiled_unreachable``; while it is still unanswered no ot
 there all the same). A frame whose run's container could not be made is counted
 ``tiled_no_run``; an outage in the middle of a run leaves that run's container without the frames
 in between (the store has them).
+
+A server that comes back without the run's container (restarted with a fresh catalog, e.g.
+``tiled serve catalog --temp``, or its catalog lost) answers 404 for it: the sink then makes the
+container of each open run again, at its next frame or stop, with the start metadata it wrote
+first and a note ``recreated`` (time, ``frames_missing``: the frames written there before, gone
+with the old catalog, which the store has), and logs ``tiled_run_recreated`` (WARNING); the rest
+of the run and its stop go to the new container. A run started after such a restart makes the
+container path (``tiled.path``) again.
 """
 
 from __future__ import annotations
@@ -98,6 +106,11 @@ def particle_frame(result: FrameResult) -> Any:
     return pd.DataFrame(cols)
 
 
+class _Gone(SinkError):
+    """The server has no such node (404, or ``KeyError`` from the client): counted as
+    ``tiled_rejected`` unless the sink makes the run's container again."""
+
+
 class _CallThread:
     """One daemon thread that runs the sink's client calls, so that the caller can give one up
     after a deadline (a hung server) while the call goes on here; a daemon thread, so a call still
@@ -146,6 +159,7 @@ class TiledSink:
         self._root: Any = None  # the container receiving runs, made at first use
         self._raw: dict[str, RunStarted] = {}
         self._runs: dict[str, Any] = {}  # raw run uid -> its analysis container
+        self._starts: dict[str, dict[str, Any]] = {}  # raw run uid -> the start document its container got
         self._frames: dict[str, int] = {}  # raw run uid -> frames written
         self._down_until = 0.0  # monotonic time before which the server is not tried again
         self._calls = _CallThread()
@@ -178,7 +192,11 @@ class TiledSink:
             self._root = None
             self._down_until = time.monotonic() + self.cfg.retry_after_s
             raise SinkError("tiled_unreachable", f"{what}: {type(err).__name__}: {err}") from err
-        except httpx.HTTPStatusError as err:  # 401 bad key, 409 key exists, 4xx/5xx
+        except KeyError as err:  # the client's lookup of a child the server does not have
+            raise _Gone("tiled_rejected", f"{what}: no such entry {err}") from err
+        except httpx.HTTPStatusError as err:  # 401 bad key, 404 no such node, 409 key exists, 4xx/5xx
+            if err.response.status_code == 404:
+                raise _Gone("tiled_rejected", f"{what}: {err}") from err
             raise SinkError("tiled_rejected", f"{what}: {err}") from err
 
     def _container(self) -> Any:
@@ -196,6 +214,25 @@ class TiledSink:
             self._root = self._call("connect", connect)
         return self._root
 
+    def _make_run(self, start: Mapping[str, Any], note: Mapping[str, Any] | None = None) -> Any:
+        """Make the analysis container of ``start`` (with ``labels`` and ``particles``); where the
+        container path is gone from the server (a fresh catalog), make it again and retry once."""
+        metadata: dict[str, Any] = {"start": json_safe(dict(start))}
+        if note is not None:
+            metadata["recreated"] = json_safe(dict(note))
+
+        def create() -> Any:
+            root = self._container()
+            return self._call("create_run", lambda: root.create_container(start["uid"], metadata=metadata))
+
+        try:
+            node = create()
+        except _Gone:  # the container path is gone: made again by ``_container``
+            self._root = None
+            node = create()
+        self._call("create_run", lambda: (node.create_container("labels"), node.create_container("particles")))
+        return node
+
     def _analysis(self, run_uid: str) -> Any:
         node = self._runs.get(run_uid)
         if node is None:
@@ -203,12 +240,32 @@ class TiledSink:
             raw = self._raw.get(run_uid)
             start = AnalysisRun(run_uid, version, processing,
                                 raw_metadata=raw.metadata.extra if raw else None).start_doc
-            root = self._container()
-            node = self._call("create_run", lambda: root.create_container(
-                start["uid"], metadata={"start": json_safe(start)}))
-            self._call("create_run", lambda: (node.create_container("labels"), node.create_container("particles")))
+            node = self._make_run(start)
             self._runs[run_uid] = node
+            self._starts[run_uid] = start
             self._frames[run_uid] = 0
+        return node
+
+    def _recreated(self, run_uid: str, gone: _Gone) -> Any:
+        """The open run's container made again after the server answered ``gone`` (404) for it:
+        same start metadata, plus the note ``recreated``; ``gone`` raised again where the
+        container is there all the same (the 404 was for something else)."""
+        start = self._starts[run_uid]
+        self._root = None  # the container path may be gone too
+        root = self._container()
+        if self._call("find_run", lambda: start["uid"] in root):
+            raise gone
+        frames = self._frames.get(run_uid, 0)
+        note = {"time": time.time(), "frames_missing": frames,
+                "detail": "the Tiled server lost this container (restarted with a fresh catalog, or its "
+                          "catalog lost) while the run was open; the frames written before are missing "
+                          "here, the daemon's store has them"}
+        node = self._make_run(start, note)
+        self._runs[run_uid] = node
+        log("tiled_run_recreated", logging.WARNING, run=run_uid, analysis=start["uid"], frames_missing=frames,
+            error=gone.detail[:500],
+            detail="the run's container was gone from the Tiled server; made again, later frames and the "
+                   "stop go there")
         return node
 
     def analysis_key(self, run_uid: str) -> str:
@@ -229,10 +286,17 @@ class TiledSink:
                 "model_version": result.model_version, "summary": json_safe(result.summary.to_dict()),
                 "metadata": json_safe(result.metadata)}
         labels, table = label_image(result), particle_frame(result)
-        self._call("write_labels", lambda: node["labels"].write_array(labels, key=key, metadata=meta,
-                                                                         dims=("y", "x")))
-        self._call("write_particles", lambda: node["particles"].write_table(table, key=key,
-                                                                             metadata={"frame_uid": result.frame_uid}))
+
+        def write(node: Any) -> None:
+            self._call("write_labels", lambda: node["labels"].write_array(labels, key=key, metadata=meta,
+                                                                             dims=("y", "x")))
+            self._call("write_particles", lambda: node["particles"].write_table(
+                table, key=key, metadata={"frame_uid": result.frame_uid}))
+
+        try:
+            write(node)
+        except _Gone as gone:
+            write(self._recreated(result.run_uid, gone))
         self._frames[result.run_uid] += 1
         return True
 
@@ -243,9 +307,14 @@ class TiledSink:
             status, reason = stop_status(stop.exit_status, stop.reason, frames, stop.rejected)
             stop_md: Mapping[str, Any] = {"exit_status": status, "reason": reason, "time": stop.time,
                                           "num_frames": frames, "losses": dict(stop.rejected)}
-            self._call("stop_run", lambda: node.update_metadata({"stop": dict(stop_md)}))
+            try:
+                self._call("stop_run", lambda: node.update_metadata({"stop": dict(stop_md)}))
+            except _Gone as gone:
+                node = self._recreated(stop.run_uid, gone)
+                self._call("stop_run", lambda: node.update_metadata({"stop": dict(stop_md)}))
         finally:
             self._runs.pop(stop.run_uid, None)
+            self._starts.pop(stop.run_uid, None)
             self._raw.pop(stop.run_uid, None)
             self._frames.pop(stop.run_uid, None)
 

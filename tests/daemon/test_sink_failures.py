@@ -148,3 +148,23 @@ def test_a_store_that_cannot_make_its_file_again_raises_and_keeps_nothing_back(t
         store.add_frame(result("r", 1))
     assert err.value.reason == "file_missing" and not err.value.permanent
     store.close()
+
+
+def test_a_store_whose_copy_fails_half_way_leaves_nothing_at_its_path_and_recovers(tmp_path: Path) -> None:
+    """The copy that makes a removed file again fails (here: its temporary file cannot be made;
+    a full disk does the same): nothing is left at the path, so the next write makes it again
+    rather than take a half-written copy for another's file and hold every result for ever."""
+    path = tmp_path / "state" / "results.sqlite3"
+    store = ResultStore(path)
+    store.add_run(start("r"), "v")
+    assert store.add_frame(result("r", 1))
+    shutil.rmtree(path.parent)
+    blocker = path.with_name(f".{path.name}.recreate.tmp")
+    blocker.mkdir(parents=True)  # a directory where the copy goes: sqlite cannot open it
+    with pytest.raises(StoreError) as err:
+        store.add_frame(result("r", 2))
+    assert err.value.reason == "file_missing" and not path.exists()
+    blocker.rmdir()
+    assert store.add_frame(result("r", 2))  # was file_replaced from here on, until a restart
+    assert stored(path, "r") == [1, 2] and not blocker.exists()
+    store.close()

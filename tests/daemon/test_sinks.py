@@ -6,6 +6,7 @@ would be); the store is the real SQLite ``ResultStore`` behind ``StoreSink``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from nanoseg_daemon.contracts import FrameMetadata, FrameResult, RunStarted, Run
 from nanoseg_daemon.growth import GrowthConfig, GrowthMonitor
 from nanoseg_daemon.metrics import DaemonMetrics
 from nanoseg_daemon.publish import DocumentPublisher
-from nanoseg_daemon.sinks import BlueskySink, SinkChain, SinkError, StoreSink
+from nanoseg_daemon.sinks import BlueskySink, LogLimiter, SinkChain, SinkError, StoreSink
 from nanoseg_daemon.store import ResultStore
 
 
@@ -411,3 +412,43 @@ def test_an_analysis_run_whose_opening_cannot_be_sent_publishes_nothing_after_it
     finally:
         chain.close()
         bus.close()
+
+
+def test_a_store_error_that_repeats_is_logged_once_per_interval_with_its_count(tmp_path: Path) -> None:
+    from tests.daemon.test_tiled_sink import daemon_log_records
+    from tests.hardening.test_faults import fill_store
+
+    max_bytes = 1 << 20
+    path = tmp_path / "results.sqlite"
+    fill_store(path, max_bytes)  # a real full store: every write fails disk_full
+    store = ResultStore(path, max_bytes=max_bytes)
+    m = DaemonMetrics()
+    rec = Recorder("later")
+    chain = SinkChain([StoreSink(store, lambda: "m@1", m), rec], m, max_pending=5)
+    now = [100.0]
+    chain.log_limiter = LogLimiter(10.0, clock=lambda: now[0])
+
+    def lines(records: list[Any], event: str) -> list[dict[str, Any]]:
+        return [r.fields for r in records if r.getMessage() == event and r.levelno == logging.ERROR]
+
+    with daemon_log_records() as records:
+        chain.put(start("full"))
+        for seq in range(1, 200):  # hundreds of items, one store error each, within a second
+            chain.put(result("full", seq))
+            now[0] += 0.001
+        errors, lost = lines(records, "store_error"), lines(records, "result_lost")
+        assert [(e["reason"], e["occurrences"]) for e in errors] == [("disk_full", 1)]  # the first at once
+        assert [(e["reason"], e["occurrences"]) for e in lost] == [("store_overflow", 1)]
+        now[0] += 10.0  # an interval later: one line each, with the count since the last
+        chain.put(result("full", 200))
+        errors, lost = lines(records, "store_error"), lines(records, "result_lost")
+        assert [e["occurrences"] for e in errors] == [1, 200] and errors[1]["first_suppressed_ago_s"] > 10
+        assert [e["occurrences"] for e in lost] == [1, 195]  # the start, then 195 frames
+        chain.put(result("full", 201))  # and silent again until the next interval
+        assert len(lines(records, "store_error")) == 2 and len(lines(records, "result_lost")) == 2
+    # the metrics count every occurrence
+    assert value(m, "nanoseg_sink_errors_total", sink="store", reason="disk_full") == 202
+    assert value(m, "nanoseg_store_errors_total", reason="disk_full") == 202
+    assert value(m, "nanoseg_frames_failed_total", reason="store_overflow") == 196  # 195 + 1 unlogged
+    assert chain.pending == 5 and rec.got == ["open full"]  # the start went on; no frame was published
+    store.close()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,7 @@ from nanoseg.config_io import ConfigError
 from nanoseg.masks import decode_rle
 from nanoseg_daemon.config import load_daemon_config
 from nanoseg_daemon.contracts import FrameMetadata, RunStarted
+from nanoseg_daemon.logs import LOGGER
 from nanoseg_daemon.service import Service
 from nanoseg_daemon.sinks import SinkError
 from nanoseg_daemon.store import ResultReader, default_path
@@ -149,3 +157,96 @@ def test_the_stop_in_tiled_carries_exit_status_and_reason_as_the_bluesky_stop(ti
     assert (stops["refused"]["exit_status"], stops["refused"]["reason"]) == ("fail", "no frame analysed (shape_mismatch 2)")
     assert stops["refused"]["losses"] == {"shape_mismatch": 2} and stops["refused"]["num_frames"] == 0
     assert (stops["given_up"]["exit_status"], stops["given_up"]["reason"]) == ("abort", "open when the daemon stopped")
+
+
+@contextlib.contextmanager
+def tiled_serve_on(port: int, log_path: Path) -> Iterator[str]:
+    """``tiled serve catalog --temp`` (a fresh, empty catalog) on ``port``, stopped at the end: a
+    second one on the same port is the same server restarted with its catalog lost."""
+    exe = Path(sys.executable).parent / "tiled"
+    with log_path.open("a") as out:
+        proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY,
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/api/v1/", timeout=2).read()
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"tiled serve did not start (exit {proc.poll()}), see {log_path}") from None
+                    time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def daemon_log_records() -> Iterator[list[logging.LogRecord]]:
+    """The records of ``nanoseg_daemon.logs.log`` while in the block (on its own logger, so a
+    ``setup_logging`` that stopped propagation elsewhere does not hide them)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, level = Keep(logging.DEBUG), LOGGER.level
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+
+
+def test_a_tiled_server_restarted_with_a_fresh_catalog_gets_the_open_run_again(tmp_path: Path) -> None:
+    pytest.importorskip("tiled.server", reason="tiled[server] not installed (pip install -e '.[dev]')")
+    from nanoseg_daemon.contracts import RunStopped
+    from tests.daemon.test_sinks import result
+
+    port = free_ports(1)[0]
+    cfg = load_daemon_config(None, {"tiled.uri": f"http://127.0.0.1:{port}", "tiled.api_key": API_KEY,
+                                    "tiled.path": "[analysis]", "tiled.timeout_s": "20"}, environ={})
+    assert cfg.tiled is not None
+    sink = TiledSink(cfg.tiled, lambda: ("v", {"p": 1}))
+    with daemon_log_records() as records:
+        with tiled_serve_on(port, tmp_path / "serve.log") as url:
+            sink.open_run(RunStarted("r", FrameMetadata(), {}, time.time()))
+            assert sink.write_frame(result("r", 1), [])
+            first = tiled_client.from_uri(url, api_key=API_KEY)["analysis"]
+            (key,) = list(first)
+            start = first[key].metadata["start"]
+        with tiled_serve_on(port, tmp_path / "serve.log") as url:  # restarted, its catalog lost
+            assert list(tiled_client.from_uri(url, api_key=API_KEY)) == []
+            for seq in (2, 3):
+                assert sink.write_frame(result("r", seq), [])
+            sink.close_run(RunStopped("r", "success", time.time()))
+            catalog = tiled_client.from_uri(url, api_key=API_KEY)["analysis"]
+            assert list(catalog) == [key]  # the same analysis run, made again
+            run = catalog[key]
+            assert run.metadata["start"] == start
+            note = run.metadata["recreated"]
+            assert note["frames_missing"] == 1 and "store" in note["detail"]
+            assert sorted(run["labels"]) == sorted(run["particles"]) == ["000002", "000003"]
+            assert run["labels"]["000003"].read().shape == (32, 32)
+            stop = run.metadata["stop"]
+            assert stop["exit_status"] == "success" and stop["num_frames"] == 3
+    recreated = [r for r in records if r.getMessage() == "tiled_run_recreated"]
+    assert len(recreated) == 1 and recreated[0].levelno == logging.WARNING
+    assert recreated[0].fields["run"] == "r" and recreated[0].fields["analysis"] == key  # type: ignore[attr-defined]
+    # and a run started after the restart makes the container path again
+    with tiled_serve_on(port, tmp_path / "serve.log") as url:
+        sink.open_run(RunStarted("r2", FrameMetadata(), {}, time.time()))
+        assert sink.write_frame(result("r2", 1), [])
+        sink.close_run(RunStopped("r2", "success", time.time()))
+        (key2,) = list(tiled_client.from_uri(url, api_key=API_KEY)["analysis"])
+        assert tiled_client.from_uri(url, api_key=API_KEY)["analysis"][key2].metadata["stop"]["num_frames"] == 1
