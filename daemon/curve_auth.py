@@ -14,11 +14,13 @@ others stay closed. A domain nobody configured admits no one.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from nanoseg_daemon.ingest_config import CurveConfig
 
@@ -64,11 +66,37 @@ class CurveServer:
         zap.auth.stop()
 
 
+def _z85_key(key: bytes | None, path: Path, what: str, which: str) -> bytes:
+    if key is None:
+        raise ValueError(f"{what} {path} holds no {which} (a zmq.auth certificate file is needed)")
+    try:
+        ok = len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} {path}: its {which} is not a 40-character Z85 CurveZMQ key")
+    return key
+
+
+def load_key_file(path: Path, what: str, need_secret: bool) -> tuple[bytes, bytes | None]:
+    """(public, secret) of one zmq.auth key file at ``path`` (``what``: its name in messages);
+    ``ValueError`` naming the file when it is missing, unreadable, not a key file, or its keys (the
+    secret one only with ``need_secret``) are not 40-character Z85 CurveZMQ keys."""
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as err:  # missing, unreadable, a directory, no public key, not text
+        reason = "no such file" if not path.exists() else f"{type(err).__name__}: {err}"
+        raise ValueError(f"cannot read {what} {path}: {reason}") from err
+    public = _z85_key(public, path, what, "public-key")
+    if need_secret:
+        secret = _z85_key(secret, path, what, "secret-key")
+    return public, secret
+
+
 def load_keypair(path: Any, what: str) -> tuple[bytes, bytes]:
     """(public, secret) from a zmq.auth certificate file; a file without a secret key is an error."""
-    public, secret = zmq.auth.load_certificate(str(path))
-    if secret is None:
-        raise ValueError(f"{what} {path} holds no secret key")
+    public, secret = load_key_file(Path(path), what, need_secret=True)
+    assert secret is not None
     return public, secret
 
 
@@ -109,7 +137,7 @@ def curve_client(sock: zmq.Socket[Any], curve: CurveConfig) -> None:
     if curve.client_secret_key is None or curve.proxy_public_key is None:
         return
     public, secret = load_keypair(curve.client_secret_key, "client_secret_key")
-    server_public, _ = zmq.auth.load_certificate(str(curve.proxy_public_key))
+    server_public, _ = load_key_file(Path(curve.proxy_public_key), "proxy_public_key", need_secret=False)
     sock.curve_publickey = public
     sock.curve_secretkey = secret
     sock.curve_serverkey = server_public

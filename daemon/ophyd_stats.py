@@ -29,6 +29,17 @@ summary (``other_run``: kept, so that a later trigger for that run finds it, but
 this run's). A trigger that sees nothing fitting within ``timeout_s`` fails with
 ``NanosegStatsTimeout``, whose message names the address, the wait, the last summary received
 and the reasons messages were ignored.
+
+CurveZMQ: when the daemon's summary socket is a CURVE server (``publish.curve``), give the device
+``client_secret_key`` (a zmq.auth certificate file holding this client's key pair, e.g.
+``beamline.key_secret``) and ``server_public_key`` (the daemon's public key file, e.g.
+``server.key``), the same key files as the daemon's other clients use; the daemon admits the client
+when its public key is in ``publish.curve.authorized_clients_dir`` (or any client without that
+directory). A missing or unreadable key file, or one without the needed key, fails the constructor
+with ``ValueError`` naming the file. A daemon that refuses the key never tells a SUB socket
+through its messages, so the device watches the socket's handshakes: refusals are logged
+(``stats_curve_refused``) and a trigger's timeout message says that CURVE is on, how the handshakes
+went, and that the key may not be authorised or the server key may not be the daemon's.
 """
 
 from __future__ import annotations
@@ -40,12 +51,15 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any
 
 import zmq
 from ophyd import Component, Device, Signal
 from ophyd.status import DeviceStatus
+from zmq.utils.monitor import recv_monitor_message
 
+from nanoseg_daemon.curve_auth import load_key_file
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.publish import SUMMARY_TOPIC
 
@@ -153,6 +167,40 @@ class NanosegStatsTimeout(TimeoutError):
     wait, what was received and what was ignored."""
 
 
+class ClientCurveKeys:
+    """CurveZMQ keys of a client of the daemon's summary socket, loaded from zmq.auth key files.
+
+    ``client_secret_key``: certificate file with this client's public and secret key (as
+    ``zmq.auth.create_certificates`` writes ``NAME.key_secret``); ``server_public_key``: file with
+    the daemon's public key (``NAME.key`` or its ``.key_secret``). Raises ``ValueError`` naming the
+    file when one is missing, unreadable or holds no valid key.
+    """
+
+    def __init__(self, client_secret_key: str | Path, server_public_key: str | Path) -> None:
+        if not zmq.has("curve"):
+            raise ValueError(f"this libzmq {zmq.zmq_version()} has no CURVE support")
+        self.client_secret_key = Path(client_secret_key)
+        self.server_public_key = Path(server_public_key)
+        self.public, secret = load_key_file(self.client_secret_key, "client_secret_key", need_secret=True)
+        assert secret is not None
+        self.secret = secret
+        self.server, _ = load_key_file(self.server_public_key, "server_public_key", need_secret=False)
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` (not yet connected) a CURVE client of the daemon."""
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server
+
+    def describe(self) -> str:
+        return (f"client key {self.public.decode()} from {self.client_secret_key}, "
+                f"server key {self.server.decode()} from {self.server_public_key}")
+
+
+_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | \
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
 class NanosegStats(Device):
     count = Component(Signal, value=0, kind="hinted")
     length_nm_mean = Component(Signal, value=math.nan, kind="hinted")
@@ -177,7 +225,24 @@ class NanosegStats(Device):
 
     def __init__(self, address: str = "tcp://127.0.0.1:5590", *args: Any, name: str = "nanoseg",
                  context: zmq.Context | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 client_secret_key: str | Path | None = None, server_public_key: str | Path | None = None,
                  **kwargs: Any) -> None:
+        """Subscribe to the daemon's summaries at ``address`` (``publish.summary.address``).
+
+        ``max_message_bytes``: larger summaries are ignored unparsed (bytes). ``client_secret_key``
+        and ``server_public_key`` (key file paths, both or neither): connect as a CurveZMQ client
+        of a daemon whose summary socket has ``publish.curve``; ``ValueError`` naming the file when
+        one cannot be used.
+        """
+        if (client_secret_key is None) != (server_public_key is None):
+            raise ValueError(f"{name}: client_secret_key and server_public_key go together (CurveZMQ), "
+                             f"got only {'client_secret_key' if server_public_key is None else 'server_public_key'}")
+        self.curve: ClientCurveKeys | None = None
+        if client_secret_key is not None and server_public_key is not None:
+            try:
+                self.curve = ClientCurveKeys(client_secret_key, server_public_key)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
         super().__init__(*args, name=name, **kwargs)
         self.address = address
         self.max_message_bytes = max_message_bytes
@@ -189,6 +254,8 @@ class NanosegStats(Device):
         self._last_received_at = math.nan  # time.monotonic()
         self._ignored: Counter[str] = Counter()
         self._last_ignored = ""
+        self._handshakes: Counter[str] = Counter()  # CURVE handshake outcomes: succeeded, refused, failed
+        self._last_handshake = ""
         self._waiting: list[tuple[DeviceStatus, int, str, int]] = []  # status, shown at trigger, run, seq
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
@@ -204,19 +271,37 @@ class NanosegStats(Device):
     # -- the summary listener --------------------------------------------------------------
     def _listen(self) -> None:
         sock = self._context.socket(zmq.SUB)
+        monitor: zmq.Socket[Any] | None = None
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, SUMMARY_TOPIC)
+            if self.curve is not None:
+                self.curve.apply(sock)
+                monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             sock.connect(self.address)
         except zmq.ZMQError as err:
             self._listen_error = err
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
             sock.close()
             self._subscribed.set()
             return
+        if self.curve is not None:
+            log("stats_curve_client", device=self.name, address=self.address,
+                client_public_key=self.curve.public.decode(), server_public_key=str(self.curve.server_public_key))
         self._subscribed.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not sock.poll(100):
+                ready = dict(poller.poll(100))
+                if monitor is not None and monitor in ready:
+                    event = recv_monitor_message(monitor)
+                    self._handshake(int(event["event"]), int(event["value"]))
+                if sock not in ready:
                     continue
                 parts = sock.recv_multipart()
                 try:
@@ -226,7 +311,29 @@ class NanosegStats(Device):
                 except Exception as err:  # the listener must outlive any one message
                     self._ignore(SummaryRejected("error", f"{type(err).__name__}: {err}"))
         finally:
+            if monitor is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+                monitor.close(0)
             sock.close()
+
+    def _handshake(self, kind: int, value: int) -> None:
+        """Count one CURVE handshake outcome (a socket monitor ``event`` and its ``value``); log refusals."""
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            outcome, detail = "succeeded", "the daemon admitted this client's key"
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            outcome, detail = "refused", f"the daemon refused this client's key (ZAP status {value})"
+        else:  # e.g. a server public key that is not the daemon's: the daemon drops the connection
+            outcome, detail = "failed", "the handshake failed without a reason (is server_public_key the daemon's?)"
+        with self._lock:
+            self._handshakes[outcome] += 1
+            n = self._handshakes[outcome]
+            self._last_handshake = detail
+        if outcome == "succeeded":
+            log("stats_curve_connected", device=self.name, address=self.address, times=n)
+        elif n == 1 or n % 1000 == 0:  # the daemon retries every ~0.1 s: the first, then every 1000th
+            log("stats_curve_refused", logging.WARNING, device=self.name, address=self.address,
+                outcome=outcome, detail=detail, times=n)
 
     def _ignore(self, err: SummaryRejected) -> None:
         with self._lock:
@@ -331,10 +438,31 @@ class NanosegStats(Device):
                         f"frame {last['seq_num'] if last else '?'}) {ago:.1f} s ago")
             else:
                 seen = "no summary received since the device connected: is the daemon running and publishing there?"
+                if self.curve is not None:
+                    seen += " " + self._curve_note()
             if self._ignored:
                 counts = ", ".join(f"{k} {v}" for k, v in sorted(self._ignored.items()))
                 seen += f"; ignored: {counts} (last: {self._last_ignored})"
         return f"{self.name}: no summary {what} from {self.address} within {timeout_s:g} s (timeout_s); {seen}"
+
+    def _curve_note(self) -> str:
+        """What the timeout message says about CURVE (under the lock)."""
+        assert self.curve is not None
+        note = (f"CURVE is on ({self.curve.describe()}); a daemon refuses a key that is not in its "
+                f"publish.curve.authorized_clients_dir without a word to a subscriber: the key may not be "
+                f"authorised, or the server key may not be the daemon's")
+        if self._handshakes:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self._handshakes.items()))
+            note += f"; CURVE handshakes: {counts} (last: {self._last_handshake})"
+        else:
+            note += "; no CURVE handshake completed (nothing listening there?)"
+        return note
+
+    @property
+    def curve_handshakes(self) -> dict[str, int]:
+        """CURVE handshake outcomes so far (``succeeded``, ``refused``, ``failed``); empty without CURVE."""
+        with self._lock:
+            return dict(self._handshakes)
 
     def read(self) -> dict[str, Any]:
         with self._lock:  # one summary's values, never a mix of two

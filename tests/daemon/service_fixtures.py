@@ -98,3 +98,20 @@ class Client:
         self.push.close(0)
         self.sub.close(0)
         self.ctx.term()
+
+
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+def run_plan(plan: Any) -> tuple[Docs, BaseException | None]:
+    """``plan`` on a fresh RunEngine: the documents it emitted, and the error it failed with (None)."""
+    from bluesky import RunEngine
+
+    RE = RunEngine({}, context_managers=[])
+    docs: Docs = []
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    try:
+        RE(plan)
+    except Exception as err:  # the plan's failure, checked by the test
+        return docs, err
+    return docs, None

@@ -21,8 +21,8 @@ from ophyd.sim import SynGauss, motor
 from nanoseg_daemon.ophyd_stats import NanosegStats, NanosegStatsTimeout
 from nanoseg_daemon.plans import adaptive_exposure, monitor_growth
 from nanoseg_daemon.publish import SUMMARY_TOPIC
-
-Docs = list[tuple[str, dict[str, Any]]]
+from tests.daemon.service_fixtures import Docs
+from tests.daemon.service_fixtures import run_plan as run
 
 
 def summary(run: str, seq: int, length: float | None = 100.0, count: int = 3) -> dict[str, Any]:
@@ -73,17 +73,6 @@ def wait_for(check: Any, timeout: float = 5.0) -> None:
 
 def detector() -> SynGauss:
     return SynGauss("det", motor, "motor", center=0, Imax=1, sigma=1)
-
-
-def run(plan: Any) -> tuple[Docs, BaseException | None]:
-    RE = RunEngine({}, context_managers=[])
-    docs: Docs = []
-    RE.subscribe(lambda n, d: docs.append((n, d)))
-    try:
-        RE(plan)
-    except Exception as err:  # the plan's failure, checked by the test
-        return docs, err
-    return docs, None
 
 
 @pytest.mark.parametrize(("body", "reason"), [

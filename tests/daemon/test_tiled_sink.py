@@ -5,11 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +29,7 @@ from tests.daemon.service_fixtures import (
     service_overrides,
     transmission_frame,
 )
-from tests.daemon.tiled_fixtures import API_KEY
+from tests.daemon.tiled_fixtures import API_KEY, tiled_serve
 
 tiled_client = pytest.importorskip("tiled.client", reason="tiled not installed (pip install -e '.[dev]')")
 
@@ -160,35 +156,6 @@ def test_the_stop_in_tiled_carries_exit_status_and_reason_as_the_bluesky_stop(ti
 
 
 @contextlib.contextmanager
-def tiled_serve_on(port: int, log_path: Path) -> Iterator[str]:
-    """``tiled serve catalog --temp`` (a fresh, empty catalog) on ``port``, stopped at the end: a
-    second one on the same port is the same server restarted with its catalog lost."""
-    exe = Path(sys.executable).parent / "tiled"
-    with log_path.open("a") as out:
-        proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY,
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/api/v1/", timeout=2).read()
-                    break
-                except (urllib.error.URLError, ConnectionError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"tiled serve did not start (exit {proc.poll()}), see {log_path}") from None
-                    time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextlib.contextmanager
 def daemon_log_records() -> Iterator[list[logging.LogRecord]]:
     """The records of ``nanoseg_daemon.logs.log`` while in the block (on its own logger, so a
     ``setup_logging`` that stopped propagation elsewhere does not hide them)."""
@@ -219,13 +186,13 @@ def test_a_tiled_server_restarted_with_a_fresh_catalog_gets_the_open_run_again(t
     assert cfg.tiled is not None
     sink = TiledSink(cfg.tiled, lambda: ("v", {"p": 1}))
     with daemon_log_records() as records:
-        with tiled_serve_on(port, tmp_path / "serve.log") as url:
+        with tiled_serve(tmp_path, port=port) as url:
             sink.open_run(RunStarted("r", FrameMetadata(), {}, time.time()))
             assert sink.write_frame(result("r", 1), [])
             first = tiled_client.from_uri(url, api_key=API_KEY)["analysis"]
             (key,) = list(first)
             start = first[key].metadata["start"]
-        with tiled_serve_on(port, tmp_path / "serve.log") as url:  # restarted, its catalog lost
+        with tiled_serve(tmp_path, port=port) as url:  # restarted, its catalog lost
             assert list(tiled_client.from_uri(url, api_key=API_KEY)) == []
             for seq in (2, 3):
                 assert sink.write_frame(result("r", seq), [])
@@ -244,7 +211,7 @@ def test_a_tiled_server_restarted_with_a_fresh_catalog_gets_the_open_run_again(t
     assert len(recreated) == 1 and recreated[0].levelno == logging.WARNING
     assert recreated[0].fields["run"] == "r" and recreated[0].fields["analysis"] == key  # type: ignore[attr-defined]
     # and a run started after the restart makes the container path again
-    with tiled_serve_on(port, tmp_path / "serve.log") as url:
+    with tiled_serve(tmp_path, port=port) as url:
         sink.open_run(RunStarted("r2", FrameMetadata(), {}, time.time()))
         assert sink.write_frame(result("r2", 1), [])
         sink.close_run(RunStopped("r2", "success", time.time()))

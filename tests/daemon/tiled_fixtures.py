@@ -17,11 +17,12 @@ API_KEY = "secret0test0key"  # tiled takes alphanumeric keys only
 
 
 @contextlib.contextmanager
-def tiled_serve(log_dir: Path, readable: Path | None = None) -> Iterator[str]:
-    """``tiled serve catalog --temp`` on a free loopback port (its URL), stopped at the end;
-    ``readable``: a directory whose files (a detector's HDF5) runs may reference."""
-    port = free_ports(1)[0]
-    log = (log_dir / "serve.log").open("w")
+def tiled_serve(log_dir: Path, readable: Path | None = None, port: int | None = None) -> Iterator[str]:
+    """``tiled serve catalog --temp`` (a fresh, empty catalog) on a free loopback port or ``port``
+    (its URL), stopped at the end; ``readable``: a directory whose files (a detector's HDF5) runs
+    may reference. A second one on the same port is the same server restarted, its catalog lost."""
+    port = port if port is not None else free_ports(1)[0]
+    log = (log_dir / "serve.log").open("a")
     exe = Path(sys.executable).parent / "tiled"
     read = ["-r", str(readable)] if readable is not None else []
     proc = subprocess.Popen([str(exe), "serve", "catalog", "--temp", "--api-key", API_KEY, *read,
