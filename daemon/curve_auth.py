@@ -131,13 +131,38 @@ def curve_server(
     return CurveServer(zap, domain)
 
 
+class ClientCurveKeys:
+    """CurveZMQ keys of a client, loaded from zmq.auth key files.
+
+    ``client_secret_key``: certificate file with this client's public and secret key (as
+    ``zmq.auth.create_certificates`` writes ``NAME.key_secret``); ``server_public_key``: file with
+    the server's public key (``NAME.key`` or its ``.key_secret``), called ``server_key_name`` in
+    messages. Raises ``ValueError`` naming the file when one is missing, unreadable or holds no
+    valid key.
+    """
+
+    def __init__(self, client_secret_key: str | Path, server_public_key: str | Path,
+                 server_key_name: str = "server_public_key") -> None:
+        self.client_secret_key = Path(client_secret_key)
+        self.server_public_key = Path(server_public_key)
+        self.public, self.secret = load_keypair(self.client_secret_key, "client_secret_key")
+        self.server, _ = load_key_file(self.server_public_key, server_key_name, need_secret=False)
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` (not yet connected) a CURVE client of the server."""
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.curve_serverkey = self.server
+
+    def describe(self) -> str:
+        """The keys and the files they came from, for messages."""
+        return (f"client key {self.public.decode()} from {self.client_secret_key}, "
+                f"server key {self.server.decode()} from {self.server_public_key}")
+
+
 def curve_client(sock: zmq.Socket[Any], curve: CurveConfig) -> None:
     """Make ``sock`` a CURVE client of a server (a proxy) with ``client_secret_key`` and
     ``proxy_public_key``; nothing when they are not configured."""
     if curve.client_secret_key is None or curve.proxy_public_key is None:
         return
-    public, secret = load_keypair(curve.client_secret_key, "client_secret_key")
-    server_public, _ = load_key_file(Path(curve.proxy_public_key), "proxy_public_key", need_secret=False)
-    sock.curve_publickey = public
-    sock.curve_secretkey = secret
-    sock.curve_serverkey = server_public
+    ClientCurveKeys(curve.client_secret_key, curve.proxy_public_key, "proxy_public_key").apply(sock)

@@ -59,7 +59,7 @@ from ophyd import Component, Device, Signal
 from ophyd.status import DeviceStatus
 from zmq.utils.monitor import recv_monitor_message
 
-from nanoseg_daemon.curve_auth import load_key_file
+from nanoseg_daemon.curve_auth import ClientCurveKeys
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.publish import SUMMARY_TOPIC
 
@@ -162,39 +162,14 @@ def parse_summary(parts: list[bytes], max_bytes: int = MAX_MESSAGE_BYTES) -> dic
     return signal_values(msg)
 
 
+def _worth_a_line(n: int) -> bool:
+    """Whether the ``n``-th occurrence of a repeated event is logged: the first, then every 1000th."""
+    return n == 1 or n % 1000 == 0
+
+
 class NanosegStatsTimeout(TimeoutError):
     """A trigger saw no fitting summary within ``timeout_s``; the message names the address, the
     wait, what was received and what was ignored."""
-
-
-class ClientCurveKeys:
-    """CurveZMQ keys of a client of the daemon's summary socket, loaded from zmq.auth key files.
-
-    ``client_secret_key``: certificate file with this client's public and secret key (as
-    ``zmq.auth.create_certificates`` writes ``NAME.key_secret``); ``server_public_key``: file with
-    the daemon's public key (``NAME.key`` or its ``.key_secret``). Raises ``ValueError`` naming the
-    file when one is missing, unreadable or holds no valid key.
-    """
-
-    def __init__(self, client_secret_key: str | Path, server_public_key: str | Path) -> None:
-        if not zmq.has("curve"):
-            raise ValueError(f"this libzmq {zmq.zmq_version()} has no CURVE support")
-        self.client_secret_key = Path(client_secret_key)
-        self.server_public_key = Path(server_public_key)
-        self.public, secret = load_key_file(self.client_secret_key, "client_secret_key", need_secret=True)
-        assert secret is not None
-        self.secret = secret
-        self.server, _ = load_key_file(self.server_public_key, "server_public_key", need_secret=False)
-
-    def apply(self, sock: zmq.Socket[Any]) -> None:
-        """Make ``sock`` (not yet connected) a CURVE client of the daemon."""
-        sock.curve_publickey = self.public
-        sock.curve_secretkey = self.secret
-        sock.curve_serverkey = self.server
-
-    def describe(self) -> str:
-        return (f"client key {self.public.decode()} from {self.client_secret_key}, "
-                f"server key {self.server.decode()} from {self.server_public_key}")
 
 
 _HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | \
@@ -240,6 +215,8 @@ class NanosegStats(Device):
         self.curve: ClientCurveKeys | None = None
         if client_secret_key is not None and server_public_key is not None:
             try:
+                if not zmq.has("curve"):
+                    raise ValueError(f"this libzmq {zmq.zmq_version()} has no CURVE support")
                 self.curve = ClientCurveKeys(client_secret_key, server_public_key)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err
@@ -331,7 +308,7 @@ class NanosegStats(Device):
             self._last_handshake = detail
         if outcome == "succeeded":
             log("stats_curve_connected", device=self.name, address=self.address, times=n)
-        elif n == 1 or n % 1000 == 0:  # the daemon retries every ~0.1 s: the first, then every 1000th
+        elif _worth_a_line(n):  # the daemon retries every ~0.1 s
             log("stats_curve_refused", logging.WARNING, device=self.name, address=self.address,
                 outcome=outcome, detail=detail, times=n)
 
@@ -340,7 +317,7 @@ class NanosegStats(Device):
             self._ignored[err.reason] += 1
             n = self._ignored[err.reason]
             self._last_ignored = str(err)
-        if n == 1 or n % 1000 == 0:  # the first of each reason, then every 1000th
+        if _worth_a_line(n):
             log("stats_summary_ignored", logging.WARNING, device=self.name, address=self.address,
                 reason=err.reason, detail=err.detail, times=n)
 

@@ -181,16 +181,14 @@ class TiledSink:
             return fut.result(timeout=self.cfg.timeout_s)
         except FutureTimeout:
             self._given_up = fut
-            self._root = None
-            self._down_until = time.monotonic() + self.cfg.retry_after_s
+            self._server_down()
             log("tiled_call_given_up", logging.WARNING, call=what, timeout_s=self.cfg.timeout_s,
                 retry_after_s=self.cfg.retry_after_s,
                 detail="no answer within tiled.timeout_s (tiled's own retries included); the request may "
                        "still complete on the server")
             raise SinkError("tiled_unreachable", f"{what}: no answer within {self.cfg.timeout_s:g} s") from None
         except httpx.TransportError as err:  # no server, timeout, connection reset
-            self._root = None
-            self._down_until = time.monotonic() + self.cfg.retry_after_s
+            self._server_down()
             raise SinkError("tiled_unreachable", f"{what}: {type(err).__name__}: {err}") from err
         except KeyError as err:  # the client's lookup of a child the server does not have
             raise _Gone("tiled_rejected", f"{what}: no such entry {err}") from err
@@ -198,6 +196,12 @@ class TiledSink:
             if err.response.status_code == 404:
                 raise _Gone("tiled_rejected", f"{what}: {err}") from err
             raise SinkError("tiled_rejected", f"{what}: {err}") from err
+
+    def _server_down(self) -> None:
+        """The server did not answer: connect again at the next try, and leave it alone for
+        ``cfg.retry_after_s`` (s) first."""
+        self._root = None
+        self._down_until = time.monotonic() + self.cfg.retry_after_s
 
     def _container(self) -> Any:
         if self._root is None:
