@@ -166,14 +166,18 @@ class Registry:
             if cur is None:
                 raise RegistryError(f"{self.root}: no current version (promote one first)")
             if cur not in self.versions():
-                raise RegistryError(f"{self.root / 'current'} points to {cur}, which is not in the registry; "
-                                    "promote a version (--force) to repair it")
+                raise RegistryError(self.dangling(cur))
             return cur
         m = re.match(r"^v?(\d+)$", version)
         name = f"v{int(m.group(1)):04d}" if m else version
         if name not in self.versions():
             raise RegistryError(f"{self.root}: no version {version!r} (have: {', '.join(self.versions()) or 'none'})")
         return name
+
+    def dangling(self, version: str) -> str:
+        """What to say of ``current`` pointing to ``version``, which is not in the registry."""
+        return (f"{self.root / 'current'} points to {version}, which is not in the registry; "
+                "promote a version (--force) to repair it")
 
     def manifest(self, version: str) -> Manifest:
         """The manifest of ``version``; RegistryError naming the file when it is missing, not JSON,

@@ -78,8 +78,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for row in rows:
         print(row)
     if cur is not None and cur not in reg.versions():
-        print(f"nanoseg models list: {reg.root / 'current'} points to {cur}, which is not in the registry; "
-              "promote a version (--force) to repair it", file=sys.stderr)
+        print(f"nanoseg models list: {reg.dangling(cur)}", file=sys.stderr)
         return 1
     return 0
 
