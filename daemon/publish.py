@@ -117,8 +117,8 @@ def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[s
         **{name: _stat(result.summary, col, stat) for name, (col, stat, _) in _STAT_FIELDS.items()},
         "coverage_fraction": float(result.summary.coverage_fraction),
         "orientation_order": math.nan if order is None else float(order),
-        "particles": json.dumps(table, separators=(",", ":")),
-        "masks": json.dumps(list(rles), separators=(",", ":")),
+        "particles": json_text(table),
+        "masks": json_text(list(rles)),
         "frame_uid": result.frame_uid,
         "raw_seq_num": int(result.seq_num),
     }

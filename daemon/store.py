@@ -184,6 +184,8 @@ def particle_rows(result: FrameResult, rles: Sequence[RLE] | None = None) -> lis
     inst, table = result.instances, result.table
     if len(table) != len(inst):
         raise ValueError(f"table has {len(table)} particles, instances {len(inst)}")
+    if not len(inst):
+        return []
     if rles is None:
         rles = encode_rle_batch(inst.box_masks)
     present = table.columns()

@@ -83,7 +83,7 @@ def check_input(frame: np.ndarray, expected: InputKind | Literal["auto"] = "auto
         end = int(np.searchsorted(x, np.uint16(math.floor(hi)), "right"))
     else:
         first, end = int(np.searchsorted(x, lo, "left")), int(np.searchsorted(x, hi, "right"))
-    position = float(np.clip((densest_mode(x[first:end], presorted=True) - lo) / (hi - lo), 0.0, 1.0))
+    position = min(max((densest_mode(x[first:end], presorted=True) - lo) / (hi - lo), 0.0), 1.0)
     return InputCheck("transmission" if position >= 0.5 else "optical_density", position, expected)
 
 

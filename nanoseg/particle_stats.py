@@ -27,6 +27,7 @@ longest piece's. An empty mask has no statistics and counts in no summary.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -337,6 +338,22 @@ def particle_table(
     n, h, w = masks.shape
     if od is not None and od.shape != (h, w):
         raise ValueError(f"od shape {od.shape} differs from the masks' {(h, w)}")
+    if n == 0:
+        return _empty_table(h, w, pixel_size_nm, od is not None)
+    return _table(masks, od, pixel_size_nm)
+
+
+@functools.lru_cache(maxsize=32)
+def _empty_table(h: int, w: int, pixel_size_nm: float | None, with_od: bool) -> ParticleTable:
+    """``particle_table`` of no masks on an (h, w) frame: the same table, made once (a live stream
+    has many frames without particles; its arrays are empty, so nothing can change it)."""
+    return _table(np.zeros((0, h, w), bool), np.zeros((h, w), np.float32) if with_od else None, pixel_size_nm)
+
+
+def _table(masks: np.ndarray | BoxMasks, od: np.ndarray | BoxValues | None, pixel_size_nm: float | None
+           ) -> ParticleTable:
+    """``particle_table``'s measurements, its arguments checked."""
+    n, h, w = masks.shape
     boxes = mask_boxes(masks).astype(int)
     # box-local masks are their crops already (mask_boxes gives their extents); a stack is cut
     crops = [masks.crops[i] if isinstance(masks, BoxMasks) else masks[i, y0:y1, x0:x1]

@@ -281,3 +281,26 @@ def test_rounding_follows_the_unit_in_the_column_name() -> None:
     t = particle_table(_wire_mask(30.0, 100, 10)[None], None, 8.0)
     rec = t.to_records(rounded=True)[0]
     assert rec["length_nm"] == round(float(t.length_nm[0]), 1) and rec["width_px"] == round(float(t.width_px[0]), 2)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("pixel_size_nm, with_od", [(None, False), (8.0, True)])
+def test_a_frame_without_particles_gets_the_table_the_measurements_give(pixel_size_nm: float | None,
+                                                                          with_od: bool) -> None:
+    """No masks: the table made once (frames without particles are common in a live stream) is
+    the one the measuring path makes: every column's dtype and emptiness, the frame's shape, no
+    coverage; and stored or published it is the same, whichever box-local or stacked masks came."""
+    from nanoseg.instances import BoxMasks
+    from nanoseg.particle_stats import _table
+
+    od = np.zeros((6, 9), np.float32) if with_od else None
+    got = particle_table(np.zeros((0, 6, 9), bool), od, pixel_size_nm)
+    want = _table(np.zeros((0, 6, 9), bool), od, pixel_size_nm)
+    boxed = particle_table(BoxMasks.from_dense(np.zeros((0, 6, 9), bool)), od, pixel_size_nm)
+    for name in ("frame_shape", "covered_px", "pixel_size_nm", "centrelines"):
+        assert getattr(got, name) == getattr(want, name) == getattr(boxed, name)
+    assert got.frame_shape == (6, 9) and got.covered_px == 0 and len(got) == 0
+    for name, col in want.columns().items():
+        assert got.columns()[name].dtype == col.dtype and got.columns()[name].shape == (0,), name
+    assert got.columns().keys() == want.columns().keys()
+    assert (got.mean_od is None) == (not with_od) and (got.area_nm2 is None) == (pixel_size_nm is None)
+    assert got.to_dict() == want.to_dict() and frame_summary(got).to_dict() == frame_summary(want).to_dict()
