@@ -45,7 +45,6 @@ went, and that the key may not be authorised or the server key may not be the da
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import threading
@@ -57,11 +56,13 @@ from typing import Any
 import zmq
 from ophyd import Component, Device, Signal
 from ophyd.status import DeviceStatus
+from pydantic import ValidationError
 from zmq.utils.monitor import recv_monitor_message
 
 from nanoseg_daemon.curve_auth import ClientCurveKeys
 from nanoseg_daemon.logs import log
 from nanoseg_daemon.publish import SUMMARY_TOPIC
+from nanoseg_daemon.summary_schema import SummaryMessage
 
 _STATS = {  # signal -> (summary stats column, statistic)
     "length_nm_mean": ("length_nm", "mean"), "length_nm_median": ("length_nm", "median"),
@@ -88,78 +89,49 @@ class SummaryRejected(ValueError):
         self.detail = detail
 
 
-def _no_constant(token: str) -> float:
-    raise SummaryRejected("non_finite", f"{token} in the message (the daemon sends strict JSON: null for no value)")
-
-
-def _number(v: Any, where: str) -> float:
-    if v is None:
-        return math.nan
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise SummaryRejected("bad_field", f"{where} is {type(v).__name__} {str(v)[:40]!r}, not a number or null")
-    x = float(v)
-    if not math.isfinite(x):  # e.g. 1e999
-        raise SummaryRejected("non_finite", f"{where} = {x}")
-    return x
-
-
-def _mapping(v: Any, where: str) -> dict[str, Any]:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise SummaryRejected("bad_field", f"{where} is {type(v).__name__}, not an object or null")
-    return v
-
-
-def _required(msg: dict[str, Any], name: str, kind: type[Any], minimum: int | None = None) -> Any:
-    if name not in msg:
-        raise SummaryRejected("missing_field", f"no {name}")
-    v = msg[name]
-    if isinstance(v, bool) or not isinstance(v, kind) or (kind is str and not v):
-        raise SummaryRejected("bad_field", f"{name} = {str(v)[:40]!r} is not a {'non-empty string' if kind is str else kind.__name__}")
-    if minimum is not None and v < minimum:
-        raise SummaryRejected("bad_field", f"{name} = {v} is below {minimum}")
-    return v
-
-
-def signal_values(msg: Any) -> dict[str, Any]:
-    """Signal name -> value for one JSON summary message (see ``publish.summary_message``).
-
-    Raises ``SummaryRejected`` naming the field when the message is not such a summary: not an
-    object, ``run_uid``/``frame_uid`` not non-empty strings, ``count``/``seq_num`` not integers >= 0,
-    a statistic neither a finite number nor null.
-    """
-    if not isinstance(msg, dict):
-        raise SummaryRejected("not_an_object", f"the message is a JSON {type(msg).__name__}")
-    summary = _mapping(msg.get("summary"), "summary")
-    stats = _mapping(summary.get("stats"), "summary.stats")
-    out: dict[str, Any] = {"count": _required(msg, "count", int, 0)}
+def signal_values(msg: SummaryMessage) -> dict[str, Any]:
+    """Signal name -> value for one summary message (NaN where a statistic is null or absent)."""
+    out: dict[str, Any] = {"count": msg.count}
     for name, (col, stat) in _STATS.items():
-        out[name] = _number(_mapping(stats.get(col), f"summary.stats.{col}").get(stat), f"summary.stats.{col}.{stat}")
-    out["orientation_order"] = _number(summary.get("orientation_order"), "summary.orientation_order")
-    out["coverage_fraction"] = _number(summary.get("coverage_fraction"), "summary.coverage_fraction")
-    out["frame_uid"] = _required(msg, "frame_uid", str)
-    out["run_uid"] = _required(msg, "run_uid", str)
-    out["seq_num"] = _required(msg, "seq_num", int, 0)
-    version = msg.get("model_version", "")
-    out["model_version"] = "" if version is None else str(version)
+        figures = msg.summary.stats.get(col)
+        value = None if figures is None else getattr(figures, stat)
+        out[name] = math.nan if value is None else value
+    for name in ("orientation_order", "coverage_fraction"):
+        value = getattr(msg.summary, name)
+        out[name] = math.nan if value is None else value
+    out |= {"frame_uid": msg.frame_uid, "run_uid": msg.run_uid, "seq_num": msg.seq_num,
+            "model_version": msg.model_version or ""}
     return out
 
 
 def parse_summary(parts: list[bytes], max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """``signal_values`` of one received ``[SUMMARY_TOPIC, JSON]`` message; ``SummaryRejected``
-    (reason ``bad_topic``, ``too_large``, ``not_json``, ``non_finite``, ...) when it is not one."""
+    """``signal_values`` of one received ``[SUMMARY_TOPIC, JSON]`` message, validated as
+    ``SummaryMessage``; ``SummaryRejected`` when it is not one: reason ``bad_topic``,
+    ``too_large``, ``not_json``, ``not_an_object``, ``non_finite`` (NaN, Infinity, 1e999),
+    ``missing_field`` or ``bad_field``, the detail naming the field."""
     if len(parts) != 2 or parts[0] != SUMMARY_TOPIC:
         raise SummaryRejected("bad_topic", f"{len(parts)} frames, topic {parts[0][:40]!r}")
     if len(parts[1]) > max_bytes:
         raise SummaryRejected("too_large", f"{len(parts[1])} bytes > {max_bytes}")
     try:
-        msg = json.loads(parts[1], parse_constant=_no_constant)
-    except SummaryRejected:
-        raise
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-        raise SummaryRejected("not_json", f"{type(err).__name__}: {str(err)[:80]}") from None
+        msg = SummaryMessage.model_validate_json(parts[1])
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = ".".join(str(k) for k in first["loc"])
+        raise SummaryRejected(_reason(first["type"], first.get("input"), where),
+                              f"{where or 'the message'}: {first['msg'][:120]}") from None
     return signal_values(msg)
+
+
+def _reason(kind: str, value: Any, where: str) -> str:
+    """``SummaryRejected``'s reason for a validation error of ``kind`` on ``value`` at ``where``."""
+    if kind == "json_invalid":
+        return "not_json"
+    if kind == "model_type" and not where:
+        return "not_an_object"
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+        return "non_finite"
+    return "missing_field" if kind == "missing" else "bad_field"
 
 
 def _worth_a_line(n: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
 from nanoseg_daemon.publish import summary_body, summary_message
 from nanoseg_daemon.queueing import Closed, FrameQueue
 from nanoseg_daemon.store import ResultReader, default_path
+from nanoseg_daemon.summary_schema import SummaryMessage
 from tests.daemon.service_fixtures import DOSE, Client, raw_header, start_service
 
 FRAMES = 12
@@ -102,6 +104,31 @@ def test_the_summary_topic_carries_the_summary_the_store_encoded(trained_model_p
     body = summary_body(result, published_at=123.5)
     assert json.loads(body) == summary_message(result, 123.5)
     assert json.loads(body)["summary"] == json.loads(result.summary_json)
+    # the message is what its schema says, key for key: nothing sent that the schema does not name
+    message = SummaryMessage.model_validate_json(body)
+    assert message.count == len(result.table) and message.run_uid == "r" and message.seq_num == 1
+    _assert_named_by(json.loads(body), SummaryMessage)
+    if detections:
+        assert message.summary.stats["length_nm"].mean is not None
+
+
+def _assert_named_by(value: object, model: object, where: str = "") -> None:
+    """Every key of the JSON ``value`` is a field of the pydantic ``model`` (recursively through
+    its models, and the values of its dict fields)."""
+    from pydantic import BaseModel
+
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        assert isinstance(value, dict), where
+        for key, item in value.items():
+            assert key in model.model_fields, f"{where}.{key} is not in {model.__name__}"
+            _assert_named_by(item, model.model_fields[key].annotation, f"{where}.{key}")
+        return
+    args = [a for a in typing.get_args(model) if a is not type(None)]
+    if typing.get_origin(model) is dict and isinstance(value, dict):
+        for key, item in value.items():
+            _assert_named_by(item, args[1], f"{where}.{key}")
+    elif len(args) == 1 and value is not None:  # Optional[...]
+        _assert_named_by(value, args[0], where)
 
 
 def test_frames_are_taken_in_groups_in_order() -> None:
