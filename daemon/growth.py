@@ -2,8 +2,8 @@
 and threshold rules that raise and clear alarms.
 
 Pure logic first (``Ewma``, ``GrowthSeries``, ``AlarmRule``/``RuleState``), then the part the
-service calls (``GrowthMonitor.observe``): it updates the run's series, sets the Prometheus gauges
-and returns the alarm documents to publish on the analysis run's ``alarms`` stream.
+service calls (``GrowthMonitor.observe``): it updates the run's series (the Prometheus gauges read
+the latest frame's point when scraped) and returns the alarm documents to publish on the analysis run's ``alarms`` stream.
 
 Quantities (``QUANTITIES``), one value per frame: ``length_nm`` and ``width_nm`` (mean over the
 frame's particles under the summary's counting rule, nm; NaN without particles or pixel size),
@@ -25,6 +25,7 @@ rate neither fires nor clears).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import OrderedDict, deque
@@ -296,10 +297,19 @@ class GrowthMonitor:
         self.cfg = cfg
         self.metrics = metrics
         self._runs: OrderedDict[str, RunGrowth] = OrderedDict()
-        # per quantity, its three gauges' children (looked up once: ``labels`` costs per call)
-        self._gauges = [] if metrics is None else [
-            (q, metrics.growth_ewma.labels(q), metrics.growth_rate_per_frame.labels(q),
-             metrics.growth_rate_per_second.labels(q)) for q in QUANTITIES]
+        self._latest: GrowthPoint | None = None  # the latest frame's point, whichever run
+        if metrics is not None:  # the gauges read the latest point when scraped, not at every frame
+            for q in QUANTITIES:
+                gauges: tuple[tuple[Any, Statistic], ...] = (
+                    (metrics.growth_ewma, "ewma"), (metrics.growth_rate_per_frame, "rate_per_frame"),
+                    (metrics.growth_rate_per_second, "rate_per_s"))
+                for gauge, statistic in gauges:
+                    gauge.labels(q).set_function(functools.partial(self._latest_value, statistic, q))
+
+    def _latest_value(self, statistic: Statistic, quantity: str) -> float:
+        """``statistic`` of ``quantity`` at the latest frame (NaN before any)."""
+        point = self._latest
+        return math.nan if point is None else point.get(statistic, quantity)
 
     def run(self, run_uid: str) -> RunGrowth | None:
         return self._runs.get(run_uid)
@@ -343,13 +353,10 @@ class GrowthMonitor:
         return docs
 
     def _export(self, point: GrowthPoint, alarms: list[Alarm]) -> None:
+        self._latest = point
         m = self.metrics
         if m is None:
             return
-        for q, ewma, per_frame, per_s in self._gauges:
-            ewma.set(point.ewma[q])
-            per_frame.set(point.rate_per_frame[q])
-            per_s.set(point.rate_per_s[q])
         for a in alarms:
             m.growth_alarm_active.labels(a.rule).set(1 if a.state == "raised" else 0)
             if a.state == "raised":

@@ -127,7 +127,17 @@ def median_all(a: np.ndarray) -> float:
         below = part[:half].max()
     if flat.size % 2:
         return float(part[half])
-    return float(np.mean(np.array([below, part[half]], dtype=part.dtype)))
+    return _mean_of_two(below, part[half])
+
+
+def _mean_of_two(a: np.generic, b: np.generic) -> float:
+    """``np.mean`` of the two values (of one dtype), bit for bit, by scalar arithmetic: float32
+    and float64 summed and halved in their own precision, integers in float64."""
+    if a.dtype.kind == "f" and a.dtype.itemsize >= 4:
+        return float((a + b) / 2)
+    if a.dtype.kind in "ui":
+        return (float(a) + float(b)) / 2
+    return float(np.mean(np.array([a, b], dtype=a.dtype)))
 
 
 def median_last(x: np.ndarray) -> np.ndarray:
