@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -130,8 +130,8 @@ def median_all(a: np.ndarray) -> float:
     return _mean_of_two(below, part[half])
 
 
-def _mean_of_two(a: np.generic, b: np.generic) -> float:
-    """``np.mean`` of the two values (of one dtype), bit for bit, by scalar arithmetic: float32
+def _mean_of_two(a: Any, b: Any) -> float:
+    """``np.mean`` of the two numpy scalars (of one dtype), bit for bit, by scalar arithmetic: float32
     and float64 summed and halved in their own precision, integers in float64."""
     if a.dtype.kind == "f" and a.dtype.itemsize >= 4:
         return float((a + b) / 2)
