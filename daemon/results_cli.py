@@ -23,7 +23,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -301,30 +301,37 @@ def export_run(
     write = _write_parquet if fmt == "parquet" else _write_csv
     if fmt == "parquet":
         _pyarrow()  # fail before writing anything
-    for name in tables:  # (an --out that is a file: refused by cmd_results before the store is read)
-        if (out / f"{name}.{fmt}").is_dir():
-            raise ResultsError(f"--out {out}: {name}.{fmt} there is a directory; nothing was written")
-    out.mkdir(parents=True, exist_ok=True)
-    # Every table is written whole into a temp file first, then all are renamed into place: a
-    # failure part way (disk full, an unwritable --out) leaves no partial table and no mix of
-    # this export's tables with an earlier one's.
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, (rows, first) in tables.items():
-            staged.append((out / f".{name}.{fmt}.{os.getpid()}.tmp", out / f"{name}.{fmt}"))
-            write(staged[-1][0], rows, _columns(rows, first))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise
+    out.mkdir(parents=True, exist_ok=True)  # (an --out that is a file: refused by cmd_results first)
+    paths = [out / f"{name}.{fmt}" for name in tables]
+    with staged(paths) as temps:
+        for (rows, first), tmp in zip(tables.values(), temps):
+            write(tmp, rows, _columns(rows, first))
     lines = []
-    for (name, (rows, _)), (_, path) in zip(tables.items(), staged):
+    for (name, (rows, _)), path in zip(tables.items(), paths):
         noun = "summary rows" if name == "run" else name
         lines.append(f"wrote {len(rows)} {noun} of run {run_uid} to {path}")
     return lines
+
+
+@contextlib.contextmanager
+def staged(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temp files beside ``paths`` for the caller to write whole; when it is done all are renamed
+    into place, and when it fails (disk full, an unwritable folder) they are removed: no partial
+    file, and no mix of this write's files with an earlier one's. ``ResultsError`` before anything
+    is written when a directory stands where a file goes."""
+    for p in paths:
+        if p.is_dir():
+            raise ResultsError(f"--out {p.parent}: {p.name} there is a directory; nothing was written")
+    temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    try:
+        yield temps
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
 
 
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def report_figure(particles: list[dict[str, Any]], frames: list[Any], summary: d
     fig.suptitle(f"{len(particles)} particles in {len(frames)} frames; counting rule: {rule}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -101,8 +101,12 @@ def write_report(reader: ResultReader, run_uid: str, rule: EdgeRule, out: Path,
 
     ``rows`` is the run's summary table (``results_cli.run_rows``) under ``rule``.
     """
+    from nanoseg_daemon.results_cli import staged
+
     particles, frames = reader.particles(run_uid), reader.frames(run_uid)
     out.mkdir(parents=True, exist_ok=True)
-    png = report_figure(particles, frames, {r["column"]: r for r in rows}, rule, out / "report.png")
-    page = report_html(run_uid, png, rows, rule, out / "report.html")
+    png, page = out / "report.png", out / "report.html"
+    with staged([png, page]) as (png_tmp, page_tmp):  # both whole, or neither replaced
+        report_figure(particles, frames, {r["column"]: r for r in rows}, rule, png_tmp)
+        report_html(run_uid, png_tmp, rows, rule, page_tmp)
     return [f"wrote {png}", f"wrote {page}"]

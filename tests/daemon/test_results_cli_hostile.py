@@ -93,3 +93,30 @@ def test_export_and_list_under_an_ascii_locale(db: Path, tmp_path: Path) -> None
                           capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"run-\\xe9chantillon-\\u2603-1" in done.stdout
+
+
+def test_a_failed_report_leaves_the_earlier_one_whole(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figure and the page are written whole beside the earlier report, then both renamed: a
+    failure while writing them, or a directory where one goes, leaves the earlier pair as it was
+    and no temp file."""
+    from nanoseg_daemon import results_report
+
+    out = tmp_path / "out"
+    assert main(["results", "report", "aaaa", "--db", str(db), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"report.png", "report.html"}
+
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device", str(out / "report.html"))
+
+    monkeypatch.setattr(results_report, "report_html", full_disk)  # the figure is written, the page fails
+    rc, err = results(capsys, "report", UNICODE_UID[:4], "--db", str(db), "--out", str(out))
+    assert rc == 2 and "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier figure too, no temp file
+    monkeypatch.undo()
+    os.remove(out / "report.html")
+    (out / "report.html").mkdir()
+    rc, err = results(capsys, "report", "aaaa", "--db", str(db), "--out", str(out))
+    assert rc == 2 and "report.html there is a directory; nothing was written" in err
+    assert (out / "report.png").read_bytes() == before["report.png"]
