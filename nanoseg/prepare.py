@@ -65,7 +65,8 @@ def to_model_input(image: np.ndarray, spec: InputSpec, mode: FrameMode = "optica
 def resample_to_model_scale(
     img: np.ndarray, frame_pixel_size_nm: float, spec: InputSpec
 ) -> tuple[np.ndarray, float]:
-    """Resample so one px is ``spec.pixel_size_nm``; returns (float32 image, scale).
+    """Resample so one px is ``spec.pixel_size_nm``; returns (float32 image, scale); at scale 1 a
+    float32 ``img`` is returned itself, not copied.
 
     ``scale`` = frame_pixel_size_nm / spec.pixel_size_nm, model px per frame px (> 1: upsampled,
     e.g. STXM at 35 nm -> 8 nm is 4.375). The output shape is round(shape * scale); bilinear
@@ -75,7 +76,7 @@ def resample_to_model_scale(
         raise ValueError(f"frame pixel size must be > 0 nm, got {frame_pixel_size_nm}")
     scale = frame_pixel_size_nm / spec.pixel_size_nm
     if math.isclose(scale, 1.0, rel_tol=1e-6):
-        return img.astype(np.float32), 1.0
+        return img.astype(np.float32, copy=False), 1.0  # a float32 image itself: callers only read it
     out = rescale(img, scale, order=1, mode="edge", anti_aliasing=scale < 1, preserve_range=True)
     return out.astype(np.float32), scale
 
