@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
+import numpy as np
 import zmq
 from event_model import compose_run
 
@@ -108,16 +109,16 @@ def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[s
     """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
     if rles is None:
         rles = encode_rle_batch(result.instances.box_masks)
-    table = result.table.to_dict()
-    cols = cast(dict[str, Any], table["columns"])
-    cols["score"] = [float(s) for s in result.instances.scores]
+    t = result.table
+    table = {"pixel_size_nm": t.pixel_size_nm, "frame_shape": list(t.frame_shape), "covered_px": t.covered_px,
+             "columns": {**t.columns(), "score": np.asarray(result.instances.scores, np.float64)}}  # ParticleTable.to_dict's
     order = result.summary.orientation_order
     return {
         "count": len(result.table),
         **{name: _stat(result.summary, col, stat) for name, (col, stat, _) in _STAT_FIELDS.items()},
         "coverage_fraction": float(result.summary.coverage_fraction),
         "orientation_order": math.nan if order is None else float(order),
-        "particles": json_text(table),
+        "particles": json_text(table, numpy=True),
         "masks": json_text(list(rles)),
         "frame_uid": result.frame_uid,
         "raw_seq_num": int(result.seq_num),

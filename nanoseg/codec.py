@@ -82,7 +82,7 @@ def _orjson_default(obj: Any) -> Any:
     return str(obj)
 
 
-def json_text(obj: Any) -> str:
+def json_text(obj: Any, numpy: bool = False) -> str:
     """Compact strict JSON of ``obj``: the values of
     ``json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))``, written by orjson
     (about 20x faster on a frame summary; numbers may be spelled differently, e.g. ``1e16`` for
@@ -92,6 +92,11 @@ def json_text(obj: Any) -> str:
     ----------
     obj
         As ``json_safe`` takes.
+    numpy
+        Write NumPy arrays in orjson itself rather than through a Python list each (a particle
+        table's 40 columns: several times faster). The same values for float64, integer and bool
+        arrays; a float32 array would be written as float32 values (``0.1`` where ``json_safe``
+        gives ``0.10000000149011612``), so pass those as float64.
 
     Returns
     -------
@@ -99,7 +104,8 @@ def json_text(obj: Any) -> str:
         JSON text; non-finite floats as null, NumPy values as Python values, dict keys as strings.
     """
     try:
-        return orjson.dumps(obj, default=_orjson_default, option=_ORJSON_OPTIONS).decode()
+        options = _ORJSON_OPTIONS | orjson.OPT_SERIALIZE_NUMPY if numpy else _ORJSON_OPTIONS
+        return orjson.dumps(obj, default=_orjson_default, option=options).decode()
     except (orjson.JSONEncodeError, TypeError):  # e.g. an integer beyond 64 bits
         return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))
 

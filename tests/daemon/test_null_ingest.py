@@ -12,7 +12,7 @@ import json
 import time
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ from nanoseg_daemon.config import load_daemon_config
 from nanoseg_daemon.contracts import FrameJob, FrameMetadata
 from nanoseg_daemon.model_slot import load_model
 from nanoseg_daemon.pipeline import ProfileBook, analyse_frame
-from nanoseg_daemon.publish import summary_body, summary_message
+from nanoseg_daemon.publish import event_data, summary_body, summary_message
 from nanoseg_daemon.queueing import Closed, FrameQueue
 from nanoseg_daemon.store import ResultReader, default_path
 from nanoseg_daemon.summary_schema import SummaryMessage
@@ -110,6 +110,16 @@ def test_the_summary_topic_carries_the_summary_the_store_encoded(trained_model_p
     _assert_named_by(json.loads(body), SummaryMessage)
     if detections:
         assert message.summary.stats["length_nm"].mean is not None
+    # the event's particle table: ParticleTable.to_dict's values and the scores, written from the
+    # arrays; a value that is not finite is null in both
+    if detections:
+        result.table.bow_px[0], result.table.tortuosity[-1] = np.nan, np.inf
+    particles = json.loads(event_data(result)["particles"])
+    want = result.table.to_dict()
+    cast(dict[str, Any], want["columns"])["score"] = [float(s) for s in result.instances.scores]
+    assert particles == json.loads(json.dumps(want))
+    assert len(particles["columns"]["score"]) == len(result.table) and len(particles["columns"]) > 30
+    assert not detections or (particles["columns"]["bow_px"][0] is None and particles["columns"]["tortuosity"][-1] is None)
 
 
 def _assert_named_by(value: object, model: object, where: str = "") -> None:
