@@ -395,14 +395,17 @@ class DocumentPublisher(_SocketPublisher):
         return self._sock.send([b" ".join([self._prefix, name.encode(), self._serializer(doc)])])
 
 
-def _summary_parts(result: FrameResult, published_at: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The summary message's fields before and after ``summary``."""
+def _summary_parts(result: FrameResult, published_at: float | None,
+                   replaced: Counter[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary message's fields before and after ``summary``; a uid or version that is not
+    UTF-8 as its repr, counted in ``replaced`` (``SummaryMessage`` cannot carry it)."""
+    replaced = Counter() if replaced is None else replaced
     head = {
-        "run_uid": result.run_uid,
-        "frame_uid": result.frame_uid,
+        "run_uid": _wire_str(result.run_uid, replaced),
+        "frame_uid": _wire_str(result.frame_uid, replaced),
         "seq_num": result.seq_num,
         "count": len(result.table),
-        "model_version": result.model_version,
+        "model_version": _wire_str(result.model_version, replaced),
         "timestamp": result.timestamp,
         "published_at": time.time() if published_at is None else published_at,
     }
@@ -416,10 +419,11 @@ def summary_message(result: FrameResult, published_at: float | None = None) -> d
     return cast(dict[str, Any], json_safe({**head, "summary": result.summary.to_dict(), **tail}))
 
 
-def summary_body(result: FrameResult, published_at: float | None = None) -> str:
+def summary_body(result: FrameResult, published_at: float | None = None, replaced: Counter[str] | None = None) -> str:
     """``summary_message`` as compact strict JSON (``nanoseg.codec.json_text``), with the frame
-    summary as the result encoded it once for the store too (``FrameResult.summary_json``)."""
-    head, tail = _summary_parts(result, published_at)
+    summary as the result encoded it once for the store too (``FrameResult.summary_json``);
+    strings replaced by their repr counted in ``replaced`` by reason."""
+    head, tail = _summary_parts(result, published_at, replaced)
     return f'{json_text(head)[:-1]},"summary":{result.summary_json},{json_text(tail)[1:]}'
 
 
@@ -440,6 +444,8 @@ class SummaryPublisher(_SocketPublisher):
                                 curve=curve)
         self.address = self._sock.address
 
-    def publish(self, result: FrameResult) -> bool:
-        return self._sock.send([SUMMARY_TOPIC, summary_body(result).encode()])
+    def publish(self, result: FrameResult, replaced: Counter[str] | None = None) -> bool:
+        """Send ``result``'s summary; False when it was dropped (a full queue). Strings replaced by
+        their repr are counted in ``replaced``."""
+        return self._sock.send([SUMMARY_TOPIC, summary_body(result, replaced=replaced).encode()])
 

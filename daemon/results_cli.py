@@ -94,8 +94,12 @@ def cmd_results(args: argparse.Namespace) -> int:
             uid = _resolve_run(reader, args.run_uid)
             rule = _edge_rule(reader.frames(uid), args.edge_rule)
             rows = run_rows(reader.particles(uid), reader.frames(uid), rule)
-            for line in write_report(reader, uid, rule, Path(args.out), rows):
-                print(line)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            png, page = out / "report.png", out / "report.html"
+            with staged([png, page]) as (png_tmp, page_tmp):  # both whole, or the earlier pair kept
+                write_report(reader, uid, rule, png_tmp, page_tmp, rows)
+            print(f"wrote {png}\nwrote {page}")
         else:
             for line in export_run(reader, args.run_uid, args.format, Path(args.out), args.names, args.edge_rule):
                 print(line)
@@ -316,9 +320,10 @@ def export_run(
 @contextlib.contextmanager
 def staged(paths: list[Path]) -> Iterator[list[Path]]:
     """Temp files beside ``paths`` for the caller to write whole; when it is done all are renamed
-    into place, and when it fails (disk full, an unwritable folder) they are removed: no partial
-    file, and no mix of this write's files with an earlier one's. ``ResultsError`` before anything
-    is written when a directory stands where a file goes."""
+    into place, and when it fails (disk full, an unwritable folder) they are removed and the
+    earlier files stay as they were: no partial file. ``ResultsError`` before anything is written
+    when a directory stands where a file goes. (The renames are one per file: a rename failing
+    between two of them, which the checks make unlikely, would leave the first new.)"""
     for p in paths:
         if p.is_dir():
             raise ResultsError(f"--out {p.parent}: {p.name} there is a directory; nothing was written")

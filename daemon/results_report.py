@@ -95,18 +95,12 @@ def report_html(run_uid: str, png: Path, rows: list[dict[str, Any]], rule: str, 
     return path
 
 
-def write_report(reader: ResultReader, run_uid: str, rule: EdgeRule, out: Path,
-                 rows: list[dict[str, Any]]) -> list[str]:
-    """``report.png`` and ``report.html`` of one (resolved) run in ``out``; report lines.
+def write_report(reader: ResultReader, run_uid: str, rule: EdgeRule, png: Path, page: Path,
+                 rows: list[dict[str, Any]]) -> None:
+    """The figure (``png``) and the page (``page``) of one (resolved) run.
 
     ``rows`` is the run's summary table (``results_cli.run_rows``) under ``rule``.
     """
-    from nanoseg_daemon.results_cli import staged
-
     particles, frames = reader.particles(run_uid), reader.frames(run_uid)
-    out.mkdir(parents=True, exist_ok=True)
-    png, page = out / "report.png", out / "report.html"
-    with staged([png, page]) as (png_tmp, page_tmp):  # both whole, or neither replaced
-        report_figure(particles, frames, {r["column"]: r for r in rows}, rule, png_tmp)
-        report_html(run_uid, png_tmp, rows, rule, page_tmp)
-    return [f"wrote {png}", f"wrote {page}"]
+    report_figure(particles, frames, {r["column"]: r for r in rows}, rule, png)
+    report_html(run_uid, png, rows, rule, page)

@@ -314,8 +314,11 @@ class SummarySink:
         return
 
     def write_frame(self, result: FrameResult, rles: Sequence[RLE]) -> bool:
-        if not self.publisher.publish(result):
+        replaced: Counter[str] = Counter()
+        if not self.publisher.publish(result, replaced):
             self._metrics.publish_dropped.labels("summary").inc()
+        for reason, n in replaced.items():  # a uid that is not UTF-8: sent as its repr
+            self._metrics.published_values_replaced.labels(reason).inc(n)
         return True
 
     def close_run(self, stop: RunStopped) -> None:

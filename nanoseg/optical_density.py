@@ -190,7 +190,7 @@ def densest_mode(values: np.ndarray, fraction: float = 1 / 16, presorted: bool =
         ties = np.flatnonzero(widths == widths.min())
         i = int(ties[ties.size // 2])
         x = x[i : i + k]
-    if x.dtype.kind in "ui":  # x.mean() bit for bit (a float64 sum), without its checks
+    if x.size and x.dtype.kind in "ui":  # x.mean() bit for bit (a float64 sum), without its checks
         return float(np.add.reduce(x, dtype=np.float64)) / x.size
     return float(x.mean())
 

@@ -343,7 +343,7 @@ def particle_table(
     return _table(masks, od, pixel_size_nm)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32, typed=True)  # typed: 8 and 8.0 make different tables (int or float nm)
 def _empty_table(h: int, w: int, pixel_size_nm: float | None, with_od: bool) -> ParticleTable:
     """``particle_table`` of no masks on an (h, w) frame: the same table, made once (a live stream
     has many frames without particles; its arrays are empty, so nothing can change it)."""

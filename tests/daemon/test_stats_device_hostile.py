@@ -236,3 +236,21 @@ def test_a_read_outside_a_plan_still_works(topic: SummaryTopic, stats: NanosegSt
 
     RunEngine({}, context_managers=[])(plan())
     assert got[0]["nanoseg_length_nm_mean"]["value"] == 42.0
+
+
+def test_the_daemons_own_summary_of_a_uid_with_a_lone_surrogate_is_read() -> None:
+    """A bluesky JSON document may carry a uid that is not valid UTF-8 (a lone surrogate). The
+    summary the daemon sends of it holds the uid's repr instead (counted), so that the message is
+    what its schema says and the device reads it like any other."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from nanoseg_daemon.ophyd_stats import parse_summary
+    from nanoseg_daemon.publish import summary_body
+    from tests.daemon.test_sinks import result
+
+    replaced: Counter[str] = Counter()
+    body = summary_body(replace(result("run-a", 1), frame_uid="bad-\ud800", model_version="m\udc00"), replaced=replaced)
+    values = parse_summary([SUMMARY_TOPIC, body.encode()])
+    assert (values["frame_uid"], values["model_version"]) == (repr("bad-\ud800"), repr("m\udc00"))
+    assert values["run_uid"] == "run-a" and values["seq_num"] == 1 and replaced == {"not_utf8": 2}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,10 @@ def test_counts_are_sorted_as_numpy_sorts_them(span: int, n: int) -> None:
     x = (rng.integers(0, span + 1, n) + (65535 - span) // 2).astype(np.uint16)
     got = _sorted(x)
     assert got.dtype == np.uint16 and np.array_equal(got, np.sort(x))
+
+
+def test_a_frame_of_two_values_is_checked() -> None:
+    """Both percentiles between the only two values leave no value inside the range: the mode of
+    nothing is NaN, as numpy's mean of nothing, not an error (a frame of two finite pixels)."""
+    check = check_input(np.array([[100, 900]], np.uint16))
+    assert check.looks_like == "optical_density" and math.isnan(check.background_position)

@@ -304,3 +304,7 @@ def test_a_frame_without_particles_gets_the_table_the_measurements_give(pixel_si
     assert got.columns().keys() == want.columns().keys()
     assert (got.mean_od is None) == (not with_od) and (got.area_nm2 is None) == (pixel_size_nm is None)
     assert got.to_dict() == want.to_dict() and frame_summary(got).to_dict() == frame_summary(want).to_dict()
+    if pixel_size_nm is not None:  # an int pixel size is not the float one's cached table
+        as_int = particle_table(np.zeros((0, 6, 9), bool), od, int(pixel_size_nm))
+        assert as_int.area_nm2 is not None and as_int.pixel_size_nm == 8 and type(as_int.pixel_size_nm) is int
+        assert as_int.area_nm2.dtype == _table(np.zeros((0, 6, 9), bool), od, int(pixel_size_nm)).area_nm2.dtype
