@@ -518,11 +518,14 @@ class ResultStore(ResultReader):
         added: list[bool] = []
         what = f"add_frame {results[0].frame_uid}" + (f" (+{len(results) - 1})" if len(results) > 1 else "")
         with self._write(what) as conn:
+            runs_seen: set[str] = set()  # a group is mostly one run's frames: its row made once
             for result, rows, frame in todo:
-                conn.execute(
-                    "INSERT INTO runs (run_uid, started_at, metadata) VALUES (?, ?, '{}') ON CONFLICT DO NOTHING",
-                    (result.run_uid, result.timestamp),
-                )
+                if result.run_uid not in runs_seen:
+                    runs_seen.add(result.run_uid)
+                    conn.execute(
+                        "INSERT INTO runs (run_uid, started_at, metadata) VALUES (?, ?, '{}') ON CONFLICT DO NOTHING",
+                        (result.run_uid, result.timestamp),
+                    )
                 cur = conn.execute(
                     f"INSERT INTO frames VALUES ({', '.join('?' * len(frame))}) ON CONFLICT DO NOTHING", frame
                 )
