@@ -109,9 +109,8 @@ def event_data(result: FrameResult, rles: Sequence[RLE] | None = None) -> dict[s
     """The event's ``data`` for one frame (keys of ANALYSIS_DATA_KEYS)."""
     if rles is None:
         rles = encode_rle_batch(result.instances.box_masks)
-    t = result.table
-    table = {"pixel_size_nm": t.pixel_size_nm, "frame_shape": list(t.frame_shape), "covered_px": t.covered_px,
-             "columns": {**t.columns(), "score": np.asarray(result.instances.scores, np.float64)}}  # ParticleTable.to_dict's
+    table = result.table.to_dict(arrays=True)
+    cast(dict[str, Any], table["columns"])["score"] = np.asarray(result.instances.scores, np.float64)
     order = result.summary.orientation_order
     return {
         "count": len(result.table),

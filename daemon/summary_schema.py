@@ -3,12 +3,11 @@ that read it.
 
 The daemon publishes one ``[SUMMARY_TOPIC, JSON]`` message per analysed frame
 (``publish.summary_message``; compact strict JSON, null where a value is undefined). A reader
-validates it with ``SummaryMessage.model_validate`` on the parsed JSON (Python's ``json.loads``
-reads the escapes of lone surrogates the daemon may write for a uid; pydantic's own JSON parser
-refuses them): types are strict (no "5" for 5, no
+validates it with ``SummaryMessage.model_validate_json``: types are strict (no "5" for 5, no
 true for 1), numbers finite (NaN, Infinity and 1e999 are refused), and a validation error names
 the field (``summary.stats.length_nm.mean``). Fields a reader does not know are ignored, so an
-older reader keeps working with a newer daemon. Every field of ``summary`` may be absent (a
+older reader keeps working with a newer daemon. Strings are valid UTF-8: the daemon sends a
+uid that is not (a lone surrogate) as its repr. Every field of ``summary`` may be absent (a
 reader of one statistic does not need the rest); the frame's identity and count may not.
 """
 

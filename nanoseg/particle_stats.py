@@ -173,13 +173,15 @@ class ParticleTable:
             cols = {k: [round_value(k, x) for x in v] for k, v in cols.items()}
         return [{k: cols[k][i] for k in cols} for i in range(len(self))]
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-serialisable, column-oriented (NaN -> None)."""
+    def to_dict(self, arrays: bool = False) -> dict[str, object]:
+        """JSON-serialisable, column-oriented (NaN -> None); ``arrays``: the columns as the arrays
+        themselves (float64, int64 and bool, for ``codec.json_text(..., numpy=True)``), not lists."""
+        cols = self.columns()
         return {
             "pixel_size_nm": self.pixel_size_nm,
             "frame_shape": list(self.frame_shape),
             "covered_px": self.covered_px,
-            "columns": {k: [_json_number(x) for x in v.tolist()] for k, v in self.columns().items()},
+            "columns": cols if arrays else {k: [_json_number(x) for x in v.tolist()] for k, v in cols.items()},
         }
 
 
