@@ -40,7 +40,7 @@ from nanoseg.paths import cache_dir
 from nanoseg.postprocess import PostprocessConfig
 from nanoseg.prepare import PreparedFrame
 from nanoseg.segmenter import Segmenter
-from nanoseg.tiling import plan_tiles
+from nanoseg.tiling import FrameTiles, plan_tiles
 from nanoseg_training.evaluate import coco_metrics, gt_instances, iter_images, load_coco
 
 
@@ -67,11 +67,9 @@ def crops(dataset: Path, n: int, side: int) -> tuple[list[np.ndarray], dict[str,
 
 def prepared(gray: np.ndarray, size: int) -> PreparedFrame:
     """A crop as the daemon prepares a small frame: one model input, padded with its median."""
-    tile = np.full((size, size), float(np.median(gray)), np.float32)
-    tile[: gray.shape[0], : gray.shape[1]] = gray
     shape = (gray.shape[0], gray.shape[1])
-    return PreparedFrame(tile[None], tuple(plan_tiles(shape, size, 0)), shape, shape, gray, "optical_density",
-                         InvalidPixels(), None, 0.5)
+    inputs = FrameTiles(gray.astype(np.float32, copy=False), tuple(plan_tiles(shape, size, 0)))
+    return PreparedFrame(inputs, shape, gray, "optical_density", InvalidPixels(), None, 0.5)
 
 
 def main() -> None:
@@ -100,7 +98,7 @@ def main() -> None:
         t0, dets = time.perf_counter(), []
         for k in range(0, len(frames), args.batch):
             batch = frames[k: k + args.batch]
-            tiles = [p.tiles for p in batch]
+            tiles = [p.inputs for p in batch]
             dets += (seg.detect_frames(tiles) if name == "alone"
                      else seg.detect_packed(tiles, [p.model_shape for p in batch], args.gap))
         seconds = time.perf_counter() - t0

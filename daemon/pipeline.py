@@ -244,16 +244,16 @@ def _detect(segmenter: Segmenter, batch: Sequence[Prepared], pack_gap_px: int | 
     t0 = time.perf_counter()
     try:
         if pack_gap_px is None:
-            raws = segmenter.detect_frames([p.frame.tiles for p in batch])
+            raws = segmenter.detect_frames([p.frame.inputs for p in batch])
         else:
-            raws = segmenter.detect_packed([p.frame.tiles for p in batch], [p.frame.model_shape for p in batch],
+            raws = segmenter.detect_packed([p.frame.inputs for p in batch], [p.frame.model_shape for p in batch],
                                            pack_gap_px)
     except Exception as err:
         if len(batch) == 1:
             return [err]
         return [out for p in batch for out in _detect(segmenter, [p], pack_gap_px)]
-    seconds, tiles = time.perf_counter() - t0, max(sum(len(p.frame.tiles) for p in batch), 1)
-    return [Detected(p, r, seconds * len(p.frame.tiles) / tiles) for p, r in zip(batch, raws)]
+    seconds, tiles = time.perf_counter() - t0, max(sum(len(p.frame.inputs) for p in batch), 1)
+    return [Detected(p, r, seconds * len(p.frame.inputs) / tiles) for p, r in zip(batch, raws)]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanoseg.engines import RawDetections
+from nanoseg.tiling import FrameTiles, TileStack, write_tile
 
 
 @dataclass(frozen=True)
@@ -76,25 +77,27 @@ def plan_mosaics(shapes: Sequence[tuple[int, int] | None], size: int, gap: int) 
     return [Mosaic(tuple(g), k, size // k, size) for g in groups if len(g) >= 2]
 
 
-def pack_mosaic(mosaic: Mosaic, tiles: Sequence[np.ndarray]) -> np.ndarray:
+def pack_mosaic(mosaic: Mosaic, tiles: Sequence[TileStack]) -> np.ndarray:
     """The mosaic's model input: each frame's one padded tile ((size, size), content at its
     top-left), cut to a cell, at its cell; the grid's leftover strip takes the first frame's fill.
 
     Parameters
     ----------
     mosaic : Mosaic
-    tiles : sequence of ndarray, shape (size, size)
-        Per frame of ``mosaic.frames``, in that order, its padded tile.
+    tiles : sequence of ndarray (1, size, size) or FrameTiles
+        Per frame of ``mosaic.frames``, in that order, its one padded tile (made or described:
+        a described one's cell is written from its image, its padding never made).
 
     Returns
     -------
     ndarray, shape (size, size), float32
     """
-    c, size = mosaic.cell, mosaic.size
-    canvas = np.full((size, size), tiles[0][-1, -1], np.float32)  # a padded tile's corner is its fill
-    for slot, tile in enumerate(tiles):
+    c, size, first = mosaic.cell, mosaic.size, tiles[0]
+    fill = first.fill if isinstance(first, FrameTiles) else first[0, -1, -1]  # a padded tile's corner is its fill
+    canvas = np.full((size, size), fill, np.float32)
+    for slot, frame in enumerate(tiles):
         y0, x0 = mosaic.origin(slot)
-        canvas[y0: y0 + c, x0: x0 + c] = tile[:c, :c]
+        write_tile(frame, 0, canvas[y0: y0 + c, x0: x0 + c])
     return canvas
 
 

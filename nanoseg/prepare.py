@@ -36,8 +36,7 @@ from nanoseg.optical_density import (
     validate_frame,
 )
 from nanoseg.scale import ScaleChoice, choose_scale
-from nanoseg.summary_stats import median_all
-from nanoseg.tiling import Tile, extract_tiles, merge_tiled_instances, plan_tiles
+from nanoseg.tiling import FrameTiles, Tile, merge_tiled_instances, plan_tiles
 
 ScaleChooser = Callable[[np.ndarray, FrameMode], ScaleChoice]
 """Chooses a frame's ``auto`` resampling from its converted image (bright objects, dark
@@ -85,9 +84,9 @@ def resample_to_model_scale(
 class PreparedFrame:
     """A frame ready for the engine, with what is needed to map instances back.
 
-    - ``tiles``: (T, size, size) float32 model input in [0, 255]; padding is the frame's median.
-    - ``tile_plan``: where each tile lies on the frame at model scale.
-    - ``frame_shape``: (H, W) of the original frame; ``model_shape``: at the model's scale.
+    - ``inputs``: its model inputs (``FrameTiles``: the 0-255 gray image at the model's scale and
+      the tile plan; the tiles are made only when asked, ``tiles``).
+    - ``frame_shape``: (H, W) of the original frame.
     - ``image``: (H, W) float32 OD (or intensity) at the original resolution, for statistics.
     - ``invalid``: replaced pixels per kind; ``reference``: scalar I0 - dark used, if any.
     - ``input_check``: what the frame looks like against what the profile expects.
@@ -95,10 +94,8 @@ class PreparedFrame:
       was chosen when the profile or caller asked for ``auto``.
     """
 
-    tiles: np.ndarray
-    tile_plan: tuple[Tile, ...]
+    inputs: FrameTiles
     frame_shape: tuple[int, int]
-    model_shape: tuple[int, int]
     image: np.ndarray
     mode: FrameMode
     invalid: InvalidPixels
@@ -107,6 +104,23 @@ class PreparedFrame:
     input_check: InputCheck | None = None
     pixel_size_nm: float | None = None
     auto_scale: ScaleChoice | None = None
+
+    @property
+    def tiles(self) -> np.ndarray:
+        """(T, size, size) float32 model input in [0, 255]; padding is the image's median. Made
+        on first use (``FrameTiles.array``)."""
+        return self.inputs.array
+
+    @property
+    def tile_plan(self) -> tuple[Tile, ...]:
+        """Where each tile lies on the frame at model scale."""
+        return self.inputs.plan
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        """(H, W) of the frame at the model's scale, px."""
+        h, w = self.inputs.image.shape
+        return h, w
 
     @property
     def optical_density(self) -> np.ndarray | None:
@@ -204,18 +218,9 @@ def prepare_frame(
         raise ValueError(f"tile_overlap_px {profile.tile_overlap_px} must be < model size {spec.size}")
     m = to_model_scale(frame, profile, spec, flat_field=flat_field, dark_frame=dark_frame,
                        pixel_size_nm=pixel_size_nm, scale_chooser=scale_chooser)
-    gray = m.gray
-    plan = plan_tiles(gray.shape, spec.size, profile.tile_overlap_px)
-    if len(plan) == 1 and gray.shape == (spec.size, spec.size):
-        tiles = gray[None]  # the frame is the one model input: no copy
-    else:
-        padded = any(t.valid_height < t.size or t.valid_width < t.size for t in plan)
-        tiles = extract_tiles(gray, plan, fill=median_all(gray) if padded else 0.0)
     return PreparedFrame(
-        tiles=tiles,
-        tile_plan=tuple(plan),
+        inputs=FrameTiles(m.gray, tuple(plan_tiles(m.gray.shape, spec.size, profile.tile_overlap_px))),
         frame_shape=(m.image.shape[0], m.image.shape[1]),
-        model_shape=(gray.shape[0], gray.shape[1]),
         image=m.image,
         mode=profile.mode,
         invalid=m.invalid,

@@ -8,9 +8,11 @@ post-processing for images already at the model's scale (``nanoseg evaluate``'s 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -43,6 +45,7 @@ from nanoseg.prepare import (
 )
 from nanoseg.scale import CONFIDENCE_SCALES, ScaleChoice, pick_confident_scale, top_k_confidence
 from nanoseg.summary_stats import StatisticsConfig, median_all
+from nanoseg.tiling import TileStack, made_tiles, write_tile
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Segmenter:
     """How far the engine's mask grid reaches beyond each box (``MaskDecoding.margin_px``)."""
     device_post: bool | None = None
     """Post-process on the engine's device: None = where it runs on CUDA (``post_on_device``)."""
+    _buffers: _BatchBuffers = field(default_factory=lambda: _BatchBuffers(), init=False, repr=False, compare=False)
 
     @classmethod
     def for_checkpoint(cls, engine: Engine, ckpt: Checkpoint, post: PostprocessConfig) -> Segmenter:
@@ -81,29 +85,38 @@ class Segmenter:
         """The same model with another post-processing."""
         return Segmenter(self.engine, self.spec, post, self.mask_offset_px, self.mask_margin_px, self.device_post)
 
-    def _batches(self, tiles: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    def _batches(self, tiles: Sequence[TileStack]) -> Iterator[np.ndarray]:
         """The engine's input batches (B, C, size, size) float32 over several frames' tiles
-        ((T_i, size, size) each), in order, at most ``engine.max_batch`` each, channels repeated;
-        a batch within one frame's tiles is a view of them."""
-        c = self.engine.input_shape[0]
+        ((T_i, size, size) each, made or described), in order, at most ``engine.max_batch`` each,
+        channels repeated. Tiles made already of one frame (one channel) are a view; else the
+        tiles are written into a buffer lent for the batch and reused by later ones (the engine
+        keeps no reference to its input: ``Engine.infer``), so a small frame's padding never
+        costs fresh memory."""
+        c, h, w = self.engine.input_shape
         step = max(self.engine.max_batch, 1)
         flat = [(f, t) for f, frame in enumerate(tiles) for t in range(len(frame))]
         for i in range(0, len(flat), step):
             chunk = flat[i: i + step]
             (f0, t0), (f1, t1) = chunk[0], chunk[-1]
-            if f0 == f1:
-                batch = tiles[f0][t0: t1 + 1]  # one frame's tiles: a view, no copy
-            else:
-                batch = np.concatenate([tiles[f][t: t + 1] for f, t in chunk])
-            batch = batch[:, None].astype(np.float32, copy=False)
-            yield batch if c == 1 else np.repeat(batch, c, axis=1)
+            made = made_tiles(tiles[f0]) if f0 == f1 and c == 1 else None
+            if made is not None:
+                yield made[t0: t1 + 1, None].astype(np.float32, copy=False)
+                continue
+            with self._buffers.lend((step, c, h, w)) as buffer:
+                batch = buffer[: len(chunk)]
+                for k, (f, t) in enumerate(chunk):
+                    write_tile(tiles[f], t, batch[k, 0])
+                if c > 1:
+                    batch[:, 1:] = batch[:, :1]
+                yield batch
 
-    def detect_tiles(self, tiles: np.ndarray) -> list[RawDetections]:
+    def detect_tiles(self, tiles: TileStack) -> list[RawDetections]:
         """The network's raw detections per (size x size) model-input tile, before any threshold."""
         return self.detect_frames([tiles])[0]
 
-    def detect_frames(self, tiles: Sequence[np.ndarray]) -> list[list[RawDetections]]:
-        """Raw detections of several frames' tiles ((T_i, size, size) each), through the engine
+    def detect_frames(self, tiles: Sequence[TileStack]) -> list[list[RawDetections]]:
+        """Raw detections of several frames' tiles ((T_i, size, size) each, made or described:
+        ``FrameTiles``, as ``PreparedFrame.inputs``), through the engine
         together: the tiles of all frames, in order, in calls of up to ``engine.max_batch``.
 
         Returns
@@ -118,14 +131,14 @@ class Segmenter:
             k += len(frame)
         return out
 
-    def detect_packed(self, tiles: Sequence[np.ndarray], shapes: Sequence[tuple[int, int] | None],
+    def detect_packed(self, tiles: Sequence[TileStack], shapes: Sequence[tuple[int, int] | None],
                       gap: int) -> list[list[RawDetections]]:
         """``detect_frames``, with the frames small enough packed several to a model input
         (``nanoseg.mosaic``): the network runs once per mosaic instead of once per frame.
 
         Parameters
         ----------
-        tiles : sequence of ndarray
+        tiles : sequence of ndarray or FrameTiles
             Per frame, its tiles ((T_i, size, size), padded at the bottom and right).
         shapes : sequence of (int, int) or None
             Per frame, its content's (height, width) at model scale, px, when it is one tile;
@@ -142,7 +155,7 @@ class Segmenter:
         mosaics = plan_mosaics([s if len(t) == 1 else None for t, s in zip(tiles, shapes)], self.spec.size, gap)
         packed = {i for m in mosaics for i in m.frames}
         alone = [i for i in range(len(tiles)) if i not in packed]
-        inputs = [tiles[i] for i in alone] + [pack_mosaic(m, [tiles[i][0] for i in m.frames])[None] for m in mosaics]
+        inputs = [tiles[i] for i in alone] + [pack_mosaic(m, [tiles[i] for i in m.frames])[None] for m in mosaics]
         raws = self.detect_frames(inputs)
         out: list[list[RawDetections]] = [[] for _ in tiles]
         for i, raw in zip(alone, raws):
@@ -200,7 +213,7 @@ class Segmenter:
         conf = [top_k_confidence(instance_scores(raw, self.post)) for raw in raws]
         return pick_confident_scale(scales, conf, self.spec.pixel_size_nm)
 
-    def infer_tiles(self, tiles: np.ndarray, detections: Sequence[RawDetections] | None = None) -> list[Instances]:
+    def infer_tiles(self, tiles: TileStack, detections: Sequence[RawDetections] | None = None) -> list[Instances]:
         """Instances per (size x size) model-input tile, in tile coordinates (``detections``: the
         tiles' raw detections when the engine ran already, ``detect_frames``). Where the engine
         runs on CUDA and can leave its outputs there, scores, thresholds and mask pasting run on
@@ -208,8 +221,8 @@ class Segmenter:
         if self.post_on_device and detections is None:
             return self._infer_tiles_on_device(tiles)
         raw = self.detect_tiles(tiles) if detections is None else detections
-        return [to_instances(r, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
-                for r, tile in zip(raw, tiles)]
+        shape = (tiles.shape[1], tiles.shape[2])
+        return [to_instances(r, shape, self.post, self.mask_offset_px, self.mask_margin_px) for r in raw]
 
     @property
     def post_on_device(self) -> bool:
@@ -219,13 +232,14 @@ class Segmenter:
             return self.device_post and hasattr(self.engine, "infer_device")
         return str(self.engine.device).startswith("cuda") and hasattr(self.engine, "infer_device")
 
-    def _infer_tiles_on_device(self, tiles: np.ndarray) -> list[Instances]:
+    def _infer_tiles_on_device(self, tiles: TileStack) -> list[Instances]:
         from nanoseg import device_postprocess as dp  # torch only where it runs
 
         infer_device = self.engine.infer_device  # type: ignore[attr-defined]  # post_on_device checked it
         dets = [det for batch in self._batches([tiles]) for det in dp.split_device_outputs(*infer_device(batch))]
-        return [dp.to_instances(det, tile.shape, self.post, self.mask_offset_px, self.mask_margin_px)
-                for det, tile in zip(dets, tiles)]
+        shape = (tiles.shape[1], tiles.shape[2])
+        return [dp.to_instances(det, shape, self.post, self.mask_offset_px, self.mask_margin_px)
+                for det in dets]
 
     def segment_prepared(self, prepared: PreparedFrame, timings: dict[str, float] | None = None,
                          max_instances: int | None = None) -> Instances:
@@ -242,7 +256,7 @@ class Segmenter:
                  max_instances: int | None = None,
                  detections: Sequence[RawDetections] | None = None) -> tuple[Instances, int]:
         t0 = time.perf_counter()
-        per_tile = self.infer_tiles(prepared.tiles, detections)
+        per_tile = self.infer_tiles(prepared.inputs, detections)
         t1 = time.perf_counter()
         merged = instances_to_frame(per_tile, prepared, max_instances)
         inst, capped = cap_instances(merged, self.post.max_instances)
@@ -321,3 +335,29 @@ class Segmenter:
         else:
             inst = self.infer_tiles(gray[None].astype(np.float32))[0]
         return filter_instances(inst, self.post)
+
+
+class _BatchBuffers:
+    """Batch buffers (B, C, H, W) float32 lent one batch at a time and kept for the next: a
+    segmenter's threads (the daemon's engine stage, a scale search in its preparation) each get
+    one of their own; at most ``keep`` wait between batches."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    @contextmanager
+    def lend(self, shape: tuple[int, int, int, int]) -> Iterator[np.ndarray]:
+        """A buffer of ``shape``, its contents whatever the last batch left, for the ``with`` block."""
+        with self._lock:
+            k = next((k for k, b in enumerate(self._free) if b.shape == shape), None)
+            buffer = self._free.pop(k) if k is not None else None
+        if buffer is None:
+            buffer = np.empty(shape, np.float32)
+        try:
+            yield buffer
+        finally:
+            with self._lock:
+                if len(self._free) < self._keep:
+                    self._free.append(buffer)

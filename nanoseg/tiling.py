@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from nanoseg.instances import BoxMasks, Instances, mask_iou
+from nanoseg.summary_stats import median_all
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,132 @@ def extract_tiles(image: np.ndarray, tiles: Sequence[Tile], fill: float) -> np.n
     """
     size = tiles[0].size
     out = np.empty((len(tiles), size, size), dtype=np.float32)
-    for k, t in enumerate(tiles):  # each pixel written once: the frame's, or the fill beyond it
-        out[k, : t.valid_height, : t.valid_width] = image[t.frame_slices]
-        out[k, t.valid_height :, :] = fill
-        out[k, : t.valid_height, t.valid_width :] = fill
+    for k, t in enumerate(tiles):
+        _write(image, t, fill, out[k])
     return out
+
+
+def _write(image: np.ndarray, tile: Tile, fill: float, out: np.ndarray) -> None:
+    """Tile ``tile`` of ``image`` cut to ``out``'s (rows, cols), rows and cols <= its size, at
+    ``out``: each pixel written once, the frame's or ``fill`` beyond it."""
+    rows, cols = out.shape
+    h, w = min(tile.valid_height, rows), min(tile.valid_width, cols)
+    out[:h, :w] = image[tile.y0: tile.y0 + h, tile.x0: tile.x0 + w]
+    if h < rows:
+        out[h:, :] = fill
+    if w < cols:
+        out[:h, w:] = fill
+
+
+@dataclass(frozen=True, eq=False)
+class FrameTiles:
+    """One frame's model inputs, (T, size, size) float32, before they are made: its image at the
+    model's scale (0-255 gray) cut by a tile plan, padded beyond the image with the image's median.
+
+    Nothing is copied until asked: ``write_tile`` puts a tile straight into a caller's buffer (the
+    engine's batch; a 128 px frame for a 512 px model writes 16x its size), ``array`` stacks them
+    once. A frame that is exactly one tile is its image (``array`` is a view of it).
+    """
+
+    image: np.ndarray
+    plan: tuple[Tile, ...]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(T, size, size), as ``array``'s."""
+        size = self.plan[0].size
+        return len(self.plan), size, size
+
+    @property
+    def whole(self) -> bool:
+        """The image is the one tile, unpadded: ``array`` is a view of it."""
+        return len(self.plan) == 1 and self.image.shape == self.shape[1:]
+
+    @cached_property
+    def fill(self) -> float:
+        """The padding's value.
+
+        Returns
+        -------
+        float
+            The image's median (``median_all``), in its units (0-255 gray); 0.0 when no tile is
+            padded.
+        """
+        padded = any(t.valid_height < t.size or t.valid_width < t.size for t in self.plan)
+        return median_all(self.image) if padded else 0.0
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """The tiles, made on first use and kept (``extract_tiles``).
+
+        Returns
+        -------
+        ndarray, shape (T, size, size), float32
+            0-255 gray; a view of ``image`` when ``whole``.
+        """
+        if self.whole:
+            return np.asarray(self.image[None], np.float32)
+        return extract_tiles(self.image, self.plan, self.fill)
+
+    def write_tile(self, t: int, out: np.ndarray) -> None:
+        """Tile ``t``'s top-left corner into ``out``: the same pixels as ``array[t, :rows, :cols]``,
+        without making ``array``.
+
+        Parameters
+        ----------
+        t : int
+            The tile, an index into ``plan``.
+        out : ndarray, shape (rows, cols), float32
+            Where it goes (rows, cols <= size px): a slot of an engine's batch, or a mosaic's cell.
+        """
+        if "array" in self.__dict__:  # made already: copy it
+            out[...] = self.array[t, : out.shape[0], : out.shape[1]]
+        else:
+            _write(self.image, self.plan[t], self.fill, out)
+
+
+TileStack = np.ndarray | FrameTiles
+"""One frame's model inputs: (T, size, size) tiles made already, or described (``FrameTiles``)."""
+
+
+def write_tile(tiles: TileStack, t: int, out: np.ndarray) -> None:
+    """One tile's top-left corner into a buffer, from tiles made or described.
+
+    Parameters
+    ----------
+    tiles : ndarray (T, size, size) or FrameTiles
+        One frame's tiles.
+    t : int
+        The tile, 0 to T - 1.
+    out : ndarray, shape (rows, cols), float32
+        Where it goes, rows and cols <= size px.
+    """
+    if isinstance(tiles, FrameTiles):
+        tiles.write_tile(t, out)
+    else:
+        out[...] = tiles[t, : out.shape[0], : out.shape[1]]
+
+
+def made_tiles(tiles: TileStack) -> np.ndarray | None:
+    """A frame's tiles as an array, when that costs no copy.
+
+    Parameters
+    ----------
+    tiles : ndarray (T, size, size) or FrameTiles
+        One frame's tiles.
+
+    Returns
+    -------
+    ndarray or None
+        ``tiles`` itself, or a ``FrameTiles``' array when it was made already or is a view of
+        its image (one unpadded tile); None when it would have to be made.
+    """
+    if isinstance(tiles, np.ndarray):
+        return tiles
+    return tiles.array if tiles.whole or "array" in tiles.__dict__ else None
 
 
 def _intersect(

@@ -44,7 +44,8 @@ class Engine(Protocol):
         ----------
         batch : ndarray, shape (B, C, H, W), float32
             Model inputs at the model's pixel scale, values 0–255, (C, H, W) = ``input_shape``,
-            B <= ``max_batch``.
+            B <= ``max_batch``. Lent for the call: an engine keeps no reference to it (nor a view)
+            once ``infer`` returns, as the caller writes the next batch into the same buffer.
 
         Returns
         -------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from nanoseg.control_client import control_request
+from nanoseg.tiling import FrameTiles
 from nanoseg_daemon.contracts import FrameJob, FrameMetadata, FrameResult
 from nanoseg_daemon.pipeline import analyse_batch, analyse_frame, prepare
 from nanoseg_daemon.service import Service
@@ -94,8 +95,9 @@ def test_a_frame_the_engine_fails_on_fails_alone(tmp_path: Path, trained_model_p
         md = FrameMetadata(pixel_size_nm=8.0, i0=DOSE)
         jobs = [FrameJob("r", f"f{k}", k + 1, f, 0.0, md, 0.0) for k, f in enumerate(FRAMES[:3])]
         batch = [prepare(j, model, svc.profiles) for j in jobs]
-        # the middle frame's tiles are rows, not images: the batch, and that frame alone, cannot run
-        broken = replace(batch[1].frame, tiles=batch[1].frame.tiles[:, 0, :])
+        # the middle frame's model input is a row, not an image: the batch, and that frame alone, cannot run
+        inputs = batch[1].frame.inputs
+        broken = replace(batch[1].frame, inputs=FrameTiles(inputs.image.ravel(), inputs.plan))
         batch[1] = replace(batch[1], frame=broken)
         out = analyse_batch(batch)
         assert isinstance(out[1], Exception) and not isinstance(out[1], FrameResult)

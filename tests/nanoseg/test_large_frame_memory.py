@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     from nanoseg.postprocess import PostprocessConfig, cap_instances, filter_instances
     from nanoseg.prepare import PreparedFrame, instances_to_frame
     from nanoseg.optical_density import InvalidPixels
-    from nanoseg.tiling import plan_tiles
+    from nanoseg.tiling import FrameTiles, plan_tiles
     H = W = 8000
     od = np.zeros((H, W), np.float32)  # the frame's OD image, as the pipeline holds it
     base = rss("VmRSS")
@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent("""
         crops = [np.ones((6, 60), bool)] * 2
         boxes = np.array([(x, y, x + 60, y + 6) for y, x in offsets], np.float32)
         per_tile.append(Instances(boxes, np.linspace(0.9, 0.6, 2), BoxMasks((512, 512), offsets, crops)))
-    prepared = PreparedFrame(np.zeros((0, 512, 512), np.float32), tuple(plan), (H, W), (H, W), od,
-                             "optical_density", InvalidPixels(), None, 0.5)
+    gray = np.broadcast_to(np.float32(0), (H, W))  # the plan's image, never read here: no memory
+    prepared = PreparedFrame(FrameTiles(gray, tuple(plan)), (H, W), od, "optical_density", InvalidPixels(), None, 0.5)
     post = PostprocessConfig(max_instances=500)
     merged = instances_to_frame(per_tile, prepared)
     inst, capped = cap_instances(merged, post.max_instances)

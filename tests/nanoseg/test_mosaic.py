@@ -59,7 +59,7 @@ def test_frames_that_fit_share_inputs_on_a_grid() -> None:
 
 def test_detections_go_to_the_frame_whose_cell_holds_their_centre() -> None:
     m = Mosaic((4, 7, 9), k=2, cell=256, size=512)
-    tiles = [np.full((512, 512), v, np.float32) for v in (10.0, 20.0, 30.0)]
+    tiles = [np.full((1, 512, 512), v, np.float32) for v in (10.0, 20.0, 30.0)]
     canvas = pack_mosaic(m, tiles)
     assert canvas[0, 0] == 10 and canvas[0, 300] == 20 and canvas[300, 0] == 30 and canvas[300, 300] == 10
     raw = RawDetections(np.array([[10, 10, 50, 30], [250, 20, 300, 40], [20, 270, 60, 290], [300, 300, 320, 320]],
