@@ -102,7 +102,7 @@ class Segmenter:
             if made is not None:
                 yield made[t0: t1 + 1, None].astype(np.float32, copy=False)
                 continue
-            with self._buffers.lend((step, c, h, w)) as buffer:
+            with self._buffers.lend(min(step, len(flat)), (c, h, w)) as buffer:
                 batch = buffer[: len(chunk)]
                 for k, (f, t) in enumerate(chunk):
                     write_tile(tiles[f], t, batch[k, 0])
@@ -348,16 +348,18 @@ class _BatchBuffers:
         self._keep = keep
 
     @contextmanager
-    def lend(self, shape: tuple[int, int, int, int]) -> Iterator[np.ndarray]:
-        """A buffer of ``shape``, its contents whatever the last batch left, for the ``with`` block."""
+    def lend(self, n: int, image: tuple[int, int, int]) -> Iterator[np.ndarray]:
+        """A buffer of at least ``n`` inputs of shape ``image`` (C, H, W), its contents whatever
+        the last batch left, for the ``with`` block (use its first ``n``)."""
         with self._lock:
-            k = next((k for k, b in enumerate(self._free) if b.shape == shape), None)
-            buffer = self._free.pop(k) if k is not None else None
+            fits = [k for k, b in enumerate(self._free) if b.shape[0] >= n and b.shape[1:] == image]
+            buffer = self._free.pop(min(fits, key=lambda k: len(self._free[k]))) if fits else None  # the smallest
         if buffer is None:
-            buffer = np.empty(shape, np.float32)
+            buffer = np.empty((n, *image), np.float32)
         try:
             yield buffer
         finally:
             with self._lock:
-                if len(self._free) < self._keep:
-                    self._free.append(buffer)
+                self._free.append(buffer)
+                if len(self._free) > self._keep:  # keep the largest
+                    del self._free[min(range(len(self._free)), key=lambda k: len(self._free[k]))]

@@ -123,3 +123,15 @@ def test_a_mosaic_from_described_tiles_equals_one_from_made_tiles() -> None:
     from_described = pack_mosaic(m, [FrameTiles(f.image, f.plan) for f in frames])
     np.testing.assert_array_equal(from_described, from_made)
     assert from_made[SIZE - 1, SIZE - 1] == np.float32(frames[0].fill)  # the empty cell: the first frame's fill
+
+
+def test_buffers_fit_the_call_and_few_are_kept() -> None:
+    engine = RecordingEngine(max_batch=64)
+    seg = Segmenter(engine, None, PostprocessConfig())  # type: ignore[arg-type]
+    frame = FrameTiles(gray(30, 30, seed=5), tuple(plan_tiles((30, 30), SIZE, 8)))
+    for n in (2, 5, 3, 5, 1):
+        seg.detect_frames([frame] * n)
+    sizes = [len(b) for b in seg._buffers._free]
+    assert sizes and max(sizes) == 5 and len(sizes) <= 2  # sized to the calls, not to max_batch 64
+    assert engine.bases[1] == engine.bases[2] == engine.bases[3]  # 3 and 5 inputs: the 5-input buffer again
+    assert engine.bases[4] == engine.bases[0]  # 1 input: the smallest that fits
