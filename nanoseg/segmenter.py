@@ -94,6 +94,9 @@ class Segmenter:
         costs fresh memory."""
         c, h, w = self.engine.input_shape
         step = max(self.engine.max_batch, 1)
+        for frame in tiles:  # a buffer's slot would pad or cut a tile of another size without a word
+            if len(frame) and tuple(frame.shape[1:]) != (h, w):
+                raise ValueError(f"tiles of {frame.shape[1]} x {frame.shape[2]} px for an engine taking {h} x {w}")
         flat = [(f, t) for f, frame in enumerate(tiles) for t in range(len(frame))]
         for i in range(0, len(flat), step):
             chunk = flat[i: i + step]
@@ -340,7 +343,9 @@ class Segmenter:
 class _BatchBuffers:
     """Batch buffers (B, C, H, W) float32 lent one batch at a time and kept for the next: a
     segmenter's threads (the daemon's engine stage, a scale search in its preparation) each get
-    one of their own; at most ``keep`` wait between batches."""
+    one of their own; at most ``keep`` wait between batches, each of up to ``max_batch`` inputs,
+    for the segmenter's life. Holding a lock, a segmenter is not pickled or deep-copied (nothing
+    does)."""
 
     def __init__(self, keep: int = 2) -> None:
         self._free: list[np.ndarray] = []

@@ -119,7 +119,8 @@ class FrameTiles:
 
     Nothing is copied until asked: ``write_tile`` puts a tile straight into a caller's buffer (the
     engine's batch; a 128 px frame for a 512 px model writes 16x its size), ``array`` stacks them
-    once. A frame that is exactly one tile is its image (``array`` is a view of it).
+    once. A frame that is exactly one tile is its image (``array`` is a view of a float32 image,
+    as ``prepare_frame`` makes).
     """
 
     image: np.ndarray

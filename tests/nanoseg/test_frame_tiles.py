@@ -135,3 +135,10 @@ def test_buffers_fit_the_call_and_few_are_kept() -> None:
     assert sizes and max(sizes) == 5 and len(sizes) <= 2  # sized to the calls, not to max_batch 64
     assert engine.bases[1] == engine.bases[2] == engine.bases[3]  # 3 and 5 inputs: the 5-input buffer again
     assert engine.bases[4] == engine.bases[0]  # 1 input: the smallest that fits
+
+
+def test_tiles_of_another_size_than_the_engine_takes_are_refused() -> None:
+    seg = Segmenter(RecordingEngine(), None, PostprocessConfig())  # type: ignore[arg-type]
+    small = FrameTiles(gray(20, 20, seed=6), tuple(plan_tiles((20, 20), SIZE // 2, 4)))
+    with pytest.raises(ValueError, match="32 x 32 px for an engine taking 64 x 64"):
+        seg.detect_frames([small])
