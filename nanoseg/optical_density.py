@@ -370,12 +370,30 @@ def _od_by_table(frame: np.ndarray, i0: float, dark: float, floor: float) -> ODR
     table, n_below, n_none = _od_table(frame.dtype, dark, ref, floor)
     low = frame < n_below
     n_low = int(np.count_nonzero(low))
-    n_non_positive = int(np.count_nonzero(frame < n_none)) if n_none else 0
+    # no signal is below the floor too (n_none <= n_below): counted among the low pixels only
+    n_non_positive = int(np.count_nonzero(frame[low] < n_none)) if n_none and n_low else 0
     if n_non_positive == frame.size:
         raise FrameError("no_signal", "no pixel has a signal above the dark level")
-    od = table.take(frame, mode="wrap")  # every count has its entry, so nothing wraps: ~30 % faster than the bounds check
     invalid = InvalidPixels(non_positive=n_non_positive, below_floor=n_low - n_non_positive)
-    return ODResult(od, ref, invalid, low)
+    return ODResult(_look_up(table, frame), ref, invalid, low)
+
+
+_LOOKUP_CHUNK = 1 << 18
+"""Pixels per ``take`` on large frames (px): numpy turns the uint16 counts into 8-byte indices
+first, and a chunk's indices stay in the cache where a whole 2048² frame's (32 MB) do not."""
+
+
+def _look_up(table: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """``table[frame]`` (frame: (H, W) counts, each with its entry): the same values, by ``take``
+    without the bounds check (nothing wraps; ~30 % faster), in chunks on frames over 1 Mpx (2.3x
+    faster at 2048²)."""
+    if frame.size <= 4 * _LOOKUP_CHUNK:
+        return table.take(frame, mode="wrap")
+    out = np.empty(frame.shape, table.dtype)
+    counts, values = frame.reshape(-1), out.reshape(-1)  # out is new, so a view of it
+    for i in range(0, counts.size, _LOOKUP_CHUNK):
+        table.take(counts[i: i + _LOOKUP_CHUNK], mode="wrap", out=values[i: i + _LOOKUP_CHUNK])
+    return out
 
 
 def _and(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:

@@ -154,19 +154,25 @@ def test_intensity_image_normalises_inverts_and_fills() -> None:
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize(("i0", "dark", "floor"), [(1000, None, 1e-3), (220.0, 3.5, 0.05), (60000, 100, 1e-3)])
-def test_counting_frames_by_table_are_computed_frames(dtype: type, i0: float, dark: float | None, floor: float) -> None:
+@pytest.mark.parametrize("shape", [(64, 80), (1030, 1100)])  # the second looked up in chunks
+def test_counting_frames_by_table_are_computed_frames(dtype: type, i0: float, dark: float | None, floor: float,
+                                                      shape: tuple[int, int]) -> None:
     """8- and 16-bit frames with scalar I0 and dark are converted by a table of every count's
     OD: the same values, masks and counts as the same frame as float64, computed per pixel."""
     rng = np.random.default_rng(int(i0))
     top = np.iinfo(dtype).max
-    counts = np.minimum(rng.poisson(min(i0, top) * rng.uniform(0.0005, 1.2, (64, 80))), top).astype(dtype)
+    counts = np.minimum(rng.poisson(min(i0, top) * rng.uniform(0.0005, 1.2, shape)), top).astype(dtype)
     counts[0, :5] = 0  # no signal
-    fast = optical_density(counts, i0, dark, floor=floor)
-    slow = optical_density(counts.astype(np.float64), i0, dark, floor=floor)
-    assert fast.od.dtype == slow.od.dtype == np.float32
-    assert np.array_equal(fast.od, slow.od) and np.array_equal(fast.replaced, slow.replaced)
-    assert fast.invalid == slow.invalid and fast.invalid.non_positive >= 5
-    assert fast.reference == slow.reference
+    bright = np.maximum(counts, np.asarray(min(i0, top) // 2, dtype))  # no pixel below the floor
+    for frame in (counts, counts.T, bright):  # .T: not C-contiguous
+        fast = optical_density(frame, i0, dark, floor=floor)
+        slow = optical_density(frame.astype(np.float64), i0, dark, floor=floor)
+        assert fast.od.dtype == slow.od.dtype == np.float32
+        assert np.array_equal(fast.od, slow.od) and np.array_equal(fast.replaced, slow.replaced)
+        assert fast.invalid == slow.invalid and fast.reference == slow.reference
+    assert optical_density(counts, i0, dark, floor=floor).invalid.non_positive >= 5
+    if (min(i0, top) // 2 - (dark or 0)) / (i0 - (dark or 0)) > floor:  # the dtype holds counts above the floor
+        assert optical_density(bright, i0, dark, floor=floor).invalid.total == 0
     with pytest.raises(FrameError, match="no_signal"):
         optical_density(np.zeros((4, 4), dtype), i0, dark, floor=floor)
 
