@@ -44,8 +44,8 @@ from nanoseg.prepare import (
     to_model_input,
 )
 from nanoseg.scale import CONFIDENCE_SCALES, ScaleChoice, pick_confident_scale, top_k_confidence
-from nanoseg.summary_stats import StatisticsConfig, median_all
-from nanoseg.tiling import TileStack, made_tiles, write_tile
+from nanoseg.summary_stats import StatisticsConfig
+from nanoseg.tiling import FrameTiles, TileStack, made_tiles, plan_tiles, write_tile
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,8 @@ class Segmenter:
             y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
             view = resample_to_model_scale(gray[y0: y0 + side, x0: x0 + side], self.spec.pixel_size_nm * s,
                                            self.spec)[0][:size, :size]
-            tile = np.full((size, size), median_all(view), np.float32)
-            tile[: view.shape[0], : view.shape[1]] = view
-            views.append(tile)
-        raws = self.detect_tiles(np.stack(views))
+            views.append(FrameTiles(view, tuple(plan_tiles(view.shape, size, 0))))  # one tile, padded with its median
+        raws = [raw for tiles in self.detect_frames(views) for raw in tiles]
         conf = [top_k_confidence(instance_scores(raw, self.post)) for raw in raws]
         return pick_confident_scale(scales, conf, self.spec.pixel_size_nm)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -120,11 +120,19 @@ class FrameTiles:
     Nothing is copied until asked: ``write_tile`` puts a tile straight into a caller's buffer (the
     engine's batch; a 128 px frame for a 512 px model writes 16x its size), ``array`` stacks them
     once. A frame that is exactly one tile is its image (``array`` is a view of a float32 image,
-    as ``prepare_frame`` makes).
+    as ``prepare_frame`` makes). The padding's value (``fill``) is found when the description is
+    made, in the preparing thread, so that the engine's thread only copies.
     """
 
     image: np.ndarray
     plan: tuple[Tile, ...]
+    fill: float = field(init=False)
+    """The padding's value: the image's median (``median_all``), in its units (0-255 gray); 0.0
+    when no tile is padded."""
+
+    def __post_init__(self) -> None:
+        padded = any(t.valid_height < t.size or t.valid_width < t.size for t in self.plan)
+        object.__setattr__(self, "fill", median_all(self.image) if padded else 0.0)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -141,19 +149,6 @@ class FrameTiles:
         return len(self.plan) == 1 and self.image.shape == self.shape[1:]
 
     @cached_property
-    def fill(self) -> float:
-        """The padding's value.
-
-        Returns
-        -------
-        float
-            The image's median (``median_all``), in its units (0-255 gray); 0.0 when no tile is
-            padded.
-        """
-        padded = any(t.valid_height < t.size or t.valid_width < t.size for t in self.plan)
-        return median_all(self.image) if padded else 0.0
-
-    @cached_property
     def array(self) -> np.ndarray:
         """The tiles, made on first use and kept (``extract_tiles``).
 
@@ -162,9 +157,21 @@ class FrameTiles:
         ndarray, shape (T, size, size), float32
             0-255 gray; a view of ``image`` when ``whole``.
         """
-        if self.whole:
-            return np.asarray(self.image[None], np.float32)
-        return extract_tiles(self.image, self.plan, self.fill)
+        made = self.made()
+        return made if made is not None else extract_tiles(self.image, self.plan, self.fill)
+
+    def made(self) -> np.ndarray | None:
+        """The tiles when they cost no copy: ``array`` made already, or a view of the image
+        (``whole``).
+
+        Returns
+        -------
+        ndarray (T, size, size) float32, or None
+            None when the tiles would have to be made.
+        """
+        if "array" in self.__dict__:
+            return self.array
+        return np.asarray(self.image[None], np.float32) if self.whole else None
 
     def write_tile(self, t: int, out: np.ndarray) -> None:
         """Tile ``t``'s top-left corner into ``out``: the same pixels as ``array[t, :rows, :cols]``,
@@ -177,8 +184,9 @@ class FrameTiles:
         out : ndarray, shape (rows, cols), float32
             Where it goes (rows, cols <= size px): a slot of an engine's batch, or a mosaic's cell.
         """
-        if "array" in self.__dict__:  # made already: copy it
-            out[...] = self.array[t, : out.shape[0], : out.shape[1]]
+        made = self.made()
+        if made is not None:
+            out[...] = made[t, : out.shape[0], : out.shape[1]]
         else:
             _write(self.image, self.plan[t], self.fill, out)
 
@@ -219,9 +227,7 @@ def made_tiles(tiles: TileStack) -> np.ndarray | None:
         ``tiles`` itself, or a ``FrameTiles``' array when it was made already or is a view of
         its image (one unpadded tile); None when it would have to be made.
     """
-    if isinstance(tiles, np.ndarray):
-        return tiles
-    return tiles.array if tiles.whole or "array" in tiles.__dict__ else None
+    return tiles if isinstance(tiles, np.ndarray) else tiles.made()
 
 
 def _intersect(
